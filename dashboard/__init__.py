@@ -1,0 +1,1 @@
+"""The Dash app: layout, pages and callbacks that only draw result objects."""

@@ -1,0 +1,12 @@
+"""dynalens: one hook vocabulary over transformers, Mamba and RNNs.
+
+>>> import dynalens as dl
+>>> model = dl.load("smollm2-135m")                       # doctest: +SKIP
+>>> logits, cache = model.run_with_cache("Hello", names_filter=lambda n: "resid" in n)  # doctest: +SKIP
+"""
+
+from dynalens import circuits, kernels, models, probes
+from dynalens._version import __version__
+from dynalens.models.validation import HookNameError
+
+__all__ = ["__version__", "circuits", "kernels", "models", "probes", "HookNameError"]

@@ -1,0 +1,105 @@
+"""Checks shared by every model: hook names, token ids, finite values.
+
+Every error says what was wrong and what is accepted, so that a typo in a hook
+name or a prompt that is too long never turns into a silent no-op.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Collection, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class HookNameError(KeyError):
+    """A hook name that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def closest_names(name: str, valid: Collection[str], n: int = 5) -> list[str]:
+    """The valid names most similar to ``name``, best first."""
+    matches = difflib.get_close_matches(name, list(valid), n=n, cutoff=0.5)
+    if matches:
+        return matches
+    # Fall back on names that share the last component (``hook_resid_post``).
+    tail = name.rsplit(".", 1)[-1]
+    return [v for v in valid if v.endswith(tail)][:n]
+
+
+def check_hook_names(names: Iterable[str], valid: Collection[str]) -> None:
+    """Raise :class:`HookNameError` for the first name not in ``valid``."""
+    for name in names:
+        if name not in valid:
+            close = closest_names(name, valid)
+            hint = f" Closest valid names: {', '.join(close)}." if close else ""
+            raise HookNameError(
+                f"Unknown hook name {name!r}.{hint} "
+                "List them all with `model.hook_dict.keys()` or `dynalens hooks MODEL`."
+            )
+
+
+def named_hooks(hooks: Iterable[tuple[Any, Callable]]) -> list[str]:
+    """The string names among ``(name_or_filter, fn)`` hook pairs."""
+    return [name for name, _ in hooks if isinstance(name, str)]
+
+
+def filter_names(names_filter: Any) -> list[str]:
+    """The explicit names of a ``names_filter`` (a str or list); none for a callable."""
+    if names_filter is None or callable(names_filter):
+        return []
+    if isinstance(names_filter, str):
+        return [names_filter]
+    return list(names_filter)
+
+
+def check_tokens(tokens: Tensor, d_vocab: int, n_ctx: int | None = None) -> Tensor:
+    """Validate a ``[batch, pos]`` tensor of token ids and return it.
+
+    Raises ``ValueError`` for an empty prompt, ids outside ``[0, d_vocab)`` and
+    sequences longer than ``n_ctx``; ``TypeError`` for a non-integer tensor.
+    """
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be an integer tensor of ids, got dtype {tokens.dtype}")
+    if tokens.ndim == 1:
+        tokens = tokens.unsqueeze(0)
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}"
+        )
+    if tokens.shape[-1] == 0:
+        raise ValueError("empty prompt: the input has no tokens; pass at least one token")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= d_vocab):
+        bad = tokens[(tokens < 0) | (tokens >= d_vocab)][0].item()
+        raise ValueError(
+            f"token id {bad} is out of range: this model accepts ids in [0, {d_vocab - 1}]"
+        )
+    if n_ctx is not None and tokens.shape[-1] > n_ctx:
+        raise ValueError(
+            f"sequence of {tokens.shape[-1]} tokens is longer than the model accepts "
+            f"(n_ctx = {n_ctx}); shorten the prompt"
+        )
+    return tokens
+
+
+def check_prompt(text: str) -> str:
+    """Reject empty or whitespace-only prompts before tokenisation."""
+    if not isinstance(text, str):
+        raise TypeError(f"prompt must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("empty prompt: pass a non-empty string or a tensor of token ids")
+    return text
+
+
+def check_finite(name: str, value: Tensor) -> Tensor:
+    """Raise ``ValueError`` if ``value`` holds NaN or infinity."""
+    if not torch.isfinite(value).all():
+        n_bad = (~torch.isfinite(value)).sum().item()
+        raise ValueError(f"{name} holds {n_bad} non-finite values (NaN or inf); pass finite values")
+    return value
