@@ -1,0 +1,120 @@
+"""The model zoo: small models trained on synthetic tasks, shipped with the package.
+
+Each entry is a folder under ``models/zoo/<name>/`` written by
+:func:`dynalens.models.train.train` (rebuilt by ``python -m
+dynalens.models.zoo_build``)::
+
+    <name>/config.json, model.safetensors     final weights (float32)
+    <name>/training_curve.json                per-step loss, held-out metrics per checkpoint
+    <name>/checkpoints/step_000123/           the same model folder at ~20 log-spaced steps
+
+Transformers are HuggingFace folders (booted through TransformerBridge by
+``dl.load``); Mamba and RNN entries are ``HookedMamba`` / ``HookedRNN`` folders.
+
+>>> from dynalens.models.zoo import ZOO, checkpoints
+>>> ZOO["attn2l-induction"].task
+'induction'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dynalens.models.io import read_json
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+CURVE_FILE = "training_curve.json"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One shipped model: what it is, what it was trained on, where its folder is."""
+
+    name: str
+    architecture: str  # "transformer" | "mamba" | "rnn"
+    task: str  # a key of dynalens.models.tasks.TASKS
+    description: str
+    path: Path
+
+
+def _entry(name: str, architecture: str, task: str, description: str) -> ZooEntry:
+    return ZooEntry(name, architecture, task, description, ZOO_DIR / name)
+
+
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        _entry(
+            "attn2l-induction",
+            "transformer",
+            "induction",
+            "2-layer attention-only GPT-2 (MLPs zeroed and frozen) on repeated random tokens; "
+            "forms induction heads with a loss phase change",
+        ),
+        _entry(
+            "attn3l-bbc",
+            "transformer",
+            "bigram-backcopy",
+            "3-layer Llama (attention + MLP) on Bigram-Backcopy; trained long for attention sinks",
+        ),
+        _entry(
+            "mamba-ar",
+            "mamba",
+            "assoc-recall",
+            "2-layer HookedMamba on multi-query associative recall",
+        ),
+        _entry(
+            "lstm-hmm",
+            "rnn",
+            "hmm",
+            "1-layer HookedRNN (LSTM) predicting the emissions of a 3-state HMM",
+        ),
+        _entry(
+            "gru-hmm",
+            "rnn",
+            "hmm",
+            "1-layer HookedRNN (GRU) predicting the emissions of a 3-state HMM",
+        ),
+    )
+}
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The :class:`ZooEntry` called ``name``; a ``KeyError`` lists the zoo otherwise."""
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise KeyError(f"no zoo model named {name!r}; the zoo has: {', '.join(ZOO)}") from None
+
+
+def checkpoints(name: str | Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every saved checkpoint, by increasing step.
+
+    ``name`` is a zoo name or the output folder of a training run.
+    """
+    root = Path(name) if isinstance(name, Path) else get_entry(name).path
+    ckpt_root = root / CHECKPOINT_DIR
+    found = [
+        (int(p.name[len(CHECKPOINT_PREFIX) :]), p)
+        for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*")
+        if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return sorted(found)
+
+
+def training_curve(name: str | Path) -> dict[str, Any]:
+    """The training record: ``steps``, ``loss``, ``lr`` per step and ``checkpoints``.
+
+    Each item of ``checkpoints`` holds ``step``, ``eval_loss`` (loss-mask positions),
+    ``eval_scored_loss`` (the positions the accuracy scores) and ``eval_accuracy``,
+    measured on a held-out batch drawn with a different seed.
+    """
+    root = Path(name) if isinstance(name, Path) else get_entry(name).path
+    path = root / CURVE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no training curve at {path}; rebuild with `python -m dynalens.models.zoo_build`")
+    return read_json(path)
