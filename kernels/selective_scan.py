@@ -1,0 +1,120 @@
+"""The selective scan of Mamba: one public function that dispatches to a path.
+
+``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``,
+``out = y * silu(z)``, with mamba_ssm's shapes and argument order.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dynalens.kernels.checks import Backend, check_backend, check_bc, check_input, check_tensor
+from dynalens.kernels.reference import selective_scan_ref
+from dynalens.kernels.scan_torch import selective_scan_torch
+
+OP = "selective_scan"
+
+
+def selective_scan(
+    u: Float[Tensor, "b d l"],
+    delta: Float[Tensor, "b d l"],
+    A: Float[Tensor, "d n"],
+    B: Tensor,
+    C: Tensor,
+    D: Float[Tensor, " d"] | None = None,
+    z: Float[Tensor, "b d l"] | None = None,
+    delta_bias: Float[Tensor, " d"] | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Float[Tensor, "b d n"] | None = None,
+    return_states: bool = False,
+    *,
+    backend: Backend = "auto",
+):
+    """Selective scan with mamba_ssm's signature, differentiable in every input.
+
+    Parameters
+    ----------
+    u, delta : Tensor, shape (b, d, l)
+        Input and (pre-bias, pre-softplus) step size.
+    A : Tensor, shape (d, n)
+        Real state matrix (diagonal per channel; negative for a stable scan).
+    B, C : Tensor
+        Shared ``(b, n, l)``, grouped ``(b, g, n, l)`` with ``g`` dividing ``d``
+        (channel ``i`` uses group ``i // (d // g)``), or fixed ``(d, n)``.
+    D : Tensor, shape (d,), optional
+        Skip connection, ``y += D u``.
+    z : Tensor, shape (b, d, l), optional
+        Gate, ``out = y * silu(z)``.
+    delta_bias : Tensor, shape (d,), optional
+        Added to ``delta`` before the softplus.
+    delta_softplus : bool
+        Apply softplus to ``delta + delta_bias``.
+    return_last_state : bool
+        Also return the state after the last step, ``(b, d, n)``.
+    initial_state : Tensor, shape (b, d, n), optional
+        State before the first step (zero when omitted).
+    return_states : bool
+        Also return every state ``h_t``, ``(b, d, l, n)``.
+    backend : {"auto", "ref", "torch", "numba", "triton"}
+        ``"auto"`` takes Triton for CUDA tensors and numba otherwise (the
+        pure-PyTorch path when numba is missing).
+
+    Returns
+    -------
+    out : Tensor, shape (b, d, l), dtype of ``u``
+        Followed, when asked, by ``last_state`` and then ``states`` (float32,
+        or float64 for float64 inputs); a tuple whenever more than ``out``.
+
+    Examples
+    --------
+    >>> b, d, n, l = 1, 4, 3, 5
+    >>> u, delta = torch.randn(b, d, l), torch.rand(b, d, l)
+    >>> A, B, C = -torch.rand(d, n), torch.randn(b, n, l), torch.randn(b, n, l)
+    >>> out, last = selective_scan(u, delta, A, B, C, return_last_state=True)
+    >>> out.shape, last.shape
+    (torch.Size([1, 4, 5]), torch.Size([1, 4, 3]))
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    check_backend(OP, backend)
+    if backend == "auto":
+        backend = _auto_backend(u)
+    if backend == "ref":
+        return selective_scan_ref(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, return_states
+        )
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    y, last, states = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, acc)
+    return _pack(y.to(u.dtype), last if return_last_state else None, states if return_states else None)
+
+
+def _auto_backend(u: Tensor) -> str:
+    return "torch"
+
+
+def _pack(out: Tensor, last: Tensor | None, states: Tensor | None):
+    extra = [t for t in (last, states) if t is not None]
+    return (out, *extra) if extra else out
+
+
+def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+    b, d, length = check_input(OP, "u", u)
+    dev = u.device
+    check_tensor(OP, "delta", delta, (b, d, length), "(b, d, l)", dev)
+    if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != d:
+        got = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
+        raise ValueError(f"{OP}: A must have shape (d, n) with d = {d}, got {got}")
+    n = A.shape[1]
+    check_tensor(OP, "A", A, (d, n), "(d, n)", dev)
+    check_bc(OP, "B", B, b, d, n, length, dev)
+    check_bc(OP, "C", C, b, d, n, length, dev)
+    if D is not None:
+        check_tensor(OP, "D", D, (d,), "(d,)", dev)
+    if z is not None:
+        check_tensor(OP, "z", z, (b, d, length), "(b, d, l)", dev)
+    if delta_bias is not None:
+        check_tensor(OP, "delta_bias", delta_bias, (d,), "(d,)", dev)
+    if initial_state is not None:
+        check_tensor(OP, "initial_state", initial_state, (b, d, n), "(b, d, n)", dev)
