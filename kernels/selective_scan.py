@@ -10,7 +10,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from dynalens.kernels.autograd import SelectiveScanFn, accumulation_dtype
 from dynalens.kernels.checks import Backend, check_backend, check_bc, check_input, check_tensor
+from dynalens.kernels.paths import auto_backend, compiled_path
 from dynalens.kernels.reference import selective_scan_ref
 from dynalens.kernels.scan_torch import selective_scan_torch
 
@@ -80,18 +82,21 @@ def selective_scan(
     _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     check_backend(OP, backend)
     if backend == "auto":
-        backend = _auto_backend(u)
+        backend = auto_backend(u)
     if backend == "ref":
         return selective_scan_ref(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, return_states
         )
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
-    y, last, states = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, acc)
-    return _pack(y.to(u.dtype), last if return_last_state else None, states if return_states else None)
-
-
-def _auto_backend(u: Tensor) -> str:
-    return "torch"
+    if backend == "torch":
+        acc = accumulation_dtype(u)
+        y, last, states = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, acc)
+        y = y.to(u.dtype)
+    else:
+        path = compiled_path(OP, backend, u)
+        args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_states)
+        y, last, *rest = SelectiveScanFn.apply(path, *args)
+        states = rest[0] if rest else None
+    return _pack(y, last if return_last_state else None, states if return_states else None)
 
 
 def _pack(out: Tensor, last: Tensor | None, states: Tensor | None):

@@ -1,0 +1,285 @@
+"""Compiled CPU scans (numba): one pass over time per channel, states in a local array.
+
+The selective-scan forward runs one job per (batch, channel): the ``n`` states
+live in a small local array and the kernel streams over ``l`` once, in the
+accumulation dtype (float32, or float64 for float64 inputs). It stores the
+state every ``CHUNK`` steps; the backward walks the chunks in reverse,
+recomputes the chunk's states from its checkpoint and runs the reverse scan,
+so training memory beyond inputs and outputs is ``b·d·n·l / CHUNK`` (plus the
+per-block partial sums of ``dB``/``dC``) instead of ``b·d·n·l``.
+
+The kernels take ``B``/``C`` in one 4-d form ``(Bb, G, n, Bl)``: shared
+``(b, n, l)`` is ``(b, 1, n, l)``, grouped is itself and fixed ``(d, n)`` is
+``(1, d, n, 1)``; batch and time indices are multiplied by 0 or 1 strides.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+
+CHUNK = 64
+
+
+@njit(cache=True, inline="always")
+def _softplus(x):
+    return np.log1p(np.exp(x)) if x <= 20 else x
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def selective_fwd(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt):
+    """Forward scan; ``flags`` = (softplus, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt)."""
+    softplus, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt = flags
+    b, d, L = u.shape
+    n = A.shape[1]
+    sbB, sgB, stB = B.shape[0] > 1, d // B.shape[1], B.shape[3] > 1
+    sbC, sgC, stC = C.shape[0] > 1, d // C.shape[1], C.shape[3] > 1
+    for job in prange(b * d):
+        bi = job // d
+        di = job - bi * d
+        bB, gB, bC, gC = bi * sbB, di // sgB, bi * sbC, di // sgC
+        zero = np.zeros(1, u.dtype)[0]
+        h = np.zeros(n, u.dtype)
+        if has_h0:
+            h[:] = h0[bi, di]
+        for t in range(L):
+            dt = delta[bi, di, t]
+            if has_bias:
+                dt += bias[di]
+            if softplus:
+                dt = _softplus(dt)
+            ut = u[bi, di, t]
+            dtu = dt * ut
+            if keep_ckpt and t % CHUNK == 0:
+                ckpt[bi, di, t // CHUNK] = h
+            y = zero
+            for k in range(n):
+                hk = np.exp(dt * A[di, k]) * h[k] + dtu * B[bB, gB, k, t * stB]
+                h[k] = hk
+                y += hk * C[bC, gC, k, t * stC]
+            if keep_states:
+                states[bi, di, t] = h
+            if has_D:
+                y += D[di] * ut
+            if has_z:
+                zt = z[bi, di, t]
+                y *= zt / (1 + np.exp(-zt))
+            out[bi, di, t] = y
+        last[bi, di] = h
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def selective_bwd(
+    u, delta, A, B, C, D, z, bias, flags, ckpt, dout, dlast, dstates, bounds,
+    du, ddelta, dz, dA, dD, dbias, dB, dC, dh0,
+):  # fmt: skip
+    """Reverse scan from checkpoints.
+
+    ``flags`` = (softplus, has_D, has_z, has_bias, has_dlast, has_dstates).
+    Jobs run over (batch, channel block); ``bounds`` holds the block edges, and
+    no block straddles a ``B``/``C`` group. ``dB``/``dC`` are per-block
+    partial sums ``(b, n_blocks, n, Bl)``, or per channel ``(b, d, n, 1)`` for
+    a fixed layout; ``dA``, ``dD``, ``dbias`` are per batch, summed by the caller.
+    """
+    softplus, has_D, has_z, has_bias, has_dlast, has_dstates = flags
+    b, d, L = u.shape
+    n = A.shape[1]
+    nblk = bounds.shape[0] - 1
+    sbB, sgB, stB = B.shape[0] > 1, d // B.shape[1], B.shape[3] > 1
+    sbC, sgC, stC = C.shape[0] > 1, d // C.shape[1], C.shape[3] > 1
+    n_chunks = (L + CHUNK - 1) // CHUNK
+    for job in prange(b * nblk):
+        bi = job // nblk
+        blk = job - bi * nblk
+        bB, bC = bi * sbB, bi * sbC
+        zero = np.zeros(1, u.dtype)[0]
+        hs = np.empty((CHUNK, n), u.dtype)
+        decay = np.empty((CHUNK, n), u.dtype)
+        dts = np.empty(CHUNK, u.dtype)
+        dh = np.empty(n, u.dtype)
+        h = np.empty(n, u.dtype)
+        for di in range(bounds[blk], bounds[blk + 1]):
+            gB, gC = di // sgB, di // sgC
+            pB = di if not stB and B.shape[1] == d else blk
+            pC = di if not stC and C.shape[1] == d else blk
+            if has_dlast:
+                dh[:] = dlast[bi, di]
+            else:
+                dh[:] = zero
+            dDi, dbi = zero, zero
+            for c in range(n_chunks - 1, -1, -1):
+                t0 = c * CHUNK
+                t1 = min(L, t0 + CHUNK)
+                h[:] = ckpt[bi, di, c]
+                for t in range(t0, t1):
+                    dt = delta[bi, di, t]
+                    if has_bias:
+                        dt += bias[di]
+                    if softplus:
+                        dt = _softplus(dt)
+                    dts[t - t0] = dt
+                    dtu = dt * u[bi, di, t]
+                    for k in range(n):
+                        a = np.exp(dt * A[di, k])
+                        decay[t - t0, k] = a
+                        h[k] = a * h[k] + dtu * B[bB, gB, k, t * stB]
+                        hs[t - t0, k] = h[k]
+                for t in range(t1 - 1, t0 - 1, -1):
+                    i = t - t0
+                    g = dout[bi, di, t]
+                    ut = u[bi, di, t]
+                    dt = dts[i]
+                    if has_z:
+                        y = zero
+                        for k in range(n):
+                            y += hs[i, k] * C[bC, gC, k, t * stC]
+                        if has_D:
+                            y += D[di] * ut
+                        zt = z[bi, di, t]
+                        sig = 1 / (1 + np.exp(-zt))
+                        dz[bi, di, t] = g * y * sig * (1 + zt * (1 - sig))
+                        g = g * zt * sig
+                    dut = zero
+                    if has_D:
+                        dut = g * D[di]
+                        dDi += g * ut
+                    ddt = zero
+                    for k in range(n):
+                        dhk = dh[k] + g * C[bC, gC, k, t * stC]
+                        if has_dstates:
+                            dhk += dstates[bi, di, t, k]
+                        dC[bi, pC, k, t * stC] += g * hs[i, k]
+                        hp = hs[i - 1, k] if i > 0 else ckpt[bi, di, c, k]
+                        a = decay[i, k]
+                        bk = B[bB, gB, k, t * stB]
+                        ddt += dhk * (A[di, k] * a * hp + bk * ut)
+                        dA[bi, di, k] += dhk * dt * a * hp
+                        dB[bi, pB, k, t * stB] += dhk * dt * ut
+                        dut += dhk * dt * bk
+                        dh[k] = dhk * a
+                    du[bi, di, t] = dut
+                    if softplus:
+                        raw = delta[bi, di, t]
+                        if has_bias:
+                            raw += bias[di]
+                        ddt *= 1 / (1 + np.exp(-raw))
+                    ddelta[bi, di, t] = ddt
+                    dbi += ddt
+            dD[bi, di] = dDi
+            dbias[bi, di] = dbi
+            dh0[bi, di] = dh
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def linear_fwd(a, x, h0, has_h0, out):
+    """All states of ``h_t = a_t h_{t-1} + x_t`` for ``(b, d, l)`` inputs."""
+    b, d, L = a.shape
+    for job in prange(b * d):
+        bi = job // d
+        di = job - bi * d
+        h = h0[bi, di] if has_h0 else np.zeros(1, a.dtype)[0]
+        for t in range(L):
+            h = a[bi, di, t] * h + x[bi, di, t]
+            out[bi, di, t] = h
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def linear_bwd(a, h0, has_h0, out, dout, da, dx, dh0):
+    """Reverse scan of :func:`linear_fwd`; reads the saved states ``out``."""
+    b, d, L = a.shape
+    for job in prange(b * d):
+        bi = job // d
+        di = job - bi * d
+        zero = np.zeros(1, a.dtype)[0]
+        dh = zero
+        for t in range(L - 1, -1, -1):
+            g = dout[bi, di, t] + dh
+            dx[bi, di, t] = g
+            hp = out[bi, di, t - 1] if t > 0 else (h0[bi, di] if has_h0 else zero)
+            da[bi, di, t] = g * hp
+            dh = a[bi, di, t] * g
+        dh0[bi, di] = dh
+
+
+def _np(x: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:
+    """A tensor as a numpy array, or a 1-element placeholder of rank ``ndim``."""
+    if x is None:
+        return np.zeros((1,) * ndim, dtype=like.numpy().dtype)
+    return x.numpy()
+
+
+def _block_bounds(d: int, B4: Tensor, C4: Tensor) -> np.ndarray:
+    """Channel-block edges: enough blocks for every thread, none straddling a group."""
+    edges = set(np.linspace(0, d, min(d, 4 * numba.get_num_threads()) + 1).astype(int).tolist())
+    for X in (B4, C4):
+        if X.shape[3] > 1 or X.shape[1] < d:
+            edges |= set(range(0, d + 1, d // X.shape[1]))
+    return np.array(sorted(edges), dtype=np.int64)
+
+
+def _partial(X4: Tensor, b: int, d: int, nblk: int) -> Tensor:
+    """Zeroed per-block (or per-channel, for a fixed layout) partial sums for ``dX``."""
+    rows = d if X4.shape[3] == 1 and X4.shape[1] == d else nblk
+    return X4.new_zeros(b, rows, X4.shape[2], X4.shape[3])
+
+
+def _reduce(part: Tensor, X4: Tensor, bounds: np.ndarray, d: int) -> Tensor:
+    """Partial sums → a gradient in the 4-d layout of ``X4``."""
+    if part.shape[1] == d and X4.shape[3] == 1 and X4.shape[1] == d:
+        group = torch.arange(d)
+    else:
+        group = torch.from_numpy(bounds[:-1] // (d // X4.shape[1]))
+    grad = part.new_zeros(part.shape[0], *X4.shape[1:]).index_add_(1, group, part)
+    return grad.sum(0, keepdim=True) if X4.shape[0] == 1 else grad
+
+
+def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states, keep_ckpt):
+    """Run :func:`selective_fwd` on contiguous CPU tensors of one dtype."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    out, last = torch.empty_like(u), u.new_empty(b, d, n)
+    states = u.new_empty(b, d, L, n) if keep_states else None
+    ckpt = u.new_empty(b, d, (L + CHUNK - 1) // CHUNK, n) if keep_ckpt else None
+    flags = (softplus, D is not None, z is not None, bias is not None, h0 is not None, keep_states, keep_ckpt)
+    selective_fwd(
+        u.numpy(), delta.numpy(), A.numpy(), B4.numpy(), C4.numpy(), _np(D, u, 1), _np(z, u, 3),
+        _np(bias, u, 1), _np(h0, u, 3), flags, out.numpy(), last.numpy(), _np(states, u, 4), _np(ckpt, u, 4),
+    )  # fmt: skip
+    return out, last, states, ckpt
+
+
+def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dlast, dstates):
+    """Run :func:`selective_bwd`; return gradients reduced to the inputs' shapes (B/C in 4-d)."""
+    b, d, L = u.shape
+    bounds = _block_bounds(d, B4, C4)
+    nblk = len(bounds) - 1
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
+    dA, dD, dbias = torch.zeros(b, *A.shape, dtype=u.dtype), u.new_empty(b, d), u.new_empty(b, d)
+    dBp, dCp = _partial(B4, b, d, nblk), _partial(C4, b, d, nblk)
+    dh0 = u.new_empty(b, d, A.shape[1])
+    flags = (softplus, D is not None, z is not None, bias is not None, dlast is not None, dstates is not None)
+    selective_bwd(
+        u.numpy(), delta.numpy(), A.numpy(), B4.numpy(), C4.numpy(), _np(D, u, 1), _np(z, u, 3),
+        _np(bias, u, 1), flags, ckpt.numpy(), dout.numpy(), _np(dlast, u, 3), _np(dstates, u, 4), bounds,
+        du.numpy(), ddelta.numpy(), dz.numpy(), dA.numpy(), dD.numpy(), dbias.numpy(), dBp.numpy(),
+        dCp.numpy(), dh0.numpy(),
+    )  # fmt: skip
+    dB, dC = _reduce(dBp, B4, bounds, d), _reduce(dCp, C4, bounds, d)
+    return du, ddelta, dz, dA.sum(0), dD.sum(0), dbias.sum(0), dB, dC, dh0
+
+
+def linear_forward(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
+    """Run :func:`linear_fwd` on contiguous CPU tensors of one dtype."""
+    out = torch.empty_like(x)
+    linear_fwd(a.numpy(), x.numpy(), _np(h0, a, 2), h0 is not None, out.numpy())
+    return out
+
+
+def linear_backward(a: Tensor, h0: Tensor | None, out: Tensor, dout: Tensor):
+    """Run :func:`linear_bwd`; return ``(da, dx, dh0)``."""
+    da, dx, dh0 = torch.empty_like(a), torch.empty_like(a), a.new_empty(a.shape[:2])
+    linear_bwd(a.numpy(), _np(h0, a, 2), h0 is not None, out.numpy(), dout.numpy(), da.numpy(), dx.numpy(), dh0.numpy())
+    return da, dx, dh0
