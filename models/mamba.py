@@ -1,0 +1,442 @@
+"""HookedMamba: a Mamba-1 (S6) language model with every intermediate hooked.
+
+The forward pass follows HuggingFace's ``MambaForCausalLM`` step for step and
+reads and writes its checkpoint format, so any ``state-spaces/mamba-*-hf``
+folder loads here and anything saved here loads in HF. The selective scan is
+``dynalens.kernels.selective_scan``; the per-step states ``h_t`` are only
+materialised when something hooks or caches ``mixer.hook_ssm_state``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from dynalens.kernels import selective_scan
+from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens
+from dynalens.models.io import read_json, read_safetensors, write_json, write_safetensors
+
+# Our parameter names ↔ HF ``MambaForCausalLM`` names: only the prefixes differ.
+_HF_PREFIXES = (
+    ("embed.", "backbone.embeddings."),
+    ("blocks.", "backbone.layers."),
+    ("ln_final.", "backbone.norm_f."),
+    ("unembed.", "lm_head."),
+)
+# MambaConfig fields ↔ HF ``MambaConfig`` fields.
+_HF_FIELDS = {
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "d_vocab": "vocab_size",
+    "d_state": "state_size",
+    "expand": "expand",
+    "dt_rank": "time_step_rank",
+    "d_conv": "conv_kernel",
+    "use_bias": "use_bias",
+    "use_conv_bias": "use_conv_bias",
+    "eps": "layer_norm_epsilon",
+    "tie_embeddings": "tie_word_embeddings",
+    "residual_in_fp32": "residual_in_fp32",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass
+class MambaConfig(SequenceConfig):
+    """Sizes of a Mamba-1 model; HF ``MambaConfig`` names in brackets.
+
+    ``d_model`` [hidden_size], ``n_layers`` [num_hidden_layers], ``d_vocab``
+    [vocab_size], ``d_state`` [state_size], ``expand``, ``dt_rank``
+    [time_step_rank, ``ceil(d_model / 16)`` when None], ``d_conv``
+    [conv_kernel], ``use_bias``, ``use_conv_bias``, ``eps``
+    [layer_norm_epsilon], ``tie_embeddings`` [tie_word_embeddings],
+    ``residual_in_fp32``. ``d_inner = expand * d_model`` [intermediate_size].
+    """
+
+    architecture: ClassVar[str] = "mamba"
+
+    d_state: int = 16
+    expand: int = 2
+    dt_rank: int | None = None
+    d_conv: int = 4
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for name in ("d_model", "n_layers", "d_vocab", "d_state", "expand", "dt_rank", "d_conv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive int, got {value!r}")
+
+    @property
+    def d_inner(self) -> int:
+        """Width of the mixer, ``expand * d_model``."""
+        return self.expand * self.d_model
+
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> MambaConfig:
+        """Build from a ``transformers.MambaConfig`` (or its ``to_dict()``)."""
+        d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+        if d.get("model_type") != "mamba":
+            raise ValueError(f"expected an HF config with model_type 'mamba', got {d.get('model_type')!r}")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"HookedMamba supports hidden_act 'silu' only, got {d['hidden_act']!r}")
+        kwargs = {ours: d[hf] for ours, hf in _HF_FIELDS.items() if hf in d}
+        if kwargs.get("dt_rank") == "auto":
+            kwargs["dt_rank"] = None
+        return cls(**kwargs)
+
+    def to_hf(self) -> Any:
+        """The equivalent ``transformers.MambaConfig``."""
+        from transformers import MambaConfig as HFMambaConfig
+
+        return HFMambaConfig(**{hf: getattr(self, ours) for ours, hf in _HF_FIELDS.items()})
+
+
+@dataclass
+class MambaState:
+    """What one call hands the next to continue a sequence.
+
+    ``conv[l]`` ``[batch, d_inner, d_conv - 1]``: the last mixer inputs of
+    layer ``l`` before its convolution; ``ssm[l]`` ``[batch, d_inner,
+    d_state]``: its SSM state ``h``; ``pos``: tokens seen so far.
+    """
+
+    conv: list[Tensor]
+    ssm: list[Tensor]
+    pos: int
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as HF Mamba computes it; ``hook_normalized`` is ``x / rms`` before the weight."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        dtype = x.dtype
+        x = x.float()
+        scale = self.hook_scale(torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return self.weight * self.hook_normalized(x / scale).to(dtype)
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM of one layer (Mamba-1), parameters named as in HF."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_inner, cfg.d_state
+        self.in_proj = nn.Linear(cfg.d_model, 2 * d, bias=cfg.use_bias)
+        self.conv1d = nn.Conv1d(d, d, cfg.d_conv, groups=d, padding=cfg.d_conv - 1, bias=cfg.use_conv_bias)
+        self.x_proj = nn.Linear(d, cfg.dt_rank + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(cfg.dt_rank, d, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d, 1))
+        self.D = nn.Parameter(torch.ones(d))
+        self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.use_bias)
+        self._init_dt()
+
+        self.hook_in_proj = HookPoint()  # [batch, pos, 2 * d_inner]
+        self.hook_conv = HookPoint()  # [batch, pos, d_inner]
+        self.hook_x_proj = HookPoint()  # [batch, pos, dt_rank + 2 * d_state]
+        self.hook_delta = HookPoint()  # [batch, pos, d_inner]
+        self.hook_B = HookPoint()  # [batch, pos, d_state]
+        self.hook_C = HookPoint()  # [batch, pos, d_state]
+        self.hook_ssm_state = HookPoint()  # [batch, pos, d_inner, d_state]
+        self.hook_y = HookPoint()  # [batch, pos, d_inner]
+        self.hook_gate = HookPoint()  # [batch, pos, d_inner]
+        self.hook_ssm_out = HookPoint()  # [batch, pos, d_model]
+
+    @torch.no_grad()
+    def _init_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> None:
+        """mamba_ssm's initialisation of ``dt_proj``: softplus(bias) log-uniform in [dt_min, dt_max]."""
+        std = self.cfg.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        log_dt = torch.rand(self.cfg.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+        dt = torch.exp(log_dt).clamp(min=floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    @property
+    def A(self) -> Float[Tensor, "d_inner d_state"]:
+        """The real state matrix ``A = -exp(A_log)`` (diagonal per channel), float32."""
+        return -torch.exp(self.A_log.float())
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        conv_state: Float[Tensor, "batch d_inner k"] | None = None,
+        ssm_state: Float[Tensor, "batch d_inner d_state"] | None = None,
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
+        """Mix ``x`` over positions; return the output and the new conv and SSM states."""
+        cfg = self.cfg
+        xs, z = self.hook_in_proj(self.in_proj(x)).chunk(2, dim=-1)
+
+        # Causal depthwise convolution, continuing from the previous inputs when given.
+        xs = xs.transpose(1, 2)
+        if conv_state is None:
+            conv_state = xs.new_zeros(xs.shape[0], cfg.d_inner, cfg.d_conv - 1)
+        padded = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)
+        conv = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=cfg.d_inner)
+        new_conv_state = padded[..., padded.shape[-1] - (cfg.d_conv - 1) :].clone()
+        u = self.hook_conv(F.silu(conv).transpose(1, 2))
+
+        dt, B, C = self.hook_x_proj(self.x_proj(u)).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        delta = self.hook_delta(F.softplus(self.dt_proj(dt)))
+        B, C = self.hook_B(B), self.hook_C(C)
+
+        want_states = self.hook_ssm_state.has_hooks()
+        scan = selective_scan(
+            u.transpose(1, 2),
+            delta.transpose(1, 2),
+            self.A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D.float(),
+            initial_state=ssm_state,
+            return_last_state=True,
+            return_states=want_states,
+        )
+        if want_states:
+            # The hooked states are the ones read out (y = C h + D u) and carried on.
+            _, _, states = scan
+            states = self.hook_ssm_state(states.transpose(1, 2))
+            y = torch.einsum("bldn,bln->bld", states, C.to(states.dtype)) + u * self.D
+            y, new_ssm_state = y.to(u.dtype), states[:, -1]
+        else:
+            y, new_ssm_state = scan
+            y = y.transpose(1, 2)
+        y = self.hook_y(y)
+        gate = self.hook_gate(F.silu(z))
+        return self.hook_ssm_out(self.out_proj(y * gate)), new_conv_state, new_ssm_state
+
+
+class MambaBlock(nn.Module):
+    """``resid_post = resid_pre + mixer(norm(resid_pre))``."""
+
+    def __init__(self, cfg: MambaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = RMSNorm(cfg.d_model, cfg.eps)
+        self.mixer = MambaMixer(cfg)
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_mixer_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(
+        self, resid: Float[Tensor, "batch pos d_model"], conv_state: Tensor | None, ssm_state: Tensor | None
+    ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
+        resid = self.hook_resid_pre(resid)
+        mixed, conv_state, ssm_state = self.mixer(self.norm(resid.to(self.norm.weight.dtype)), conv_state, ssm_state)
+        if self.cfg.residual_in_fp32:
+            resid = resid.float()
+        resid = self.hook_resid_post(resid + self.hook_mixer_out(mixed))
+        return resid, conv_state, ssm_state
+
+
+class HookedMamba(HookedSequenceModel):
+    """Mamba-1 language model with TransformerLens hooks on every intermediate.
+
+    Hooks (``l`` a layer; all ``[batch, pos, ...]``; ``d_inner = expand * d_model``):
+
+    =====================================  ======================================  =========================================
+    name                                   shape                                   value
+    =====================================  ======================================  =========================================
+    ``hook_embed``                         ``[batch, pos, d_model]``               token embeddings
+    ``blocks.{l}.hook_resid_pre``          ``[batch, pos, d_model]``               residual stream into the block
+    ``blocks.{l}.norm.hook_scale``         ``[batch, pos, 1]``                     RMS of the residual
+    ``blocks.{l}.norm.hook_normalized``    ``[batch, pos, d_model]``               residual / RMS, before the norm weight
+    ``blocks.{l}.mixer.hook_in_proj``      ``[batch, pos, 2 * d_inner]``           in_proj output: ``[x, z]``
+    ``blocks.{l}.mixer.hook_conv``         ``[batch, pos, d_inner]``               ``u = silu(conv1d(x))``, the scan input
+    ``blocks.{l}.mixer.hook_x_proj``       ``[batch, pos, dt_rank + 2 d_state]``   x_proj output: ``[dt, B, C]``
+    ``blocks.{l}.mixer.hook_delta``        ``[batch, pos, d_inner]``               ``Δ = softplus(dt_proj(dt))`` (bias included)
+    ``blocks.{l}.mixer.hook_B``            ``[batch, pos, d_state]``               input matrix ``B_t``
+    ``blocks.{l}.mixer.hook_C``            ``[batch, pos, d_state]``               output matrix ``C_t``
+    ``blocks.{l}.mixer.hook_ssm_state``    ``[batch, pos, d_inner, d_state]``      states ``h_t`` (only when hooked/cached)
+    ``blocks.{l}.mixer.hook_y``            ``[batch, pos, d_inner]``               ``y = C h + D u``, before gating
+    ``blocks.{l}.mixer.hook_gate``         ``[batch, pos, d_inner]``               gate ``silu(z)``; out_proj reads ``y * gate``
+    ``blocks.{l}.mixer.hook_ssm_out``      ``[batch, pos, d_model]``               out_proj output (the mixer's output)
+    ``blocks.{l}.hook_mixer_out``          ``[batch, pos, d_model]``               what the mixer adds to the residual
+    ``blocks.{l}.hook_resid_post``         ``[batch, pos, d_model]``               residual stream out of the block
+    ``ln_final.hook_scale``                ``[batch, pos, 1]``                     RMS before the unembedding
+    ``ln_final.hook_normalized``           ``[batch, pos, d_model]``               normalised final residual
+    =====================================  ======================================  =========================================
+
+    ``hook_in_proj``, ``hook_x_proj``, ``hook_ssm_out`` and the shared names
+    agree with TransformerBridge's Mamba aliases (the Bridge's
+    ``hook_conv`` is the raw conv1d output; ours is the scan input after SiLU).
+
+    Every hook sits on the path of the computation: an edit changes everything
+    downstream (an edit of ``hook_delta``, ``hook_B``, ``hook_C`` or
+    ``hook_conv`` changes the scan). ``hook_ssm_state`` is filled only when
+    something hooks it; its (possibly edited) states are then the ones read
+    out into ``y`` and carried on to the next call, so an edit of ``h_t``
+    changes ``y_t`` and, at the last position, every later token of
+    ``generate``; it does not re-run the recurrence at positions after ``t``
+    of the same call (edit ``hook_delta``/``hook_B``/``hook_conv`` for that).
+
+    ``forward(tokens, state=None, return_state=False)`` continues from a
+    :class:`MambaState`; one new token costs O(1) in the sequence length, and
+    hooks see it as a ``pos = 1`` tensor. Inputs are unpadded sequences.
+
+    Examples
+    --------
+    >>> model = HookedMamba(MambaConfig(d_model=16, n_layers=2, d_vocab=50))
+    >>> tokens = torch.tensor([[1, 2, 3]])
+    >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "ssm_state" in n)
+    >>> tuple(cache["blocks.1.mixer.hook_ssm_state"].shape)
+    (1, 3, 32, 16)
+    """
+
+    architecture: ClassVar[str] = "mamba"
+    cfg: MambaConfig
+
+    def __init__(self, cfg: MambaConfig, tokenizer: Any = None):
+        super().__init__(cfg, tokenizer)
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.blocks = nn.ModuleList([MambaBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.setup()
+
+    def forward(
+        self,
+        input: TextOrTokens,
+        state: MambaState | None = None,
+        return_state: bool = False,
+    ) -> Float[Tensor, "batch pos d_vocab"] | tuple[Float[Tensor, "batch pos d_vocab"], MambaState]:
+        """Logits for ``input`` (text or token ids), continuing from ``state`` when given.
+
+        Parameters
+        ----------
+        input : str, list of str or LongTensor ``[batch, pos]``
+        state : MambaState, optional
+            What a previous call returned with ``return_state=True``.
+        return_state : bool
+            Also return the :class:`MambaState` after the last position.
+        """
+        tokens: Int[Tensor, "batch pos"] = self.to_tokens(input)
+        if state is not None and state.ssm[0].shape[0] != tokens.shape[0]:
+            raise ValueError(
+                f"state holds a batch of {state.ssm[0].shape[0]} sequences but the input has "
+                f"{tokens.shape[0]}; pass the state returned for the same batch"
+            )
+        resid = self.hook_embed(self.embed(tokens))
+        conv_states, ssm_states = [], []
+        for i, block in enumerate(self.blocks):
+            resid, conv, ssm = block(
+                resid,
+                None if state is None else state.conv[i],
+                None if state is None else state.ssm[i],
+            )
+            conv_states.append(conv)
+            ssm_states.append(ssm)
+        normed = self.ln_final(resid.to(self.ln_final.weight.dtype))
+        logits = self.unembed(normed.to(self.unembed.weight.dtype)).float()
+        if not return_state:
+            return logits
+        pos = tokens.shape[1] + (0 if state is None else state.pos)
+        return logits, MambaState(conv_states, ssm_states, pos)
+
+    # ------------------------------------------------------------ loading/saving
+    @classmethod
+    def from_hf(cls, hf_model: nn.Module, tokenizer: Any = None) -> HookedMamba:
+        """Copy an in-memory HF ``MambaForCausalLM`` (weights copied, never shared)."""
+        cfg = MambaConfig.from_hf(hf_model.config)
+        sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+        return cls._from_hf_state_dict(cfg, sd, tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> HookedMamba:
+        """Load an HF-format Mamba folder (``config.json`` with ``model_type: "mamba"`` + safetensors).
+
+        The tokenizer is loaded too when the folder has one. Weights are read
+        from safetensors only (one file or an index of shards), never unpickled.
+        """
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json: pass an HF-format Mamba folder")
+        cfg = MambaConfig.from_hf(read_json(folder / "config.json"))
+        sd = {k: v for f in _safetensors_files(folder) for k, v in read_safetensors(f).items()}
+        tokenizer = None
+        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = cls._from_hf_state_dict(cfg, sd, tokenizer)
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def _from_hf_state_dict(cls, cfg: MambaConfig, sd: dict[str, Tensor], tokenizer: Any) -> HookedMamba:
+        sd = {_rename(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
+        if cfg.tie_embeddings:
+            sd["unembed.weight"] = sd["embed.weight"]
+        model = cls(cfg, tokenizer)
+        model.load_state_dict(sd, strict=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write an HF ``MambaForCausalLM`` folder: ``config.json``, ``model.safetensors``, tokenizer."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {_rename(k, to_hf=True): v for k, v in self.state_dict().items()}
+        if self.cfg.tie_embeddings:
+            del sd["lm_head.weight"]
+        hf_config = self.cfg.to_hf()
+        hf_config.architectures = ["MambaForCausalLM"]
+        hf_config.dtype = str(self.embed.weight.dtype).removeprefix("torch.")
+        write_safetensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
+        write_json(folder / "config.json", hf_config.to_dict())
+        if self.tokenizer is not None:
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
+                self.tokenizer.save_pretrained(tmp)
+                for f in Path(tmp).iterdir():
+                    os.replace(f, folder / f.name)
+
+
+def _rename(key: str, to_hf: bool) -> str:
+    for ours, hf in _HF_PREFIXES:
+        src, dst = (ours, hf) if to_hf else (hf, ours)
+        if key.startswith(src):
+            return dst + key[len(src) :]
+    raise KeyError(f"unexpected Mamba parameter {key!r}; expected names under {[p[not to_hf] for p in _HF_PREFIXES]}")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors (or model.safetensors.index.json); "
+        "dynalens reads safetensors only, never pickled .bin weights"
+    )
