@@ -2,5 +2,6 @@
 
 from dynalens.models.base import HookedSequenceModel, SequenceConfig
 from dynalens.models.mamba import HookedMamba, MambaConfig
+from dynalens.models.rnn import HookedRNN, RNNConfig
 
-__all__ = ["HookedSequenceModel", "SequenceConfig", "HookedMamba", "MambaConfig"]
+__all__ = ["HookedSequenceModel", "SequenceConfig", "HookedMamba", "MambaConfig", "HookedRNN", "RNNConfig"]

@@ -122,9 +122,10 @@ class HookedSequenceModel(HookedRootModule):
         self.check_hook_names(filter_names(names_filter))
         return super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
 
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), **kwargs: Any):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):
+        # TransformerLens' run_with_hooks passes reset_hooks_end, clear_contexts positionally.
         self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
-        return super().hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, **kwargs)
+        return super().hooks(fwd_hooks, bwd_hooks, *args, **kwargs)
 
     def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None:
         if isinstance(name, str):

@@ -82,6 +82,29 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
     return load_file(str(path), device=device)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def read_tokenizer(folder: str | os.PathLike) -> Any | None:
+    """The ``AutoTokenizer`` saved in ``folder``, or ``None`` when it holds no tokenizer files."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def write_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
+    """Save a HuggingFace tokenizer's files into ``folder``, each renamed into place."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for file in Path(tmp).iterdir():
+            os.replace(file, folder / file.name)
+
+
 def cache_dir() -> Path:
     """The user cache folder of dynalens (``$DYNALENS_CACHE`` or ``~/.cache/dynalens``)."""
     root = os.environ.get("DYNALENS_CACHE") or os.path.join(
