@@ -121,8 +121,9 @@ class RNNCell(nn.Module):
     The forward pass projects the inputs of all positions in one matmul, then
     loops over time with only the recurrent matmul (:meth:`recur`). Hooks fire
     once, on whole-sequence tensors, after the loop: gate hooks observe (editing
-    them changes nothing), ``hook_cell`` (LSTM) and ``hook_hidden`` feed what
-    comes next, including the last state returned for continuation.
+    them changes nothing; the gate sequences are kept only while some hook is on
+    a gate), ``hook_cell`` (LSTM) and ``hook_hidden`` feed what comes next,
+    including the last state returned for continuation.
     """
 
     def __init__(self, cell: str, d_in: int, d_hidden: int, bias: bool = True):
@@ -200,16 +201,19 @@ class RNNCell(nn.Module):
         x_proj = self.project_input(x)
         if state is None:
             state = self.initial_state(x.shape[0], x)
+        # Gate sequences are kept only when a hook (or the cache) asks for them.
+        gate_hooks = [getattr(self, f"hook_{gate}") for gate in self.gates]
+        watched = any(hook.has_hooks() for hook in gate_hooks)
         steps = []
         for t in range(x.shape[1]):
             state, gates = self.recur(x_proj[:, t], state)
-            steps.append((*(state if self.cell == "lstm" else (state,)), *gates))
+            steps.append((*(state if self.cell == "lstm" else (state,)), *(gates if watched else ())))
         seqs = [torch.stack(seq, dim=1) for seq in zip(*steps)]
         hidden, seqs = seqs[0], seqs[1:]
         if self.cell == "lstm":
             cell, seqs = seqs[0], seqs[1:]
-        for gate, seq in zip(self.gates, seqs):
-            getattr(self, f"hook_{gate}")(seq)
+        for hook, seq in zip(gate_hooks, seqs):
+            hook(seq)
         hidden = self.hook_hidden(hidden)
         if self.cell == "lstm":
             cell = self.hook_cell(cell)
