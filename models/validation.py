@@ -103,3 +103,10 @@ def check_finite(name: str, value: Tensor) -> Tensor:
         n_bad = (~torch.isfinite(value)).sum().item()
         raise ValueError(f"{name} holds {n_bad} non-finite values (NaN or inf); pass finite values")
     return value
+
+
+def check_index(name: str, index: int, size: int) -> int:
+    """Return ``index`` if it lies in ``[0, size)``; else raise ``IndexError`` naming the range."""
+    if isinstance(index, bool) or not hasattr(index, "__index__") or not 0 <= index.__index__() < size:
+        raise IndexError(f"{name} {index!r} is out of range: valid {name}s are 0 to {size - 1}")
+    return index.__index__()

@@ -1,0 +1,143 @@
+"""The logit lens: what the residual stream would predict after each layer.
+
+Each layer's residual stream goes through the model's own final norm and
+unembedding (``model_surface.unembed_resid``), as if the remaining layers were
+skipped (nostalgebraist, 2020).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from dynalens.models.base import TextOrTokens
+from dynalens.probes.figures import heatmap, token_label, token_labels
+from dynalens.probes.model_surface import decode_tokens, prompt_tokens, result_context, unembed_resid
+from dynalens.probes.residual import resid_layer_labels, resid_stream
+from dynalens.probes.results import Result
+
+
+@dataclass(kw_only=True, eq=False)
+class LogitLens(Result):
+    """Top-``k`` next-token predictions of the residual stream after each layer.
+
+    Row 0 reads the embedding, row ``l + 1`` the stream after layer ``l``; the
+    last row is the model's own prediction.
+
+    Attributes
+    ----------
+    top_ids, top_probs
+        ``[row, pos, k]`` token ids and their probabilities, most likely first.
+    top_tokens
+        ``top_ids`` decoded, nested ``[row][pos][k]``.
+    hook_names
+        The hook each row was read from.
+    """
+
+    top_ids: Int[Tensor, "row pos k"]
+    top_probs: Float[Tensor, "row pos k"]
+    top_tokens: list[list[list[str]]]
+    hook_names: list[str]
+
+    def top(self, k: int = 5, *, position: int = -1) -> pd.DataFrame:
+        """The ``k`` most likely tokens at ``position`` after each layer."""
+        stored = self.top_ids.shape[-1]
+        if not 1 <= k <= stored:
+            raise ValueError(f"k must be between 1 and {stored} (the k this lens was computed with), got {k}")
+        frame = self.to_frame()
+        at = frame["position"] == self.position_index(position)
+        return frame[at & (frame["rank"] < k)].reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Columns ``layer, hook, position, input_token, rank, token, token_id, prob``."""
+        rows, pos, k = self.top_ids.shape
+        labels = resid_layer_labels(rows - 1)
+        return pd.DataFrame(
+            [
+                (
+                    labels[r], self.hook_names[r], p, self.str_tokens[p], i,
+                    self.top_tokens[r][p][i], int(self.top_ids[r, p, i]), float(self.top_probs[r, p, i]),
+                )
+                for r in range(rows)
+                for p in range(pos)
+                for i in range(k)
+            ],
+            columns=["layer", "hook", "position", "input_token", "rank", "token", "token_id", "prob"],
+        )
+
+    def figure(self, *, position: int | None = None) -> go.Figure:
+        """Layers × top-``k`` at one ``position``; with no position, layers × tokens of the top-1.
+
+        Cells show the predicted token, colour and hover its probability.
+        """
+        rows = self.top_ids.shape[0]
+        layers = resid_layer_labels(rows - 1)
+        if position is None:
+            top1 = [[token_label(self.top_tokens[r][p][0]) for p in range(len(self.str_tokens))] for r in range(rows)]
+            return heatmap(
+                self.top_probs[..., 0].numpy(),
+                x_labels=token_labels(self.str_tokens),
+                y_labels=layers,
+                x_title="input token",
+                y_title="layer",
+                value_name="p(top-1)",
+                title=f"Logit lens · top-1 prediction · {self.model_name}",
+                text=np.array(top1, dtype=object),
+            )
+        p = self.position_index(position)
+        k = self.top_ids.shape[-1]
+        return heatmap(
+            self.top_probs[:, p].numpy(),
+            x_labels=[f"#{i + 1}" for i in range(k)],
+            y_labels=layers,
+            x_title="rank",
+            y_title="layer",
+            value_name="probability",
+            title=f"Logit lens at {token_label(self.str_tokens[p])} (position {p}) · {self.model_name}",
+            text=np.array([[token_label(t) for t in self.top_tokens[r][p]] for r in range(rows)], dtype=object),
+        )
+
+
+@torch.no_grad()
+def logit_lens(model: Any, input: TextOrTokens, k: int = 5) -> LogitLens:
+    """Decode the residual stream after every layer into its top-``k`` next tokens.
+
+    Parameters
+    ----------
+    model
+        Any dynalens model (transformer, Mamba, RNN).
+    input
+        One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
+    k
+        How many tokens to keep per layer and position.
+
+    Returns
+    -------
+    LogitLens
+        Row 0 from ``hook_embed``, row ``l + 1`` from ``blocks.{l}.hook_resid_post``.
+    """
+    d_vocab = model.cfg.d_vocab
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_vocab:
+        raise ValueError(f"k must be an integer between 1 and d_vocab = {d_vocab}, got {k!r}")
+    tokens = prompt_tokens(model, input)
+    names, stream = resid_stream(model, tokens)
+    probs, ids = [], []
+    for resid in stream:  # one layer at a time: [pos, d_vocab] logits, not [layer, pos, d_vocab]
+        top = unembed_resid(model, resid).float().softmax(dim=-1).topk(k, dim=-1)
+        probs.append(top.values.cpu())
+        ids.append(top.indices.cpu())
+    top_ids = torch.stack(ids)
+    return LogitLens(
+        **result_context(model, tokens),
+        top_ids=top_ids,
+        top_probs=torch.stack(probs),
+        top_tokens=[[decode_tokens(model, ids_at) for ids_at in row] for row in top_ids],
+        hook_names=names,
+    )

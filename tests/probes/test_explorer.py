@@ -1,0 +1,137 @@
+"""The Explorer analyses against references: the cache, the model's logits, HF attention, torch.nn RNNs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dynalens.models.rnn import HookedRNN
+from dynalens.probes import logit_lens, mixer_matrices, residual_norms
+
+D_VOCAB = 50  # the vocabulary of the conftest models
+
+
+# ------------------------------------------------------------ residual norms
+def test_residual_norms_equal_norms_of_the_cached_stream(any_model, tokens):
+    result = residual_norms(any_model, tokens)
+    _, cache = any_model.run_with_cache(tokens)
+    n_layers = any_model.cfg.n_layers
+    expected = [cache["hook_embed"][0].norm(dim=-1)] + [
+        cache[f"blocks.{layer}.hook_resid_post"][0].norm(dim=-1) for layer in range(n_layers)
+    ]
+    assert result.norms.shape == (n_layers + 1, tokens.shape[1])
+    torch.testing.assert_close(result.norms, torch.stack(expected), rtol=1e-6, atol=1e-6)
+    assert result.architecture == any_model.cfg.architecture
+    assert result.tokens.tolist() == tokens[0].tolist()
+    assert result.str_tokens == [str(t) for t in tokens[0].tolist()]  # no tokenizer: ids
+
+
+# --------------------------------------------------------------- logit lens
+def test_logit_lens_last_layer_is_the_models_own_top_k(any_model, tokens):
+    lens = logit_lens(any_model, tokens, k=4)
+    probs = any_model(tokens)[0].float().softmax(dim=-1)
+    top = probs.topk(4, dim=-1)
+    assert lens.top_ids.shape == (any_model.cfg.n_layers + 1, tokens.shape[1], 4)
+    assert torch.equal(lens.top_ids[-1], top.indices)
+    torch.testing.assert_close(lens.top_probs[-1], top.values, rtol=1e-5, atol=1e-6)
+    assert (lens.top_probs[..., :-1] >= lens.top_probs[..., 1:]).all()
+    assert lens.top_tokens[-1][0] == [str(i) for i in top.indices[0].tolist()]
+
+
+def test_logit_lens_rejects_bad_k(tiny_llama, tokens):
+    with pytest.raises(ValueError, match=f"between 1 and d_vocab = {D_VOCAB}"):
+        logit_lens(tiny_llama, tokens, k=0)
+
+
+# ------------------------------------------------------------ mixer matrices
+def test_attention_matrices_are_hf_attention_probabilities(tiny_llama, tiny_llama_hf, tokens):
+    result = mixer_matrices(tiny_llama, tokens, layer=1)
+    with torch.no_grad():
+        expected = tiny_llama_hf(tokens, output_attentions=True).attentions[1][0]
+    assert result.group_labels == ["head 0", "head 1", "head 2", "head 3"]
+    torch.testing.assert_close(result.matrices, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.matrices.sum(-1), torch.ones(4, tokens.shape[1]))
+    assert torch.equal(result.matrices.triu(1), torch.zeros_like(result.matrices))
+
+
+def test_ssm_matrix_times_u_is_the_layers_y_before_gating(tiny_mamba, tokens):
+    layer, d_inner = 1, tiny_mamba.cfg.d_inner
+    result = mixer_matrices(tiny_mamba, tokens, layer, channels=range(d_inner))
+    names = [f"blocks.{layer}.mixer.hook_conv", f"blocks.{layer}.mixer.hook_y"]
+    _, cache = tiny_mamba.run_with_cache(tokens, names_filter=names)
+    u, y = cache[names[0]][0], cache[names[1]][0]  # [pos, d_inner]
+    y_from_matrix = torch.einsum("dqk,kd->qd", result.matrices, u)
+    torch.testing.assert_close(y_from_matrix, y, rtol=6e-4, atol=2e-5)
+    assert result.signed and result.group_labels[3] == "channel 3"
+
+
+def test_ssm_channel_groups_are_mean_magnitudes_of_their_channels(tiny_mamba, tokens):
+    every = mixer_matrices(tiny_mamba, tokens, 0, channels=range(tiny_mamba.cfg.d_inner)).matrices
+    grouped = mixer_matrices(tiny_mamba, tokens, 0, channel_groups=4)
+    expected = every.abs().reshape(4, -1, *every.shape[1:]).mean(1)
+    torch.testing.assert_close(grouped.matrices, expected)
+    assert grouped.group_labels[1] == "channels 8-15" and not grouped.signed
+
+
+def test_ssm_bad_channel_arguments_say_what_is_accepted(tiny_mamba, tokens):
+    with pytest.raises(ValueError, match="divide d_inner = 32"):
+        mixer_matrices(tiny_mamba, tokens, 0, channel_groups=5)
+    with pytest.raises(IndexError, match="valid channels are 0 to 31"):
+        mixer_matrices(tiny_mamba, tokens, 0, channels=[40])
+
+
+@pytest.mark.parametrize("cell", ["tanh", "gru", "lstm"])
+def test_rnn_jacobian_norms_match_torch_nn_jacobian(cell):
+    torch.manual_seed(0)
+    d_in, d_hidden, pos = 5, 6, 6
+    torch_cls = {"tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell]
+    rnn = torch_cls(d_in, d_hidden, num_layers=2, batch_first=True)
+    model = HookedRNN.from_torch(rnn, nn.Embedding(D_VOCAB, d_in), nn.Linear(d_hidden, D_VOCAB))
+    tokens = torch.randint(0, D_VOCAB, (1, pos))
+    x = model.embed(tokens).detach()
+    for layer in range(2):
+        module = _single_layer(rnn, layer)
+        jac = torch.autograd.functional.jacobian(lambda v: module(v)[0], x)  # [1, pos, h, 1, pos, d]
+        expected = jac[0, :, :, 0].pow(2).sum(dim=(1, 3)).sqrt()  # ‖∂h_t/∂x_s‖, [t, s]
+        result = mixer_matrices(model, tokens, layer)
+        torch.testing.assert_close(result.matrices[0], expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(result.matrices[0].triu(1), torch.zeros(pos, pos))
+        x = module(x)[0].detach()
+
+
+def _single_layer(rnn: nn.RNNBase, layer: int) -> nn.RNNBase:
+    """Layer ``layer`` of a stacked torch RNN as a one-layer module of the same class."""
+    d_in = rnn.input_size if layer == 0 else rnn.hidden_size
+    single = type(rnn)(d_in, rnn.hidden_size, batch_first=True)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(single, f"{name}_l0").copy_(getattr(rnn, f"{name}_l{layer}"))
+    return single
+
+
+# ------------------------------------------------------------------- errors
+def test_bad_layer_names_the_valid_range(any_model, tokens):
+    with pytest.raises(IndexError, match="valid layers are 0 to 1"):
+        mixer_matrices(any_model, tokens, layer=2)
+
+
+def test_channel_arguments_are_mamba_only(tiny_llama, tokens):
+    with pytest.raises(ValueError, match="Mamba channels; this model is a transformer"):
+        mixer_matrices(tiny_llama, tokens, 0, channel_groups=2)
+
+
+def test_analyses_take_one_sequence(tiny_rnn):
+    with pytest.raises(ValueError, match="one sequence, got a batch of 2"):
+        residual_norms(tiny_rnn, torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_analyses_leave_weights_and_hooks_as_they_were(any_model, tokens):
+    before = {k: v.clone() for k, v in any_model.state_dict().items()}
+    residual_norms(any_model, tokens)
+    logit_lens(any_model, tokens)
+    mixer_matrices(any_model, tokens, 0)
+    after = any_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(hp.fwd_hooks or hp.bwd_hooks for hp in any_model.hook_dict.values())
+    assert all(p.grad is None for p in any_model.parameters())
