@@ -7,6 +7,9 @@
 
 from dynalens import circuits, kernels, models, probes
 from dynalens._version import __version__
+from dynalens.models.loading import list_models, load
 from dynalens.models.validation import HookNameError
 
-__all__ = ["__version__", "circuits", "kernels", "models", "probes", "HookNameError"]
+__all__ = [
+    "__version__", "circuits", "kernels", "models", "probes", "HookNameError", "list_models", "load",
+]

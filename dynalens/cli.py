@@ -1,26 +1,152 @@
-"""The ``dynalens`` command line."""
+"""The ``dynalens`` command line.
+
+Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser
+and sets ``func``, the function ``main`` calls with the parsed arguments; to add
+a subcommand, write one and list it in ``SUBCOMMANDS``. Heavy imports stay
+inside the ``func`` so ``dynalens --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Callable, Sequence
+
+#: Token ids of the short forward pass that measures hook shapes.
+N_SHAPE_TOKENS = 4
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """Print the models ``dynalens.load`` knows by name."""
+    from dynalens.models.loading import list_models
+
+    rows = [
+        (r.name, r.architecture, _human(r.parameters), r.description) for r in list_models()
+    ]
+    print(_table(("name", "architecture", "parameters", "description"), rows))
+    return 0
+
+
+def run_hooks(args: argparse.Namespace) -> int:
+    """Print a model's hook names with their shapes on one short sequence."""
+    import torch
+
+    from dynalens.models.loading import load
+
+    model = load(args.model)
+    names = [n for n in model.hook_dict if args.filter in n]
+    if not names:
+        print(f"no hook name of {args.model} contains {args.filter!r}", file=sys.stderr)
+        return 1
+    n_ctx = getattr(model.cfg, "n_ctx", None) or N_SHAPE_TOKENS
+    tokens = torch.arange(min(N_SHAPE_TOKENS, n_ctx))[None] % model.cfg.d_vocab
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: args.filter in n)
+    shapes = {name: list(value.shape) for name, value in cache.items()}
+    rows = [(n, str(shapes[n]) if n in shapes else "(not fired)") for n in sorted(names, key=_natural)]
+    print(f"# shapes for batch=1, pos={tokens.shape[1]}")
+    print(_table(("hook", "shape"), rows))
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard."""
+    from dynalens.dashboard.app import run
+
+    run(model=args.model, host=args.host, port=args.port)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Train a zoo model (``dynalens train --help`` lists the options)."""
+    from dynalens.models.train import main as train_main
+
+    return train_main(args.args)
+
+
+def add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the built-in and zoo models")
+    p.set_defaults(func=run_models)
+
+
+def add_hooks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hooks", help="list the hook names of a model, with shapes")
+    p.add_argument("model", metavar="NAME_OR_PATH", help="built-in or zoo name, folder or .gguf file")
+    p.add_argument("--filter", default="", metavar="SUBSTR", help="only names containing SUBSTR")
+    p.set_defaults(func=run_hooks)
+
+
+def add_dashboard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="serve the dashboard")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="model to open first")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8050)
+    p.set_defaults(func=run_dashboard)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a zoo model", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to dynalens.models.train")
+    p.set_defaults(func=run_train)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_models,
+    add_hooks,
+    add_dashboard,
+    add_train,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynalens", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dynalens", description="Interpretability workbench for transformers, Mamba and RNNs."
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.version or args.command is None:
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
         from dynalens._version import __version__
 
         print(f"dynalens {__version__}")
         return 0
-    return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, the last one unpadded."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = [
+        "  ".join([str(c).ljust(w) for c, w in zip(row[:-1], widths)] + [str(row[-1])])
+        for row in [header, *rows]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _human(n: int | None) -> str:
+    """``134515008`` → ``134.5M``; ``None`` → ``-``."""
+    if n is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts ``blocks.10`` after ``blocks.9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 if __name__ == "__main__":
