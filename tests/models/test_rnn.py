@@ -262,6 +262,16 @@ def test_residual_stream_bookkeeping(residual):
     assert torch.equal(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
 
 
+def test_final_norm_and_unembedding_read_the_last_resid_post():
+    model = random_model("lstm", final_norm="layernorm")
+    logits, cache = model.run_with_cache(tokens())
+    resid = cache["blocks.1.hook_resid_post"]
+    normalized = torch.nn.functional.layer_norm(resid, (D_HIDDEN,), *model.ln_final.norm.parameters())
+    torch.testing.assert_close(cache["ln_final.hook_normalized"], normalized, atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalized @ model.W_U + model.b_U, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.unembed(model.ln_final(resid)), logits, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["blocks.1.hook_resid_post", "blocks.1.hook_mixer_out"])
 def test_editing_stream_hooks_changes_logits(name):
     model = random_model("lstm", final_norm="none")
