@@ -32,6 +32,14 @@ def tokens(batch: int = 2, pos: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, pos), generator=torch.Generator().manual_seed(seed))
 
 
+def run_torch(rnn: nn.Module, x: torch.Tensor, state):
+    """A torch.nn RNN on batch-first ``x``, whatever its own layout; output batch-first."""
+    if rnn.batch_first:
+        return rnn(x, state)
+    out, final = rnn(x.transpose(0, 1), state)
+    return out.transpose(0, 1), final
+
+
 def as_tuple(state):
     return state if isinstance(state, tuple) else (state,)
 
@@ -63,12 +71,9 @@ def test_matches_torch_modules(cell, n_layers, batch_first):
                 {k: v for k, v in rnn.state_dict().items() if int(k.rsplit("_l", 1)[1]) <= layer}
             )
             prefix_state = tuple(s[: layer + 1] for s in as_tuple(state))
-            out, _ = prefix(x if batch_first else x.transpose(0, 1), prefix_state if cell == "lstm" else prefix_state[0])
-            out = out if batch_first else out.transpose(0, 1)
-            hidden = cache[f"blocks.{layer}.cell.hook_hidden"]
-            torch.testing.assert_close(hidden, out, atol=1e-5, rtol=0)
-        ref_out, ref_final = rnn(x if batch_first else x.transpose(0, 1), state)
-        ref_out = ref_out if batch_first else ref_out.transpose(0, 1)
+            out, _ = run_torch(prefix, x, prefix_state if cell == "lstm" else prefix_state[0])
+            torch.testing.assert_close(cache[f"blocks.{layer}.cell.hook_hidden"], out, atol=1e-5, rtol=0)
+        ref_out, ref_final = run_torch(rnn, x, state)
     torch.testing.assert_close(logits, unembed(ref_out), atol=1e-5, rtol=0)
     for ours, ref in zip(as_tuple(final), as_tuple(ref_final), strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
