@@ -75,3 +75,24 @@ def selective_scan_ref(
     if return_states:
         out.append(torch.stack(states, dim=2))
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def linear_scan_ref(
+    a: Float[Tensor, "b d l"],
+    x: Float[Tensor, "b d l"],
+    initial_state: Float[Tensor, "b d"] | None = None,
+) -> Float[Tensor, "b d l"]:
+    """All states of ``h_t = a_t * h_{t-1} + x_t`` as a plain loop over time.
+
+    Accumulates in float32 (or float64) and returns the states in ``x``'s dtype;
+    ``h_{-1}`` is ``initial_state`` or zero.
+    """
+    dtype_in = x.dtype
+    acc = torch.float64 if dtype_in == torch.float64 else torch.float32
+    a, x = a.to(acc), x.to(acc)
+    h = initial_state.to(acc) if initial_state is not None else x.new_zeros(x.shape[:2])
+    states = []
+    for t in range(x.shape[2]):
+        h = a[:, :, t] * h + x[:, :, t]
+        states.append(h)
+    return torch.stack(states, dim=2).to(dtype_in)
