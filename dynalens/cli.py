@@ -2,7 +2,8 @@
 
 Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser
 and sets ``func``, the function ``main`` calls with the parsed arguments; to add
-a subcommand, write one and list it in ``SUBCOMMANDS``. Heavy imports stay
+a subcommand, write one and list it in ``SUBCOMMANDS``. A subcommand that sets a
+``passthrough`` default receives its unparsed arguments there (``train``). Heavy imports stay
 inside the ``func`` so ``dynalens --help`` answers at once.
 """
 
@@ -62,7 +63,7 @@ def run_train(args: argparse.Namespace) -> int:
     """Train a zoo model (``dynalens train --help`` lists the options)."""
     from dynalens.models.train import main as train_main
 
-    return train_main(args.args)
+    return train_main(args.passthrough)
 
 
 def add_models(sub: argparse._SubParsersAction) -> None:
@@ -87,8 +88,7 @@ def add_dashboard(sub: argparse._SubParsersAction) -> None:
 
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a zoo model", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to dynalens.models.train")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, passthrough=[])  # main hands it every later argument
 
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -112,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not hasattr(args, "passthrough"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if hasattr(args, "passthrough"):
+        args.passthrough = rest
     if args.version:
         from dynalens._version import __version__
 
