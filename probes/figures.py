@@ -39,7 +39,7 @@ TEMPLATE = go.layout.Template(
 def token_label(token: str) -> str:
     """A token string made visible and HTML-safe for axis labels and hover text."""
     shown = token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣")
-    return html.escape(shown or "∅")
+    return html.escape(shown or "∅", quote=False)
 
 
 def token_labels(tokens: Sequence[str]) -> list[str]:

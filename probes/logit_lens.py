@@ -20,16 +20,20 @@ from torch import Tensor
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import heatmap, token_label, token_labels
 from dynalens.probes.model_surface import decode_tokens, prompt_tokens, result_context, unembed_resid
-from dynalens.probes.residual import resid_layer_labels, resid_stream
+from dynalens.probes.residual import resid_labels, resid_stream
 from dynalens.probes.results import Result
+
+_CHUNK = 1024
+"""Residual vectors unembedded at once (SmolLM2: 1024 × 49152 float32 logits, 200 MB)."""
 
 
 @dataclass(kw_only=True, eq=False)
 class LogitLens(Result):
     """Top-``k`` next-token predictions of the residual stream after each layer.
 
-    Row 0 reads the embedding, row ``l + 1`` the stream after layer ``l``; the
-    last row is the model's own prediction.
+    Row 0 reads the embedding, row ``l + 1`` the stream after layer ``l``
+    (``hook_names`` says which; a model whose embedding is narrower than its
+    stream has no embedding row). The last row is the model's own prediction.
 
     Attributes
     ----------
@@ -58,7 +62,7 @@ class LogitLens(Result):
     def to_frame(self) -> pd.DataFrame:
         """Columns ``layer, hook, position, input_token, rank, token, token_id, prob``."""
         rows, pos, k = self.top_ids.shape
-        labels = resid_layer_labels(rows - 1)
+        labels = resid_labels(self.hook_names)
         return pd.DataFrame(
             [
                 (
@@ -78,7 +82,7 @@ class LogitLens(Result):
         Cells show the predicted token, colour and hover its probability.
         """
         rows = self.top_ids.shape[0]
-        layers = resid_layer_labels(rows - 1)
+        layers = resid_labels(self.hook_names)
         if position is None:
             top1 = [[token_label(self.top_tokens[r][p][0]) for p in range(len(self.str_tokens))] for r in range(rows)]
             return heatmap(
@@ -128,16 +132,21 @@ def logit_lens(model: Any, input: TextOrTokens, k: int = 5) -> LogitLens:
         raise ValueError(f"k must be an integer between 1 and d_vocab = {d_vocab}, got {k!r}")
     tokens = prompt_tokens(model, input)
     names, stream = resid_stream(model, tokens)
+    if stream[0].shape[-1] != stream[-1].shape[-1]:  # an embedding narrower than the stream (RNNs)
+        names, stream = names[1:], stream[1:]
+    flat = torch.stack(stream).flatten(0, 1)  # [row * pos, d_model]
     probs, ids = [], []
-    for resid in stream:  # one layer at a time: [pos, d_vocab] logits, not [layer, pos, d_vocab]
-        top = unembed_resid(model, resid).float().softmax(dim=-1).topk(k, dim=-1)
-        probs.append(top.values.cpu())
+    for chunk in flat.split(_CHUNK):  # bounded memory: [chunk, d_vocab] logits at a time
+        logits = unembed_resid(model, chunk).float()
+        top = logits.topk(k, dim=-1)
+        probs.append((top.values - logits.logsumexp(dim=-1, keepdim=True)).exp().cpu())
         ids.append(top.indices.cpu())
-    top_ids = torch.stack(ids)
+    shape = (len(stream), tokens.shape[1], k)
+    top_ids = torch.cat(ids).reshape(shape)
     return LogitLens(
         **result_context(model, tokens),
         top_ids=top_ids,
-        top_probs=torch.stack(probs),
+        top_probs=torch.cat(probs).reshape(shape),
         top_tokens=[[decode_tokens(model, ids_at) for ids_at in row] for row in top_ids],
         hook_names=names,
     )

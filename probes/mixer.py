@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from dynalens.kernels import mixer_matrix
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_index
 from dynalens.probes.figures import heatmap, token_labels
@@ -172,8 +173,6 @@ def _ssm_matrix(
 ):
     if channel_groups is not None and channels is not None:
         raise ValueError("pass channel_groups or channels, not both")
-    from dynalens.kernels import mixer_matrix  # TODO top-level once kernels export it
-
     prefix = f"blocks.{layer}.mixer"
     names = [f"{prefix}.hook_delta", f"{prefix}.hook_B", f"{prefix}.hook_C"]
     _, cache = model.run_with_cache(tokens, names_filter=names)

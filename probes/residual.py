@@ -22,9 +22,9 @@ def resid_hook_names(n_layers: int) -> list[str]:
     return ["hook_embed"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
 
 
-def resid_layer_labels(n_layers: int) -> list[str]:
-    """Row labels of the stream: ``embed``, then ``L0`` … ``L{n-1}`` (after each layer)."""
-    return ["embed"] + [f"L{layer}" for layer in range(n_layers)]
+def resid_labels(hook_names: list[str]) -> list[str]:
+    """Short row labels of stream hooks: ``embed`` for ``hook_embed``, ``L{l}`` after layer ``l``."""
+    return ["embed" if name == "hook_embed" else f"L{name.split('.')[1]}" for name in hook_names]
 
 
 @dataclass(kw_only=True, eq=False)
@@ -49,7 +49,7 @@ class ResidualNorms(Result):
     def to_frame(self) -> pd.DataFrame:
         """Columns ``layer, hook, position, token, norm``."""
         rows, pos = self.norms.shape
-        labels = resid_layer_labels(rows - 1)
+        labels = resid_labels(self.hook_names)
         return pd.DataFrame(
             [
                 (labels[r], self.hook_names[r], p, self.str_tokens[p], float(self.norms[r, p]))
@@ -64,7 +64,7 @@ class ResidualNorms(Result):
         return heatmap(
             self.norms.numpy(),
             x_labels=token_labels(self.str_tokens),
-            y_labels=resid_layer_labels(self.norms.shape[0] - 1),
+            y_labels=resid_labels(self.hook_names),
             x_title="token",
             y_title="layer",
             value_name="‖resid‖",

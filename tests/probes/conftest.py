@@ -1,36 +1,23 @@
-"""Small random models of the three architectures, shared by the probes tests."""
+"""Small random Mamba and RNN models, and the HF reference of the shared ``tiny_llama``."""
 
 from __future__ import annotations
 
-import copy
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.rnn import HookedRNN, RNNConfig
-from dynalens.models.transformer import HookedTransformerBridge
 
 D_VOCAB = 50
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_hf() -> LlamaForCausalLM:
-    """A random 2-layer HF Llama (4 heads, eager attention): the reference."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=D_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tiny_llama_hf: LlamaForCausalLM) -> HookedTransformerBridge:
-    """A copy of ``tiny_llama_hf`` behind the Bridge (no tokenizer)."""
-    return HookedTransformerBridge.from_hf(copy.deepcopy(tiny_llama_hf), name="tiny-llama")
+def tiny_llama_hf(tiny_llama_dir: Path) -> LlamaForCausalLM:
+    """The HF model behind the shared ``tiny_llama`` fixture (eager attention): the reference."""
+    return LlamaForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +38,7 @@ def tiny_rnn() -> HookedRNN:
 
 @pytest.fixture(scope="session", params=["tiny_llama", "tiny_mamba", "tiny_rnn"])
 def any_model(request: pytest.FixtureRequest):
-    """Each of the three architectures in turn."""
+    """Each of the three architectures in turn (``tiny_llama`` is in ``tests/conftest.py``)."""
     return request.getfixturevalue(request.param)
 
 

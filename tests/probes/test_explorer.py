@@ -12,6 +12,13 @@ from dynalens.probes import logit_lens, mixer_matrices, residual_norms
 D_VOCAB = 50  # the vocabulary of the conftest models
 
 
+def decoded(model, ids: torch.Tensor) -> list[str]:
+    """What the tokenizer makes of each id; the ids as strings for models without one."""
+    if model.tokenizer is None:
+        return [str(i) for i in ids.tolist()]
+    return [model.tokenizer.decode([i]) for i in ids.tolist()]
+
+
 # ------------------------------------------------------------ residual norms
 def test_residual_norms_equal_norms_of_the_cached_stream(any_model, tokens):
     result = residual_norms(any_model, tokens)
@@ -24,7 +31,7 @@ def test_residual_norms_equal_norms_of_the_cached_stream(any_model, tokens):
     torch.testing.assert_close(result.norms, torch.stack(expected), rtol=1e-6, atol=1e-6)
     assert result.architecture == any_model.cfg.architecture
     assert result.tokens.tolist() == tokens[0].tolist()
-    assert result.str_tokens == [str(t) for t in tokens[0].tolist()]  # no tokenizer: ids
+    assert result.str_tokens == decoded(any_model, tokens[0])
 
 
 # --------------------------------------------------------------- logit lens
@@ -36,12 +43,30 @@ def test_logit_lens_last_layer_is_the_models_own_top_k(any_model, tokens):
     assert torch.equal(lens.top_ids[-1], top.indices)
     torch.testing.assert_close(lens.top_probs[-1], top.values, rtol=1e-5, atol=1e-6)
     assert (lens.top_probs[..., :-1] >= lens.top_probs[..., 1:]).all()
-    assert lens.top_tokens[-1][0] == [str(i) for i in top.indices[0].tolist()]
+    assert lens.top_tokens[-1][0] == decoded(any_model, top.indices[0])
 
 
-def test_logit_lens_rejects_bad_k(tiny_llama, tokens):
+def test_logit_lens_skips_an_embedding_narrower_than_the_stream():
+    torch.manual_seed(0)
+    model = HookedRNN.from_torch(nn.LSTM(5, 6, batch_first=True), d_vocab=D_VOCAB)
+    tokens = torch.randint(0, D_VOCAB, (1, 4))
+    lens = logit_lens(model, tokens, k=2)
+    assert lens.hook_names == ["blocks.0.hook_resid_post"]
+    assert torch.equal(lens.top_ids[0], model(tokens)[0].topk(2, dim=-1).indices)
+    assert list(lens.figure().layout.yaxis.ticktext) == ["L0"]
+
+
+def test_logit_lens_rejects_bad_k(tiny_rnn, tokens):
     with pytest.raises(ValueError, match=f"between 1 and d_vocab = {D_VOCAB}"):
-        logit_lens(tiny_llama, tokens, k=0)
+        logit_lens(tiny_rnn, tokens, k=0)
+
+
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    prompt = "The capital of France is"
+    lens = logit_lens(smollm2, prompt)
+    assert lens.str_tokens == smollm2.to_str_tokens(prompt)
+    assert lens.top_tokens[-1][-1][0] == " Paris"
+    assert residual_norms(smollm2, prompt).norms.shape == (31, len(lens.str_tokens))
 
 
 # ------------------------------------------------------------ mixer matrices

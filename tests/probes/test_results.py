@@ -21,7 +21,7 @@ from dynalens.probes import (
     mixer_matrices,
     residual_norms,
 )
-from dynalens.probes.figures import token_label
+from dynalens.probes.figures import token_label, token_labels
 
 
 @dataclass(kw_only=True, eq=False)
@@ -150,7 +150,7 @@ def test_figures_are_labelled_heatmaps(results, tokens):
         (trace,) = fig.data
         assert trace.type == "heatmap" and np.shape(trace.z) == shape, name
         assert "%{customdata[2]}" in trace.hovertemplate, name
-    assert list(norms.figure().layout.xaxis.ticktext) == norms.str_tokens
+    assert list(norms.figure().layout.xaxis.ticktext) == token_labels(norms.str_tokens)
     assert list(norms.figure().layout.yaxis.ticktext) == ["embed", "L0", "L1"]
     assert list(lens.figure(position=2).layout.xaxis.ticktext) == ["#1", "#2", "#3"]
     z = np.array(mixer.figure(group=3).data[0].z, dtype=float)
