@@ -22,9 +22,7 @@ def run_models(args: argparse.Namespace) -> int:
     """Print the models ``dynalens.load`` knows by name."""
     from dynalens.models.loading import list_models
 
-    rows = [
-        (r.name, r.architecture, _human(r.parameters), r.description) for r in list_models()
-    ]
+    rows = [(r.name, r.architecture, r.size, r.description) for r in list_models()]
     print(_table(("name", "architecture", "parameters", "description"), rows))
     return 0
 
@@ -136,16 +134,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         for row in [header, *rows]
     ]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def _human(n: int | None) -> str:
-    """``134515008`` → ``134.5M``; ``None`` → ``-``."""
-    if n is None:
-        return "-"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
 
 
 def _natural(name: str) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from types import ModuleType
 
 from torch import Tensor
@@ -31,4 +32,9 @@ def compiled_path(op: str, backend: str, x: Tensor) -> ModuleType:
         raise RuntimeError(f"{op}: backend {backend!r} needs the {backend} package; pass backend='torch'")
     if backend == "numba" and x.device.type != "cpu":
         raise ValueError(f"{op}: backend 'numba' takes CPU tensors, got {x.device}; use backend='triton' for CUDA")
+    if backend == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{op}: backend 'triton' takes CUDA tensors, got {x.device}; "
+            "on CPU use backend='numba', or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
+        )
     return importlib.import_module(_MODULES[backend])

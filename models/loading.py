@@ -34,6 +34,16 @@ class ModelRow:
     parameters: int | None  # None when the weights are not on disk yet
     description: str
 
+    @property
+    def size(self) -> str:
+        """The parameter count in short form (``134.5M``); ``-`` when unknown."""
+        if self.parameters is None:
+            return "-"
+        for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if self.parameters >= scale:
+                return f"{self.parameters / scale:.1f}{unit}"
+        return str(self.parameters)
+
 
 def list_models() -> list[ModelRow]:
     """The models ``load`` knows by name: the built-in SmolLM2, then the zoo."""

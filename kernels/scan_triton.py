@@ -1,0 +1,290 @@
+"""Triton scans for CUDA tensors (also run on CPU tensors under ``TRITON_INTERPRET=1``).
+
+One program per (batch, block of ``BLOCK_D`` channels) keeps the
+``BLOCK_D × n`` states in registers and streams over ``l``. The forward stores
+a checkpoint every ``CHUNK`` steps; the backward walks the chunks in reverse,
+recomputes a chunk's states into a scratch buffer ``(b, d, CHUNK + 1, n)`` and
+runs the reverse scan. ``dB``/``dC`` are accumulated with atomic adds (in
+registers for a time-invariant layout), ``dA``/``dD``/``dbias`` per batch and
+summed by the caller. ``B``/``C`` arrive in the 4-d form ``(Bb, G, n, Bl)``;
+broadcast dimensions get stride 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+CHUNK = 64
+BLOCK_D = 16
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(x)), x)
+
+
+@triton.jit
+def _selective_fwd_kernel(
+    u, delta, A, B, C, D, z, bias, h0, out, last, states, ckpt,
+    d, L, n, sBb, sBg, sBn, sBt, gsB, sCb, sCg, sCn, sCt, gsC,
+    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_H0: tl.constexpr, KEEP_STATES: tl.constexpr, KEEP_CKPT: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    bi = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    md, mn = offs_d < d, offs_n < n
+    m2 = md[:, None] & mn[None, :]
+    row = bi * d + offs_d  # (b, d) row index
+    sn = row[:, None] * n + offs_n[None, :]  # into (b, d, n)
+    Av = tl.load(A + offs_d[:, None] * n + offs_n[None, :], mask=m2, other=0.0)
+    Bp = B + bi * sBb + (offs_d // gsB)[:, None] * sBg + offs_n[None, :] * sBn
+    Cp = C + bi * sCb + (offs_d // gsC)[:, None] * sCg + offs_n[None, :] * sCn
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=out.dtype.element_ty)
+    if HAS_H0:
+        h += tl.load(h0 + sn, mask=m2, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=md, other=0.0)
+    if HAS_BIAS:
+        bv = tl.load(bias + offs_d, mask=md, other=0.0)
+    n_chunks = tl.cdiv(L, CHUNK)
+    for t in range(L):
+        if KEEP_CKPT:
+            if t % CHUNK == 0:
+                tl.store(ckpt + (row[:, None] * n_chunks + t // CHUNK) * n + offs_n[None, :], h, mask=m2)
+        dt = tl.load(delta + row * L + t, mask=md, other=0.0)
+        if HAS_BIAS:
+            dt += bv
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        ut = tl.load(u + row * L + t, mask=md, other=0.0)
+        Bt = tl.load(Bp + t * sBt, mask=m2, other=0.0)
+        Ct = tl.load(Cp + t * sCt, mask=m2, other=0.0)
+        h = tl.exp(dt[:, None] * Av) * h + (dt * ut)[:, None] * Bt
+        if KEEP_STATES:
+            tl.store(states + (row[:, None] * L + t) * n + offs_n[None, :], h, mask=m2)
+        y = tl.sum(h * Ct, axis=1)
+        if HAS_D:
+            y += Dv * ut
+        if HAS_Z:
+            zt = tl.load(z + row * L + t, mask=md, other=0.0)
+            y *= zt / (1.0 + tl.exp(-zt))
+        tl.store(out + row * L + t, y, mask=md)
+    tl.store(last + sn, h, mask=m2)
+
+
+@triton.jit
+def _selective_bwd_kernel(
+    u, delta, A, B, C, D, z, bias, ckpt, dout, dlast, dstates, scratch,
+    du, ddelta, dz, dA, dD, dbias, dB, dC, dh0,
+    d, L, n, sBb, sBg, sBn, sBt, gsB, sCb, sCg, sCn, sCt, gsC,
+    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, HAS_DSTATES: tl.constexpr, B_STATIC: tl.constexpr, C_STATIC: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    bi = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    md, mn = offs_d < d, offs_n < n
+    m2 = md[:, None] & mn[None, :]
+    row = bi * d + offs_d
+    sn = row[:, None] * n + offs_n[None, :]
+    Av = tl.load(A + offs_d[:, None] * n + offs_n[None, :], mask=m2, other=0.0)
+    boff = (offs_d // gsB)[:, None] * sBg + offs_n[None, :] * sBn
+    coff = (offs_d // gsC)[:, None] * sCg + offs_n[None, :] * sCn
+    Bp, dBp = B + bi * sBb + boff, dB + bi * sBb + boff
+    Cp, dCp = C + bi * sCb + coff, dC + bi * sCb + coff
+    sc = scratch + row[:, None] * (CHUNK + 1) * n + offs_n[None, :]
+    zero2 = tl.zeros((BLOCK_D, BLOCK_N), dtype=u.dtype.element_ty)
+    zero1 = tl.zeros((BLOCK_D,), dtype=u.dtype.element_ty)
+    dh, dA_acc, dB_acc, dC_acc = zero2, zero2, zero2, zero2
+    dD_acc, dbias_acc = zero1, zero1
+    if HAS_DLAST:
+        dh += tl.load(dlast + sn, mask=m2, other=0.0)
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=md, other=0.0)
+    if HAS_BIAS:
+        bv = tl.load(bias + offs_d, mask=md, other=0.0)
+    n_chunks = tl.cdiv(L, CHUNK)
+    for cc in range(n_chunks):
+        c = n_chunks - 1 - cc
+        t0 = c * CHUNK
+        h = tl.load(ckpt + (row[:, None] * n_chunks + c) * n + offs_n[None, :], mask=m2, other=0.0)
+        tl.store(sc, h, mask=m2)
+        for i in range(CHUNK):
+            t = t0 + i
+            if t < L:
+                dt = tl.load(delta + row * L + t, mask=md, other=0.0)
+                if HAS_BIAS:
+                    dt += bv
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                ut = tl.load(u + row * L + t, mask=md, other=0.0)
+                h = tl.exp(dt[:, None] * Av) * h + (dt * ut)[:, None] * tl.load(Bp + t * sBt, mask=m2, other=0.0)
+                tl.store(sc + (i + 1) * n, h, mask=m2)
+        tl.debug_barrier()
+        for ii in range(CHUNK):
+            i = CHUNK - 1 - ii
+            t = t0 + i
+            if t < L:
+                raw = tl.load(delta + row * L + t, mask=md, other=0.0)
+                if HAS_BIAS:
+                    raw += bv
+                dt = raw
+                if SOFTPLUS:
+                    dt = _softplus(raw)
+                ut = tl.load(u + row * L + t, mask=md, other=0.0)
+                Bt = tl.load(Bp + t * sBt, mask=m2, other=0.0)
+                Ct = tl.load(Cp + t * sCt, mask=m2, other=0.0)
+                ht = tl.load(sc + (i + 1) * n, mask=m2, other=0.0)
+                hp = tl.load(sc + i * n, mask=m2, other=0.0)
+                a = tl.exp(dt[:, None] * Av)
+                g = tl.load(dout + row * L + t, mask=md, other=0.0)
+                if HAS_Z:
+                    y = tl.sum(ht * Ct, axis=1)
+                    if HAS_D:
+                        y += Dv * ut
+                    zt = tl.load(z + row * L + t, mask=md, other=0.0)
+                    sig = 1.0 / (1.0 + tl.exp(-zt))
+                    tl.store(dz + row * L + t, g * y * sig * (1.0 + zt * (1.0 - sig)), mask=md)
+                    g = g * zt * sig
+                dut = zero1
+                if HAS_D:
+                    dut = g * Dv
+                    dD_acc += g * ut
+                dh += g[:, None] * Ct
+                if HAS_DSTATES:
+                    dh += tl.load(dstates + (row[:, None] * L + t) * n + offs_n[None, :], mask=m2, other=0.0)
+                gC = g[:, None] * ht
+                gB = dh * (dt * ut)[:, None]
+                if C_STATIC:
+                    dC_acc += gC
+                else:
+                    tl.atomic_add(dCp + t * sCt, gC, mask=m2)
+                if B_STATIC:
+                    dB_acc += gB
+                else:
+                    tl.atomic_add(dBp + t * sBt, gB, mask=m2)
+                ddt = tl.sum(dh * (Av * a * hp + Bt * ut[:, None]), axis=1)
+                dut += tl.sum(dh * Bt, axis=1) * dt
+                dA_acc += dh * dt[:, None] * a * hp
+                dh = dh * a
+                if SOFTPLUS:
+                    ddt = ddt / (1.0 + tl.exp(-raw))
+                tl.store(du + row * L + t, dut, mask=md)
+                tl.store(ddelta + row * L + t, ddt, mask=md)
+                dbias_acc += ddt
+        tl.debug_barrier()
+    if B_STATIC:
+        tl.atomic_add(dBp, dB_acc, mask=m2)
+    if C_STATIC:
+        tl.atomic_add(dCp, dC_acc, mask=m2)
+    tl.store(dA + sn, dA_acc, mask=m2)
+    tl.store(dD + row, dD_acc, mask=md)
+    tl.store(dbias + row, dbias_acc, mask=md)
+    tl.store(dh0 + sn, dh, mask=m2)
+
+
+@triton.jit
+def _linear_fwd_kernel(a, x, h0, out, BD, L, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = rows < BD
+    h = tl.zeros((BLOCK,), dtype=out.dtype.element_ty)
+    if HAS_H0:
+        h += tl.load(h0 + rows, mask=m, other=0.0)
+    for t in range(L):
+        h = tl.load(a + rows * L + t, mask=m, other=0.0) * h + tl.load(x + rows * L + t, mask=m, other=0.0)
+        tl.store(out + rows * L + t, h, mask=m)
+
+
+@triton.jit
+def _linear_bwd_kernel(a, h0, out, dout, da, dx, dh0, BD, L, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = rows < BD
+    dh = tl.zeros((BLOCK,), dtype=out.dtype.element_ty)
+    for tt in range(L):
+        t = L - 1 - tt
+        g = tl.load(dout + rows * L + t, mask=m, other=0.0) + dh
+        tl.store(dx + rows * L + t, g, mask=m)
+        if t > 0:
+            hp = tl.load(out + rows * L + t - 1, mask=m, other=0.0)
+        else:
+            hp = tl.zeros((BLOCK,), dtype=out.dtype.element_ty)
+            if HAS_H0:
+                hp += tl.load(h0 + rows, mask=m, other=0.0)
+        tl.store(da + rows * L + t, g * hp, mask=m)
+        dh = tl.load(a + rows * L + t, mask=m, other=0.0) * g
+    tl.store(dh0 + rows, dh, mask=m)
+
+
+def _bc_strides(X4: Tensor, d: int) -> tuple[int, int, int, int, int]:
+    """Strides of a ``(Bb, G, n, Bl)`` tensor with 0 on broadcast dims, and the group size."""
+    sb, sg, sn, st = X4.stride()
+    return (sb if X4.shape[0] > 1 else 0), sg, sn, (st if X4.shape[3] > 1 else 0), d // X4.shape[1]
+
+
+def _grid(b: int, d: int) -> tuple[int, int]:
+    return (b, triton.cdiv(d, BLOCK_D))
+
+
+def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states, keep_ckpt):
+    """Launch the forward kernel on contiguous tensors of one dtype."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    out, last = torch.empty_like(u), u.new_empty(b, d, n)
+    states = u.new_empty(b, d, L, n) if keep_states else None
+    ckpt = u.new_empty(b, d, triton.cdiv(L, CHUNK), n) if keep_ckpt else None
+    _selective_fwd_kernel[_grid(b, d)](
+        u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), _or(h0, u), out, last, _or(states, u),
+        _or(ckpt, u), d, L, n, *_bc_strides(B4, d), *_bc_strides(C4, d),
+        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+        HAS_H0=h0 is not None, KEEP_STATES=keep_states, KEEP_CKPT=keep_ckpt,
+        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n),
+    )  # fmt: skip
+    return out, last, states, ckpt
+
+
+def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dlast, dstates):
+    """Launch the backward kernel; return gradients reduced to the inputs' shapes (B/C in 4-d)."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
+    dA, dD, dbias, dh0 = u.new_empty(b, d, n), u.new_empty(b, d), u.new_empty(b, d), u.new_empty(b, d, n)
+    dB, dC = torch.zeros_like(B4), torch.zeros_like(C4)
+    scratch = u.new_empty(b, d, CHUNK + 1, n)
+    _selective_bwd_kernel[_grid(b, d)](
+        u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), ckpt, dout, _or(dlast, u), _or(dstates, u),
+        scratch, du, ddelta, dz, dA, dD, dbias, dB, dC, dh0, d, L, n, *_bc_strides(B4, d), *_bc_strides(C4, d),
+        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
+        HAS_DLAST=dlast is not None, HAS_DSTATES=dstates is not None,
+        B_STATIC=B4.shape[3] == 1, C_STATIC=C4.shape[3] == 1,
+        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n),
+    )  # fmt: skip
+    return du, ddelta, dz, dA.sum(0), dD.sum(0), dbias.sum(0), dB, dC, dh0
+
+
+def linear_forward(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
+    """Launch the linear-scan forward kernel."""
+    b, d, L = x.shape
+    out = torch.empty_like(x)
+    grid = (triton.cdiv(b * d, BLOCK_D),)
+    _linear_fwd_kernel[grid](a, x, _or(h0, x), out, b * d, L, HAS_H0=h0 is not None, BLOCK=BLOCK_D)
+    return out
+
+
+def linear_backward(a: Tensor, h0: Tensor | None, out: Tensor, dout: Tensor):
+    """Launch the linear-scan backward kernel; return ``(da, dx, dh0)``."""
+    b, d, L = a.shape
+    da, dx, dh0 = torch.empty_like(a), torch.empty_like(a), a.new_empty(b, d)
+    grid = (triton.cdiv(b * d, BLOCK_D),)
+    _linear_bwd_kernel[grid](a, _or(h0, a), out, dout, da, dx, dh0, b * d, L, HAS_H0=h0 is not None, BLOCK=BLOCK_D)
+    return da, dx, dh0
+
+
+def _or(x: Tensor | None, placeholder: Tensor) -> Tensor:
+    """A tensor argument, or a placeholder the kernel never reads (its flag is off)."""
+    return placeholder if x is None else x
