@@ -177,8 +177,8 @@ class MambaMixer(nn.Module):
 
     @property
     def A(self) -> Float[Tensor, "d_inner d_state"]:
-        """The real state matrix ``A = -exp(A_log)`` (diagonal per channel), float32."""
-        return -torch.exp(self.A_log.float())
+        """The real state matrix ``A = -exp(A_log)`` (diagonal per channel), at least float32."""
+        return -torch.exp(_at_least_fp32(self.A_log))
 
     def forward(
         self,
@@ -195,13 +195,13 @@ class MambaMixer(nn.Module):
         if conv_state is None:
             conv_state = xs.new_zeros(xs.shape[0], cfg.d_inner, cfg.d_conv - 1)
         padded = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)
-        conv = F.conv1d(padded, self.conv1d.weight, self.conv1d.bias, groups=cfg.d_inner)
+        conv = _causal_conv1d(padded, self.conv1d.weight, self.conv1d.bias)
         new_conv_state = padded[..., padded.shape[-1] - (cfg.d_conv - 1) :].clone()
         u = self.hook_conv(F.silu(conv).transpose(1, 2))
 
         dt, B, C = self.hook_x_proj(self.x_proj(u)).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         delta = self.hook_delta(F.softplus(self.dt_proj(dt)))
-        B, C = self.hook_B(B), self.hook_C(C)
+        B, C = self.hook_B(B.contiguous()), self.hook_C(C.contiguous())  # copies: never views of x_proj
 
         want_states = self.hook_ssm_state.has_hooks()
         scan = selective_scan(
@@ -210,7 +210,7 @@ class MambaMixer(nn.Module):
             self.A,
             B.transpose(1, 2),
             C.transpose(1, 2),
-            D=self.D.float(),
+            D=_at_least_fp32(self.D),
             initial_state=ssm_state,
             return_last_state=True,
             return_states=want_states,
@@ -244,11 +244,11 @@ class MambaBlock(nn.Module):
     def forward(
         self, resid: Float[Tensor, "batch pos d_model"], conv_state: Tensor | None, ssm_state: Tensor | None
     ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
-        resid = self.hook_resid_pre(resid)
+        resid = self.hook_resid_pre(resid.clone())  # not the previous block's resid_post tensor
         mixed, conv_state, ssm_state = self.mixer(self.norm(resid.to(self.norm.weight.dtype)), conv_state, ssm_state)
         if self.cfg.residual_in_fp32:
             resid = resid.float()
-        resid = self.hook_resid_post(resid + self.hook_mixer_out(mixed))
+        resid = self.hook_resid_post(resid + self.hook_mixer_out(mixed.clone()))  # not mixer.hook_ssm_out's tensor
         return resid, conv_state, ssm_state
 
 
@@ -353,7 +353,7 @@ class HookedMamba(HookedSequenceModel):
             conv_states.append(conv)
             ssm_states.append(ssm)
         normed = self.ln_final(resid.to(self.ln_final.weight.dtype))
-        logits = self.unembed(normed.to(self.unembed.weight.dtype)).float()
+        logits = _at_least_fp32(self.unembed(normed.to(self.unembed.weight.dtype)))
         if not return_state:
             return logits
         pos = tokens.shape[1] + (0 if state is None else state.pos)
@@ -361,10 +361,10 @@ class HookedMamba(HookedSequenceModel):
 
     # ------------------------------------------------------------ loading/saving
     @classmethod
-    def from_hf(cls, hf_model: nn.Module, tokenizer: Any = None) -> HookedMamba:
-        """Copy an in-memory HF ``MambaForCausalLM`` (weights copied, never shared)."""
+    def from_hf(cls, hf_model: nn.Module, tokenizer: Any = None, *, dtype: torch.dtype = torch.float32) -> HookedMamba:
+        """Copy an in-memory HF ``MambaForCausalLM`` into ``dtype`` (weights copied, never shared)."""
         cfg = MambaConfig.from_hf(hf_model.config)
-        sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
+        sd = {k: v.detach().to(dtype=dtype, copy=True) for k, v in hf_model.state_dict().items()}
         return cls._from_hf_state_dict(cfg, sd, tokenizer)
 
     @classmethod
@@ -390,16 +390,19 @@ class HookedMamba(HookedSequenceModel):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = cls._from_hf_state_dict(cfg, sd, tokenizer)
-        return model.to(device=device, dtype=dtype)
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+        return cls._from_hf_state_dict(cfg, sd, tokenizer).to(device)
 
     @classmethod
     def _from_hf_state_dict(cls, cfg: MambaConfig, sd: dict[str, Tensor], tokenizer: Any) -> HookedMamba:
         sd = {_rename(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
         if cfg.tie_embeddings:
             sd["unembed.weight"] = sd["embed.weight"]
-        model = cls(cfg, tokenizer)
-        model.load_state_dict(sd, strict=True)
+        with torch.device("meta"):  # no initialisation: every parameter comes from sd
+            model = cls(cfg, tokenizer)
+        model.load_state_dict(sd, strict=True, assign=True)
+        if cfg.tie_embeddings:
+            model.unembed.weight = model.embed.weight
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -419,6 +422,25 @@ class HookedMamba(HookedSequenceModel):
                 self.tokenizer.save_pretrained(tmp)
                 for f in Path(tmp).iterdir():
                     os.replace(f, folder / f.name)
+
+
+def _causal_conv1d(
+    padded: Float[Tensor, "batch d k_1_plus_pos"], weight: Float[Tensor, "d 1 k"], bias: Tensor | None
+) -> Float[Tensor, "batch d pos"]:
+    """Depthwise convolution of inputs already left-padded by ``k - 1`` positions.
+
+    Short inputs (decode steps) take a direct weighted sum: ``F.conv1d`` has a
+    fixed cost there that dwarfs the arithmetic.
+    """
+    if padded.shape[-1] - weight.shape[-1] + 1 > 16:
+        return F.conv1d(padded, weight, bias, groups=weight.shape[0])
+    out = torch.einsum("bdlk,dk->bdl", padded.unfold(-1, weight.shape[-1], 1), weight[:, 0])
+    return out if bias is None else out + bias[:, None]
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is (HF keeps A and D in float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _rename(key: str, to_hf: bool) -> str:
