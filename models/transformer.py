@@ -129,13 +129,13 @@ class HookedTransformerBridge(TransformerBridge):
 
     def _add_mixer_aliases(self) -> None:
         """Alias ``blocks.{l}.hook_mixer_out`` to whatever ``hook_attn_out`` is on each block."""
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             aliases = dict(block.hook_aliases)
             aliases[MIXER_OUT] = aliases.get(ATTN_OUT, ATTN_OUT)
             block.hook_aliases = aliases
             block._register_aliases()
+            self._hook_registry[f"blocks.{i}.{MIXER_OUT}"] = getattr(block, MIXER_OUT)
         self._block_alias_cache = None
-        self._scan_existing_hooks(self, "")
 
     # ------------------------------------------------------------------ tokens
     def to_tokens(
