@@ -1,0 +1,165 @@
+"""The one small interface the pages draw from: models, prompts and cached results.
+
+Models are held in a **process-level cache** keyed by the name or path the
+user typed (at most ``MAX_MODELS``, least recently used dropped first): loading
+SmolLM2 takes seconds, and every browser tab may share the same weights
+because analyses never change them. Everything else a page needs (the chosen
+model, prompt, position, layer) lives in the browser (``dcc.Store``), so two
+tabs never see each other's work.
+
+Errors meant for the user are :class:`DashboardError`; :func:`user_message`
+turns any exception into one readable line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import flask
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+import dynalens
+from dynalens.dashboard.cache import ResultsCache, SavableResult
+
+log = logging.getLogger("dynalens.dashboard")
+
+MAX_MODELS = 3
+"""Models kept loaded in one server process."""
+
+MAX_PROMPT_TOKENS = 256
+"""The longest prompt the dashboard analyses (mixer matrices grow as tokens squared)."""
+
+CACHE_CONFIG_KEY = "DYNALENS_RESULTS_CACHE"
+"""Where ``create_app`` puts the app's :class:`ResultsCache` in the Flask config."""
+
+R = TypeVar("R", bound=SavableResult)
+
+
+class DashboardError(Exception):
+    """An error whose message is shown to the user as is."""
+
+
+_models: OrderedDict[str, Any] = OrderedDict()
+_models_lock = threading.Lock()
+
+
+def load_model(name_or_path: str) -> Any:
+    """The model for a built-in/zoo name or a local path, loaded once per process.
+
+    Raises
+    ------
+    DashboardError
+        When the name is unknown, the path does not exist or loading fails;
+        the message says which and why.
+    """
+    key = name_or_path.strip()
+    if not key:
+        raise DashboardError("No model chosen: pick one from the list or type a local folder path.")
+    with _models_lock:  # one load at a time: two tabs asking for SmolLM2 load it once
+        if key in _models:
+            _models.move_to_end(key)
+            return _models[key]
+        try:
+            model = dynalens.load(key)
+        except Exception as exc:
+            log.exception("loading model %r failed", key)
+            raise DashboardError(f"Could not load model {key!r}: {user_message(exc)}") from exc
+        model.eval()
+        _models[key] = model
+        while len(_models) > MAX_MODELS:
+            _models.popitem(last=False)
+        return model
+
+
+def model_id(name_or_path: str) -> str:
+    """A string that changes when the weights behind ``name_or_path`` may have changed.
+
+    A local path is identified by its resolved location and the size and
+    modification time of its top-level files; a built-in name by the name and
+    the dynalens version (built-in weights ship with the package).
+    """
+    path = Path(name_or_path.strip()).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        return f"path:{path.resolve()}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    return f"name:{name_or_path.strip()}:{dynalens.__version__}"
+
+
+def encode_prompt(model: Any, prompt: str) -> Int[Tensor, "1 pos"]:
+    """The prompt's token ids ``[1, pos]``, checked against the model and the dashboard.
+
+    A model without a tokenizer (the synthetic-task zoo models) takes token ids
+    typed as integers separated by spaces or commas.
+    """
+    if not prompt or not prompt.strip():
+        raise DashboardError("The prompt is empty: type some text to analyse.")
+    try:
+        if getattr(model, "tokenizer", None) is None:
+            tokens = model.to_tokens(torch.tensor([_parse_ids(prompt)]))
+        else:
+            tokens = model.to_tokens(prompt)
+    except DashboardError:
+        raise
+    except Exception as exc:
+        raise DashboardError(user_message(exc)) from exc
+    if tokens.shape[-1] > MAX_PROMPT_TOKENS:
+        raise DashboardError(
+            f"The prompt is {tokens.shape[-1]} tokens long; the dashboard analyses at most "
+            f"{MAX_PROMPT_TOKENS} tokens. Shorten the prompt."
+        )
+    return tokens[:1]
+
+
+def _parse_ids(prompt: str) -> list[int]:
+    parts = [p for p in re.split(r"[\s,]+", prompt.strip()) if p]
+    if not all(re.fullmatch(r"\d+", p) for p in parts):
+        raise DashboardError(
+            "This model has no tokenizer, so the prompt must be token ids: integers separated "
+            "by spaces or commas, e.g. '3 14 15 9 2 6'."
+        )
+    return [int(p) for p in parts]
+
+
+def token_strings(model: Any, tokens: Int[Tensor, "1 pos"]) -> list[str]:
+    """One display string per token of ``tokens``."""
+    return [str(s) for s in model.to_str_tokens(tokens)]
+
+
+def cached_result(
+    result_type: type[R],
+    name_or_path: str,
+    tokens: list[int],
+    analysis: str,
+    params: Mapping[str, Any],
+    compute: Callable[[], R],
+) -> R:
+    """The result of ``compute()`` through the app's results cache (see ``create_app``)."""
+    cache: ResultsCache = flask.current_app.config[CACHE_CONFIG_KEY]
+    try:
+        return cache.get_or_compute(
+            result_type, model_id(name_or_path), tokens, analysis, params, compute
+        )
+    except DashboardError:
+        raise
+    except Exception as exc:
+        log.exception("analysis %s failed", analysis)
+        raise DashboardError(f"{analysis.replace('_', ' ')} failed: {user_message(exc)}") from exc
+
+
+def user_message(exc: BaseException) -> str:
+    """One readable line for ``exc``: its own message (KeyError's unquoted), else its type."""
+    if isinstance(exc, DashboardError):
+        return str(exc)
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return text or type(exc).__name__

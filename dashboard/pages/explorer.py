@@ -1,0 +1,276 @@
+"""Explorer: a prompt's tokens, one layer's mixer matrix, residual norms, the logit lens.
+
+Selecting a token (a click on the token strip or on a heatmap column) moves
+the logit lens to that position and outlines it in every heatmap. All figures
+come from the result objects of ``dynalens.probes``; this page only asks for
+them (through the results cache) and lays them out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+from dash import ALL, Input, Output, State, callback, ctx, dcc, html
+from dash.exceptions import PreventUpdate
+
+import dynalens as dl
+from dynalens.dashboard import backend
+from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.components import (
+    card,
+    clicked_column,
+    graph,
+    placeholder_figure,
+    show_errors,
+    token_strip,
+)
+from dynalens.probes.logit_lens import LogitLens
+from dynalens.probes.mixer import MixerMatrices
+from dynalens.probes.residual import ResidualNorms
+
+dash.register_page(__name__, path="/", name="Explorer", title="dynalens · Explorer", order=0)
+
+TOP_K = 5
+
+# Component ids of this page.
+STATUS = "explorer-status"
+PROMPT_STORE = "explorer-prompt"
+POSITION = "explorer-position"
+TOKEN = "explorer-token"
+TOKENS = "explorer-tokens"
+LAYER = "explorer-layer"
+GROUP = "explorer-group"
+MIXER = "explorer-mixer"
+MIXER_LOG = "explorer-mixer-log"
+MIXER_MESSAGE = "explorer-mixer-message"
+RESID = "explorer-resid"
+RESID_LOG = "explorer-resid-log"
+RESID_MESSAGE = "explorer-resid-message"
+LENS = "explorer-lens"
+LENS_VIEW = "explorer-lens-view"
+LENS_MESSAGE = "explorer-lens-message"
+
+_EMPTY = placeholder_figure()
+
+
+def layout(**_: Any) -> html.Div:
+    """The page (Dash calls it on every visit)."""
+    return html.Div(
+        className="explorer",
+        children=[
+            dcc.Store(id=PROMPT_STORE),
+            dcc.Store(id=POSITION),
+            dcc.Loading(html.Div(id=STATUS, className="status"), type="dot",
+                        delay_show=300, color="#2563eb"),
+            card(
+                "Tokens",
+                html.Div(id=TOKENS, className="token-strip"),
+                controls=[html.Span("click a token to select it everywhere", className="hint")],
+            ),
+            html.Div(
+                className="grid-2",
+                children=[
+                    card(
+                        "Mixer matrix",
+                        html.Div(id=MIXER_MESSAGE),
+                        graph(MIXER, height=460),
+                        controls=[
+                            _labelled("Layer", dcc.Dropdown(id=LAYER, clearable=False,
+                                                            className="small-dropdown")),
+                            _labelled("Head / group", dcc.Dropdown(id=GROUP, clearable=False,
+                                                                   className="small-dropdown")),
+                            _log_toggle(MIXER_LOG),
+                        ],
+                    ),
+                    card(
+                        "Logit lens",
+                        html.Div(id=LENS_MESSAGE),
+                        graph(LENS, height=460),
+                        controls=[
+                            dcc.RadioItems(
+                                id=LENS_VIEW,
+                                options=[
+                                    {"label": f"top {TOP_K} at selected token", "value": "position"},
+                                    {"label": "top 1 at every token", "value": "all"},
+                                ],
+                                value="position",
+                                className="inline-check",
+                                inline=True,
+                            )
+                        ],
+                    ),
+                ],
+            ),
+            card(
+                "Residual-stream norm",
+                html.Div(id=RESID_MESSAGE),
+                graph(RESID, height=420),
+                controls=[_log_toggle(RESID_LOG, on=True)],  # sink tokens dwarf the rest
+            ),
+        ],
+    )
+
+
+def _labelled(label: str, control: Any) -> html.Div:
+    return html.Div([html.Span(label, className="control-label"), control], className="inline-control")
+
+
+def _log_toggle(id: str, on: bool = False) -> dcc.Checklist:
+    return dcc.Checklist(id=id, options=[{"label": " log colour", "value": "log"}],
+                         value=["log"] if on else [], className="inline-check")
+
+
+def _tokens(prompt: dict) -> list[int]:
+    return prompt["tokens"]
+
+
+def _model_and_tokens(prompt: dict):
+    model = backend.load_model(prompt["model"])
+    return model, backend.encode_prompt(model, prompt["text"])
+
+
+# ----------------------------------------------------------------- callbacks
+@callback(
+    Output(PROMPT_STORE, "data"),
+    Output(TOKENS, "children"),
+    Output(LAYER, "options"),
+    Output(LAYER, "value"),
+    Output(STATUS, "children"),
+    Input(REQUEST, "data"),
+    State(LAYER, "value"),
+)
+@show_errors(None, [], [], None)
+def prepare(request: dict | None, layer: int | None):
+    """Load the model and tokenise the prompt; everything else listens to the store."""
+    if not request:
+        raise PreventUpdate
+    model = backend.load_model(request["model"])
+    tokens = backend.encode_prompt(model, request["prompt"])
+    ids = tokens[0].tolist()
+    norms = backend.cached_result(
+        ResidualNorms, request["model"], ids, "residual_norms", {},
+        lambda: dl.probes.residual_norms(model, tokens),
+    )
+    n_layers = model.cfg.n_layers
+    layer = layer if isinstance(layer, int) and 0 <= layer < n_layers else n_layers - 1
+    prompt = {
+        "model": request["model"],
+        "text": request["prompt"],
+        "tokens": ids,
+        "str_tokens": norms.str_tokens,
+        "architecture": norms.architecture,
+        "n_layers": n_layers,
+        "run": request.get("run"),
+    }
+    status = html.Div(
+        [
+            html.Span(request["model"], className="pill pill-model"),
+            html.Span(norms.architecture, className=f"pill pill-{norms.architecture}"),
+            html.Span(f"{n_layers} layers", className="pill"),
+            html.Span(f"{len(ids)} tokens", className="pill"),
+        ],
+        className="status-row",
+    )
+    options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
+    return prompt, token_strip(norms.str_tokens, len(ids) - 1, TOKEN), options, layer, status
+
+
+@callback(
+    Output(POSITION, "data"),
+    Input({"type": TOKEN, "index": ALL}, "n_clicks"),
+    Input(RESID, "clickData"),
+    Input(MIXER, "clickData"),
+    Input(LENS, "clickData"),
+    Input(PROMPT_STORE, "data"),
+    State(LENS_VIEW, "value"),
+)
+def select_position(_clicks, resid_click, mixer_click, lens_click, prompt, lens_view):
+    """The selected token: the last one for a new prompt, else the one last clicked."""
+    if not prompt:
+        return None
+    n = len(prompt["tokens"])
+    trigger = ctx.triggered_id
+    if f"{PROMPT_STORE}.data" in ctx.triggered_prop_ids or trigger is None:
+        return n - 1
+    if isinstance(trigger, dict):  # a token button; n_clicks 0 means it was just drawn
+        if not ctx.triggered[0]["value"]:
+            raise PreventUpdate
+        return trigger["index"]
+    if trigger == LENS and lens_view != "all":
+        raise PreventUpdate  # the per-position view's columns are ranks, not tokens
+    column = clicked_column({RESID: resid_click, MIXER: mixer_click, LENS: lens_click}[trigger])
+    if column is None or not 0 <= column < n:
+        raise PreventUpdate
+    return column
+
+
+@callback(
+    Output({"type": TOKEN, "index": ALL}, "className"),
+    Input(POSITION, "data"),
+    State({"type": TOKEN, "index": ALL}, "id"),
+)
+def mark_selected_token(position, ids):
+    return ["token selected" if i["index"] == position else "token" for i in ids]
+
+
+@callback(
+    Output(RESID, "figure"),
+    Output(RESID_MESSAGE, "children"),
+    Input(PROMPT_STORE, "data"),
+    Input(POSITION, "data"),
+    Input(RESID_LOG, "value"),
+)
+@show_errors(_EMPTY)
+def residual_panel(prompt, position, log_colour):
+    if not prompt:
+        return _EMPTY, None
+    norms = backend.cached_result(
+        ResidualNorms, prompt["model"], _tokens(prompt), "residual_norms", {},
+        lambda: dl.probes.residual_norms(*_model_and_tokens(prompt)),
+    )
+    return norms.figure(log="log" in (log_colour or []), position=position), None
+
+
+@callback(
+    Output(LENS, "figure"),
+    Output(LENS_MESSAGE, "children"),
+    Input(PROMPT_STORE, "data"),
+    Input(POSITION, "data"),
+    Input(LENS_VIEW, "value"),
+)
+@show_errors(_EMPTY)
+def logit_lens_panel(prompt, position, view):
+    if not prompt or position is None:
+        return _EMPTY, None
+    lens = backend.cached_result(
+        LogitLens, prompt["model"], _tokens(prompt), "logit_lens", {"k": TOP_K},
+        lambda: dl.probes.logit_lens(*_model_and_tokens(prompt), k=TOP_K),
+    )
+    return lens.figure(position=position if view == "position" else None), None
+
+
+@callback(
+    Output(MIXER, "figure"),
+    Output(GROUP, "options"),
+    Output(GROUP, "value"),
+    Output(MIXER_MESSAGE, "children"),
+    Input(PROMPT_STORE, "data"),
+    Input(LAYER, "value"),
+    Input(GROUP, "value"),
+    Input(POSITION, "data"),
+    Input(MIXER_LOG, "value"),
+)
+@show_errors(_EMPTY, [], None)
+def mixer_panel(prompt, layer, group, position, log_colour):
+    if not prompt or layer is None:
+        return _EMPTY, [], None, None
+    mixer = backend.cached_result(
+        MixerMatrices, prompt["model"], _tokens(prompt), "mixer_matrices", {"layer": layer},
+        lambda: dl.probes.mixer_matrices(*_model_and_tokens(prompt), layer=layer),
+    )
+    labels = mixer.group_labels
+    group = group if isinstance(group, int) and 0 <= group < len(labels) else 0
+    options = [{"label": label, "value": i} for i, label in enumerate(labels)]
+    figure = mixer.figure(group=group, position=position, log="log" in (log_colour or []))
+    return figure, options, group, None

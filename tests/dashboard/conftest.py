@@ -1,0 +1,59 @@
+"""Headless Chromium for the ``dash_duo`` browser tests, and small models to draw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+CHROME_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1440,1100",
+)
+
+
+def pytest_setup_options():
+    """dash[testing] hook: Debian's Chromium, headless (driver at /usr/bin/chromedriver)."""
+    from selenium.webdriver.chrome.options import Options
+
+    options = Options()
+    for arg in CHROME_ARGS:
+        options.add_argument(arg)
+    if Path("/usr/bin/chromium").exists():
+        options.binary_location = "/usr/bin/chromium"
+    return options
+
+
+@pytest.fixture
+def screenshot(dash_duo):
+    """``screenshot(name)`` saves the browser window as ``tests/artifacts/dashboard-<name>.png``."""
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    def save(name: str) -> Path:
+        path = ARTIFACTS / f"dashboard-{name}.png"
+        dash_duo.driver.save_screenshot(str(path))
+        return path
+
+    return save
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba_dir(tmp_path_factory) -> Path:
+    """A small random HookedMamba (no tokenizer: prompts are token ids) saved as an HF folder."""
+    from dynalens.models.mamba import HookedMamba, MambaConfig
+
+    torch.manual_seed(0)
+    model = HookedMamba(MambaConfig(d_model=32, n_layers=2, d_vocab=64, d_state=8))
+    folder = tmp_path_factory.mktemp("tiny-mamba")
+    model.save_pretrained(folder)
+    return folder

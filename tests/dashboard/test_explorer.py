@@ -1,0 +1,188 @@
+"""The Explorer page in headless Chromium: it draws exactly what dynalens.probes computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dash.testing.wait import until
+
+import dynalens as dl
+from dynalens.dashboard import backend
+from dynalens.dashboard.app import create_app
+from dynalens.dashboard.layout import DEFAULT_PROMPT
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
+TIMEOUT = 240  # the first SmolLM2 load of a fresh machine dequantises its GGUF
+MAMBA_PROMPT = "3 7 1 9 4 3 7 1 9 4 2 8"
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    """One results cache for the module: later tests read what earlier ones computed."""
+    return tmp_path_factory.mktemp("dashboard-results")
+
+
+def figure(dash_duo, graph_id: str) -> dict:
+    """The figure plotly holds in the browser for ``dcc.Graph(id=graph_id)``."""
+    return dash_duo.driver.execute_script(
+        """
+        const el = document.getElementById(arguments[0]);
+        const plot = el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
+        return plot && plot.data ? {data: plot.data, layout: plot.layout} : null;
+        """,
+        graph_id,
+    )
+
+
+def title(dash_duo, graph_id: str) -> str:
+    fig = figure(dash_duo, graph_id)
+    if not fig or not fig["data"]:
+        return ""
+    t = fig["layout"].get("title") or {}
+    return t.get("text", "") if isinstance(t, dict) else str(t)
+
+
+def wait_title(dash_duo, graph_id: str, text: str, timeout: float = TIMEOUT) -> None:
+    until(lambda: text in title(dash_duo, graph_id), timeout=timeout,
+          msg=f"{graph_id} title never contained {text!r} (last: {title(dash_duo, graph_id)!r})")
+
+
+def heatmap_z(dash_duo, graph_id: str) -> np.ndarray:
+    """The first trace's ``z`` as plotly.js decoded it (typed-array rows; NaN sent back as None)."""
+    z = dash_duo.driver.execute_script(
+        """
+        const el = document.getElementById(arguments[0]);
+        const plot = el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
+        return Array.from(plot._fullData[0].z, row => Array.from(row, v => Number.isNaN(v) ? null : v));
+        """,
+        graph_id,
+    )
+    return np.array([[np.nan if v is None else v for v in row] for row in z], dtype=float)
+
+
+def assert_lower_triangle(drawn: np.ndarray, expected: torch.Tensor) -> None:
+    """The drawn causal heatmap equals ``expected`` on and below the diagonal."""
+    mask = np.tril(np.ones(drawn.shape, dtype=bool))
+    np.testing.assert_allclose(drawn[mask], expected.double().numpy()[mask], rtol=1e-5, atol=1e-6)
+    assert np.isnan(drawn[~mask]).all()
+
+
+def choose(dash_duo, dropdown: str, option: str) -> None:
+    """Pick ``option`` in a dcc.Dropdown (a script click: the open menu's search box may cover it)."""
+    dash_duo.find_element(dropdown).click()
+    until(lambda: any(o.text == option for o in dash_duo.find_elements(".dash-dropdown-option")),
+          timeout=10, msg=f"{dropdown} has no option {option!r}")
+    match = next(o for o in dash_duo.find_elements(".dash-dropdown-option") if o.text == option)
+    dash_duo.driver.execute_script("arguments[0].click();", match)
+
+
+def analyse(dash_duo, *, path: str | None = None, prompt: str | None = None) -> None:
+    if path is not None:
+        dash_duo.clear_input("#model-path")
+        dash_duo.find_element("#model-path").send_keys(path)
+    if prompt is not None:
+        dash_duo.clear_input("#prompt")
+        dash_duo.find_element("#prompt").send_keys(prompt)
+    dash_duo.find_element("#analyse").click()
+
+
+def open_smollm2(dash_duo, results_dir):
+    """Serve a fresh app, wait for the default model and prompt; their model and tokens."""
+    dash_duo.start_server(create_app(cache_dir=results_dir))
+    dash_duo.wait_for_contains_text("#explorer-status", "transformer", timeout=TIMEOUT)
+    model = backend.load_model("smollm2-135m")
+    return model, model.to_tokens(DEFAULT_PROMPT)
+
+
+def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, results_dir, screenshot):
+    model, tokens = open_smollm2(dash_duo, results_dir)
+    dash_duo.wait_for_text_to_equal(".nav-link.active", "Explorer")
+    n_layers = model.cfg.n_layers
+    assert len(dash_duo.find_elements("#explorer-tokens .token")) == tokens.shape[1]
+    # the last token starts selected, and the deepest layer is shown
+    selected = dash_duo.find_element("#explorer-tokens .token.selected")
+    assert selected.text.split("\n")[0] == str(tokens.shape[1] - 1)
+    wait_title(dash_duo, "explorer-mixer", f"Layer {n_layers - 1} mixer")
+    wait_title(dash_duo, "explorer-lens", f"position {tokens.shape[1] - 1}")
+    wait_title(dash_duo, "explorer-resid", "Residual-stream norm")
+
+    expected = dl.probes.mixer_matrices(model, tokens, layer=n_layers - 1)
+    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), expected.matrices[0])
+    norms = dl.probes.residual_norms(model, tokens).norms
+    drawn = heatmap_z(dash_duo, "explorer-resid")  # log colour is on by default
+    np.testing.assert_allclose(drawn, np.log10(norms.double().numpy()), rtol=1e-5)
+    assert dash_duo.get_logs() in ([], None)
+    screenshot("explorer-smollm2")
+
+
+def test_changing_layer_and_head_updates_the_heatmap(dash_duo, results_dir, screenshot):
+    model, tokens = open_smollm2(dash_duo, results_dir)
+    wait_title(dash_duo, "explorer-mixer", f"Layer {model.cfg.n_layers - 1} mixer · head 0")
+    before = heatmap_z(dash_duo, "explorer-mixer")
+
+    choose(dash_duo, "#explorer-layer", "layer 2")
+    wait_title(dash_duo, "explorer-mixer", "Layer 2 mixer · head 0")
+    layer_2 = dl.probes.mixer_matrices(model, tokens, layer=2).matrices
+    after_layer = heatmap_z(dash_duo, "explorer-mixer")
+    assert_lower_triangle(after_layer, layer_2[0])
+    assert not np.allclose(np.nan_to_num(after_layer), np.nan_to_num(before))
+
+    choose(dash_duo, "#explorer-group", "head 5")
+    wait_title(dash_duo, "explorer-mixer", "Layer 2 mixer · head 5")
+    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), layer_2[5])
+    screenshot("explorer-layer-head")
+
+
+def test_clicking_a_token_selects_it_everywhere(dash_duo, results_dir, screenshot):
+    model, tokens = open_smollm2(dash_duo, results_dir)
+    wait_title(dash_duo, "explorer-lens", f"position {tokens.shape[1] - 1}")
+
+    dash_duo.find_elements("#explorer-tokens .token")[7].click()
+    wait_title(dash_duo, "explorer-lens", "position 7")
+    assert dash_duo.find_element("#explorer-tokens .token.selected").text.split("\n")[0] == "7"
+    lens = dl.probes.logit_lens(model, tokens, k=5)
+    np.testing.assert_allclose(heatmap_z(dash_duo, "explorer-lens"), lens.top_probs[:, 7].numpy(), rtol=1e-5)
+    for graph_id in ("explorer-mixer", "explorer-resid"):  # the selected column is outlined
+        until(lambda: [s["x0"] for s in figure(dash_duo, graph_id)["layout"].get("shapes", [])] == [6.5],
+              timeout=30, msg=f"{graph_id} does not outline position 7")
+    screenshot("explorer-token-click")
+
+
+def test_explorer_renders_for_a_mamba_model(dash_duo, tiny_mamba_dir, tmp_path, screenshot):
+    dash_duo.start_server(create_app(cache_dir=tmp_path))
+    analyse(dash_duo, path=str(tiny_mamba_dir), prompt=MAMBA_PROMPT)
+    dash_duo.wait_for_contains_text("#explorer-status", "mamba", timeout=TIMEOUT)
+    model = backend.load_model(str(tiny_mamba_dir))
+    tokens = torch.tensor([[int(t) for t in MAMBA_PROMPT.split()]])
+    expected = dl.probes.mixer_matrices(model, tokens, layer=model.cfg.n_layers - 1)
+    wait_title(dash_duo, "explorer-mixer", f"{expected.group_labels[0]}")
+    assert len(dash_duo.find_elements("#explorer-tokens .token")) == tokens.shape[1]
+    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), expected.matrices[0])
+
+    choose(dash_duo, "#explorer-group", expected.group_labels[1])
+    wait_title(dash_duo, "explorer-mixer", expected.group_labels[1])
+    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), expected.matrices[1])
+    screenshot("explorer-mamba")
+
+
+def test_bad_model_path_and_too_long_prompt_show_readable_errors(
+    dash_duo, tiny_mamba_dir, tmp_path, screenshot
+):
+    dash_duo.start_server(create_app(default_model=str(tiny_mamba_dir), cache_dir=tmp_path))
+    analyse(dash_duo, path="/no/such/model-folder", prompt=MAMBA_PROMPT)
+    dash_duo.wait_for_contains_text(
+        "#explorer-status .error-box", "Could not load model '/no/such/model-folder'", timeout=60
+    )
+    page = dash_duo.driver.page_source
+    assert "Traceback" not in page and "File \"" not in page
+    screenshot("explorer-bad-path")
+
+    analyse(dash_duo, path="", prompt=" ".join(["5"] * (backend.MAX_PROMPT_TOKENS + 1)))
+    dash_duo.wait_for_contains_text(
+        "#explorer-status .error-box", f"at most {backend.MAX_PROMPT_TOKENS} tokens", timeout=60
+    )
+    analyse(dash_duo, prompt="not token ids")
+    dash_duo.wait_for_contains_text("#explorer-status .error-box", "token ids", timeout=60)
+    screenshot("explorer-bad-prompt")
