@@ -126,12 +126,16 @@ def heatmap(
         ygap=1,
     )
     if text is not None:
-        trace.update(text=np.asarray(text, dtype=object), texttemplate="%{text}", textfont=dict(size=10))
+        trace.update(
+            text=np.asarray(text, dtype=object), texttemplate="%{text}", textfont=dict(size=10)
+        )
     fig = go.Figure(trace)
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=title),
-        xaxis=dict(title=x_title, tickmode="array", tickvals=list(range(cols)), ticktext=list(x_labels)),
+        xaxis=dict(
+            title=x_title, tickmode="array", tickvals=list(range(cols)), ticktext=list(x_labels)
+        ),
         yaxis=dict(
             title=y_title,
             tickmode="array",

@@ -19,7 +19,12 @@ from torch import Tensor
 
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import heatmap, token_label, token_labels
-from dynalens.probes.model_surface import decode_tokens, prompt_tokens, result_context, unembed_resid
+from dynalens.probes.model_surface import (
+    decode_tokens,
+    prompt_tokens,
+    result_context,
+    unembed_resid,
+)
 from dynalens.probes.residual import resid_labels, resid_stream
 from dynalens.probes.results import Result
 
@@ -54,7 +59,7 @@ class LogitLens(Result):
         """The ``k`` most likely tokens at ``position`` after each layer."""
         stored = self.top_ids.shape[-1]
         if not 1 <= k <= stored:
-            raise ValueError(f"k must be between 1 and {stored} (the k this lens was computed with), got {k}")
+            raise ValueError(f"k must be between 1 and {stored} (the k of this lens), got {k}")
         frame = self.to_frame()
         at = frame["position"] == self.position_index(position)
         return frame[at & (frame["rank"] < k)].reset_index(drop=True)
@@ -64,16 +69,16 @@ class LogitLens(Result):
         rows, pos, k = self.top_ids.shape
         labels = resid_labels(self.hook_names)
         return pd.DataFrame(
-            [
-                (
-                    labels[r], self.hook_names[r], p, self.str_tokens[p], i,
-                    self.top_tokens[r][p][i], int(self.top_ids[r, p, i]), float(self.top_probs[r, p, i]),
-                )
-                for r in range(rows)
-                for p in range(pos)
-                for i in range(k)
-            ],
-            columns=["layer", "hook", "position", "input_token", "rank", "token", "token_id", "prob"],
+            {
+                "layer": np.repeat(labels, pos * k),
+                "hook": np.repeat(self.hook_names, pos * k),
+                "position": np.tile(np.repeat(np.arange(pos), k), rows),
+                "input_token": np.tile(np.repeat(self.str_tokens, k), rows),
+                "rank": np.tile(np.arange(k), rows * pos),
+                "token": [t for row in self.top_tokens for at in row for t in at],
+                "token_id": self.top_ids.reshape(-1).numpy(),
+                "prob": self.top_probs.reshape(-1).double().numpy(),
+            }
         )
 
     def figure(self, *, position: int | None = None) -> go.Figure:
@@ -81,31 +86,27 @@ class LogitLens(Result):
 
         Cells show the predicted token, colour and hover its probability.
         """
-        rows = self.top_ids.shape[0]
-        layers = resid_labels(self.hook_names)
+        predicted = np.array(
+            [[[token_label(t) for t in at] for at in row] for row in self.top_tokens], dtype=object
+        )  # [row, pos, k]
         if position is None:
-            top1 = [[token_label(self.top_tokens[r][p][0]) for p in range(len(self.str_tokens))] for r in range(rows)]
-            return heatmap(
-                self.top_probs[..., 0].numpy(),
-                x_labels=token_labels(self.str_tokens),
-                y_labels=layers,
-                x_title="input token",
-                y_title="layer",
-                value_name="p(top-1)",
-                title=f"Logit lens · top-1 prediction · {self.model_name}",
-                text=np.array(top1, dtype=object),
-            )
-        p = self.position_index(position)
-        k = self.top_ids.shape[-1]
+            values, text, columns = self.top_probs[..., 0], predicted[..., 0], self.str_tokens
+            x_title, value_name, where = "input token", "p(top-1)", "top-1 prediction"
+        else:
+            p = self.position_index(position)
+            values, text = self.top_probs[:, p], predicted[:, p]
+            columns = [f"#{i + 1}" for i in range(self.top_ids.shape[-1])]
+            x_title, value_name = "rank", "probability"
+            where = f"at {token_label(self.str_tokens[p])} (position {p})"
         return heatmap(
-            self.top_probs[:, p].numpy(),
-            x_labels=[f"#{i + 1}" for i in range(k)],
-            y_labels=layers,
-            x_title="rank",
+            values.numpy(),
+            x_labels=token_labels(columns) if position is None else columns,
+            y_labels=resid_labels(self.hook_names),
+            x_title=x_title,
             y_title="layer",
-            value_name="probability",
-            title=f"Logit lens at {token_label(self.str_tokens[p])} (position {p}) · {self.model_name}",
-            text=np.array([[token_label(t) for t in self.top_tokens[r][p]] for r in range(rows)], dtype=object),
+            value_name=value_name,
+            title=f"Logit lens {where} · {self.model_name}",
+            text=text,
         )
 
 

@@ -16,6 +16,7 @@ architecture:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +68,10 @@ class MixerMatrices(Result):
         return frame.loc[order].reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``group, query_position, query_token, key_position, key_token, value`` (key ≤ query)."""
+        """Columns ``group, query_position, query_token, key_position, key_token, value``.
+
+        Only causal entries (key ≤ query) are listed.
+        """
         n_groups, pos, _ = self.matrices.shape
         q, k = torch.tril_indices(pos, pos)
         values = self.matrices[:, q, k]
@@ -82,10 +86,18 @@ class MixerMatrices(Result):
             }
         )
 
-    def figure(self, *, group: int = 0, log: bool = False, position: int | None = None) -> go.Figure:
-        """Heatmap query × key of one ``group``; ``log`` colours by log10 value; ``position`` outlines a key."""
+    def figure(
+        self, *, group: int = 0, log: bool = False, position: int | None = None
+    ) -> go.Figure:
+        """Heatmap query × key of one ``group``.
+
+        ``log`` colours by log10 of the magnitude; ``position`` outlines a key column.
+        """
         group = check_index("group", group, self.matrices.shape[0])
         values = self.matrices[group].double()
+        value_name = self.value_name
+        if log and self.signed:
+            values, value_name = values.abs(), f"|{value_name}|"
         causal = torch.ones_like(values, dtype=torch.bool).tril()
         labels = token_labels(self.str_tokens)
         return heatmap(
@@ -94,7 +106,7 @@ class MixerMatrices(Result):
             y_labels=labels,
             x_title="key (source)",
             y_title="query (destination)",
-            value_name=self.value_name,
+            value_name=value_name,
             title=f"Layer {self.layer} mixer · {self.group_labels[group]} · {self.model_name}",
             log=log,
             signed=self.signed and not log,
@@ -123,7 +135,8 @@ def mixer_matrices(
         The layer, ``0 <= layer < cfg.n_layers``.
     channel_groups
         Mamba only: split the ``d_inner`` channels into this many contiguous
-        groups and show mean ``|M|`` per group (default 8).
+        groups and show mean ``|M|`` per group (default 8, or
+        ``gcd(8, d_inner)`` when 8 does not divide ``d_inner``).
     channels
         Mamba only: show the signed ``M`` of these channels instead.
 
@@ -142,7 +155,9 @@ def mixer_matrices(
     if arch == "transformer":
         matrices, labels, value_name, signed = _attention(model, tokens, layer)
     elif arch == "mamba":
-        matrices, labels, value_name, signed = _ssm_matrix(model, tokens, layer, channel_groups, channels)
+        matrices, labels, value_name, signed = _ssm_matrix(
+            model, tokens, layer, channel_groups, channels
+        )
     else:
         matrices, labels, value_name, signed = _recurrence_jacobian(model, tokens, layer)
     return MixerMatrices(
@@ -188,8 +203,9 @@ def _ssm_matrix(
         if not chosen:
             raise ValueError("channels is empty: pass at least one channel index")
         return materialise(chosen), [f"channel {c}" for c in chosen], "M", True
-    n_groups = DEFAULT_CHANNEL_GROUPS if channel_groups is None else channel_groups
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1 or d_inner % n_groups:
+    n_groups = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner) if channel_groups is None else channel_groups
+    valid = isinstance(n_groups, int) and not isinstance(n_groups, bool) and 1 <= n_groups <= d_inner
+    if not valid or d_inner % n_groups:
         raise ValueError(
             f"channel_groups must divide d_inner = {d_inner} into equal groups, got {n_groups!r}"
         )

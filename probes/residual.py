@@ -18,12 +18,12 @@ from dynalens.probes.results import Result
 
 
 def resid_hook_names(n_layers: int) -> list[str]:
-    """``hook_embed`` then each layer's ``blocks.{l}.hook_resid_post``: the stream after each layer."""
+    """``hook_embed``, then ``blocks.{l}.hook_resid_post``: the stream after each layer."""
     return ["hook_embed"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
 
 
 def resid_labels(hook_names: list[str]) -> list[str]:
-    """Short row labels of stream hooks: ``embed`` for ``hook_embed``, ``L{l}`` after layer ``l``."""
+    """Row labels of stream hooks: ``embed`` for ``hook_embed``, ``L{l}`` after layer ``l``."""
     return ["embed" if name == "hook_embed" else f"L{name.split('.')[1]}" for name in hook_names]
 
 
@@ -99,7 +99,7 @@ def residual_norms(model: Any, input: TextOrTokens) -> ResidualNorms:
 def resid_stream(
     model: Any, tokens: Int[Tensor, "1 pos"]
 ) -> tuple[list[str], list[Float[Tensor, "pos d_model"]]]:
-    """The residual stream of one prompt after the embedding and after each layer, with its hook names."""
+    """The stream of one prompt after the embedding and each layer, and its hook names."""
     names = resid_hook_names(model.cfg.n_layers)
     _, cache = model.run_with_cache(tokens, names_filter=names)
     return names, [cache[name][0] for name in names]

@@ -18,8 +18,11 @@ def test_notebook_runs_without_errors(path: Path, tmp_path: Path, monkeypatch: p
     # The kernel starts in a scratch folder: never the repository root, whose
     # `kernels/` folder would shadow HF's `kernels` package on sys.path.
     client = NotebookClient(
-        notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+        notebook,
+        kernel_name="python3",
+        timeout=300,
+        resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError naming the cell on any error
-    errors = [o for cell in notebook.cells for o in cell.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+    outputs = [o for cell in notebook.cells for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]

@@ -32,7 +32,9 @@ def tiny_rnn() -> HookedRNN:
     """A random 2-layer residual GRU."""
     torch.manual_seed(0)
     return HookedRNN(
-        RNNConfig(d_model=8, n_layers=2, d_vocab=D_VOCAB, cell="gru", residual=True, final_norm="layernorm")
+        RNNConfig(
+            d_model=8, n_layers=2, d_vocab=D_VOCAB, cell="gru", residual=True, final_norm="layernorm"
+        )
     ).eval()
 
 

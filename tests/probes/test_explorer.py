@@ -1,7 +1,8 @@
-"""The Explorer analyses against references: the cache, the model's logits, HF attention, torch.nn RNNs."""
+"""The Explorer analyses against references: the cache, the model's logits, HF, torch.nn."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,6 +90,10 @@ def test_ssm_matrix_times_u_is_the_layers_y_before_gating(tiny_mamba, tokens):
     y_from_matrix = torch.einsum("dqk,kd->qd", result.matrices, u)
     torch.testing.assert_close(y_from_matrix, y, rtol=6e-4, atol=2e-5)
     assert result.signed and result.group_labels[3] == "channel 3"
+    figure = result.figure(group=3, log=True)  # signed values: log10 of their magnitude
+    z = np.array(figure.data[0].z, dtype=float)
+    np.testing.assert_allclose(np.tril(10**z), result.matrices[3].abs().numpy(), rtol=1e-5)
+    assert figure.data[0].colorbar.title.text == "|M|"
 
 
 def test_ssm_channel_groups_are_mean_magnitudes_of_their_channels(tiny_mamba, tokens):
@@ -117,7 +122,8 @@ def test_rnn_jacobian_norms_match_torch_nn_jacobian(cell):
     x = model.embed(tokens).detach()
     for layer in range(2):
         module = _single_layer(rnn, layer)
-        jac = torch.autograd.functional.jacobian(lambda v: module(v)[0], x)  # [1, pos, h, 1, pos, d]
+        # [1, pos, d_hidden, 1, pos, d_in]
+        jac = torch.autograd.functional.jacobian(lambda v: module(v)[0], x)
         expected = jac[0, :, :, 0].pow(2).sum(dim=(1, 3)).sqrt()  # ‖∂h_t/∂x_s‖, [t, s]
         result = mixer_matrices(model, tokens, layer)
         torch.testing.assert_close(result.matrices[0], expected, rtol=1e-5, atol=1e-6)
