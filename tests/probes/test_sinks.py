@@ -1,0 +1,127 @@
+"""Sinks, value drains, residual peaks and active/dormant heads: HF references and a built model whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dynalens.models.transformer import HookedTransformerBridge
+from dynalens.probes.results import Result
+from dynalens.probes.sinks import ExtremeTokens, HeadActivity, extreme_tokens, head_activity, sink_scores
+
+TRIGGER = 1
+
+
+@pytest.fixture(scope="module")
+def gated() -> HookedTransformerBridge:
+    """A 1-layer GPT-2 built by hand: head 0 is dormant unless the query is the trigger token; head 1 is uniform.
+
+    Embeddings: token 1 (the trigger) is ``-e0 + e1``, every other token
+    ``e0 - e1``; position 0 adds ``e2 - e3``. Head 0's query reads ``e0``
+    and its key reads ``e2``, scaled so that softmax saturates: a non-trigger
+    query puts all its attention on position 0, a trigger query none.
+    Head 1 has zero query and key weights, so its causal attention is uniform
+    and query ``q`` puts exactly ``1 / (q + 1)`` on position 0.
+    """
+    cfg = GPT2Config(vocab_size=10, n_positions=16, n_embd=8, n_layer=1, n_head=2, n_inner=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)  # fmt: skip
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        tr = model.transformer
+        tr.wte.weight[:, 0], tr.wte.weight[:, 1] = 1.0, -1.0
+        tr.wte.weight[TRIGGER, 0], tr.wte.weight[TRIGGER, 1] = -1.0, 1.0
+        tr.wpe.weight[0, 2], tr.wpe.weight[0, 3] = 1.0, -1.0
+        for ln in (tr.h[0].ln_1, tr.h[0].ln_2, tr.ln_f):
+            ln.weight.fill_(1.0)
+        attn = tr.h[0].attn.c_attn.weight  # [d_model, 3 * d_model]: q | k | v
+        attn[0, 0] = 4.0  # head 0 query <- e0
+        attn[2, 8] = 4.0  # head 0 key <- e2
+        attn[:, 16:] = torch.eye(8)  # values: identity
+        model.lm_head.weight.normal_()
+    return HookedTransformerBridge.from_hf(model, name="gated")
+
+
+TOKENS = torch.tensor([[0, 3, TRIGGER, 4, 5, TRIGGER, 6, 7], [0, 8, 9, TRIGGER, 2, 3, TRIGGER, 4]])
+
+
+def test_built_model_known_scores(gated):
+    scores = sink_scores(gated, TOKENS)
+    q = torch.arange(1, TOKENS.shape[1])
+    assert scores[0, 1].item() == pytest.approx((1.0 / (q + 1)).mean().item(), rel=1e-5)
+    is_trigger = TOKENS == TRIGGER
+    on_triggers = sink_scores(gated, TOKENS, query_mask=is_trigger)
+    assert on_triggers[0, 0] < 0.01
+    expected = (1.0 / (torch.nonzero(is_trigger)[:, 1] + 1)).mean()
+    assert on_triggers[0, 1].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert sink_scores(gated, TOKENS, query_mask=~is_trigger)[0, 0] > 0.99
+
+
+def test_head_activity_finds_the_switching_head(gated):
+    is_trigger = TOKENS == TRIGGER
+    activity = head_activity(gated, {"trigger": (TOKENS, is_trigger), "plain": (TOKENS, ~is_trigger)})
+    assert activity.domains == ["trigger", "plain"]
+    assert activity.dormant[:, 0, 0].tolist() == [False, True]  # active on triggers, dormant elsewhere
+    assert not activity.dormant[:, 0, 1].any()  # the uniform head is never a sink
+    switching = activity.switching()
+    assert switching[["layer", "head"]].values.tolist() == [[0, 0]]
+    assert switching.loc[0, "dormant_on"] == ["plain"] and switching.loc[0, "active_on"] == ["trigger"]
+    assert activity.top(1)[["layer", "head"]].values.tolist() == [[0, 0]]
+    assert len(activity.to_frame()) == 4
+
+
+def test_extreme_tokens_on_the_built_model(gated):
+    is_plain = TOKENS != TRIGGER
+    found = extreme_tokens(gated, TOKENS, query_mask=is_plain)
+    assert found.sink_heads() == [(0, 0)]
+    assert found.n_sequences == 2 and found.str_tokens == [str(t) for t in TOKENS[0].tolist()]
+    # Identity values of the layer-normed stream: head 0 sees dims 0-3, which hold all of it (norm sqrt(8)).
+    torch.testing.assert_close(found.value_norms[0, 0], torch.full((8,), 8**0.5), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(found.value_norms[0, 1], torch.zeros(8))
+
+
+def test_scores_and_norms_match_huggingface(tiny_llama, tiny_llama_hf):
+    tokens = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(3))
+    found = extreme_tokens(tiny_llama, tokens)
+    with torch.no_grad():
+        out = tiny_llama_hf(tokens, output_attentions=True, output_hidden_states=True)
+    for layer, attn in enumerate(out.attentions):
+        torch.testing.assert_close(found.sink_scores[layer], attn[:, :, 1:, 0].mean((0, 2)), rtol=1e-4, atol=1e-5)
+        block = tiny_llama_hf.model.layers[layer]
+        with torch.no_grad():
+            v = block.self_attn.v_proj(block.input_layernorm(out.hidden_states[layer]))
+        v = v.unflatten(-1, (-1, block.self_attn.head_dim))  # [batch, pos, kv_head, d_head]
+        torch.testing.assert_close(found.value_norms[layer], v.norm(dim=-1).mean(0).T, rtol=1e-4, atol=1e-5)
+    for row in range(tiny_llama.cfg.n_layers):  # HF's last hidden state is after the final norm
+        torch.testing.assert_close(found.resid_norms[row], out.hidden_states[row].norm(dim=-1).mean(0), rtol=1e-4, atol=1e-4)
+    assert found.value_drain().shape == (2, 2) and found.resid_peak().shape == (3,)
+
+
+def test_errors_name_what_is_accepted(gated, tiny_mamba, tokens):
+    with pytest.raises(TypeError, match="mamba model"):
+        sink_scores(tiny_mamba, tokens)
+    with pytest.raises(ValueError, match="sink_position"):
+        sink_scores(gated, TOKENS, sink_position=7)
+    with pytest.raises(ValueError, match="query_mask must have"):
+        sink_scores(gated, TOKENS, query_mask=torch.ones(1, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="selects no query"):
+        sink_scores(gated, TOKENS, query_mask=torch.zeros_like(TOKENS, dtype=torch.bool))
+    with pytest.raises(ValueError, match="threshold"):
+        head_activity(gated, {"a": TOKENS}, threshold=2.0)
+    with pytest.raises(ValueError, match="domains is empty"):
+        head_activity(gated, {})
+
+
+def test_results_save_load_and_draw(gated, tmp_path):
+    found = extreme_tokens(gated, TOKENS)
+    found.save(tmp_path / "e.safetensors")
+    back = Result.load(tmp_path / "e.safetensors")
+    assert isinstance(back, ExtremeTokens) and back.top(2).equals(found.top(2))
+    for kind in ("sinks", "values", "resid"):
+        assert len(found.figure(kind=kind).data) == 1
+    activity = head_activity(gated, {"all": TOKENS})
+    activity.save(tmp_path / "h.safetensors")
+    assert HeadActivity.load(tmp_path / "h.safetensors").to_frame().equals(activity.to_frame())
+    assert activity.figure().data[0].z.shape == (2, 1)
