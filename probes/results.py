@@ -74,6 +74,23 @@ class Result(ABC):
     def figure(self, **options: Any) -> go.Figure:
         """The result drawn with plotly in the dynalens look (``probes/figures.py``)."""
 
+    def summary(self) -> str:
+        """A one-line description: tensors by shape, long lists by length."""
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, Tensor):
+                shown = f"Tensor{list(value.shape)}"
+            elif isinstance(value, list) and len(value) > 4:
+                shown = f"[{len(value)} items]"
+            else:
+                shown = repr(value)
+            parts.append(f"{field.name}={shown}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.summary())  # IPython shows the summary, not every tensor value
+
     def position_index(self, position: int) -> int:
         """``position`` as an index into the tokens; negative values count from the end."""
         n = len(self.str_tokens)

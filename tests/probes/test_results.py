@@ -101,6 +101,14 @@ def test_fields_that_are_not_json_are_refused(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_summary_shows_shapes_not_values(results):
+    lens = results[1]
+    summary = lens.summary()
+    assert summary.startswith("LogitLens(model_name=")
+    assert f"top_ids=Tensor[3, {len(lens.str_tokens)}, 3]" in summary
+    assert f"str_tokens=[{len(lens.str_tokens)} items]" in summary
+
+
 # ------------------------------------------------------------------- tables
 def test_to_frame_columns_and_lengths(results, tokens):
     norms, lens, mixer = results
