@@ -1,0 +1,597 @@
+"""Token dynamics of deep selective SSMs (Vo, Pham, Tong & Nguyen, ICLR 2025, arXiv 2410.03292).
+
+The paper reads a stack of S6 layers as the Euler discretisation of an ODE in
+depth: each residual layer moves every token ``x_l`` by the layer's output,
+so in the limit ``dx_l/dt = y_l(x_1, ..., x_l)``, with the selective scan
+("hidden attention", no convolution, gate, norm or ``D`` skip)::
+
+    y_l = sum_{j <= l} P_lj x_j,
+    P_lj = diag_d[ (S_C x_l)^T exp(A_d sum_{j<k<=l} Delta_k,d) Delta_j,d (S_B x_j) ]
+    Delta(x) = softplus(S_Delta x + b)
+
+``S_B``, ``S_C`` (``d_state x d``) are the B and C rows of ``x_proj``,
+``S_Delta = W_dt W_x,dt`` and ``b`` the bias of ``dt_proj``.
+
+Criterion (our derivation of the paper's one-dimensional theorem). In 1-D
+``mu = S_C^T S_B`` is a scalar and, when ``A_d = -a I`` (the paper's
+assumption), ``P_lj = mu x_l x_j Delta(x_j) E_lj`` with ``E_lj > 0``, so
+
+    dx_l/dt = mu x_l sum_{j<=l} x_j^2 Delta(x_j) E_lj,      dx_1/dt = mu Delta(x_1) x_1^3.
+
+Every ``|x_l|`` therefore moves monotonically in the direction of
+``sign(mu)``: ``mu < 0`` makes *all* tokens converge to 0 (the first like
+``x_1 sqrt(t) -> 1 / sqrt(2 |mu| softplus(b))``), ``mu > 0`` makes *all*
+diverge (in finite time when ``S_Delta x(0) > 0``, logarithmically slowly
+when ``S_Delta x(0) < 0``), never a mix; ``mu = 0`` leaves them in place. In
+``d`` dimensions the first token obeys ``d|x|^2/dt = 2 (x^T mu x) sum_d
+Delta_d x_d^2``, so the eigenvalues of the symmetrised ``mu`` play the role of
+the scalar: all (non-zero) negative → convergent, a positive one → divergent
+(the paper's rule; it is a guarantee for every token only when the matrix is
+semi-definite, which :attr:`MambaRegimes.definite` reports). The paper
+excludes the convergent case by making ``S_C^T S_B`` positive semi-definite
+(:func:`psd_bc_rows`), and reorders tokens by an importance score
+``s_l = K^T (S_Delta x_l + b)`` with SoftSort (:func:`soft_sort`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from dynalens.kernels import selective_scan
+from dynalens.models.base import TextOrTokens
+from dynalens.models.validation import check_finite, check_index
+from dynalens.probes.figures import TEMPLATE, token_labels
+from dynalens.probes.model_surface import architecture_of, model_name_of, prompt_tokens, result_context
+from dynalens.probes.residual import resid_hook_names, resid_labels, resid_stream
+from dynalens.probes.results import Result
+
+REGIMES = ("convergent", "divergent", "stationary")
+
+
+# --------------------------------------------------------------------------- the limit system
+@dataclass(frozen=True)
+class SelectiveSystem:
+    """A batch of idealised S6 layers: the right-hand side of the paper's limit ODE.
+
+    Attributes
+    ----------
+    S_B, S_C
+        ``[system, d_state, dim]``: ``B_l = S_B x_l``, ``C_l = S_C x_l``.
+    S_delta, delta_bias
+        ``[system, dim, dim]`` and ``[system, dim]``: ``Delta(x) = softplus(S_delta x + delta_bias)``.
+    A
+        ``[system, dim, d_state]``, negative: the continuous state matrix per channel.
+    """
+
+    S_B: Float[Tensor, "system n dim"]
+    S_C: Float[Tensor, "system n dim"]
+    S_delta: Float[Tensor, "system dim dim"]
+    delta_bias: Float[Tensor, "system dim"]
+    A: Float[Tensor, "system dim n"]
+
+    def __post_init__(self) -> None:
+        s, n, dim = self.S_B.shape
+        expected = {
+            "S_B": (s, n, dim), "S_C": (s, n, dim), "S_delta": (s, dim, dim),
+            "delta_bias": (s, dim), "A": (s, dim, n),
+        }
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if tuple(value.shape) != shape:
+                raise ValueError(f"SelectiveSystem.{name} must have shape {shape}, got {tuple(value.shape)}")
+            check_finite(f"SelectiveSystem.{name}", value)
+        if (self.A >= 0).any():
+            raise ValueError("SelectiveSystem.A must be negative (A = -exp(A_log)); got entries >= 0")
+
+    @classmethod
+    def from_mamba(cls, model: Any, layer: int) -> SelectiveSystem:
+        """The S6 layer ``layer`` of a HookedMamba as a batch of one system (``dim = d_inner``), float64."""
+        _require_mamba(model)
+        mixer = model.blocks[check_index("layer", layer, model.cfg.n_layers)].mixer
+        r, n = model.cfg.dt_rank, model.cfg.d_state
+        W = mixer.x_proj.weight.detach().double()
+        return cls(
+            S_B=W[r : r + n][None],
+            S_C=W[r + n :][None],
+            S_delta=(mixer.dt_proj.weight.detach().double() @ W[:r])[None],
+            delta_bias=mixer.dt_proj.bias.detach().double()[None],
+            A=mixer.A.detach().double()[None],
+        )
+
+    @property
+    def mu(self) -> Float[Tensor, "system dim dim"]:
+        """The input-output matrix ``S_C^T S_B``."""
+        return self.S_C.transpose(1, 2) @ self.S_B
+
+    def regimes(self, rtol: float = 1e-9) -> list[str]:
+        """The paper's regime of each system from the eigenvalues of ``sym(mu)`` (see the module notes)."""
+        return [_regime(lam, rtol) for lam in _sym_eigenvalues(self.mu)]
+
+    def velocity(self, x: Float[Tensor, "system pos dim"]) -> Float[Tensor, "system pos dim"]:
+        """``dx/dt``: the S6 output ``y_l`` of every token, computed by the selective scan.
+
+        The systems become groups of channels of one scan: channel ``i`` of the
+        flattened ``[system * dim]`` axis reads the ``B``/``C`` of group ``i // dim``.
+        """
+        s, length, dim = x.shape
+        delta = F.softplus(torch.einsum("sle,sde->sld", x, self.S_delta) + self.delta_bias[:, None])
+        B = torch.einsum("sld,snd->snl", x, self.S_B)[None]  # [1, system, n, pos]: grouped layout
+        C = torch.einsum("sld,snd->snl", x, self.S_C)[None]
+        flat = lambda t: t.transpose(1, 2).reshape(1, s * dim, length)  # noqa: E731
+        # The sequential reference: exact, and fastest for the short sequences simulated here.
+        y = selective_scan(flat(x), flat(delta), self.A.reshape(s * dim, -1), B, C, backend="ref")
+        return y.reshape(s, dim, length).transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class TokenFlow:
+    """Simulated token norms of a :class:`SelectiveSystem` batch (see :func:`simulate_tokens`).
+
+    Attributes
+    ----------
+    times
+        ``[step, system]`` ODE time after each step (step 0 is ``t = 0``).
+    norms
+        ``[step, system, pos]`` token norms ``|x_l(t)|``.
+    outcome
+        ``[system, pos]``: ``-1`` converged (norm fell by ``growth``), ``+1``
+        diverged (norm grew by ``growth``), ``0`` undecided when the run ended.
+    exit_time
+        ``[system, pos]`` time at which the token was decided (``inf`` if undecided).
+    """
+
+    times: Float[Tensor, "step system"]
+    norms: Float[Tensor, "step system pos"]
+    outcome: Float[Tensor, "system pos"]
+    exit_time: Float[Tensor, "system pos"]
+
+    def figure(self, system: int = 0) -> go.Figure:
+        """Token norms against time (log-log) for one system."""
+        system = check_index("system", system, self.outcome.shape[0])
+        fig = go.Figure()
+        for pos in range(self.norms.shape[2]):
+            fig.add_trace(go.Scatter(
+                x=self.times[1:, system].numpy(), y=self.norms[1:, system, pos].numpy(),
+                mode="lines", name=f"token {pos}",
+            ))
+        fig.update_layout(
+            template=TEMPLATE, title=dict(text=f"Token norms in the continuous-time limit · system {system}"),
+            xaxis=dict(title="t (depth)", type="log"), yaxis=dict(title="|x_l(t)|", type="log"),
+        )
+        return fig
+
+
+@torch.no_grad()
+def simulate_tokens(
+    system: SelectiveSystem,
+    x0: Float[Tensor, "system pos dim"],
+    *,
+    growth: float = 10.0,
+    rel_step: float = 0.02,
+    max_steps: int = 5000,
+) -> TokenFlow:
+    """Integrate the limit ODE ``dx/dt = y(x)`` until every token's norm has changed by ``growth``.
+
+    Classical RK4 with one step size per system, chosen so that no undecided
+    token's norm changes by more than ``rel_step`` (relative) in a step: the
+    step grows as tokens shrink (``~ t`` when ``|x| ~ t^{-1/2}``) and shrinks
+    before a blow-up, so a run costs about ``log(growth) / rel_step`` steps
+    whatever the time scale. A token is decided (and then held fixed, still
+    feeding later tokens) once its norm has grown or shrunk by ``growth``.
+
+    Parameters
+    ----------
+    system
+        The layers to simulate (a batch of independent systems).
+    x0
+        ``[system, pos, dim]`` initial tokens, non-zero.
+    growth
+        Factor of norm change that decides a token (> 1).
+    rel_step
+        Largest relative norm change per step.
+    max_steps
+        Steps before giving up (tokens still undecided keep outcome 0).
+
+    Returns
+    -------
+    TokenFlow
+    """
+    if growth <= 1 or not 0 < rel_step < 1:
+        raise ValueError(f"growth must be > 1 and rel_step in (0, 1), got {growth!r} and {rel_step!r}")
+    dtype = system.A.dtype
+    x = check_finite("x0", x0).to(dtype).clone()
+    s, length, _ = x.shape
+    if tuple(x.shape) != (system.S_B.shape[0], length, system.S_B.shape[2]):
+        raise ValueError(
+            f"x0 must have shape [system, pos, dim] = [{system.S_B.shape[0]}, pos, {system.S_B.shape[2]}], "
+            f"got {list(x.shape)}"
+        )
+    norm0 = x.norm(dim=-1)
+    if (norm0 == 0).any():
+        raise ValueError("x0 has a zero token: the origin is a fixed point, start every token away from it")
+    t = torch.zeros(s, dtype=dtype)
+    outcome = torch.zeros(s, length, dtype=dtype)
+    exit_time = torch.full((s, length), math.inf, dtype=dtype)
+    times, norms = [t.clone()], [norm0.clone()]
+
+    def field(z: Tensor, active: Tensor) -> Tensor:
+        return system.velocity(z) * active[..., None]
+
+    for _ in range(max_steps):
+        active = (outcome == 0).to(dtype)
+        if not active.any():
+            break
+        k1 = field(x, active)
+        rate = (k1.norm(dim=-1) / x.norm(dim=-1) * active).amax(dim=1)  # [system]
+        moving = rate > 0
+        h = torch.where(moving, rel_step / rate.clamp_min(torch.finfo(dtype).tiny), 0.0)[:, None, None]
+        k2 = field(x + h / 2 * k1, active)
+        k3 = field(x + h / 2 * k2, active)
+        k4 = field(x + h * k3, active)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        t = t + h[:, 0, 0]
+        norm = x.norm(dim=-1)
+        decided = torch.where(norm >= growth * norm0, 1.0, torch.where(norm <= norm0 / growth, -1.0, 0.0))
+        newly = (outcome == 0) & (decided != 0)
+        outcome = torch.where(newly, decided.to(dtype), outcome)
+        exit_time = torch.where(newly, t[:, None].expand_as(exit_time), exit_time)
+        times.append(t.clone())
+        norms.append(norm)
+        if not moving.any():
+            break
+    return TokenFlow(torch.stack(times), torch.stack(norms), outcome, exit_time)
+
+
+def psd_bc_rows(
+    U: Float[Tensor, "n dim"], log_scale: Float[Tensor, " n"]
+) -> tuple[Float[Tensor, "n dim"], Float[Tensor, "n dim"]]:
+    """The paper's reparametrisation that excludes the convergent regime.
+
+    ``S_B = U`` and ``S_C = diag(exp(log_scale)) U``, so ``S_C^T S_B = U^T D U``
+    with ``D > 0`` is positive semi-definite for any ``U``.
+
+    Returns
+    -------
+    (S_B, S_C)
+        The B and C rows to place in ``x_proj``.
+    """
+    if U.dim() != 2 or tuple(log_scale.shape) != (U.shape[0],):
+        raise ValueError(f"U must be [n, dim] and log_scale [n]; got {tuple(U.shape)} and {tuple(log_scale.shape)}")
+    return U, log_scale.exp()[:, None] * U
+
+
+# --------------------------------------------------------------------------- regimes of a model
+@dataclass(kw_only=True, eq=False)
+class MambaRegimes(Result):
+    """The regime of every layer of a Mamba, from its weights (no input: ``tokens`` is empty).
+
+    Attributes
+    ----------
+    regimes
+        One of ``convergent``, ``divergent``, ``stationary`` per layer.
+    sym_max, sym_min
+        ``[layer]`` largest and smallest eigenvalue of ``(mu + mu^T) / 2``.
+    eig_real, eig_imag
+        ``[layer, d_state]`` the non-zero spectrum of ``mu = S_C^T S_B`` (that of ``S_B S_C^T``).
+    channel_mu
+        ``[layer, d_inner]`` the diagonal of ``mu``: the 1-D criterion of each channel alone.
+    delta0
+        ``[layer, d_inner]`` ``softplus(b)``, the step size at ``x = 0``.
+    definite
+        Per layer, whether ``sym(mu)`` is semi-definite (the regime then holds for every first token).
+    """
+
+    regimes: list[str]
+    sym_max: Float[Tensor, " layer"]
+    sym_min: Float[Tensor, " layer"]
+    eig_real: Float[Tensor, "layer n"]
+    eig_imag: Float[Tensor, "layer n"]
+    channel_mu: Float[Tensor, "layer d_inner"]
+    delta0: Float[Tensor, "layer d_inner"]
+    definite: list[bool]
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` layers with the largest ``sym(mu)`` eigenvalue (most divergent first)."""
+        return self.to_frame().sort_values("sym_max", ascending=False, kind="stable").head(k).reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per layer: regime, spectrum extremes, share of 1-D-convergent channels, mean ``Delta(0)``."""
+        return pd.DataFrame({
+            "layer": range(len(self.regimes)),
+            "regime": self.regimes,
+            "sym_max": self.sym_max.double().numpy(),
+            "sym_min": self.sym_min.double().numpy(),
+            "max_real_eig": self.eig_real.amax(dim=1).double().numpy(),
+            "definite": self.definite,
+            "convergent_channels": (self.channel_mu < 0).double().mean(dim=1).numpy(),
+            "mean_delta0": self.delta0.double().mean(dim=1).numpy(),
+        })
+
+    def figure(self) -> go.Figure:
+        """The non-zero eigenvalues of ``mu`` per layer (real part), coloured by regime."""
+        fig = go.Figure()
+        colours = {"convergent": "#2b6cb0", "divergent": "#c53030", "stationary": "#718096"}
+        for layer, regime in enumerate(self.regimes):
+            fig.add_trace(go.Scatter(
+                x=[layer] * self.eig_real.shape[1], y=self.eig_real[layer].numpy(), mode="markers",
+                marker=dict(color=colours[regime], size=8), name=f"L{layer} · {regime}",
+                customdata=self.eig_imag[layer].numpy(),
+                hovertemplate="Re %{y:.4g}<br>Im %{customdata:.4g}<extra></extra>",
+            ))
+        fig.add_hline(y=0, line=dict(color="#1f2933", width=1, dash="dot"))
+        fig.update_layout(
+            template=TEMPLATE, title=dict(text=f"Token-dynamics regime per layer · {self.model_name}"),
+            xaxis=dict(title="layer", tickmode="array", tickvals=list(range(len(self.regimes)))),
+            yaxis=dict(title="Re eig(S_C^T S_B)"),
+        )
+        return fig
+
+
+@torch.no_grad()
+def mamba_regimes(model: Any, rtol: float = 1e-9) -> MambaRegimes:
+    """Classify every layer of a HookedMamba as convergent or divergent from its weights.
+
+    Parameters
+    ----------
+    model
+        A :class:`~dynalens.models.mamba.HookedMamba`.
+    rtol
+        Eigenvalues within ``rtol * max|eigenvalue|`` of zero count as zero.
+
+    Returns
+    -------
+    MambaRegimes
+    """
+    _require_mamba(model)
+    systems = [SelectiveSystem.from_mamba(model, layer) for layer in range(model.cfg.n_layers)]
+    sym = torch.stack([_sym_eigenvalues(s.mu)[0] for s in systems])  # [layer, d_inner]
+    spectra = torch.stack([torch.linalg.eigvals(s.S_B[0] @ s.S_C[0].T) for s in systems])
+    spectra = spectra[torch.arange(len(systems))[:, None], spectra.real.argsort(dim=1, descending=True)]
+    scale = sym.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(sym.dtype).tiny)
+    nonzero = sym.abs() > rtol * scale
+    return MambaRegimes(
+        model_name=model_name_of(model),
+        architecture="mamba",
+        tokens=torch.zeros(0, dtype=torch.long),
+        str_tokens=[],
+        regimes=[_regime(lam, rtol) for lam in sym],
+        sym_max=sym.amax(dim=1).float(),
+        sym_min=sym.amin(dim=1).float(),
+        eig_real=spectra.real.float(),
+        eig_imag=spectra.imag.float(),
+        channel_mu=torch.stack([s.mu[0].diagonal() for s in systems]).float(),
+        delta0=torch.stack([F.softplus(s.delta_bias[0]) for s in systems]).float(),
+        definite=[bool(((lam >= 0) | ~nz).all() or ((lam <= 0) | ~nz).all()) for lam, nz in zip(sym, nonzero)],
+    )
+
+
+def _sym_eigenvalues(mu: Float[Tensor, "system dim dim"]) -> Float[Tensor, "system dim"]:
+    return torch.linalg.eigvalsh((mu + mu.transpose(1, 2)).double() / 2)
+
+
+def _regime(eigenvalues: Float[Tensor, " dim"], rtol: float) -> str:
+    scale = eigenvalues.abs().max()
+    if scale == 0:
+        return "stationary"
+    return "divergent" if bool((eigenvalues > rtol * scale).any()) else "convergent"
+
+
+# --------------------------------------------------------------------------- trajectories across layers
+@dataclass(kw_only=True, eq=False)
+class TokenTrajectories(Result):
+    """Each token's residual-stream norm across depth: the paper's ``|x_l(t)|`` with layers as time.
+
+    Attributes
+    ----------
+    norms
+        ``[layer + 1, pos]``: row 0 the embedding, row ``l + 1`` after layer ``l``.
+    hook_names
+        The hook each row was read from.
+    growth
+        ``[pos]`` least-squares slope of ``log |x_l|`` against depth: > 0 growing, < 0 shrinking.
+    """
+
+    norms: Float[Tensor, "row pos"]
+    hook_names: list[str]
+    growth: Float[Tensor, " pos"]
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` fastest-growing tokens."""
+        frame = pd.DataFrame({
+            "position": range(len(self.str_tokens)), "token": self.str_tokens,
+            "growth": self.growth.double().numpy(), "final_norm": self.norms[-1].double().numpy(),
+        })
+        return frame.sort_values("growth", ascending=False, kind="stable").head(k).reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Columns ``layer, position, token, norm, growth``."""
+        labels = resid_labels(self.hook_names)
+        rows, pos = self.norms.shape
+        return pd.DataFrame(
+            [(labels[r], p, self.str_tokens[p], float(self.norms[r, p]), float(self.growth[p]))
+             for r in range(rows) for p in range(pos)],
+            columns=["layer", "position", "token", "norm", "growth"],
+        )
+
+    def figure(self, *, log: bool = True) -> go.Figure:
+        """One line per token: norm against layer (log scale by default)."""
+        labels, tokens = resid_labels(self.hook_names), token_labels(self.str_tokens)
+        fig = go.Figure()
+        for p, token in enumerate(tokens):
+            fig.add_trace(go.Scatter(
+                x=labels, y=self.norms[:, p].numpy(), mode="lines+markers", name=f"{p}: {token}",
+                hovertemplate=f"{token}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+            ))
+        fig.update_layout(
+            template=TEMPLATE, title=dict(text=f"Token norm trajectories · {self.model_name}"),
+            xaxis=dict(title="layer", tickangle=0), yaxis=dict(title="‖x‖", type="log" if log else "linear"),
+        )
+        return fig
+
+
+@torch.no_grad()
+def token_trajectories(model: Any, input: TextOrTokens, *, cache: Any = None) -> TokenTrajectories:
+    """Per-token norm trajectories across layers, from a fresh run or from a ``cache``.
+
+    Parameters
+    ----------
+    model
+        Any dynalens model (transformer, Mamba, RNN).
+    input
+        One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
+    cache
+        An ``ActivationCache`` of this prompt holding ``hook_embed`` and every
+        ``blocks.{l}.hook_resid_post``; the model is run when omitted.
+
+    Returns
+    -------
+    TokenTrajectories
+    """
+    tokens = prompt_tokens(model, input)
+    if cache is None:
+        names, stream = resid_stream(model, tokens)
+    else:
+        names = resid_hook_names(model.cfg.n_layers)
+        missing = [name for name in names if name not in cache]
+        if missing:
+            raise KeyError(f"cache lacks {missing}; cache hook_embed and every blocks.{{l}}.hook_resid_post")
+        stream = [cache[name][0] for name in names]
+    norms = torch.stack([resid.double().norm(dim=-1) for resid in stream]).cpu()
+    depth = torch.arange(norms.shape[0], dtype=torch.float64)
+    centred = depth - depth.mean()
+    logs = norms.clamp_min(torch.finfo(torch.float64).tiny).log()
+    growth = (centred[:, None] * (logs - logs.mean(0))).sum(0) / centred.pow(2).sum()
+    return TokenTrajectories(
+        **result_context(model, tokens), norms=norms.float(), hook_names=names, growth=growth.float()
+    )
+
+
+# --------------------------------------------------------------------------- importance and reordering
+@dataclass(kw_only=True, eq=False)
+class TokenImportance(Result):
+    """Importance scores ``s_l = K^T (S_Delta x_l + b)`` of one layer and the soft sort they induce.
+
+    Attributes
+    ----------
+    layer
+        The Mamba layer read.
+    scores
+        ``[pos]`` importance of each token.
+    permutation
+        ``[pos, pos]`` SoftSort matrix: row ``i`` weighs the tokens that land at rank ``i``.
+    """
+
+    layer: int
+    scores: Float[Tensor, " pos"]
+    permutation: Float[Tensor, "pos pos"]
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` most important tokens."""
+        return self.to_frame().sort_values("score", ascending=False, kind="stable").head(k).reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Columns ``position, token, score, rank`` (rank 0 the most important)."""
+        rank = torch.empty_like(self.scores, dtype=torch.long)
+        rank[self.scores.argsort(descending=True, stable=True)] = torch.arange(len(self.scores))
+        return pd.DataFrame({
+            "position": range(len(self.str_tokens)), "token": self.str_tokens,
+            "score": self.scores.double().numpy(), "rank": rank.numpy(),
+        })
+
+    def figure(self) -> go.Figure:
+        """Bar chart of the scores in token order."""
+        fig = go.Figure(go.Bar(x=list(range(len(self.str_tokens))), y=self.scores.numpy(), marker_color="#2b6cb0"))
+        fig.update_layout(
+            template=TEMPLATE, title=dict(text=f"Token importance, layer {self.layer} · {self.model_name}"),
+            xaxis=dict(title="token", tickmode="array", tickvals=list(range(len(self.str_tokens))),
+                       ticktext=token_labels(self.str_tokens)),
+            yaxis=dict(title="s_l = Kᵀ(S_Δ x_l + b)"),
+        )
+        return fig
+
+
+def soft_sort(scores: Float[Tensor, "... pos"], tau: float = 1.0) -> Float[Tensor, "... pos pos"]:
+    """SoftSort (Prillo & Eisenschlos, 2020) of ``scores`` in decreasing order.
+
+    ``P[i, j] = softmax_j(-|sort(s)_i - s_j| / tau)``: a row-stochastic
+    relaxation of the permutation matrix that sorts ``s`` decreasingly,
+    differentiable in ``s``; it tends to that permutation as ``tau -> 0``.
+    The paper reorders tokens as ``P @ x`` with ``tau = 1``.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau!r}")
+    ordered = scores.sort(dim=-1, descending=True).values
+    return torch.softmax(-(ordered[..., :, None] - scores[..., None, :]).abs() / tau, dim=-1)
+
+
+def reorder_tokens(
+    x: Float[Tensor, "... pos d"], scores: Float[Tensor, "... pos"], tau: float = 1.0
+) -> Float[Tensor, "... pos d"]:
+    """Tokens soft-sorted by decreasing importance: ``soft_sort(scores, tau) @ x``."""
+    if x.shape[:-1] != scores.shape:
+        raise ValueError(f"x {tuple(x.shape)} must be scores {tuple(scores.shape)} plus a feature axis")
+    return soft_sort(scores, tau).to(x.dtype) @ x
+
+
+@torch.no_grad()
+def token_importance(
+    model: Any,
+    input: TextOrTokens,
+    layer: int,
+    *,
+    readout: Float[Tensor, " d_inner"] | None = None,
+    tau: float = 1.0,
+) -> TokenImportance:
+    """The importance score of every token at one Mamba layer and its SoftSort matrix.
+
+    Parameters
+    ----------
+    model
+        A HookedMamba.
+    input
+        One prompt.
+    layer
+        The layer whose step-size pre-activation ``S_Delta u_l + b`` is read
+        (``u_l`` the scan input, ``blocks.{layer}.mixer.hook_conv``).
+    readout
+        The paper's learned vector ``K`` ``[d_inner]``; untrained models have
+        none, so the default is the mean over channels, ``K = 1 / d_inner``.
+    tau
+        SoftSort temperature (the paper uses 1).
+
+    Returns
+    -------
+    TokenImportance
+    """
+    _require_mamba(model)
+    layer = check_index("layer", layer, model.cfg.n_layers)
+    tokens = prompt_tokens(model, input)
+    name = f"blocks.{layer}.mixer.hook_conv"
+    _, cache = model.run_with_cache(tokens, names_filter=[name])
+    system = SelectiveSystem.from_mamba(model, layer)
+    u = cache[name][0].double()
+    pre = u @ system.S_delta[0].T + system.delta_bias[0]  # [pos, d_inner]
+    d_inner = pre.shape[-1]
+    K = torch.full((d_inner,), 1.0 / d_inner, dtype=torch.float64) if readout is None else readout.double()
+    if tuple(K.shape) != (d_inner,):
+        raise ValueError(f"readout must have shape [d_inner] = [{d_inner}], got {tuple(K.shape)}")
+    scores = pre @ K.to(pre.device)
+    return TokenImportance(
+        **result_context(model, tokens), layer=layer, scores=scores.float().cpu(),
+        permutation=soft_sort(scores, tau).float().cpu(),
+    )
+
+
+def _require_mamba(model: Any) -> None:
+    arch = architecture_of(model)
+    if arch != "mamba":
+        raise TypeError(f"this analysis reads a selective SSM's x_proj and dt_proj: it takes a Mamba, got a {arch}")
