@@ -18,11 +18,12 @@ Transformers are HuggingFace folders (booted through TransformerBridge by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dynalens.models.io import read_json
+from dynalens.models.tasks import Task, make_task
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 CURVE_FILE = "training_curve.json"
@@ -32,17 +33,30 @@ CHECKPOINT_PREFIX = "step_"
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One shipped model: what it is, what it was trained on, where its folder is."""
+    """One shipped model: what it is, what it was trained on, where its folder is.
+
+    ``task_kwargs`` rebuild the exact task (``entry.make_task()``);
+    ``accuracy_target`` is the held-out accuracy (the task's own metric) the
+    shipped weights are tested to reach.
+    """
 
     name: str
     architecture: str  # "transformer" | "mamba" | "rnn"
     task: str  # a key of dynalens.models.tasks.TASKS
     description: str
     path: Path
+    task_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+    accuracy_target: float = 0.9
+
+    def make_task(self) -> Task:
+        """The task this model was trained on."""
+        return make_task(self.task, **self.task_kwargs)
 
 
-def _entry(name: str, architecture: str, task: str, description: str) -> ZooEntry:
-    return ZooEntry(name, architecture, task, description, ZOO_DIR / name)
+def _entry(
+    name: str, architecture: str, task: str, description: str, accuracy_target: float, **task_kwargs: Any
+) -> ZooEntry:
+    return ZooEntry(name, architecture, task, description, ZOO_DIR / name, task_kwargs, accuracy_target)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -54,30 +68,52 @@ ZOO: dict[str, ZooEntry] = {
             "induction",
             "2-layer attention-only GPT-2 (MLPs zeroed and frozen) on repeated random tokens; "
             "forms induction heads with a loss phase change",
+            0.9,
+            d_vocab=64,
+            half_len=16,
         ),
         _entry(
             "attn3l-bbc",
             "transformer",
             "bigram-backcopy",
             "3-layer Llama (attention + MLP) on Bigram-Backcopy; trained long for attention sinks",
+            0.9,
+            d_vocab=64,
+            seq_len=64,
+            n_triggers=3,
         ),
         _entry(
             "mamba-ar",
             "mamba",
             "assoc-recall",
             "2-layer HookedMamba on multi-query associative recall",
+            0.9,
+            n_keys=32,
+            n_values=32,
+            n_pairs=6,
+            n_queries=6,
         ),
         _entry(
             "lstm-hmm",
             "rnn",
             "hmm",
-            "1-layer HookedRNN (LSTM) predicting the emissions of a 3-state HMM",
+            "1-layer HookedRNN (LSTM) predicting the emissions of a 3-state HMM "
+            "(accuracy: Bayes-relative, see HMMTask)",
+            0.95,
+            n_states=3,
+            d_vocab=4,
+            seq_len=64,
         ),
         _entry(
             "gru-hmm",
             "rnn",
             "hmm",
-            "1-layer HookedRNN (GRU) predicting the emissions of a 3-state HMM",
+            "1-layer HookedRNN (GRU) predicting the emissions of a 3-state HMM "
+            "(accuracy: Bayes-relative, see HMMTask)",
+            0.95,
+            n_states=3,
+            d_vocab=4,
+            seq_len=64,
         ),
     )
 }
