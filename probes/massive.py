@@ -408,7 +408,7 @@ class MassiveAblation(Result):
         """The ``k`` prompts whose loss the ablation raised most."""
         return self.to_frame().nlargest(k, "delta_ablated").reset_index(drop=True)
 
-    def summary(self) -> dict[str, float]:
+    def mean_losses(self) -> dict[str, float]:
         """Mean loss over the prompts: ``clean``, ``ablated``, ``random``."""
         return {
             "clean": float(self.loss_clean.mean()),
@@ -418,7 +418,7 @@ class MassiveAblation(Result):
 
     def figure(self) -> go.Figure:
         """Bars: mean loss clean, with the massive activations set to zero/mean, with random ones."""
-        s = self.summary()
+        s = self.mean_losses()
         fig = go.Figure(go.Bar(
             x=["clean", f"massive → {self.mode}", f"random → {self.mode}"], y=list(s.values()),
             marker_color=["#4c78a8", "#d62728", "#999999"], text=[f"{v:.3g}" for v in s.values()],
