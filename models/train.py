@@ -109,11 +109,17 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def checkpoint_steps(steps: int, n_checkpoints: int) -> list[int]:
-    """Step 0 and about ``n_checkpoints - 1`` log-spaced steps in ``[1, steps]`` (``steps`` included)."""
+    """Step 0 and ``n_checkpoints - 1`` log-spaced distinct steps in ``[1, steps]`` (``steps`` last).
+
+    Early on, where rounding would repeat a step, the next step is used
+    instead; fewer steps than checkpoints give every step.
+    """
     if n_checkpoints < 2:
         raise ValueError(f"n_checkpoints must be >= 2 (the start and the end), got {n_checkpoints}")
-    spaced = np.unique(np.round(np.geomspace(1, steps, n_checkpoints - 1)).astype(int))
-    return [0] + [int(s) for s in spaced]
+    spaced: list[int] = []
+    for x in np.geomspace(1, steps, n_checkpoints - 1):
+        spaced.append(min(steps, max(int(round(x)), spaced[-1] + 1 if spaced else 1)))
+    return [0] + sorted(set(spaced))
 
 
 def cosine_lr_factor(step: int, steps: int, warmup: int) -> float:
