@@ -189,9 +189,9 @@ class HookedTransformerBridge(TransformerBridge):
         self.check_hook_names(filter_names(names_filter))
         return super().run_with_cache(input, *args, names_filter=names_filter, **kwargs)
 
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), **kwargs: Any):
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):
         self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
-        return super().hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kwargs)
+        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
 
     def add_hook(self, name: Any, hook_fn: Callable, *args: Any, **kwargs: Any) -> None:
         if isinstance(name, str):

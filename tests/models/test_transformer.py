@@ -65,6 +65,14 @@ def test_is_a_transformer_bridge_with_cfg(tiny_llama, tiny_hf):
     assert cfg.architecture == "transformer" == tiny_llama.architecture
 
 
+def test_transformer_lens_tools_take_it(tiny_llama):
+    from transformer_lens.head_detector import detect_head
+
+    scores = detect_head(tiny_llama, "one two three one two three", "previous_token_head")
+    assert scores.shape == (tiny_llama.cfg.n_layers, tiny_llama.cfg.n_heads)
+    assert torch.isfinite(scores).all()
+
+
 # ----------------------------------------------------------------- hook names
 def test_shared_hook_names_match_hf_hidden_states(tiny_llama, tiny_hf):
     n_layers, d_model = tiny_llama.cfg.n_layers, tiny_llama.cfg.d_model
