@@ -36,10 +36,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; rename it onto ``path`` on success.
 
-    An existing ``path`` is replaced only once the new folder is complete.
+    An existing ``path`` is replaced only once the new folder is complete; with
+    ``replace=False`` it is kept and the new folder dropped (the first of several
+    concurrent writers wins, and readers never see ``path`` missing).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +49,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = path.parent / f"{tmp.name}.old"
     try:
         yield tmp
+        if not replace:
+            try:
+                os.rename(tmp, path)  # fails when another writer's folder is in place
+            except OSError:
+                if not path.is_dir():
+                    raise
+            return
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)

@@ -47,7 +47,7 @@ def cached_folder() -> Path:
             file=sys.stderr,
         )
         hf_model, tokenizer = hf_from_gguf(gguf_path(), dtype=torch.float32)
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, replace=False) as tmp:  # a concurrent first load may win
             hf_model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     return folder

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dynalens as dl
 from dynalens.models import smollm2 as smollm2_builtin
 from dynalens.models import zoo
-from dynalens.models.io import write_json
+from dynalens.models.io import atomic_dir, write_json
 from dynalens.models.transformer import HookedTransformerBridge
 
 PROMPT = "The capital of France is"
@@ -96,3 +96,33 @@ def test_folder_without_config_is_a_clear_error(tmp_path: Path):
 def test_missing_gguf_is_a_clear_error(tmp_path: Path):
     with pytest.raises(ValueError, match="not a built-in name, nor a model folder, nor a .gguf"):
         dl.load(tmp_path / "absent.gguf")
+
+
+def test_smollm2_cache_is_built_once_with_a_message(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DYNALENS_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_dequantise(path, dtype):
+        calls.append((path, dtype))
+        return AutoModelForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(
+            tiny_llama_dir
+        )
+
+    monkeypatch.setattr(smollm2_builtin, "hf_from_gguf", fake_dequantise)
+    folder = smollm2_builtin.cached_folder()
+    assert folder == tmp_path / "smollm2-135m"
+    assert calls == [(smollm2_builtin.gguf_path(), torch.float32)]
+    assert "dequantising SmolLM2-135M-Instruct.Q4_1.gguf" in capsys.readouterr().err
+    assert smollm2_builtin.cached_folder() == folder and len(calls) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2-135m"]  # no temporary left
+    assert isinstance(dl.load("smollm2-135m"), HookedTransformerBridge)
+
+
+def test_cache_folder_keeps_the_first_writer(tmp_path):
+    target = tmp_path / "cache"
+    with atomic_dir(target, replace=False) as first:
+        (first / "who").write_text("first")
+    with atomic_dir(target, replace=False) as second:
+        (second / "who").write_text("second")
+    assert (target / "who").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
