@@ -244,3 +244,24 @@ def test_folder_without_tokenizer_takes_tokens_only(tiny_hf, tmp_path):
     assert set(cache.keys()) == {"blocks.0.hook_mixer_out", "blocks.1.hook_mixer_out"}
     with pytest.raises(ValueError, match="no tokenizer"):
         model.to_tokens(PROMPT)
+
+
+def test_gpt2_folder_with_learned_positions(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path)
+    model = HookedTransformerBridge.from_pretrained(tmp_path)
+    tokens = torch.randint(0, 50, (2, 10))
+    names = ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_mixer_out"]
+    logits, cache = model.run_with_cache(tokens, names_filter=names)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache["hook_embed"], hf.transformer.wte(tokens))
+    torch.testing.assert_close(
+        cache["blocks.0.hook_resid_pre"], cache["hook_embed"] + cache["hook_pos_embed"]
+    )
+    assert cache["blocks.1.hook_mixer_out"].shape == (2, 10, 32)
+    with pytest.raises(ValueError, match=r"n_ctx = 16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
