@@ -50,6 +50,7 @@ class DashboardError(Exception):
 
 _models: OrderedDict[str, Any] = OrderedDict()
 _models_lock = threading.Lock()
+_run_locks: dict[str, threading.Lock] = {}  # one per model: hooks are model state, not per call
 
 
 def load_model(name_or_path: str) -> Any:
@@ -143,11 +144,22 @@ def cached_result(
     params: Mapping[str, Any],
     compute: Callable[[], R],
 ) -> R:
-    """The result of ``compute()`` through the app's results cache (see ``create_app``)."""
+    """The result of ``compute()`` through the app's results cache (see ``create_app``).
+
+    ``compute`` runs while no other analysis uses the same model: the Flask
+    server answers callbacks in threads, and a forward pass with hooks
+    (``run_with_cache``) adds them to the shared model, so two at once would
+    see each other's hooks.
+    """
     cache: ResultsCache = flask.current_app.config[CACHE_CONFIG_KEY]
+
+    def compute_alone() -> R:
+        with _run_locks.setdefault(name_or_path.strip(), threading.Lock()):
+            return compute()
+
     try:
         return cache.get_or_compute(
-            result_type, model_id(name_or_path), tokens, analysis, params, compute
+            result_type, model_id(name_or_path), tokens, analysis, params, compute_alone
         )
     except DashboardError:
         raise

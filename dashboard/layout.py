@@ -33,7 +33,7 @@ def model_options(default_model: str) -> list[dict[str, Any]]:
         {
             "label": html.Span(
                 [html.Span(row.name, className="opt-name"),
-                 html.Span(_size(row.parameters), className="opt-arch")],
+                 html.Span(f"{row.architecture} · {row.size}", className="opt-arch")],
                 title=row.description,
             ),
             "value": row.name,
@@ -45,15 +45,6 @@ def model_options(default_model: str) -> list[dict[str, Any]]:
     if default_model not in {o["value"] for o in options}:
         options.insert(0, {"label": default_model, "value": default_model, "search": default_model})
     return options
-
-
-def _size(parameters: int | None) -> str:
-    if parameters is None:
-        return "not built"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if parameters >= scale:
-            return f"{parameters / scale:.3g}{unit}"
-    return str(parameters)
 
 
 def header(default_model: str) -> html.Header:

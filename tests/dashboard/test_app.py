@@ -78,3 +78,37 @@ def test_model_id_follows_the_weights_on_disk(tiny_mamba_dir, tmp_path):
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert backend.model_id(str(copy)) != before
     assert backend.model_id("smollm2-135m").startswith("name:smollm2-135m:")
+
+
+def test_analyses_of_one_model_never_run_at_once(tmp_path, tiny_mamba_dir):
+    """Callbacks run in threads; hooks live on the shared model, so its analyses take turns."""
+    import threading
+
+    from dynalens.probes.residual import ResidualNorms
+
+    server = create_app(cache_dir=tmp_path).server
+    first_running, second_started = threading.Event(), threading.Event()
+    overlapped = []
+
+    def first():
+        first_running.set()
+        overlapped.append(second_started.wait(timeout=0.5))
+        raise RuntimeError("first done")
+
+    def second():
+        second_started.set()
+        raise RuntimeError("second done")
+
+    def request(compute, tokens):
+        with server.app_context():
+            with pytest.raises(backend.DashboardError):
+                backend.cached_result(ResidualNorms, str(tiny_mamba_dir), tokens, "x", {}, compute)
+
+    a = threading.Thread(target=request, args=(first, [1, 2]))
+    a.start()
+    first_running.wait(timeout=10)
+    b = threading.Thread(target=request, args=(second, [3, 4]))
+    b.start()
+    a.join()
+    b.join()
+    assert overlapped == [False] and second_started.is_set()

@@ -1,0 +1,200 @@
+"""Dashboard latency: ``make dashboard`` to first paint, and Explorer callbacks on SmolLM2.
+
+Run from the repository root (the install already done, Chromium present)::
+
+    .venv/bin/python benchmarks/dashboard.py [--port 8061] [--repeats 3]
+
+It starts ``make dashboard`` itself (``-o`` keeps make from re-running the
+install step), drives headless Chromium, and prints:
+
+- first paint: from starting ``make dashboard`` to the header drawn in the
+  browser, and to the Explorer's three panels drawn for the default prompt;
+- a fresh 64-token prompt on the loaded model (results not cached yet), and
+  the same prompt again from the results cache (page reload);
+- a layer change computed vs. read back from the cache.
+
+Every latency is wall time in the browser from the action to the figures
+drawn; the slowest callback request (browser Performance API) is printed too.
+Targets (issue 7): < 2 s warm, < 300 ms from the results cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.common.by import By
+
+REPO = Path(__file__).resolve().parents[1]
+CHROME_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", "--window-size=1440,1100")
+WORDS = ("the model reads every token of the prompt and writes its guess for the next one while "
+         "attention heads move information between positions").split()
+N_TOKENS = 64
+
+PLOT = """
+const plot = id => { const el = document.getElementById(id);
+  return el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot')); };
+"""
+PANELS = ["explorer-resid", "explorer-mixer", "explorer-lens"]
+
+MARK_DRAWN = PLOT + """
+window.__dlOld = {};
+for (const id of arguments[0]) { const p = plot(id); window.__dlOld[id] = p && p._fullData && p._fullData[0]; }
+"""
+
+PANELS_DRAWN = PLOT + """
+const n = arguments[0], layer = arguments[1], redrawn = arguments[2], old = window.__dlOld || {};
+const title = id => { const p = plot(id); const t = p && p.layout && p.layout.title;
+  return (t && (t.text || t)) || ''; };
+const cols = id => { const p = plot(id); return p && p._fullData && p._fullData[0] && p._fullData[0].z
+  ? p._fullData[0].z[0].length : -1; };
+return cols('explorer-resid') === n && cols('explorer-mixer') === n
+  && title('explorer-lens').includes('(position ' + (n - 1) + ')')
+  && (layer === null || title('explorer-mixer').startsWith('Layer ' + layer + ' '))
+  && redrawn.every(id => plot(id)._fullData[0] !== old[id]);
+"""
+
+
+def wait(driver, script: str, *args, timeout: float = 600.0) -> float:
+    """Poll ``script`` every 10 ms until it returns true; the time it took."""
+    start = time.perf_counter()
+    while not driver.execute_script(script, *args):
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"not done after {timeout} s")
+        time.sleep(0.01)
+    return time.perf_counter() - start
+
+
+def slowest_callback(driver) -> float:
+    """The longest ``_dash-update-component`` request since the last call, in seconds."""
+    durations = driver.execute_script(
+        "const e = performance.getEntriesByType('resource')"
+        ".filter(r => r.name.includes('_dash-update-component')).map(r => r.duration);"
+        "performance.clearResourceTimings(); return e;"
+    )
+    return max(durations, default=0.0) / 1000
+
+
+def prompt_of(n_tokens: int, seed: int) -> str:
+    """A random prompt that SmolLM2 tokenises to exactly ``n_tokens`` (BOS included)."""
+    import dynalens as dl
+
+    model = dl.load("smollm2-135m")
+    rng = random.Random(seed)
+    words: list[str] = []
+    while model.to_tokens(" ".join(words) or "x").shape[1] < n_tokens:
+        words.append(rng.choice(WORDS))
+        if model.to_tokens(" ".join(words)).shape[1] > n_tokens:
+            words.pop()
+            words.append(rng.choice(["a", "b", "c"]))
+            if model.to_tokens(" ".join(words)).shape[1] > n_tokens:
+                words.pop()
+                break
+    text = " ".join(words)
+    assert model.to_tokens(text).shape[1] == n_tokens, model.to_tokens(text).shape
+    return text
+
+
+def set_prompt(driver, text: str) -> None:
+    box = driver.find_element(By.ID, "prompt")
+    box.click()
+    driver.execute_script("arguments[0].select();", box)
+    box.send_keys(text)
+
+
+def choose_layer(driver, layer: int) -> None:
+    driver.find_element(By.ID, "explorer-layer").click()
+    for option in driver.find_elements(By.CSS_SELECTOR, ".dash-dropdown-option"):
+        if option.text == f"layer {layer}":
+            driver.execute_script("arguments[0].click();", option)
+            return
+    raise ValueError(f"no option layer {layer}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8061)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    prompts = [prompt_of(N_TOKENS, seed=time.time_ns() + i) for i in range(args.repeats)]
+    options = Options()
+    for arg in CHROME_ARGS:
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options)  # started before the clock: not the server's cost
+    url = f"http://127.0.0.1:{args.port}/"
+
+    start = time.perf_counter()
+    server = subprocess.Popen(
+        ["make", "-o", ".venv/.dynalens-installed", "dashboard", f"PORT={args.port}"],
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            try:
+                driver.get(url)
+                break
+            except WebDriverException:
+                time.sleep(0.05)
+        wait(driver, "return !!document.querySelector('.brand') && !!document.getElementById('prompt');")
+        first_paint = time.perf_counter() - start
+        wait(driver, "const s = document.getElementById('explorer-status');"
+                     "return !!s && s.innerText.includes('tokens');")
+        wait(driver, "return document.querySelectorAll('#explorer-lens .heatmaplayer, "
+                     "#explorer-mixer .heatmaplayer, #explorer-resid .heatmaplayer').length === 3;")
+        explorer = time.perf_counter() - start
+        print(f"make dashboard -> first paint           {first_paint:7.2f} s")
+        print(f"make dashboard -> Explorer drawn         {explorer:7.2f} s  (default prompt, model load included)")
+
+        fresh, fresh_cb, cached, cached_cb, layer_new, layer_new_cb, layer_hit, layer_hit_cb = ([] for _ in range(8))
+        for text in prompts:
+            slowest_callback(driver)
+            set_prompt(driver, text)
+            driver.execute_script(MARK_DRAWN, PANELS)
+            t = time.perf_counter()
+            driver.find_element(By.ID, "analyse").click()
+            wait(driver, PANELS_DRAWN, N_TOKENS, None, PANELS)
+            fresh.append(time.perf_counter() - t)
+            fresh_cb.append(slowest_callback(driver))
+
+            for target, times, cbs in ((5, layer_new, layer_new_cb), (29, layer_hit, layer_hit_cb)):
+                driver.execute_script(MARK_DRAWN, PANELS)
+                t = time.perf_counter()
+                choose_layer(driver, target)
+                wait(driver, PANELS_DRAWN, N_TOKENS, target, ["explorer-mixer"])
+                times.append(time.perf_counter() - t)
+                cbs.append(slowest_callback(driver))
+
+            t = time.perf_counter()
+            driver.refresh()  # the tab keeps its prompt: every panel comes from the results cache
+            wait(driver, PANELS_DRAWN, N_TOKENS, None, [])
+            cached.append(time.perf_counter() - t)
+            cached_cb.append(slowest_callback(driver))
+
+        med = statistics.median
+        print(f"64-token prompt, computed (model loaded) {med(fresh):7.3f} s  slowest callback {med(fresh_cb):.3f} s")
+        print(f"64-token prompt, from results cache      {med(cached):7.3f} s  slowest callback {med(cached_cb):.3f} s"
+              "  (page reload included)")
+        print(f"layer change, computed                   {med(layer_new):7.3f} s  slowest callback {med(layer_new_cb):.3f} s")
+        print(f"layer change, from results cache         {med(layer_hit):7.3f} s  slowest callback {med(layer_hit_cb):.3f} s")
+        print(f"(median of {args.repeats}; {os.cpu_count()} CPU cores; target < 2 s warm, < 0.3 s cached)")
+    finally:
+        driver.quit()
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

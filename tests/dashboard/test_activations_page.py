@@ -1,0 +1,111 @@
+"""The Activations page in headless Chromium: it draws exactly what dynalens.probes computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dash.testing.wait import until
+
+import dynalens as dl
+from dynalens.dashboard.app import create_app
+from dynalens.models.tasks import BigramBackcopyTask
+from dynalens.models.train import build_model, train
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
+TIMEOUT = 120
+TASK = BigramBackcopyTask(d_vocab=16, seq_len=12)
+PROMPT = "0 5 9 1 5 7 12 2 7 4"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama trained 40 steps on a small Bigram-Backcopy: final model plus 6 checkpoints."""
+    model = build_model("attn-3l", TASK, seed=0, d_model=16, n_layers=2, n_heads=2, d_mlp=32)
+    out = tmp_path_factory.mktemp("bbc-run")
+    train(model, TASK, 40, lr=3e-3, batch_size=8, warmup=5, out=out, n_checkpoints=6, eval_size=8, progress=False)
+    return out
+
+
+def drawn(dash_duo, graph_id: str) -> dict | None:
+    """``{"title", "traces"}`` of the plotly figure in ``dcc.Graph(id=graph_id)``, as plotly.js holds it."""
+    return dash_duo.driver.execute_script(
+        """
+        const el = document.getElementById(arguments[0]);
+        const plot = el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot'));
+        if (!plot || !plot._fullData || !plot._fullData.length) return null;
+        const plain = v => v == null ? null : Array.from(v, x => (x != null && typeof x === 'object')
+            ? Array.from(x, y => Number.isNaN(y) ? null : y) : (Number.isNaN(x) ? null : x));
+        return {title: (plot.layout.title || {}).text || '',
+                traces: plot._fullData.map(t => ({name: t.name, x: plain(t.x), y: plain(t.y), z: plain(t.z)}))};
+        """,
+        graph_id,
+    )
+
+
+def wait_title(dash_duo, graph_id: str, text: str) -> dict:
+    until(lambda: text in ((drawn(dash_duo, graph_id) or {}).get("title") or ""), timeout=TIMEOUT,
+          msg=f"{graph_id} never showed {text!r}")  # fmt: skip
+    return drawn(dash_duo, graph_id)
+
+
+def as_array(rows: list) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def open_page(dash_duo, model: str, cache_dir: Path) -> None:
+    dash_duo.start_server(create_app(default_model=model, cache_dir=cache_dir))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/activations")
+    dash_duo.clear_input("#prompt")
+    dash_duo.find_element("#prompt").send_keys(PROMPT)
+    dash_duo.find_element("#analyse").click()
+
+
+def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, screenshot):
+    open_page(dash_duo, str(run_dir), tmp_path)
+    model, tokens = dl.load(run_dir), torch.tensor([[int(t) for t in PROMPT.split()]])
+
+    fig = wait_title(dash_duo, "activations-map", "Largest magnitude per channel")
+    expected = dl.probes.massive_activations(model, tokens)
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max.double().numpy()),
+                               rtol=1e-5)  # fmt: skip
+    dash_duo.wait_for_contains_text("#activations-map-message", "No massive activation", timeout=TIMEOUT)
+
+    fig = wait_title(dash_duo, "activations-sinks", "Attention on token 0")
+    sinks = dl.probes.extreme_tokens(model, tokens).sink_scores
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), sinks.double().numpy(), rtol=1e-5, atol=1e-7)
+
+    fig = wait_title(dash_duo, "activations-emergence", "Emergence of massive activations")
+    emergence = dl.probes.massive_emergence(run_dir, tokens, progress=False)
+    markers = [t for t in fig["traces"] if not (t["name"] or "").endswith(")")]  # fits are "... (R²=...)"
+    assert [t["name"] for t in markers] == ["embed", "L0", "L1"]
+    for row, trace in enumerate(markers):
+        assert trace["x"] == emergence.steps.tolist()
+        np.testing.assert_allclose(trace["y"], emergence.ratios[:, row].numpy(), rtol=1e-5)
+    dash_duo.wait_for_contains_text("#activations-emergence-message", "6 checkpoints", timeout=TIMEOUT)
+
+    dash_duo.find_elements("#activations-map-view input")[1].click()
+    fig = wait_title(dash_duo, "activations-map", "Top magnitudes per layer")
+    np.testing.assert_allclose(fig["traces"][0]["y"], expected.top_values[:, 0].numpy(), rtol=1e-5)
+    assert dash_duo.get_logs() in ([], None)
+    screenshot("activations-bbc")
+
+
+def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot):
+    open_page(dash_duo, str(tiny_mamba_dir), tmp_path)
+    dash_duo.wait_for_contains_text("#activations-sinks-message", "need attention heads", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#activations-emergence-message", "no checkpoint series", timeout=TIMEOUT)
+    wait_title(dash_duo, "activations-map", "Largest magnitude per channel")
+    dash_duo.find_elements("#activations-site input")[1].click()
+    fig = wait_title(dash_duo, "activations-map", "Largest magnitude per channel")
+    model, tokens = dl.load(tiny_mamba_dir), torch.tensor([[int(t) for t in PROMPT.split()]])
+    expected = dl.probes.massive_activations(model, tokens, site="state")
+    until(lambda: len(drawn(dash_duo, "activations-map")["traces"][0]["z"][0]) == expected.channel_max.shape[1],
+          timeout=TIMEOUT, msg="the state map never showed d_inner × d_state channels")  # fmt: skip
+    fig = drawn(dash_duo, "activations-map")
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max.double().numpy()),
+                               rtol=1e-5)  # fmt: skip
+    screenshot("activations-mamba-state")
