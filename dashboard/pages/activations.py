@@ -74,7 +74,7 @@ def layout(**_: Any) -> html.Div:
                         html.Div(id=EMERGENCE_MESSAGE),
                         graph(EMERGENCE, height=420),
                         controls=[
-                            dcc.Input(id=SERIES, type="text", debounce=True, className="text-input",
+                            dcc.Input(id=SERIES, type="text", debounce=True, style={"width": "300px"},
                                       placeholder="checkpoints: the model's own, or a run folder")
                         ],
                     ),  # fmt: skip
