@@ -241,7 +241,7 @@ def _newton_polish(F: StateMap, s: Tensor, steps: int = 8) -> Tensor:
         for _ in range(steps):
             point = s[i]
             residual = F(point[None])[0] - point
-            J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point)
+            J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point, vectorize=True)
             try:
                 candidate = point - torch.linalg.solve(J - eye, residual)
             except RuntimeError:  # singular: leave the point as L-BFGS left it
@@ -253,7 +253,7 @@ def _newton_polish(F: StateMap, s: Tensor, steps: int = 8) -> Tensor:
 
 
 def _jacobian_eigenvalues(F: StateMap, point: Tensor) -> Tensor:
-    J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point)
+    J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point, vectorize=True)
     eig = torch.linalg.eigvals(J)
     return eig[eig.abs().argsort(descending=True)]
 

@@ -48,3 +48,22 @@ def any_model(request: pytest.FixtureRequest):
 def tokens() -> torch.Tensor:
     """One random prompt of 7 token ids ``[1, 7]``."""
     return torch.randint(0, D_VOCAB, (1, 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def zoo_model():
+    """``zoo_model(name)``: the zoo model through ``dl.load``; skips while its weights are not built."""
+    from dynalens.models.zoo import get_entry
+
+    loaded: dict = {}
+
+    def load(name: str):
+        if not (get_entry(name).path / "config.json").is_file():
+            pytest.skip(f"zoo model {name!r} has no weights yet (python -m dynalens.models.zoo_build)")
+        if name not in loaded:
+            import dynalens as dl
+
+            loaded[name] = dl.load(name)
+        return loaded[name]
+
+    return load

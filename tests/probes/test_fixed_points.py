@@ -96,3 +96,16 @@ def test_rnn_analyses_reject_other_models_and_bad_states(tiny_mamba, tiny_rnn):
         find_fixed_points(tiny_mamba)
     with pytest.raises(ValueError, match="state = 8"):
         iterate_cell(tiny_rnn, 0, torch.zeros(3, 5), 2)
+
+
+def test_lstm_hmm_zero_input_trajectories_reach_the_attractor_the_finder_finds(zoo_model):
+    model = zoo_model("lstm-hmm")
+    g = torch.Generator().manual_seed(0)
+    size = 2 * model.cfg.d_model
+    ends = iterate_cell(model, 0, 2 * torch.rand(16, size, generator=g, dtype=torch.float64) - 1, 1000)[-1]
+    assert (ends - ends.mean(0)).norm(dim=1).max() < 1e-6  # activity collapses to one point
+    result = find_fixed_points(model, 0, n_starts=16)
+    stable = result.points[result.spectral_radius < 1].double()
+    distance = float((stable - ends.mean(0)).norm(dim=1).min())
+    print(f"lstm-hmm zero-input attractor: finder distance {distance:.2e}, {len(result.kinds)} point(s)")
+    assert distance <= 1e-3

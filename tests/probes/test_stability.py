@@ -104,3 +104,16 @@ def test_precision_drift_runs_on_every_architecture(any_model, tokens):
     result = precision_drift(any_model, tokens, dtype=torch.float16)
     assert result.dtype == "float16" and torch.isfinite(result.drift).all()
     assert 0 < float(result.drift.max()) < math.inf
+
+
+def test_mamba_ar_layers_are_lyapunov_stable_and_drift_is_reported_against_a_transformer(zoo_model):
+    mamba, transformer = zoo_model("mamba-ar"), zoo_model("attn2l-induction")
+    vocab = min(mamba.cfg.d_vocab, transformer.cfg.d_vocab)
+    tokens = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
+    exponents = [float(lyapunov_exponents(mamba, tokens, layer).exponents[0]) for layer in range(mamba.cfg.n_layers)]
+    print(f"\nmamba-ar top Lyapunov exponent per layer: {exponents}")
+    assert all(e <= 0 for e in exponents)
+    for name, model in (("mamba-ar", mamba), ("attn2l-induction", transformer)):
+        drift = precision_drift(model, tokens).per_layer()
+        print(f"{name} float32 vs bfloat16 drift per layer: {drift.round(5).to_dict()}")
+        assert drift.notna().all() and (drift > 0).all()

@@ -161,3 +161,13 @@ def test_trajectories_are_the_residual_norms_and_their_log_slope(any_model, toke
     _, cache = any_model.run_with_cache(tokens, names_filter=names)
     torch.testing.assert_close(token_trajectories(any_model, tokens, cache=cache).norms, result.norms)
     assert len(result.figure().data) == tokens.shape[1]
+
+
+def test_mamba_ar_regime_of_every_layer(zoo_model):
+    model = zoo_model("mamba-ar")
+    result = mamba_regimes(model)
+    frame = result.to_frame()
+    print("\n" + frame.to_string())
+    assert len(frame) == model.cfg.n_layers and set(result.regimes) <= {"convergent", "divergent", "stationary"}
+    for layer, regime in enumerate(result.regimes):
+        assert regime == ("divergent" if result.sym_max[layer] > 0 else "convergent")
