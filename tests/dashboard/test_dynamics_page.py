@@ -1,0 +1,105 @@
+"""The Dynamics page in headless Chromium: it draws exactly what dynalens.probes computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dash.testing.wait import until
+
+import dynalens as dl
+from dynalens.dashboard.app import create_app
+from dynalens.models.rnn import HookedRNN, RNNConfig
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
+TIMEOUT = 120
+PROMPT = "3 14 15 9 2 6 5 35"
+
+
+@pytest.fixture(scope="module")
+def tiny_lstm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random 1-layer LSTM (no tokenizer) saved as a HookedRNN folder."""
+    torch.manual_seed(0)
+    model = HookedRNN(RNNConfig(d_model=8, n_layers=1, d_vocab=64, cell="lstm"))
+    folder = tmp_path_factory.mktemp("tiny-lstm")
+    model.save_pretrained(folder)
+    return folder
+
+
+def drawn(dash_duo, graph_id: str) -> dict | None:
+    """``{"title", "traces"}`` of the plotly figure in ``dcc.Graph(id=graph_id)``, as plotly.js holds it."""
+    return dash_duo.driver.execute_script(
+        """
+        const el = document.getElementById(arguments[0]);
+        const plot = el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot'));
+        if (!plot || !plot._fullData || !plot._fullData.length) return null;
+        const plain = v => v == null ? null : Array.from(v, x => (x != null && typeof x === 'object')
+            ? Array.from(x, y => Number.isNaN(y) ? null : y) : (Number.isNaN(x) ? null : x));
+        return {title: (plot.layout.title || {}).text || '',
+                traces: plot._fullData.map(t => ({name: t.name, type: t.type, x: plain(t.x), y: plain(t.y)}))};
+        """,
+        graph_id,
+    )
+
+
+def wait_title(dash_duo, graph_id: str, text: str) -> dict:
+    until(lambda: text in ((drawn(dash_duo, graph_id) or {}).get("title") or ""), timeout=TIMEOUT,
+          msg=f"{graph_id} never showed {text!r}")  # fmt: skip
+    return drawn(dash_duo, graph_id)
+
+
+def open_page(dash_duo, model: str, cache_dir: Path) -> None:
+    dash_duo.start_server(create_app(default_model=model, cache_dir=cache_dir))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/dynamics")
+    dash_duo.clear_input("#prompt")
+    dash_duo.find_element("#prompt").send_keys(PROMPT)
+    dash_duo.find_element("#analyse").click()
+
+
+def tokens() -> torch.Tensor:
+    return torch.tensor([[int(t) for t in PROMPT.split()]])
+
+
+def test_dynamics_page_on_mamba_draws_trajectories_regimes_and_a_mixer_comparison(
+    dash_duo, tiny_mamba_dir, tiny_lstm_dir, tmp_path, screenshot
+):
+    open_page(dash_duo, str(tiny_mamba_dir), tmp_path)
+    model = dl.load(tiny_mamba_dir)
+
+    fig = wait_title(dash_duo, "dynamics-trajectories", "Token norm trajectories")
+    expected = dl.probes.token_trajectories(model, tokens())
+    for p, trace in enumerate(fig["traces"]):
+        np.testing.assert_allclose(trace["y"], expected.norms[:, p].numpy(), rtol=1e-5)
+
+    wait_title(dash_duo, "dynamics-regimes", "Token-dynamics regime per layer")
+    regimes = dl.probes.mamba_regimes(model).regimes
+    rows = dash_duo.find_elements("#dynamics-regime-table-rows tr")[1:]
+    assert [row.find_elements("css selector", "td")[1].text for row in rows] == regimes
+
+    wait_title(dash_duo, "dynamics-mixers", "Layer 0 mixers")
+    dash_duo.wait_for_contains_text("#dynamics-mixers-message", "state bound 8", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#dynamics-phase-message", "pick an RNN", timeout=TIMEOUT)
+
+    dash_duo.find_element("#dynamics-compare").send_keys(str(tiny_lstm_dir) + "\n")
+    until(lambda: len((drawn(dash_duo, "dynamics-mixers") or {}).get("traces") or []) == 2, timeout=TIMEOUT,
+          msg="the comparison never showed two mixers")  # fmt: skip
+    dash_duo.wait_for_contains_text("#dynamics-mixers-message", "state bound 16", timeout=TIMEOUT)  # LSTM: (h, c)
+    assert dash_duo.get_logs() in ([], None)
+    screenshot("dynamics-mamba")
+
+
+def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, tiny_lstm_dir, tmp_path, screenshot):
+    open_page(dash_duo, str(tiny_lstm_dir), tmp_path)
+    model = dl.load(tiny_lstm_dir)
+    fig = wait_title(dash_duo, "dynamics-phase", "Phase portrait")
+    expected = dl.probes.trajectory_pca(model, tokens(), 0)
+    trajectory = fig["traces"][0]
+    signs = np.sign(np.array(trajectory["x"]) @ expected.coords[:, 0].double().numpy())
+    np.testing.assert_allclose(np.array(trajectory["x"]) * signs, expected.coords[:, 0].numpy(), rtol=1e-4, atol=1e-6)
+    assert fig["traces"][1]["name"] == "fixed points"
+    dash_duo.wait_for_contains_text("#dynamics-phase-message", "stable", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#dynamics-regime-table", "pick a Mamba", timeout=TIMEOUT)
+    screenshot("dynamics-lstm")
