@@ -43,7 +43,7 @@ RECIPES: dict[str, Recipe] = {
         sizes={"d_model": 64, "n_layers": 3, "n_heads": 4, "d_mlp": 128},
     ),  # fmt: skip
     "mamba-ar": Recipe(
-        "mamba-2l", steps=1500, lr=3e-3, batch_size=32, warmup=50, sizes={"d_model": 32, "d_state": 8}
+        "mamba-2l", steps=2000, lr=3e-3, batch_size=32, warmup=50, sizes={"d_model": 32, "d_state": 8}
     ),
     "lstm-hmm": Recipe("lstm-1l", steps=1000, lr=3e-3, batch_size=64, warmup=50, sizes={"d_model": 32}),
     "gru-hmm": Recipe("gru-1l", steps=1000, lr=3e-3, batch_size=64, warmup=50, sizes={"d_model": 32}),
