@@ -175,3 +175,9 @@ def user_message(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     text = str(text).strip().splitlines()[0] if str(text).strip() else ""
     return text or type(exc).__name__
+
+
+def model_and_tokens(request: Mapping[str, Any]) -> tuple[Any, Int[Tensor, "1 pos"]]:
+    """The model and the prompt's token ids of a page request ``{"model": ..., "prompt": ...}``."""
+    model = load_model(request["model"])
+    return model, encode_prompt(model, request["prompt"])

@@ -122,3 +122,18 @@ def show_errors(*fallback: Any) -> Callable[[Callable[..., tuple]], Callable[...
         return wrapper
 
     return decorate
+
+
+def hint(text: str) -> html.Div:
+    """A short explanatory line under a panel's title."""
+    return html.Div(text, className="hint")
+
+
+def status_row(model: str, architecture: str, n_tokens: int) -> html.Div:
+    """The pills naming the model, its architecture and the prompt's length."""
+    return html.Div(
+        [html.Span(model, className="pill pill-model"),
+         html.Span(architecture, className=f"pill pill-{architecture}"),
+         html.Span(f"{n_tokens} tokens", className="pill")],
+        className="status-row",
+    )  # fmt: skip

@@ -18,7 +18,7 @@ from dash.exceptions import PreventUpdate
 
 import dynalens as dl
 from dynalens.dashboard import backend
-from dynalens.dashboard.components import card, graph, placeholder_figure, show_errors
+from dynalens.dashboard.components import card, graph, hint, placeholder_figure, show_errors, status_row
 from dynalens.dashboard.layout import REQUEST
 from dynalens.probes.fixed_points import FixedPoints, TrajectoryPCA
 from dynalens.probes.mixers import MixerComparison
@@ -71,15 +71,6 @@ def layout(**_: Any) -> html.Div:
     )
 
 
-def _model_and_tokens(request: dict):
-    model = backend.load_model(request["model"])
-    return model, backend.encode_prompt(model, request["prompt"])
-
-
-def _note(text: str) -> html.Div:
-    return html.Div(text, className="hint")
-
-
 @callback(
     Output(TRAJECTORIES, "figure"),
     Output(STATUS, "children"),
@@ -90,20 +81,15 @@ def _note(text: str) -> html.Div:
 def trajectories_panel(request):
     if not request:
         raise PreventUpdate
-    model, tokens = _model_and_tokens(request)
+    model, tokens = backend.model_and_tokens(request)
     found = backend.cached_result(
         TokenTrajectories, request["model"], tokens[0].tolist(), "token_trajectories", {},
         lambda: dl.probes.token_trajectories(model, tokens),
     )
-    status = html.Div(
-        [html.Span(request["model"], className="pill pill-model"),
-         html.Span(found.architecture, className=f"pill pill-{found.architecture}"),
-         html.Span(f"{len(found.str_tokens)} tokens", className="pill")],
-        className="status-row",
-    )  # fmt: skip
+    status = status_row(request["model"], found.architecture, len(found.str_tokens))
     growing = int((found.growth > 0).sum())
     text = f"{growing} of {len(found.str_tokens)} tokens grow across depth (slope of log-norm > 0)."
-    return found.figure(), status, _note(text)
+    return found.figure(), status, hint(text)
 
 
 @callback(
@@ -117,7 +103,7 @@ def regimes_panel(request):
         raise PreventUpdate
     model = backend.load_model(request["model"])
     if model.cfg.architecture != "mamba":
-        return _EMPTY, _note("The regime criterion reads a selective SSM's x_proj: pick a Mamba model.")
+        return _EMPTY, hint("The regime criterion reads a selective SSM's x_proj: pick a Mamba model.")
     found = backend.cached_result(
         MambaRegimes, request["model"], [], "mamba_regimes", {}, lambda: dl.probes.mamba_regimes(model)
     )
@@ -148,11 +134,11 @@ def mixers_panel(request, compare, layer):
         raise PreventUpdate
     names = [request["model"]] + [n.strip() for n in (compare or "").split(",") if n.strip()]
     models = {name: backend.load_model(name) for name in dict.fromkeys(names)}
-    _, tokens = _model_and_tokens(request)
+    _, tokens = backend.model_and_tokens(request)
     layer = int(layer or 0)
     shallowest = min(m.cfg.n_layers for m in models.values())
     if not 0 <= layer < shallowest:
-        return _EMPTY, _note(f"Layer {layer} does not exist in every model: pick 0 to {shallowest - 1}.")
+        return _EMPTY, hint(f"Layer {layer} does not exist in every model: pick 0 to {shallowest - 1}.")
     found = backend.cached_result(
         MixerComparison, request["model"], tokens[0].tolist(), "compare_mixers",
         {"models": list(models), "layer": layer},
@@ -166,7 +152,7 @@ def mixers_panel(request, compare, layer):
         + ("" if row.bound != row.bound or row.bound is None else f" (state bound {int(row.bound)})")
         for name, row in frame.iterrows()
     )
-    return found.figure(), _note(text + ".")
+    return found.figure(), hint(text + ".")
 
 
 @callback(
@@ -178,11 +164,11 @@ def mixers_panel(request, compare, layer):
 def phase_panel(request):
     if not request:
         raise PreventUpdate
-    model, tokens = _model_and_tokens(request)
+    model, tokens = backend.model_and_tokens(request)
     if model.cfg.architecture != "rnn":
-        return _EMPTY, _note("The phase portrait iterates an RNN cell: pick an RNN model (lstm-hmm, gru-hmm).")
+        return _EMPTY, hint("The phase portrait iterates an RNN cell: pick an RNN model (lstm-hmm, gru-hmm).")
     if tokens.shape[1] < 2:
-        return _EMPTY, _note("The phase portrait needs at least two tokens.")
+        return _EMPTY, hint("The phase portrait needs at least two tokens.")
     layer = model.cfg.n_layers - 1
     points = backend.cached_result(
         FixedPoints, request["model"], [], "find_fixed_points", {"layer": layer},
@@ -195,4 +181,4 @@ def phase_panel(request):
     stable = int((points.spectral_radius < 1).sum())
     text = (f"Layer {layer}: {len(points.kinds)} fixed/slow point(s) under zero input, {stable} stable "
             f"(Jacobian eigenvalues inside the unit circle); PCs explain {float(found.explained.sum()):.0%}.")
-    return found.figure(), _note(text)
+    return found.figure(), hint(text)

@@ -57,3 +57,41 @@ def tiny_mamba_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-mamba")
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def figure_in(dash_duo):
+    """``figure_in(graph_id)``: ``{"title", "traces"}`` of the figure plotly.js draws in ``dcc.Graph(id=graph_id)``.
+
+    Each trace holds ``name``, ``type``, ``x``, ``y``, ``z`` as plain lists (NaN as None); None before a draw.
+    """
+
+    def read(graph_id: str) -> dict | None:
+        return dash_duo.driver.execute_script(
+            """
+            const el = document.getElementById(arguments[0]);
+            const plot = el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot'));
+            if (!plot || !plot._fullData || !plot._fullData.length) return null;
+            const plain = v => v == null ? null : Array.from(v, x => (x != null && typeof x === 'object')
+                ? Array.from(x, y => Number.isNaN(y) ? null : y) : (Number.isNaN(x) ? null : x));
+            return {title: (plot.layout.title || {}).text || '',
+                    traces: plot._fullData.map(t => ({name: t.name, type: t.type,
+                                                      x: plain(t.x), y: plain(t.y), z: plain(t.z)}))};
+            """,
+            graph_id,
+        )
+
+    return read
+
+
+@pytest.fixture
+def wait_title(figure_in):
+    """``wait_title(graph_id, text, timeout=120)``: wait until the graph's title contains ``text``; its figure."""
+    from dash.testing.wait import until
+
+    def wait(graph_id: str, text: str, timeout: float = 120) -> dict:
+        until(lambda: text in ((figure_in(graph_id) or {}).get("title") or ""), timeout=timeout,
+              msg=f"{graph_id} never showed {text!r}")  # fmt: skip
+        return figure_in(graph_id)
+
+    return wait

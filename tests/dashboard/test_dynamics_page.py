@@ -29,28 +29,6 @@ def tiny_lstm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def drawn(dash_duo, graph_id: str) -> dict | None:
-    """``{"title", "traces"}`` of the plotly figure in ``dcc.Graph(id=graph_id)``, as plotly.js holds it."""
-    return dash_duo.driver.execute_script(
-        """
-        const el = document.getElementById(arguments[0]);
-        const plot = el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot'));
-        if (!plot || !plot._fullData || !plot._fullData.length) return null;
-        const plain = v => v == null ? null : Array.from(v, x => (x != null && typeof x === 'object')
-            ? Array.from(x, y => Number.isNaN(y) ? null : y) : (Number.isNaN(x) ? null : x));
-        return {title: (plot.layout.title || {}).text || '',
-                traces: plot._fullData.map(t => ({name: t.name, type: t.type, x: plain(t.x), y: plain(t.y)}))};
-        """,
-        graph_id,
-    )
-
-
-def wait_title(dash_duo, graph_id: str, text: str) -> dict:
-    until(lambda: text in ((drawn(dash_duo, graph_id) or {}).get("title") or ""), timeout=TIMEOUT,
-          msg=f"{graph_id} never showed {text!r}")  # fmt: skip
-    return drawn(dash_duo, graph_id)
-
-
 def open_page(dash_duo, model: str, cache_dir: Path) -> None:
     dash_duo.start_server(create_app(default_model=model, cache_dir=cache_dir))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/dynamics")
@@ -64,37 +42,37 @@ def tokens() -> torch.Tensor:
 
 
 def test_dynamics_page_on_mamba_draws_trajectories_regimes_and_a_mixer_comparison(
-    dash_duo, tiny_mamba_dir, tiny_lstm_dir, tmp_path, screenshot
+    dash_duo, figure_in, wait_title, tiny_mamba_dir, tiny_lstm_dir, tmp_path, screenshot
 ):
     open_page(dash_duo, str(tiny_mamba_dir), tmp_path)
     model = dl.load(tiny_mamba_dir)
 
-    fig = wait_title(dash_duo, "dynamics-trajectories", "Token norm trajectories")
+    fig = wait_title("dynamics-trajectories", "Token norm trajectories")
     expected = dl.probes.token_trajectories(model, tokens())
     for p, trace in enumerate(fig["traces"]):
         np.testing.assert_allclose(trace["y"], expected.norms[:, p].numpy(), rtol=1e-5)
 
-    wait_title(dash_duo, "dynamics-regimes", "Token-dynamics regime per layer")
+    wait_title("dynamics-regimes", "Token-dynamics regime per layer")
     regimes = dl.probes.mamba_regimes(model).regimes
     rows = dash_duo.find_elements("#dynamics-regime-table-rows tr")[1:]
     assert [row.find_elements("css selector", "td")[1].text for row in rows] == regimes
 
-    wait_title(dash_duo, "dynamics-mixers", "Layer 0 mixers")
+    wait_title("dynamics-mixers", "Layer 0 mixers")
     dash_duo.wait_for_contains_text("#dynamics-mixers-message", "state bound 8", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#dynamics-phase-message", "pick an RNN", timeout=TIMEOUT)
 
     dash_duo.find_element("#dynamics-compare").send_keys(str(tiny_lstm_dir) + "\n")
-    until(lambda: len((drawn(dash_duo, "dynamics-mixers") or {}).get("traces") or []) == 2, timeout=TIMEOUT,
+    until(lambda: len((figure_in("dynamics-mixers") or {}).get("traces") or []) == 2, timeout=TIMEOUT,
           msg="the comparison never showed two mixers")  # fmt: skip
     dash_duo.wait_for_contains_text("#dynamics-mixers-message", "state bound 16", timeout=TIMEOUT)  # LSTM: (h, c)
     assert dash_duo.get_logs() in ([], None)
     screenshot("dynamics-mamba")
 
 
-def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, tiny_lstm_dir, tmp_path, screenshot):
+def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, wait_title, tiny_lstm_dir, tmp_path, screenshot):
     open_page(dash_duo, str(tiny_lstm_dir), tmp_path)
     model = dl.load(tiny_lstm_dir)
-    fig = wait_title(dash_duo, "dynamics-phase", "Phase portrait")
+    fig = wait_title("dynamics-phase", "Phase portrait")
     expected = dl.probes.trajectory_pca(model, tokens(), 0)
     trajectory = fig["traces"][0]
     signs = np.sign(np.array(trajectory["x"]) @ expected.coords[:, 0].double().numpy())
