@@ -17,7 +17,7 @@ from dash.exceptions import PreventUpdate
 
 import dynalens as dl
 from dynalens.dashboard import backend
-from dynalens.dashboard.components import card, graph, placeholder_figure, show_errors
+from dynalens.dashboard.components import card, graph, hint, placeholder_figure, show_errors, status_row
 from dynalens.dashboard.layout import REQUEST
 from dynalens.probes.emergence import MassiveEmergence, checkpoint_series
 from dynalens.probes.massive import MassiveActivations
@@ -84,15 +84,6 @@ def layout(**_: Any) -> html.Div:
     )
 
 
-def _model_and_tokens(request: dict):
-    model = backend.load_model(request["model"])
-    return model, backend.encode_prompt(model, request["prompt"])
-
-
-def _note(text: str) -> html.Div:
-    return html.Div(text, className="hint")
-
-
 @callback(
     Output(MAP, "figure"),
     Output(STATUS, "children"),
@@ -105,17 +96,12 @@ def _note(text: str) -> html.Div:
 def massive_panel(request, view, site):
     if not request:
         raise PreventUpdate
-    model, tokens = _model_and_tokens(request)
+    model, tokens = backend.model_and_tokens(request)
     found = backend.cached_result(
         MassiveActivations, request["model"], tokens[0].tolist(), "massive_activations", {"site": site},
         lambda: dl.probes.massive_activations(model, tokens, site=site),
     )  # fmt: skip
-    status = html.Div(
-        [html.Span(request["model"], className="pill pill-model"),
-         html.Span(found.architecture, className=f"pill pill-{found.architecture}"),
-         html.Span(f"{len(found.str_tokens)} tokens", className="pill")],
-        className="status-row",
-    )  # fmt: skip
+    status = status_row(request["model"], found.architecture, len(found.str_tokens), model.cfg.n_layers)
     carriers = found.carriers()
     if carriers.empty:
         text = (f"No massive activation (|h| > {found.min_magnitude:g} and ≥ {found.min_ratio:g}× the median); "
@@ -127,7 +113,7 @@ def massive_panel(request, view, site):
             for row in carriers.head(4).itertuples()
         )
         text = f"Massive activations found: {where}."
-    return found.figure(kind=view), status, _note(text)
+    return found.figure(kind=view), status, hint(text)
 
 
 @callback(
@@ -139,18 +125,18 @@ def massive_panel(request, view, site):
 def sinks_panel(request):
     if not request:
         raise PreventUpdate
-    model, tokens = _model_and_tokens(request)
+    model, tokens = backend.model_and_tokens(request)
     if model.cfg.architecture != "transformer":
-        return _EMPTY, _note("Attention sinks need attention heads: this model has none. "
+        return _EMPTY, hint("Attention sinks need attention heads: this model has none. "
                              "Its residual-state peaks show in the panel above.")  # fmt: skip
     if tokens.shape[1] < 2:
-        return _EMPTY, _note("Sink scores need at least two tokens.")
+        return _EMPTY, hint("Sink scores need at least two tokens.")
     found = backend.cached_result(
         ExtremeTokens, request["model"], tokens[0].tolist(), "extreme_tokens", {},
         lambda: dl.probes.extreme_tokens(model, tokens),
     )
     heads = ", ".join(f"L{layer}H{head}" for layer, head in found.sink_heads()) or "none"
-    return found.figure(kind="sinks"), _note(f"Sink heads (score > {found.threshold:g}): {heads}.")
+    return found.figure(kind="sinks"), hint(f"Sink heads (score > {found.threshold:g}): {heads}.")
 
 
 @callback(
@@ -167,9 +153,9 @@ def emergence_panel(request, series):
     try:
         steps = [step for step, _ in checkpoint_series(source)]
     except (FileNotFoundError, KeyError):
-        return _EMPTY, _note(f"{source!r} has no checkpoint series: type the folder of a training run "
+        return _EMPTY, hint(f"{source!r} has no checkpoint series: type the folder of a training run "
                              "(with checkpoints/step_*) or pick a zoo model.")  # fmt: skip
-    _, tokens = _model_and_tokens(request)
+    _, tokens = backend.model_and_tokens(request)
     found = backend.cached_result(
         MassiveEmergence, source, tokens[0].tolist(), "massive_emergence", {"steps": steps},
         lambda: dl.probes.massive_emergence(source, tokens, progress=False),
@@ -177,4 +163,4 @@ def emergence_panel(request, series):
     best = found.fits().dropna().sort_values("r2", ascending=False)
     text = (f"{len(steps)} checkpoints; best fit {best.iloc[0]['layer']} R² = {best.iloc[0]['r2']:.3f}"
             if len(best) else f"{len(steps)} checkpoints; no layer could be fitted")  # fmt: skip
-    return found.figure(), _note(text + ".")
+    return found.figure(), hint(text + ".")

@@ -30,28 +30,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def drawn(dash_duo, graph_id: str) -> dict | None:
-    """``{"title", "traces"}`` of the plotly figure in ``dcc.Graph(id=graph_id)``, as plotly.js holds it."""
-    return dash_duo.driver.execute_script(
-        """
-        const el = document.getElementById(arguments[0]);
-        const plot = el && (el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot'));
-        if (!plot || !plot._fullData || !plot._fullData.length) return null;
-        const plain = v => v == null ? null : Array.from(v, x => (x != null && typeof x === 'object')
-            ? Array.from(x, y => Number.isNaN(y) ? null : y) : (Number.isNaN(x) ? null : x));
-        return {title: (plot.layout.title || {}).text || '',
-                traces: plot._fullData.map(t => ({name: t.name, x: plain(t.x), y: plain(t.y), z: plain(t.z)}))};
-        """,
-        graph_id,
-    )
-
-
-def wait_title(dash_duo, graph_id: str, text: str) -> dict:
-    until(lambda: text in ((drawn(dash_duo, graph_id) or {}).get("title") or ""), timeout=TIMEOUT,
-          msg=f"{graph_id} never showed {text!r}")  # fmt: skip
-    return drawn(dash_duo, graph_id)
-
-
 def as_array(rows: list) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
@@ -64,21 +42,21 @@ def open_page(dash_duo, model: str, cache_dir: Path) -> None:
     dash_duo.find_element("#analyse").click()
 
 
-def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, screenshot):
+def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, screenshot, wait_title):
     open_page(dash_duo, str(run_dir), tmp_path)
     model, tokens = dl.load(run_dir), torch.tensor([[int(t) for t in PROMPT.split()]])
 
-    fig = wait_title(dash_duo, "activations-map", "Largest magnitude per channel")
+    fig = wait_title("activations-map", "Largest magnitude per channel")
     expected = dl.probes.massive_activations(model, tokens)
     np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max.double().numpy()),
                                rtol=1e-5)  # fmt: skip
     dash_duo.wait_for_contains_text("#activations-map-message", "No massive activation", timeout=TIMEOUT)
 
-    fig = wait_title(dash_duo, "activations-sinks", "Attention on token 0")
+    fig = wait_title("activations-sinks", "Attention on token 0")
     sinks = dl.probes.extreme_tokens(model, tokens).sink_scores
     np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), sinks.double().numpy(), rtol=1e-5, atol=1e-7)
 
-    fig = wait_title(dash_duo, "activations-emergence", "Emergence of massive activations")
+    fig = wait_title("activations-emergence", "Emergence of massive activations")
     emergence = dl.probes.massive_emergence(run_dir, tokens, progress=False)
     markers = [t for t in fig["traces"] if not (t["name"] or "").endswith(")")]  # fits are "... (R²=...)"
     assert [t["name"] for t in markers] == ["embed", "L0", "L1"]
@@ -88,24 +66,24 @@ def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, 
     dash_duo.wait_for_contains_text("#activations-emergence-message", "6 checkpoints", timeout=TIMEOUT)
 
     dash_duo.find_elements("#activations-map-view input")[1].click()
-    fig = wait_title(dash_duo, "activations-map", "Top magnitudes per layer")
+    fig = wait_title("activations-map", "Top magnitudes per layer")
     np.testing.assert_allclose(fig["traces"][0]["y"], expected.top_values[:, 0].numpy(), rtol=1e-5)
     assert dash_duo.get_logs() in ([], None)
     screenshot("activations-bbc")
 
 
-def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot):
+def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot, wait_title, figure_in):
     open_page(dash_duo, str(tiny_mamba_dir), tmp_path)
     dash_duo.wait_for_contains_text("#activations-sinks-message", "need attention heads", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#activations-emergence-message", "no checkpoint series", timeout=TIMEOUT)
-    wait_title(dash_duo, "activations-map", "Largest magnitude per channel")
+    wait_title("activations-map", "Largest magnitude per channel")
     dash_duo.find_elements("#activations-site input")[1].click()
-    fig = wait_title(dash_duo, "activations-map", "Largest magnitude per channel")
+    fig = wait_title("activations-map", "Largest magnitude per channel")
     model, tokens = dl.load(tiny_mamba_dir), torch.tensor([[int(t) for t in PROMPT.split()]])
     expected = dl.probes.massive_activations(model, tokens, site="state")
-    until(lambda: len(drawn(dash_duo, "activations-map")["traces"][0]["z"][0]) == expected.channel_max.shape[1],
+    until(lambda: len(figure_in("activations-map")["traces"][0]["z"][0]) == expected.channel_max.shape[1],
           timeout=TIMEOUT, msg="the state map never showed d_inner × d_state channels")  # fmt: skip
-    fig = drawn(dash_duo, "activations-map")
+    fig = figure_in("activations-map")
     np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max.double().numpy()),
                                rtol=1e-5)  # fmt: skip
     screenshot("activations-mamba-state")
