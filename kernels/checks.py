@@ -63,6 +63,22 @@ def check_bc(op: str, name: str, X: object, b: int, d: int, n: int, length: int,
     return check_tensor(op, name, X, shape, "", device)
 
 
+def check_ssm_params(op, A, B, C, D, delta_bias, b: int, d: int, length: int, device: torch.device) -> int:
+    """Check ``A (d, n)``, ``B``/``C`` in any layout, ``D`` and ``delta_bias`` ``(d,)``; return ``n``."""
+    if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != d:
+        got = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
+        raise ValueError(f"{op}: A must have shape (d, n) with d = {d}, got {got}")
+    n = A.shape[1]
+    check_tensor(op, "A", A, (d, n), "(d, n)", device)
+    check_bc(op, "B", B, b, d, n, length, device)
+    check_bc(op, "C", C, b, d, n, length, device)
+    if D is not None:
+        check_tensor(op, "D", D, (d,), "(d,)", device)
+    if delta_bias is not None:
+        check_tensor(op, "delta_bias", delta_bias, (d,), "(d,)", device)
+    return n
+
+
 def check_backend(op: str, backend: str) -> None:
     """Reject an unknown backend name."""
     if backend not in BACKENDS:

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.kernels.autograd import accumulation_dtype
-from dynalens.kernels.checks import check_bc, check_input, check_tensor
+from dynalens.kernels.checks import check_input, check_ssm_params
 from dynalens.kernels.scan_torch import bc_states_view, discretise
 
 OP = "mixer_matrix"
@@ -68,17 +68,7 @@ def mixer_matrix(
     """
     b, d, length = check_input(OP, "delta", delta)
     dev = delta.device
-    if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != d:
-        got = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
-        raise ValueError(f"{OP}: A must have shape (d, n) with d = {d}, got {got}")
-    n = A.shape[1]
-    check_tensor(OP, "A", A, (d, n), "(d, n)", dev)
-    check_bc(OP, "B", B, b, d, n, length, dev)
-    check_bc(OP, "C", C, b, d, n, length, dev)
-    if D is not None:
-        check_tensor(OP, "D", D, (d,), "(d,)", dev)
-    if delta_bias is not None:
-        check_tensor(OP, "delta_bias", delta_bias, (d,), "(d,)", dev)
+    n = check_ssm_params(OP, A, B, C, D, delta_bias, b, d, length, dev)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{OP}: chunk_size must be a positive int, got {chunk_size!r}")
     idx = _channel_index(channels, d, dev)

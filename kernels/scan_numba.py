@@ -1,16 +1,19 @@
 """Compiled CPU scans (numba): one pass over time per channel, states in a local array.
 
-The selective-scan forward runs one job per (batch, channel): the ``n`` states
-live in a small local array and the kernel streams over ``l`` once, in the
-accumulation dtype (float32, or float64 for float64 inputs). It stores the
-state every ``CHUNK`` steps; the backward walks the chunks in reverse,
+The selective-scan forward runs one job per (batch, channel), in the
+accumulation dtype (float32, or float64 for float64 inputs), and streams over
+``l`` once in chunks of ``CHUNK`` steps: first the chunk's decays
+``exp(delta_t A)`` (a vectorised exp over ``CHUNK·n`` values), then the
+recurrence, whose inner loop over the ``n`` states vectorises. It keeps the
+state at every chunk start; the backward walks the chunks in reverse,
 recomputes the chunk's states from its checkpoint and runs the reverse scan,
 so training memory beyond inputs and outputs is ``b·d·n·l / CHUNK`` (plus the
 per-block partial sums of ``dB``/``dC``) instead of ``b·d·n·l``.
 
-The kernels take ``B``/``C`` in one 4-d form ``(Bb, G, n, Bl)``: shared
-``(b, n, l)`` is ``(b, 1, n, l)``, grouped is itself and fixed ``(d, n)`` is
-``(1, d, n, 1)``; batch and time indices are multiplied by 0 or 1 strides.
+The kernels take ``B``/``C`` time-major in one 4-d form ``(Bb, G, Bl, n)``:
+shared ``(b, n, l)`` is ``(b, 1, l, n)``, grouped ``(b, g, n, l)`` is
+``(b, g, l, n)`` and fixed ``(d, n)`` is ``(1, d, 1, n)``; batch and time
+indices are multiplied by 0/1 strides.
 """
 
 from __future__ import annotations

@@ -27,6 +27,30 @@ def _softplus(x):
 
 
 @triton.jit
+def _program_block(d, n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch, channel and state offsets, masks, ``(b, d)`` rows and ``(b, d, n)`` offsets."""
+    bi = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    md = offs_d < d
+    m2 = md[:, None] & (offs_n < n)[None, :]
+    row = bi * d + offs_d
+    return bi, offs_d, offs_n, md, m2, row, row[:, None] * n + offs_n[None, :]
+
+
+@triton.jit
+def _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """``(raw, dt)``: ``delta + bias`` at step ``t`` and the step after the optional softplus."""
+    raw = tl.load(delta + row * L + t, mask=md, other=0.0)
+    if HAS_BIAS:
+        raw += tl.load(bias + offs_d, mask=md, other=0.0)
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return raw, dt
+
+
+@triton.jit
 def _selective_fwd_kernel(
     u, delta, A, B, C, D, z, bias, h0, out, last, states, ckpt,
     d, L, n, sBb, sBg, sBn, sBt, gsB, sCb, sCg, sCn, sCt, gsC,
@@ -34,13 +58,7 @@ def _selective_fwd_kernel(
     HAS_H0: tl.constexpr, KEEP_STATES: tl.constexpr, KEEP_CKPT: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    bi = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    md, mn = offs_d < d, offs_n < n
-    m2 = md[:, None] & mn[None, :]
-    row = bi * d + offs_d  # (b, d) row index
-    sn = row[:, None] * n + offs_n[None, :]  # into (b, d, n)
+    bi, offs_d, offs_n, md, m2, row, sn = _program_block(d, n, BLOCK_D, BLOCK_N)
     Av = tl.load(A + offs_d[:, None] * n + offs_n[None, :], mask=m2, other=0.0)
     Bp = B + bi * sBb + (offs_d // gsB)[:, None] * sBg + offs_n[None, :] * sBn
     Cp = C + bi * sCb + (offs_d // gsC)[:, None] * sCg + offs_n[None, :] * sCn
@@ -49,18 +67,12 @@ def _selective_fwd_kernel(
         h += tl.load(h0 + sn, mask=m2, other=0.0)
     if HAS_D:
         Dv = tl.load(D + offs_d, mask=md, other=0.0)
-    if HAS_BIAS:
-        bv = tl.load(bias + offs_d, mask=md, other=0.0)
     n_chunks = tl.cdiv(L, CHUNK)
     for t in range(L):
         if KEEP_CKPT:
             if t % CHUNK == 0:
                 tl.store(ckpt + (row[:, None] * n_chunks + t // CHUNK) * n + offs_n[None, :], h, mask=m2)
-        dt = tl.load(delta + row * L + t, mask=md, other=0.0)
-        if HAS_BIAS:
-            dt += bv
-        if SOFTPLUS:
-            dt = _softplus(dt)
+        _, dt = _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS, SOFTPLUS)
         ut = tl.load(u + row * L + t, mask=md, other=0.0)
         Bt = tl.load(Bp + t * sBt, mask=m2, other=0.0)
         Ct = tl.load(Cp + t * sCt, mask=m2, other=0.0)
@@ -86,13 +98,7 @@ def _selective_bwd_kernel(
     HAS_DLAST: tl.constexpr, HAS_DSTATES: tl.constexpr, B_STATIC: tl.constexpr, C_STATIC: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    bi = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    md, mn = offs_d < d, offs_n < n
-    m2 = md[:, None] & mn[None, :]
-    row = bi * d + offs_d
-    sn = row[:, None] * n + offs_n[None, :]
+    bi, offs_d, offs_n, md, m2, row, sn = _program_block(d, n, BLOCK_D, BLOCK_N)
     Av = tl.load(A + offs_d[:, None] * n + offs_n[None, :], mask=m2, other=0.0)
     boff = (offs_d // gsB)[:, None] * sBg + offs_n[None, :] * sBn
     coff = (offs_d // gsC)[:, None] * sCg + offs_n[None, :] * sCn
@@ -107,8 +113,6 @@ def _selective_bwd_kernel(
         dh += tl.load(dlast + sn, mask=m2, other=0.0)
     if HAS_D:
         Dv = tl.load(D + offs_d, mask=md, other=0.0)
-    if HAS_BIAS:
-        bv = tl.load(bias + offs_d, mask=md, other=0.0)
     n_chunks = tl.cdiv(L, CHUNK)
     for cc in range(n_chunks):
         c = n_chunks - 1 - cc
@@ -118,11 +122,7 @@ def _selective_bwd_kernel(
         for i in range(CHUNK):
             t = t0 + i
             if t < L:
-                dt = tl.load(delta + row * L + t, mask=md, other=0.0)
-                if HAS_BIAS:
-                    dt += bv
-                if SOFTPLUS:
-                    dt = _softplus(dt)
+                _, dt = _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS, SOFTPLUS)
                 ut = tl.load(u + row * L + t, mask=md, other=0.0)
                 h = tl.exp(dt[:, None] * Av) * h + (dt * ut)[:, None] * tl.load(Bp + t * sBt, mask=m2, other=0.0)
                 tl.store(sc + (i + 1) * n, h, mask=m2)
@@ -131,12 +131,7 @@ def _selective_bwd_kernel(
             i = CHUNK - 1 - ii
             t = t0 + i
             if t < L:
-                raw = tl.load(delta + row * L + t, mask=md, other=0.0)
-                if HAS_BIAS:
-                    raw += bv
-                dt = raw
-                if SOFTPLUS:
-                    dt = _softplus(raw)
+                raw, dt = _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS, SOFTPLUS)
                 ut = tl.load(u + row * L + t, mask=md, other=0.0)
                 Bt = tl.load(Bp + t * sBt, mask=m2, other=0.0)
                 Ct = tl.load(Cp + t * sCt, mask=m2, other=0.0)

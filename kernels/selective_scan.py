@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.kernels.autograd import SelectiveScanFn, accumulation_dtype
-from dynalens.kernels.checks import Backend, check_backend, check_bc, check_input, check_tensor
+from dynalens.kernels.checks import Backend, check_backend, check_input, check_ssm_params, check_tensor
 from dynalens.kernels.paths import auto_backend, compiled_path
 from dynalens.kernels.reference import selective_scan_ref
 from dynalens.kernels.scan_torch import selective_scan_torch
@@ -106,20 +106,9 @@ def _pack(out: Tensor, last: Tensor | None, states: Tensor | None):
 
 def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
     b, d, length = check_input(OP, "u", u)
-    dev = u.device
-    check_tensor(OP, "delta", delta, (b, d, length), "(b, d, l)", dev)
-    if not isinstance(A, Tensor) or A.dim() != 2 or A.shape[0] != d:
-        got = tuple(A.shape) if isinstance(A, Tensor) else type(A).__name__
-        raise ValueError(f"{OP}: A must have shape (d, n) with d = {d}, got {got}")
-    n = A.shape[1]
-    check_tensor(OP, "A", A, (d, n), "(d, n)", dev)
-    check_bc(OP, "B", B, b, d, n, length, dev)
-    check_bc(OP, "C", C, b, d, n, length, dev)
-    if D is not None:
-        check_tensor(OP, "D", D, (d,), "(d,)", dev)
+    check_tensor(OP, "delta", delta, (b, d, length), "(b, d, l)", u.device)
+    n = check_ssm_params(OP, A, B, C, D, delta_bias, b, d, length, u.device)
     if z is not None:
-        check_tensor(OP, "z", z, (b, d, length), "(b, d, l)", dev)
-    if delta_bias is not None:
-        check_tensor(OP, "delta_bias", delta_bias, (d,), "(d,)", dev)
+        check_tensor(OP, "z", z, (b, d, length), "(b, d, l)", u.device)
     if initial_state is not None:
-        check_tensor(OP, "initial_state", initial_state, (b, d, n), "(b, d, n)", dev)
+        check_tensor(OP, "initial_state", initial_state, (b, d, n), "(b, d, n)", u.device)
