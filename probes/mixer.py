@@ -4,11 +4,12 @@ One layer's mixer as ``[group, query, key]`` matrices, whatever the
 architecture:
 
 - transformer: the attention pattern of each head (``attn.hook_pattern``);
-- Mamba: the materialised selective-SSM matrix ``M`` with ``y = M u``
-  ("hidden attention", Ali et al., 2024), rebuilt from the cached ``Δ``, ``B``,
-  ``C`` with :func:`dynalens.kernels.mixer_matrix` (the ``D`` skip on its
-  diagonal), as mean ``|M|`` over groups of channels or signed for chosen
-  channels;
+- Mamba: the materialised selective-SSM matrix ``M`` ("hidden attention",
+  Ali et al., 2024), rebuilt from the cached ``Δ``, ``B``, ``C`` with
+  :func:`dynalens.kernels.mixer_matrix`, as mean ``|M|`` over groups of
+  channels or signed for chosen channels; without the ``D`` skip by default
+  (it only adds to the diagonal and would drown the mixing), with it
+  ``y = M u`` exactly;
 - RNN: the linearised recurrence, Frobenius norms ``‖∂h_t/∂x_s‖`` of the
   Jacobian of the layer's hidden sequence (``cell.hook_hidden``) with respect
   to its input sequence (``hook_resid_pre``), by autograd.
@@ -122,6 +123,7 @@ def mixer_matrices(
     *,
     channel_groups: int | None = None,
     channels: Sequence[int] | None = None,
+    include_skip: bool = False,
 ) -> MixerMatrices:
     """The sequence-mixing matrices of one layer (attention, SSM matrix, RNN Jacobian).
 
@@ -139,6 +141,9 @@ def mixer_matrices(
         ``gcd(8, d_inner)`` when 8 does not divide ``d_inner``).
     channels
         Mamba only: show the signed ``M`` of these channels instead.
+    include_skip
+        Mamba only: add the ``D`` skip on the diagonal, so that ``y = M u``
+        (``mixer.hook_y``, before gating).
 
     Returns
     -------
@@ -147,16 +152,16 @@ def mixer_matrices(
     """
     arch = architecture_of(model)
     layer = check_index("layer", layer, model.cfg.n_layers)
-    if arch != "mamba" and (channel_groups is not None or channels is not None):
+    if arch != "mamba" and (channel_groups is not None or channels is not None or include_skip):
         raise ValueError(
-            f"channel_groups and channels select Mamba channels; this model is a {arch}"
+            f"channel_groups, channels and include_skip are for Mamba; this model is a {arch}"
         )
     tokens = prompt_tokens(model, input)
     if arch == "transformer":
         matrices, labels, value_name, signed = _attention(model, tokens, layer)
     elif arch == "mamba":
         matrices, labels, value_name, signed = _ssm_matrix(
-            model, tokens, layer, channel_groups, channels
+            model, tokens, layer, channel_groups, channels, include_skip
         )
     else:
         matrices, labels, value_name, signed = _recurrence_jacobian(model, tokens, layer)
@@ -185,6 +190,7 @@ def _ssm_matrix(
     layer: int,
     channel_groups: int | None,
     channels: Sequence[int] | None,
+    include_skip: bool,
 ):
     if channel_groups is not None and channels is not None:
         raise ValueError("pass channel_groups or channels, not both")
@@ -196,16 +202,19 @@ def _ssm_matrix(
     d_inner = delta.shape[1]
 
     def materialise(chosen: list[int]) -> Float[Tensor, "c pos pos"]:
-        return mixer_matrix(delta, mixer.A, B, C, D=mixer.D, channels=chosen)[0]
+        D = mixer.D if include_skip else None
+        return mixer_matrix(delta, mixer.A, B, C, D=D, channels=chosen)[0]
 
     if channels is not None:
         chosen = [check_index("channel", c, d_inner) for c in channels]
         if not chosen:
             raise ValueError("channels is empty: pass at least one channel index")
         return materialise(chosen), [f"channel {c}" for c in chosen], "M", True
-    n_groups = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner) if channel_groups is None else channel_groups
-    valid = isinstance(n_groups, int) and not isinstance(n_groups, bool) and 1 <= n_groups <= d_inner
-    if not valid or d_inner % n_groups:
+    n_groups = channel_groups
+    if n_groups is None:
+        n_groups = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner)
+    is_int = isinstance(n_groups, int) and not isinstance(n_groups, bool)
+    if not is_int or not 1 <= n_groups <= d_inner or d_inner % n_groups:
         raise ValueError(
             f"channel_groups must divide d_inner = {d_inner} into equal groups, got {n_groups!r}"
         )

@@ -83,7 +83,7 @@ def test_attention_matrices_are_hf_attention_probabilities(tiny_llama, tiny_llam
 
 def test_ssm_matrix_times_u_is_the_layers_y_before_gating(tiny_mamba, tokens):
     layer, d_inner = 1, tiny_mamba.cfg.d_inner
-    result = mixer_matrices(tiny_mamba, tokens, layer, channels=range(d_inner))
+    result = mixer_matrices(tiny_mamba, tokens, layer, channels=range(d_inner), include_skip=True)
     names = [f"blocks.{layer}.mixer.hook_conv", f"blocks.{layer}.mixer.hook_y"]
     _, cache = tiny_mamba.run_with_cache(tokens, names_filter=names)
     u, y = cache[names[0]][0], cache[names[1]][0]  # [pos, d_inner]
@@ -94,6 +94,14 @@ def test_ssm_matrix_times_u_is_the_layers_y_before_gating(tiny_mamba, tokens):
     z = np.array(figure.data[0].z, dtype=float)
     np.testing.assert_allclose(np.tril(10**z), result.matrices[3].abs().numpy(), rtol=1e-5)
     assert figure.data[0].colorbar.title.text == "|M|"
+
+
+def test_ssm_matrix_leaves_the_skip_off_by_default(tiny_mamba, tokens):
+    with_skip = mixer_matrices(tiny_mamba, tokens, 0, channels=[0, 5], include_skip=True).matrices
+    without = mixer_matrices(tiny_mamba, tokens, 0, channels=[0, 5]).matrices
+    D = tiny_mamba.blocks[0].mixer.D.detach()[[0, 5]]
+    eye = torch.eye(tokens.shape[1])
+    torch.testing.assert_close(with_skip - without, D[:, None, None] * eye, rtol=1e-5, atol=1e-6)
 
 
 def test_ssm_channel_groups_are_mean_magnitudes_of_their_channels(tiny_mamba, tokens):
@@ -148,7 +156,7 @@ def test_bad_layer_names_the_valid_range(any_model, tokens):
 
 
 def test_channel_arguments_are_mamba_only(tiny_llama, tokens):
-    with pytest.raises(ValueError, match="Mamba channels; this model is a transformer"):
+    with pytest.raises(ValueError, match="are for Mamba; this model is a transformer"):
         mixer_matrices(tiny_llama, tokens, 0, channel_groups=2)
 
 
