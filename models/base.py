@@ -54,7 +54,43 @@ class SequenceConfig:
         return cls(**d)
 
 
-class HookedSequenceModel(HookedRootModule):
+class CheckedHooks:
+    """Mixin for hooked models: every hook call checks its names against ``hook_dict``.
+
+    A name the model does not have raises :class:`HookNameError` naming the
+    closest valid names, before any hook is added, in ``run_with_hooks``,
+    ``run_with_cache``, ``hooks`` and ``add_hook``. Filters given as callables
+    cannot be checked and pass through.
+    """
+
+    hook_dict: dict
+
+    def check_hook_names(self, names: Sequence[str]) -> None:
+        """Raise a ``HookNameError`` naming the closest valid names for any unknown name."""
+        check_hook_names(names, self.hook_dict)
+
+    def run_with_hooks(self, *model_args: Any, fwd_hooks=(), bwd_hooks=(), **kwargs: Any):
+        self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
+        return super().run_with_hooks(
+            *model_args, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kwargs
+        )
+
+    def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any):
+        self.check_hook_names(filter_names(names_filter))
+        return super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):
+        # TransformerLens' run_with_hooks passes reset_hooks_end, clear_contexts positionally.
+        self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
+        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+
+    def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None:
+        if isinstance(name, str):
+            self.check_hook_names([name])
+        return super().add_hook(name, hook, *args, **kwargs)
+
+
+class HookedSequenceModel(CheckedHooks, HookedRootModule):
     """Base of dynalens' own hooked models.
 
     Subclasses build their modules, call ``self.setup()``, and implement
@@ -108,29 +144,6 @@ class HookedSequenceModel(HookedRootModule):
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device
-
-    # ------------------------------------------------------------------- hooks
-    def check_hook_names(self, names: Sequence[str]) -> None:
-        """Raise a ``HookNameError`` naming the closest valid names for any unknown name."""
-        check_hook_names(names, self.hook_dict)
-
-    def run_with_hooks(self, *model_args: Any, fwd_hooks=(), bwd_hooks=(), **kwargs: Any):
-        self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
-        return super().run_with_hooks(*model_args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks, **kwargs)
-
-    def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any):
-        self.check_hook_names(filter_names(names_filter))
-        return super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
-
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):
-        # TransformerLens' run_with_hooks passes reset_hooks_end, clear_contexts positionally.
-        self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
-        return super().hooks(fwd_hooks, bwd_hooks, *args, **kwargs)
-
-    def add_hook(self, name: Any, hook: Callable, *args: Any, **kwargs: Any) -> None:
-        if isinstance(name, str):
-            self.check_hook_names([name])
-        return super().add_hook(name, hook, *args, **kwargs)
 
     # -------------------------------------------------------------- generation
     @torch.no_grad()

@@ -84,12 +84,13 @@ def load(
 
     key = str(name_or_path)
     if key == smollm2.NAME:
-        return HookedTransformerBridge.from_pretrained(
+        model = HookedTransformerBridge.from_pretrained(
             smollm2.cached_folder(), device=device, dtype=dtype
         )
+        return _named(model, key)
     zoo = _zoo()
     if key in zoo and not Path(key).exists():
-        return load(zoo[key].path, device=device, dtype=dtype)
+        return _named(load(zoo[key].path, device=device, dtype=dtype), key)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return HookedTransformerBridge.from_gguf(path, device=device, dtype=dtype)
@@ -102,6 +103,12 @@ def load(
         f"cannot load {key!r}: it is not a built-in name, nor a model folder, nor a .gguf file. "
         f"Built-in names (closest first): {', '.join(ordered)}"
     )
+
+
+def _named(model: Any, name: str) -> Any:
+    """Record the name the model was loaded by (results and the dashboard show it)."""
+    model.cfg.model_name = name
+    return model
 
 
 def _load_folder(folder: Path, **kwargs: Any) -> Any:

@@ -35,19 +35,14 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dynalens.models.io import atomic_dir, write_safetensors
+from dynalens.models.base import CheckedHooks
+from dynalens.models.io import atomic_dir, read_tokenizer, write_safetensors
 from dynalens.models.validation import (
-    check_hook_names,
     check_prompt,
     check_tokens,
-    filter_names,
-    named_hooks,
 )
 
 TextOrTokens = Union[str, Sequence[str], Tensor]
-
-#: Files of which one marks a folder that holds a HuggingFace tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 #: The shared-vocabulary name of each block's sequence mixer output, and the
 #: Bridge hook it stands for.
@@ -56,7 +51,7 @@ MIXER_OUT, ATTN_OUT = "hook_mixer_out", "hook_attn_out"
 _RETURN_TYPES = {"auto": "input", "str": "str", "tokens": "tokens"}
 
 
-class HookedTransformerBridge(TransformerBridge):
+class HookedTransformerBridge(CheckedHooks, TransformerBridge):
     """A HuggingFace causal LM behind TransformerLens' Bridge and dynalens' hook names.
 
     Build one with :meth:`from_pretrained` (a HuggingFace folder), :meth:`from_gguf`
@@ -111,9 +106,7 @@ class HookedTransformerBridge(TransformerBridge):
         hf_model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype or torch.float32, use_safetensors=True, attn_implementation="eager"
         )
-        has_tokenizer = any((folder / f).exists() for f in TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(folder) if has_tokenizer else None
-        return cls.from_hf(hf_model.to(device or "cpu"), tokenizer, name=str(folder))
+        return cls.from_hf(hf_model.to(device or "cpu"), read_tokenizer(folder), name=str(folder))
 
     @classmethod
     def from_gguf(
@@ -173,30 +166,6 @@ class HookedTransformerBridge(TransformerBridge):
         if isinstance(input, Tensor) and not input.is_floating_point():
             input = check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
         return super().forward(input, *args, **kwargs)
-
-    # ------------------------------------------------------------------- hooks
-    def check_hook_names(self, names: Sequence[str]) -> None:
-        """Raise a ``HookNameError`` naming the closest valid names for any unknown name."""
-        check_hook_names(names, self.hook_dict)
-
-    def run_with_hooks(self, input: Any, fwd_hooks=(), bwd_hooks=(), **kwargs: Any) -> Any:
-        self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
-        return super().run_with_hooks(
-            input, fwd_hooks=list(fwd_hooks), bwd_hooks=list(bwd_hooks), **kwargs
-        )
-
-    def run_with_cache(self, input: Any, *args: Any, names_filter: Any = None, **kwargs: Any):
-        self.check_hook_names(filter_names(names_filter))
-        return super().run_with_cache(input, *args, names_filter=names_filter, **kwargs)
-
-    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):
-        self.check_hook_names(named_hooks(fwd_hooks) + named_hooks(bwd_hooks))
-        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
-
-    def add_hook(self, name: Any, hook_fn: Callable, *args: Any, **kwargs: Any) -> None:
-        if isinstance(name, str):
-            self.check_hook_names([name])
-        return super().add_hook(name, hook_fn, *args, **kwargs)
 
     # -------------------------------------------------------------- generation
     @torch.no_grad()
