@@ -168,7 +168,7 @@ def rnn_input_output_map(model: Any, input: TextOrTokens, layer: int) -> Float[T
         return torch.cat(out)  # [pos, d_hidden]
 
     with torch.enable_grad():
-        return torch.autograd.functional.jacobian(hidden_sequence, x)
+        return torch.autograd.functional.jacobian(hidden_sequence, x, vectorize=True)
 
 
 # --------------------------------------------------------------------------- comparison across models
@@ -255,18 +255,18 @@ def compare_mixers(
         arch = architecture_of(model)
         tokens = prompt_tokens(model, input)
         first_tokens = first_tokens if first_tokens is not None else (model, tokens)
-        if arch == "mamba":
-            result = mixer_matrices(model, tokens, layer, channels=list(range(min(channels, model.cfg.d_inner))))
-            groups = [(label, m, (1, 1), model.cfg.d_state) for label, m in zip(result.group_labels, result.matrices)]
-        elif arch == "transformer":
-            result = mixer_matrices(model, tokens, layer)
-            groups = [(label, m, (1, 1), None) for label, m in zip(result.group_labels, result.matrices)]
-        else:
-            result = mixer_matrices(model, tokens, layer)
+        if arch == "rnn":
             jac = rnn_input_output_map(model, tokens, layer)
             pos, d_h, _, d_in = jac.shape
             state = 2 * d_h if model.cfg.cell == "lstm" else d_h
             groups = [("hidden", jac.reshape(pos * d_h, pos * d_in), (d_h, d_in), state)]
+            shown = jac.pow(2).sum(dim=(1, 3)).sqrt()  # ‖dh_t/dx_s‖, as the Explorer shows it
+        else:
+            chosen = list(range(min(channels, model.cfg.d_inner))) if arch == "mamba" else None
+            result = mixer_matrices(model, tokens, layer, channels=chosen)
+            bound = model.cfg.d_state if arch == "mamba" else None
+            groups = [(label, m, (1, 1), bound) for label, m in zip(result.group_labels, result.matrices)]
+            shown = result.matrices.abs().mean(0)
         for label, M, block, bound in groups:
             stats.append({
                 "model": name, "architecture": arch, "group": label,
@@ -274,7 +274,7 @@ def compare_mixers(
                 "offdiagonal_rank": offdiagonal_rank(M, block=block, rtol=rtol),
                 "bound": bound,
             })
-        matrices.append(result.matrices.abs().mean(0))
+        matrices.append(shown)
         archs.append(arch)
     context = result_context(*first_tokens)
     context["model_name"] = " | ".join(models)
