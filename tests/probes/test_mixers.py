@@ -45,7 +45,7 @@ def test_materialised_mamba_mixer_times_input_is_the_models_scan_output(tiny_mam
     names = ["blocks.1.mixer.hook_conv", "blocks.1.mixer.hook_y"]
     _, cache = tiny_mamba.run_with_cache(tokens, names_filter=names)
     u, y = cache[names[0]][0], cache[names[1]][0]  # [pos, d_inner]
-    M = mixer_matrices(tiny_mamba, tokens, 1, channels=list(range(tiny_mamba.cfg.d_inner))).matrices
+    M = mixer_matrices(tiny_mamba, tokens, 1, channels=list(range(tiny_mamba.cfg.d_inner)), include_skip=True).matrices
     torch.testing.assert_close(torch.einsum("cts,sc->tc", M, u), y, rtol=1e-4, atol=1e-5)
 
 
