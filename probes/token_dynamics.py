@@ -116,6 +116,24 @@ class SelectiveSystem:
         """The paper's regime of each system from the eigenvalues of ``sym(mu)`` (see the module notes)."""
         return [_regime(lam, rtol) for lam in _sym_eigenvalues(self.mu)]
 
+    def divergence_speed(self, x0: Float[Tensor, "system pos 1"]) -> list[list[str]]:
+        """1-D only: ``"fast"`` (blow-up in finite time) or ``"slow"`` (logarithmic) per divergent token.
+
+        For ``|x| -> inf`` the step size behaves like ``S_Delta x`` when
+        ``S_Delta x(0) > 0`` (``dx/dt ~ mu S_Delta x^4``: finite-time blow-up)
+        and like ``exp(S_Delta x)`` when ``S_Delta x(0) < 0`` (``|x| ~ log t``).
+        Tokens of convergent or stationary systems get ``"none"``. The
+        distinction is asymptotic: while ``|S_Delta x|`` is small the step size
+        is about ``softplus(b)`` and every divergent token grows like a blow-up.
+        """
+        if self.S_B.shape[2] != 1 or x0.dim() != 3 or x0.shape[0] != self.S_B.shape[0] or x0.shape[2] != 1:
+            raise ValueError(f"divergence_speed is for 1-D systems and x0 [system, pos, 1]; got x0 {tuple(x0.shape)}")
+        drive = (self.S_delta[:, None, 0, 0] * x0[..., 0].to(self.S_delta.dtype)) > 0  # [system, pos]
+        return [
+            ["fast" if fast else "slow" for fast in row.tolist()] if regime == "divergent" else ["none"] * len(row)
+            for regime, row in zip(self.regimes(), drive)
+        ]
+
     def velocity(self, x: Float[Tensor, "system pos dim"]) -> Float[Tensor, "system pos dim"]:
         """``dx/dt``: the S6 output ``y_l`` of every token, computed by the selective scan.
 

@@ -57,6 +57,21 @@ def test_random_1d_systems_converge_or_diverge_as_the_criterion_says_never_a_mix
         assert (rates[1:] - rates[:-1] > 1e-6 * rates[-1]).all()
 
 
+def test_fast_divergence_blows_up_in_finite_time_slow_divergence_is_logarithmic():
+    base = random_systems(60, 1, 2, seed=9)
+    # mu > 0, and |S_delta| >= 1 so that the asymptotic step size is reached within a factor of 100.
+    S_delta = base.S_delta.sign() * (1 + base.S_delta.abs())
+    system = SelectiveSystem(base.S_B, base.S_B * base.S_C.abs(), S_delta, base.delta_bias, base.A)
+    x0 = random_tokens(60, 1, 1, seed=10)
+    speed = [row[0] for row in system.divergence_speed(x0)]
+    assert set(speed) == {"fast", "slow"}
+    t10 = simulate_tokens(system, x0, growth=10.0).exit_time[:, 0]
+    t100 = simulate_tokens(system, x0, growth=100.0).exit_time[:, 0]
+    fast = torch.tensor([s == "fast" for s in speed])
+    assert (t100[fast] / t10[fast] < 1.5).all()  # almost no time between 10x and 100x: a blow-up
+    assert (t100[~fast] / t10[~fast] > 10).all()  # each further factor costs ever more time
+
+
 def test_first_token_converges_like_c_over_sqrt_t():
     base = random_systems(20, 1, 2, seed=2)
     system = SelectiveSystem(base.S_B, -base.S_B * base.S_C.abs(), base.S_delta, base.delta_bias, base.A)
