@@ -27,14 +27,18 @@ import networkx as nx
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
-from torch import Tensor
-
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_finite, check_index
 from dynalens.probes.figures import TEMPLATE, token_labels
-from dynalens.probes.model_surface import architecture_of, model_name_of, prompt_tokens, result_context
+from dynalens.probes.model_surface import (
+    architecture_of,
+    model_name_of,
+    prompt_tokens,
+    result_context,
+)
 from dynalens.probes.results import Result
+from jaxtyping import Float
+from torch import Tensor
 
 StateMap = Callable[[Tensor], Tensor]
 

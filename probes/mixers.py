@@ -28,10 +28,6 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
-from plotly.subplots import make_subplots
-from torch import Tensor
-
 from dynalens.kernels import mixer_matrix, selective_scan
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_index
@@ -39,6 +35,9 @@ from dynalens.probes.figures import SEQUENTIAL, TEMPLATE
 from dynalens.probes.mixer import mixer_matrices
 from dynalens.probes.model_surface import architecture_of, prompt_tokens, result_context
 from dynalens.probes.results import Result
+from jaxtyping import Float
+from plotly.subplots import make_subplots
+from torch import Tensor
 
 
 # --------------------------------------------------------------------------- linear attention ↔ SSM
@@ -104,7 +103,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- structure of a mixer
-def effective_rank(M: Float[Tensor, "... rows cols"]) -> Float[Tensor, "..."]:
+def effective_rank(M: Float[Tensor, "... rows cols"]) -> Float[Tensor, ...]:
     """Roy & Vetterli's effective rank ``exp(-sum p_i log p_i)``, ``p = sigma / sum sigma``.
 
     Between 1 (one singular value) and ``min(rows, cols)`` (all equal); 0 for a zero matrix.

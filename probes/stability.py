@@ -28,15 +28,14 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float
-from torch import Tensor
-
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_index
 from dynalens.probes.figures import TEMPLATE, heatmap, token_labels
 from dynalens.probes.model_surface import architecture_of, prompt_tokens, result_context
 from dynalens.probes.residual import resid_labels, resid_stream
 from dynalens.probes.results import Result
+from jaxtyping import Float
+from torch import Tensor
 
 StepJacobian = Callable[[int, Tensor], Tensor]
 """``(t, Q) -> J_t @ Q`` for a ``[dim, k]`` frame ``Q``."""
@@ -186,10 +185,10 @@ def rnn_step_jacobians(model: Any, tokens: Tensor, layer: int) -> Float[Tensor, 
     flat = torch.zeros(2 * d if lstm else d, dtype=torch.float64)
     out = []
     with torch.enable_grad():
-        for t in range(x.shape[0]):
-            out.append(torch.autograd.functional.jacobian(lambda s: step(x[t], s), flat))
+        for x_t in x:
+            out.append(torch.autograd.functional.jacobian(lambda s, x_t=x_t: step(x_t, s), flat))
             with torch.no_grad():
-                flat = step(x[t], flat)
+                flat = step(x_t, flat)
     return torch.stack(out)
 
 

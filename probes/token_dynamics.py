@@ -43,18 +43,20 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
-
 from dynalens.kernels import selective_scan
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_finite, check_index
 from dynalens.probes.figures import TEMPLATE, token_labels
-from dynalens.probes.model_surface import architecture_of, model_name_of, prompt_tokens, result_context
+from dynalens.probes.model_surface import (
+    architecture_of,
+    model_name_of,
+    prompt_tokens,
+    result_context,
+)
 from dynalens.probes.residual import resid_hook_names, resid_labels, resid_stream
 from dynalens.probes.results import Result
-
-REGIMES = ("convergent", "divergent", "stationary")
+from jaxtyping import Float
+from torch import Tensor
 
 
 # --------------------------------------------------------------------------- the limit system
@@ -144,7 +146,7 @@ class SelectiveSystem:
         delta = F.softplus(torch.einsum("sle,sde->sld", x, self.S_delta) + self.delta_bias[:, None])
         B = torch.einsum("sld,snd->snl", x, self.S_B)[None]  # [1, system, n, pos]: grouped layout
         C = torch.einsum("sld,snd->snl", x, self.S_C)[None]
-        flat = lambda t: t.transpose(1, 2).reshape(1, s * dim, length)  # noqa: E731
+        flat = lambda t: t.transpose(1, 2).reshape(1, s * dim, length)
         # The sequential reference: exact, and fastest for the short sequences simulated here.
         y = selective_scan(flat(x), flat(delta), self.A.reshape(s * dim, -1), B, C, backend="ref")
         return y.reshape(s, dim, length).transpose(1, 2)

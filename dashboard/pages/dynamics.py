@@ -15,14 +15,21 @@ from typing import Any
 import dash
 from dash import Input, Output, callback, dcc, html
 from dash.exceptions import PreventUpdate
-
-import dynalens as dl
 from dynalens.dashboard import backend
-from dynalens.dashboard.components import card, graph, hint, placeholder_figure, show_errors, status_row
+from dynalens.dashboard.components import (
+    card,
+    graph,
+    hint,
+    placeholder_figure,
+    show_errors,
+    status_row,
+)
 from dynalens.dashboard.layout import REQUEST
 from dynalens.probes.fixed_points import FixedPoints, TrajectoryPCA
 from dynalens.probes.mixers import MixerComparison
 from dynalens.probes.token_dynamics import MambaRegimes, TokenTrajectories
+
+import dynalens as dl
 
 dash.register_page(__name__, path="/dynamics", name="Dynamics", title="dynalens · Dynamics", order=5)
 
@@ -65,7 +72,7 @@ def layout(**_: Any) -> html.Div:
                     dcc.Input(id=MIXER_LAYER, type="number", min=0, step=1, value=0, debounce=True,
                               style={"width": "70px"}),
                 ],
-            ),  # fmt: skip
+            ),
             card("RNN phase portrait", html.Div(id=PHASE_MESSAGE), graph(PHASE, height=460)),
         ],
     )

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from dash.testing.wait import until
-
-import dynalens as dl
 from dynalens.dashboard.app import create_app
 from dynalens.models.rnn import HookedRNN, RNNConfig
+
+import dynalens as dl
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import brentq
-from sklearn.decomposition import PCA
-
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.probes.fixed_points import (
     FixedPoints,
@@ -18,6 +15,8 @@ from dynalens.probes.fixed_points import (
     trajectory_pca,
 )
 from dynalens.probes.results import Result
+from scipy.optimize import brentq
+from sklearn.decomposition import PCA
 
 
 def elman(weight_hh: torch.Tensor) -> HookedRNN:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dynalens.kernels import mixer_matrix
 from dynalens.probes import mixer_matrices
 from dynalens.probes.mixers import (

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.probes.results import Result
 from dynalens.probes.stability import (
@@ -61,7 +60,7 @@ def test_rnn_step_jacobians_match_torch_gru_cell(tiny_rnn, tokens):
             getattr(reference, name).copy_(getattr(cell, name))
     previous = torch.cat([torch.zeros(1, 8, dtype=torch.float64), hidden[:-1]])
     for t in range(tokens.shape[1]):
-        expected = torch.autograd.functional.jacobian(lambda h: reference(x[t][None], h[None])[0], previous[t])
+        expected = torch.autograd.functional.jacobian(lambda h, x_t=x[t]: reference(x_t[None], h[None])[0], previous[t])
         torch.testing.assert_close(jacobians[t], expected, rtol=1e-5, atol=1e-6)
     # The QR method's exponents sum to the mean log-volume change.
     exponents, _ = lyapunov_qr(lambda t, Q: jacobians[t] @ Q, 8, tokens.shape[1], k=8)

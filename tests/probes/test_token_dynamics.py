@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from dynalens.kernels import mixer_matrix
 from dynalens.probes import residual_norms
 from dynalens.probes.results import Result
@@ -26,7 +25,7 @@ from dynalens.probes.token_dynamics import (
 def random_systems(n_systems: int, dim: int, n: int, seed: int) -> SelectiveSystem:
     """Random systems with one decay rate per channel (``A_d = -a_d I``, the paper's assumption)."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
     a = 0.5 + 1.5 * torch.rand(n_systems, dim, 1, generator=g, dtype=torch.float64)
     return SelectiveSystem(
         S_B=r(n_systems, n, dim), S_C=r(n_systems, n, dim), S_delta=r(n_systems, dim, dim),
