@@ -125,3 +125,31 @@ def test_results_save_load_and_draw(gated, tmp_path):
     activity.save(tmp_path / "h.safetensors")
     assert HeadActivity.load(tmp_path / "h.safetensors").to_frame().equals(activity.to_frame())
     assert activity.figure().data[0].z.shape == (2, 1)
+
+
+@pytest.mark.slow
+def test_bigram_backcopy_head_becomes_dormant_off_triggers(tmp_path):
+    """Guo et al.'s picture on a 1-layer, 1-head Llama trained on Bigram-Backcopy (~3 CPU minutes).
+
+    The head copies on trigger queries (active) and sinks into BOS elsewhere
+    (dormant), BOS's value state drains, and the sink grows over training.
+    """
+    import dynalens as dl
+    from dynalens.models.tasks import BigramBackcopyTask
+    from dynalens.models.train import build_model, train
+    from dynalens.probes.emergence import track_checkpoints
+
+    task = BigramBackcopyTask(d_vocab=32, seq_len=32)
+    trained = build_model("attn-3l", task, seed=0, d_model=32, n_layers=1, n_heads=1, d_mlp=64)
+    train(trained, task, 12000, lr=3e-3, batch_size=32, warmup=100, out=tmp_path, n_checkpoints=8, progress=False)
+    model = dl.load(tmp_path)
+    tokens = task.sample(64, torch.Generator().manual_seed(123)).tokens
+    is_trigger = torch.isin(tokens, task.triggers)
+    domains = {"trigger": (tokens, is_trigger), "other": (tokens, ~is_trigger)}
+    activity = head_activity(model, domains)
+    assert activity.sink_scores[0, 0, 0] < 0.1 and activity.sink_scores[1, 0, 0] > 0.5
+    assert activity.switching()[["layer", "head"]].values.tolist() == [[0, 0]]
+    assert extreme_tokens(model, tokens).value_drain()[0, 0] < 0.2
+    steps, scores = track_checkpoints(tmp_path, lambda m: head_activity(m, domains).sink_scores[1, 0, 0].item(),
+                                      progress=False)  # fmt: skip
+    assert scores[0] < 0.15 < 0.5 < scores[-1]
