@@ -1,4 +1,4 @@
-"""Emergence over training: measurements over a checkpoint series, the emergence curve fit, its prediction from architecture.
+"""Emergence over training: measurements over checkpoints, the emergence fit, its prediction from architecture.
 
 Gallego-Feliciano et al. 2025 ("Hidden Dynamics of Massive Activations in
 Transformer Training", arXiv 2508.03616) track, per layer and checkpoint, the

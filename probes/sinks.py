@@ -165,25 +165,21 @@ class ExtremeTokens(Result):
 
     def value_drain(self) -> Float[Tensor, "layer kv_head"]:
         """Value norm of the sink token over the mean value norm of the other tokens (< 1: a drain)."""
-        others = torch.cat([self.value_norms[..., : self.sink_position], self.value_norms[..., self.sink_position + 1 :]], -1)
-        return self.value_norms[..., self.sink_position] / others.mean(-1)
+        return _sink_over_others(self.value_norms, self.sink_position)
 
     def resid_peak(self) -> Float[Tensor, " row"]:
         """Residual norm of the sink token over the mean residual norm of the other tokens (> 1: a peak)."""
-        others = torch.cat([self.resid_norms[:, : self.sink_position], self.resid_norms[:, self.sink_position + 1 :]], -1)
-        return self.resid_norms[:, self.sink_position] / others.mean(-1)
+        return _sink_over_others(self.resid_norms, self.sink_position)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per head: ``layer, head, sink_score, sink``."""
         layers, heads = self.sink_scores.shape
+        scores = self.sink_scores.tolist()
         return pd.DataFrame(
-            [
-                (layer, head, float(self.sink_scores[layer, head]), bool(self.sink_scores[layer, head] > self.threshold))
-                for layer in range(layers)
-                for head in range(heads)
-            ],
+            [(layer, head, scores[layer][head], scores[layer][head] > self.threshold)
+             for layer in range(layers) for head in range(heads)],
             columns=["layer", "head", "sink_score", "sink"],
-        )
+        )  # fmt: skip
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads with the highest sink scores."""
@@ -217,6 +213,12 @@ class ExtremeTokens(Result):
                 value_name="‖resid‖", title=f"Residual-state norms · {self.model_name}", log=True,
             )  # fmt: skip
         raise ValueError(f"kind must be 'sinks', 'values' or 'resid', got {kind!r}")
+
+
+def _sink_over_others(norms: Float[Tensor, "... pos"], sink_position: int) -> Float[Tensor, "..."]:
+    """The norm at the sink position over the mean norm at every other position."""
+    others = torch.cat([norms[..., :sink_position], norms[..., sink_position + 1 :]], -1)
+    return norms[..., sink_position] / others.mean(-1)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Sinks, value drains, residual peaks and active/dormant heads: HF references and a built model whose answer is known."""
+"""Sinks, value drains, residual peaks, active/dormant heads: HF references and a hand-built model."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ TRIGGER = 1
 
 @pytest.fixture(scope="module")
 def gated() -> HookedTransformerBridge:
-    """A 1-layer GPT-2 built by hand: head 0 is dormant unless the query is the trigger token; head 1 is uniform.
+    """A hand-built 1-layer GPT-2: head 0 is dormant unless the query is the trigger token; head 1 is uniform.
 
     Embeddings: token 1 (the trigger) is ``-e0 + e1``, every other token
     ``e0 - e1``; position 0 adds ``e2 - e3``. Head 0's query reads ``e0``
@@ -95,7 +95,8 @@ def test_scores_and_norms_match_huggingface(tiny_llama, tiny_llama_hf):
         v = v.unflatten(-1, (-1, block.self_attn.head_dim))  # [batch, pos, kv_head, d_head]
         torch.testing.assert_close(found.value_norms[layer], v.norm(dim=-1).mean(0).T, rtol=1e-4, atol=1e-5)
     for row in range(tiny_llama.cfg.n_layers):  # HF's last hidden state is after the final norm
-        torch.testing.assert_close(found.resid_norms[row], out.hidden_states[row].norm(dim=-1).mean(0), rtol=1e-4, atol=1e-4)
+        expected = out.hidden_states[row].norm(dim=-1).mean(0)
+        torch.testing.assert_close(found.resid_norms[row], expected, rtol=1e-4, atol=1e-4)
     assert found.value_drain().shape == (2, 2) and found.resid_peak().shape == (3,)
 
 
