@@ -121,16 +121,18 @@ def logit_lens(model: Any, input: TextOrTokens, k: int = 5) -> LogitLens:
     input
         One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
     k
-        How many tokens to keep per layer and position.
+        How many tokens to keep per layer and position (at most ``d_vocab``:
+        a larger ``k`` keeps the whole vocabulary).
 
     Returns
     -------
     LogitLens
-        Row 0 from ``hook_embed``, row ``l + 1`` from ``blocks.{l}.hook_resid_post``.
+        Row 0 from ``blocks.0.hook_resid_pre`` (the embedding), row ``l + 1``
+        from ``blocks.{l}.hook_resid_post``.
     """
-    d_vocab = model.cfg.d_vocab
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_vocab:
-        raise ValueError(f"k must be an integer between 1 and d_vocab = {d_vocab}, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = min(k, model.cfg.d_vocab)
     tokens = prompt_tokens(model, input)
     names, stream = resid_stream(model, tokens)
     if stream[0].shape[-1] != stream[-1].shape[-1]:  # an embedding narrower than the stream (RNNs)

@@ -18,13 +18,17 @@ from dynalens.probes.results import Result
 
 
 def resid_hook_names(n_layers: int) -> list[str]:
-    """``hook_embed``, then ``blocks.{l}.hook_resid_post``: the stream after each layer."""
-    return ["hook_embed"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    """The stream entering layer 0 (embeddings, positional ones included), then after each layer."""
+    after = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    return ["blocks.0.hook_resid_pre", *after]
 
 
 def resid_labels(hook_names: list[str]) -> list[str]:
-    """Row labels of stream hooks: ``embed`` for ``hook_embed``, ``L{l}`` after layer ``l``."""
-    return ["embed" if name == "hook_embed" else f"L{name.split('.')[1]}" for name in hook_names]
+    """Row labels of :func:`resid_hook_names`: ``embed``, then ``L{l}`` after layer ``l``."""
+    return [
+        "embed" if name.endswith("hook_resid_pre") else f"L{name.split('.')[1]}"
+        for name in hook_names
+    ]
 
 
 @dataclass(kw_only=True, eq=False)
@@ -88,7 +92,8 @@ def residual_norms(model: Any, input: TextOrTokens) -> ResidualNorms:
     Returns
     -------
     ResidualNorms
-        ``norms[0]`` from ``hook_embed``, ``norms[l + 1]`` from ``blocks.{l}.hook_resid_post``.
+        ``norms[0]`` from ``blocks.0.hook_resid_pre`` (the embedding),
+        ``norms[l + 1]`` from ``blocks.{l}.hook_resid_post``.
     """
     tokens = prompt_tokens(model, input)
     names, stream = resid_stream(model, tokens)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from dynalens.models.rnn import HookedRNN
+from dynalens.models.transformer import HookedTransformerBridge
 from dynalens.probes import logit_lens, mixer_matrices, residual_norms
 
 D_VOCAB = 50  # the vocabulary of the conftest models
@@ -25,7 +27,7 @@ def test_residual_norms_equal_norms_of_the_cached_stream(any_model, tokens):
     result = residual_norms(any_model, tokens)
     _, cache = any_model.run_with_cache(tokens)
     n_layers = any_model.cfg.n_layers
-    expected = [cache["hook_embed"][0].norm(dim=-1)] + [
+    expected = [cache["blocks.0.hook_resid_pre"][0].norm(dim=-1)] + [
         cache[f"blocks.{layer}.hook_resid_post"][0].norm(dim=-1) for layer in range(n_layers)
     ]
     assert result.norms.shape == (n_layers + 1, tokens.shape[1])
@@ -33,6 +35,16 @@ def test_residual_norms_equal_norms_of_the_cached_stream(any_model, tokens):
     assert result.architecture == any_model.cfg.architecture
     assert result.tokens.tolist() == tokens[0].tolist()
     assert result.str_tokens == decoded(any_model, tokens[0])
+
+
+def test_first_row_includes_positional_embeddings():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=D_VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    model = HookedTransformerBridge.from_hf(GPT2LMHeadModel(config).eval(), name="tiny-gpt2")
+    tokens = torch.randint(0, D_VOCAB, (1, 5))
+    _, cache = model.run_with_cache(tokens, names_filter=["hook_embed", "hook_pos_embed"])
+    stream = cache["hook_embed"][0] + cache["hook_pos_embed"][0]
+    torch.testing.assert_close(residual_norms(model, tokens).norms[0], stream.norm(dim=-1))
 
 
 # --------------------------------------------------------------- logit lens
@@ -57,9 +69,12 @@ def test_logit_lens_skips_an_embedding_narrower_than_the_stream():
     assert list(lens.figure().layout.yaxis.ticktext) == ["L0"]
 
 
-def test_logit_lens_rejects_bad_k(tiny_rnn, tokens):
-    with pytest.raises(ValueError, match=f"between 1 and d_vocab = {D_VOCAB}"):
+def test_logit_lens_k_is_positive_and_at_most_the_vocabulary(tiny_rnn, tokens):
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         logit_lens(tiny_rnn, tokens, k=0)
+    lens = logit_lens(tiny_rnn, tokens, k=D_VOCAB + 10)
+    assert lens.top_ids.shape[-1] == D_VOCAB
+    torch.testing.assert_close(lens.top_probs.sum(-1), torch.ones(lens.top_probs.shape[:-1]))
 
 
 def test_smollm2_knows_the_capital_of_france(smollm2):
