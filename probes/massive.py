@@ -40,7 +40,7 @@ from torch import Tensor
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import TEMPLATE, heatmap
 from dynalens.probes.model_surface import architecture_of, decode_tokens, prompt_tokens, result_context
-from dynalens.probes.residual import resid_hook_names, resid_labels
+from dynalens.probes.residual import resid_hook_names
 from dynalens.probes.results import Result
 
 MIN_MAGNITUDE = 100.0
@@ -62,7 +62,8 @@ def site_hook_names(model: Any, site: str | Sequence[str] = "resid") -> list[str
     model
         Any dynalens model.
     site
-        ``"resid"``: ``hook_embed`` then every ``blocks.{l}.hook_resid_post``.
+        ``"resid"``: the stream entering layer 0 (``blocks.0.hook_resid_pre``, the
+        embeddings), then every ``blocks.{l}.hook_resid_post``.
         ``"state"``: every layer's recurrent state, Mamba's
         ``blocks.{l}.mixer.hook_ssm_state`` (channels ``d_inner × d_state``),
         an LSTM's ``blocks.{l}.cell.hook_cell``, other RNNs'
@@ -95,8 +96,10 @@ def site_labels(hook_names: Sequence[str]) -> list[str]:
     """Short row labels: ``embed``, ``L{l}`` for residual hooks, ``L{l} <hook>`` for others."""
     labels = []
     for name in hook_names:
-        if name == "hook_embed" or name.endswith("hook_resid_post"):
-            labels.append(resid_labels([name])[0])
+        if name in ("hook_embed", "blocks.0.hook_resid_pre"):
+            labels.append("embed")
+        elif name.startswith("blocks.") and name.endswith(".hook_resid_post"):
+            labels.append(f"L{name.split('.')[1]}")
         elif name.startswith("blocks."):
             labels.append(f"L{name.split('.')[1]} {name.rsplit('.', 1)[-1].removeprefix('hook_')}")
         else:
@@ -444,7 +447,8 @@ def ablate_massive(
 ) -> MassiveAblation:
     """Set the residual stream's massive activations to zero or to their mean; measure the loss.
 
-    Every entry of ``hook_embed`` / ``blocks.{l}.hook_resid_post`` that meets the
+    Every entry of the residual stream (``blocks.0.hook_resid_pre``, every
+    ``blocks.{l}.hook_resid_post``) that meets the
     criterion is replaced in the forward pass, and the mean next-token
     cross-entropy of each prompt is compared with the clean one and with a
     control that replaces as many entries in random *other* channels of the

@@ -144,7 +144,7 @@ class ExtremeTokens(Result):
     value_norms
         ``[layer, kv_head, pos]`` L2 norm of the value state (``attn.hook_v``).
     resid_norms
-        ``[layer + 1, pos]`` L2 norm of the residual stream (``hook_embed``, then
+        ``[layer + 1, pos]`` L2 norm of the residual stream (``blocks.0.hook_resid_pre``, then
         each ``blocks.{l}.hook_resid_post``).
     sink_position, threshold
         The sink key, and the sink score above which a head counts as a sink.

@@ -119,7 +119,7 @@ def test_massive_emergence_measures_each_checkpoint(run_dir, tmp_path):
         expected = massive_ratio(dl.load(series[c][1]), PROBE).double()
         torch.testing.assert_close(found.ratios[c], expected)
     fits = found.fits()
-    assert fits["hook"].tolist() == ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert fits["hook"].tolist() == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     assert len(found.to_frame()) == 3 * len(series)
     assert len(found.figure().data) >= 3
     found.save(tmp_path / "e.safetensors")
