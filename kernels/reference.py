@@ -55,12 +55,13 @@ def selective_scan_ref(
         if initial_state is not None
         else u.new_zeros(b, d, A.shape[1])
     )
+    # Per-step slices by unbind: indexing inside the loop would make the
+    # backward allocate a full-length gradient at every step (quadratic in l).
+    Bs = [Bx] * length if Bx.dim() == 2 else Bx.unbind(-1)
+    Cs = [Cx] * length if Cx.dim() == 2 else Cx.unbind(-1)
     ys, states = [], []
-    for t in range(length):
-        Bt = Bx if Bx.dim() == 2 else Bx[..., t]
-        Ct = Cx if Cx.dim() == 2 else Cx[..., t]
-        dt = delta[:, :, t, None]
-        h = torch.exp(dt * A) * h + dt * Bt * u[:, :, t, None]
+    for dt, ut, Bt, Ct in zip(delta.unsqueeze(-1).unbind(2), u.unsqueeze(-1).unbind(2), Bs, Cs):
+        h = torch.exp(dt * A) * h + dt * Bt * ut
         ys.append((h * Ct).sum(-1))
         if return_states:
             states.append(h)
@@ -92,7 +93,7 @@ def linear_scan_ref(
     a, x = a.to(acc), x.to(acc)
     h = initial_state.to(acc) if initial_state is not None else x.new_zeros(x.shape[:2])
     states = []
-    for t in range(x.shape[2]):
-        h = a[:, :, t] * h + x[:, :, t]
+    for a_t, x_t in zip(a.unbind(2), x.unbind(2)):
+        h = a_t * h + x_t
         states.append(h)
     return torch.stack(states, dim=2).to(dtype_in)
