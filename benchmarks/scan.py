@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-max-length", type=int, default=2048, help="longest l for ref/pscan/torch path")
-    parser.add_argument("--ref-backward-max-length", type=int, default=512, help="longest l for ref fwd+bwd")
+    parser.add_argument("--ref-backward-max-length", type=int, default=2048, help="longest l for ref fwd+bwd")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory:
