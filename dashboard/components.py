@@ -129,11 +129,13 @@ def hint(text: str) -> html.Div:
     return html.Div(text, className="hint")
 
 
-def status_row(model: str, architecture: str, n_tokens: int) -> html.Div:
-    """The pills naming the model, its architecture and the prompt's length."""
+def status_row(model: str, architecture: str, n_tokens: int, n_layers: int | None = None) -> html.Div:
+    """The pills naming the model, its architecture, its depth (if given) and the prompt's length."""
+    layers = [] if n_layers is None else [html.Span(f"{n_layers} layers", className="pill")]
     return html.Div(
         [html.Span(model, className="pill pill-model"),
          html.Span(architecture, className=f"pill pill-{architecture}"),
+         *layers,
          html.Span(f"{n_tokens} tokens", className="pill")],
         className="status-row",
     )  # fmt: skip

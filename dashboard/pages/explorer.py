@@ -11,20 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 import dash
+import torch
 from dash import ALL, Input, Output, State, callback, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
 import dynalens as dl
 from dynalens.dashboard import backend
-from dynalens.dashboard.layout import REQUEST
 from dynalens.dashboard.components import (
     card,
     clicked_column,
     graph,
     placeholder_figure,
     show_errors,
+    status_row,
     token_strip,
 )
+from dynalens.dashboard.layout import REQUEST
 from dynalens.probes.logit_lens import LogitLens
 from dynalens.probes.mixer import MixerMatrices
 from dynalens.probes.residual import ResidualNorms
@@ -41,6 +43,7 @@ TOKEN = "explorer-token"
 TOKENS = "explorer-tokens"
 LAYER = "explorer-layer"
 GROUP = "explorer-group"
+GROUP_LABEL = "explorer-group-label"
 MIXER = "explorer-mixer"
 MIXER_LOG = "explorer-mixer-log"
 MIXER_MESSAGE = "explorer-mixer-message"
@@ -50,6 +53,9 @@ RESID_MESSAGE = "explorer-resid-message"
 LENS = "explorer-lens"
 LENS_VIEW = "explorer-lens-view"
 LENS_MESSAGE = "explorer-lens-message"
+
+GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "rnn": "Group"}
+"""What one mixer matrix of a layer is, per architecture (the group dropdown's label)."""
 
 _EMPTY = placeholder_figure()
 
@@ -61,8 +67,12 @@ def layout(**_: Any) -> html.Div:
         children=[
             dcc.Store(id=PROMPT_STORE),
             dcc.Store(id=POSITION),
-            dcc.Loading(html.Div(id=STATUS, className="status"), type="dot",
-                        delay_show=300, color="#2563eb"),
+            dcc.Loading(
+                html.Div(id=STATUS, className="status"),
+                custom_spinner=html.Div("Loading the model and reading the prompt…",
+                                        className="status-progress"),
+                delay_show=300,
+            ),
             card(
                 "Tokens",
                 html.Div(id=TOKENS, className="token-strip"),
@@ -78,8 +88,9 @@ def layout(**_: Any) -> html.Div:
                         controls=[
                             _labelled("Layer", dcc.Dropdown(id=LAYER, clearable=False,
                                                             className="small-dropdown")),
-                            _labelled("Head / group", dcc.Dropdown(id=GROUP, clearable=False,
-                                                                   className="small-dropdown")),
+                            _labelled("Head", dcc.Dropdown(id=GROUP, clearable=False,
+                                                           className="small-dropdown"),
+                                      label_id=GROUP_LABEL),
                             _log_toggle(MIXER_LOG),
                         ],
                     ),
@@ -112,8 +123,9 @@ def layout(**_: Any) -> html.Div:
     )
 
 
-def _labelled(label: str, control: Any) -> html.Div:
-    return html.Div([html.Span(label, className="control-label"), control], className="inline-control")
+def _labelled(label: str, control: Any, label_id: str | None = None) -> html.Div:
+    span = html.Span(label, className="control-label", **({"id": label_id} if label_id else {}))
+    return html.Div([span, control], className="inline-control")
 
 
 def _log_toggle(id: str, on: bool = False) -> dcc.Checklist:
@@ -121,13 +133,8 @@ def _log_toggle(id: str, on: bool = False) -> dcc.Checklist:
                          value=["log"] if on else [], className="inline-check")
 
 
-def _tokens(prompt: dict) -> list[int]:
-    return prompt["tokens"]
-
-
 def _model_and_tokens(prompt: dict):
-    model = backend.load_model(prompt["model"])
-    return model, backend.encode_prompt(model, prompt["text"])
+    return backend.load_model(prompt["model"]), torch.tensor([prompt["tokens"]])
 
 
 # ----------------------------------------------------------------- callbacks
@@ -136,17 +143,17 @@ def _model_and_tokens(prompt: dict):
     Output(TOKENS, "children"),
     Output(LAYER, "options"),
     Output(LAYER, "value"),
+    Output(GROUP_LABEL, "children"),
     Output(STATUS, "children"),
     Input(REQUEST, "data"),
     State(LAYER, "value"),
 )
-@show_errors(None, [], [], None)
+@show_errors(None, [], [], None, "Head")
 def prepare(request: dict | None, layer: int | None):
     """Load the model and tokenise the prompt; everything else listens to the store."""
     if not request:
         raise PreventUpdate
-    model = backend.load_model(request["model"])
-    tokens = backend.encode_prompt(model, request["prompt"])
+    model, tokens = backend.model_and_tokens(request)
     ids = tokens[0].tolist()
     norms = backend.cached_result(
         ResidualNorms, request["model"], ids, "residual_norms", {},
@@ -156,24 +163,16 @@ def prepare(request: dict | None, layer: int | None):
     layer = layer if isinstance(layer, int) and 0 <= layer < n_layers else n_layers - 1
     prompt = {
         "model": request["model"],
-        "text": request["prompt"],
         "tokens": ids,
         "str_tokens": norms.str_tokens,
         "architecture": norms.architecture,
         "n_layers": n_layers,
         "run": request.get("run"),
     }
-    status = html.Div(
-        [
-            html.Span(request["model"], className="pill pill-model"),
-            html.Span(norms.architecture, className=f"pill pill-{norms.architecture}"),
-            html.Span(f"{n_layers} layers", className="pill"),
-            html.Span(f"{len(ids)} tokens", className="pill"),
-        ],
-        className="status-row",
-    )
+    status = status_row(request["model"], norms.architecture, len(ids), n_layers)
     options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
-    return prompt, token_strip(norms.str_tokens, len(ids) - 1, TOKEN), options, layer, status
+    strip = token_strip(norms.str_tokens, len(ids) - 1, TOKEN)
+    return prompt, strip, options, layer, GROUP_NAMES[norms.architecture], status
 
 
 @callback(
@@ -226,7 +225,7 @@ def residual_panel(prompt, position, log_colour):
     if not prompt:
         return _EMPTY, None
     norms = backend.cached_result(
-        ResidualNorms, prompt["model"], _tokens(prompt), "residual_norms", {},
+        ResidualNorms, prompt["model"], prompt["tokens"], "residual_norms", {},
         lambda: dl.probes.residual_norms(*_model_and_tokens(prompt)),
     )
     return norms.figure(log="log" in (log_colour or []), position=position), None
@@ -244,7 +243,7 @@ def logit_lens_panel(prompt, position, view):
     if not prompt or position is None:
         return _EMPTY, None
     lens = backend.cached_result(
-        LogitLens, prompt["model"], _tokens(prompt), "logit_lens", {"k": TOP_K},
+        LogitLens, prompt["model"], prompt["tokens"], "logit_lens", {"k": TOP_K},
         lambda: dl.probes.logit_lens(*_model_and_tokens(prompt), k=TOP_K),
     )
     return lens.figure(position=position if view == "position" else None), None
@@ -266,7 +265,7 @@ def mixer_panel(prompt, layer, group, position, log_colour):
     if not prompt or layer is None:
         return _EMPTY, [], None, None
     mixer = backend.cached_result(
-        MixerMatrices, prompt["model"], _tokens(prompt), "mixer_matrices", {"layer": layer},
+        MixerMatrices, prompt["model"], prompt["tokens"], "mixer_matrices", {"layer": layer},
         lambda: dl.probes.mixer_matrices(*_model_and_tokens(prompt), layer=layer),
     )
     labels = mixer.group_labels

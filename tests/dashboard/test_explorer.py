@@ -24,42 +24,21 @@ def results_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("dashboard-results")
 
 
-def figure(dash_duo, graph_id: str) -> dict:
-    """The figure plotly holds in the browser for ``dcc.Graph(id=graph_id)``."""
+def z_of(figure: dict) -> np.ndarray:
+    """The first trace's ``z`` (NaN where plotly holds none)."""
+    return np.array(figure["traces"][0]["z"], dtype=float)
+
+
+def shapes_x0(dash_duo, graph_id: str) -> list[float]:
+    """Left edges of the shapes drawn on a graph (the selected-token outline)."""
     return dash_duo.driver.execute_script(
         """
         const el = document.getElementById(arguments[0]);
         const plot = el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
-        return plot && plot.data ? {data: plot.data, layout: plot.layout} : null;
+        return (plot.layout.shapes || []).map(s => s.x0);
         """,
         graph_id,
     )
-
-
-def title(dash_duo, graph_id: str) -> str:
-    fig = figure(dash_duo, graph_id)
-    if not fig or not fig["data"]:
-        return ""
-    t = fig["layout"].get("title") or {}
-    return t.get("text", "") if isinstance(t, dict) else str(t)
-
-
-def wait_title(dash_duo, graph_id: str, text: str, timeout: float = TIMEOUT) -> None:
-    until(lambda: text in title(dash_duo, graph_id), timeout=timeout,
-          msg=f"{graph_id} title never contained {text!r} (last: {title(dash_duo, graph_id)!r})")
-
-
-def heatmap_z(dash_duo, graph_id: str) -> np.ndarray:
-    """The first trace's ``z`` as plotly.js decoded it (typed-array rows; NaN sent back as None)."""
-    z = dash_duo.driver.execute_script(
-        """
-        const el = document.getElementById(arguments[0]);
-        const plot = el.classList.contains('js-plotly-plot') ? el : el.querySelector('.js-plotly-plot');
-        return Array.from(plot._fullData[0].z, row => Array.from(row, v => Number.isNaN(v) ? null : v));
-        """,
-        graph_id,
-    )
-    return np.array([[np.nan if v is None else v for v in row] for row in z], dtype=float)
 
 
 def assert_lower_triangle(drawn: np.ndarray, expected: torch.Tensor) -> None:
@@ -96,7 +75,7 @@ def open_smollm2(dash_duo, results_dir):
     return model, model.to_tokens(DEFAULT_PROMPT)
 
 
-def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, results_dir, screenshot):
+def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, wait_title, results_dir, screenshot):
     model, tokens = open_smollm2(dash_duo, results_dir)
     dash_duo.wait_for_text_to_equal(".nav-link.active", "Explorer")
     n_layers = model.cfg.n_layers
@@ -104,66 +83,62 @@ def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, results_dir, scre
     # the last token starts selected, and the deepest layer is shown
     selected = dash_duo.find_element("#explorer-tokens .token.selected")
     assert selected.text.split("\n")[0] == str(tokens.shape[1] - 1)
-    wait_title(dash_duo, "explorer-mixer", f"Layer {n_layers - 1} mixer")
-    wait_title(dash_duo, "explorer-lens", f"position {tokens.shape[1] - 1}")
-    wait_title(dash_duo, "explorer-resid", "Residual-stream norm")
+    mixer = wait_title("explorer-mixer", f"Layer {n_layers - 1} mixer", TIMEOUT)
+    wait_title("explorer-lens", f"position {tokens.shape[1] - 1}", TIMEOUT)
+    resid = wait_title("explorer-resid", "Residual-stream norm", TIMEOUT)
 
     expected = dl.probes.mixer_matrices(model, tokens, layer=n_layers - 1)
-    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), expected.matrices[0])
-    norms = dl.probes.residual_norms(model, tokens).norms
-    drawn = heatmap_z(dash_duo, "explorer-resid")  # log colour is on by default
-    np.testing.assert_allclose(drawn, np.log10(norms.double().numpy()), rtol=1e-5)
+    assert_lower_triangle(z_of(mixer), expected.matrices[0])
+    norms = dl.probes.residual_norms(model, tokens).norms  # log colour is on by default
+    np.testing.assert_allclose(z_of(resid), np.log10(norms.double().numpy()), rtol=1e-5)
     assert dash_duo.get_logs() in ([], None)
     screenshot("explorer-smollm2")
 
 
-def test_changing_layer_and_head_updates_the_heatmap(dash_duo, results_dir, screenshot):
+def test_changing_layer_and_head_updates_the_heatmap(dash_duo, wait_title, results_dir, screenshot):
     model, tokens = open_smollm2(dash_duo, results_dir)
-    wait_title(dash_duo, "explorer-mixer", f"Layer {model.cfg.n_layers - 1} mixer · head 0")
-    before = heatmap_z(dash_duo, "explorer-mixer")
+    before = z_of(wait_title("explorer-mixer", f"Layer {model.cfg.n_layers - 1} mixer · head 0", TIMEOUT))
 
     choose(dash_duo, "#explorer-layer", "layer 2")
-    wait_title(dash_duo, "explorer-mixer", "Layer 2 mixer · head 0")
+    after_layer = z_of(wait_title("explorer-mixer", "Layer 2 mixer · head 0", TIMEOUT))
     layer_2 = dl.probes.mixer_matrices(model, tokens, layer=2).matrices
-    after_layer = heatmap_z(dash_duo, "explorer-mixer")
     assert_lower_triangle(after_layer, layer_2[0])
     assert not np.allclose(np.nan_to_num(after_layer), np.nan_to_num(before))
 
     choose(dash_duo, "#explorer-group", "head 5")
-    wait_title(dash_duo, "explorer-mixer", "Layer 2 mixer · head 5")
-    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), layer_2[5])
+    assert_lower_triangle(z_of(wait_title("explorer-mixer", "Layer 2 mixer · head 5", TIMEOUT)), layer_2[5])
     screenshot("explorer-layer-head")
 
 
-def test_clicking_a_token_selects_it_everywhere(dash_duo, results_dir, screenshot):
+def test_clicking_a_token_selects_it_everywhere(dash_duo, wait_title, results_dir, screenshot):
     model, tokens = open_smollm2(dash_duo, results_dir)
-    wait_title(dash_duo, "explorer-lens", f"position {tokens.shape[1] - 1}")
+    wait_title("explorer-lens", f"position {tokens.shape[1] - 1}", TIMEOUT)
 
     dash_duo.find_elements("#explorer-tokens .token")[7].click()
-    wait_title(dash_duo, "explorer-lens", "position 7")
+    drawn = wait_title("explorer-lens", "position 7", TIMEOUT)
     assert dash_duo.find_element("#explorer-tokens .token.selected").text.split("\n")[0] == "7"
     lens = dl.probes.logit_lens(model, tokens, k=5)
-    np.testing.assert_allclose(heatmap_z(dash_duo, "explorer-lens"), lens.top_probs[:, 7].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(z_of(drawn), lens.top_probs[:, 7].numpy(), rtol=1e-5)
     for graph_id in ("explorer-mixer", "explorer-resid"):  # the selected column is outlined
-        until(lambda: [s["x0"] for s in figure(dash_duo, graph_id)["layout"].get("shapes", [])] == [6.5],
-              timeout=30, msg=f"{graph_id} does not outline position 7")
+        until(lambda: shapes_x0(dash_duo, graph_id) == [6.5], timeout=30,
+              msg=f"{graph_id} does not outline position 7")
     screenshot("explorer-token-click")
 
 
-def test_explorer_renders_for_a_mamba_model(dash_duo, tiny_mamba_dir, tmp_path, screenshot):
+def test_explorer_renders_for_a_mamba_model(dash_duo, wait_title, tiny_mamba_dir, tmp_path, screenshot):
     dash_duo.start_server(create_app(cache_dir=tmp_path))
     analyse(dash_duo, path=str(tiny_mamba_dir), prompt=MAMBA_PROMPT)
     dash_duo.wait_for_contains_text("#explorer-status", "mamba", timeout=TIMEOUT)
     model = backend.load_model(str(tiny_mamba_dir))
     tokens = torch.tensor([[int(t) for t in MAMBA_PROMPT.split()]])
     expected = dl.probes.mixer_matrices(model, tokens, layer=model.cfg.n_layers - 1)
-    wait_title(dash_duo, "explorer-mixer", f"{expected.group_labels[0]}")
+    first = wait_title("explorer-mixer", expected.group_labels[0], TIMEOUT)
     assert len(dash_duo.find_elements("#explorer-tokens .token")) == tokens.shape[1]
-    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), expected.matrices[0])
+    assert dash_duo.find_element("#explorer-group-label").text == "Channels"
+    assert_lower_triangle(z_of(first), expected.matrices[0])
 
     choose(dash_duo, "#explorer-group", expected.group_labels[1])
-    wait_title(dash_duo, "explorer-mixer", expected.group_labels[1])
-    assert_lower_triangle(heatmap_z(dash_duo, "explorer-mixer"), expected.matrices[1])
+    assert_lower_triangle(z_of(wait_title("explorer-mixer", expected.group_labels[1], TIMEOUT)), expected.matrices[1])
     screenshot("explorer-mamba")
 
 
