@@ -360,6 +360,11 @@ class MambaRegimes(Result):
 def mamba_regimes(model: Any, rtol: float = 1e-9) -> MambaRegimes:
     """Classify every layer of a HookedMamba as convergent or divergent from its weights.
 
+    The criterion is the paper's idealisation (see the module notes): it
+    ignores the convolution, gate, norm and ``D`` skip, and a trained Mamba's
+    ``A`` differs across states (S4D-real), so for tokens after the first the
+    sign argument holds only approximately; the first token's is exact.
+
     Parameters
     ----------
     model
