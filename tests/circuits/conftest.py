@@ -1,0 +1,30 @@
+"""The zoo's ``attn2l-induction`` model and its task, shared by the circuits tests."""
+
+from __future__ import annotations
+
+import pytest
+
+import dynalens as dl
+from dynalens.models.zoo import get_entry
+
+
+@pytest.fixture(scope="session")
+def attn2l():
+    """The 2-layer attention-only induction model; skips while its weights are not built."""
+    if not (get_entry("attn2l-induction").path / "config.json").is_file():
+        pytest.skip("zoo model 'attn2l-induction' has no weights yet (python -m dynalens.models.zoo_build)")
+    return dl.load("attn2l-induction")
+
+
+@pytest.fixture(scope="session")
+def induction_task():
+    """The repeated-random-tokens task ``attn2l-induction`` was trained on."""
+    return get_entry("attn2l-induction").make_task()
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba_model():
+    """A random 1-layer HookedMamba."""
+    from dynalens.models.mamba import HookedMamba, MambaConfig
+
+    return HookedMamba(MambaConfig(d_model=8, n_layers=1, d_vocab=16, d_state=2)).eval()

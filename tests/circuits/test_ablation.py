@@ -1,0 +1,100 @@
+"""Head ablation and masking: against hand-computed outputs and the known heads of attn2l-induction."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from dynalens.circuits import HeadAblation, ablate_heads, head_hooks
+
+LAYER0 = [(0, h) for h in range(4)]
+LAYER1 = [(1, h) for h in range(4)]
+
+
+def _z(model, tokens, hooks=(), layer=0):
+    name = f"blocks.{layer}.attn.hook_z"
+    seen = {}
+    with model.hooks(fwd_hooks=list(hooks) + [(name, lambda z, hook: seen.setdefault("z", z.clone()))]):
+        model(tokens)
+    return seen["z"]
+
+
+@pytest.mark.parametrize("method", ["zero", "mean", "resample"])
+def test_hooks_replace_only_the_chosen_heads(attn2l, induction_task, method):
+    batch = induction_task.sample(4, torch.Generator().manual_seed(0))
+    reference = induction_task.sample(6, torch.Generator().manual_seed(1)).tokens
+    clean = _z(attn2l, batch.tokens)
+    ablated = _z(attn2l, batch.tokens, head_hooks(attn2l, [(0, 2)], method, reference=reference))
+    others = [0, 1, 3]
+    torch.testing.assert_close(ablated[:, :, others], clean[:, :, others])
+    ref_z = _z(attn2l, reference)[:, :, 2].flatten(0, 1)  # every (sequence, position) of the head
+    if method == "zero":
+        assert (ablated[:, :, 2] == 0).all()
+    elif method == "mean":
+        torch.testing.assert_close(ablated[:, :, 2], ref_z.mean(0).expand_as(ablated[:, :, 2]))
+    else:  # every replaced vector is one of the reference vectors
+        dist = torch.cdist(ablated[:, :, 2].flatten(0, 1), ref_z, compute_mode="donot_use_mm_for_euclid_dist")
+        assert dist.min(-1).values.max() < 1e-5
+
+
+def test_mask_makes_attention_uniform_over_visible_keys(attn2l, induction_task):
+    tokens = induction_task.sample(2, torch.Generator().manual_seed(0)).tokens
+    name = "blocks.1.attn.hook_pattern"
+    hooks = head_hooks(attn2l, [(1, 3)], "mask")
+    _, cache = attn2l.run_with_cache(tokens, names_filter=[name])
+    clean = cache[name]
+    seen = {}
+    with attn2l.hooks(fwd_hooks=hooks + [(name, lambda p, hook: seen.setdefault("p", p.clone()))]):
+        attn2l(tokens)
+    pos = tokens.shape[1]
+    expected = torch.ones(pos, pos).tril() / torch.arange(1, pos + 1)[:, None]
+    torch.testing.assert_close(seen["p"][:, 3], expected.expand(2, -1, -1))
+    torch.testing.assert_close(seen["p"][:, :3], clean[:, :3])
+
+
+def test_mask_decoding_only_leaves_the_prompt_alone(attn2l, induction_task):
+    tokens = induction_task.sample(1, torch.Generator().manual_seed(0)).tokens[:, :20]
+    shapes = []
+    hooks = head_hooks(attn2l, LAYER0, "mask", decoding_only=True)
+    record = ("blocks.0.attn.hook_pattern", lambda p, hook: shapes.append((p.shape[-2], p[0, 0, -1].std().item())))
+    attn2l.generate(tokens, max_new_tokens=3, fwd_hooks=hooks + [record])
+    prompt, *steps = shapes
+    assert prompt[0] == 20 and prompt[1] > 0  # the prompt's last row is not uniform
+    assert [q for q, _ in steps] == [1, 1] and all(std == pytest.approx(0, abs=1e-7) for _, std in steps)
+
+
+def test_ablating_the_induction_heads_destroys_copying_random_heads_do_not(attn2l, induction_task):
+    """attn2l-induction's induction heads (all of layer 0, see test_heads) carry the copying."""
+    effect = ablate_heads(attn2l, LAYER0, induction_task, method="zero", trials=3, batch_size=16)
+    assert isinstance(effect, HeadAblation) and effect.scores.shape == (3, 3)
+    frame = effect.to_frame().set_index("condition")
+    assert frame.loc["clean", "mean"] > 0.95
+    assert frame.loc["ablated", "mean"] < 0.05
+    assert frame.loc["control", "mean"] > 0.9  # the control can only draw layer-1 heads
+    assert all(sorted(map(tuple, c)) == LAYER1 for c in effect.control_heads)
+    assert frame.loc["effect", "ci_low"] > frame.loc["control_effect", "ci_high"]
+
+
+def test_single_head_ablation(attn2l, induction_task):
+    """One layer-0 head is necessary on its own; no layer-1 head is."""
+    necessary = ablate_heads(attn2l, [(0, 1)], induction_task, trials=2, batch_size=16)
+    assert necessary.scores[:, 1].max() < 0.05
+    for head in LAYER1:
+        spare = ablate_heads(attn2l, [head], induction_task, trials=1, batch_size=16)
+        assert spare.scores[0, 1] > 0.95
+
+
+def test_ablate_heads_accepts_a_frame_and_checks_arguments(attn2l, induction_task):
+    frame = pd.DataFrame({"layer": [1], "head": [2], "induction": [0.1]})
+    effect = ablate_heads(attn2l, frame, induction_task, method="mask", trials=2, batch_size=8, exclude=[(1, 0)])
+    assert effect.heads == [[1, 2]] and all(c[0] not in ([1, 2], [1, 0]) for c in effect.control_heads)
+    assert effect.figure().data[0].y.shape == (3,)
+    with pytest.raises(IndexError, match="heads 0 to 3"):
+        ablate_heads(attn2l, [(0, 4)], induction_task)
+    with pytest.raises(ValueError, match="method must be one of"):
+        ablate_heads(attn2l, [(0, 1)], induction_task, method="noise")
+    with pytest.raises(ValueError, match="needs reference token ids"):
+        head_hooks(attn2l, [(0, 1)], "mean")
+    with pytest.raises(ValueError, match="control needs 8 heads"):
+        ablate_heads(attn2l, LAYER0 + LAYER1, induction_task)

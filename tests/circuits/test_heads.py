@@ -1,0 +1,114 @@
+"""Head scores against TransformerLens' head detector, the full OV circuit and known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+from transformer_lens.head_detector import detect_head
+
+from dynalens.circuits import HeadScores, copying_scores, induction_scores
+from dynalens.circuits.heads import attention_scores, induction_targets, repeated_tokens
+from dynalens.probes import sink_scores
+
+WORDS = (
+    "apple river stone cloud engine garden silver market window forest "
+    "pencil doctor island ladder museum orange planet rocket summer tunnel"
+).split()
+
+
+def test_induction_targets_known_answer():
+    tokens = torch.tensor([[5, 7, 8, 5, 7]])
+    target = induction_targets(tokens)[0]
+    # query 3 (token 5) should attend to key 1 (after the earlier 5); query 4 (token 7) to key 2.
+    expected = torch.zeros(5, 5, dtype=torch.bool)
+    expected[3, 1] = expected[4, 2] = True
+    assert torch.equal(target, expected)
+
+
+def test_attention_scores_average_only_queries_with_a_target():
+    target = torch.zeros(1, 3, 3, dtype=torch.bool)
+    target[0, 2, 0] = True
+    pattern = torch.zeros(1, 2, 3, 3)
+    pattern[0, 0, 2, 0] = 0.25
+    pattern[0, 1, 2, 0] = 1.0
+    assert attention_scores(pattern, target).tolist() == [0.25, 1.0]
+    with pytest.raises(ValueError, match="no query has a target"):
+        attention_scores(pattern, torch.zeros_like(target))
+
+
+def test_repeated_tokens_use_the_models_bos(smollm2):
+    tokens = repeated_tokens(smollm2, half_len=6, n_sequences=3)
+    bos = smollm2.tokenizer.bos_token_id
+    assert tokens.shape == (3, 13)
+    assert (tokens[:, 0] == bos).all() and not (tokens[:, 1:] == bos).any()
+    assert torch.equal(tokens[:, 1:7], tokens[:, 7:])
+
+
+def test_scores_agree_with_transformer_lens_head_detector(smollm2):
+    """Rank correlation over all 270 SmolLM2 heads with detect_head on the same prompt."""
+    text = " ".join(WORDS + WORDS)
+    ours = induction_scores(smollm2, text)
+    for kind, name in (("induction", "induction_head"), ("prev_token", "previous_token_head")):
+        theirs = detect_head(smollm2, text, name)
+        rho = spearmanr(theirs.flatten(), ours.score(kind).flatten()).statistic
+        assert rho >= 0.9, (kind, rho)
+    assert torch.allclose(ours.sink, sink_scores(smollm2, text), atol=1e-6)
+
+
+def test_copying_scores_match_the_full_vocab_circuit(attn2l):
+    """Eigenvalues of the [vocab, vocab] OV circuit W_E W_V W_O W_U, computed directly."""
+    w_e, w_u = attn2l.W_E.float(), attn2l.W_U.float()
+    full = w_e @ attn2l.W_V.float() @ attn2l.W_O.float() @ w_u  # [layer, head, vocab, vocab]
+    eig = torch.linalg.eigvals(full.double())
+    expected = eig.sum(-1).real / eig.abs().sum(-1)
+    ours = copying_scores(attn2l)
+    assert ours.shape == (2, 4)
+    torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_copying_score_is_one_for_an_identity_ov_circuit():
+    class Toy:
+        class cfg:  # noqa: N801
+            architecture = "transformer"
+
+        W_E = torch.eye(4)
+        W_U = torch.eye(4)
+        W_V = torch.eye(4)[None, None, :, :2]  # one layer, one head: keep the first two directions
+        W_O = torch.eye(4)[None, None, :2, :] * torch.tensor([1.0, -1.0, 0, 0])[:2, None]
+
+    scores = copying_scores(Toy)
+    assert scores.item() == pytest.approx(0.0)  # eigenvalues +1 and -1
+    Toy.W_O = torch.eye(4)[None, None, :2, :]
+    assert copying_scores(Toy).item() == pytest.approx(1.0)
+
+
+def test_attn2l_induction_heads(attn2l, induction_task):
+    """Every layer-0 head of attn2l-induction copies by looking back (the model learned a positional
+    lookback at its fixed length); layer 1 holds no induction head."""
+    batch = induction_task.sample(16, torch.Generator().manual_seed(3))
+    scores = induction_scores(attn2l, batch.tokens)
+    assert isinstance(scores, HeadScores) and scores.n_sequences == 16
+    assert sorted(scores.heads("induction", 0.5)) == [(0, h) for h in range(4)]
+    assert scores.induction[1].max() < 0.1
+    assert scores.top(1).loc[0, "layer"] == 0
+
+
+def test_head_scores_result_round_trip(attn2l, tmp_path):
+    scores = induction_scores(attn2l, half_len=8, n_sequences=2)
+    frame = scores.to_frame()
+    assert list(frame.columns) == ["layer", "head", "induction", "prev_token", "copying", "sink"]
+    assert len(frame) == 8
+    assert scores.top(3, by="prev_token")["prev_token"].is_monotonic_decreasing
+    path = tmp_path / "heads.safetensors"
+    scores.save(path)
+    loaded = HeadScores.load(path)
+    assert torch.equal(loaded.induction, scores.induction) and loaded.n_sequences == 2
+    assert scores.figure(kind="copying").data[0].z.shape == (2, 4)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        scores.figure(kind="retrieval")
+
+
+def test_head_scores_reject_models_without_attention(tiny_mamba_model):
+    with pytest.raises(TypeError, match="attention patterns"):
+        induction_scores(tiny_mamba_model)
