@@ -360,6 +360,14 @@ def test_untied_round_trip_and_dl_load(tokens, tmp_path):
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in again.state_dict().items())
 
 
+def test_sharded_folder_loads(pair, tokens, tmp_path):
+    hf, ours = pair
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    sharded = HookedMamba.from_pretrained(tmp_path)
+    assert torch.equal(sharded(tokens), ours(tokens))
+
+
 def test_from_hf_copies_weights(pair):
     hf, ours = pair
     assert all(
