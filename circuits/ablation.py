@@ -10,8 +10,9 @@ pos, head, d_head]``, before ``W_O``):
 
 *Masking* (``"mask"``) instead makes the head attend uniformly to every key
 it can see, which is what setting its pre-softmax scores to zero does (the
-Retrieval Head paper's intervention); with ``decoding_only=True`` only the
-one-query steps of KV-cached generation are masked, not the prompt.
+Retrieval Head paper's intervention); ``last_queries=n`` masks only the last
+``n`` query positions (the answer being read out while teacher forcing, so
+the prompt is left alone as in the paper's decoding-only masking).
 
 :func:`ablate_heads` measures a task's score with nothing ablated, with the
 chosen heads ablated, and with as many random other heads ablated (a new
@@ -118,7 +119,7 @@ def head_hooks(
     method: str = "zero",
     *,
     reference: Int[Tensor, "batch pos"] | None = None,
-    decoding_only: bool = False,
+    last_queries: int | None = None,
     generator: torch.Generator | None = None,
 ) -> list[Hook]:
     """Forward hooks that ablate or mask ``heads``; pass them to ``run_with_hooks`` or ``hooks``.
@@ -134,8 +135,8 @@ def head_hooks(
         ``"zero"``, ``"mean"``, ``"resample"`` or ``"mask"`` (module docstring).
     reference
         Token ids whose activations ``"mean"`` and ``"resample"`` use.
-    decoding_only
-        ``"mask"`` only: leave multi-token forward passes (the prompt) alone.
+    last_queries
+        ``"mask"`` only: mask the last ``last_queries`` query positions only.
     generator
         Seeds ``"resample"``'s draws.
 
@@ -146,11 +147,11 @@ def head_hooks(
     _check_transformer(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if decoding_only and method != "mask":
-        raise ValueError("decoding_only applies to method='mask' only")
+    if last_queries is not None and (method != "mask" or not isinstance(last_queries, int) or last_queries < 1):
+        raise ValueError(f"last_queries must be a positive integer, with method='mask' only; got {last_queries!r}")
     layers = _by_layer(as_heads(heads, model))
     if method == "mask":
-        return [(f"blocks.{layer}.attn.hook_pattern", _mask_fn(idx, decoding_only)) for layer, idx in layers.items()]
+        return [(f"blocks.{layer}.attn.hook_pattern", _mask_fn(idx, last_queries)) for layer, idx in layers.items()]
     if method == "zero":
         return [(f"blocks.{layer}.attn.hook_z", _replace_fn(idx, None, None)) for layer, idx in layers.items()]
     if reference is None:
@@ -178,14 +179,14 @@ def _replace_fn(heads: list[int], ref: Tensor | None, generator: torch.Generator
     return hook
 
 
-def _mask_fn(heads: list[int], decoding_only: bool) -> Callable:
+def _mask_fn(heads: list[int], last_queries: int | None) -> Callable:
     def hook(pattern: Float[Tensor, "batch head q k"], hook: Any) -> Tensor:
         q, k = pattern.shape[-2:]
-        if decoding_only and q > 1:
-            return pattern
         visible = torch.ones(q, k, dtype=pattern.dtype, device=pattern.device).tril(k - q)
+        uniform = visible / visible.sum(-1, keepdim=True)
+        rows = slice(None) if last_queries is None else slice(max(0, k - last_queries - (k - q)), None)
         pattern = pattern.clone()
-        pattern[:, heads] = visible / visible.sum(-1, keepdim=True)
+        pattern[:, heads, rows] = uniform[rows]
         return pattern
 
     return hook
@@ -273,7 +274,7 @@ def ablate_heads(
     baseline: str = "random",
     trials: int = 5,
     exclude: Iterable[Head] | pd.DataFrame = (),
-    decoding_only: bool = False,
+    last_queries: int | None = None,
     batch_size: int = 32,
     confidence: float = 0.95,
     seed: int = 0,
@@ -300,8 +301,9 @@ def ablate_heads(
     exclude
         Heads the control never draws (the Retrieval Head paper draws outside
         the top 100 retrieval heads).
-    decoding_only
-        ``"mask"`` only: mask generation steps, not the prompt.
+    last_queries
+        ``"mask"`` only: mask the last ``last_queries`` queries only (for a
+        :class:`~dynalens.circuits.NeedleScorer`, its ``answer_queries``).
     confidence
         Level of the reported confidence intervals.
     seed
@@ -340,7 +342,7 @@ def ablate_heads(
         row = []
         for chosen_heads in (None, chosen, control):
             hooks = [] if chosen_heads is None else head_hooks(
-                model, chosen_heads, method, reference=reference, decoding_only=decoding_only,
+                model, chosen_heads, method, reference=reference, last_queries=last_queries,
                 generator=torch.Generator().manual_seed(seed + trial),
             )  # fmt: skip
             row.append(scorer.score(model, hooks, torch.Generator().manual_seed(seed + trial)))

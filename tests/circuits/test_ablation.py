@@ -53,15 +53,20 @@ def test_mask_makes_attention_uniform_over_visible_keys(attn2l, induction_task):
     torch.testing.assert_close(seen["p"][:, :3], clean[:, :3])
 
 
-def test_mask_decoding_only_leaves_the_prompt_alone(attn2l, induction_task):
-    tokens = induction_task.sample(1, torch.Generator().manual_seed(0)).tokens[:, :20]
-    shapes = []
-    hooks = head_hooks(attn2l, LAYER0, "mask", decoding_only=True)
-    record = ("blocks.0.attn.hook_pattern", lambda p, hook: shapes.append((p.shape[-2], p[0, 0, -1].std().item())))
-    attn2l.generate(tokens, max_new_tokens=3, fwd_hooks=hooks + [record])
-    prompt, *steps = shapes
-    assert prompt[0] == 20 and prompt[1] > 0  # the prompt's last row is not uniform
-    assert [q for q, _ in steps] == [1, 1] and all(std == pytest.approx(0, abs=1e-7) for _, std in steps)
+def test_mask_last_queries_leaves_earlier_queries_alone(attn2l, induction_task):
+    tokens = induction_task.sample(2, torch.Generator().manual_seed(0)).tokens
+    name = "blocks.0.attn.hook_pattern"
+    _, cache = attn2l.run_with_cache(tokens, names_filter=[name])
+    seen = {}
+    hooks = head_hooks(attn2l, [(0, 1)], "mask", last_queries=3)
+    with attn2l.hooks(fwd_hooks=hooks + [(name, lambda p, hook: seen.setdefault("p", p.clone()))]):
+        attn2l(tokens)
+    pos = tokens.shape[1]
+    torch.testing.assert_close(seen["p"][:, :, : pos - 3], cache[name][:, :, : pos - 3])
+    last = torch.ones(3, pos).tril(pos - 3) / torch.arange(pos - 2, pos + 1)[:, None]
+    torch.testing.assert_close(seen["p"][:, 1, pos - 3 :], last.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="last_queries must be a positive integer"):
+        head_hooks(attn2l, [(0, 1)], "zero", last_queries=3)
 
 
 def test_ablating_the_induction_heads_destroys_copying_random_heads_do_not(attn2l, induction_task):
