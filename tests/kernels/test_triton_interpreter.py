@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter run itself")
 def test_triton_cases_pass_under_the_interpreter():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("this is the interpreter run itself")
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).parent), "-q", "-x", "-k", "triton and not interpreter", "-p", "no:cacheprovider"]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONSAFEPATH": "1"}
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
