@@ -189,7 +189,9 @@ def main() -> None:
               "  (page reload included)")
         print(f"layer change, computed                   {med(layer_new):7.3f} s  slowest callback {med(layer_new_cb):.3f} s")
         print(f"layer change, from results cache         {med(layer_hit):7.3f} s  slowest callback {med(layer_hit_cb):.3f} s")
-        print(f"(median of {args.repeats}; {os.cpu_count()} CPU cores; target < 2 s warm, < 0.3 s cached)")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"(median of {args.repeats}; {os.cpu_count()} CPU cores, load average {load}; "
+              "target < 2 s warm, < 0.3 s cached)")
     finally:
         driver.quit()
         os.killpg(server.pid, signal.SIGTERM)

@@ -1,14 +1,18 @@
 """A results cache on disk: the same model, prompt and analysis are computed once.
 
 Each entry is one folder named by a SHA-256 of ``(model id, token ids,
-analysis name, parameters)``; inside it the result writes itself with its own
-``save`` (safetensors + JSON), and ``load`` of the result type reads it back.
-Nothing is pickled, so a cache folder shared between users is safe to read.
+analysis name, parameters)`` and of the source of the module defining the
+result type, so results written by other analysis code are never read back;
+inside it the result writes itself with its own ``save`` (safetensors + JSON),
+and ``load`` of the result type reads it back. Nothing is pickled, so a cache
+folder shared between users is safe to read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -62,6 +66,14 @@ def request_key(
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+@functools.cache
+def code_version(result_type: type) -> str:
+    """A hash of the source file that defines ``result_type`` (its analysis and its format)."""
+    source = inspect.getsourcefile(result_type)
+    data = open(source, "rb").read() if source else result_type.__qualname__.encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 class ResultsCache:
     """Result objects on disk under ``root``, keyed by :func:`request_key`.
 
@@ -82,6 +94,19 @@ class ResultsCache:
         self.root = Path(root) if root is not None else cache_dir() / "dashboard"
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+
+    @staticmethod
+    def key(
+        result_type: type,
+        model_id: str,
+        tokens: Sequence[int],
+        analysis: str,
+        params: Mapping[str, Any] | None = None,
+    ) -> str:
+        """The entry key of a request: :func:`request_key` with the analysis code's version."""
+        return request_key(
+            model_id, tokens, analysis, {**(params or {}), "_code": code_version(result_type)}
+        )
 
     def path(self, key: str) -> Path:
         """The folder of entry ``key``."""
@@ -105,7 +130,7 @@ class ResultsCache:
         written to a temporary folder and renamed into place, so a reader never
         sees half an entry.
         """
-        key = request_key(model_id, tokens, analysis, params)
+        key = self.key(result_type, model_id, tokens, analysis, params)
         with self._lock(key):
             folder = self.path(key)
             if folder.is_dir():

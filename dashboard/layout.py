@@ -33,8 +33,8 @@ def model_options(default_model: str) -> list[dict[str, Any]]:
         {
             "label": html.Span(
                 [html.Span(row.name, className="opt-name"),
-                 html.Span(f"{row.architecture} · {row.size}", className="opt-arch")],
-                title=row.description,
+                 html.Span(row.size, className="opt-arch")],
+                title=f"{row.architecture}: {row.description}",
             ),
             "value": row.name,
             "search": f"{row.name} {row.architecture} {row.description}",

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 import dynalens as dl
-from dynalens.dashboard.cache import ResultsCache, request_key
+from dynalens.dashboard.cache import ResultsCache, code_version, request_key
 from dynalens.models.mamba import HookedMamba
 from dynalens.probes.residual import ResidualNorms
 
@@ -74,5 +74,25 @@ def test_a_failed_computation_stores_nothing(tmp_path):
 
     with pytest.raises(RuntimeError, match="boom"):
         cache.get_or_compute(ResidualNorms, "m", TOKENS, "residual_norms", {}, fail)
-    assert request_key("m", TOKENS, "residual_norms", {}) not in cache
+    assert cache.key(ResidualNorms, "m", TOKENS, "residual_norms", {}) not in cache
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_results_of_other_analysis_code_are_not_read_back(tmp_path):
+    import importlib.util
+    import sys
+
+    def version_of(source: str, name: str) -> str:
+        path = tmp_path / f"{name}.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # as for any imported analysis module
+        spec.loader.exec_module(module)
+        return code_version(module.Norms)
+
+    old = version_of("class Norms:\n    scale = 1\n", "analysis_v1")
+    new = version_of("class Norms:\n    scale = 2\n", "analysis_v2")
+    assert old != new
+    assert old == version_of("class Norms:\n    scale = 1\n", "analysis_v1_again")
+    assert ResultsCache.key(ResidualNorms, "m", TOKENS, "a", {}) != request_key("m", TOKENS, "a", {})
