@@ -2,8 +2,30 @@
 
 from dynalens.circuits.ablation import HeadAblation, TaskScorer, ablate_heads, head_hooks
 from dynalens.circuits.heads import HeadScores, copying_scores, induction_scores, repeated_tokens
+from dynalens.circuits.retrieval import (
+    NEEDLES,
+    RETRIEVAL_THRESHOLD,
+    Haystack,
+    Needle,
+    NeedleScorer,
+    RetrievalScores,
+    copy_paste_scores,
+    make_haystack,
+    make_haystacks,
+    retrieval_scores,
+)
 
 __all__ = [
+    "NEEDLES",
+    "RETRIEVAL_THRESHOLD",
+    "Haystack",
+    "Needle",
+    "NeedleScorer",
+    "RetrievalScores",
+    "copy_paste_scores",
+    "make_haystack",
+    "make_haystacks",
+    "retrieval_scores",
     "HeadAblation",
     "HeadScores",
     "TaskScorer",

@@ -1,0 +1,107 @@
+"""Retrieval scores: the copy-paste rule on known answers, a loop reference on SmolLM2, masking (slow)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynalens.circuits import (
+    NEEDLES,
+    Haystack,
+    NeedleScorer,
+    RetrievalScores,
+    ablate_heads,
+    copy_paste_scores,
+    make_haystack,
+    make_haystacks,
+    retrieval_scores,
+)
+
+
+def test_copy_paste_rule_known_answer():
+    # positions 2..4 hold the needle (7, 8, 9); the answer copies it at the end.
+    haystack = Haystack(torch.tensor([0, 5, 7, 8, 9, 6, 7, 8, 9]), (2, 5), 3)
+    predictions = torch.tensor([7, 8, 5])  # the third step predicts a non-needle token
+    top_keys = torch.tensor([[
+        [2, 3, 4],  # head 0: on the copied needle token at steps 0 and 1 -> 2/3
+        [3, 3, 3],  # head 1: on the needle but on token 8 at step 0 -> step 1 only -> 1/3
+        [6, 7, 1],  # head 2: on the answer's own copies, outside the needle span -> 0
+    ]])  # fmt: skip
+    scores = copy_paste_scores(top_keys, predictions, haystack)
+    torch.testing.assert_close(scores, torch.tensor([[2 / 3, 1 / 3, 0.0]]))
+
+
+def test_haystack_holds_the_needle_and_ends_with_its_answer(smollm2):
+    for depth in (0.0, 0.5, 1.0):
+        hay = make_haystack(smollm2, NEEDLES[1], 60, depth, torch.Generator().manual_seed(0))
+        start, stop = hay.needle_span
+        assert stop - start == hay.n_answer
+        assert torch.equal(hay.tokens[start:stop], hay.tokens[hay.answer_start :])
+        assert hay.tokens[0] == smollm2.tokenizer.bos_token_id
+        text = smollm2.tokenizer.decode(hay.tokens[: hay.answer_start])
+        assert NEEDLES[1].lead + NEEDLES[1].answer in text
+        assert text.endswith("Answer: " + NEEDLES[1].lead)
+    first, last = make_haystacks(smollm2, 2, context_tokens=60)
+    assert first.needle_span[0] < last.needle_span[0]
+    with pytest.raises(ValueError, match="depth must lie in"):
+        make_haystack(smollm2, NEEDLES[0], 60, 1.5, torch.Generator())
+
+
+def test_haystacks_need_a_tokenizer(attn2l):
+    with pytest.raises(ValueError, match="no tokenizer"):
+        retrieval_scores(attn2l, 1)
+
+
+def _reference_scores(model, haystack: Haystack) -> torch.Tensor:
+    """The paper's loop (nightdessert/Retrieval_Head, retrieval_calculate) over full cached patterns."""
+    _, cache = model.run_with_cache(haystack.tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    logits = model(haystack.tokens[None])[0]
+    start, stop = haystack.needle_span
+    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for step in range(haystack.n_answer):
+        query = haystack.answer_start - 1 + step
+        token = logits[query].argmax().item()
+        for layer in range(model.cfg.n_layers):
+            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
+            for head in range(model.cfg.n_heads):
+                i = pattern[head, query].argmax().item()
+                if start <= i < stop and haystack.tokens[i].item() == token:
+                    scores[layer, head] += 1 / (stop - start)
+    return scores
+
+
+def test_retrieval_scores_match_the_papers_loop(smollm2, tmp_path):
+    hay = make_haystacks(smollm2, 1, context_tokens=60, seed=3)
+    ret = retrieval_scores(smollm2, hay)
+    torch.testing.assert_close(ret.scores, _reference_scores(smollm2, hay[0]))
+    assert ret.accuracy.item() > 0.8  # SmolLM2 copies the needle
+    assert 0 < ret.fraction < 0.25 and ret.heads()[0] == tuple(ret.top(1)[["layer", "head"]].iloc[0])
+    ret.save(tmp_path / "ret.safetensors")
+    assert torch.equal(RetrievalScores.load(tmp_path / "ret.safetensors").scores, ret.scores)
+    assert ret.figure().data[0].z.shape == (30, 9)
+
+
+def test_masking_every_head_breaks_the_needle(smollm2):
+    """Sanity of the scorer: masking all heads of the copying layers destroys the answer."""
+    scorer = NeedleScorer(smollm2, n_haystacks=1, context_tokens=40)
+    heads = [(layer, head) for layer in range(14, 26) for head in range(9)]
+    effect = ablate_heads(
+        smollm2, heads, scorer, method="mask", last_queries=scorer.answer_queries, trials=1
+    )
+    assert effect.scores[0, 0] > 0.8 and effect.scores[0, 1] < 0.5
+
+
+@pytest.mark.slow
+def test_smollm2_retrieval_heads_are_sparse_and_causal(smollm2):
+    """The Retrieval Head paper's checks on SmolLM2-135M (figures in benchmarks/RESULTS.md)."""
+    ret = retrieval_scores(smollm2, 12, context_tokens=400)
+    print(f"retrieval heads: {len(ret.heads())} of 270 ({ret.fraction:.1%}); accuracy {ret.accuracy.mean():.3f}")
+    assert ret.accuracy.mean() > 0.8
+    scorer = NeedleScorer(smollm2, n_haystacks=3, context_tokens=200)
+    effect = ablate_heads(
+        smollm2, ret.top(10), scorer, method="mask", last_queries=scorer.answer_queries,
+        exclude=ret.top(100), trials=3,
+    )  # fmt: skip
+    print(effect.to_frame())
+    frame = effect.to_frame().set_index("condition")
+    assert frame.loc["effect", "mean"] > 3 * max(frame.loc["control_effect", "mean"], 0.02)
