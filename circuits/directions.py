@@ -1,0 +1,286 @@
+"""Directions in the residual stream, one vector per layer, read from two prompt sets.
+
+A :class:`Direction` holds one vector per covered layer, read at the shared
+``blocks.{l}.hook_resid_post`` hooks, so the same constructors work for a
+transformer, a :class:`HookedMamba` and a :class:`HookedRNN`. Each vector
+points from the ``negative`` set towards the ``positive`` set:
+
+- :meth:`Direction.diff_in_means`: ``mean(positive) - mean(negative)``;
+- :meth:`Direction.pca`: the first principal axis of the paired differences
+  ``positive[i] - negative[i]`` (uncentred, so a shared shift is kept);
+- :meth:`Direction.probe`: the weight of a logistic regression (scikit-learn)
+  separating the two sets.
+
+Vectors are stored raw; :meth:`Direction.unit` gives unit vectors. Saving
+writes one safetensors file with the rest as JSON metadata (no pickle).
+
+Examples
+--------
+>>> d = Direction.diff_in_means(model, harmful, harmless, layers=[4, 8])   # doctest: +SKIP
+>>> d.cosine_similarity()                                                 # doctest: +SKIP
+>>> d.save("refusal.safetensors"); Direction.load("refusal.safetensors")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from dynalens.models.io import write_safetensors
+from dynalens.models.validation import check_finite, check_index
+from jaxtyping import Float
+from safetensors import safe_open
+from torch import Tensor
+
+Prompts = Sequence[str] | Tensor
+Layers = Literal["all"] | Sequence[int]
+Position = int | Literal["mean"]
+
+_METADATA_KEY = "dynalens.direction"
+
+
+def resid_name(layer: int) -> str:
+    """The shared hook name of the residual stream after block ``layer``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def resolve_layers(model: Any, layers: Layers) -> list[int]:
+    """``layers`` as a sorted list of distinct block indices of ``model``."""
+    n_layers = model.cfg.n_layers
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all' or a list of block indices, got {layers!r}")
+        return list(range(n_layers))
+    chosen = sorted({check_index("layer", layer, n_layers) for layer in layers})
+    if not chosen:
+        raise ValueError("layers is empty: pass 'all' or at least one block index")
+    return chosen
+
+
+def resid_activations(
+    model: Any, prompts: Prompts, layers: Sequence[int], position: Position = -1
+) -> Float[Tensor, "prompt layer d_model"]:
+    """The residual stream after each of ``layers`` at ``position`` of every prompt.
+
+    Parameters
+    ----------
+    model
+        A dynalens model (``dl.load``).
+    prompts
+        A list of strings (each run alone, so no padding enters) or token ids
+        ``[prompt, pos]``.
+    layers
+        Block indices.
+    position
+        The token index read (negative counts from the end), or ``"mean"`` to
+        average over every position.
+    """
+    names = [resid_name(layer) for layer in layers]
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings or token ids [prompt, pos], not one string")
+    batches = [prompts] if isinstance(prompts, Tensor) else list(prompts)
+    if not batches or (isinstance(prompts, Tensor) and prompts.ndim == 2 and prompts.shape[0] == 0):
+        raise ValueError("prompts is empty: pass at least one prompt")
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            _, cache = model.run_with_cache(batch, names_filter=names)
+            resid = torch.stack([cache[name] for name in names], dim=1)  # [batch, layer, pos, d]
+            if position == "mean":
+                rows.append(resid.mean(dim=2))
+            elif isinstance(position, int) and not isinstance(position, bool):
+                n_pos = resid.shape[2]
+                if not -n_pos <= position < n_pos:
+                    raise IndexError(
+                        f"position {position} is out of range for a prompt of {n_pos} tokens: "
+                        f"valid positions are -{n_pos} to {n_pos - 1}, or 'mean'"
+                    )
+                rows.append(resid[:, :, position])
+            else:
+                raise ValueError(f"position must be an int or 'mean', got {position!r}")
+    return torch.cat(rows).float()
+
+
+@dataclass(eq=False)
+class Direction:
+    """One vector per layer in the residual stream, and how it was made.
+
+    Attributes
+    ----------
+    vectors
+        Raw vectors ``[layer, d_model]``, one per entry of ``layers``.
+    layers
+        The block indices covered, ascending.
+    method
+        ``"diff_in_means"``, ``"pca"``, ``"probe"`` or ``"custom"``.
+    position
+        Where each prompt was read (an int or ``"mean"``).
+    n_positive, n_negative
+        How many prompts of each set it was read from.
+    model_name, architecture
+        The model it was read from.
+    """
+
+    vectors: Float[Tensor, "layer d_model"]
+    layers: list[int]
+    method: str = "custom"
+    position: Position = -1
+    n_positive: int = 0
+    n_negative: int = 0
+    model_name: str = ""
+    architecture: str = ""
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.layers):
+            raise ValueError(
+                f"vectors must have shape [len(layers), d_model] = [{len(self.layers)}, d_model], "
+                f"got {tuple(self.vectors.shape)}"
+            )
+        if list(self.layers) != sorted(set(self.layers)):
+            raise ValueError(f"layers must be distinct and ascending, got {self.layers}")
+        check_finite("direction vectors", self.vectors)
+        self.layers = [int(layer) for layer in self.layers]
+
+    # ---------------------------------------------------------- constructors
+    @classmethod
+    def diff_in_means(
+        cls, model: Any, positive: Prompts, negative: Prompts, layers: Layers = "all", position: Position = -1
+    ) -> Direction:
+        """``mean(positive) - mean(negative)`` of the residual stream at each layer."""
+        chosen, pos, neg = _read_sets(model, positive, negative, layers, position)
+        return cls._made(model, pos.mean(0) - neg.mean(0), chosen, "diff_in_means", position, pos, neg)
+
+    @classmethod
+    def pca(
+        cls, model: Any, positive: Prompts, negative: Prompts, layers: Layers = "all", position: Position = -1
+    ) -> Direction:
+        """The first principal axis of the paired differences ``positive[i] - negative[i]``.
+
+        The differences are not centred, so an axis shared by every pair is kept;
+        the sign makes the mean difference project positively. Vectors are unit.
+        """
+        chosen, pos, neg = _read_sets(model, positive, negative, layers, position)
+        if pos.shape[0] != neg.shape[0]:
+            raise ValueError(
+                f"pca pairs the prompts, so both sets need the same size: got {pos.shape[0]} "
+                f"positive and {neg.shape[0]} negative"
+            )
+        diffs = (pos - neg).transpose(0, 1)  # [layer, pair, d_model]
+        axes = torch.linalg.svd(diffs, full_matrices=False).Vh[:, 0]  # [layer, d_model]
+        sign = torch.sign((diffs.mean(1) * axes).sum(-1, keepdim=True))
+        return cls._made(model, axes * torch.where(sign == 0, 1.0, sign), chosen, "pca", position, pos, neg)
+
+    @classmethod
+    def probe(
+        cls,
+        model: Any,
+        positive: Prompts,
+        negative: Prompts,
+        layers: Layers = "all",
+        position: Position = -1,
+        C: float = 1.0,
+    ) -> Direction:
+        """The weight of a logistic regression (positive = 1) on each layer's activations.
+
+        ``C`` is scikit-learn's inverse regularisation strength; features are
+        not standardised, so the weight lives in the residual stream's own basis.
+        """
+        from sklearn.linear_model import LogisticRegression
+
+        chosen, pos, neg = _read_sets(model, positive, negative, layers, position)
+        x = torch.cat([pos, neg]).double().numpy()
+        y = [1] * pos.shape[0] + [0] * neg.shape[0]
+        vectors = torch.stack(
+            [
+                torch.from_numpy(LogisticRegression(C=C, max_iter=1000).fit(x[:, i], y).coef_[0])
+                for i in range(len(chosen))
+            ]
+        )
+        return cls._made(model, vectors, chosen, "probe", position, pos, neg)
+
+    @classmethod
+    def _made(
+        cls, model: Any, vectors: Tensor, layers: list[int], method: str, position: Position, pos: Tensor, neg: Tensor
+    ) -> Direction:
+        return cls(
+            vectors=vectors.float().cpu(),
+            layers=layers,
+            method=method,
+            position=position,
+            n_positive=int(pos.shape[0]),
+            n_negative=int(neg.shape[0]),
+            model_name=str(getattr(model.cfg, "model_name", "") or type(model).__name__),
+            architecture=str(getattr(model, "architecture", "transformer")),
+        )
+
+    # --------------------------------------------------------------- reading
+    @property
+    def d_model(self) -> int:
+        return self.vectors.shape[1]
+
+    def unit(self) -> Direction:
+        """The same direction with every vector scaled to norm 1."""
+        norms = self.vectors.norm(dim=-1, keepdim=True)
+        if bool((norms == 0).any()):
+            zero = [self.layers[i] for i in torch.nonzero(norms[:, 0] == 0)[:, 0].tolist()]
+            raise ValueError(f"the vectors of layers {zero} are zero and have no unit direction")
+        return Direction(**{**self._fields(), "vectors": self.vectors / norms})
+
+    def vector(self, layer: int) -> Float[Tensor, " d_model"]:
+        """The raw vector of ``layer``; a ``KeyError`` lists the covered layers."""
+        if layer not in self.layers:
+            raise KeyError(f"this direction covers layers {self.layers}, not layer {layer}")
+        return self.vectors[self.layers.index(layer)]
+
+    def cosine_similarity(self) -> Float[Tensor, "layer layer"]:
+        """Cosine similarity between the vectors of every pair of covered layers."""
+        unit = torch.nn.functional.normalize(self.vectors, dim=-1)
+        return unit @ unit.T
+
+    def project(
+        self, resid: Float[Tensor, "... d_model"], layer: int
+    ) -> Float[Tensor, ...]:
+        """The scalar projection of ``resid`` on the unit vector of ``layer``."""
+        u = torch.nn.functional.normalize(self.vector(layer), dim=0)
+        return resid.float() @ u.to(resid.device)
+
+    # ----------------------------------------------------------- persistence
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "vectors": self.vectors,
+            "layers": self.layers,
+            "method": self.method,
+            "position": self.position,
+            "n_positive": self.n_positive,
+            "n_negative": self.n_negative,
+            "model_name": self.model_name,
+            "architecture": self.architecture,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the vectors to a safetensors file, the rest as JSON metadata, atomically."""
+        plain = {k: v for k, v in self._fields().items() if k != "vectors"}
+        write_safetensors(path, {"vectors": self.vectors}, metadata={_METADATA_KEY: json.dumps(plain)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Direction:
+        """Read a direction written by :meth:`save`."""
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if _METADATA_KEY not in metadata:
+                raise ValueError(f"{os.fspath(path)!r} is not a dynalens direction file")
+            vectors = f.get_tensor("vectors")
+        return cls(vectors=vectors, **json.loads(metadata[_METADATA_KEY]))
+
+
+def _read_sets(
+    model: Any, positive: Prompts, negative: Prompts, layers: Layers, position: Position
+) -> tuple[list[int], Tensor, Tensor]:
+    chosen = resolve_layers(model, layers)
+    pos = resid_activations(model, positive, chosen, position)
+    neg = resid_activations(model, negative, chosen, position)
+    return chosen, pos, neg
