@@ -1,6 +1,7 @@
 """Head discovery, ablation, patching, circuit graphs and steering."""
 
 from dynalens.circuits.ablation import HeadAblation, TaskScorer, ablate_heads, head_hooks
+from dynalens.circuits.directions import Direction
 from dynalens.circuits.heads import HeadScores, copying_scores, induction_scores, repeated_tokens
 from dynalens.circuits.retrieval import (
     NEEDLES,
@@ -14,8 +15,11 @@ from dynalens.circuits.retrieval import (
     make_haystacks,
     retrieval_scores,
 )
+from dynalens.circuits.steering import steer
 
 __all__ = [
+    "Direction",
+    "steer",
     "NEEDLES",
     "RETRIEVAL_THRESHOLD",
     "Haystack",

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -53,7 +54,9 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
     n_layers = model.cfg.n_layers
     if isinstance(layers, str):
         if layers != "all":
-            raise ValueError(f"layers must be 'all' or a list of block indices, got {layers!r}")
+            raise ValueError(
+                f"layers must be 'all' or a list of block indices, got {layers!r}"
+            )
         return list(range(n_layers))
     chosen = sorted({check_index("layer", layer, n_layers) for layer in layers})
     if not chosen:
@@ -81,15 +84,21 @@ def resid_activations(
     """
     names = [resid_name(layer) for layer in layers]
     if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings or token ids [prompt, pos], not one string")
+        raise TypeError(
+            "prompts must be a list of strings or token ids [prompt, pos], not one string"
+        )
     batches = [prompts] if isinstance(prompts, Tensor) else list(prompts)
-    if not batches or (isinstance(prompts, Tensor) and prompts.ndim == 2 and prompts.shape[0] == 0):
+    if not batches or (
+        isinstance(prompts, Tensor) and prompts.ndim == 2 and prompts.shape[0] == 0
+    ):
         raise ValueError("prompts is empty: pass at least one prompt")
     rows = []
     with torch.no_grad():
         for batch in batches:
             _, cache = model.run_with_cache(batch, names_filter=names)
-            resid = torch.stack([cache[name] for name in names], dim=1)  # [batch, layer, pos, d]
+            resid = torch.stack(
+                [cache[name] for name in names], dim=1
+            )  # [batch, layer, pos, d]
             if position == "mean":
                 rows.append(resid.mean(dim=2))
             elif isinstance(position, int) and not isinstance(position, bool):
@@ -141,38 +150,50 @@ class Direction:
                 f"got {tuple(self.vectors.shape)}"
             )
         if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(f"layers must be distinct and ascending, got {self.layers}")
+            raise ValueError(
+                f"layers must be distinct and ascending, got {self.layers}"
+            )
         check_finite("direction vectors", self.vectors)
         self.layers = [int(layer) for layer in self.layers]
 
     # ---------------------------------------------------------- constructors
     @classmethod
     def diff_in_means(
-        cls, model: Any, positive: Prompts, negative: Prompts, layers: Layers = "all", position: Position = -1
+        cls,
+        model: Any,
+        positive: Prompts,
+        negative: Prompts,
+        layers: Layers = "all",
+        position: Position = -1,
     ) -> Direction:
         """``mean(positive) - mean(negative)`` of the residual stream at each layer."""
-        chosen, pos, neg = _read_sets(model, positive, negative, layers, position)
-        return cls._made(model, pos.mean(0) - neg.mean(0), chosen, "diff_in_means", position, pos, neg)
+        return cls._fit(
+            model,
+            positive,
+            negative,
+            layers,
+            position,
+            "diff_in_means",
+            _mean_difference,
+        )
 
     @classmethod
     def pca(
-        cls, model: Any, positive: Prompts, negative: Prompts, layers: Layers = "all", position: Position = -1
+        cls,
+        model: Any,
+        positive: Prompts,
+        negative: Prompts,
+        layers: Layers = "all",
+        position: Position = -1,
     ) -> Direction:
         """The first principal axis of the paired differences ``positive[i] - negative[i]``.
 
         The differences are not centred, so an axis shared by every pair is kept;
         the sign makes the mean difference project positively. Vectors are unit.
         """
-        chosen, pos, neg = _read_sets(model, positive, negative, layers, position)
-        if pos.shape[0] != neg.shape[0]:
-            raise ValueError(
-                f"pca pairs the prompts, so both sets need the same size: got {pos.shape[0]} "
-                f"positive and {neg.shape[0]} negative"
-            )
-        diffs = (pos - neg).transpose(0, 1)  # [layer, pair, d_model]
-        axes = torch.linalg.svd(diffs, full_matrices=False).Vh[:, 0]  # [layer, d_model]
-        sign = torch.sign((diffs.mean(1) * axes).sum(-1, keepdim=True))
-        return cls._made(model, axes * torch.where(sign == 0, 1.0, sign), chosen, "pca", position, pos, neg)
+        return cls._fit(
+            model, positive, negative, layers, position, "pca", _paired_axis
+        )
 
     @classmethod
     def probe(
@@ -189,31 +210,41 @@ class Direction:
         ``C`` is scikit-learn's inverse regularisation strength; features are
         not standardised, so the weight lives in the residual stream's own basis.
         """
-        from sklearn.linear_model import LogisticRegression
-
-        chosen, pos, neg = _read_sets(model, positive, negative, layers, position)
-        x = torch.cat([pos, neg]).double().numpy()
-        y = [1] * pos.shape[0] + [0] * neg.shape[0]
-        vectors = torch.stack(
-            [
-                torch.from_numpy(LogisticRegression(C=C, max_iter=1000).fit(x[:, i], y).coef_[0])
-                for i in range(len(chosen))
-            ]
+        return cls._fit(
+            model,
+            positive,
+            negative,
+            layers,
+            position,
+            "probe",
+            partial(_probe_weight, C=C),
         )
-        return cls._made(model, vectors, chosen, "probe", position, pos, neg)
 
     @classmethod
-    def _made(
-        cls, model: Any, vectors: Tensor, layers: list[int], method: str, position: Position, pos: Tensor, neg: Tensor
+    def _fit(
+        cls,
+        model: Any,
+        positive: Prompts,
+        negative: Prompts,
+        layers: Layers,
+        position: Position,
+        method: str,
+        fit: Callable[[Tensor, Tensor], Tensor],
     ) -> Direction:
+        """Read both sets at ``layers`` and turn them into vectors with ``fit``."""
+        chosen = resolve_layers(model, layers)
+        pos = resid_activations(model, positive, chosen, position)
+        neg = resid_activations(model, negative, chosen, position)
         return cls(
-            vectors=vectors.float().cpu(),
-            layers=layers,
+            vectors=fit(pos, neg).float().cpu(),
+            layers=chosen,
             method=method,
             position=position,
             n_positive=int(pos.shape[0]),
             n_negative=int(neg.shape[0]),
-            model_name=str(getattr(model.cfg, "model_name", "") or type(model).__name__),
+            model_name=str(
+                getattr(model.cfg, "model_name", "") or type(model).__name__
+            ),
             architecture=str(getattr(model, "architecture", "transformer")),
         )
 
@@ -226,14 +257,20 @@ class Direction:
         """The same direction with every vector scaled to norm 1."""
         norms = self.vectors.norm(dim=-1, keepdim=True)
         if bool((norms == 0).any()):
-            zero = [self.layers[i] for i in torch.nonzero(norms[:, 0] == 0)[:, 0].tolist()]
-            raise ValueError(f"the vectors of layers {zero} are zero and have no unit direction")
+            zero = [
+                self.layers[i] for i in torch.nonzero(norms[:, 0] == 0)[:, 0].tolist()
+            ]
+            raise ValueError(
+                f"the vectors of layers {zero} are zero and have no unit direction"
+            )
         return Direction(**{**self._fields(), "vectors": self.vectors / norms})
 
     def vector(self, layer: int) -> Float[Tensor, " d_model"]:
         """The raw vector of ``layer``; a ``KeyError`` lists the covered layers."""
         if layer not in self.layers:
-            raise KeyError(f"this direction covers layers {self.layers}, not layer {layer}")
+            raise KeyError(
+                f"this direction covers layers {self.layers}, not layer {layer}"
+            )
         return self.vectors[self.layers.index(layer)]
 
     def cosine_similarity(self) -> Float[Tensor, "layer layer"]:
@@ -264,7 +301,9 @@ class Direction:
     def save(self, path: str | os.PathLike) -> None:
         """Write the vectors to a safetensors file, the rest as JSON metadata, atomically."""
         plain = {k: v for k, v in self._fields().items() if k != "vectors"}
-        write_safetensors(path, {"vectors": self.vectors}, metadata={_METADATA_KEY: json.dumps(plain)})
+        write_safetensors(
+            path, {"vectors": self.vectors}, metadata={_METADATA_KEY: json.dumps(plain)}
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Direction:
@@ -272,15 +311,39 @@ class Direction:
         with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             if _METADATA_KEY not in metadata:
-                raise ValueError(f"{os.fspath(path)!r} is not a dynalens direction file")
+                raise ValueError(
+                    f"{os.fspath(path)!r} is not a dynalens direction file"
+                )
             vectors = f.get_tensor("vectors")
         return cls(vectors=vectors, **json.loads(metadata[_METADATA_KEY]))
 
 
-def _read_sets(
-    model: Any, positive: Prompts, negative: Prompts, layers: Layers, position: Position
-) -> tuple[list[int], Tensor, Tensor]:
-    chosen = resolve_layers(model, layers)
-    pos = resid_activations(model, positive, chosen, position)
-    neg = resid_activations(model, negative, chosen, position)
-    return chosen, pos, neg
+def _mean_difference(pos: Tensor, neg: Tensor) -> Tensor:
+    return pos.mean(0) - neg.mean(0)
+
+
+def _paired_axis(pos: Tensor, neg: Tensor) -> Tensor:
+    if pos.shape[0] != neg.shape[0]:
+        raise ValueError(
+            f"pca pairs the prompts, so both sets need the same size: got {pos.shape[0]} "
+            f"positive and {neg.shape[0]} negative"
+        )
+    diffs = (pos - neg).transpose(0, 1)  # [layer, pair, d_model]
+    axes = torch.linalg.svd(diffs, full_matrices=False).Vh[:, 0]  # [layer, d_model]
+    sign = torch.sign((diffs.mean(1) * axes).sum(-1, keepdim=True))
+    return axes * torch.where(sign == 0, 1.0, sign)
+
+
+def _probe_weight(pos: Tensor, neg: Tensor, C: float) -> Tensor:
+    from sklearn.linear_model import LogisticRegression
+
+    x = torch.cat([pos, neg]).double().numpy()
+    y = [1] * pos.shape[0] + [0] * neg.shape[0]
+    return torch.stack(
+        [
+            torch.from_numpy(
+                LogisticRegression(C=C, max_iter=1000).fit(x[:, i], y).coef_[0]
+            )
+            for i in range(pos.shape[1])
+        ]
+    )

@@ -11,24 +11,34 @@ from dynalens.models.rnn import HookedRNN, RNNConfig
 from sklearn.linear_model import LogisticRegression
 
 POSITIVE = ["The cat sat on the mat", "A dog ran in the park", "Birds sing at dawn"]
-NEGATIVE = ["Stock prices fell sharply", "The bond market rallied", "Inflation rose again"]
+NEGATIVE = [
+    "Stock prices fell sharply",
+    "The bond market rallied",
+    "Inflation rose again",
+]
 
 
 @pytest.fixture(scope="module")
 def recurrent_models():
     torch.manual_seed(0)
-    mamba = HookedMamba(MambaConfig(d_model=8, n_layers=2, d_vocab=16, d_state=2)).eval()
+    mamba = HookedMamba(
+        MambaConfig(d_model=8, n_layers=2, d_vocab=16, d_state=2)
+    ).eval()
     rnn = HookedRNN(RNNConfig(d_model=8, n_layers=2, d_vocab=16, cell="lstm")).eval()
     return mamba, rnn
 
 
 def token_sets(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 8, (6, 5), generator=g), torch.randint(8, 16, (6, 5), generator=g)
+    return torch.randint(0, 8, (6, 5), generator=g), torch.randint(
+        8, 16, (6, 5), generator=g
+    )
 
 
 def test_diff_in_means_equals_hand_computation(tiny_llama):
-    d = Direction.diff_in_means(tiny_llama, POSITIVE, NEGATIVE, layers=[1, 0], position=-1)
+    d = Direction.diff_in_means(
+        tiny_llama, POSITIVE, NEGATIVE, layers=[1, 0], position=-1
+    )
 
     def last_resid(prompts, layer):
         rows = []
@@ -64,15 +74,23 @@ def test_recurrent_directions_match_their_definitions(recurrent_models, which):
     pca = Direction.pca(model, pos, neg)
     for i in range(2):
         diffs = (acts_pos - acts_neg)[:, i].double()
-        top = torch.linalg.eigh(diffs.T @ diffs).eigenvectors[:, -1].float()  # largest eigenvalue
+        top = (
+            torch.linalg.eigh(diffs.T @ diffs).eigenvectors[:, -1].float()
+        )  # largest eigenvalue
         assert abs(float(pca.vectors[i] @ top)) == pytest.approx(1.0, abs=1e-4)
-        assert float(pca.vectors[i] @ diffs.float().mean(0)) > 0  # points towards positive
+        assert (
+            float(pca.vectors[i] @ diffs.float().mean(0)) > 0
+        )  # points towards positive
 
     probe = Direction.probe(model, pos, neg, layers=[1])
     x = torch.cat([acts_pos, acts_neg])[:, 1].double().numpy()
     reference = LogisticRegression(max_iter=1000).fit(x, [1] * 6 + [0] * 6).coef_[0]
-    torch.testing.assert_close(probe.vectors[0], torch.tensor(reference, dtype=torch.float32))
-    assert float(probe.project(acts_pos[:, 1], 1).mean()) > float(probe.project(acts_neg[:, 1], 1).mean())
+    torch.testing.assert_close(
+        probe.vectors[0], torch.tensor(reference, dtype=torch.float32)
+    )
+    assert float(probe.project(acts_pos[:, 1], 1).mean()) > float(
+        probe.project(acts_neg[:, 1], 1).mean()
+    )
 
 
 def test_cosine_similarity_and_unit():
@@ -81,17 +99,25 @@ def test_cosine_similarity_and_unit():
     torch.testing.assert_close(d.vectors.norm(dim=-1), torch.ones(3))
     s = 2**-0.5
     torch.testing.assert_close(
-        d.cosine_similarity(), torch.tensor([[1.0, s, 0.0], [s, 1.0, -s], [0.0, -s, 1.0]])
+        d.cosine_similarity(),
+        torch.tensor([[1.0, s, 0.0], [s, 1.0, -s], [0.0, -s, 1.0]]),
     )
 
 
 def test_save_load_round_trip(tmp_path, recurrent_models):
     pos, neg = token_sets()
-    d = Direction.diff_in_means(recurrent_models[0], pos, neg, layers=[1], position="mean")
+    d = Direction.diff_in_means(
+        recurrent_models[0], pos, neg, layers=[1], position="mean"
+    )
     d.save(tmp_path / "d.safetensors")
     back = Direction.load(tmp_path / "d.safetensors")
     assert torch.equal(back.vectors, d.vectors)
-    assert (back.layers, back.method, back.position, back.architecture) == ([1], "diff_in_means", "mean", "mamba")
+    assert (back.layers, back.method, back.position, back.architecture) == (
+        [1],
+        "diff_in_means",
+        "mean",
+        "mamba",
+    )
 
 
 def test_bad_input_is_named(recurrent_models, tmp_path):

@@ -1,0 +1,249 @@
+"""Steering: intended effect on the resid and the logits, positions step by step during
+``generate`` with the cache, hooks removed and weights bit-identical, on all three architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dynalens.circuits.directions import Direction
+from dynalens.circuits.steering import steer
+from dynalens.models.mamba import HookedMamba, MambaConfig
+from dynalens.models.rnn import HookedRNN, RNNConfig
+from dynalens.models.zoo import get_entry
+
+import dynalens as dl
+
+PROMPT = "The quick brown fox jumps"
+
+
+@pytest.fixture(scope="module")
+def tiny_mamba():
+    torch.manual_seed(0)
+    return HookedMamba(MambaConfig(d_model=8, n_layers=2, d_vocab=16, d_state=2)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_lstm():
+    torch.manual_seed(0)
+    return HookedRNN(RNNConfig(d_model=8, n_layers=2, d_vocab=16, cell="lstm")).eval()
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_lstm"])
+def model_and_prompt(request):
+    model = request.getfixturevalue(request.param)
+    prompt = (
+        PROMPT if request.param == "tiny_llama" else torch.tensor([[3, 1, 4, 1, 5, 9]])
+    )
+    return model, prompt
+
+
+def random_direction(model, layers=None) -> Direction:
+    layers = list(range(model.cfg.n_layers)) if layers is None else layers
+    g = torch.Generator().manual_seed(7)
+    return Direction(
+        torch.randn(len(layers), model.cfg.d_model, generator=g), layers=layers
+    )
+
+
+def resid_at(model, prompt, layer: int) -> torch.Tensor:
+    _, cache = model.run_with_cache(
+        prompt, names_filter=f"blocks.{layer}.hook_resid_post"
+    )
+    return cache[f"blocks.{layer}.hook_resid_post"]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def n_hooks(model) -> int:
+    return sum(len(hp.fwd_hooks) for hp in model.hook_dict.values()) + len(
+        model._forward_pre_hooks
+    )
+
+
+def test_add_and_ablate_move_the_projection(model_and_prompt):
+    model, prompt = model_and_prompt
+    d = random_direction(model)
+    last = model.cfg.n_layers - 1
+    base = d.project(resid_at(model, prompt, last), last)
+    with steer(model, d, layers=[last], alpha=3.0):
+        added = d.project(resid_at(model, prompt, last), last)
+    with steer(model, d, layers=[last], mode="ablate"):
+        ablated = d.project(resid_at(model, prompt, last), last)
+    with steer(model, d, layers=[last], alpha=-2.0, mode="ablate_add"):
+        set_to = d.project(resid_at(model, prompt, last), last)
+    torch.testing.assert_close(added, base + 3.0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ablated, torch.zeros_like(base), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        set_to, torch.full_like(base, -2.0), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_steering_an_early_layer_changes_later_layers_only(model_and_prompt):
+    model, prompt = model_and_prompt
+    d = random_direction(model, layers=[0])
+    before = [resid_at(model, prompt, layer) for layer in (0, 1)]
+    with steer(model, d, alpha=4.0):
+        after = [resid_at(model, prompt, layer) for layer in (0, 1)]
+    torch.testing.assert_close(
+        after[0] - before[0], 4.0 * d.unit().vectors[0].expand_as(before[0])
+    )
+    assert not torch.allclose(after[1], before[1], atol=1e-3)
+
+
+def test_adding_an_unembedding_direction_raises_its_logit(tiny_llama):
+    token = tiny_llama.to_tokens(" fox", prepend_bos=False)[0, 0].item()
+    last = tiny_llama.cfg.n_layers - 1
+    d = Direction(tiny_llama.W_U[:, token].detach().float().cpu()[None], layers=[last])
+    base = tiny_llama(PROMPT)[0, -1]
+    with steer(tiny_llama, d, alpha=30.0):
+        steered = tiny_llama(PROMPT)[0, -1]
+    assert steered[token] - base[token] > 1.0
+    assert steered.argmax().item() == token != base.argmax().item()
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "all"])
+def test_positions_step_by_step_during_generate(model_and_prompt, positions):
+    """Ablate-then-add sets the projection to alpha exactly at the steered positions, pass by pass."""
+    model, prompt = model_and_prompt
+    d = random_direction(model)
+    name = "blocks.1.hook_resid_post"
+    passes: list[torch.Tensor] = []
+
+    def record(resid, hook):
+        passes.append(d.project(resid, 1))
+
+    with steer(model, d, layers=[1], alpha=5.0, mode="ablate_add", positions=positions):
+        model.generate(prompt, 4, fwd_hooks=[(name, record)])
+    n_prompt = model.to_tokens(prompt).shape[-1]
+    # The cache is used: one pass over the prompt, then one position per pass (the
+    # recurrent models also run the last new token, so they make one pass more).
+    assert [p.shape[-1] for p in passes[:4]] == [n_prompt, 1, 1, 1] and len(passes) in (
+        4,
+        5,
+    )
+    assert all(p.shape[-1] == 1 for p in passes[1:])
+    for i, projection in enumerate(passes):
+        steered = positions == "all" or (positions == "prompt") == (i == 0)
+        gap = (projection - 5.0).abs()
+        if steered:
+            assert gap.max() < 1e-4, f"pass {i} should be steered"
+        else:
+            assert gap.min() > 1.0, f"pass {i} should be untouched"
+
+
+def test_generated_only_leaves_the_first_new_token_and_changes_later_ones(
+    model_and_prompt,
+):
+    """The first new token comes from the prompt pass, so 'generated' cannot change it."""
+    model, prompt = model_and_prompt
+    d = random_direction(model)
+    plain = model.generate(prompt, 6, return_type="tokens")
+    n_prompt = model.to_tokens(prompt).shape[-1]
+    with steer(model, d, alpha=50.0, positions="generated"):
+        gen = model.generate(prompt, 6, return_type="tokens")
+    with steer(model, d, alpha=50.0, positions="prompt"):
+        prompt_only = model.generate(prompt, 6, return_type="tokens")
+    assert gen[0, n_prompt] == plain[0, n_prompt]
+    assert not torch.equal(gen, plain)
+    assert not torch.equal(prompt_only[0, n_prompt:], gen[0, n_prompt:])
+
+
+def test_one_token_prompt_is_still_a_prompt(tiny_mamba):
+    d = random_direction(tiny_mamba)
+    passes = []
+    with steer(
+        tiny_mamba, d, layers=[1], alpha=5.0, mode="ablate_add", positions="prompt"
+    ):
+        tiny_mamba.generate(
+            torch.tensor([[5]]),
+            2,
+            fwd_hooks=[
+                (
+                    "blocks.1.hook_resid_post",
+                    lambda r, hook: passes.append(d.project(r, 1)),
+                )
+            ],
+        )
+    assert (passes[0] - 5.0).abs().max() < 1e-4 and (passes[1] - 5.0).abs().min() > 1.0
+
+
+def test_weights_identical_and_hooks_removed_after_steering_and_errors(
+    model_and_prompt,
+):
+    model, prompt = model_and_prompt
+    d = random_direction(model)
+    before, hooks_before = snapshot(model), n_hooks(model)
+    with steer(model, d, alpha=5.0, mode="ablate_add"):
+        model.generate(prompt, 3)
+
+    def explode(resid, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), steer(model, d, alpha=5.0):
+        model.generate(prompt, 3, fwd_hooks=[("blocks.0.hook_resid_post", explode)])
+    with pytest.raises(RuntimeError, match="boom"), steer(model, d, mode="ablate"):
+        raise RuntimeError("boom")
+    after = snapshot(model)
+    assert n_hooks(model) == hooks_before
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_zoo_direction_steers_the_lstm_towards_the_positive_set():
+    """On lstm-hmm: the direction from prompts ending in token 0 vs token 1, added to
+    prompts ending in 1, moves the next-token distribution towards that after 0."""
+    if not (get_entry("lstm-hmm").path / "config.json").is_file():
+        pytest.skip("zoo model 'lstm-hmm' has no weights yet")
+    model = dl.load("lstm-hmm")
+    g = torch.Generator().manual_seed(0)
+    body = torch.randint(0, model.cfg.d_vocab, (32, 11), generator=g)
+    positive = torch.cat([body, torch.zeros(32, 1, dtype=torch.long)], 1)
+    negative = torch.cat([body, torch.ones(32, 1, dtype=torch.long)], 1)
+    d = Direction.diff_in_means(model, positive, negative)
+    target = model(positive)[:, -1].log_softmax(-1)
+
+    def distance(logits):
+        return torch.nn.functional.kl_div(
+            logits[:, -1].log_softmax(-1),
+            target,
+            log_target=True,
+            reduction="batchmean",
+        ).item()
+
+    base = distance(model(negative))
+    last = model.cfg.n_layers - 1
+    with steer(model, d, layers=[last], alpha=d.vector(last).norm().item()):
+        steered = distance(model(negative))
+    assert steered < 0.5 * base
+
+
+def test_bad_arguments_are_named(tiny_mamba):
+    d = random_direction(tiny_mamba, layers=[0])
+    with (
+        pytest.raises(ValueError, match="mode must be one of"),
+        steer(tiny_mamba, d, mode="multiply"),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="positions must be one of"),
+        steer(tiny_mamba, d, positions="first"),
+    ):
+        pass
+    with (
+        pytest.raises(KeyError, match="covers layers \\[0\\], not layer 1"),
+        steer(tiny_mamba, d, layers=[1]),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="d_model 3"),
+        steer(tiny_mamba, Direction(torch.ones(1, 3), layers=[0])),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="alpha has 2 values but 1 layers"),
+        steer(tiny_mamba, d, alpha=[1.0, 2.0]),
+    ):
+        pass
+    assert n_hooks(tiny_mamba) == 0
