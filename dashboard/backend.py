@@ -131,11 +131,6 @@ def _parse_ids(prompt: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def token_strings(model: Any, tokens: Int[Tensor, "1 pos"]) -> list[str]:
-    """One display string per token of ``tokens``."""
-    return [str(s) for s in model.to_str_tokens(tokens)]
-
-
 def cached_result(
     result_type: type[R],
     name_or_path: str,
