@@ -43,19 +43,15 @@ def graph(id: str, height: int = 420) -> dcc.Loading:
     )
 
 
-def placeholder_figure(text: str = "") -> go.Figure:
-    """An empty figure without axes, with an optional centred note."""
-    fig = go.Figure()
-    fig.update_layout(
+def placeholder_figure() -> go.Figure:
+    """An empty figure without axes (a panel with nothing to draw yet)."""
+    return go.Figure(layout=dict(
         xaxis={"visible": False},
         yaxis={"visible": False},
         paper_bgcolor="rgba(0,0,0,0)",
         plot_bgcolor="rgba(0,0,0,0)",
         margin={"l": 0, "r": 0, "t": 0, "b": 0},
-    )
-    if text:
-        fig.add_annotation(text=text, showarrow=False, font={"color": "#64748b", "size": 14})
-    return fig
+    ))
 
 
 def error_box(message: str) -> html.Div:
