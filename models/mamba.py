@@ -244,11 +244,11 @@ class MambaBlock(nn.Module):
     def forward(
         self, resid: Float[Tensor, "batch pos d_model"], conv_state: Tensor | None, ssm_state: Tensor | None
     ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
-        resid = self.hook_resid_pre(resid.clone())  # not the previous block's resid_post tensor
+        resid = self.hook_resid_pre(_own_copy(resid, self.hook_resid_pre))  # not the last block's resid_post
         mixed, conv_state, ssm_state = self.mixer(self.norm(resid.to(self.norm.weight.dtype)), conv_state, ssm_state)
         if self.cfg.residual_in_fp32:
             resid = resid.float()
-        resid = self.hook_resid_post(resid + self.hook_mixer_out(mixed.clone()))  # not mixer.hook_ssm_out's tensor
+        resid = self.hook_resid_post(resid + self.hook_mixer_out(_own_copy(mixed, self.hook_mixer_out)))
         return resid, conv_state, ssm_state
 
 
@@ -436,6 +436,12 @@ def _causal_conv1d(
         return F.conv1d(padded, weight, bias, groups=weight.shape[0])
     out = torch.einsum("bdlk,dk->bdl", padded.unfold(-1, weight.shape[-1], 1), weight[:, 0])
     return out if bias is None else out + bias[:, None]
+
+
+def _own_copy(x: Tensor, hook_point: HookPoint) -> Tensor:
+    """``x``, copied when ``hook_point`` has hooks: ``x`` is also the value of the hook before it,
+    and an in-place edit at ``hook_point`` must not reach what that hook saw."""
+    return x.clone() if hook_point.has_hooks() else x
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:

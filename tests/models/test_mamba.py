@@ -128,7 +128,7 @@ SHARED_WITH_BRIDGE = [
 def test_matches_transformer_bridge_on_shared_hooks(pair, tokens, tmp_path):
     hf, ours = pair
     hf.save_pretrained(tmp_path)
-    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=hf)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), hf_model=copy.deepcopy(hf))  # it rewires the model
     names = sorted({n.format(l=l) for n in SHARED_WITH_BRIDGE for l in range(ours.cfg.n_layers)})
     bridge_logits, bridge_cache = bridge.run_with_cache(tokens, names_filter=names)
     logits, cache = ours.run_with_cache(tokens, names_filter=names)
