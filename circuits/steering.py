@@ -26,14 +26,25 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from dynalens.circuits.directions import Direction, Layers, resid_name, resolve_layers
+from dynalens.circuits.directions import (
+    Direction,
+    Layers,
+    Position,
+    Prompts,
+    resid_activations,
+    resid_name,
+    resolve_layers,
+)
+from dynalens.models.validation import check_index
 from jaxtyping import Float
-from torch import Tensor
+from torch import Tensor, nn
 
 Mode = Literal["add", "ablate", "ablate_add"]
 Positions = Literal["all", "prompt", "generated"]
@@ -68,20 +79,33 @@ class SequencePhase:
     A forward pre-hook on the model: a call without a cache to continue
     (``past_key_values`` for a transformer, ``state`` for our recurrent models)
     starts a sequence, so its positions are the prompt; any other call runs
-    generated tokens.
+    generated tokens. ``on_prompt(tokens)``, when given, runs at the start of
+    every sequence; passes it makes itself are never steered.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_prompt: Callable[[Tensor], None] | None = None) -> None:
         self.generating = False
+        self.reading = False
+        self.on_prompt = on_prompt
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.reading:
+            return
         cache = kwargs.get("past_key_values", kwargs.get("state"))
         if cache is None and len(args) > 1:  # forward(input, state) called positionally
             cache = args[1]
         self.generating = cache is not None
+        if not self.generating and self.on_prompt is not None:
+            self.reading = True
+            try:
+                self.on_prompt(args[0] if args else kwargs["input"])
+            finally:
+                self.reading = False
 
     def steers(self, positions: Positions) -> bool:
         """Whether positions of the current pass are steered under ``positions``."""
+        if self.reading:
+            return False
         return positions == "all" or (positions == "generated") == self.generating
 
 
@@ -130,23 +154,40 @@ def steer(
             f"direction has d_model {direction.d_model} but the model has {model.cfg.d_model}"
         )
     chosen = direction.layers if layers is None else resolve_layers(model, layers)
-    unit = direction.unit()
     per_layer = _per_layer_alpha(alpha, len(chosen))
-    phase = SequencePhase()
+    with steering_hooks(model, direction, chosen, lambda: per_layer, mode, positions):
+        yield
 
-    def hook_for(vector: Tensor, layer_alpha: Any):
+
+@contextmanager
+def steering_hooks(
+    model: Any,
+    direction: Direction,
+    layers: Sequence[int],
+    alphas: Callable[[], Sequence[Any]],
+    mode: Mode,
+    positions: Positions,
+    on_prompt: Callable[[Tensor], None] | None = None,
+) -> Iterator[None]:
+    """Hooks steering ``layers``, each with ``alphas()[i]`` read at every pass; removed on exit.
+
+    The engine of :func:`steer` and of :meth:`SteeringController.attach`:
+    ``on_prompt(tokens)`` runs when a sequence starts (see :class:`SequencePhase`).
+    """
+    unit = direction.unit()
+    phase = SequencePhase(on_prompt)
+
+    def hook_for(i: int, vector: Tensor):
         def hook(resid: Tensor, hook: Any) -> Tensor:
-            return (
-                steered(resid, vector, layer_alpha, mode)
-                if phase.steers(positions)
-                else resid
-            )
+            if not phase.steers(positions):
+                return resid
+            return steered(resid, vector, alphas()[i], mode)
 
         return hook
 
     fwd_hooks = [
-        (resid_name(layer), hook_for(unit.vector(layer), a))
-        for layer, a in zip(chosen, per_layer)
+        (resid_name(layer), hook_for(i, unit.vector(layer)))
+        for i, layer in enumerate(layers)
     ]
     model.check_hook_names([name for name, _ in fwd_hooks])
     with ExitStack() as stack:
@@ -184,3 +225,222 @@ def _remove_handle(hook_point: Any, lens_handle: Any) -> None:
     """Remove one hook from ``hook_point``, leaving every other hook in place."""
     lens_handle.hook.remove()
     hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not lens_handle]
+
+
+@dataclass
+class ControllerOutput:
+    """What a :class:`SteeringController` predicts for each prompt.
+
+    Attributes
+    ----------
+    scale
+        The global scale ``sigmoid(s)`` in ``[0, 1]``, ``[prompt]``: how much to steer.
+    weights
+        The per-layer weights ``sigmoid(w)`` in ``[0, 1]``, ``[prompt, layer]``.
+    """
+
+    scale: Float[Tensor, " prompt"]
+    weights: Float[Tensor, "prompt layer"]
+
+    def alphas(self, alpha: float) -> Float[Tensor, "layer prompt"]:
+        """The steering strength of each layer and prompt: ``alpha * scale * weight``."""
+        return alpha * (self.scale[:, None] * self.weights).T
+
+
+class ControllerNet(nn.Module):
+    """A one-hidden-layer MLP: pooled activation → scale logit and per-layer weights."""
+
+    def __init__(self, d_in: int, n_layers: int, hidden: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1 + n_layers)
+        )
+
+    def forward(self, x: Float[Tensor, "batch d_in"]) -> tuple[Tensor, Tensor]:
+        out = self.body(x)
+        return out[:, 0], torch.sigmoid(out[:, 1:])
+
+
+class SteeringController:
+    """A light controller that decides, per prompt, how much to steer (Guiding Giants).
+
+    It reads one layer's pooled residual stream, standardised, and predicts a
+    global scale (a logit trained with binary cross-entropy: positive set 1,
+    negative set 0) and per-layer sigmoid weights. With no steering outcome in
+    the objective, each layer weight is a gate trained with the same labels
+    (binary cross-entropy) plus a small L1 penalty, so it differs across layers
+    only through its own head; the paper's weights are trained the same way.
+    Steering then adds ``alpha * scale * weight_l`` times the unit direction at
+    each layer ``l``. Training is full-batch AdamW with early stopping on the
+    held-out loss. ``__init__`` only stores its arguments (scikit-learn style).
+
+    Parameters
+    ----------
+    direction
+        The direction steered along.
+    read_layer
+        The block whose ``hook_resid_post`` the controller reads.
+    layers
+        Blocks steered; ``None``: every layer of ``direction``.
+    alpha
+        Strength at scale 1 and weight 1 (residual-stream units).
+    position
+        Where the read layer is pooled: a token index or ``"mean"``.
+    hidden, lr, weight_penalty, max_epochs, patience, validation_fraction, random_state
+        MLP width, AdamW learning rate, L1 weight on the layer weights, epoch cap,
+        epochs without held-out improvement before stopping, held-out share, seed.
+    mode
+        The steering mode, ``"add"`` or ``"ablate_add"``.
+    """
+
+    def __init__(
+        self,
+        direction: Direction,
+        read_layer: int,
+        layers: Sequence[int] | None = None,
+        alpha: float = 4.0,
+        position: Position = -1,
+        hidden: int = 32,
+        lr: float = 1e-2,
+        weight_penalty: float = 1e-3,
+        max_epochs: int = 300,
+        patience: int = 20,
+        validation_fraction: float = 0.25,
+        random_state: int = 0,
+        mode: Mode = "add",
+    ):
+        self.direction = direction
+        self.read_layer = read_layer
+        self.layers = layers
+        self.alpha = alpha
+        self.position = position
+        self.hidden = hidden
+        self.lr = lr
+        self.weight_penalty = weight_penalty
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.mode = mode
+
+    # --------------------------------------------------------------- fitting
+    def fit(
+        self, model: Any, positive: Prompts, negative: Prompts
+    ) -> SteeringController:
+        """Train on the two prompt sets (steer on ``positive``, not on ``negative``)."""
+        if self.mode not in ("add", "ablate_add"):
+            raise ValueError(f"mode must be 'add' or 'ablate_add', got {self.mode!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                f"validation_fraction must lie in (0, 1), got {self.validation_fraction}"
+            )
+        check_index("read_layer", self.read_layer, model.cfg.n_layers)
+        self.layers_ = list(
+            self.direction.layers
+            if self.layers is None
+            else resolve_layers(model, self.layers)
+        )
+        self.direction.unit().vector(
+            self.layers_[0]
+        )  # a layer the direction lacks fails here
+        pos = resid_activations(model, positive, [self.read_layer], self.position)[:, 0]
+        neg = resid_activations(model, negative, [self.read_layer], self.position)[:, 0]
+        x, y = (
+            torch.cat([pos, neg]),
+            torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]),
+        )
+        g = torch.Generator().manual_seed(self.random_state)
+        order = torch.randperm(len(x), generator=g)
+        n_val = max(1, round(self.validation_fraction * len(x)))
+        if len(x) - n_val < 2:
+            raise ValueError(f"fit needs at least 3 prompts in all, got {len(x)}")
+        val, train = order[:n_val], order[n_val:]
+        self.mean_ = x[train].mean(0)
+        self.std_ = x[train].std(0).clamp_min(1e-6)
+        x = (x - self.mean_) / self.std_
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            net = ControllerNet(x.shape[1], len(self.layers_), self.hidden)
+        optimiser = torch.optim.AdamW(net.parameters(), lr=self.lr)
+        best, best_state, waited = float("inf"), copy.deepcopy(net.state_dict()), 0
+        self.n_epochs_ = 0
+        for _ in range(self.max_epochs):
+            net.train()
+            optimiser.zero_grad()
+            self._loss(net, x[train], y[train]).backward()
+            optimiser.step()
+            self.n_epochs_ += 1
+            with torch.no_grad():
+                val_loss = self._loss(net.eval(), x[val], y[val]).item()
+            if val_loss < best - 1e-6:
+                best, best_state, waited = val_loss, copy.deepcopy(net.state_dict()), 0
+            else:
+                waited += 1
+                if waited >= self.patience:
+                    break
+        net.load_state_dict(best_state)
+        self.net_ = net.eval()
+        self.validation_loss_ = best
+        return self
+
+    def _loss(self, net: ControllerNet, x: Tensor, y: Tensor) -> Tensor:
+        logit, weights = net(x)
+        bce = nn.functional.binary_cross_entropy_with_logits
+        gates = nn.functional.binary_cross_entropy(
+            weights, y[:, None].expand_as(weights)
+        )
+        return bce(logit, y) + gates + self.weight_penalty * weights.mean()
+
+    # ------------------------------------------------------------ predicting
+    def predict(self, model: Any, prompts: Prompts) -> ControllerOutput:
+        """The scale and per-layer weights for each prompt."""
+        return self._predict_activations(
+            resid_activations(model, prompts, [self.read_layer], self.position)[:, 0]
+        )
+
+    def _predict_activations(
+        self, x: Float[Tensor, "prompt d_model"]
+    ) -> ControllerOutput:
+        if not hasattr(self, "net_"):
+            raise RuntimeError(
+                "this SteeringController is not fitted yet: call fit(model, positive, negative)"
+            )
+        with torch.no_grad():
+            logit, weights = self.net_((x.float().cpu() - self.mean_) / self.std_)
+        return ControllerOutput(scale=torch.sigmoid(logit), weights=weights)
+
+    def score(self, model: Any, positive: Prompts, negative: Prompts) -> float:
+        """ROC AUC of the predicted scale for telling ``positive`` from ``negative``."""
+        from sklearn.metrics import roc_auc_score
+
+        pos, neg = (
+            self.predict(model, positive).scale,
+            self.predict(model, negative).scale,
+        )
+        labels = [1] * len(pos) + [0] * len(neg)
+        return float(roc_auc_score(labels, torch.cat([pos, neg]).numpy()))
+
+    # ------------------------------------------------------------- steering
+    @contextmanager
+    def attach(self, model: Any) -> Iterator[None]:
+        """Steer ``model`` as the controller predicts for each prompt, while the block runs.
+
+        When a sequence starts (the prompt pass of ``generate``, or any call
+        without a cache), the controller reads that prompt without steering,
+        predicts its scale and weights, then steers the prompt and every
+        generated token with ``alpha * scale * weight_l`` at each layer.
+        Prompts with padding are read as given (padding included). The read is
+        one extra forward pass, which other hooks on the model also see.
+        """
+        alphas: list[Tensor] = []
+
+        def plan(tokens: Tensor) -> None:
+            out = self._predict_activations(
+                resid_activations(model, tokens, [self.read_layer], self.position)[:, 0]
+            )
+            alphas[:] = list(out.alphas(self.alpha))
+
+        with steering_hooks(
+            model, self.direction, self.layers_, lambda: alphas, self.mode, "all", plan
+        ):
+            yield

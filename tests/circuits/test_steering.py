@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dynalens.circuits.directions import Direction
-from dynalens.circuits.steering import steer
+from dynalens.circuits.steering import SteeringController, steer
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.models.zoo import get_entry
@@ -247,3 +247,88 @@ def test_bad_arguments_are_named(tiny_mamba):
     ):
         pass
     assert n_hooks(tiny_mamba) == 0
+
+
+def separable_sets(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of low tokens (positive) and high tokens (negative): separable at any layer."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 8, (n, 6), generator=g), torch.randint(
+        8, 16, (n, 6), generator=g
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_mamba):
+    pos, neg = separable_sets(24, seed=1)
+    d = Direction.diff_in_means(tiny_mamba, pos, neg, position="mean")
+    before = snapshot(tiny_mamba)
+    ctrl = SteeringController(d, read_layer=0, position="mean", alpha=6.0).fit(
+        tiny_mamba, pos, neg
+    )
+    return ctrl, before
+
+
+def test_controller_separates_held_out_sets_and_leaves_weights(tiny_mamba, fitted):
+    ctrl, before = fitted
+    after = snapshot(tiny_mamba)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert 0 < ctrl.n_epochs_ <= ctrl.max_epochs and ctrl.layers_ == [0, 1]
+    pos, neg = separable_sets(16, seed=2)
+    assert ctrl.score(tiny_mamba, pos, neg) > 0.95
+    out_pos, out_neg = ctrl.predict(tiny_mamba, pos), ctrl.predict(tiny_mamba, neg)
+    assert out_pos.scale.shape == (16,) and out_pos.weights.shape == (16, 2)
+    assert out_pos.scale.mean() > 0.8 and out_neg.scale.mean() < 0.2
+    assert ((out_pos.weights > 0) & (out_pos.weights < 1)).all()
+
+
+def generate_recording(
+    model, prompt, context
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Generate 5 tokens inside ``context``, recording ``blocks.1.hook_resid_post`` at every pass."""
+    seen: list[torch.Tensor] = []
+    with context:
+        tokens = model.generate(
+            prompt,
+            5,
+            fwd_hooks=[
+                ("blocks.1.hook_resid_post", lambda r, hook: seen.append(r.clone()))
+            ],
+        )
+    return tokens, seen
+
+
+def test_attach_equals_steering_with_the_predicted_alphas(tiny_mamba, fitted):
+    """Closed loop: generate under attach equals generate under steer with the
+    alphas the controller predicts for that prompt, positive and negative alike."""
+    ctrl, _ = fitted
+    pos, neg = separable_sets(2, seed=3)
+    for prompt, strong in ((pos[:1], True), (neg[:1], False)):
+        alphas = ctrl.predict(tiny_mamba, prompt).alphas(ctrl.alpha)
+        assert (alphas.min() > 3.0) if strong else (alphas.max() < 1.0)
+        closed, closed_resid = generate_recording(
+            tiny_mamba, prompt, ctrl.attach(tiny_mamba)
+        )
+        reference, reference_resid = generate_recording(
+            tiny_mamba,
+            prompt,
+            steer(tiny_mamba, ctrl.direction, layers=ctrl.layers_, alpha=alphas),
+        )
+        assert torch.equal(closed, reference)
+        read = closed_resid.pop(0)  # attach reads the prompt unsteered first
+        assert read.shape == closed_resid[0].shape and not torch.allclose(
+            read, closed_resid[0]
+        )
+        for a, b in zip(closed_resid, reference_resid, strict=True):
+            torch.testing.assert_close(a, b)
+    assert n_hooks(tiny_mamba) == 0
+
+
+def test_controller_bad_input(tiny_mamba):
+    d = random_direction(tiny_mamba, layers=[0])
+    pos, neg = separable_sets(4, seed=0)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SteeringController(d, read_layer=0).predict(tiny_mamba, pos)
+    with pytest.raises(IndexError, match="valid read_layers are 0 to 1"):
+        SteeringController(d, read_layer=5).fit(tiny_mamba, pos, neg)
+    with pytest.raises(ValueError, match="mode must be 'add' or 'ablate_add'"):
+        SteeringController(d, read_layer=0, mode="ablate").fit(tiny_mamba, pos, neg)
