@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -215,8 +216,6 @@ def _load_train_state(
 ) -> int:
     info = read_json(folder / "state.json")
     step = int(info["step"])
-    from safetensors import safe_open
-
     for name in ("model.safetensors", "optimizer.safetensors"):
         with safe_open(str(folder / name), framework="pt") as f:
             if f.metadata().get("step") != str(step):
