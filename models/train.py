@@ -375,11 +375,11 @@ def _checkpoint(
     if out is None:
         return
     save_model(model, out / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:06d}")
-    if step == result.config["steps"]:
-        save_model(model, out / "final.tmp")
-        for item in (out / "final.tmp").iterdir():
+    if step == result.config["steps"]:  # the final model also sits at the top of `out`
+        final = save_model(model, out / ".final")
+        for item in final.iterdir():
             os.replace(item, out / item.name)
-        (out / "final.tmp").rmdir()
+        final.rmdir()
     _save_train_state(out / TRAIN_STATE_DIR, model, opt, data, step)
     write_json(out / CURVE_FILE, result.to_dict())
 
