@@ -298,24 +298,38 @@ class Direction:
             "architecture": self.architecture,
         }
 
+    def metadata(self) -> dict[str, Any]:
+        """Every field but the vectors, as plain JSON values."""
+        return {k: v for k, v in self._fields().items() if k != "vectors"}
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the vectors to a safetensors file, the rest as JSON metadata, atomically."""
-        plain = {k: v for k, v in self._fields().items() if k != "vectors"}
         write_safetensors(
-            path, {"vectors": self.vectors}, metadata={_METADATA_KEY: json.dumps(plain)}
+            path,
+            {"vectors": self.vectors},
+            metadata={_METADATA_KEY: json.dumps(self.metadata())},
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Direction:
         """Read a direction written by :meth:`save`."""
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            if _METADATA_KEY not in metadata:
-                raise ValueError(
-                    f"{os.fspath(path)!r} is not a dynalens direction file"
-                )
-            vectors = f.get_tensor("vectors")
-        return cls(vectors=vectors, **json.loads(metadata[_METADATA_KEY]))
+        tensors, plain = read_tagged(path, _METADATA_KEY, "direction")
+        return cls(vectors=tensors["vectors"], **plain)
+
+
+def read_tagged(
+    path: str | os.PathLike, key: str, what: str
+) -> tuple[dict[str, Tensor], Any]:
+    """The tensors of a safetensors file and the JSON stored under metadata ``key``.
+
+    Raises ``ValueError`` naming ``what`` the file should hold when ``key`` is missing.
+    """
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        if key not in metadata:
+            raise ValueError(f"{os.fspath(path)!r} is not a dynalens {what} file")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    return tensors, json.loads(metadata[key])
 
 
 def _mean_difference(pos: Tensor, neg: Tensor) -> Tensor:

@@ -27,6 +27,8 @@ Examples
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -38,10 +40,12 @@ from dynalens.circuits.directions import (
     Layers,
     Position,
     Prompts,
+    read_tagged,
     resid_activations,
     resid_name,
     resolve_layers,
 )
+from dynalens.models.io import write_safetensors
 from dynalens.models.validation import check_index
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -225,6 +229,23 @@ def _remove_handle(hook_point: Any, lens_handle: Any) -> None:
     """Remove one hook from ``hook_point``, leaving every other hook in place."""
     lens_handle.hook.remove()
     hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not lens_handle]
+
+
+_CONTROLLER_KEY = "dynalens.steering_controller"
+_CONTROLLER_PARAMS = (
+    "read_layer",
+    "layers",
+    "alpha",
+    "position",
+    "hidden",
+    "lr",
+    "weight_penalty",
+    "max_epochs",
+    "patience",
+    "validation_fraction",
+    "random_state",
+    "mode",
+)
 
 
 @dataclass
@@ -419,6 +440,47 @@ class SteeringController:
         )
         labels = [1] * len(pos) + [0] * len(neg)
         return float(roc_auc_score(labels, torch.cat([pos, neg]).numpy()))
+
+    # ----------------------------------------------------------- persistence
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments but ``direction`` (scikit-learn style)."""
+        return {name: getattr(self, name) for name in _CONTROLLER_PARAMS}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted controller and its direction to one safetensors file, atomically."""
+        if not hasattr(self, "net_"):
+            raise RuntimeError(
+                "this SteeringController is not fitted yet: nothing to save"
+            )
+        tensors = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
+        tensors.update(mean=self.mean_, std=self.std_, direction=self.direction.vectors)
+        fitted = {
+            "layers_": self.layers_,
+            "n_epochs_": self.n_epochs_,
+            "validation_loss_": self.validation_loss_,
+        }
+        plain = {
+            "params": self.get_params(),
+            "direction": self.direction.metadata(),
+            "fitted": fitted,
+        }
+        write_safetensors(path, tensors, metadata={_CONTROLLER_KEY: json.dumps(plain)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SteeringController:
+        """Read a controller written by :meth:`save`, ready to ``predict`` and ``attach``."""
+        tensors, plain = read_tagged(path, _CONTROLLER_KEY, "steering controller")
+        direction = Direction(vectors=tensors["direction"], **plain["direction"])
+        ctrl = cls(direction, **plain["params"])
+        for name, value in plain["fitted"].items():
+            setattr(ctrl, name, value)
+        ctrl.mean_, ctrl.std_ = tensors["mean"], tensors["std"]
+        ctrl.net_ = ControllerNet(ctrl.mean_.shape[0], len(ctrl.layers_), ctrl.hidden)
+        ctrl.net_.load_state_dict(
+            {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+        )
+        ctrl.net_.eval()
+        return ctrl
 
     # ------------------------------------------------------------- steering
     @contextmanager

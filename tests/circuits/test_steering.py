@@ -332,3 +332,18 @@ def test_controller_bad_input(tiny_mamba):
         SteeringController(d, read_layer=5).fit(tiny_mamba, pos, neg)
     with pytest.raises(ValueError, match="mode must be 'add' or 'ablate_add'"):
         SteeringController(d, read_layer=0, mode="ablate").fit(tiny_mamba, pos, neg)
+
+
+def test_controller_save_load_round_trip(tiny_mamba, fitted, tmp_path):
+    ctrl, _ = fitted
+    ctrl.save(tmp_path / "ctrl.safetensors")
+    back = SteeringController.load(tmp_path / "ctrl.safetensors")
+    assert back.get_params() == ctrl.get_params() and back.layers_ == ctrl.layers_
+    assert torch.equal(back.direction.vectors, ctrl.direction.vectors)
+    pos, neg = separable_sets(4, seed=5)
+    prompts = torch.cat([pos, neg])
+    a, b = ctrl.predict(tiny_mamba, prompts), back.predict(tiny_mamba, prompts)
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.weights, b.weights)
+    Direction(torch.ones(1, 8), layers=[0]).save(tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="not a dynalens steering controller file"):
+        SteeringController.load(tmp_path / "d.safetensors")
