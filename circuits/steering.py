@@ -17,6 +17,11 @@ and a prompt of one token is still a prompt.
 
 Hooks are removed on exit, exceptions included; weights are never touched.
 
+:class:`SteeringController` (after Guiding Giants) decides per prompt how much
+to steer: ``fit`` on two prompt sets, ``predict`` a global scale and per-layer
+weights, ``score`` (ROC AUC of the scale), ``attach(model)`` to steer each
+generation as predicted for its own prompt, ``save``/``load``.
+
 Examples
 --------
 >>> d = Direction.diff_in_means(model, harmful, harmless)        # doctest: +SKIP
