@@ -15,6 +15,12 @@ patterns) or from the weights alone (copying):
   which is what is decomposed. Layer norms are left out, as usual.
 - *sink*: mean attention on the first token, :func:`dynalens.probes.sink_scores`.
 
+Mamba has no heads; its "heads" are groups of ``d_inner`` channels, and its
+"attention" is each group's materialised SSM matrix (mean ``|M|`` over the
+group's channels, :func:`dynalens.probes.mixer_matrices`) with every row
+normalised to sum to one. The induction, previous-token and sink scores are
+then read exactly as for attention; copying (no OV circuit) is ``nan``.
+
 Inputs default to repeated random tokens ``BOS, x_1..x_L, x_1..x_L``
 (:class:`~dynalens.models.tasks.InductionTask`), the standard induction workload.
 
@@ -36,9 +42,10 @@ from torch import Tensor
 from dynalens.models.base import TextOrTokens
 from dynalens.models.tasks import BOS, InductionTask
 from dynalens.probes.figures import heatmap
-from dynalens.probes.model_surface import result_context
+from dynalens.probes.mixer import mixer_matrices
+from dynalens.probes.model_surface import architecture_of, result_context
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import _check_transformer, _pattern_names, _query_mask, _sink_scores
+from dynalens.probes.sinks import _pattern_names, _query_mask, _sink_scores
 
 SCORES = ("induction", "prev_token", "copying", "sink")
 """The score grids a :class:`HeadScores` holds, in column order."""
@@ -151,7 +158,7 @@ def attention_scores(
 @torch.no_grad()
 def copying_scores(model: Any) -> Float[Tensor, "layer head"]:
     """OV-circuit eigenvalue positivity ``sum(λ) / sum(|λ|)`` of every head (weights only)."""
-    _check_transformer(model)
+    _check_architecture(model, ("transformer",))
     eu = model.W_U.float() @ model.W_E.float()  # [d_model, d_model]: unembed, then embed
     w_v = model.W_V.float()  # [layer, kv_head, d_model, d_head]: grouped-query heads share one
     w_v = w_v.repeat_interleave(model.W_O.shape[1] // w_v.shape[1], dim=1)
@@ -168,39 +175,74 @@ def induction_scores(
     half_len: int = 20,
     n_sequences: int = 8,
     seed: int = 0,
+    channel_groups: int | None = None,
 ) -> HeadScores:
     """Induction, previous-token, copying and sink scores of every head, from one forward pass.
 
     Parameters
     ----------
     model
-        A transformer (``blocks.{l}.attn.hook_pattern``).
+        A transformer (``blocks.{l}.attn.hook_pattern``) or a Mamba model
+        (its channel groups' mixer matrices; module docstring).
     input
         Prompts or token ids ``[batch, pos]``; default: ``n_sequences`` repeated
         random sequences of ``half_len`` tokens (:func:`repeated_tokens`).
         The induction score needs some repeated tokens in it.
     half_len, n_sequences, seed
         Shape and seed of the default input.
+    channel_groups
+        Mamba only: how many channel groups make its "heads" (default as in
+        :func:`~dynalens.probes.mixer_matrices`).
 
     Returns
     -------
     HeadScores
     """
-    _check_transformer(model)
+    arch = _check_architecture(model, ("transformer", "mamba"))
     tokens = model.to_tokens(repeated_tokens(model, half_len, n_sequences, seed) if input is None else input)
-    names = _pattern_names(model.cfg.n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=names)
-    patterns = [cache[name] for name in names]
+    if arch == "transformer":
+        if channel_groups is not None:
+            raise ValueError("channel_groups is for Mamba models; this model is a transformer")
+        names = _pattern_names(model.cfg.n_layers)
+        _, cache = model.run_with_cache(tokens, names_filter=names)
+        patterns = [cache[name].cpu() for name in names]
+        copying = copying_scores(model).cpu()
+    else:
+        patterns = mixer_patterns(model, tokens, channel_groups)
+        copying = torch.full((len(patterns), patterns[0].shape[1]), float("nan"))
     cpu_tokens = tokens.cpu()
     target = induction_targets(cpu_tokens)
     pos = cpu_tokens.shape[-1]
     previous = torch.ones(pos, pos, dtype=torch.bool).tril(-1).triu(-1).expand_as(target)
-    sink_mask = _query_mask(cpu_tokens, None, 0)
     return HeadScores(
         **result_context(model, tokens[:1]),
-        induction=torch.stack([attention_scores(p.cpu(), target) for p in patterns]),
-        prev_token=torch.stack([attention_scores(p.cpu(), previous) for p in patterns]),
-        copying=copying_scores(model).cpu(),
-        sink=_sink_scores(patterns, sink_mask, 0),
+        induction=torch.stack([attention_scores(p, target) for p in patterns]),
+        prev_token=torch.stack([attention_scores(p, previous) for p in patterns]),
+        copying=copying,
+        sink=_sink_scores(patterns, _query_mask(cpu_tokens, None, 0), 0),
         n_sequences=tokens.shape[0],
     )
+
+
+def mixer_patterns(
+    model: Any, tokens: Int[Tensor, "batch pos"], channel_groups: int | None = None
+) -> list[Float[Tensor, "batch group q k"]]:
+    """Per layer, each channel group's mixer matrix with rows normalised to sum to one (Mamba)."""
+    layers = []
+    for layer in range(model.cfg.n_layers):
+        rows = []
+        for seq in tokens:
+            m = mixer_matrices(model, seq[None], layer, channel_groups=channel_groups).matrices
+            rows.append(m / m.sum(-1, keepdim=True).clamp_min(1e-12))
+        layers.append(torch.stack(rows))
+    return layers
+
+
+def _check_architecture(model: Any, accepted: tuple[str, ...]) -> str:
+    arch = architecture_of(model)
+    if arch not in accepted:
+        raise TypeError(
+            f"head scores need attention patterns or mixer matrices of {' or '.join(accepted)} models; "
+            f"this model is a {arch}"
+        )
+    return arch

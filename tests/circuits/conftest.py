@@ -28,3 +28,11 @@ def tiny_mamba_model():
     from dynalens.models.mamba import HookedMamba, MambaConfig
 
     return HookedMamba(MambaConfig(d_model=8, n_layers=1, d_vocab=16, d_state=2)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_rnn_model():
+    """A random 1-layer GRU."""
+    from dynalens.models.rnn import HookedRNN, RNNConfig
+
+    return HookedRNN(RNNConfig(d_model=8, n_layers=1, d_vocab=16, cell="gru")).eval()

@@ -9,7 +9,7 @@ from transformer_lens.head_detector import detect_head
 
 from dynalens.circuits import HeadScores, copying_scores, induction_scores
 from dynalens.circuits.heads import attention_scores, induction_targets, repeated_tokens
-from dynalens.probes import sink_scores
+from dynalens.probes import mixer_matrices, sink_scores
 
 WORDS = (
     "apple river stone cloud engine garden silver market window forest "
@@ -109,6 +109,26 @@ def test_head_scores_result_round_trip(attn2l, tmp_path):
         scores.figure(kind="retrieval")
 
 
-def test_head_scores_reject_models_without_attention(tiny_mamba_model):
-    with pytest.raises(TypeError, match="attention patterns"):
-        induction_scores(tiny_mamba_model)
+def test_mamba_scores_read_the_normalised_mixer_matrices(tiny_mamba_model):
+    tokens = repeated_tokens(tiny_mamba_model, half_len=5, n_sequences=2)
+    scores = induction_scores(tiny_mamba_model, tokens, channel_groups=4)
+    assert scores.architecture == "mamba" and scores.induction.shape == (1, 4)
+    assert torch.isnan(scores.copying).all()
+    # By hand from one sequence's mixer matrices: rows normalised, attention on the induction target.
+    manual = []
+    for seq in tokens:
+        m = mixer_matrices(tiny_mamba_model, seq[None], 0, channel_groups=4).matrices
+        m = m / m.sum(-1, keepdim=True)
+        manual.append(torch.stack([m[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
+    torch.testing.assert_close(scores.induction[0], torch.stack(manual).mean(0))
+    torch.testing.assert_close(scores.sink[0], torch.stack([
+        (lambda m: (m / m.sum(-1, keepdim=True))[:, 1:, 0].mean(-1))(
+            mixer_matrices(tiny_mamba_model, seq[None], 0, channel_groups=4).matrices) for seq in tokens
+    ]).mean(0))  # fmt: skip
+
+
+def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l):
+    with pytest.raises(TypeError, match="this model is a rnn"):
+        induction_scores(tiny_rnn_model)
+    with pytest.raises(ValueError, match="channel_groups is for Mamba"):
+        induction_scores(attn2l, half_len=8, channel_groups=2)

@@ -54,8 +54,8 @@ def test_haystacks_need_a_tokenizer(attn2l):
 
 def _reference_scores(model, haystack: Haystack) -> torch.Tensor:
     """The paper's loop (nightdessert/Retrieval_Head, retrieval_calculate) over full cached patterns."""
-    _, cache = model.run_with_cache(haystack.tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
-    logits = model(haystack.tokens[None])[0]
+    logits, cache = model.run_with_cache(haystack.tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    logits = logits[0]
     start, stop = haystack.needle_span
     scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
     for step in range(haystack.n_answer):
