@@ -20,6 +20,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | os.PathLike, mode: int) -> None:
+    """Give a ``mkstemp``/``mkdtemp`` result (owner-only) the usual permissions."""
+    os.chmod(tmp, mode & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
@@ -29,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _publish(tmp, 0o666)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -49,6 +61,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     old = path.parent / f"{tmp.name}.old"
     try:
         yield tmp
+        _publish(tmp, 0o777)
         if not replace:
             try:
                 os.rename(tmp, path)  # fails when another writer's folder is in place

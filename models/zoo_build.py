@@ -65,8 +65,6 @@ def build(name: str, out: str | Path | None = None, *, progress: bool = True) ->
         seed=recipe.seed, out=folder, n_checkpoints=recipe.n_checkpoints, progress=progress,
     )  # fmt: skip
     shutil.rmtree(folder / TRAIN_STATE_DIR)
-    for path in folder.rglob("*"):  # atomic writes leave 0600 files; installed ones must be readable
-        path.chmod(0o755 if path.is_dir() else 0o644)
     return result
 
 
