@@ -97,6 +97,9 @@ def test_smollm2_retrieval_heads_are_sparse_and_causal(smollm2):
     ret = retrieval_scores(smollm2, 12, context_tokens=400)
     print(f"retrieval heads: {len(ret.heads())} of 270 ({ret.fraction:.1%}); accuracy {ret.accuracy.mean():.3f}")
     assert ret.accuracy.mean() > 0.8
+    # The paper reports < 5% on 7B models with 1K-50K contexts; at 400 tokens SmolLM2 has 21 heads
+    # (7.8%) above 0.1 (benchmarks/RESULTS.md, section heads), so this checks sparsity at 10%.
+    assert ret.fraction < 0.10
     scorer = NeedleScorer(smollm2, n_haystacks=3, context_tokens=200)
     effect = ablate_heads(
         smollm2, ret.top(10), scorer, method="mask", last_queries=scorer.answer_queries,
