@@ -108,7 +108,8 @@ def test_precision_drift_runs_on_every_architecture(any_model, tokens):
 def test_mamba_ar_layers_are_lyapunov_stable_and_drift_is_reported_against_a_transformer(zoo_model):
     mamba, transformer = zoo_model("mamba-ar"), zoo_model("attn2l-induction")
     vocab = min(mamba.cfg.d_vocab, transformer.cfg.d_vocab)
-    tokens = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(0))
+    length = min(64, transformer.cfg.n_ctx or 64)
+    tokens = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
     exponents = [float(lyapunov_exponents(mamba, tokens, layer).exponents[0]) for layer in range(mamba.cfg.n_layers)]
     print(f"\nmamba-ar top Lyapunov exponent per layer: {exponents}")
     assert all(e <= 0 for e in exponents)
