@@ -103,6 +103,10 @@ class SequencePhase:
         cache = kwargs.get("past_key_values", kwargs.get("state"))
         if cache is None and len(args) > 1:  # forward(input, state) called positionally
             cache = args[1]
+        if cache is not None and hasattr(
+            cache, "get_seq_length"
+        ):  # an empty HF cache starts afresh
+            cache = cache if cache.get_seq_length() > 0 else None
         self.generating = cache is not None
         if not self.generating and self.on_prompt is not None:
             self.reading = True

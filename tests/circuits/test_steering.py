@@ -347,3 +347,23 @@ def test_controller_save_load_round_trip(tiny_mamba, fitted, tmp_path):
     Direction(torch.ones(1, 8), layers=[0]).save(tmp_path / "d.safetensors")
     with pytest.raises(ValueError, match="not a dynalens steering controller file"):
         SteeringController.load(tmp_path / "d.safetensors")
+
+
+def test_sequence_phase_reads_the_cache_argument():
+    from dynalens.circuits.steering import SequencePhase
+    from transformers import DynamicCache
+
+    phase, empty, module = SequencePhase(), DynamicCache(), torch.nn.Identity()
+    phase(module, (torch.zeros(1, 4),), {"past_key_values": empty})
+    assert (
+        not phase.generating
+        and phase.steers("prompt")
+        and not phase.steers("generated")
+    )
+    empty.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), layer_idx=0)
+    phase(module, (torch.zeros(1, 1),), {"past_key_values": empty})
+    assert phase.generating and phase.steers("generated") and not phase.steers("prompt")
+    phase(module, (torch.zeros(1, 1), "a recurrent state"), {})
+    assert phase.generating
+    phase(module, (torch.zeros(1, 5),), {"state": None})
+    assert not phase.generating and phase.steers("all")
