@@ -202,7 +202,7 @@ class PrecisionDrift(Result):
     dtype
         The lower precision (``"bfloat16"``).
     drift
-        ``[layer + 1, pos]``: ``|r_low - r_32| / |r_32|``; row 0 the embedding.
+        ``[layer + 1, pos]``: ``|r_low - r_32| / |r_32|``; row 0 the stream entering layer 0.
     hook_names
         The hook of each row.
     """

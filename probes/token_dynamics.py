@@ -418,7 +418,7 @@ class TokenTrajectories(Result):
     Attributes
     ----------
     norms
-        ``[layer + 1, pos]``: row 0 the embedding, row ``l + 1`` after layer ``l``.
+        ``[layer + 1, pos]``: row 0 the stream entering layer 0, row ``l + 1`` after layer ``l``.
     hook_names
         The hook each row was read from.
     growth
@@ -474,7 +474,7 @@ def token_trajectories(model: Any, input: TextOrTokens, *, cache: Any = None) ->
     input
         One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
     cache
-        An ``ActivationCache`` of this prompt holding ``hook_embed`` and every
+        An ``ActivationCache`` of this prompt holding ``blocks.0.hook_resid_pre`` and every
         ``blocks.{l}.hook_resid_post``; the model is run when omitted.
 
     Returns
@@ -488,7 +488,7 @@ def token_trajectories(model: Any, input: TextOrTokens, *, cache: Any = None) ->
         names = resid_hook_names(model.cfg.n_layers)
         missing = [name for name in names if name not in cache]
         if missing:
-            raise KeyError(f"cache lacks {missing}; cache hook_embed and every blocks.{{l}}.hook_resid_post")
+            raise KeyError(f"cache lacks {missing}; cache these hooks: {names}")
         stream = [cache[name][0] for name in names]
     norms = torch.stack([resid.double().norm(dim=-1) for resid in stream]).cpu()
     depth = torch.arange(norms.shape[0], dtype=torch.float64)

@@ -171,9 +171,11 @@ def test_trajectories_are_the_residual_norms_and_their_log_slope(any_model, toke
     for p in (0, 3):
         slope = np.polyfit(depth, np.log(result.norms[:, p].double().numpy()), 1)[0]
         assert float(result.growth[p]) == pytest.approx(slope, rel=1e-4, abs=1e-6)
-    names = ["hook_embed"] + [f"blocks.{l}.hook_resid_post" for l in range(any_model.cfg.n_layers)]
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(any_model.cfg.n_layers)]
     _, cache = any_model.run_with_cache(tokens, names_filter=names)
     torch.testing.assert_close(token_trajectories(any_model, tokens, cache=cache).norms, result.norms)
+    with pytest.raises(KeyError, match="cache lacks"):
+        token_trajectories(any_model, tokens, cache={})
     assert len(result.figure().data) == tokens.shape[1]
 
 
