@@ -1,0 +1,117 @@
+"""Heads: every head's induction, previous-token, copying and sink score; a clicked head's pattern on the prompt.
+
+The score grid is the ``.figure()`` of :class:`~dynalens.circuits.HeadScores`
+(on repeated random tokens, the standard workload); the pattern is the
+``.figure()`` of :class:`~dynalens.probes.mixer.MixerMatrices` for the clicked
+head (channel group on Mamba) on the prompt. Both come through the results cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash
+from dash import Input, Output, callback, dcc, html
+from dash.exceptions import PreventUpdate
+
+import dynalens as dl
+from dynalens.circuits import HeadScores
+from dynalens.circuits.heads import SCORES
+from dynalens.dashboard import backend
+from dynalens.dashboard.components import card, graph, hint, placeholder_figure, show_errors, status_row
+from dynalens.dashboard.layout import REQUEST
+from dynalens.probes.mixer import MixerMatrices
+
+dash.register_page(__name__, path="/heads", name="Heads", title="dynalens · Heads", order=6)
+
+# Component ids of this page.
+STATUS = "heads-status"
+GRID = "heads-grid"
+KIND = "heads-kind"
+GRID_MESSAGE = "heads-grid-message"
+PATTERN = "heads-pattern"
+PATTERN_MESSAGE = "heads-pattern-message"
+
+HALF_LEN = 20
+"""Length of each repeat of the random-token workload (shorter when the model's context is)."""
+
+_EMPTY = placeholder_figure()
+
+
+def layout(**_: Any) -> html.Div:
+    """The page (Dash calls it on every visit)."""
+    return html.Div(
+        className="heads",
+        children=[
+            dcc.Loading(html.Div(id=STATUS, className="status"), type="dot", delay_show=300, color="#2563eb"),
+            html.Div(
+                className="grid-2",
+                children=[
+                    card(
+                        "Head scores", html.Div(id=GRID_MESSAGE), graph(GRID, height=520),
+                        controls=[dcc.RadioItems(
+                            id=KIND, options=[{"label": k.replace("_", "-"), "value": k} for k in SCORES],
+                            value="induction", inline=True, className="inline-check",
+                        )],
+                    ),  # fmt: skip
+                    card("Pattern on the prompt", html.Div(id=PATTERN_MESSAGE), graph(PATTERN, height=520)),
+                ],
+            ),
+        ],
+    )
+
+
+def _scores(request: dict, model: Any) -> HeadScores:
+    half_len = min(HALF_LEN, ((model.cfg.n_ctx or 2 * HALF_LEN + 1) - 1) // 2)
+    tokens = dl.circuits.repeated_tokens(model, half_len=half_len)
+    return backend.cached_result(
+        HeadScores, request["model"], tokens[0].tolist(), "head_scores", {"n": tokens.shape[0]},
+        lambda: dl.circuits.induction_scores(model, tokens),
+    )  # fmt: skip
+
+
+@callback(
+    Output(GRID, "figure"),
+    Output(STATUS, "children"),
+    Output(GRID_MESSAGE, "children"),
+    Input(REQUEST, "data"),
+    Input(KIND, "value"),
+)
+@show_errors(_EMPTY, None)
+def scores_panel(request, kind):
+    if not request:
+        raise PreventUpdate
+    model, tokens = backend.model_and_tokens(request)
+    status = status_row(request["model"], model.cfg.architecture, tokens.shape[1], model.cfg.n_layers)
+    if model.cfg.architecture == "rnn":
+        return _EMPTY, status, hint("Head scores need attention heads or a materialised mixer (Mamba).")
+    scores = _scores(request, model)
+    best = scores.top(1, by=kind).iloc[0]
+    text = f"Top {kind.replace('_', '-')} head: L{int(best['layer'])}H{int(best['head'])} ({best[kind]:.2f}). Click a cell."
+    return scores.figure(kind=kind), status, hint(text)
+
+
+@callback(
+    Output(PATTERN, "figure"),
+    Output(PATTERN_MESSAGE, "children"),
+    Input(REQUEST, "data"),
+    Input(GRID, "clickData"),
+)
+@show_errors(_EMPTY)
+def pattern_panel(request, click):
+    if not request:
+        raise PreventUpdate
+    model, tokens = backend.model_and_tokens(request)
+    if model.cfg.architecture == "rnn":
+        return _EMPTY, hint("This model has no heads.")
+    if click and click.get("points"):
+        layer, head = int(click["points"][0]["y"]), int(click["points"][0]["x"])
+    else:  # the top induction head until a cell is clicked
+        best = _scores(request, model).top(1).iloc[0]
+        layer, head = int(best["layer"]), int(best["head"])
+    mixer = backend.cached_result(
+        MixerMatrices, request["model"], tokens[0].tolist(), "mixer_matrices", {"layer": layer},
+        lambda: dl.probes.mixer_matrices(model, tokens, layer=layer),
+    )
+    head = min(head, mixer.matrices.shape[0] - 1)
+    return mixer.figure(group=head), hint(f"L{layer} {mixer.group_labels[head]} on the prompt.")

@@ -1,0 +1,44 @@
+"""The Heads page in headless Chromium: it draws what dynalens.circuits and dynalens.probes compute."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynalens as dl
+from dynalens.dashboard.app import create_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
+PROMPT = "0 5 9 1 5 7 12 2 7 4 5 9"
+
+
+def as_array(rows: list) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, screenshot, wait_title):
+    dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads")
+    dash_duo.clear_input("#prompt")
+    dash_duo.find_element("#prompt").send_keys(PROMPT)
+    dash_duo.find_element("#analyse").click()
+    model = dl.load("attn2l-induction")
+    expected = dl.circuits.induction_scores(model, dl.circuits.repeated_tokens(model, half_len=16))
+
+    fig = wait_title("heads-grid", "induction scores")
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected.induction.double().numpy(), rtol=1e-5)
+    dash_duo.wait_for_contains_text("#heads-grid-message", "Top induction head: L0H0", timeout=120)
+
+    fig = wait_title("heads-pattern", "Layer 0 mixer")
+    tokens = torch.tensor([[int(t) for t in PROMPT.split()]])
+    pattern = dl.probes.mixer_matrices(model, tokens, 0).matrices[0]
+    z = as_array(fig["traces"][0]["z"])
+    np.testing.assert_allclose(np.nan_to_num(z), pattern.double().tril().numpy(), rtol=1e-5, atol=1e-7)
+
+    dash_duo.find_elements("#heads-kind input")[2].click()  # copying
+    fig = wait_title("heads-grid", "copying scores")
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected.copying.double().numpy(), rtol=1e-4)
+    assert dash_duo.get_logs() in ([], None)
+    screenshot("heads-attn2l")
