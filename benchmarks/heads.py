@@ -25,6 +25,7 @@ from scipy.stats import spearmanr
 from transformer_lens.head_detector import detect_head
 
 
+@torch.no_grad()
 def per_head_loop(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """The four scores the straightforward way (TransformerLens' detector, one head at a time)."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
