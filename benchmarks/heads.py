@@ -19,10 +19,11 @@ import argparse
 import statistics
 import time
 
-import dynalens as dl
 import torch
 from scipy.stats import spearmanr
 from transformer_lens.head_detector import detect_head
+
+import dynalens as dl
 
 
 @torch.no_grad()

@@ -32,15 +32,14 @@ from typing import Any, Protocol
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
-from scipy import stats
-from torch import Tensor
-
 from dynalens.models.tasks import Task
 from dynalens.probes.figures import TEMPLATE
 from dynalens.probes.model_surface import model_name_of
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import _check_transformer
+from jaxtyping import Float, Int
+from scipy import stats
+from torch import Tensor
 
 Head = tuple[int, int]
 Hook = tuple[str, Callable]
@@ -255,8 +254,8 @@ class HeadAblation(Result):
         frame = self.to_frame().iloc[:3]
         fig = go.Figure(go.Bar(
             x=frame["condition"], y=frame["mean"], marker_color=["#4c78a8", "#e45756", "#9d9d9d"],
-            error_y=dict(type="data", symmetric=False, array=frame["ci_high"] - frame["mean"],
-                         arrayminus=frame["mean"] - frame["ci_low"]),
+            error_y={"type": "data", "symmetric": False, "array": frame["ci_high"] - frame["mean"],
+                     "arrayminus": frame["mean"] - frame["ci_low"]},
         ))  # fmt: skip
         fig.update_layout(
             template=TEMPLATE, yaxis_title=self.metric,

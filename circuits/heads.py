@@ -36,9 +36,6 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
-
 from dynalens.models.base import TextOrTokens
 from dynalens.models.tasks import BOS, InductionTask
 from dynalens.probes.figures import heatmap
@@ -46,6 +43,8 @@ from dynalens.probes.mixer import mixer_matrices
 from dynalens.probes.model_surface import architecture_of, result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import _pattern_names, _query_mask, _sink_scores
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
 
 SCORES = ("induction", "prev_token", "copying", "sink")
 """The score grids a :class:`HeadScores` holds, in column order."""

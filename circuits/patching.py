@@ -31,15 +31,14 @@ import networkx as nx
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
-
 from dynalens.models.base import TextOrTokens
 from dynalens.models.io import read_json, write_json
 from dynalens.probes.figures import heatmap, token_labels
 from dynalens.probes.model_surface import result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import _check_transformer
+from jaxtyping import Float, Int
+from torch import Tensor
 
 Metric = Callable[[Float[Tensor, "batch pos vocab"]], Tensor]
 
@@ -115,7 +114,7 @@ def _patch_grid(model: Any, clean: Tensor, corrupt: Tensor, metric: Metric, kind
     for layer in range(n_layers):
         source = cache[name_of(layer)]
         for col in range(n_cols):
-            def patch(act: Tensor, hook: Any, col: int = col) -> Tensor:
+            def patch(act: Tensor, hook: Any, col: int = col, source: Tensor = source) -> Tensor:
                 act = act.clone()
                 if kind == "resid":
                     act[:, col] = source[:, col]

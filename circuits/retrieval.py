@@ -34,13 +34,12 @@ from typing import Any, NamedTuple
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
-
 from dynalens.probes.figures import heatmap
 from dynalens.probes.model_surface import result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import _check_transformer
+from jaxtyping import Float, Int
+from torch import Tensor
 
 RETRIEVAL_THRESHOLD = 0.1
 """Score above which a head counts as a retrieval head (the paper's threshold)."""

@@ -13,14 +13,21 @@ from typing import Any
 import dash
 from dash import Input, Output, callback, dcc, html
 from dash.exceptions import PreventUpdate
-
-import dynalens as dl
 from dynalens.circuits import HeadScores
 from dynalens.circuits.heads import SCORES
 from dynalens.dashboard import backend
-from dynalens.dashboard.components import card, graph, hint, placeholder_figure, show_errors, status_row
+from dynalens.dashboard.components import (
+    card,
+    graph,
+    hint,
+    placeholder_figure,
+    show_errors,
+    status_row,
+)
 from dynalens.dashboard.layout import REQUEST
 from dynalens.probes.mixer import MixerMatrices
+
+import dynalens as dl
 
 dash.register_page(__name__, path="/heads", name="Heads", title="dynalens · Heads", order=6)
 
@@ -48,12 +55,19 @@ def layout(**_: Any) -> html.Div:
                 className="grid-2",
                 children=[
                     card(
-                        "Head scores", html.Div(id=GRID_MESSAGE), graph(GRID, height=520),
-                        controls=[dcc.RadioItems(
-                            id=KIND, options=[{"label": k.replace("_", "-"), "value": k} for k in SCORES],
-                            value="induction", inline=True, className="inline-check",
-                        )],
-                    ),  # fmt: skip
+                        "Head scores",
+                        html.Div(id=GRID_MESSAGE),
+                        graph(GRID, height=520),
+                        controls=[
+                            dcc.RadioItems(
+                                id=KIND,
+                                options=[{"label": k.replace("_", "-"), "value": k} for k in SCORES],
+                                value="induction",
+                                inline=True,
+                                className="inline-check",
+                            )
+                        ],
+                    ),
                     card("Pattern on the prompt", html.Div(id=PATTERN_MESSAGE), graph(PATTERN, height=520)),
                 ],
             ),

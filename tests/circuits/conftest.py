@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from dynalens.models.zoo import get_entry
 
 import dynalens as dl
-from dynalens.models.zoo import get_entry
 
 
 @pytest.fixture(scope="session")

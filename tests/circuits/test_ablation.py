@@ -5,7 +5,6 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-
 from dynalens.circuits import HeadAblation, ablate_heads, head_hooks
 
 LAYER0 = [(0, h) for h in range(4)]

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.stats import spearmanr
-from transformer_lens.head_detector import detect_head
-
 from dynalens.circuits import HeadScores, copying_scores, induction_scores
 from dynalens.circuits.heads import attention_scores, induction_targets, repeated_tokens
 from dynalens.probes import mixer_matrices, sink_scores
+from scipy.stats import spearmanr
+from transformer_lens.head_detector import detect_head
 
-WORDS = (
-    "apple river stone cloud engine garden silver market window forest "
-    "pencil doctor island ladder museum orange planet rocket summer tunnel"
-).split()
+WORDS = ["apple", "river", "stone", "cloud", "engine", "garden", "silver", "market", "window", "forest", "pencil", "doctor", "island", "ladder", "museum", "orange", "planet", "rocket", "summer", "tunnel"]
 
 
 def test_induction_targets_known_answer():
@@ -69,7 +65,7 @@ def test_copying_scores_match_the_full_vocab_circuit(attn2l):
 
 def test_copying_score_is_one_for_an_identity_ov_circuit():
     class Toy:
-        class cfg:  # noqa: N801
+        class cfg:
             architecture = "transformer"
 
         W_E = torch.eye(4)
@@ -121,10 +117,11 @@ def test_mamba_scores_read_the_normalised_mixer_matrices(tiny_mamba_model):
         m = m / m.sum(-1, keepdim=True)
         manual.append(torch.stack([m[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
     torch.testing.assert_close(scores.induction[0], torch.stack(manual).mean(0))
-    torch.testing.assert_close(scores.sink[0], torch.stack([
-        (lambda m: (m / m.sum(-1, keepdim=True))[:, 1:, 0].mean(-1))(
-            mixer_matrices(tiny_mamba_model, seq[None], 0, channel_groups=4).matrices) for seq in tokens
-    ]).mean(0))  # fmt: skip
+    sinks = []
+    for seq in tokens:
+        m = mixer_matrices(tiny_mamba_model, seq[None], 0, channel_groups=4).matrices
+        sinks.append((m / m.sum(-1, keepdim=True))[:, 1:, 0].mean(-1))
+    torch.testing.assert_close(scores.sink[0], torch.stack(sinks).mean(0))
 
 
 def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l):

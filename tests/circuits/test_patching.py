@@ -5,8 +5,6 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
-from scipy.stats import spearmanr
-
 from dynalens.circuits import (
     Patching,
     attribution_graph,
@@ -17,6 +15,7 @@ from dynalens.circuits import (
     patch_heads,
     patch_residual,
 )
+from scipy.stats import spearmanr
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def test_patch_heads_matches_a_hand_patched_run(attn2l, pair):
 
 def test_patch_residual_known_answers(attn2l, pair):
     clean, corrupt, _ = pair
-    metric = lambda logits: logits[:, 5].log_softmax(-1)[:, 0].mean()  # noqa: E731  (reads position 5)
+    metric = lambda logits: logits[:, 5].log_softmax(-1)[:, 0].mean()
     result = patch_residual(attn2l, clean[:2, :12], corrupt[:2, :12], metric)
     assert result.effects.shape == (2, 12)
     # Later positions cannot change position 5 (causal), nor can the shared BOS at layer 0.
@@ -77,7 +76,7 @@ def test_attribution_agrees_with_activation_patching(attn2l, pair):
     rho = spearmanr(attribution.flatten(), activation.flatten()).statistic
     print(f"attn2l-induction heads: Spearman rho(attribution, activation) = {rho:.3f}")
     assert rho > 0.5
-    top3 = lambda t: set(t.flatten().topk(3).indices.tolist())  # noqa: E731
+    top3 = lambda t: set(t.flatten().topk(3).indices.tolist())
     assert top3(attribution) == top3(activation)
 
 
@@ -85,7 +84,7 @@ def test_attribution_graph_structure_pruning_and_json(tiny_llama, tmp_path):
     tokens = torch.randint(100, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     corrupt = tokens.clone()
     corrupt[:, 3] = 5
-    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 42].mean()  # noqa: E731
+    metric = lambda logits: logits[:, -1].log_softmax(-1)[:, 42].mean()
     graph = attribution_graph(tiny_llama, tokens, corrupt, metric)
     assert {"embed", "L0H0", "L1H3", "L0.mlp", "L1.mlp", "L1.attn_in", "L1.mlp_in", "logits"} <= set(graph)
     assert nx.is_directed_acyclic_graph(graph)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dynalens.dashboard.app import create_app
 
 import dynalens as dl
-from dynalens.dashboard.app import create_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
