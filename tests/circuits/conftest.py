@@ -10,9 +10,7 @@ import dynalens as dl
 
 @pytest.fixture(scope="session")
 def attn2l():
-    """The 2-layer attention-only induction model; skips while its weights are not built."""
-    if not (get_entry("attn2l-induction").path / "config.json").is_file():
-        pytest.skip("zoo model 'attn2l-induction' has no weights yet (python -m dynalens.models.zoo_build)")
+    """The 2-layer attention-only induction model, shipped with the zoo."""
     return dl.load("attn2l-induction")
 
 

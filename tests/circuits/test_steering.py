@@ -9,7 +9,6 @@ from dynalens.circuits.directions import Direction
 from dynalens.circuits.steering import SteeringController, steer
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.rnn import HookedRNN, RNNConfig
-from dynalens.models.zoo import get_entry
 
 import dynalens as dl
 
@@ -194,8 +193,6 @@ def test_weights_identical_and_hooks_removed_after_steering_and_errors(
 def test_zoo_direction_steers_the_lstm_towards_the_positive_set():
     """On lstm-hmm: the direction from prompts ending in token 0 vs token 1, added to
     prompts ending in 1, moves the next-token distribution towards that after 0."""
-    if not (get_entry("lstm-hmm").path / "config.json").is_file():
-        pytest.skip("zoo model 'lstm-hmm' has no weights yet")
     model = dl.load("lstm-hmm")
     g = torch.Generator().manual_seed(0)
     body = torch.randint(0, model.cfg.d_vocab, (32, 11), generator=g)
