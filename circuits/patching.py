@@ -219,7 +219,6 @@ def attribution_graph(
     def keeper(name: str) -> Callable:
         def keep(act: Tensor, hook: Any) -> Tensor:
             act = act.clone()  # a new node: its gradient flows through this hook's consumers only
-            act.retain_grad()
             corrupt_acts[name] = act  # keyed by the name asked for (hook.name may be an alias's target)
             return act
 
@@ -228,9 +227,11 @@ def attribution_graph(
     fwd = [(name, keeper(name)) for name in names + [hook for _, hook, _ in receivers]]
     with model.hooks(fwd_hooks=fwd):
         corrupt_value = metric(model(corrupt_tokens))
-        corrupt_value.backward()
-    for name, act in corrupt_acts.items():
-        grads[name] = act.grad.detach() if act.grad is not None else torch.zeros_like(act)
+    # autograd.grad rather than backward(): the model's parameters get no .grad
+    kept = list(corrupt_acts)
+    found = torch.autograd.grad(corrupt_value, [corrupt_acts[n] for n in kept], allow_unused=True)
+    for name, grad in zip(kept, found):
+        grads[name] = grad.detach() if grad is not None else torch.zeros_like(corrupt_acts[name])
     graph = nx.DiGraph(clean_metric=metric(clean_logits).item(), corrupt_metric=corrupt_value.item())
     w_o = model.W_O.detach()  # [layer, head, d_head, d_model]
     for name, layer in senders:
