@@ -50,7 +50,9 @@ class DashboardError(Exception):
 
 _models: OrderedDict[str, Any] = OrderedDict()
 _models_lock = threading.Lock()
-_run_locks: dict[str, threading.Lock] = {}  # one per model: hooks are model state, not per call
+# One analysis at a time in the whole server: hooks are model state, not per call,
+# and the same model can be reached under several names (picker, path, preload).
+_run_lock = threading.Lock()
 
 
 def load_model(name_or_path: str) -> Any:
@@ -149,7 +151,7 @@ def cached_result(
     cache: ResultsCache = flask.current_app.config[CACHE_CONFIG_KEY]
 
     def compute_alone() -> R:
-        with _run_locks.setdefault(name_or_path.strip(), threading.Lock()):
+        with _run_lock:
             return compute()
 
     try:
