@@ -36,7 +36,7 @@ from dynalens.models.tasks import Task
 from dynalens.probes.figures import TEMPLATE
 from dynalens.probes.model_surface import model_name_of
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import _check_transformer
+from dynalens.probes.sinks import check_transformer
 from jaxtyping import Float, Int
 from scipy import stats
 from torch import Tensor
@@ -143,7 +143,7 @@ def head_hooks(
     -------
     list of ``(hook_name, fn)``, one per layer that holds a chosen head.
     """
-    _check_transformer(model)
+    check_transformer(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if last_queries is not None and (method != "mask" or not isinstance(last_queries, int) or last_queries < 1):
@@ -312,7 +312,7 @@ def ablate_heads(
     -------
     HeadAblation
     """
-    _check_transformer(model)
+    check_transformer(model)
     chosen = as_heads(heads, model)
     if not chosen:
         raise ValueError("heads is empty: pass at least one (layer, head)")

@@ -42,7 +42,7 @@ from dynalens.probes.figures import heatmap
 from dynalens.probes.mixer import mixer_matrices
 from dynalens.probes.model_surface import architecture_of, result_context
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import _pattern_names, _query_mask, _sink_scores
+from dynalens.probes.sinks import pattern_hook_names, sink_query_mask, sink_scores_from_patterns
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
@@ -202,7 +202,7 @@ def induction_scores(
     if arch == "transformer":
         if channel_groups is not None:
             raise ValueError("channel_groups is for Mamba models; this model is a transformer")
-        names = _pattern_names(model.cfg.n_layers)
+        names = pattern_hook_names(model.cfg.n_layers)
         _, cache = model.run_with_cache(tokens, names_filter=names)
         patterns = [cache[name].cpu() for name in names]
         copying = copying_scores(model).cpu()
@@ -218,7 +218,7 @@ def induction_scores(
         induction=torch.stack([attention_scores(p, target) for p in patterns]),
         prev_token=torch.stack([attention_scores(p, previous) for p in patterns]),
         copying=copying,
-        sink=_sink_scores(patterns, _query_mask(cpu_tokens, None, 0), 0),
+        sink=sink_scores_from_patterns(patterns, sink_query_mask(cpu_tokens, None, 0), 0),
         n_sequences=tokens.shape[0],
     )
 

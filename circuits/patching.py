@@ -36,7 +36,7 @@ from dynalens.models.io import read_json, write_json
 from dynalens.probes.figures import heatmap, token_labels
 from dynalens.probes.model_surface import result_context
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import _check_transformer
+from dynalens.probes.sinks import check_transformer
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -141,13 +141,13 @@ def patch_residual(model: Any, clean: TextOrTokens, corrupt: TextOrTokens, metri
     metric
         Maps logits ``[batch, pos, vocab]`` to a scalar tensor (higher: more clean-like).
     """
-    _check_transformer(model)
+    check_transformer(model)
     return _patch_grid(model, *_pair(model, clean, corrupt), metric, "resid")
 
 
 def patch_heads(model: Any, clean: TextOrTokens, corrupt: TextOrTokens, metric: Metric) -> Patching:
     """Activation patching of every head's output ``hook_z``, layer × head (``layers · heads`` runs)."""
-    _check_transformer(model)
+    check_transformer(model)
     return _patch_grid(model, *_pair(model, clean, corrupt), metric, "heads")
 
 
@@ -203,7 +203,7 @@ def attribution_graph(
         edges with attribute ``weight``. ``graph.graph`` holds the clean and
         corrupt metric values.
     """
-    _check_transformer(model)
+    check_transformer(model)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a fraction in [0, 1], got {threshold!r}")
     clean_tokens, corrupt_tokens = _pair(model, clean, corrupt)

@@ -37,7 +37,7 @@ import torch
 from dynalens.probes.figures import heatmap
 from dynalens.probes.model_surface import result_context
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import _check_transformer
+from dynalens.probes.sinks import check_transformer
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -283,7 +283,7 @@ def retrieval_scores(
     -------
     RetrievalScores
     """
-    _check_transformer(model)
+    check_transformer(model)
     if isinstance(haystacks, int):
         haystacks = make_haystacks(model, haystacks, context_tokens=context_tokens, seed=seed)
     if not haystacks:

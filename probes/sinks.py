@@ -43,7 +43,8 @@ SINK_THRESHOLD = 0.5
 Domain = TextOrTokens | tuple[TextOrTokens, Tensor]
 
 
-def _check_transformer(model: Any) -> None:
+def check_transformer(model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` is a transformer (has attention patterns)."""
     arch = architecture_of(model)
     if arch != "transformer":
         raise TypeError(
@@ -57,7 +58,7 @@ def _check_threshold(threshold: float) -> None:
         raise ValueError(f"threshold must be a fraction of attention in [0, 1], got {threshold!r}")
 
 
-def _query_mask(
+def sink_query_mask(
     tokens: Int[Tensor, "batch pos"], query_mask: Bool[Tensor, "batch pos"] | None, sink_position: int
 ) -> Bool[Tensor, "batch pos"]:
     """The queries a sink score averages: ``query_mask`` (default all) after the sink position."""
@@ -79,11 +80,12 @@ def _query_mask(
     return mask
 
 
-def _pattern_names(n_layers: int) -> list[str]:
+def pattern_hook_names(n_layers: int) -> list[str]:
+    """The attention-pattern hook names ``blocks.{l}.attn.hook_pattern`` of every layer."""
     return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
 
 
-def _sink_scores(
+def sink_scores_from_patterns(
     patterns: list[Float[Tensor, "batch head q k"]], mask: Bool[Tensor, "batch q"], sink_position: int
 ) -> Float[Tensor, "layer head"]:
     """Mean over the masked queries of each head's attention on the sink key."""
@@ -121,12 +123,12 @@ def sink_scores(
     -------
     Tensor ``[layer, head]`` in ``[0, 1]``.
     """
-    _check_transformer(model)
+    check_transformer(model)
     tokens = model.to_tokens(input)
-    mask = _query_mask(tokens, query_mask, sink_position)
-    names = _pattern_names(model.cfg.n_layers)
+    mask = sink_query_mask(tokens, query_mask, sink_position)
+    names = pattern_hook_names(model.cfg.n_layers)
     _, cache = model.run_with_cache(tokens, names_filter=names)
-    return _sink_scores([cache[n] for n in names], mask, sink_position)
+    return sink_scores_from_patterns([cache[n] for n in names], mask, sink_position)
 
 
 # -------------------------------------------------------------- extreme tokens
@@ -248,18 +250,18 @@ def extreme_tokens(
     -------
     ExtremeTokens
     """
-    _check_transformer(model)
+    check_transformer(model)
     _check_threshold(threshold)
     tokens = model.to_tokens(input)
-    mask = _query_mask(tokens, query_mask, sink_position)
+    mask = sink_query_mask(tokens, query_mask, sink_position)
     n_layers = model.cfg.n_layers
-    patterns = _pattern_names(n_layers)
+    patterns = pattern_hook_names(n_layers)
     values = [f"blocks.{layer}.attn.hook_v" for layer in range(n_layers)]
     resid = resid_hook_names(n_layers)
     _, cache = model.run_with_cache(tokens, names_filter=patterns + values + resid)
     return ExtremeTokens(
         **result_context(model, tokens[:1]),
-        sink_scores=_sink_scores([cache[n] for n in patterns], mask, sink_position),
+        sink_scores=sink_scores_from_patterns([cache[n] for n in patterns], mask, sink_position),
         value_norms=torch.stack([cache[n].float().norm(dim=-1).mean(0).T.cpu() for n in values]),
         resid_norms=torch.stack([cache[n].float().norm(dim=-1).mean(0).cpu() for n in resid]),
         sink_position=sink_position,
