@@ -21,6 +21,7 @@ from torch import Tensor
 from transformer_lens import HookedRootModule
 
 from dynalens.models.validation import (
+    check_generate_args,
     check_hook_names,
     check_prompt,
     check_tokens,
@@ -164,10 +165,7 @@ class HookedSequenceModel(CheckedHooks, HookedRootModule):
         new token; each new token is one step of O(1) cost in the sequence length.
         ``return_type``: ``"str"``, ``"tokens"`` or ``"auto"`` (str for str input).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if return_type not in ("auto", "str", "tokens"):
-            raise ValueError(f"return_type must be 'auto', 'str' or 'tokens', got {return_type!r}")
+        check_generate_args(max_new_tokens, return_type)
         tokens = self.to_tokens(input)
         with self.hooks(fwd_hooks=fwd_hooks):
             logits, state = self(tokens, return_state=True)

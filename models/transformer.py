@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from dynalens.models.base import CheckedHooks
 from dynalens.models.io import atomic_dir, read_tokenizer, write_safetensors
 from dynalens.models.validation import (
+    check_generate_args,
     check_prompt,
     check_tokens,
 )
@@ -190,10 +191,7 @@ class HookedTransformerBridge(CheckedHooks, TransformerBridge):
         sampling; other keywords (``top_k``, ``top_p``, ...) go to the Bridge's
         ``generate``.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if return_type not in _RETURN_TYPES:
-            raise ValueError(f"return_type must be 'auto', 'str' or 'tokens', got {return_type!r}")
+        check_generate_args(max_new_tokens, return_type, minimum=1)
         n_prompt = self.to_tokens(input).shape[-1]
         if n_prompt + max_new_tokens > self.cfg.n_ctx:
             raise ValueError(

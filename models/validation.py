@@ -110,3 +110,14 @@ def check_index(name: str, index: int, size: int) -> int:
     if isinstance(index, bool) or not hasattr(index, "__index__") or not 0 <= index.__index__() < size:
         raise IndexError(f"{name} {index!r} is out of range: valid {name}s are 0 to {size - 1}")
     return index.__index__()
+
+
+RETURN_TYPES = ("auto", "str", "tokens")
+
+
+def check_generate_args(max_new_tokens: int, return_type: str, *, minimum: int = 0) -> None:
+    """Check ``generate``'s shared arguments: ``max_new_tokens >= minimum`` and a known ``return_type``."""
+    if max_new_tokens < minimum:
+        raise ValueError(f"max_new_tokens must be >= {minimum}, got {max_new_tokens}")
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be 'auto', 'str' or 'tokens', got {return_type!r}")
