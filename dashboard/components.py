@@ -1,19 +1,68 @@
-"""Pieces every page draws with: cards, the token strip, error boxes, selection marks."""
+"""Pieces every page draws with: the page frame, panels, cards, the token strip, error boxes, selection marks.
+
+A page is ``page(name, ...panels)``: a status line ``"{name}-status"`` (a
+spinner while its first callback runs) above the panels; a panel is a card
+with a message line above one graph, the line showing hints and errors.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import plotly.graph_objects as go
 from dash import dcc, html
 from dash.exceptions import PreventUpdate
-
-from dynalens.dashboard.backend import DashboardError, user_message
+from dynalens.dashboard.backend import DashboardError, model_and_tokens, user_message
+from jaxtyping import Int
+from torch import Tensor
 
 log = logging.getLogger("dynalens.dashboard")
+
+SPINNER = {"type": "dot", "delay_show": 300, "color": "#2563eb"}
+"""How ``dcc.Loading`` spinners look: shown once a callback runs longer than 0.3 s."""
+
+
+def page(name: str, *children: Any) -> html.Div:
+    """A page's body: the status line ``f"{name}-status"`` (with a spinner) above ``children``."""
+    status = dcc.Loading(html.Div(id=status_id(name), className="status"), **SPINNER)
+    return html.Div([status, *children], className=name)
+
+
+def status_id(page_name: str) -> str:
+    """The id of a page's status line (the pills of :func:`status_row`)."""
+    return f"{page_name}-status"
+
+
+def panel(title: str, graph_id: str, height: int = 420, controls: Sequence[Any] = ()) -> html.Section:
+    """A card with a message line (id ``message_id(graph_id)``) above the graph ``graph_id``."""
+    return card(title, html.Div(id=message_id(graph_id)), graph(graph_id, height=height), controls=controls)
+
+
+def message_id(graph_id: str) -> str:
+    """The id of the message line above a panel's graph: hints and errors go there."""
+    return f"{graph_id}-message"
+
+
+def choice(id: str, options: Mapping[str, str], value: str) -> dcc.RadioItems:
+    """Inline radio buttons ``{value: label}`` for a card's controls."""
+    return dcc.RadioItems(
+        id=id,
+        options=[{"label": label, "value": v} for v, label in options.items()],
+        value=value,
+        inline=True,
+        className="inline-check",
+    )
+
+
+def requested(request: Mapping[str, Any] | None) -> tuple[Any, Int[Tensor, "1 pos"]]:
+    """The model and prompt token ids of the header's request; no update before the first one."""
+    if not request:
+        raise PreventUpdate
+    return model_and_tokens(request)
+
 
 def card(title: str, *children: Any, controls: Sequence[Any] = (), class_name: str = "") -> html.Section:
     """A titled panel; ``controls`` sit on the right of the title."""
@@ -28,7 +77,7 @@ def card(title: str, *children: Any, controls: Sequence[Any] = (), class_name: s
 
 
 def graph(id: str, height: int = 420) -> dcc.Loading:
-    """A graph with a spinner shown while its callback runs longer than 0.3 s."""
+    """A graph with a spinner (see ``SPINNER``)."""
     return dcc.Loading(
         dcc.Graph(
             id=id,
@@ -37,21 +86,19 @@ def graph(id: str, height: int = 420) -> dcc.Loading:
                     "toImageButtonOptions": {"format": "svg"}},
             style={"height": f"{height}px"},
         ),
-        type="dot",
-        delay_show=300,
-        color="#2563eb",
+        **SPINNER,
     )
 
 
 def placeholder_figure() -> go.Figure:
     """An empty figure without axes (a panel with nothing to draw yet)."""
-    return go.Figure(layout=dict(
-        xaxis={"visible": False},
-        yaxis={"visible": False},
-        paper_bgcolor="rgba(0,0,0,0)",
-        plot_bgcolor="rgba(0,0,0,0)",
-        margin={"l": 0, "r": 0, "t": 0, "b": 0},
-    ))
+    return go.Figure(layout={
+        "xaxis": {"visible": False},
+        "yaxis": {"visible": False},
+        "paper_bgcolor": "rgba(0,0,0,0)",
+        "plot_bgcolor": "rgba(0,0,0,0)",
+        "margin": {"l": 0, "r": 0, "t": 0, "b": 0},
+    })
 
 
 def error_box(message: str) -> html.Div:

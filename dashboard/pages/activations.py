@@ -14,89 +14,77 @@ from typing import Any
 import dash
 from dash import Input, Output, callback, dcc, html
 from dash.exceptions import PreventUpdate
-
-import dynalens as dl
 from dynalens.dashboard import backend
-from dynalens.dashboard.components import card, graph, hint, placeholder_figure, show_errors, status_row
+from dynalens.dashboard.components import (
+    choice,
+    hint,
+    message_id,
+    page,
+    panel,
+    placeholder_figure,
+    requested,
+    show_errors,
+    status_id,
+    status_row,
+)
 from dynalens.dashboard.layout import REQUEST
 from dynalens.probes.emergence import MassiveEmergence, checkpoint_series
 from dynalens.probes.massive import MassiveActivations
 from dynalens.probes.sinks import ExtremeTokens
 
+import dynalens as dl
+
 dash.register_page(__name__, path="/activations", name="Activations", title="dynalens · Activations", order=4)
 
 # Component ids of this page.
-STATUS = "activations-status"
 MAP = "activations-map"
 MAP_VIEW = "activations-map-view"
 SITE = "activations-site"
-MAP_MESSAGE = "activations-map-message"
 SINKS = "activations-sinks"
-SINKS_MESSAGE = "activations-sinks-message"
 EMERGENCE = "activations-emergence"
 SERIES = "activations-series"
-EMERGENCE_MESSAGE = "activations-emergence-message"
 
 _EMPTY = placeholder_figure()
 
 
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
-    return html.Div(
-        className="activations",
-        children=[
-            dcc.Loading(html.Div(id=STATUS, className="status"), type="dot", delay_show=300, color="#2563eb"),
-            card(
-                "Massive activations",
-                html.Div(id=MAP_MESSAGE),
-                graph(MAP, height=460),
-                controls=[
-                    dcc.RadioItems(
-                        id=MAP_VIEW,
-                        options=[{"label": "layer × channel", "value": "map"},
-                                 {"label": "top and median per layer", "value": "layers"}],
-                        value="map", inline=True, className="inline-check",
-                    ),
-                    dcc.RadioItems(
-                        id=SITE,
-                        options=[{"label": "residual stream", "value": "resid"},
-                                 {"label": "recurrent state", "value": "state"}],
-                        value="resid", inline=True, className="inline-check",
-                    ),
-                ],
-            ),  # fmt: skip
-            html.Div(
-                className="grid-2",
-                children=[
-                    card("Attention sinks", html.Div(id=SINKS_MESSAGE), graph(SINKS, height=420)),
-                    card(
-                        "Emergence over training",
-                        html.Div(id=EMERGENCE_MESSAGE),
-                        graph(EMERGENCE, height=420),
-                        controls=[
-                            dcc.Input(id=SERIES, type="text", debounce=True, style={"width": "300px"},
-                                      placeholder="checkpoints: the model's own, or a run folder")
-                        ],
-                    ),  # fmt: skip
-                ],
-            ),
-        ],
+    return page(
+        "activations",
+        panel(
+            "Massive activations", MAP, height=460,
+            controls=[
+                choice(MAP_VIEW, {"map": "layer × channel", "layers": "top and median per layer"}, "map"),
+                choice(SITE, {"resid": "residual stream", "state": "recurrent state"}, "resid"),
+            ],
+        ),
+        html.Div(
+            className="grid-2",
+            children=[
+                panel("Attention sinks", SINKS),
+                panel(
+                    "Emergence over training", EMERGENCE,
+                    controls=[
+                        dcc.Input(id=SERIES, type="text", debounce=True, style={"width": "300px"},
+                                  placeholder="checkpoints: the model's own, or a run folder")
+                    ],
+                ),
+            ],
+        ),
     )
 
 
 @callback(
     Output(MAP, "figure"),
-    Output(STATUS, "children"),
-    Output(MAP_MESSAGE, "children"),
+    Output(status_id("activations"), "children"),
+    Output(message_id(MAP), "children"),
     Input(REQUEST, "data"),
     Input(MAP_VIEW, "value"),
     Input(SITE, "value"),
 )
 @show_errors(_EMPTY, None)
 def massive_panel(request, view, site):
-    if not request:
-        raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
+    model, tokens = requested(request)
     found = backend.cached_result(
         MassiveActivations, request["model"], tokens[0].tolist(), "massive_activations", {"site": site},
         lambda: dl.probes.massive_activations(model, tokens, site=site),
@@ -118,14 +106,12 @@ def massive_panel(request, view, site):
 
 @callback(
     Output(SINKS, "figure"),
-    Output(SINKS_MESSAGE, "children"),
+    Output(message_id(SINKS), "children"),
     Input(REQUEST, "data"),
 )
 @show_errors(_EMPTY)
 def sinks_panel(request):
-    if not request:
-        raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
+    model, tokens = requested(request)
     if model.cfg.architecture != "transformer":
         return _EMPTY, hint("Attention sinks need attention heads: this model has none. "
                              "Its residual-state peaks show in the panel above.")  # fmt: skip
@@ -141,7 +127,7 @@ def sinks_panel(request):
 
 @callback(
     Output(EMERGENCE, "figure"),
-    Output(EMERGENCE_MESSAGE, "children"),
+    Output(message_id(EMERGENCE), "children"),
     Input(REQUEST, "data"),
     Input(SERIES, "value"),
 )
@@ -155,7 +141,7 @@ def emergence_panel(request, series):
     except (FileNotFoundError, KeyError):
         return _EMPTY, hint(f"{source!r} has no checkpoint series: type the folder of a training run "
                              "(with checkpoints/step_*) or pick a zoo model.")  # fmt: skip
-    _, tokens = backend.model_and_tokens(request)
+    _, tokens = requested(request)
     found = backend.cached_result(
         MassiveEmergence, source, tokens[0].tolist(), "massive_emergence", {"steps": steps},
         lambda: dl.probes.massive_emergence(source, tokens, progress=False),

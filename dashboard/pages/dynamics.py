@@ -20,8 +20,13 @@ from dynalens.dashboard.components import (
     card,
     graph,
     hint,
+    message_id,
+    page,
+    panel,
     placeholder_figure,
+    requested,
     show_errors,
+    status_id,
     status_row,
 )
 from dynalens.dashboard.layout import REQUEST
@@ -34,61 +39,50 @@ import dynalens as dl
 dash.register_page(__name__, path="/dynamics", name="Dynamics", title="dynalens · Dynamics", order=5)
 
 # Component ids of this page.
-STATUS = "dynamics-status"
 TRAJECTORIES = "dynamics-trajectories"
-TRAJECTORIES_MESSAGE = "dynamics-trajectories-message"
 REGIMES = "dynamics-regimes"
 REGIME_TABLE = "dynamics-regime-table"
 MIXERS = "dynamics-mixers"
 COMPARE = "dynamics-compare"
 MIXER_LAYER = "dynamics-mixer-layer"
-MIXERS_MESSAGE = "dynamics-mixers-message"
 PHASE = "dynamics-phase"
-PHASE_MESSAGE = "dynamics-phase-message"
 
 _EMPTY = placeholder_figure()
 
 
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
-    return html.Div(
-        className="dynamics",
-        children=[
-            dcc.Loading(html.Div(id=STATUS, className="status"), type="dot", delay_show=300, color="#2563eb"),
-            html.Div(
-                className="grid-2",
-                children=[
-                    card("Token norm trajectories", html.Div(id=TRAJECTORIES_MESSAGE), graph(TRAJECTORIES, height=420)),
-                    card("Token-dynamics regime per layer", html.Div(id=REGIME_TABLE), graph(REGIMES, height=360)),
-                ],
-            ),
-            card(
-                "Mixer matrices across architectures (same prompt)",
-                html.Div(id=MIXERS_MESSAGE),
-                graph(MIXERS, height=420),
-                controls=[
-                    dcc.Input(id=COMPARE, type="text", debounce=True, style={"width": "320px"},
-                              placeholder="also compare: model names or paths, comma-separated"),
-                    dcc.Input(id=MIXER_LAYER, type="number", min=0, step=1, value=0, debounce=True,
-                              style={"width": "70px"}),
-                ],
-            ),
-            card("RNN phase portrait", html.Div(id=PHASE_MESSAGE), graph(PHASE, height=460)),
-        ],
+    return page(
+        "dynamics",
+        html.Div(
+            className="grid-2",
+            children=[
+                panel("Token norm trajectories", TRAJECTORIES),
+                card("Token-dynamics regime per layer", html.Div(id=REGIME_TABLE), graph(REGIMES, height=360)),
+            ],
+        ),
+        panel(
+            "Mixer matrices across architectures (same prompt)", MIXERS,
+            controls=[
+                dcc.Input(id=COMPARE, type="text", debounce=True, style={"width": "320px"},
+                          placeholder="also compare: model names or paths, comma-separated"),
+                dcc.Input(id=MIXER_LAYER, type="number", min=0, step=1, value=0, debounce=True,
+                          style={"width": "70px"}),
+            ],
+        ),
+        panel("RNN phase portrait", PHASE, height=460),
     )
 
 
 @callback(
     Output(TRAJECTORIES, "figure"),
-    Output(STATUS, "children"),
-    Output(TRAJECTORIES_MESSAGE, "children"),
+    Output(status_id("dynamics"), "children"),
+    Output(message_id(TRAJECTORIES), "children"),
     Input(REQUEST, "data"),
 )
 @show_errors(_EMPTY, None)
 def trajectories_panel(request):
-    if not request:
-        raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
+    model, tokens = requested(request)
     found = backend.cached_result(
         TokenTrajectories, request["model"], tokens[0].tolist(), "token_trajectories", {},
         lambda: dl.probes.token_trajectories(model, tokens),
@@ -130,7 +124,7 @@ def _cell(value: Any) -> str:
 
 @callback(
     Output(MIXERS, "figure"),
-    Output(MIXERS_MESSAGE, "children"),
+    Output(message_id(MIXERS), "children"),
     Input(REQUEST, "data"),
     Input(COMPARE, "value"),
     Input(MIXER_LAYER, "value"),
@@ -141,7 +135,7 @@ def mixers_panel(request, compare, layer):
         raise PreventUpdate
     names = [request["model"]] + [n.strip() for n in (compare or "").split(",") if n.strip()]
     models = {name: backend.load_model(name) for name in dict.fromkeys(names)}
-    _, tokens = backend.model_and_tokens(request)
+    _, tokens = requested(request)
     layer = int(layer or 0)
     shallowest = min(m.cfg.n_layers for m in models.values())
     if not 0 <= layer < shallowest:
@@ -164,14 +158,12 @@ def mixers_panel(request, compare, layer):
 
 @callback(
     Output(PHASE, "figure"),
-    Output(PHASE_MESSAGE, "children"),
+    Output(message_id(PHASE), "children"),
     Input(REQUEST, "data"),
 )
 @show_errors(_EMPTY)
 def phase_panel(request):
-    if not request:
-        raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
+    model, tokens = requested(request)
     if model.cfg.architecture != "rnn":
         return _EMPTY, hint("The phase portrait iterates an RNN cell: pick an RNN model (lstm-hmm, gru-hmm).")
     if tokens.shape[1] < 2:

@@ -11,17 +11,20 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, callback, dcc, html
-from dash.exceptions import PreventUpdate
+from dash import Input, Output, callback, html
 from dynalens.circuits import HeadScores
 from dynalens.circuits.heads import SCORES
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
-    card,
-    graph,
+    choice,
     hint,
+    message_id,
+    page,
+    panel,
     placeholder_figure,
+    requested,
     show_errors,
+    status_id,
     status_row,
 )
 from dynalens.dashboard.layout import REQUEST
@@ -32,12 +35,9 @@ import dynalens as dl
 dash.register_page(__name__, path="/heads", name="Heads", title="dynalens · Heads", order=6)
 
 # Component ids of this page.
-STATUS = "heads-status"
 GRID = "heads-grid"
 KIND = "heads-kind"
-GRID_MESSAGE = "heads-grid-message"
 PATTERN = "heads-pattern"
-PATTERN_MESSAGE = "heads-pattern-message"
 
 HALF_LEN = 20
 """Length of each repeat of the random-token workload (shorter when the model's context is)."""
@@ -47,31 +47,18 @@ _EMPTY = placeholder_figure()
 
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
-    return html.Div(
-        className="heads",
-        children=[
-            dcc.Loading(html.Div(id=STATUS, className="status"), type="dot", delay_show=300, color="#2563eb"),
-            html.Div(
-                className="grid-2",
-                children=[
-                    card(
-                        "Head scores",
-                        html.Div(id=GRID_MESSAGE),
-                        graph(GRID, height=520),
-                        controls=[
-                            dcc.RadioItems(
-                                id=KIND,
-                                options=[{"label": k.replace("_", "-"), "value": k} for k in SCORES],
-                                value="induction",
-                                inline=True,
-                                className="inline-check",
-                            )
-                        ],
-                    ),
-                    card("Pattern on the prompt", html.Div(id=PATTERN_MESSAGE), graph(PATTERN, height=520)),
-                ],
-            ),
-        ],
+    return page(
+        "heads",
+        html.Div(
+            className="grid-2",
+            children=[
+                panel(
+                    "Head scores", GRID, height=520,
+                    controls=[choice(KIND, {k: k.replace("_", "-") for k in SCORES}, "induction")],
+                ),
+                panel("Pattern on the prompt", PATTERN, height=520),
+            ],
+        ),
     )
 
 
@@ -86,16 +73,14 @@ def _scores(request: dict, model: Any) -> HeadScores:
 
 @callback(
     Output(GRID, "figure"),
-    Output(STATUS, "children"),
-    Output(GRID_MESSAGE, "children"),
+    Output(status_id("heads"), "children"),
+    Output(message_id(GRID), "children"),
     Input(REQUEST, "data"),
     Input(KIND, "value"),
 )
 @show_errors(_EMPTY, None)
 def scores_panel(request, kind):
-    if not request:
-        raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
+    model, tokens = requested(request)
     status = status_row(request["model"], model.cfg.architecture, tokens.shape[1], model.cfg.n_layers)
     if model.cfg.architecture == "rnn":
         return _EMPTY, status, hint("Head scores need attention heads or a materialised mixer (Mamba).")
@@ -107,15 +92,13 @@ def scores_panel(request, kind):
 
 @callback(
     Output(PATTERN, "figure"),
-    Output(PATTERN_MESSAGE, "children"),
+    Output(message_id(PATTERN), "children"),
     Input(REQUEST, "data"),
     Input(GRID, "clickData"),
 )
 @show_errors(_EMPTY)
 def pattern_panel(request, click):
-    if not request:
-        raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
+    model, tokens = requested(request)
     if model.cfg.architecture == "rnn":
         return _EMPTY, hint("This model has no heads.")
     if click and click.get("points"):
