@@ -11,6 +11,8 @@ points from the ``negative`` set towards the ``positive`` set:
 - :meth:`Direction.probe`: the weight of a logistic regression (scikit-learn)
   separating the two sets.
 
+All three are :meth:`Direction.from_prompts` with ``method`` set.
+
 Vectors are stored raw; :meth:`Direction.unit` gives unit vectors. Saving
 writes one safetensors file with the rest as JSON metadata (no pickle).
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -40,6 +42,7 @@ from torch import Tensor
 Prompts = Sequence[str] | Tensor
 Layers = Literal["all"] | Sequence[int]
 Position = int | Literal["mean"]
+Method = Literal["diff_in_means", "pca", "probe"]
 
 _METADATA_KEY = "dynalens.direction"
 
@@ -158,80 +161,38 @@ class Direction:
 
     # ---------------------------------------------------------- constructors
     @classmethod
-    def diff_in_means(
+    def from_prompts(
         cls,
         model: Any,
         positive: Prompts,
         negative: Prompts,
-        layers: Layers = "all",
-        position: Position = -1,
-    ) -> Direction:
-        """``mean(positive) - mean(negative)`` of the residual stream at each layer."""
-        return cls._fit(
-            model,
-            positive,
-            negative,
-            layers,
-            position,
-            "diff_in_means",
-            _mean_difference,
-        )
-
-    @classmethod
-    def pca(
-        cls,
-        model: Any,
-        positive: Prompts,
-        negative: Prompts,
-        layers: Layers = "all",
-        position: Position = -1,
-    ) -> Direction:
-        """The first principal axis of the paired differences ``positive[i] - negative[i]``.
-
-        The differences are not centred, so an axis shared by every pair is kept;
-        the sign makes the mean difference project positively. Vectors are unit.
-        """
-        return cls._fit(
-            model, positive, negative, layers, position, "pca", _paired_axis
-        )
-
-    @classmethod
-    def probe(
-        cls,
-        model: Any,
-        positive: Prompts,
-        negative: Prompts,
+        method: Method = "diff_in_means",
         layers: Layers = "all",
         position: Position = -1,
         C: float = 1.0,
     ) -> Direction:
-        """The weight of a logistic regression (positive = 1) on each layer's activations.
+        """Read both prompt sets at ``layers`` and turn them into one vector per layer.
 
-        ``C`` is scikit-learn's inverse regularisation strength; features are
-        not standardised, so the weight lives in the residual stream's own basis.
+        Parameters
+        ----------
+        model
+            A dynalens model (``dl.load``): transformer, HookedMamba or HookedRNN.
+        positive, negative
+            Prompts the direction points towards and away from: lists of strings
+            or of token ids (each run alone), or one tensor ``[prompt, pos]``.
+        method
+            ``"diff_in_means"``, ``"pca"`` or ``"probe"`` (see :meth:`diff_in_means`,
+            :meth:`pca`, :meth:`probe`).
+        layers
+            ``"all"`` or a list of block indices.
+        position
+            The token index read (negative counts from the end), or ``"mean"``.
+        C
+            The probe's inverse regularisation strength (``"probe"`` only).
         """
-        return cls._fit(
-            model,
-            positive,
-            negative,
-            layers,
-            position,
-            "probe",
-            partial(_probe_weight, C=C),
-        )
-
-    @classmethod
-    def _fit(
-        cls,
-        model: Any,
-        positive: Prompts,
-        negative: Prompts,
-        layers: Layers,
-        position: Position,
-        method: str,
-        fit: Callable[[Tensor, Tensor], Tensor],
-    ) -> Direction:
-        """Read both sets at ``layers`` and turn them into vectors with ``fit``."""
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
+        fit = partial(_probe_weight, C=C) if method == "probe" else _METHODS[method]
         chosen = resolve_layers(model, layers)
         pos = resid_activations(model, positive, chosen, position)
         neg = resid_activations(model, negative, chosen, position)
@@ -242,11 +203,39 @@ class Direction:
             position=position,
             n_positive=int(pos.shape[0]),
             n_negative=int(neg.shape[0]),
-            model_name=str(
-                getattr(model.cfg, "model_name", "") or type(model).__name__
-            ),
+            model_name=str(getattr(model.cfg, "model_name", "") or type(model).__name__),
             architecture=str(getattr(model, "architecture", "transformer")),
         )
+
+    @classmethod
+    def diff_in_means(
+        cls, model: Any, positive: Prompts, negative: Prompts, **options: Any
+    ) -> Direction:
+        """``mean(positive) - mean(negative)`` of the residual stream at each layer.
+
+        ``options``: ``layers``, ``position`` as in :meth:`from_prompts`.
+        """
+        return cls.from_prompts(model, positive, negative, "diff_in_means", **options)
+
+    @classmethod
+    def pca(cls, model: Any, positive: Prompts, negative: Prompts, **options: Any) -> Direction:
+        """The first principal axis of the paired differences ``positive[i] - negative[i]``.
+
+        The differences are not centred, so an axis shared by every pair is kept;
+        the sign makes the mean difference project positively. Vectors are unit.
+        ``options``: ``layers``, ``position`` as in :meth:`from_prompts`.
+        """
+        return cls.from_prompts(model, positive, negative, "pca", **options)
+
+    @classmethod
+    def probe(cls, model: Any, positive: Prompts, negative: Prompts, **options: Any) -> Direction:
+        """The weight of a logistic regression (positive = 1) on each layer's activations.
+
+        Features are not standardised, so the weight lives in the residual
+        stream's own basis. ``options``: ``layers``, ``position``, ``C`` (scikit-learn's
+        inverse regularisation strength) as in :meth:`from_prompts`.
+        """
+        return cls.from_prompts(model, positive, negative, "probe", **options)
 
     # --------------------------------------------------------------- reading
     @property
@@ -361,3 +350,6 @@ def _probe_weight(pos: Tensor, neg: Tensor, C: float) -> Tensor:
             for i in range(pos.shape[1])
         ]
     )
+
+
+_METHODS = {"diff_in_means": _mean_difference, "pca": _paired_axis, "probe": _probe_weight}

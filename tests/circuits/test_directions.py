@@ -136,3 +136,15 @@ def test_bad_input_is_named(recurrent_models, tmp_path):
     write_safetensors(tmp_path / "x.safetensors", {"vectors": torch.ones(1, 4)})
     with pytest.raises(ValueError, match="not a dynalens direction file"):
         Direction.load(tmp_path / "x.safetensors")
+
+
+def test_from_prompts_dispatches_by_method_and_names_bad_ones(recurrent_models):
+    model = recurrent_models[0]
+    pos, neg = token_sets()
+    for method in ("diff_in_means", "pca", "probe"):
+        by_name = Direction.from_prompts(model, pos, neg, method=method, layers=[1])
+        named = getattr(Direction, method)(model, pos, neg, layers=[1])
+        assert by_name.method == method
+        torch.testing.assert_close(by_name.vectors, named.vectors, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        Direction.from_prompts(model, pos, neg, method="mean")
