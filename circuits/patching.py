@@ -8,24 +8,32 @@ run and 1 the clean run.
   position patched into the corrupt run, for every layer × position.
 - :func:`patch_heads`: one head's clean ``hook_z`` patched into the corrupt run,
   for every layer × head.
-- :func:`attribution_graph`: attribution patching (Nanda 2023; edge
-  attribution patching, Syed et al. 2023): the linear estimate
-  ``(clean - corrupt) · d metric / d activation`` from one forward and one
-  backward pass of the corrupt input. Node weights are per head (``hook_z``)
-  and per MLP; edges run from every sender (embedding, head, MLP) to every
-  later *receiver* (a layer's attention input ``ln1.hook_in``, its MLP input
-  ``ln2.hook_in``, the final ``ln_final.hook_in``), weighted by the sender's
-  output difference dotted with the receiver's gradient. Receivers are whole
-  attention layers, not single heads (a head's own input is the layer's);
-  each receiver links to its heads with their node weights.
+- :func:`attribution_graph`: edge attribution patching (Nanda 2023; Syed
+  et al. 2023, "Attribution Patching Outperforms Automated Circuit
+  Discovery"): every edge ``sender -> receiver`` between the embedding, the
+  heads, the MLPs and the logits gets the linear estimate
+  ``(out_clean - out_corrupt) · d metric / d in_receiver`` of patching the
+  sender's clean output into that receiver's input alone, from one forward
+  and one backward pass of the corrupt input. A head's output is
+  ``z_h W_O[h]``; a head receives through its own copy of the residual
+  stream for each of Q, K and V (TransformerLens' split QKV inputs,
+  ``blocks.{l}.hook_q_input`` / ``k_input`` / ``v_input``, before the layer
+  norm), so the edge weight is the sum of its Q, K and V parts. With grouped
+  key/value heads the K and V parts belong to the shared key/value head and
+  appear on the edges into each of its query heads.
+- :func:`patch_edges`: activation patching of single edges (the same
+  intervention, run for real: the sender's clean-minus-corrupt output added to
+  one receiver's input), to check the estimate.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, NamedTuple
 
 import networkx as nx
 import pandas as pd
@@ -152,25 +160,81 @@ def patch_heads(model: Any, clean: TextOrTokens, corrupt: TextOrTokens, metric: 
 
 
 # ----------------------------------------------------------- attribution graph
-def _senders(n_layers: int, has_mlp: bool) -> list[tuple[str, int]]:
-    """``(hook name, layer)`` of every component that writes to the residual stream."""
-    names = [("blocks.0.hook_resid_pre", -1)]  # token and position embeddings
-    for layer in range(n_layers):
-        names.append((f"blocks.{layer}.attn.hook_z", layer))
-        if has_mlp:
-            names.append((f"blocks.{layer}.hook_mlp_out", layer))
-    return names
+class Node(NamedTuple):
+    """A circuit-graph node: its name, kind (embed, head, mlp, logits), layer and head."""
+
+    name: str
+    kind: str
+    layer: int
+    head: int | None = None
+
+    @property
+    def order(self) -> float:
+        """Position along the residual stream (a layer's heads read before its MLP writes)."""
+        return {"embed": -1.0, "head": self.layer, "mlp": self.layer + 0.5}.get(self.kind, float(self.layer))
 
 
-def _receivers(n_layers: int, has_mlp: bool) -> list[tuple[str, str, float]]:
-    """``(node, hook name, order)`` of every component input; order sorts them along the stream."""
-    found = []
+def circuit_nodes(model: Any) -> list[Node]:
+    """Every node of ``model``'s circuit graph, in residual-stream order."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    nodes = [Node("embed", "embed", -1)]
     for layer in range(n_layers):
-        found.append((f"L{layer}.attn_in", f"blocks.{layer}.ln1.hook_in", layer))
-        if has_mlp:
-            found.append((f"L{layer}.mlp_in", f"blocks.{layer}.ln2.hook_in", layer + 0.5))
-    found.append(("logits", "ln_final.hook_in", n_layers))
-    return found
+        nodes += [Node(f"L{layer}H{head}", "head", layer, head) for head in range(n_heads)]
+        if _mlp_writes(model):
+            nodes.append(Node(f"L{layer}.mlp", "mlp", layer))
+    return nodes + [Node("logits", "logits", n_layers)]
+
+
+def _sender_hook(node: Node) -> str:
+    return {"embed": "blocks.0.hook_resid_pre", "head": f"blocks.{node.layer}.attn.hook_z",
+            "mlp": f"blocks.{node.layer}.hook_mlp_out"}[node.kind]  # fmt: skip
+
+
+def _receiver_hooks(node: Node) -> list[str]:
+    if node.kind == "head":
+        return [f"blocks.{node.layer}.hook_{x}_input" for x in "qkv"]
+    return [f"blocks.{node.layer}.ln2.hook_in" if node.kind == "mlp" else "ln_final.hook_in"]
+
+
+def _receiver_grad(model: Any, node: Node, hook: str, grads: dict[str, Tensor]) -> Float[Tensor, "batch pos d_model"]:
+    index = _receiver_index(model, node, hook)
+    return grads[hook] if index is None else grads[hook][:, :, index]
+
+
+def _receiver_index(model: Any, node: Node, hook: str) -> int | None:
+    """Which slot of a split QKV input a head reads (its key/value group for K and V)."""
+    if node.kind != "head":
+        return None
+    if hook.endswith("hook_q_input"):
+        return node.head
+    return node.head // (model.cfg.n_heads // model.W_K.shape[1])
+
+
+@contextmanager
+def split_qkv_inputs(model: Any) -> Iterator[None]:
+    """Give every head its own residual copy for Q, K and V (``hook_{q,k,v}_input``) inside the block."""
+    before = bool(getattr(model.cfg, "use_split_qkv_input", False))
+    attn_in = bool(getattr(model.cfg, "use_attn_in", False))
+    if attn_in:
+        model.set_use_attn_in(False)
+    model.set_use_split_qkv_input(True)
+    try:
+        yield
+    finally:
+        model.set_use_split_qkv_input(before)
+        if attn_in:
+            model.set_use_attn_in(True)
+
+
+def _output(model: Any, node: Node, act: Tensor) -> Float[Tensor, "batch pos d_model"]:
+    """What a sender adds to the residual stream, from its hook's activation."""
+    if node.kind == "head":
+        return act[:, :, node.head] @ model.W_O[node.layer, node.head].to(act.dtype)
+    return act
+
+
+def _reads(sender: Node, receiver: Node) -> bool:
+    return receiver.kind != "embed" and sender.kind != "logits" and receiver.order > sender.order
 
 
 def attribution_graph(
@@ -181,7 +245,7 @@ def attribution_graph(
     *,
     threshold: float = 0.0,
 ) -> nx.DiGraph:
-    """Attribution patching in one backward pass, as a circuit graph (see the module docstring).
+    """Edge attribution patching in one backward pass, as a circuit graph (see the module docstring).
 
     Parameters
     ----------
@@ -198,69 +262,128 @@ def attribution_graph(
     Returns
     -------
     networkx.DiGraph
-        Nodes ``embed``, ``L{l}H{h}``, ``L{l}.mlp`` (senders) with attribute
-        ``effect``; receivers ``L{l}.attn_in``, ``L{l}.mlp_in``, ``logits``;
-        edges with attribute ``weight``. ``graph.graph`` holds the clean and
-        corrupt metric values.
+        Nodes ``embed``, ``L{l}H{h}``, ``L{l}.mlp``, ``logits`` with attributes
+        ``kind``, ``layer``, ``head`` and ``effect`` (the attribution of the
+        node's own output; for ``logits`` the metric's clean-minus-corrupt
+        change); edges ``sender -> receiver`` with attribute ``weight`` (and
+        its ``q``, ``k``, ``v`` parts into heads). ``graph.graph`` holds the
+        clean and corrupt metric values.
     """
     check_transformer(model)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be a fraction in [0, 1], got {threshold!r}")
     clean_tokens, corrupt_tokens = _pair(model, clean, corrupt)
-    n_layers = model.cfg.n_layers
-    has_mlp = _mlp_writes(model)
-    senders, receivers = _senders(n_layers, has_mlp), _receivers(n_layers, has_mlp)
-    names = [name for name, _ in senders]
+    nodes = circuit_nodes(model)
+    senders = sorted({_sender_hook(n) for n in nodes if n.kind != "logits"})
+    receivers = sorted({hook for n in nodes if n.kind != "embed" for hook in _receiver_hooks(n)})
+    acts: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook: Any, name: str) -> Tensor:
+        act = act.clone()  # a new graph node: its gradient is what flows through this hook only
+        acts[name] = act  # keyed by the name asked for (hook.name may be an alias's target)
+        return act
+
+    with split_qkv_inputs(model):
+        with torch.no_grad():
+            clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=senders)
+        with model.hooks(fwd_hooks=[(name, partial(keep, name=name)) for name in senders + receivers]):
+            corrupt_value = metric(model(corrupt_tokens))
+        # autograd.grad rather than backward(): the model's parameters get no .grad
+        found = torch.autograd.grad(corrupt_value, [acts[n] for n in senders + receivers], allow_unused=True)
+    grads = {n: torch.zeros_like(acts[n]) if g is None else g.detach() for n, g in zip(senders + receivers, found)}
+    clean_value = metric(clean_logits).item()
+    graph = nx.DiGraph(clean_metric=clean_value, corrupt_metric=corrupt_value.item())
+    deltas = {}
     with torch.no_grad():
-        clean_logits, clean_cache = model.run_with_cache(clean_tokens, names_filter=names)
-    corrupt_acts: dict[str, Tensor] = {}
-    grads: dict[str, Tensor] = {}
-
-    def keeper(name: str) -> Callable:
-        def keep(act: Tensor, hook: Any) -> Tensor:
-            act = act.clone()  # a new node: its gradient flows through this hook's consumers only
-            corrupt_acts[name] = act  # keyed by the name asked for (hook.name may be an alias's target)
-            return act
-
-        return keep
-
-    fwd = [(name, keeper(name)) for name in names + [hook for _, hook, _ in receivers]]
-    with model.hooks(fwd_hooks=fwd):
-        corrupt_value = metric(model(corrupt_tokens))
-    # autograd.grad rather than backward(): the model's parameters get no .grad
-    kept = list(corrupt_acts)
-    found = torch.autograd.grad(corrupt_value, [corrupt_acts[n] for n in kept], allow_unused=True)
-    for name, grad in zip(kept, found):
-        grads[name] = grad.detach() if grad is not None else torch.zeros_like(corrupt_acts[name])
-    graph = nx.DiGraph(clean_metric=metric(clean_logits).item(), corrupt_metric=corrupt_value.item())
-    w_o = model.W_O.detach()  # [layer, head, d_head, d_model]
-    for name, layer in senders:
-        delta = clean_cache[name] - corrupt_acts[name].detach()
-        if name.endswith("hook_z"):  # per head: its output difference in the residual stream
-            outputs = torch.einsum("bphd,hdm->hbpm", delta, w_o[layer])
-            nodes = [(f"L{layer}H{h}", outputs[h], (delta[:, :, h] * grads[name][:, :, h]).sum()) for h in range(len(outputs))]
-        else:
-            node = "embed" if layer < 0 else f"L{layer}.mlp"
-            nodes = [(node, delta, (delta * grads[name]).sum())]
-        for node, output, effect in nodes:
-            graph.add_node(node, layer=layer, kind="sender", effect=effect.item())
-            for receiver, hook, order in receivers:
-                if order > layer:
-                    graph.add_edge(node, receiver, weight=(output * grads[hook]).sum().item())
-    for receiver, _, order in receivers:
-        graph.add_node(receiver, layer=order, kind="receiver")
-        if receiver.endswith("attn_in"):
-            layer = int(order)
-            for head in range(model.cfg.n_heads):
-                head_node = f"L{layer}H{head}"
-                graph.add_edge(receiver, head_node, weight=graph.nodes[head_node]["effect"])
+        for node in nodes:
+            if node.kind == "logits":
+                effect = clean_value - corrupt_value.item()
+            else:
+                hook = _sender_hook(node)
+                delta = clean_cache[hook] - acts[hook].detach()
+                deltas[node.name] = _output(model, node, delta)
+                own = delta[:, :, node.head] * grads[hook][:, :, node.head] if node.kind == "head" else delta * grads[hook]
+                effect = own.sum().item()
+            graph.add_node(node.name, kind=node.kind, layer=node.layer, head=node.head, effect=effect)
+        # every sender's output difference dotted with every receiver part's gradient, as one product
+        parts = [
+            (receiver, hook.rsplit("hook_", 1)[-1].removesuffix("_input"), _receiver_grad(model, receiver, hook, grads))
+            for receiver in nodes if receiver.kind != "embed" for hook in _receiver_hooks(receiver)
+        ]  # fmt: skip
+        outputs = torch.stack([deltas[n.name].flatten() for n in nodes if n.kind != "logits"])
+        weights = (outputs @ torch.stack([grad.flatten() for _, _, grad in parts]).T).tolist()
+        for i, sender in enumerate(n for n in nodes if n.kind != "logits"):
+            for (receiver, part, _), weight in zip(parts, weights[i]):
+                if _reads(sender, receiver):
+                    if graph.has_edge(sender.name, receiver.name):
+                        graph.edges[sender.name, receiver.name]["weight"] += weight
+                    else:
+                        graph.add_edge(sender.name, receiver.name, weight=weight)
+                    if receiver.kind == "head":
+                        graph.edges[sender.name, receiver.name][part] = weight
     return prune(graph, threshold)
 
 
+@torch.no_grad()
+def patch_edges(
+    model: Any, clean: TextOrTokens, corrupt: TextOrTokens, metric: Metric, edges: Sequence[tuple[str, str]]
+) -> Float[Tensor, " edge"]:
+    """Activation patching of single edges: ``metric(patched) - metric(corrupt)`` per edge.
+
+    Each run adds the sender's clean-minus-corrupt output to the receiver's
+    input only (all of a head's Q, K and V inputs), the intervention that
+    :func:`attribution_graph` estimates linearly.
+
+    Parameters
+    ----------
+    model
+        A transformer.
+    clean, corrupt
+        Inputs of equal shape ``[batch, pos]``.
+    metric
+        Maps logits to a scalar tensor.
+    edges
+        ``(sender, receiver)`` node names, as in :func:`attribution_graph`.
+    """
+    check_transformer(model)
+    clean_tokens, corrupt_tokens = _pair(model, clean, corrupt)
+    by_name = {node.name: node for node in circuit_nodes(model)}
+    for sender, receiver in edges:
+        if sender not in by_name or receiver not in by_name or not _reads(by_name[sender], by_name[receiver]):
+            raise ValueError(
+                f"({sender!r}, {receiver!r}) is not an edge of this model's circuit graph: senders are "
+                "'embed', 'L{l}H{h}', 'L{l}.mlp'; receivers are later heads, MLPs or 'logits'"
+            )
+    senders = sorted({_sender_hook(by_name[s]) for s, _ in edges})
+    with split_qkv_inputs(model):
+        _, clean_cache = model.run_with_cache(clean_tokens, names_filter=senders)
+        _, corrupt_cache = model.run_with_cache(corrupt_tokens, names_filter=senders)
+        corrupt_value = metric(model(corrupt_tokens)).item()
+        effects = []
+        for sender, receiver in edges:
+            node = by_name[sender]
+            hook = _sender_hook(node)
+            delta = _output(model, node, clean_cache[hook] - corrupt_cache[hook])
+
+            def add(act: Tensor, hook: Any, index: int | None) -> Tensor:
+                act = act.clone()
+                if index is None:
+                    act += delta
+                else:
+                    act[:, :, index] += delta
+                return act
+
+            target = by_name[receiver]
+            hooks = [(h, partial(add, index=_receiver_index(model, target, h))) for h in _receiver_hooks(target)]
+            effects.append(metric(model.run_with_hooks(corrupt_tokens, fwd_hooks=hooks)).item() - corrupt_value)
+    return torch.tensor(effects)
+
+
 def _mlp_writes(model: Any) -> bool:
-    """Whether the model's MLPs have any nonzero output weight (attention-only zoo models zero them)."""
-    mlp = getattr(model.blocks[0], "mlp", None)
-    return mlp is not None and any(p.abs().sum() > 0 for p in mlp.parameters())
+    """Whether the model's MLPs write anything (attention-only zoo models zero their output weights)."""
+    if getattr(model.blocks[0], "mlp", None) is None:
+        return False
+    return bool(model.W_out.detach().any() or model.b_out.detach().any())
 
 
 def prune(graph: nx.DiGraph, threshold: float) -> nx.DiGraph:
@@ -292,10 +415,9 @@ def graph_from_json(data: dict[str, Any] | str | os.PathLike) -> nx.DiGraph:
 def head_effects(graph: nx.DiGraph, n_layers: int, n_heads: int) -> Float[Tensor, "layer head"]:
     """The attribution effect of every head node (``nan`` where pruned)."""
     effects = torch.full((n_layers, n_heads), float("nan"))
-    for node, data in graph.nodes(data=True):
-        if data.get("kind") == "sender" and "H" in node and node.startswith("L"):
-            layer, head = node[1:].split("H")
-            effects[int(layer), int(head)] = data["effect"]
+    for _, data in graph.nodes(data=True):
+        if data.get("kind") == "head":
+            effects[data["layer"], data["head"]] = data["effect"]
     return effects
 
 

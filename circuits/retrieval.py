@@ -2,20 +2,26 @@
 
 A needle sentence is hidden at some depth in filler text; the prompt then
 asks for it and starts the answer (``"...Answer: The best thing to do in San
-Francisco is"``), and the model continues with the rest of the needle. At
-each answer step, a head *copy-pastes* when the model's top-1 prediction is
-a needle token and the head's top-1 attention lies on a needle position
-holding that same token; each such step adds ``1 / len(needle span)``. The
-retrieval score of a head is the mean over haystacks; a head is a retrieval
-head when its score exceeds 0.1 (the paper finds fewer than 5% of heads).
+Francisco is"``), and the model continues with the rest of the needle. The
+score follows the paper and its code (``retrieval_calculate``): at each step
+where the model generates a needle token ``w``, a head *copy-pastes* when its
+top-1 attention lies on the needle position holding ``w``; each such step adds
+``1 / len(needle span)`` to the head's score for that haystack. Haystacks
+whose answer the model does not retrieve (needle accuracy at most
+``min_accuracy``, the code's ROUGE-1 recall > 50 gate) are left out; the
+retrieval score of a head is its mean over the rest, drawn across haystack
+lengths and needle depths. A head is a retrieval head when its score exceeds
+0.1 (the paper finds fewer than 5% of heads).
 
 The answer is read out by teacher forcing: one forward pass over the prompt
 followed by the needle's answer tokens; step ``j`` is the prediction at the
-position before answer token ``j``. Wherever the model copies correctly this
-is exactly greedy decoding (the attention of a KV-cached step equals the
-same row of the full causal pass), at the cost of one forward per haystack.
-For the same reason the needle accuracy is the teacher-forced top-1
-accuracy on the answer tokens, not the paper's ROUGE-1 recall of a free
+position before answer token ``j``, and it counts only when the model's own
+top-1 token *is* answer token ``j``. Such a step is exactly a greedy
+decoding step while the model copies correctly (the attention of a KV-cached
+step equals the same row of the full causal pass), at the cost of one
+forward per haystack; a step where the model would generate something else
+never counts. For the same reason the needle accuracy is the teacher-forced
+top-1 accuracy on the answer tokens, not the paper's ROUGE-1 recall of a free
 generation.
 
 >>> ret = dl.circuits.retrieval_scores(model, haystacks=20)                  # doctest: +SKIP
@@ -155,14 +161,31 @@ def make_haystack(
 
 
 def make_haystacks(
-    model: Any, n: int, *, context_tokens: int = 200, needles: Sequence[Needle] = NEEDLES, seed: int = 0
+    model: Any,
+    n: int,
+    *,
+    context_tokens: int | Sequence[int] = 200,
+    needles: Sequence[Needle] = NEEDLES,
+    seed: int = 0,
 ) -> list[Haystack]:
-    """``n`` haystacks cycling through ``needles``, at evenly spaced depths, with seeded filler."""
+    """``n`` haystacks over a grid of filler lengths × needle depths, cycling through ``needles``.
+
+    Haystack ``i`` has ``context_tokens[i % L]`` filler tokens (``L`` lengths)
+    and its needle at depth ``j / (m - 1)``, ``j = i // L``, ``m = ceil(n / L)``
+    (evenly spaced from 0 to 1 at every length); its needle is ``needles[i % len(needles)]``.
+    """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of haystacks must be a positive integer, got {n!r}")
+    lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
+    if not lengths or any(not isinstance(t, int) or t < 1 for t in lengths):
+        raise ValueError(f"context_tokens must be a positive integer or a list of them, got {context_tokens!r}")
     generator = torch.Generator().manual_seed(seed)
-    depths = torch.linspace(0.0, 1.0, n).tolist() if n > 1 else [0.5]
-    return [make_haystack(model, needles[i % len(needles)], context_tokens, depths[i], generator) for i in range(n)]
+    per_length = -(-n // len(lengths))
+    depths = torch.linspace(0.0, 1.0, per_length).tolist() if per_length > 1 else [0.5]
+    return [
+        make_haystack(model, needles[i % len(needles)], lengths[i % len(lengths)], depths[i // len(lengths)], generator)
+        for i in range(n)
+    ]
 
 
 class _Readout(NamedTuple):
@@ -188,13 +211,18 @@ def _read_answer(model: Any, haystack: Haystack, fwd_hooks: Sequence = ()) -> _R
 def copy_paste_scores(
     top_keys: Int[Tensor, "layer head step"], predictions: Int[Tensor, " step"], haystack: Haystack
 ) -> Float[Tensor, "layer head"]:
-    """One haystack's retrieval score per head (the paper's copy-paste count over the span length)."""
+    """One haystack's retrieval score per head: its copy-paste steps over the needle span's length.
+
+    A step counts for a head when the model's top-1 prediction is the answer
+    token being copied and the head's top-1 key is a needle position holding
+    that same token.
+    """
     start, stop = haystack.needle_span
     tokens = haystack.tokens
     in_span = (top_keys >= start) & (top_keys < stop)
     same = tokens[top_keys.clamp(0, tokens.shape[0] - 1)] == predictions
-    needle_token = torch.isin(predictions, tokens[start:stop])
-    return (in_span & same & needle_token).sum(-1).float() / (stop - start)
+    copied = predictions == tokens[haystack.answer_start :]
+    return (in_span & same & copied).sum(-1).float() / (stop - start)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -204,19 +232,31 @@ class RetrievalScores(Result):
     Attributes
     ----------
     scores
-        ``[layer, head]`` mean copy-paste share of the needle, in ``[0, 1]``.
+        ``[layer, head]`` mean copy-paste share of the needle over the
+        retrieved haystacks, in ``[0, 1]``.
+    haystack_scores
+        ``[haystack, layer, head]``: each haystack's own scores.
     accuracy
         Teacher-forced top-1 accuracy on the answer tokens, per haystack.
+    prompt_tokens
+        Prompt length (tokens before the answer) per haystack.
     threshold
         Score above which a head counts as a retrieval head.
-    context_tokens
-        Filler tokens per haystack.
+    min_accuracy
+        Haystacks with needle accuracy at most this are not averaged.
     """
 
     scores: Float[Tensor, "layer head"]
+    haystack_scores: Float[Tensor, "haystack layer head"]
     accuracy: Float[Tensor, " haystack"]
+    prompt_tokens: list[int]
     threshold: float = RETRIEVAL_THRESHOLD
-    context_tokens: int = 200
+    min_accuracy: float = 0.5
+
+    @property
+    def retrieved(self) -> int:
+        """How many haystacks the model retrieved (the ones averaged)."""
+        return int((self.accuracy > self.min_accuracy).sum())
 
     @property
     def fraction(self) -> float:
@@ -260,8 +300,9 @@ def retrieval_scores(
     model: Any,
     haystacks: int | Sequence[Haystack] = 20,
     *,
-    context_tokens: int = 200,
+    context_tokens: int | Sequence[int] = (200, 400, 800),
     threshold: float = RETRIEVAL_THRESHOLD,
+    min_accuracy: float = 0.5,
     seed: int = 0,
 ) -> RetrievalScores:
     """The retrieval score of every head, averaged over needle-in-a-haystack prompts.
@@ -273,9 +314,12 @@ def retrieval_scores(
     haystacks
         How many haystacks to generate (:func:`make_haystacks`), or the haystacks.
     context_tokens
-        Filler tokens per generated haystack.
+        Filler lengths of generated haystacks (cycled; depths spread at each length).
     threshold
         Score above which a head is a retrieval head.
+    min_accuracy
+        Average only haystacks whose needle accuracy exceeds this (the
+        paper's code keeps generations with ROUGE-1 recall > 50%).
     seed
         Seeds the filler of generated haystacks.
 
@@ -284,23 +328,28 @@ def retrieval_scores(
     RetrievalScores
     """
     check_transformer(model)
+    if not 0.0 <= min_accuracy < 1.0:
+        raise ValueError(f"min_accuracy must lie in [0, 1), got {min_accuracy!r}")
     if isinstance(haystacks, int):
         haystacks = make_haystacks(model, haystacks, context_tokens=context_tokens, seed=seed)
     if not haystacks:
         raise ValueError("haystacks is empty: pass a positive number or at least one Haystack")
-    total = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    accuracy = []
+    per_haystack, accuracy = [], []
     for haystack in haystacks:
         readout = _read_answer(model, haystack)
-        total += copy_paste_scores(readout.top_keys, readout.predictions, haystack)
-        answer = haystack.tokens[haystack.answer_start :]
-        accuracy.append((readout.predictions == answer).float().mean())
+        per_haystack.append(copy_paste_scores(readout.top_keys, readout.predictions, haystack))
+        accuracy.append((readout.predictions == haystack.tokens[haystack.answer_start :]).float().mean())
+    haystack_scores, accuracy_t = torch.stack(per_haystack), torch.stack(accuracy)
+    retrieved = accuracy_t > min_accuracy
+    scores = haystack_scores[retrieved].mean(0) if retrieved.any() else torch.zeros_like(haystack_scores[0])
     return RetrievalScores(
         **result_context(model, haystacks[0].tokens[None]),
-        scores=total / len(haystacks),
-        accuracy=torch.stack(accuracy),
+        scores=scores,
+        haystack_scores=haystack_scores,
+        accuracy=accuracy_t,
+        prompt_tokens=[h.answer_start for h in haystacks],
         threshold=threshold,
-        context_tokens=context_tokens,
+        min_accuracy=min_accuracy,
     )
 
 

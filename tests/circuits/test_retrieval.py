@@ -20,14 +20,15 @@ from dynalens.circuits import (
 def test_copy_paste_rule_known_answer():
     # positions 2..4 hold the needle (7, 8, 9); the answer copies it at the end.
     haystack = Haystack(torch.tensor([0, 5, 7, 8, 9, 6, 7, 8, 9]), (2, 5), 3)
-    predictions = torch.tensor([7, 8, 5])  # the third step predicts a non-needle token
+    predictions = torch.tensor([7, 7, 9])  # step 1 generates needle token 7 where 8 is being copied
     top_keys = torch.tensor([[
-        [2, 3, 4],  # head 0: on the copied needle token at steps 0 and 1 -> 2/3
-        [3, 3, 3],  # head 1: on the needle but on token 8 at step 0 -> step 1 only -> 1/3
-        [6, 7, 1],  # head 2: on the answer's own copies, outside the needle span -> 0
+        [2, 3, 4],  # head 0: on the copied token at steps 0 and 2 -> 2/3
+        [2, 2, 4],  # head 1: step 1's top key holds the generated 7, but the model does not copy there -> 2/3
+        [3, 3, 3],  # head 2: on needle token 8, never the generated one -> 0
+        [6, 7, 8],  # head 3: on the answer's own copies, outside the needle span -> 0
     ]])  # fmt: skip
     scores = copy_paste_scores(top_keys, predictions, haystack)
-    torch.testing.assert_close(scores, torch.tensor([[2 / 3, 1 / 3, 0.0]]))
+    torch.testing.assert_close(scores, torch.tensor([[2 / 3, 2 / 3, 0.0, 0.0]]))
 
 
 def test_haystack_holds_the_needle_and_ends_with_its_answer(smollm2):
@@ -40,8 +41,6 @@ def test_haystack_holds_the_needle_and_ends_with_its_answer(smollm2):
         text = smollm2.tokenizer.decode(hay.tokens[: hay.answer_start])
         assert NEEDLES[1].lead + NEEDLES[1].answer in text
         assert text.endswith("Answer: " + NEEDLES[1].lead)
-    first, last = make_haystacks(smollm2, 2, context_tokens=60)
-    assert first.needle_span[0] < last.needle_span[0]
     with pytest.raises(ValueError, match="depth must lie in"):
         make_haystack(smollm2, NEEDLES[0], 60, 1.5, torch.Generator())
 
@@ -60,6 +59,8 @@ def _reference_scores(model, haystack: Haystack) -> torch.Tensor:
     for step in range(haystack.n_answer):
         query = haystack.answer_start - 1 + step
         token = logits[query].argmax().item()
+        if token != haystack.tokens[query + 1].item():
+            continue  # greedy decoding would leave the needle here: teacher forcing counts only copied steps
         for layer in range(model.cfg.n_layers):
             pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
             for head in range(model.cfg.n_heads):
@@ -76,8 +77,32 @@ def test_retrieval_scores_match_the_papers_loop(smollm2, tmp_path):
     assert ret.accuracy.item() > 0.8  # SmolLM2 copies the needle
     assert 0 < ret.fraction < 0.25 and ret.heads()[0] == tuple(ret.top(1)[["layer", "head"]].iloc[0])
     ret.save(tmp_path / "ret.safetensors")
-    assert torch.equal(RetrievalScores.load(tmp_path / "ret.safetensors").scores, ret.scores)
+    loaded = RetrievalScores.load(tmp_path / "ret.safetensors")
+    assert torch.equal(loaded.scores, ret.scores) and loaded.prompt_tokens == ret.prompt_tokens
     assert ret.figure().data[0].z.shape == (30, 9)
+
+
+def test_haystacks_the_model_does_not_retrieve_are_left_out(smollm2):
+    good = make_haystacks(smollm2, 1, context_tokens=40, seed=1)[0]
+    tokens, (start, stop) = good.tokens.clone(), good.needle_span
+    tokens[start:stop] = torch.tensor(smollm2.tokenizer.encode(" the", add_special_tokens=False) * (stop - start))
+    lost = Haystack(tokens, good.needle_span, good.n_answer)  # the needle is gone: nothing to copy
+    ret = retrieval_scores(smollm2, [good, lost])
+    assert ret.accuracy[0] > 0.5 >= ret.accuracy[1] and ret.retrieved == 1
+    torch.testing.assert_close(ret.scores, ret.haystack_scores[0])
+    torch.testing.assert_close(ret.scores, retrieval_scores(smollm2, [good]).scores)
+    with pytest.raises(ValueError, match="min_accuracy"):
+        retrieval_scores(smollm2, [good], min_accuracy=1.0)
+
+
+def test_haystacks_cover_a_grid_of_lengths_and_depths(smollm2):
+    hays = make_haystacks(smollm2, 6, context_tokens=[30, 60], seed=0)
+    lengths = [h.answer_start for h in hays]
+    assert lengths[0] < lengths[1] and lengths[2] < lengths[3]  # lengths alternate
+    first, last = hays[0].needle_span[0], hays[4].needle_span[0]  # length 30 at depths 0 and 1
+    assert first < last
+    with pytest.raises(ValueError, match="context_tokens"):
+        make_haystacks(smollm2, 2, context_tokens=[])
 
 
 def test_masking_every_head_breaks_the_needle(smollm2):
