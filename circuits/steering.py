@@ -88,11 +88,12 @@ class SequencePhase:
     A forward pre-hook on the model: a call without a cache to continue
     (``past_key_values`` for a transformer, ``state`` for our recurrent models)
     starts a sequence, so its positions are the prompt; any other call runs
-    generated tokens. ``on_prompt(tokens)``, when given, runs at the start of
-    every sequence; passes it makes itself are never steered.
+    generated tokens. ``on_prompt(tokens, attention_mask)``, when given, runs at
+    the start of every sequence (the mask is ``None`` when the call passes none);
+    passes it makes itself are never steered.
     """
 
-    def __init__(self, on_prompt: Callable[[Tensor], None] | None = None) -> None:
+    def __init__(self, on_prompt: Callable[[Tensor, Tensor | None], None] | None = None) -> None:
         self.generating = False
         self.reading = False
         self.on_prompt = on_prompt
@@ -111,7 +112,7 @@ class SequencePhase:
         if not self.generating and self.on_prompt is not None:
             self.reading = True
             try:
-                self.on_prompt(args[0] if args else kwargs["input"])
+                self.on_prompt(args[0] if args else kwargs["input"], kwargs.get("attention_mask"))
             finally:
                 self.reading = False
 
@@ -180,12 +181,13 @@ def steering_hooks(
     alphas: Callable[[], Sequence[Any]],
     mode: Mode,
     positions: Positions,
-    on_prompt: Callable[[Tensor], None] | None = None,
+    on_prompt: Callable[[Tensor, Tensor | None], None] | None = None,
 ) -> Iterator[None]:
     """Hooks steering ``layers``, each with ``alphas()[i]`` read at every pass; removed on exit.
 
     The engine of :func:`steer` and of :meth:`SteeringController.attach`:
-    ``on_prompt(tokens)`` runs when a sequence starts (see :class:`SequencePhase`).
+    ``on_prompt(tokens, attention_mask)`` runs when a sequence starts (see
+    :class:`SequencePhase`).
     """
     unit = direction.unit()
     phase = SequencePhase(on_prompt)
@@ -500,14 +502,18 @@ class SteeringController:
         without a cache), the controller reads that prompt without steering,
         predicts its scale and weights, then steers the prompt and every
         generated token with ``alpha * scale * weight_l`` at each layer.
-        Prompts with padding are read as given (padding included). The read is
-        one extra forward pass, which other hooks on the model also see.
+        A padded batch passed with its ``attention_mask`` (as ``generate`` does)
+        is read one prompt at a time without its padding. The read is one
+        extra forward pass, which other hooks on the model also see.
         """
         alphas: list[Tensor] = []
 
-        def plan(tokens: Tensor) -> None:
+        def plan(tokens: Tensor, attention_mask: Tensor | None) -> None:
+            prompts: Prompts = tokens
+            if attention_mask is not None and not bool(attention_mask.all()):
+                prompts = [row[keep.bool()][None] for row, keep in zip(tokens, attention_mask)]
             out = self._predict_activations(
-                resid_activations(model, tokens, [self.read_layer], self.position)[:, 0]
+                resid_activations(model, prompts, [self.read_layer], self.position)[:, 0]
             )
             alphas[:] = list(out.alphas(self.alpha))
 

@@ -9,6 +9,7 @@ from dynalens.circuits.directions import Direction
 from dynalens.circuits.steering import SteeringController, steer
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.rnn import HookedRNN, RNNConfig
+from dynalens.models.zoo import get_entry
 
 import dynalens as dl
 
@@ -190,14 +191,30 @@ def test_weights_identical_and_hooks_removed_after_steering_and_errors(
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_zoo_direction_steers_the_lstm_towards_the_positive_set():
-    """On lstm-hmm: the direction from prompts ending in token 0 vs token 1, added to
-    prompts ending in 1, moves the next-token distribution towards that after 0."""
-    model = dl.load("lstm-hmm")
+def zoo_prompt_sets(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """32 paired prompts of the zoo model ``name`` whose next token should differ.
+
+    lstm-hmm: random emissions ending in token 0 vs token 1. mamba-ar: eight
+    key-value pairs and a query of the first key, bound to value 16 vs value 17.
+    """
     g = torch.Generator().manual_seed(0)
-    body = torch.randint(0, model.cfg.d_vocab, (32, 11), generator=g)
-    positive = torch.cat([body, torch.zeros(32, 1, dtype=torch.long)], 1)
-    negative = torch.cat([body, torch.ones(32, 1, dtype=torch.long)], 1)
+    if name == "lstm-hmm":
+        body = torch.randint(0, 4, (32, 11), generator=g)
+        ends = torch.zeros(32, 1, dtype=torch.long)
+        return torch.cat([body, ends], 1), torch.cat([body, ends + 1], 1)
+    tokens = get_entry(name).make_task().sample(32, g).tokens[:, :17].clone()
+    tokens[:, 16] = tokens[:, 0]  # query the first key
+    positive, negative = tokens.clone(), tokens.clone()
+    positive[:, 1], negative[:, 1] = 16, 17
+    return positive, negative
+
+
+@pytest.mark.parametrize("name", ["lstm-hmm", "mamba-ar"])
+def test_zoo_direction_steers_towards_the_positive_set(name):
+    """On a zoo RNN and Mamba: the direction read from the positive vs negative prompts,
+    added to the negative prompts, moves their next-token distribution towards the positives'."""
+    model = dl.load(name)
+    positive, negative = zoo_prompt_sets(name)
     d = Direction.diff_in_means(model, positive, negative)
     target = model(positive)[:, -1].log_softmax(-1)
 
@@ -364,3 +381,24 @@ def test_sequence_phase_reads_the_cache_argument():
     assert phase.generating
     phase(module, (torch.zeros(1, 5),), {"state": None})
     assert not phase.generating and phase.steers("all")
+
+
+def test_attach_reads_a_padded_batch_one_prompt_at_a_time(tiny_llama):
+    """generate on a left-padded batch with its attention mask, under attach, gives each
+    prompt the tokens it gets alone: the controller never reads the padding."""
+    from dynalens.circuits.refusal import left_padded
+
+    positive = ["I love cats and dogs", "We love the sunny sea", "They love green hills"]
+    negative = ["The tax form is due", "Rain fell on the roof", "A train left at noon"]
+    d = Direction.diff_in_means(tiny_llama, positive, negative)
+    ctrl = SteeringController(d, read_layer=0, alpha=20.0, max_epochs=30).fit(
+        tiny_llama, positive, negative
+    )
+    rows = [tiny_llama.to_tokens(p) for p in ["I love the sea and the hills", "Rain fell"]]
+    tokens, mask = left_padded(tiny_llama, rows)
+    with ctrl.attach(tiny_llama):
+        batched = tiny_llama.generate(tokens, 4, attention_mask=mask, return_type="tokens")
+        alone = [tiny_llama.generate(row, 4, return_type="tokens") for row in rows]
+    for new, single in zip(batched[:, tokens.shape[1] :], alone, strict=True):
+        assert torch.equal(new, single[0, -4:])
+    assert n_hooks(tiny_llama) == 0
