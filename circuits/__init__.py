@@ -2,7 +2,13 @@
 
 from dynalens.circuits.ablation import HeadAblation, TaskScorer, ablate_heads, head_hooks
 from dynalens.circuits.directions import Direction
-from dynalens.circuits.heads import HeadScores, copying_scores, induction_scores, repeated_tokens
+from dynalens.circuits.heads import (
+    HeadScores,
+    channel_patterns,
+    copying_scores,
+    induction_scores,
+    repeated_tokens,
+)
 from dynalens.circuits.patching import (
     Node,
     Patching,
@@ -36,6 +42,7 @@ from dynalens.circuits.retrieval import (
     copy_paste_scores,
     make_haystack,
     make_haystacks,
+    mixer_retrieval_scores,
     retrieval_scores,
 )
 from dynalens.circuits.steering import ControllerOutput, SteeringController, steer
@@ -73,9 +80,11 @@ __all__ = [
     "copy_paste_scores",
     "make_haystack",
     "make_haystacks",
+    "mixer_retrieval_scores",
     "retrieval_scores",
     "HeadAblation",
     "HeadScores",
+    "channel_patterns",
     "TaskScorer",
     "ablate_heads",
     "copying_scores",

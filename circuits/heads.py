@@ -15,11 +15,13 @@ patterns) or from the weights alone (copying):
   which is what is decomposed. Layer norms are left out, as usual.
 - *sink*: mean attention on the first token, :func:`dynalens.probes.sink_scores`.
 
-Mamba has no heads; its "heads" are groups of ``d_inner`` channels, and its
-"attention" is each group's materialised SSM matrix (mean ``|M|`` over the
-group's channels, :func:`dynalens.probes.mixer_matrices`) with every row
-normalised to sum to one. The induction, previous-token and sink scores are
-then read exactly as for attention; copying (no OV circuit) is ``nan``.
+Mamba has no heads; each of its ``d_inner`` channels has a materialised SSM
+matrix ``M`` (:func:`dynalens.probes.mixer_matrices`), read as that channel's
+"attention" once ``|M|`` has every row normalised to sum to one
+(:func:`channel_patterns`). The induction, previous-token and sink scores are
+computed per channel exactly as for attention and aggregated into channel
+groups (the mean over a group's channels), the model's "heads"; copying (no
+OV circuit) is ``nan``.
 
 Inputs default to repeated random tokens ``BOS, x_1..x_L, x_1..x_L``
 (:class:`~dynalens.models.tasks.InductionTask`), the standard induction workload.
@@ -30,6 +32,7 @@ Inputs default to repeated random tokens ``BOS, x_1..x_L, x_1..x_L``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +42,7 @@ import torch
 from dynalens.models.base import TextOrTokens
 from dynalens.models.tasks import BOS, InductionTask
 from dynalens.probes.figures import heatmap
-from dynalens.probes.mixer import mixer_matrices
+from dynalens.probes.mixer import DEFAULT_CHANNEL_GROUPS, mixer_matrices
 from dynalens.probes.model_surface import architecture_of, result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import pattern_hook_names, sink_query_mask, sink_scores_from_patterns
@@ -223,18 +226,38 @@ def induction_scores(
     )
 
 
+@torch.no_grad()
+def channel_patterns(model: Any, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch channel q k"]:
+    """Every channel's materialised SSM matrix ``|M|`` with rows normalised to sum to one (Mamba)."""
+    channels = list(range(model.cfg.d_inner))
+    found = []
+    for seq in tokens:
+        m = mixer_matrices(model, seq[None], layer, channels=channels).matrices.abs()
+        found.append(m / m.sum(-1, keepdim=True).clamp_min(1e-12))
+    return torch.stack(found)
+
+
+def channel_group_count(model: Any, channel_groups: int | None) -> int:
+    """``channel_groups`` checked against ``d_inner`` (default as in :func:`~dynalens.probes.mixer_matrices`)."""
+    d_inner = model.cfg.d_inner
+    n = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner) if channel_groups is None else channel_groups
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= d_inner or d_inner % n:
+        raise ValueError(f"channel_groups must divide d_inner = {d_inner} into equal groups, got {n!r}")
+    return n
+
+
 def mixer_patterns(
     model: Any, tokens: Int[Tensor, "batch pos"], channel_groups: int | None = None
 ) -> list[Float[Tensor, "batch group q k"]]:
-    """Per layer, each channel group's mixer matrix with rows normalised to sum to one (Mamba)."""
-    layers = []
-    for layer in range(model.cfg.n_layers):
-        rows = []
-        for seq in tokens:
-            m = mixer_matrices(model, seq[None], layer, channel_groups=channel_groups).matrices
-            rows.append(m / m.sum(-1, keepdim=True).clamp_min(1e-12))
-        layers.append(torch.stack(rows))
-    return layers
+    """Per layer, each channel group's mean of its channels' :func:`channel_patterns` (Mamba).
+
+    Scores linear in the pattern (induction, previous-token, sink) read from
+    a group's mean equal the mean of its channels' own scores.
+    """
+    groups = channel_group_count(model, channel_groups)
+    return [
+        channel_patterns(model, tokens, layer).unflatten(1, (groups, -1)).mean(2) for layer in range(model.cfg.n_layers)
+    ]
 
 
 def _check_architecture(model: Any, accepted: tuple[str, ...]) -> str:

@@ -24,6 +24,10 @@ never counts. For the same reason the needle accuracy is the teacher-forced
 top-1 accuracy on the answer tokens, not the paper's ROUGE-1 recall of a free
 generation.
 
+Mamba has no attention: :func:`mixer_retrieval_scores` applies the same
+copy-paste rule to each channel's materialised SSM matrix (the key with the
+largest ``|M[q, k]|``) and averages the channels of each channel group.
+
 >>> ret = dl.circuits.retrieval_scores(model, haystacks=20)                  # doctest: +SKIP
 >>> ret.top(10); ret.figure()                                               # doctest: +SKIP
 >>> needle = dl.circuits.NeedleScorer(model)                                 # doctest: +SKIP
@@ -40,11 +44,13 @@ from typing import Any, NamedTuple
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from dynalens.circuits.heads import channel_group_count, channel_patterns
 from dynalens.probes.figures import heatmap
+from dynalens.probes.model_surface import architecture_of
 from dynalens.probes.model_surface import result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import check_transformer
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 RETRIEVAL_THRESHOLD = 0.1
@@ -351,6 +357,67 @@ def retrieval_scores(
         threshold=threshold,
         min_accuracy=min_accuracy,
     )
+
+
+@torch.no_grad()
+def mixer_retrieval_scores(
+    model: Any,
+    tokens: Int[Tensor, "batch pos"],
+    score_mask: Bool[Tensor, "batch pos"],
+    source_mask: Bool[Tensor, "batch pos"] | None = None,
+    *,
+    channel_groups: int | None = None,
+) -> Float[Tensor, "layer group"]:
+    """Retrieval scores of a Mamba model's channel groups, from the materialised SSM matrices.
+
+    At every scored step (query ``q`` with ``score_mask[b, q]``, predicting
+    ``tokens[b, q + 1]``) where the model's top-1 token is that next token, a
+    channel copy-pastes when the key with the largest ``|M[q, k]|`` lies in
+    ``source_mask`` and holds that same token. A channel's score is its
+    copy-paste share of the scored steps of a sequence, averaged over the
+    batch; a group's score is the mean over its channels.
+
+    Parameters
+    ----------
+    model
+        A Mamba model.
+    tokens
+        ``[batch, pos]`` sequences that copy earlier tokens (e.g. associative recall).
+    score_mask
+        ``[batch, pos]``: the queries that copy (a task batch's ``score_mask``).
+    source_mask
+        ``[batch, pos]``: where the copied tokens may be read from (the needle,
+        the key-value context); default every position.
+    channel_groups
+        How many channel groups to report (default as in :func:`~dynalens.probes.mixer_matrices`).
+
+    Returns
+    -------
+    Tensor ``[layer, group]`` in ``[0, 1]``.
+    """
+    if architecture_of(model) != "mamba":
+        raise TypeError(f"mixer_retrieval_scores reads SSM matrices of Mamba models; this model is a {architecture_of(model)}")
+    tokens = torch.as_tensor(tokens).cpu()
+    score_mask = torch.as_tensor(score_mask, dtype=torch.bool).cpu()
+    source_mask = torch.ones_like(score_mask) if source_mask is None else torch.as_tensor(source_mask, dtype=torch.bool).cpu()
+    if score_mask.shape != tokens.shape or source_mask.shape != tokens.shape:
+        raise ValueError(f"score_mask and source_mask must have the tokens' shape {tuple(tokens.shape)}")
+    score_mask = score_mask.clone()
+    score_mask[:, -1] = False  # the last position has no next token to copy
+    steps = score_mask.sum(-1)
+    if not steps.all():
+        raise ValueError("score_mask must select at least one query before the last position in every sequence")
+    groups = channel_group_count(model, channel_groups)
+    target = tokens.roll(-1, dims=1)
+    copied = (model(tokens).argmax(-1).cpu() == target) & score_mask  # [batch, q]
+    scores = []
+    for layer in range(model.cfg.n_layers):
+        top = channel_patterns(model, tokens, layer).argmax(-1)  # [batch, channel, q]
+        held = tokens.gather(1, top.flatten(1)).view_as(top)
+        hit = (held == target[:, None]) & source_mask.gather(1, top.flatten(1)).view_as(top) & copied[:, None]
+        per_channel = (hit.sum(-1) / steps[:, None]).mean(0)  # [channel]
+        scores.append(per_channel.view(groups, -1).mean(-1))
+    return torch.stack(scores)
 
 
 @dataclass

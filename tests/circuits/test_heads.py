@@ -105,23 +105,23 @@ def test_head_scores_result_round_trip(attn2l, tmp_path):
         scores.figure(kind="retrieval")
 
 
-def test_mamba_scores_read_the_normalised_mixer_matrices(tiny_mamba_model):
+def test_mamba_scores_are_channel_scores_averaged_over_groups(tiny_mamba_model):
     tokens = repeated_tokens(tiny_mamba_model, half_len=5, n_sequences=2)
     scores = induction_scores(tiny_mamba_model, tokens, channel_groups=4)
     assert scores.architecture == "mamba" and scores.induction.shape == (1, 4)
     assert torch.isnan(scores.copying).all()
-    # By hand from one sequence's mixer matrices: rows normalised, attention on the induction target.
-    manual = []
+    # By hand, per channel: |M| with rows normalised, attention on the induction target, then group means.
+    induction, sink = [], []
     for seq in tokens:
-        m = mixer_matrices(tiny_mamba_model, seq[None], 0, channel_groups=4).matrices
+        m = mixer_matrices(tiny_mamba_model, seq[None], 0, channels=range(16)).matrices.abs()
         m = m / m.sum(-1, keepdim=True)
-        manual.append(torch.stack([m[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
-    torch.testing.assert_close(scores.induction[0], torch.stack(manual).mean(0))
-    sinks = []
-    for seq in tokens:
-        m = mixer_matrices(tiny_mamba_model, seq[None], 0, channel_groups=4).matrices
-        sinks.append((m / m.sum(-1, keepdim=True))[:, 1:, 0].mean(-1))
-    torch.testing.assert_close(scores.sink[0], torch.stack(sinks).mean(0))
+        induction.append(torch.stack([m[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
+        sink.append(m[:, 1:, 0].mean(-1))
+    group_mean = lambda per_channel: torch.stack(per_channel).mean(0).view(4, 4).mean(-1)
+    torch.testing.assert_close(scores.induction[0], group_mean(induction))
+    torch.testing.assert_close(scores.sink[0], group_mean(sink))
+    with pytest.raises(ValueError, match="channel_groups must divide d_inner = 16"):
+        induction_scores(tiny_mamba_model, tokens, channel_groups=3)
 
 
 def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l):
