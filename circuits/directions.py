@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from dynalens.models.io import write_safetensors
 from dynalens.models.validation import check_finite, check_index
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from safetensors import safe_open
 from torch import Tensor
 
@@ -68,7 +68,11 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
 
 
 def resid_activations(
-    model: Any, prompts: Prompts, layers: Sequence[int], position: Position = -1
+    model: Any,
+    prompts: Prompts,
+    layers: Sequence[int],
+    position: Position = -1,
+    batch_size: int = 16,
 ) -> Float[Tensor, "prompt layer d_model"]:
     """The residual stream after each of ``layers`` at ``position`` of every prompt.
 
@@ -77,44 +81,75 @@ def resid_activations(
     model
         A dynalens model (``dl.load``).
     prompts
-        A list of strings (each run alone, so no padding enters) or token ids
-        ``[prompt, pos]``.
+        A list of strings or of token rows ``[1, pos]``, or token ids
+        ``[prompt, pos]``. A transformer reads a list ``batch_size`` prompts at a
+        time, padded on the left with an attention mask (the padding is never
+        attended to nor read); a recurrent model reads a list one prompt at a time.
     layers
         Block indices.
     position
-        The token index read (negative counts from the end), or ``"mean"`` to
-        average over every position.
+        The token index read in each prompt (negative counts from its end), or
+        ``"mean"`` to average over its tokens.
+    batch_size
+        Prompts per forward pass for a transformer.
     """
     names = [resid_name(layer) for layer in layers]
     if isinstance(prompts, str):
         raise TypeError(
             "prompts must be a list of strings or token ids [prompt, pos], not one string"
         )
-    batches = [prompts] if isinstance(prompts, Tensor) else list(prompts)
-    if not batches or (
-        isinstance(prompts, Tensor) and prompts.ndim == 2 and prompts.shape[0] == 0
-    ):
+    if not (isinstance(position, int) or position == "mean") or isinstance(position, bool):
+        raise ValueError(f"position must be an int or 'mean', got {position!r}")
+    if isinstance(prompts, Tensor):
+        batches = [(prompts, None)]
+    else:
+        rows = [model.to_tokens(p) if isinstance(p, str) else p for p in prompts]
+        if getattr(model, "architecture", "transformer") == "transformer":
+            batches = [
+                left_padded(model, rows[i : i + batch_size])
+                for i in range(0, len(rows), batch_size)
+            ]
+        else:
+            batches = [(row, None) for row in rows]
+    if not batches or batches[0][0].shape[0] == 0:
         raise ValueError("prompts is empty: pass at least one prompt")
-    rows = []
+    out = []
     with torch.no_grad():
-        for batch in batches:
-            _, cache = model.run_with_cache(batch, names_filter=names)
-            resid = torch.stack(
-                [cache[name] for name in names], dim=1
-            )  # [batch, layer, pos, d]
-            if position == "mean":
-                rows.append(resid.mean(dim=2))
-            elif isinstance(position, int) and not isinstance(position, bool):
-                n_pos = resid.shape[2]
-                if not -n_pos <= position < n_pos:
-                    raise IndexError(
-                        f"position {position} is out of range for a prompt of {n_pos} tokens: "
-                        f"valid positions are -{n_pos} to {n_pos - 1}, or 'mean'"
-                    )
-                rows.append(resid[:, :, position])
-            else:
-                raise ValueError(f"position must be an int or 'mean', got {position!r}")
-    return torch.cat(rows).float()
+        for tokens, mask in batches:
+            extra = {} if mask is None else {"attention_mask": mask}
+            _, cache = model.run_with_cache(tokens, names_filter=names, **extra)
+            resid = torch.stack([cache[name] for name in names], dim=1)  # [batch, layer, pos, d]
+            n_pads = [0] * len(tokens) if mask is None else (mask == 0).sum(-1).tolist()
+            out += [_read(resid[i, :, n_pad:], position) for i, n_pad in enumerate(n_pads)]
+    return torch.stack(out).float()
+
+
+def _read(resid: Float[Tensor, "layer pos d_model"], position: Position) -> Tensor:
+    if position == "mean":
+        return resid.mean(dim=1)
+    n_pos = resid.shape[1]
+    if not -n_pos <= position < n_pos:
+        raise IndexError(
+            f"position {position} is out of range for a prompt of {n_pos} tokens: "
+            f"valid positions are -{n_pos} to {n_pos - 1}, or 'mean'"
+        )
+    return resid[:, position]
+
+
+def left_padded(
+    model: Any, rows: Sequence[Int[Tensor, "1 pos"]]
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack token rows ``[1, pos]``, padded on the left, and their attention mask."""
+    tokenizer = getattr(model, "tokenizer", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = 0 if pad is None else pad
+    width = max(row.shape[-1] for row in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, width - row.shape[-1] :] = row.reshape(-1)
+        mask[i, width - row.shape[-1] :] = 1
+    return tokens, mask
 
 
 @dataclass(eq=False)

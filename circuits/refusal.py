@@ -35,7 +35,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import torch
-from dynalens.circuits.directions import read_tagged, resid_name
+from dynalens.circuits.directions import left_padded, read_tagged, resid_activations
 from dynalens.models.io import read_json, write_json, write_safetensors
 from dynalens.models.validation import check_index
 from jaxtyping import Float, Int
@@ -146,21 +146,6 @@ def _tokenizer(model: Any) -> Any:
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: refusal evaluation needs text prompts")
     return tokenizer
-
-
-def left_padded(
-    model: Any, rows: Sequence[Int[Tensor, "1 pos"]]
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Stack ``[1, pos]`` token rows, padded on the left, and their attention mask."""
-    pad = _tokenizer(model).pad_token_id
-    pad = 0 if pad is None else pad
-    width = max(row.shape[-1] for row in rows)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, width - row.shape[-1] :] = row[0]
-        mask[i, width - row.shape[-1] :] = 1
-    return tokens, mask
 
 
 # ------------------------------------------------------------------ harness
@@ -311,18 +296,8 @@ def pooled_resid(
     model: Any, texts: Sequence[str], layer: int
 ) -> Float[Tensor, "text d_model"]:
     """The mean over each text's tokens of ``blocks.{layer}.hook_resid_post``."""
-    if isinstance(texts, str):
-        raise TypeError("texts must be a list of strings, not one string")
     check_index("layer", layer, model.cfg.n_layers)
-    name = resid_name(layer)
-    rows = []
-    with torch.no_grad():
-        for text in texts:
-            _, cache = model.run_with_cache(text, names_filter=name)
-            rows.append(cache[name][0].float().mean(0).cpu())
-    if not rows:
-        raise ValueError("texts is empty: pass at least one text")
-    return torch.stack(rows)
+    return resid_activations(model, texts, [layer], "mean")[:, 0]
 
 
 class RefusalClassifier:

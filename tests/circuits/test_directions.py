@@ -148,3 +148,14 @@ def test_from_prompts_dispatches_by_method_and_names_bad_ones(recurrent_models):
         torch.testing.assert_close(by_name.vectors, named.vectors, rtol=0, atol=0)
     with pytest.raises(ValueError, match="method must be one of"):
         Direction.from_prompts(model, pos, neg, method="mean")
+
+
+@pytest.mark.parametrize("position", [-1, 0, 2, "mean"])
+def test_batched_read_equals_one_prompt_at_a_time(tiny_llama, position):
+    prompts = ["A short one", "A much longer prompt with many more words in it", "Mid length text"]
+    batched = resid_activations(tiny_llama, prompts, [0, 1], position, batch_size=3)
+    for i, prompt in enumerate(prompts):
+        _, cache = tiny_llama.run_with_cache(prompt)
+        resid = torch.stack([cache[f"blocks.{l}.hook_resid_post"][0] for l in (0, 1)])
+        expected = resid.mean(1) if position == "mean" else resid[:, position]
+        torch.testing.assert_close(batched[i], expected, rtol=1e-4, atol=1e-4)

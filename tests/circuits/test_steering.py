@@ -194,18 +194,20 @@ def test_weights_identical_and_hooks_removed_after_steering_and_errors(
 def zoo_prompt_sets(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """32 paired prompts of the zoo model ``name`` whose next token should differ.
 
-    lstm-hmm: random emissions ending in token 0 vs token 1. mamba-ar: eight
-    key-value pairs and a query of the first key, bound to value 16 vs value 17.
+    lstm-hmm: random emissions ending in token 0 vs token 1. mamba-ar: its
+    key-value pairs and a query of the first key, bound to the first value vs the second.
     """
     g = torch.Generator().manual_seed(0)
     if name == "lstm-hmm":
         body = torch.randint(0, 4, (32, 11), generator=g)
         ends = torch.zeros(32, 1, dtype=torch.long)
         return torch.cat([body, ends], 1), torch.cat([body, ends + 1], 1)
-    tokens = get_entry(name).make_task().sample(32, g).tokens[:, :17].clone()
-    tokens[:, 16] = tokens[:, 0]  # query the first key
+    task = get_entry(name).make_task()
+    query = 2 * task.n_pairs
+    tokens = task.sample(32, g).tokens[:, : query + 1].clone()
+    tokens[:, query] = tokens[:, 0]  # query the first key
     positive, negative = tokens.clone(), tokens.clone()
-    positive[:, 1], negative[:, 1] = 16, 17
+    positive[:, 1], negative[:, 1] = task.n_keys, task.n_keys + 1
     return positive, negative
 
 
@@ -386,7 +388,7 @@ def test_sequence_phase_reads_the_cache_argument():
 def test_attach_reads_a_padded_batch_one_prompt_at_a_time(tiny_llama):
     """generate on a left-padded batch with its attention mask, under attach, gives each
     prompt the tokens it gets alone: the controller never reads the padding."""
-    from dynalens.circuits.refusal import left_padded
+    from dynalens.circuits.directions import left_padded
 
     positive = ["I love cats and dogs", "We love the sunny sea", "They love green hills"]
     negative = ["The tax form is due", "Rain fell on the roof", "A train left at noon"]
