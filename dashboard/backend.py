@@ -42,6 +42,7 @@ CACHE_CONFIG_KEY = "DYNALENS_RESULTS_CACHE"
 """Where ``create_app`` puts the app's :class:`ResultsCache` in the Flask config."""
 
 R = TypeVar("R", bound=SavableResult)
+T = TypeVar("T")
 
 
 class DashboardError(Exception):
@@ -149,20 +150,21 @@ def cached_result(
     see each other's hooks.
     """
     cache: ResultsCache = flask.current_app.config[CACHE_CONFIG_KEY]
-
-    def compute_alone() -> R:
-        with _run_lock:
-            return compute()
-
     try:
         return cache.get_or_compute(
-            result_type, model_id(name_or_path), tokens, analysis, params, compute_alone
+            result_type, model_id(name_or_path), tokens, analysis, params, lambda: run_alone(compute)
         )
     except DashboardError:
         raise
     except Exception as exc:
         log.exception("analysis %s failed", analysis)
         raise DashboardError(f"{analysis.replace('_', ' ')} failed: {user_message(exc)}") from exc
+
+
+def run_alone(compute: Callable[[], T]) -> T:
+    """``compute()`` while no other analysis runs: hooks are model state, shared by every tab."""
+    with _run_lock:
+        return compute()
 
 
 def user_message(exc: BaseException) -> str:

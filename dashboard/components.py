@@ -57,6 +57,12 @@ def choice(id: str, options: Mapping[str, str], value: str) -> dcc.RadioItems:
     )
 
 
+def labelled(label: str, control: Any, label_id: str | None = None) -> html.Div:
+    """``control`` with a short label on its left (``label_id`` lets a callback rename it)."""
+    span = html.Span(label, className="control-label", **({"id": label_id} if label_id else {}))
+    return html.Div([span, control], className="inline-control")
+
+
 def requested(request: Mapping[str, Any] | None) -> tuple[Any, Int[Tensor, "1 pos"]]:
     """The model and prompt token ids of the header's request; no update before the first one."""
     if not request:

@@ -21,6 +21,7 @@ from dynalens.dashboard.components import (
     card,
     clicked_column,
     graph,
+    labelled,
     placeholder_figure,
     show_errors,
     status_row,
@@ -86,11 +87,11 @@ def layout(**_: Any) -> html.Div:
                         html.Div(id=MIXER_MESSAGE),
                         graph(MIXER, height=460),
                         controls=[
-                            _labelled("Layer", dcc.Dropdown(id=LAYER, clearable=False,
-                                                            className="small-dropdown")),
-                            _labelled("Head", dcc.Dropdown(id=GROUP, clearable=False,
-                                                           className="small-dropdown"),
-                                      label_id=GROUP_LABEL),
+                            labelled("Layer", dcc.Dropdown(id=LAYER, clearable=False,
+                                                           className="small-dropdown")),
+                            labelled("Head", dcc.Dropdown(id=GROUP, clearable=False,
+                                                          className="small-dropdown"),
+                                     label_id=GROUP_LABEL),
                             _log_toggle(MIXER_LOG),
                         ],
                     ),
@@ -121,11 +122,6 @@ def layout(**_: Any) -> html.Div:
             ),
         ],
     )
-
-
-def _labelled(label: str, control: Any, label_id: str | None = None) -> html.Div:
-    span = html.Span(label, className="control-label", **({"id": label_id} if label_id else {}))
-    return html.Div([span, control], className="inline-control")
 
 
 def _log_toggle(id: str, on: bool = False) -> dcc.Checklist:

@@ -1,0 +1,306 @@
+"""Steering: the prompt's continuation without and with steering along a direction, side by side.
+
+The direction (:class:`~dynalens.circuits.Direction`, by difference of means,
+PCA of paired differences or a logistic probe, on every layer) is read from two
+prompt sets on the chosen model: for a chat model the shipped harmful and
+harmless train prompts of :mod:`dynalens.circuits.refusal` in its chat template
+(the typed prompt is wrapped the same way); for a model without a tokenizer
+(the zoo's Mamba and RNNs) samples of its own task whose last token is ``a``
+against the same samples ending in ``b``. The steering is either a constant
+``alpha`` on the chosen layers (:func:`~dynalens.circuits.steer`) or a
+:class:`~dynalens.circuits.SteeringController` fitted on the same two sets,
+whose predicted global scale and per-layer weights for the prompt are drawn as
+a bar chart. Directions and controllers come through the results cache; the
+generations are greedy (``model.generate``), so they are reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import dash
+import plotly.graph_objects as go
+import torch
+from dash import Input, Output, State, callback, dcc, html
+from dynalens.circuits import Direction, SteeringController, refusal, steer
+from dynalens.dashboard import backend
+from dynalens.dashboard.components import (
+    card,
+    choice,
+    hint,
+    labelled,
+    message_id,
+    page,
+    panel,
+    placeholder_figure,
+    requested,
+    show_errors,
+    status_id,
+    status_row,
+)
+from dynalens.dashboard.layout import REQUEST
+from dynalens.models.zoo import ZOO
+from jaxtyping import Int
+from torch import Tensor
+
+dash.register_page(__name__, path="/steering", name="Steering", title="dynalens · Steering", order=7)
+
+# Component ids of this page.
+SETUP = "steering-setup"
+METHOD = "steering-method"
+CONTROL = "steering-control"
+LAYERS = "steering-layers"
+ALPHA = "steering-alpha"
+READ_LAYER = "steering-read-layer"
+CONTRAST = "steering-contrast"
+TOKEN_A = "steering-token-a"
+TOKEN_B = "steering-token-b"
+PROGRESS = "steering-progress"
+UNSTEERED = "steering-unsteered"
+STEERED = "steering-steered"
+WEIGHTS = "steering-weights"
+GENERATIONS = "steering-generations"
+
+METHODS = {"diff_in_means": "difference of means", "pca": "PCA of paired differences", "probe": "logistic probe"}
+CONTROLS = {"alpha": "constant alpha", "controller": "controller"}
+
+MAX_ALPHA = 64.0
+"""The largest |alpha| the page accepts (residual-stream units)."""
+
+NEW_TOKENS = 24
+"""Tokens generated per panel (fewer when the model's context is shorter)."""
+
+ZOO_SET_SIZE, ZOO_BODY_LEN = 32, 15
+"""Sequences per set and tokens before the contrasted last token, for a model without a tokenizer."""
+
+PROGRESS_TEXT = (
+    "Working: the first run on a model reads both prompt sets for the direction (and fits the "
+    "controller); later runs take them from the cache."
+)
+
+_EMPTY = placeholder_figure()
+_TEXT = {"whiteSpace": "pre-wrap", "fontFamily": "var(--mono)", "minHeight": "3em", "margin": 0}
+
+
+def layout(**_: Any) -> html.Div:
+    """The page (Dash calls it on every visit)."""
+    return page(
+        "steering",
+        dcc.Store(id=SETUP),
+        card(
+            "Direction and steering",
+            html.Div(
+                className="card-controls",
+                children=[
+                    labelled("Direction", choice(METHOD, METHODS, "diff_in_means")),
+                    labelled("Steer with", choice(CONTROL, CONTROLS, "alpha")),
+                    labelled("Layers", dcc.Dropdown(id=LAYERS, multi=True, style={"minWidth": "220px"})),
+                    labelled("Controller reads layer",
+                              dcc.Dropdown(id=READ_LAYER, clearable=False, className="small-dropdown")),
+                    html.Div(
+                        [labelled("Set A ends in token", _token_input(TOKEN_A, 0)),
+                         labelled("set B in", _token_input(TOKEN_B, 1))],
+                        id=CONTRAST, style={"display": "none"},
+                    ),
+                ],
+            ),
+            labelled(
+                "alpha",
+                dcc.Slider(id=ALPHA, min=-MAX_ALPHA, max=MAX_ALPHA, step=0.5, value=4.0,
+                           marks={v: str(v) for v in (-64, -32, -16, 0, 16, 32, 64)},
+                           allow_direct_input=True, updatemode="mouseup"),
+            ),
+            html.Div(id=PROGRESS, className="hint"),
+            html.Div(id=message_id(GENERATIONS)),
+        ),
+        html.Div(
+            className="grid-2",
+            children=[
+                card("Unsteered", html.Pre(id=UNSTEERED, style=_TEXT)),
+                card("Steered", html.Pre(id=STEERED, style=_TEXT)),
+            ],
+        ),
+        panel("Controller: global scale and per-layer weights for the prompt", WEIGHTS, height=320),
+    )
+
+
+def _token_input(id: str, value: int) -> dcc.Input:
+    return dcc.Input(id=id, type="number", min=0, step=1, value=value, debounce=True, style={"width": "60px"})
+
+
+# ------------------------------------------------------------------ the sets
+def contrast_sets(
+    model: Any, name: str, token_a: int = 0, token_b: int = 1
+) -> tuple[list[Int[Tensor, "1 pos"]] | Int[Tensor, "n pos"], list[Int[Tensor, "1 pos"]] | Int[Tensor, "n pos"], str]:
+    """The two prompt sets a direction is read from, and a line saying what they are.
+
+    A model with a tokenizer reads the shipped harmful and harmless train
+    prompts in its chat template (one token row each); a model without one
+    reads ``ZOO_SET_SIZE`` samples of its zoo task (random tokens for other
+    models), cut to ``ZOO_BODY_LEN`` tokens and ended by ``token_a`` (set A) or
+    ``token_b`` (set B).
+    """
+    if getattr(model, "tokenizer", None) is not None:
+        harmful, harmless = (refusal.prompt_set(kind, "train") for kind in ("harmful", "harmless"))
+        about = f"{len(harmful)} harmful vs {len(harmless)} harmless train prompts"
+        return refusal.chat_tokens(model, harmful), refusal.chat_tokens(model, harmless), about
+    d_vocab = model.cfg.d_vocab
+    for token in (token_a, token_b):
+        if not isinstance(token, int) or not 0 <= token < d_vocab:
+            raise backend.DashboardError(f"The set tokens must be token ids from 0 to {d_vocab - 1}, got {token!r}.")
+    g = torch.Generator().manual_seed(0)
+    if name in ZOO:
+        bodies = ZOO[name].make_task().sample(ZOO_SET_SIZE, g).tokens[:, :ZOO_BODY_LEN]
+    else:
+        bodies = torch.randint(0, d_vocab, (ZOO_SET_SIZE, ZOO_BODY_LEN), generator=g)
+    ends = torch.ones(len(bodies), 1, dtype=torch.long)
+    about = f"{len(bodies)} {'task samples' if name in ZOO else 'random sequences'} ending in {token_a} vs {token_b}"
+    return torch.cat([bodies, token_a * ends], 1), torch.cat([bodies, token_b * ends], 1), about
+
+
+def _sets_id(*sets: list[Tensor] | Tensor) -> str:
+    """A short hash of the sets' token ids (a cache key part)."""
+    plain = [[row.tolist() for row in rows] for rows in sets]
+    return hashlib.sha256(json.dumps(plain).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------- callbacks
+@callback(
+    Output(SETUP, "data"),
+    Output(LAYERS, "options"),
+    Output(LAYERS, "value"),
+    Output(READ_LAYER, "options"),
+    Output(READ_LAYER, "value"),
+    Output(CONTRAST, "style"),
+    Output(status_id("steering"), "children"),
+    Input(REQUEST, "data"),
+    State(LAYERS, "value"),
+    State(READ_LAYER, "value"),
+)
+@show_errors(None, [], [], [], None, {"display": "none"})
+def setup(request, layers, read_layer):
+    """Load the model and check the prompt; the layer pickers follow the model."""
+    model, tokens = requested(request)
+    n_layers = model.cfg.n_layers
+    options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
+    if not (layers and all(isinstance(i, int) and 0 <= i < n_layers for i in layers)):
+        layers = list(range(n_layers)) if n_layers <= 4 else [n_layers // 2]
+    if not (isinstance(read_layer, int) and 0 <= read_layer < n_layers):
+        read_layer = n_layers // 2
+    has_tokenizer = getattr(model, "tokenizer", None) is not None
+    status = status_row(request["model"], model.cfg.architecture, tokens.shape[1], n_layers)
+    return (
+        {"model": request["model"], "prompt": request["prompt"], "run": request.get("run")},
+        options, layers, options, read_layer,
+        {"display": "none" if has_tokenizer else "inline-flex", "gap": "8px"},
+        status,
+    )  # fmt: skip
+
+
+@callback(
+    Output(UNSTEERED, "children"),
+    Output(STEERED, "children"),
+    Output(WEIGHTS, "figure"),
+    Output(message_id(WEIGHTS), "children"),
+    Output(message_id(GENERATIONS), "children"),
+    Input(SETUP, "data"),
+    Input(METHOD, "value"),
+    Input(CONTROL, "value"),
+    Input(LAYERS, "value"),
+    Input(ALPHA, "value"),
+    Input(READ_LAYER, "value"),
+    Input(TOKEN_A, "value"),
+    Input(TOKEN_B, "value"),
+    running=[(Output(PROGRESS, "children"), PROGRESS_TEXT, "")],
+)  # fmt: skip
+@show_errors("", "", _EMPTY, None)
+def generations(setup, method, control, layers, alpha, read_layer, token_a, token_b):
+    """Unsteered and steered continuations; the controller's prediction when it steers."""
+    if not setup:  # no request yet, or the setup failed and says why
+        return "", "", _EMPTY, None, None
+    if not layers:
+        raise backend.DashboardError("No layer chosen: pick at least one layer to steer.")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
+        raise backend.DashboardError(f"alpha must be a number from {-MAX_ALPHA:g} to {MAX_ALPHA:g}, got {alpha!r}.")
+    model, tokens = requested(setup)
+    name = setup["model"]
+    positive, negative, about = contrast_sets(model, name, token_a, token_b)
+    sets = _sets_id(positive, negative)
+    direction = backend.cached_result(
+        Direction, name, [], "steering_direction", {"method": method, "sets": sets},
+        lambda: Direction.from_prompts(model, positive, negative, method=method),
+    )  # fmt: skip
+    prompt = _chat_prompt(model, setup["prompt"], tokens)
+    new_tokens = _new_tokens(model, prompt)
+    if control == "controller":
+        controller = backend.cached_result(
+            SteeringController, name, [], "steering_controller",
+            {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},
+            lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, positive, negative),
+        )  # fmt: skip
+        controller.alpha = float(alpha)
+
+        def run() -> tuple[Tensor, Tensor, Any]:
+            predicted = controller.predict(model, prompt)
+            with controller.attach(model):
+                steered = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
+            return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered, predicted
+
+        plain, steered, predicted = backend.run_alone(run)
+        figure = weights_figure(controller.layers_, predicted.scale[0].item(), predicted.weights[0].tolist())
+        line = hint(f"alpha × scale × weight is added at each layer. Fitted on {about}: stopped after "
+                    f"{controller.n_epochs_} epochs, held-out loss {controller.validation_loss_:.3f}.")  # fmt: skip
+    else:
+
+        def run() -> tuple[Tensor, Tensor]:
+            with steer(model, direction, layers=layers, alpha=float(alpha)):
+                steered = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
+            return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered
+
+        plain, steered = backend.run_alone(run)
+        figure, line = _EMPTY, hint("Pick 'controller' to let a fitted controller set the strength per prompt.")
+    n_prompt = plain.shape[1] - new_tokens
+    message = hint(f"{METHODS[method]} direction from {about}; {new_tokens} greedy tokens per panel.")
+    return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, line, message
+
+
+def _chat_prompt(model: Any, prompt: str, tokens: Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos"]:
+    """What ``generate`` reads: the prompt's ids in the chat template, or as typed without a tokenizer."""
+    if getattr(model, "tokenizer", None) is None:
+        return tokens
+    return refusal.chat_tokens(model, [prompt])[0]
+
+
+def _new_tokens(model: Any, prompt: Int[Tensor, "1 pos"]) -> int:
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is None or model.cfg.architecture != "transformer":
+        return NEW_TOKENS
+    room = n_ctx - prompt.shape[-1]
+    if room < 1:
+        raise backend.DashboardError(f"The prompt fills the model's context of {n_ctx} tokens: shorten it.")
+    return min(NEW_TOKENS, room)
+
+
+def _continuation(model: Any, tokens: Int[Tensor, "1 pos"], n_prompt: int) -> str:
+    """The generated part of ``tokens``: text, or token ids for a model without a tokenizer."""
+    new = tokens[0, n_prompt:]
+    if getattr(model, "tokenizer", None) is None:
+        return " ".join(str(t) for t in new.tolist())
+    return model.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def weights_figure(layers: list[int], scale: float, weights: list[float]) -> go.Figure:
+    """One bar per steered layer: the controller's weight; the title gives the global scale."""
+    figure = go.Figure(go.Bar(x=[f"L{layer}" for layer in layers], y=weights, name="weight",
+                              marker_color="#2563eb"))  # fmt: skip
+    figure.update_layout(
+        title=f"Controller: global scale {scale:.3f}, per-layer weights",
+        yaxis={"range": [0, 1], "title": "weight"},
+        xaxis={"title": "layer"},
+        margin={"l": 50, "r": 10, "t": 40, "b": 40},
+        template="plotly_white",
+    )
+    return figure

@@ -1,0 +1,62 @@
+"""The Steering page in headless Chromium: its generations and controller bars are what dynalens.circuits gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dynalens.circuits import Direction, SteeringController, steer
+from dynalens.dashboard.app import create_app
+
+import dynalens as dl
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
+PROMPT = "4 22 1 25 13 18 6 20 2 30 9 21"  # a held-out sample of mamba-ar's recall task
+
+
+def new_ids(tokens: torch.Tensor, n_prompt: int) -> str:
+    return " ".join(str(t) for t in tokens[0, n_prompt:].tolist())
+
+
+def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, screenshot, wait_title):
+    dash_duo.start_server(create_app(default_model="mamba-ar", cache_dir=tmp_path))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/steering")
+    dash_duo.clear_input("#prompt")
+    dash_duo.find_element("#prompt").send_keys(PROMPT)
+    dash_duo.find_element("#analyse").click()
+
+    from dynalens.dashboard.pages.steering import NEW_TOKENS, contrast_sets
+
+    model = dl.load("mamba-ar")
+    prompt = torch.tensor([[int(t) for t in PROMPT.split()]])
+    positive, negative, _ = contrast_sets(model, "mamba-ar")
+    direction = Direction.diff_in_means(model, positive, negative)
+    plain = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
+    with steer(model, direction, layers=[0, 1], alpha=4.0):  # the page's defaults for a 2-layer model
+        steered = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
+    assert plain != steered
+
+    dash_duo.wait_for_text_to_equal("#steering-unsteered", plain, timeout=120)
+    dash_duo.wait_for_text_to_equal("#steering-steered", steered, timeout=120)
+    dash_duo.wait_for_contains_text("#steering-generations-message", "difference of means direction", timeout=30)
+
+    dash_duo.find_elements("#steering-control input")[1].click()  # controller
+    controller = SteeringController(direction, read_layer=1, layers=[0, 1]).fit(model, positive, negative)
+    predicted = controller.predict(model, prompt)
+    with controller.attach(model):
+        attached = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
+    fig = wait_title("steering-weights", "global scale")
+    dash_duo.wait_for_text_to_equal("#steering-steered", attached, timeout=30)
+    assert f"global scale {predicted.scale[0].item():.3f}" in fig["title"]
+    assert fig["traces"][0]["type"] == "bar" and fig["traces"][0]["x"] == ["L0", "L1"]
+    np.testing.assert_allclose(fig["traces"][0]["y"], predicted.weights[0].numpy(), rtol=1e-5)
+    assert dash_duo.find_element("#steering-unsteered").text == plain
+    screenshot("steering-mamba-ar")
+
+    dash_duo.clear_input("#prompt")
+    dash_duo.find_element("#analyse").click()
+    dash_duo.wait_for_contains_text("#steering-status", "The prompt is empty", timeout=30)
+    dash_duo.wait_for_text_to_equal("#steering-steered", "", timeout=30)
+    assert "Traceback" not in dash_duo.find_element("body").text
+    assert dash_duo.get_logs() in ([], None)
