@@ -429,3 +429,42 @@ def logit_metric(targets: Int[Tensor, "batch pos"], mask: Tensor) -> Metric:
         return logp[mask].mean()
 
     return metric
+
+
+def logit_diff_metric(correct: int, wrong: int, position: int = -1) -> Metric:
+    """``logit[correct] - logit[wrong]`` at ``position``, averaged over the batch (e.g. IOI's name pair)."""
+
+    def metric(logits: Float[Tensor, "batch pos vocab"]) -> Tensor:
+        last = logits[:, position].float()
+        return (last[:, correct] - last[:, wrong]).mean()
+
+    return metric
+
+
+@torch.no_grad()
+def node_top_tokens(
+    model: Any, input: TextOrTokens, node: str, *, k: int = 10, position: int = -1
+) -> pd.DataFrame:
+    """The tokens a circuit node's output promotes most: its output at ``position`` through ``W_U``.
+
+    The output is the embedding, a head's ``z_h W_O[h]`` or an MLP's output on
+    the first sequence of ``input`` (for ``logits``: the model's own logits);
+    the final norm is left out. Returns ``k`` rows ``token_id, token, logit``, highest first.
+    """
+    check_transformer(model)
+    by_name = {n.name: n for n in circuit_nodes(model)}
+    if node not in by_name:
+        raise ValueError(f"no node {node!r} in this model's circuit graph: names are 'embed', 'L{{l}}H{{h}}', "
+                         f"'L{{l}}.mlp', 'logits' (e.g. {', '.join(list(by_name)[:3])})")  # fmt: skip
+    tokens = model.to_tokens(input)[:1]
+    chosen = by_name[node]
+    if chosen.kind == "logits":
+        logits = model(tokens)[0, position].float()
+    else:
+        hook = _sender_hook(chosen)
+        _, cache = model.run_with_cache(tokens, names_filter=[hook])
+        logits = (_output(model, chosen, cache[hook])[0, position] @ model.W_U).float()
+    values, ids = logits.topk(min(k, logits.shape[-1]))
+    tokenizer = getattr(model, "tokenizer", None)
+    names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
+    return pd.DataFrame({"token_id": ids.cpu().numpy(), "token": names, "logit": values.cpu().numpy()})

@@ -11,7 +11,9 @@ from dynalens.circuits import (
     graph_from_json,
     graph_to_json,
     head_effects,
+    logit_diff_metric,
     logit_metric,
+    node_top_tokens,
     patch_edges,
     patch_heads,
     patch_residual,
@@ -147,3 +149,23 @@ def test_patching_checks_inputs(attn2l, pair):
         attribution_graph(attn2l, clean, corrupt, metric, threshold=2.0)
     with pytest.raises(ValueError, match="not an edge"):
         patch_edges(attn2l, clean, corrupt, metric, [("L1H0", "L0H1")])
+
+
+def test_node_top_tokens(attn2l, pair):
+    clean, _, _ = pair
+    logits = node_top_tokens(attn2l, clean, "logits", k=5)
+    assert logits["token_id"].tolist() == attn2l(clean[:1])[0, -1].topk(5).indices.tolist()
+    _, cache = attn2l.run_with_cache(clean[:1], names_filter=["blocks.1.attn.hook_z"])
+    by_hand = (cache["blocks.1.attn.hook_z"][0, -1, 2] @ attn2l.W_O[1, 2] @ attn2l.W_U).topk(3)
+    head = node_top_tokens(attn2l, clean, "L1H2", k=3)
+    assert head["token_id"].tolist() == by_hand.indices.tolist()
+    assert head["logit"].to_numpy() == pytest.approx(by_hand.values.detach().numpy(), rel=1e-5)
+    assert head["token"].tolist() == [str(i) for i in by_hand.indices.tolist()]  # no tokenizer: ids
+    with pytest.raises(ValueError, match="no node 'L9H0'"):
+        node_top_tokens(attn2l, clean, "L9H0")
+
+
+def test_logit_diff_metric_known_answer():
+    logits = torch.zeros(2, 3, 5)
+    logits[0, -1, 1], logits[1, -1, 1], logits[1, -1, 4] = 3.0, 1.0, 2.0
+    assert logit_diff_metric(1, 4)(logits).item() == pytest.approx(((3 - 0) + (1 - 2)) / 2)
