@@ -24,209 +24,243 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from dynalens.kernels.numba_math import exp, prefer_512_bit_vectors, sigmoid, softplus
+
 CHUNK = 64
+LANES = 16  # channels per forward job: one AVX-512 register of float32
+# Kernels may reassociate (vectorised reductions); the exp/log helpers keep their own flags.
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", cache=True)
 
 
-# Cephes' expf: Cody–Waite range reduction, a degree-5 polynomial and a scale
-# by 2**k built from the exponent bits; max relative error ~1e-7 (float32
-# rounding), and unlike a call to libm's expf it vectorises.
-_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.4426950408889634), np.float32(0.693359375), np.float32(-2.12194440e-4)
-_P = [np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
-_P0, _P1, _P2, _P3, _P4, _P5 = _P
-_LO, _HI, _HALF, _ONE = np.float32(-87.33654), np.float32(88.72283), np.float32(0.5), np.float32(1.0)
+@njit(inline="always", **OPTIONS)
+def _lane_groups(X, d, c0, lanes):
+    """The ``B``/``C`` group of each lane's channel (the last real one for padding lanes)."""
+    size = d // X.shape[1]
+    groups = np.empty(LANES, np.int64)
+    for c in range(LANES):
+        groups[c] = (c0 + min(c, lanes - 1)) // size
+    return groups
 
 
-@njit(cache=True, inline="always")
-def _softplus(x):
-    return np.log1p(np.exp(x)) if x <= 20 else x
+@njit(inline="always", **OPTIONS)
+def _fill_lanes(X, bX, groups, t, out):
+    """``out[k, c] = X[bX, groups[c], t, k]``: one time step of ``B`` or ``C`` across the lanes."""
+    for k in range(X.shape[3]):
+        for c in range(LANES):
+            out[k, c] = X[bX, groups[c], t, k]
 
 
-@njit(cache=True, inline="always")
-def _sum(x, zero):
-    """Sum of a 1-d array with four interleaved accumulators (short dependency chains)."""
-    s0, s1, s2, s3 = zero, zero, zero, zero
-    m = x.shape[0] - x.shape[0] % 4
-    for k in range(0, m, 4):
-        s0 += x[k]
-        s1 += x[k + 1]
-        s2 += x[k + 2]
-        s3 += x[k + 3]
-    for k in range(m, x.shape[0]):
-        s0 += x[k]
-    return (s0 + s1) + (s2 + s3)
+@njit(**OPTIONS)
+def _selective_fwd_block(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt, bi, c0):
+    """Forward scan of channels ``c0 .. c0 + LANES`` of batch ``bi``, one channel per vector lane.
 
-
-@njit(cache=True, inline="always")
-def _exp_into(x, out, bits, scale, fast):
-    """``out = exp(x)`` over 1-d arrays: vectorised float32 when ``fast``, libm otherwise."""
-    if not fast:
-        for k in range(x.shape[0]):
-            out[k] = np.exp(x[k])
-        return
-    for k in range(x.shape[0]):
-        v = min(max(x[k], _LO), _HI)
-        e = np.floor(v * _LOG2E + _HALF)
-        r = v - e * _LN2_HI - e * _LN2_LO
-        p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
-        out[k] = p * r * r + r + _ONE
-        bits[k] = (np.int32(e) + np.int32(127)) << np.int32(23)
-    for k in range(x.shape[0]):
-        out[k] *= scale[k]
-
-
-@njit(cache=True, inline="always")
-def _chunk_decay(delta, bias, A, bi, di, t0, m, softplus, has_bias, fast, dts, x, decay, bits, scale):
-    """Step sizes ``dts[:m]`` and decays ``exp(dt A)`` (flattened ``(m, n)``) of one chunk."""
+    ``tile`` holds, lanes innermost, a chunk's step sizes (rows ``0 ..
+    CHUNK``), ``dt·u`` (``CHUNK .. 2 CHUNK``) and ``A`` (``n`` rows). Each
+    step updates the ``(n, LANES)`` state ``h`` lane-wise, so every operation
+    (the exp included) runs on whole vectors and ``y = C h`` sums rows, not
+    lanes. When all lanes read the same ``B``/``C`` row (shared layout, or a
+    group spanning the block), ``B``/``C`` are scalars broadcast to the lanes;
+    otherwise each step's values are gathered into ``(n, LANES)`` arrays.
+    """
+    prefer_512_bit_vectors()
+    softplus_, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt = flags
+    d, L = u.shape[1], u.shape[2]
     n = A.shape[1]
-    for i in range(m):
-        dt = delta[bi, di, t0 + i]
-        if has_bias:
-            dt += bias[di]
-        if softplus:
-            dt = _softplus(dt)
-        dts[i] = dt
+    lanes = min(LANES, d - c0)
+    dtype = u.dtype
+    zero = dtype.type(0)
+    rA = 2 * CHUNK
+    tile = np.zeros((2 * CHUNK + n, LANES), dtype)
+    h, ys = np.zeros((n, LANES), dtype), np.empty((CHUNK, LANES), dtype)
+    Bl, Cl = np.empty((n, LANES), dtype), np.empty((n, LANES), dtype)
+    row, y = np.empty(CHUNK, dtype), np.empty(LANES, dtype)
+    gB, gC = _lane_groups(B, d, c0, lanes), _lane_groups(C, d, c0, lanes)
+    shared = gB[0] == gB[LANES - 1] and gC[0] == gC[LANES - 1]
+    bB, bC = bi if B.shape[0] > 1 else 0, bi if C.shape[0] > 1 else 0
+    for c in range(lanes):
         for k in range(n):
-            x[i * n + k] = dt * A[di, k]
-    _exp_into(x[: m * n], decay[: m * n], bits[: m * n], scale[: m * n], fast)
-
-
-@njit(parallel=True, fastmath=False, cache=True)
-def selective_fwd(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt):
-    """Forward scan; ``flags`` = (softplus, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt, fast)."""
-    softplus, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt, fast = flags
-    b, d, L = u.shape
-    n = A.shape[1]
-    sbB, sgB, stB = B.shape[0] > 1, d // B.shape[1], B.shape[2] > 1
-    sbC, sgC, stC = C.shape[0] > 1, d // C.shape[1], C.shape[2] > 1
-    for job in prange(b * d):
-        bi = job // d
-        di = job - bi * d
-        bB, gB, bC, gC = bi * sbB, di // sgB, bi * sbC, di // sgC
-        zero = np.zeros(1, u.dtype)[0]
-        h, prod = np.zeros(n, u.dtype), np.empty(n, u.dtype)
-        dts, x, decay = np.empty(CHUNK, u.dtype), np.empty(CHUNK * n, u.dtype), np.empty(CHUNK * n, u.dtype)
-        bits = np.empty(CHUNK * n, np.int32)
-        scale = bits.view(np.float32)
-        if has_h0:
-            h[:] = h0[bi, di]
-        for t0 in range(0, L, CHUNK):
-            m = min(CHUNK, L - t0)
-            if keep_ckpt:
-                ckpt[bi, di, t0 // CHUNK] = h
-            _chunk_decay(delta, bias, A, bi, di, t0, m, softplus, has_bias, fast, dts, x, decay, bits, scale)
+            tile[rA + k, c] = A[c0 + c, k]
+            if has_h0:
+                h[k, c] = h0[bi, c0 + c, k]
+    for t0 in range(0, L, CHUNK):
+        m = min(CHUNK, L - t0)
+        if keep_ckpt:
+            for c in range(lanes):
+                ckpt[bi, c0 + c, t0 // CHUNK] = h[:, c]
+        for c in range(lanes):
+            b_c = bias[c0 + c] if has_bias else zero
             for i in range(m):
-                t = t0 + i
-                ut = u[bi, di, t]
-                dtu = dts[i] * ut
+                dt = delta[bi, c0 + c, t0 + i] + b_c
+                row[i] = softplus(dt) if softplus_ else dt
+            for i in range(m):
+                tile[i, c] = row[i]
+                tile[CHUNK + i, c] = row[i] * u[bi, c0 + c, t0 + i]
+        for i in range(m):
+            t = t0 + i
+            tB, tC = t if B.shape[2] > 1 else 0, t if C.shape[2] > 1 else 0
+            for c in range(LANES):
+                y[c] = zero
+            if shared:
                 for k in range(n):
-                    hk = decay[i * n + k] * h[k] + dtu * B[bB, gB, t * stB, k]
-                    h[k] = hk
-                    prod[k] = hk * C[bC, gC, t * stC, k]
-                y = _sum(prod, zero)
-                if keep_states:
-                    states[bi, di, t] = h
+                    bk, ck = B[bB, gB[0], tB, k], C[bC, gC[0], tC, k]
+                    for c in range(LANES):
+                        hk = exp(tile[i, c] * tile[rA + k, c]) * h[k, c] + tile[CHUNK + i, c] * bk
+                        h[k, c] = hk
+                        y[c] += hk * ck
+            else:
+                if t == 0 or tB > 0:
+                    _fill_lanes(B, bB, gB, tB, Bl)
+                if t == 0 or tC > 0:
+                    _fill_lanes(C, bC, gC, tC, Cl)
+                for k in range(n):
+                    for c in range(LANES):
+                        hk = exp(tile[i, c] * tile[rA + k, c]) * h[k, c] + tile[CHUNK + i, c] * Bl[k, c]
+                        h[k, c] = hk
+                        y[c] += hk * Cl[k, c]
+            for c in range(LANES):
+                ys[i, c] = y[c]
+            if keep_states:
+                for c in range(lanes):
+                    states[bi, c0 + c, t] = h[:, c]
+        for c in range(lanes):
+            for i in range(m):
+                row[i] = ys[i, c]
+            for i in range(m):
+                yc = row[i]
                 if has_D:
-                    y += D[di] * ut
+                    yc += D[c0 + c] * u[bi, c0 + c, t0 + i]
                 if has_z:
+                    zt = z[bi, c0 + c, t0 + i]
+                    yc *= zt * sigmoid(zt)
+                out[bi, c0 + c, t0 + i] = yc
+    for c in range(lanes):
+        last[bi, c0 + c] = h[:, c]
+
+
+@njit(parallel=True, cache=True)
+def selective_fwd(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt):
+    """Forward scan; ``flags`` = (softplus, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt).
+
+    One job per (batch, block of ``LANES`` channels).
+    """
+    b, d = u.shape[0], u.shape[1]
+    nblk = (d + LANES - 1) // LANES
+    for job in prange(b * nblk):
+        bi = job // nblk
+        _selective_fwd_block(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt, bi, (job - bi * nblk) * LANES)
+
+
+@njit(**OPTIONS)
+def _selective_bwd_block(
+    u, delta, A, B, C, D, z, bias, flags, ckpt, dout, dlast, dstates,
+    du, ddelta, dz, dA, dD, dbias, dB, dC, dh0, bi, blk, c_lo, c_hi,
+):  # fmt: skip
+    """Reverse scan of channels ``c_lo .. c_hi`` of batch ``bi``, the ``n`` states in vector lanes.
+
+    Per chunk (in reverse), the chunk's decays and states are recomputed from
+    its checkpoint, then the reverse scan runs step by step.
+    """
+    prefer_512_bit_vectors()
+    softplus_, has_D, has_z, has_bias, has_dlast, has_dstates = flags
+    d, L = u.shape[1], u.shape[2]
+    n = A.shape[1]
+    stB, stC = B.shape[2] > 1, C.shape[2] > 1
+    bB, bC = bi if B.shape[0] > 1 else 0, bi if C.shape[0] > 1 else 0
+    sgB, sgC = d // B.shape[1], d // C.shape[1]
+    dtype = u.dtype
+    zero = dtype.type(0)
+    hs, decay = np.empty((CHUNK + 1, n), dtype), np.empty((CHUNK, n), dtype)
+    raw, dts = np.empty(CHUNK, dtype), np.empty(CHUNK, dtype)
+    dh, dAi = np.empty(n, dtype), np.empty(n, dtype)
+    for di in range(c_lo, c_hi):
+        gB, gC = di // sgB, di // sgC
+        pB = di if not stB and B.shape[1] == d else blk
+        pC = di if not stC and C.shape[1] == d else blk
+        if has_dlast:
+            dh[:] = dlast[bi, di]
+        else:
+            dh[:] = zero
+        dAi[:] = zero
+        dDi, dbi = zero, zero
+        b_d = bias[di] if has_bias else zero
+        for t0 in range(((L - 1) // CHUNK) * CHUNK, -1, -CHUNK):
+            m = min(CHUNK, L - t0)
+            for i in range(m):
+                raw[i] = delta[bi, di, t0 + i] + b_d
+            for i in range(m):
+                dts[i] = softplus(raw[i]) if softplus_ else raw[i]
+            hs[0] = ckpt[bi, di, t0 // CHUNK]
+            for i in range(m):
+                dt = dts[i]
+                dtu = dt * u[bi, di, t0 + i]
+                for k in range(n):
+                    a = exp(dt * A[di, k])
+                    decay[i, k] = a
+                    hs[i + 1, k] = a * hs[i, k] + dtu * B[bB, gB, (t0 + i) * stB, k]
+            for i in range(m - 1, -1, -1):
+                t = t0 + i
+                g = dout[bi, di, t]
+                ut = u[bi, di, t]
+                dt = dts[i]
+                if has_z:
+                    y = D[di] * ut if has_D else zero
+                    for k in range(n):
+                        y += hs[i + 1, k] * C[bC, gC, t * stC, k]
                     zt = z[bi, di, t]
-                    y *= zt / (1 + np.exp(-zt))
-                out[bi, di, t] = y
-        last[bi, di] = h
+                    sig = sigmoid(zt)
+                    dz[bi, di, t] = g * y * sig * (1 + zt * (1 - sig))
+                    g = g * zt * sig
+                ddt, dut = zero, zero
+                dtu = dt * ut
+                for k in range(n):
+                    dhk = dh[k] + g * C[bC, gC, t * stC, k]
+                    if has_dstates:
+                        dhk += dstates[bi, di, t, k]
+                    bk, a, hp = B[bB, gB, t * stB, k], decay[i, k], hs[i, k]
+                    dC[bi, pC, t * stC, k] += g * hs[i + 1, k]
+                    dB[bi, pB, t * stB, k] += dhk * dtu
+                    ddt += dhk * (A[di, k] * a * hp + bk * ut)
+                    dut += dhk * bk
+                    dAi[k] += dhk * dt * a * hp
+                    dh[k] = dhk * a
+                dut *= dt
+                if has_D:
+                    dut += g * D[di]
+                    dDi += g * ut
+                du[bi, di, t] = dut
+                if softplus_:
+                    ddt *= sigmoid(raw[i])
+                ddelta[bi, di, t] = ddt
+                dbi += ddt
+        dA[bi, di] = dAi
+        dD[bi, di] = dDi
+        dbias[bi, di] = dbi
+        dh0[bi, di] = dh
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(parallel=True, cache=True)
 def selective_bwd(
     u, delta, A, B, C, D, z, bias, flags, ckpt, dout, dlast, dstates, bounds,
     du, ddelta, dz, dA, dD, dbias, dB, dC, dh0,
 ):  # fmt: skip
     """Reverse scan from checkpoints.
 
-    ``flags`` = (softplus, has_D, has_z, has_bias, has_dlast, has_dstates, fast).
+    ``flags`` = (softplus, has_D, has_z, has_bias, has_dlast, has_dstates).
     Jobs run over (batch, channel block); ``bounds`` holds the block edges, and
     no block straddles a ``B``/``C`` group. ``dB``/``dC`` are per-block
     partial sums ``(b, n_blocks, Bl, n)``, or per channel ``(b, d, 1, n)`` for
     a fixed layout; ``dA``, ``dD``, ``dbias`` are per batch, summed by the caller.
     """
-    softplus, has_D, has_z, has_bias, has_dlast, has_dstates, fast = flags
-    b, d, L = u.shape
-    n = A.shape[1]
+    b = u.shape[0]
     nblk = bounds.shape[0] - 1
-    sbB, sgB, stB = B.shape[0] > 1, d // B.shape[1], B.shape[2] > 1
-    sbC, sgC, stC = C.shape[0] > 1, d // C.shape[1], C.shape[2] > 1
     for job in prange(b * nblk):
         bi = job // nblk
         blk = job - bi * nblk
-        bB, bC = bi * sbB, bi * sbC
-        zero = np.zeros(1, u.dtype)[0]
-        hs = np.empty((CHUNK + 1, n), u.dtype)
-        dts, x, decay = np.empty(CHUNK, u.dtype), np.empty(CHUNK * n, u.dtype), np.empty(CHUNK * n, u.dtype)
-        bits = np.empty(CHUNK * n, np.int32)
-        scale = bits.view(np.float32)
-        dh, dAi, t_ddt, t_du = np.empty(n, u.dtype), np.empty(n, u.dtype), np.empty(n, u.dtype), np.empty(n, u.dtype)
-        for di in range(bounds[blk], bounds[blk + 1]):
-            gB, gC = di // sgB, di // sgC
-            pB = di if not stB and B.shape[1] == d else blk
-            pC = di if not stC and C.shape[1] == d else blk
-            if has_dlast:
-                dh[:] = dlast[bi, di]
-            else:
-                dh[:] = zero
-            dAi[:] = zero
-            dDi, dbi = zero, zero
-            for t0 in range(((L - 1) // CHUNK) * CHUNK, -1, -CHUNK):
-                m = min(CHUNK, L - t0)
-                _chunk_decay(delta, bias, A, bi, di, t0, m, softplus, has_bias, fast, dts, x, decay, bits, scale)
-                hs[0] = ckpt[bi, di, t0 // CHUNK]
-                for i in range(m):
-                    dtu = dts[i] * u[bi, di, t0 + i]
-                    for k in range(n):
-                        hs[i + 1, k] = decay[i * n + k] * hs[i, k] + dtu * B[bB, gB, (t0 + i) * stB, k]
-                for i in range(m - 1, -1, -1):
-                    t = t0 + i
-                    g = dout[bi, di, t]
-                    ut = u[bi, di, t]
-                    dt = dts[i]
-                    if has_z:
-                        for k in range(n):
-                            t_du[k] = hs[i + 1, k] * C[bC, gC, t * stC, k]
-                        y = _sum(t_du, zero)
-                        if has_D:
-                            y += D[di] * ut
-                        zt = z[bi, di, t]
-                        sig = 1 / (1 + np.exp(-zt))
-                        dz[bi, di, t] = g * y * sig * (1 + zt * (1 - sig))
-                        g = g * zt * sig
-                    for k in range(n):
-                        dh[k] += g * C[bC, gC, t * stC, k]
-                    if has_dstates:
-                        for k in range(n):
-                            dh[k] += dstates[bi, di, t, k]
-                    for k in range(n):
-                        dC[bi, pC, t * stC, k] += g * hs[i + 1, k]
-                    for k in range(n):
-                        dB[bi, pB, t * stB, k] += dh[k] * dt * ut
-                    for k in range(n):
-                        a, hp, bk = decay[i * n + k], hs[i, k], B[bB, gB, t * stB, k]
-                        t_ddt[k] = dh[k] * (A[di, k] * a * hp + bk * ut)
-                        t_du[k] = dh[k] * bk
-                        dAi[k] += dh[k] * dt * a * hp
-                        dh[k] *= a
-                    ddt, dut = _sum(t_ddt, zero), _sum(t_du, zero) * dt
-                    if has_D:
-                        dut += g * D[di]
-                        dDi += g * ut
-                    du[bi, di, t] = dut
-                    if softplus:
-                        raw = delta[bi, di, t]
-                        if has_bias:
-                            raw += bias[di]
-                        ddt *= 1 / (1 + np.exp(-raw))
-                    ddelta[bi, di, t] = ddt
-                    dbi += ddt
-            dA[bi, di] = dAi
-            dD[bi, di] = dDi
-            dbias[bi, di] = dbi
-            dh0[bi, di] = dh
+        _selective_bwd_block(
+            u, delta, A, B, C, D, z, bias, flags, ckpt, dout, dlast, dstates,
+            du, ddelta, dz, dA, dD, dbias, dB, dC, dh0, bi, blk, bounds[blk], bounds[blk + 1],
+        )  # fmt: skip
 
 
 @njit(parallel=True, fastmath=False, cache=True)
@@ -305,8 +339,7 @@ def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states
     out, last = torch.empty_like(u), u.new_empty(b, d, n)
     states = u.new_empty(b, d, L, n) if keep_states else None
     ckpt = u.new_empty(b, d, (L + CHUNK - 1) // CHUNK, n) if keep_ckpt else None
-    fast = u.dtype == torch.float32
-    flags = (softplus, D is not None, z is not None, bias is not None, h0 is not None, keep_states, keep_ckpt, fast)
+    flags = (softplus, D is not None, z is not None, bias is not None, h0 is not None, keep_states, keep_ckpt)
     selective_fwd(
         u.numpy(), delta.numpy(), A.numpy(), _time_major(B4), _time_major(C4), _np(D, u, 1), _np(z, u, 3),
         _np(bias, u, 1), _np(h0, u, 3), flags, out.numpy(), last.numpy(), _np(states, u, 4), _np(ckpt, u, 4),
@@ -323,8 +356,7 @@ def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dl
     dA, dD, dbias = torch.zeros(b, *A.shape, dtype=u.dtype), u.new_empty(b, d), u.new_empty(b, d)
     dBp, dCp = _partial(B4, b, d, nblk), _partial(C4, b, d, nblk)
     dh0 = u.new_empty(b, d, A.shape[1])
-    fast = u.dtype == torch.float32
-    flags = (softplus, D is not None, z is not None, bias is not None, dlast is not None, dstates is not None, fast)
+    flags = (softplus, D is not None, z is not None, bias is not None, dlast is not None, dstates is not None)
     selective_bwd(
         u.numpy(), delta.numpy(), A.numpy(), _time_major(B4), _time_major(C4), _np(D, u, 1), _np(z, u, 3),
         _np(bias, u, 1), flags, ckpt.numpy(), dout.numpy(), _np(dlast, u, 3), _np(dstates, u, 4), bounds,
