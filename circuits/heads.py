@@ -188,7 +188,8 @@ def induction_scores(
         (its channel groups' mixer matrices; module docstring).
     input
         Prompts or token ids ``[batch, pos]``; default: ``n_sequences`` repeated
-        random sequences of ``half_len`` tokens (:func:`repeated_tokens`).
+        random sequences of ``half_len`` tokens (:func:`repeated_tokens`;
+        shorter when the model's context ``n_ctx`` is).
         The induction score needs some repeated tokens in it.
     half_len, n_sequences, seed
         Shape and seed of the default input.
@@ -201,7 +202,11 @@ def induction_scores(
     HeadScores
     """
     arch = _check_architecture(model, ("transformer", "mamba"))
-    tokens = model.to_tokens(repeated_tokens(model, half_len, n_sequences, seed) if input is None else input)
+    if input is None:
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        half_len = min(half_len, (n_ctx - 1) // 2) if n_ctx else half_len
+        input = repeated_tokens(model, half_len, n_sequences, seed)
+    tokens = model.to_tokens(input)
     if arch == "transformer":
         if channel_groups is not None:
             raise ValueError("channel_groups is for Mamba models; this model is a transformer")

@@ -129,3 +129,8 @@ def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l):
         induction_scores(tiny_rnn_model)
     with pytest.raises(ValueError, match="channel_groups is for Mamba"):
         induction_scores(attn2l, half_len=8, channel_groups=2)
+
+
+def test_default_workload_fits_the_models_context(attn2l):
+    scores = induction_scores(attn2l)  # 20 + 20 + BOS would not fit n_ctx = 33
+    assert scores.tokens.shape[-1] == 1 + 2 * ((attn2l.cfg.n_ctx - 1) // 2) <= attn2l.cfg.n_ctx
