@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # directory shadow installed packages (HuggingFace probes for `kernels`).
 export PYTHONSAFEPATH := 1
 
-.PHONY: install test test-slow dashboard browser bench clean
+.PHONY: install test test-slow test-gpu dashboard browser bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: install browser
 
 test-slow: install
 	$(PY) -m pytest -m slow
+
+# The Triton kernels on a CUDA GPU (fails, not skips, without one).
+test-gpu: install
+	$(PY) -m pytest -m gpu tests/kernels/test_triton_gpu.py
 
 dashboard: install
 	$(VENV)/bin/dynalens dashboard --port $(PORT)

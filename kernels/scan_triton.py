@@ -19,6 +19,12 @@ from torch import Tensor
 
 CHUNK = 64
 BLOCK_D = 16
+NUM_WARPS = 4
+BLOCK_D_BWD = 2
+NUM_WARPS_BWD = 1
+
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): one multiply per channel, not per state
 
 
 @triton.jit
@@ -51,42 +57,108 @@ def _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS: tl.constexpr, SOFTP
 
 
 @triton.jit
-def _selective_fwd_kernel(
-    u, delta, A, B, C, D, z, bias, h0, out, last, states, ckpt,
+def _combine(a1, x1, a2, x2):
+    """Compose ``h -> a1 h + x1`` then ``h -> a2 h + x2``."""
+    return a1 * a2, a2 * x1 + x2
+
+
+@triton.jit
+def _chunk_tile(u, delta, bias, d, L, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SOFTPLUS: tl.constexpr):  # fmt: skip
+    """This program's chunk as ``(BLOCK_D, CHUNK)`` tiles: offsets, mask, ``u`` and the step ``dt`` (0 past ``l``)."""
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = tl.program_id(2) * CHUNK + tl.arange(0, CHUNK)
+    md = offs_d < d
+    m = md[:, None] & (offs_t < L)[None, :]
+    x = (tl.program_id(0) * d + offs_d)[:, None] * L + offs_t[None, :]
+    ut = tl.load(u + x, mask=m, other=0.0)
+    dt = tl.load(delta + x, mask=m, other=0.0)
+    if HAS_BIAS:
+        dt += tl.load(bias + offs_d, mask=md, other=0.0)[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return offs_d, offs_t, md, m, x, ut, tl.where(m, dt, 0.0)
+
+
+@triton.jit
+def _bc_tile(X, k, offs_d, offs_t, m, L, sb, sg, sn, st, gs, SHARED: tl.constexpr):
+    """State ``k`` of ``B``/``C`` on the tile: ``(1, CHUNK)`` when one row serves every channel, else ``(BLOCK_D, CHUNK)``."""
+    X += tl.program_id(0) * sb + k * sn
+    if SHARED:
+        tile = tl.load(X + offs_t * st, mask=offs_t < L, other=0.0)[None, :]
+    else:
+        tile = tl.load(X + (offs_d // gs)[:, None] * sg + offs_t[None, :] * st, mask=m, other=0.0)
+    return tile
+
+
+@triton.jit
+def _chunk_end_kernel(
+    u, delta, A, B, bias, hloc, dtsum, d, L, n, sBb, sBg, sBn, sBt, gsB,
+    SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, B_SHARED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Pass 1: each chunk's end state from a zero start, ``sum_t exp(A (S_end - S_t)) dt_t u_t B_t``, and ``S_end``."""
+    offs_d, offs_t, md, m, x, ut, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
+    total = tl.sum(dt, axis=1)
+    rest = total[:, None] - tl.cumsum(dt, axis=1)  # the steps after t within the chunk
+    dtu = dt * ut
+    ck = (tl.program_id(0) * d + offs_d) * tl.num_programs(2) + tl.program_id(2)
+    for k in range(n):
+        Ak = tl.load(A + offs_d * n + k, mask=md, other=0.0) * LOG2E
+        Bk = _bc_tile(B, k, offs_d, offs_t, m, L, sBb, sBg, sBn, sBt, gsB, B_SHARED)
+        tl.store(hloc + ck * n + k, tl.sum(tl.exp2(Ak[:, None] * rest) * dtu * Bk, axis=1), mask=md)
+    tl.store(dtsum + ck, total, mask=md)
+
+
+@triton.jit
+def _chunk_out_kernel(
+    u, delta, A, B, C, D, z, bias, start, out, last, states,
     d, L, n, sBb, sBg, sBn, sBt, gsB, sCb, sCg, sCn, sCt, gsC,
     SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_H0: tl.constexpr, KEEP_STATES: tl.constexpr, KEEP_CKPT: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, KEEP_STATES: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Pass 3: each chunk from its start state, one state at a time as a scan over the tile's time axis; writes ``out``."""
+    offs_d, offs_t, md, m, x, ut, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
+    dtu = dt * ut
+    row = tl.program_id(0) * d + offs_d
+    ck = row * tl.num_programs(2) + tl.program_id(2)
+    final = tl.program_id(2) == tl.num_programs(2) - 1
+    y = tl.zeros((BLOCK_D, CHUNK), dtype=out.dtype.element_ty)
+    for k in range(n):
+        Ak = tl.load(A + offs_d * n + k, mask=md, other=0.0) * LOG2E
+        Bk = _bc_tile(B, k, offs_d, offs_t, m, L, sBb, sBg, sBn, sBt, gsB, B_SHARED)
+        decay, h = tl.associative_scan((tl.exp2(dt * Ak[:, None]), dtu * Bk), axis=1, combine_fn=_combine)
+        h += decay * tl.load(start + ck * n + k, mask=md, other=0.0)[:, None]
+        y += h * _bc_tile(C, k, offs_d, offs_t, m, L, sCb, sCg, sCn, sCt, gsC, C_SHARED)
+        if KEEP_STATES:
+            tl.store(states + x * n + k, h, mask=m)
+        if final:
+            tl.store(last + row * n + k, tl.sum(tl.where(offs_t[None, :] == L - 1, h, 0.0), axis=1), mask=md)
+    if HAS_D:
+        y += tl.load(D + offs_d, mask=md, other=0.0)[:, None] * ut
+    if HAS_Z:
+        zt = tl.load(z + x, mask=m, other=0.0)
+        y *= zt / (1.0 + tl.exp(-zt))
+    tl.store(out + x, y, mask=m)
+
+
+@triton.jit
+def _chunk_carry_kernel(
+    A, h0, hloc, dtsum, start, d, n, n_chunks,
+    HAS_H0: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Start state of every chunk: ``h <- exp(A sum(dt)) h + hloc`` over the chunks in order."""
     bi, offs_d, offs_n, md, m2, row, sn = _program_block(d, n, BLOCK_D, BLOCK_N)
     Av = tl.load(A + offs_d[:, None] * n + offs_n[None, :], mask=m2, other=0.0)
-    Bp = B + bi * sBb + (offs_d // gsB)[:, None] * sBg + offs_n[None, :] * sBn
-    Cp = C + bi * sCb + (offs_d // gsC)[:, None] * sCg + offs_n[None, :] * sCn
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=out.dtype.element_ty)
+    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=start.dtype.element_ty)
     if HAS_H0:
         h += tl.load(h0 + sn, mask=m2, other=0.0)
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=md, other=0.0)
-    n_chunks = tl.cdiv(L, CHUNK)
-    for t in range(L):
-        if KEEP_CKPT:
-            if t % CHUNK == 0:
-                tl.store(ckpt + (row[:, None] * n_chunks + t // CHUNK) * n + offs_n[None, :], h, mask=m2)
-        _, dt = _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS, SOFTPLUS)
-        ut = tl.load(u + row * L + t, mask=md, other=0.0)
-        Bt = tl.load(Bp + t * sBt, mask=m2, other=0.0)
-        Ct = tl.load(Cp + t * sCt, mask=m2, other=0.0)
-        h = tl.exp(dt[:, None] * Av) * h + (dt * ut)[:, None] * Bt
-        if KEEP_STATES:
-            tl.store(states + (row[:, None] * L + t) * n + offs_n[None, :], h, mask=m2)
-        y = tl.sum(h * Ct, axis=1)
-        if HAS_D:
-            y += Dv * ut
-        if HAS_Z:
-            zt = tl.load(z + row * L + t, mask=md, other=0.0)
-            y *= zt / (1.0 + tl.exp(-zt))
-        tl.store(out + row * L + t, y, mask=md)
-    tl.store(last + sn, h, mask=m2)
+    for c in range(n_chunks):
+        ck = (row[:, None] * n_chunks + c) * n + offs_n[None, :]
+        tl.store(start + ck, h, mask=m2)
+        s = tl.load(dtsum + row * n_chunks + c, mask=md, other=0.0)
+        h = tl.exp(s[:, None] * Av) * h + tl.load(hloc + ck, mask=m2, other=0.0)
 
 
 @triton.jit
@@ -222,25 +294,45 @@ def _bc_strides(X4: Tensor, d: int) -> tuple[int, int, int, int, int]:
     return (sb if X4.shape[0] > 1 else 0), sg, sn, (st if X4.shape[3] > 1 else 0), d // X4.shape[1]
 
 
-def _grid(b: int, d: int) -> tuple[int, int]:
-    return (b, triton.cdiv(d, BLOCK_D))
-
-
 def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states, keep_ckpt):
-    """Launch the forward kernel on contiguous tensors of one dtype."""
+    """Launch the chunked forward on contiguous tensors of one dtype.
+
+    Three launches: every chunk's end state from zero (in parallel), the chunks'
+    start states (a short scan over chunks), then every chunk again from its
+    start state, writing ``out``. The start states are the backward's checkpoints.
+    """
     b, d, L = u.shape
     n = A.shape[1]
+    n_chunks = triton.cdiv(L, CHUNK)
     out, last = torch.empty_like(u), u.new_empty(b, d, n)
     states = u.new_empty(b, d, L, n) if keep_states else None
-    ckpt = u.new_empty(b, d, triton.cdiv(L, CHUNK), n) if keep_ckpt else None
-    _selective_fwd_kernel[_grid(b, d)](
-        u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), _or(h0, u), out, last, _or(states, u),
-        _or(ckpt, u), d, L, n, *_bc_strides(B4, d), *_bc_strides(C4, d),
-        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        HAS_H0=h0 is not None, KEEP_STATES=keep_states, KEEP_CKPT=keep_ckpt,
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n),
+    start = u.new_empty(b, d, n_chunks, n)
+    grid = (b, triton.cdiv(d, BLOCK_D), n_chunks)
+    meta = dict(CHUNK=CHUNK, BLOCK_D=BLOCK_D, num_warps=NUM_WARPS)
+    bs, cs = _bc_strides(B4, d), _bc_strides(C4, d)
+    step = dict(SOFTPLUS=softplus, HAS_BIAS=bias is not None)
+    if n_chunks == 1:
+        start.copy_(h0.unsqueeze(2) if h0 is not None else torch.zeros_like(start))
+    else:
+        hloc, dtsum = torch.empty_like(start), u.new_empty(b, d, n_chunks)
+        _chunk_end_kernel[grid](
+            u, delta, A, B4, _or(bias, u), hloc, dtsum, d, L, n, *bs, **step, B_SHARED=_shared(B4), **meta
+        )
+        _chunk_carry_kernel[grid[:2]](
+            A, _or(h0, u), hloc, dtsum, start, d, n, n_chunks, HAS_H0=h0 is not None,
+            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n), num_warps=NUM_WARPS,
+        )  # fmt: skip
+    _chunk_out_kernel[grid](
+        u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), start, out, last, _or(states, u), d, L, n, *bs, *cs,
+        **step, HAS_D=D is not None, HAS_Z=z is not None, B_SHARED=_shared(B4), C_SHARED=_shared(C4),
+        KEEP_STATES=keep_states, **meta,
     )  # fmt: skip
-    return out, last, states, ckpt
+    return out, last, states, start if keep_ckpt else None
+
+
+def _shared(X4: Tensor) -> bool:
+    """Whether one ``B``/``C`` row serves every channel (the shared ``(b, n, l)`` layout)."""
+    return X4.shape[1] == 1 and X4.shape[3] > 1
 
 
 def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dlast, dstates):
@@ -251,13 +343,13 @@ def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dl
     dA, dD, dbias, dh0 = u.new_empty(b, d, n), u.new_empty(b, d), u.new_empty(b, d), u.new_empty(b, d, n)
     dB, dC = torch.zeros_like(B4), torch.zeros_like(C4)
     scratch = u.new_empty(b, d, CHUNK + 1, n)
-    _selective_bwd_kernel[_grid(b, d)](
+    _selective_bwd_kernel[(b, triton.cdiv(d, BLOCK_D_BWD))](
         u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), ckpt, dout, _or(dlast, u), _or(dstates, u),
         scratch, du, ddelta, dz, dA, dD, dbias, dB, dC, dh0, d, L, n, *_bc_strides(B4, d), *_bc_strides(C4, d),
         SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
         HAS_DLAST=dlast is not None, HAS_DSTATES=dstates is not None,
         B_STATIC=B4.shape[3] == 1, C_STATIC=C4.shape[3] == 1,
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n),
+        CHUNK=CHUNK, BLOCK_D=BLOCK_D_BWD, BLOCK_N=triton.next_power_of_2(n), num_warps=NUM_WARPS_BWD,
     )  # fmt: skip
     return du, ddelta, dz, dA.sum(0), dD.sum(0), dbias.sum(0), dB, dC, dh0
 
