@@ -11,7 +11,9 @@
   activations — the mean over a text's tokens of ``blocks.{layer}.hook_resid_post``
   — trained on texts labelled, for instance, by :func:`is_refusal`.
 - :func:`chat` / :func:`chat_tokens`: a request wrapped in the model's chat
-  template (when its tokenizer has one), as an instruct model expects it.
+  template (when its tokenizer has one), as an instruct model expects it;
+  :func:`response_contrast`: the same followed by a refusal or a compliance
+  opening, to read a direction that makes the reply refuse.
 - :func:`evaluate`: greedy, batched (left padding with an attention mask)
   generation with optional steering, refusal flags and rate, and a fluency
   proxy: the perplexity of each continuation under the unsteered model.
@@ -139,6 +141,32 @@ def chat_tokens(model: Any, prompts: Sequence[str]) -> list[Int[Tensor, "1 pos"]
         torch.tensor([tokenizer(chat(model, p), add_special_tokens=False)["input_ids"]])
         for p in prompts
     ]
+
+
+def response_contrast(
+    model: Any,
+    prompts: Sequence[str],
+    refusal: str = "I'm sorry, but I can't",
+    compliance: str = "Sure, here is",
+) -> tuple[list[Int[Tensor, "1 pos"]], list[Int[Tensor, "1 pos"]]]:
+    """Each prompt in the chat template followed by a refusal opening, and by a compliance one.
+
+    Read at the last token, the two lists give a direction that turns the
+    reply towards refusing (contrastive activation addition, Rimsky et al.
+    2024): ``Direction.diff_in_means(model, *response_contrast(model, prompts))``.
+    On a small model whose harmful and harmless prompts barely differ in how
+    they are answered, this steers towards refusal where the prompt contrast
+    does not.
+    """
+    tokenizer = _tokenizer(model)
+
+    def rows(opening: str) -> list[Tensor]:
+        return [
+            torch.tensor([tokenizer(chat(model, p) + opening, add_special_tokens=False)["input_ids"]])
+            for p in prompts
+        ]
+
+    return rows(refusal), rows(compliance)
 
 
 def _tokenizer(model: Any) -> Any:

@@ -15,6 +15,7 @@ from dynalens.circuits.refusal import (
     is_refusal,
     pooled_resid,
     prompt_set,
+    response_contrast,
 )
 from dynalens.circuits.steering import steer
 
@@ -77,6 +78,16 @@ def test_chat_applies_the_template_without_a_second_bos(tiny_llama):
     bos = tiny_llama.tokenizer.bos_token_id
     assert row.shape[0] == 1 and row[0, 0] == bos and row[0, 1] != bos
     assert tiny_llama.tokenizer.decode(row[0]) == text
+
+
+def test_response_contrast_appends_the_two_openings_to_the_same_prompt(tiny_llama):
+    refusing, complying = response_contrast(tiny_llama, REQUESTS, "I can't", "Sure")
+    decode = tiny_llama.tokenizer.decode
+    for prompt, r, c in zip(REQUESTS, refusing, complying, strict=True):
+        assert decode(r[0]) == chat(tiny_llama, prompt) + "I can't"
+        assert decode(c[0]) == chat(tiny_llama, prompt) + "Sure"
+        (row,) = chat_tokens(tiny_llama, [prompt])
+        assert torch.equal(r[0, : row.shape[1]], row[0])
 
 
 def test_classifier_separates_a_synthetic_case_and_round_trips(tmp_path):
