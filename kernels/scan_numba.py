@@ -158,8 +158,11 @@ def _selective_bwd_block(
 ):  # fmt: skip
     """Reverse scan of channels ``c_lo .. c_hi`` of batch ``bi``, the ``n`` states in vector lanes.
 
-    Per chunk (in reverse), the chunk's decays and states are recomputed from
-    its checkpoint, then the reverse scan runs step by step.
+    Per chunk (in reverse): the step sizes, the decays and states (from the
+    chunk's checkpoint) and the gate's gradients are computed first, vectorised
+    over time or states; the reverse scan then runs step by step with only the
+    work that needs the running ``dh``, leaving per-step sums for a last
+    vectorised pass (``du``, the softplus derivative).
     """
     prefer_512_bit_vectors()
     softplus_, has_D, has_z, has_bias, has_dlast, has_dstates = flags
@@ -171,7 +174,8 @@ def _selective_bwd_block(
     dtype = u.dtype
     zero = dtype.type(0)
     hs, decay = np.empty((CHUNK + 1, n), dtype), np.empty((CHUNK, n), dtype)
-    raw, dts = np.empty(CHUNK, dtype), np.empty(CHUNK, dtype)
+    raw, dts, ys, gs = np.empty(CHUNK, dtype), np.empty(CHUNK, dtype), np.zeros(CHUNK, dtype), np.empty(CHUNK, dtype)
+    ddts, duts = np.empty(CHUNK, dtype), np.empty(CHUNK, dtype)
     dh, dAi = np.empty(n, dtype), np.empty(n, dtype)
     for di in range(c_lo, c_hi):
         gB, gC = di // sgB, di // sgC
@@ -184,6 +188,7 @@ def _selective_bwd_block(
         dAi[:] = zero
         dDi, dbi = zero, zero
         b_d = bias[di] if has_bias else zero
+        D_d = D[di] if has_D else zero
         for t0 in range(((L - 1) // CHUNK) * CHUNK, -1, -CHUNK):
             m = min(CHUNK, L - t0)
             for i in range(m):
@@ -194,44 +199,55 @@ def _selective_bwd_block(
             for i in range(m):
                 dt = dts[i]
                 dtu = dt * u[bi, di, t0 + i]
+                B_t = B[bB, gB, (t0 + i) * stB]
                 for k in range(n):
                     a = exp(dt * A[di, k])
                     decay[i, k] = a
-                    hs[i + 1, k] = a * hs[i, k] + dtu * B[bB, gB, (t0 + i) * stB, k]
+                    hs[i + 1, k] = a * hs[i, k] + dtu * B_t[k]
+                if has_z:
+                    C_t = C[bC, gC, (t0 + i) * stC]
+                    y = zero
+                    for k in range(n):
+                        y += hs[i + 1, k] * C_t[k]
+                    ys[i] = y
+            for i in range(m):
+                g = dout[bi, di, t0 + i]
+                if has_z:
+                    zt = z[bi, di, t0 + i]
+                    sig = sigmoid(zt)
+                    dz[bi, di, t0 + i] = g * (ys[i] + D_d * u[bi, di, t0 + i]) * sig * (1 + zt * (1 - sig))
+                    g = g * zt * sig
+                gs[i] = g
             for i in range(m - 1, -1, -1):
                 t = t0 + i
-                g = dout[bi, di, t]
-                ut = u[bi, di, t]
-                dt = dts[i]
-                if has_z:
-                    y = D[di] * ut if has_D else zero
+                g = gs[i]
+                C_t, B_t = C[bC, gC, t * stC], B[bB, gB, t * stB]
+                for k in range(n):
+                    dh[k] += g * C_t[k]
+                if has_dstates:
                     for k in range(n):
-                        y += hs[i + 1, k] * C[bC, gC, t * stC, k]
-                    zt = z[bi, di, t]
-                    sig = sigmoid(zt)
-                    dz[bi, di, t] = g * y * sig * (1 + zt * (1 - sig))
-                    g = g * zt * sig
-                ddt, dut = zero, zero
+                        dh[k] += dstates[bi, di, t, k]
+                dC_t, dB_t = dC[bi, pC, t * stC], dB[bi, pB, t * stB]
+                for k in range(n):
+                    dC_t[k] += g * hs[i + 1, k]
+                dt, ut = dts[i], u[bi, di, t]
                 dtu = dt * ut
                 for k in range(n):
-                    dhk = dh[k] + g * C[bC, gC, t * stC, k]
-                    if has_dstates:
-                        dhk += dstates[bi, di, t, k]
-                    bk, a, hp = B[bB, gB, t * stB, k], decay[i, k], hs[i, k]
-                    dC[bi, pC, t * stC, k] += g * hs[i + 1, k]
-                    dB[bi, pB, t * stB, k] += dhk * dtu
-                    ddt += dhk * (A[di, k] * a * hp + bk * ut)
-                    dut += dhk * bk
-                    dAi[k] += dhk * dt * a * hp
-                    dh[k] = dhk * a
-                dut *= dt
-                if has_D:
-                    dut += g * D[di]
-                    dDi += g * ut
-                du[bi, di, t] = dut
-                if softplus_:
-                    ddt *= sigmoid(raw[i])
-                ddelta[bi, di, t] = ddt
+                    dB_t[k] += dh[k] * dtu
+                ddt, dut = zero, zero
+                for k in range(n):
+                    ddt += dh[k] * (A[di, k] * decay[i, k] * hs[i, k] + B_t[k] * ut)
+                    dut += dh[k] * B_t[k]
+                ddts[i], duts[i] = ddt, dut
+                for k in range(n):
+                    dAi[k] += dh[k] * dt * decay[i, k] * hs[i, k]
+                    dh[k] *= decay[i, k]
+            for i in range(m):
+                ut = u[bi, di, t0 + i]
+                du[bi, di, t0 + i] = duts[i] * dts[i] + gs[i] * D_d
+                dDi += gs[i] * ut
+                ddt = ddts[i] * sigmoid(raw[i]) if softplus_ else ddts[i]
+                ddelta[bi, di, t0 + i] = ddt
                 dbi += ddt
         dA[bi, di] = dAi
         dD[bi, di] = dDi
