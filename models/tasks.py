@@ -120,26 +120,46 @@ class Task:
 
 @dataclass
 class InductionTask(Task):
-    """Repeated random tokens: ``BOS, x_1..x_L, x_1..x_L``.
+    """Repeated random tokens: ``BOS, x_1..x_L, x_1..x_L``, optionally inside random filler.
 
-    The first half holds ``half_len`` *distinct* tokens drawn from
-    ``[1, d_vocab)`` (distinct, so that every repeated token has one successor
-    and perfect induction scores 1.0). The loss trains on every position; the
-    accuracy scores the second repeat from its second token on (the first
-    cannot be inferred by induction).
+    With ``min_len=None`` every sequence is ``BOS`` and one segment of
+    ``half_len`` tokens repeated twice. With ``min_len`` set, each sequence
+    repeats a segment of ``L`` tokens (``L`` uniform in ``[min_len,
+    half_len]``) at a random offset: ``BOS, f_1..f_P, x_1..x_L, x_1..x_L,
+    f_P+1..f_F`` with ``F = 2 (half_len - L)`` filler tokens, so the length is
+    always ``1 + 2 half_len`` but the distance between the two repeats varies
+    and only an induction circuit (not a fixed positional look-back) solves it.
+
+    All tokens of a sequence after ``BOS`` are *distinct* ids from ``[1,
+    d_vocab)`` (so every repeated token has one successor and perfect
+    induction scores 1.0). The loss trains on every position; the accuracy
+    scores the second repeat from its second token on (the first cannot be
+    inferred by induction). ``extras["repeat_start"]`` and
+    ``extras["repeat_len"]`` (``[batch]``) give the position of ``x_1`` and ``L``.
     """
 
     d_vocab: int = 64
     half_len: int = 16
+    min_len: int | None = None
     name: str = "induction"
 
     def __post_init__(self) -> None:
         _check_positive(d_vocab=self.d_vocab, half_len=self.half_len)
-        if self.half_len > self.d_vocab - 1:
+        if self.min_len is not None:
+            _check_positive(min_len=self.min_len)
+            if self.min_len > self.half_len:
+                raise ValueError(f"min_len={self.min_len} must be <= half_len={self.half_len}")
+        distinct = 2 * self.half_len - self.shortest
+        if distinct > self.d_vocab - 1:
             raise ValueError(
-                f"half_len={self.half_len} distinct tokens need d_vocab > {self.half_len}, "
-                f"got d_vocab={self.d_vocab}"
+                f"half_len={self.half_len} and min_len={self.min_len} need {distinct} distinct tokens: "
+                f"d_vocab > {distinct}, got d_vocab={self.d_vocab}"
             )
+
+    @property
+    def shortest(self) -> int:
+        """The shortest repeated segment (``min_len``, or ``half_len`` when it is not set)."""
+        return self.half_len if self.min_len is None else self.min_len
 
     @property
     def seq_len(self) -> int:
@@ -147,15 +167,26 @@ class InductionTask(Task):
 
     def sample(self, batch: int, generator: torch.Generator) -> TaskBatch:
         self._check_batch(batch)
-        order = torch.rand(batch, self.d_vocab - 1, generator=generator).argsort(-1)
-        half = order[:, : self.half_len] + 1
-        bos = torch.full((batch, 1), BOS, dtype=torch.long)
-        tokens = torch.cat([bos, half, half], dim=1)
+        h = self.half_len
+        order = torch.rand(batch, self.d_vocab - 1, generator=generator).argsort(-1) + 1
+        if self.min_len is None:
+            length, start = torch.full((batch,), h), torch.zeros(batch, dtype=torch.long)
+        else:
+            length = torch.randint(self.min_len, h + 1, (batch,), generator=generator)
+            start = (torch.rand(batch, generator=generator) * (2 * (h - length) + 1)).long()
+        # Content position j: filler before the repeats, segment, segment again, filler after.
+        rel = torch.arange(2 * h) - start[:, None]
+        seg, L = rel.remainder(length[:, None]), length[:, None]
+        filler = L + torch.where(rel < 0, rel + start[:, None], rel - 2 * L + start[:, None])
+        in_repeats = (rel >= 0) & (rel < 2 * L)
+        content = order.gather(1, torch.where(in_repeats, seg, filler))
+        tokens = torch.cat([torch.full((batch, 1), BOS, dtype=torch.long), content], dim=1)
         train_on = torch.ones_like(tokens, dtype=torch.bool)
         train_on[:, 0] = False
         score_on = torch.zeros_like(train_on)
-        score_on[:, self.half_len + 2 :] = True
-        return next_token_batch(tokens, train_on, score_on)
+        score_on[:, 1:] = (rel > L) & (rel < 2 * L)
+        extras = {"repeat_start": 1 + start, "repeat_len": length}
+        return next_token_batch(tokens, train_on, score_on, extras)
 
 
 @dataclass

@@ -407,6 +407,20 @@ def _gpt2_attn_only(task: Task, *, d_model: int = 64, n_layers: int = 2, n_heads
     return model
 
 
+def _llama_attn_only(task: Task, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4) -> nn.Module:
+    """Llama (RoPE) whose MLPs are exactly zero: ``down_proj`` zeroed and frozen.
+
+    As in the GPT-2 variant, every MLP adds exactly 0 to the residual stream;
+    rotary position embeddings make "attend to the previous token" one
+    relative-position pattern, so a previous-token head forms quickly.
+    """
+    model = _llama(task, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=4)
+    for layer in model.model.layers:
+        nn.init.zeros_(layer.mlp.down_proj.weight)
+        layer.mlp.down_proj.weight.requires_grad_(False)
+    return model
+
+
 def _llama(
     task: Task, *, d_model: int = 64, n_layers: int = 3, n_heads: int = 4, d_mlp: int = 128
 ) -> nn.Module:
@@ -474,6 +488,7 @@ def _rnn(cell: str) -> Callable[..., nn.Module]:
 
 ARCHS: dict[str, Callable[..., nn.Module]] = {
     "attn-only-2l": _gpt2_attn_only,
+    "attn-only-2l-rope": _llama_attn_only,
     "attn-3l": _llama,
     "mamba-2l": _mamba,
     "lstm-1l": _rnn("lstm"),

@@ -30,6 +30,7 @@ class Recipe:
     lr: float
     batch_size: int
     warmup: int
+    weight_decay: float = 0.01
     n_checkpoints: int = 20
     seed: int = 0
     sizes: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -62,7 +63,8 @@ def build(name: str, out: str | Path | None = None, *, progress: bool = True) ->
     model = build_model(recipe.arch, task, seed=recipe.seed, **recipe.sizes)
     result = train(
         model, task, recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
-        seed=recipe.seed, out=folder, n_checkpoints=recipe.n_checkpoints, progress=progress,
+        weight_decay=recipe.weight_decay, seed=recipe.seed, out=folder, n_checkpoints=recipe.n_checkpoints,
+        progress=progress,
     )  # fmt: skip
     shutil.rmtree(folder / TRAIN_STATE_DIR)
     return result

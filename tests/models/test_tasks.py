@@ -79,6 +79,25 @@ def test_induction_second_half_repeats_distinct_first_half():
         InductionTask(d_vocab=5, half_len=6)
 
 
+def test_induction_with_min_len_repeats_a_segment_at_a_random_offset():
+    task = InductionTask(d_vocab=40, half_len=8, min_len=3)
+    b = task.sample(64, gen())
+    assert b.tokens.shape == (64, task.seq_len) and (b.tokens[:, 0] == BOS).all()
+    start, length = b.extras["repeat_start"], b.extras["repeat_len"]
+    assert set(length.tolist()) == set(range(3, 9)) and len(set(start.tolist())) > 5
+    for row, s, n, scored in zip(b.tokens, start.tolist(), length.tolist(), b.score_mask):
+        assert len(set(row[1:].tolist())) == 16 - n and (row[1:] > 0).all()  # distinct but for the repeat
+        assert torch.equal(row[s : s + n], row[s + n : s + 2 * n])
+        # scored: the predictions of the repeat's tokens 2..n, made one position earlier
+        assert scored.nonzero().flatten().tolist() == list(range(s + n, s + 2 * n - 1))
+    fixed = InductionTask(d_vocab=40, half_len=8, min_len=8).sample(4, gen())
+    assert torch.equal(fixed.tokens, InductionTask(d_vocab=40, half_len=8).sample(4, gen()).tokens)
+    with pytest.raises(ValueError, match="min_len=9 must be <= half_len=8"):
+        InductionTask(d_vocab=40, half_len=8, min_len=9)
+    with pytest.raises(ValueError, match="need 13 distinct tokens"):
+        InductionTask(d_vocab=12, half_len=8, min_len=3)
+
+
 def test_assoc_recall_answers_are_the_bound_values():
     task = AssocRecallTask(n_keys=8, n_values=8, n_pairs=4, n_queries=3)
     b = task.sample(16, gen())
