@@ -202,6 +202,7 @@ def main() -> None:
     header += f" {'floor ms':>9} {'/ floor':>8} {'torch-path ms':>14}"
     print(header)
     per_step = {}  # the reference's seconds per time step, from the longest length it ran at
+    ratios = {}  # (length, mode) -> {"x ref": ..., "x pscan": ..., "/ floor": ...}
     for length in args.lengths:
         slow = length <= args.peer_max_length
         t = time_length(length, args.repeats, slow_peers=slow)
@@ -217,6 +218,7 @@ def main() -> None:
             p = t.get(f"pscan {mode}")
             ps = f"{p * 1e3:9.1f} {p / o:7.1f}x" if p else f"{'-':>9} {'-':>8}"
             tp = f"{t['ours-pytorch fwd'] * 1e3:14.1f}" if mode == "fwd" and slow else f"{'-':>14}"
+            ratios[length, mode] = {"x ref": r / o, "x pscan": p / o if p else None, "/ floor": o / f}
             line = f"{length:5d} {mode:<8} {o * 1e3:9.1f} {mark}{r * 1e3:9.1f} {r / o:6.1f}x {ps}"
             print(f"{line} {f * 1e3:9.2f} {o / f:7.1f}x {tp}")
         sys.stdout.flush()
@@ -229,6 +231,33 @@ def main() -> None:
     print(f"  ours / ref, forward: {mem['ours fwd']['peak_extra_mib'] / mem['ref fwd']['peak_extra_mib']:.3f}")
     ratio = mem["ours fwd+bwd"]["peak_extra_mib"] / mem["ref graph"]["peak_extra_mib"]
     print(f"  ours fwd+bwd / ref forward graph (a lower bound on the reference's fwd+bwd): {ratio:.3f}")
+    ratios[length, "memory"] = {"ours / ref": mem["ours fwd"]["peak_extra_mib"] / mem["ref fwd"]["peak_extra_mib"]}
+    print_targets(ratios)
+
+
+# The issue's CPU targets: (length, mode, ratio, at least?, bound); length None = the longest one run.
+TARGETS = [
+    (2048, "fwd", "x ref", True, 20.0),
+    (2048, "fwd+bwd", "x ref", True, 10.0),
+    (2048, "fwd", "x pscan", True, 20.0),
+    (2048, "fwd", "/ floor", False, 10.0),
+    (None, "memory", "ours / ref", False, 0.25),
+]
+
+
+def print_targets(ratios: dict) -> None:
+    """One line per target of the issue: measured ratio, bound, PASS or MISS (or not run)."""
+    longest = max(length for length, _ in ratios)
+    print("\ntargets (CPU):")
+    for length, mode, key, at_least, bound in TARGETS:
+        length = length or longest
+        value = ratios.get((length, mode), {}).get(key)
+        goal = f"{'>=' if at_least else '<='} {bound:g}"
+        if value is None:
+            verdict, shown = "not run", "-"
+        else:
+            verdict, shown = ("PASS" if (value >= bound if at_least else value <= bound) else "MISS"), f"{value:.3g}"
+        print(f"  l={length:<5d} {mode:<8} {key:<11} {shown:>8}  target {goal:<7} {verdict}")
 
 
 if __name__ == "__main__":
