@@ -177,10 +177,10 @@ class Node(NamedTuple):
 def circuit_nodes(model: Any) -> list[Node]:
     """Every node of ``model``'s circuit graph, in residual-stream order."""
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    nodes = [Node("embed", "embed", -1)]
+    nodes, mlps = [Node("embed", "embed", -1)], _mlp_writes(model)
     for layer in range(n_layers):
         nodes += [Node(f"L{layer}H{head}", "head", layer, head) for head in range(n_heads)]
-        if _mlp_writes(model):
+        if mlps:
             nodes.append(Node(f"L{layer}.mlp", "mlp", layer))
     return nodes + [Node("logits", "logits", n_layers)]
 
@@ -202,12 +202,13 @@ def _receiver_grad(model: Any, node: Node, hook: str, grads: dict[str, Tensor]) 
 
 
 def _receiver_index(model: Any, node: Node, hook: str) -> int | None:
-    """Which slot of a split QKV input a head reads (its key/value group for K and V)."""
+    """Which slot of a split QKV input a head reads (its key/value head for K and V)."""
     if node.kind != "head":
         return None
     if hook.endswith("hook_q_input"):
         return node.head
-    return node.head // (model.cfg.n_heads // model.W_K.shape[1])
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    return node.head // (model.cfg.n_heads // n_kv)
 
 
 @contextmanager
@@ -226,10 +227,10 @@ def split_qkv_inputs(model: Any) -> Iterator[None]:
             model.set_use_attn_in(True)
 
 
-def _output(model: Any, node: Node, act: Tensor) -> Float[Tensor, "batch pos d_model"]:
-    """What a sender adds to the residual stream, from its hook's activation."""
+def _output(node: Node, act: Tensor, w_o: Float[Tensor, "layer head d_head d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """What a sender adds to the residual stream, from its hook's activation (``w_o``: the model's ``W_O``)."""
     if node.kind == "head":
-        return act[:, :, node.head] @ model.W_O[node.layer, node.head].to(act.dtype)
+        return act[:, :, node.head] @ w_o[node.layer, node.head].to(act.dtype)
     return act
 
 
@@ -293,7 +294,7 @@ def attribution_graph(
     grads = {n: torch.zeros_like(acts[n]) if g is None else g.detach() for n, g in zip(senders + receivers, found)}
     clean_value = metric(clean_logits).item()
     graph = nx.DiGraph(clean_metric=clean_value, corrupt_metric=corrupt_value.item())
-    deltas = {}
+    deltas, w_o = {}, model.W_O.detach()  # W_O is rebuilt from the layers on every access: read it once
     with torch.no_grad():
         for node in nodes:
             if node.kind == "logits":
@@ -301,7 +302,7 @@ def attribution_graph(
             else:
                 hook = _sender_hook(node)
                 delta = clean_cache[hook] - acts[hook].detach()
-                deltas[node.name] = _output(model, node, delta)
+                deltas[node.name] = _output(node, delta, w_o)
                 own = delta[:, :, node.head] * grads[hook][:, :, node.head] if node.kind == "head" else delta * grads[hook]
                 effect = own.sum().item()
             graph.add_node(node.name, kind=node.kind, layer=node.layer, head=node.head, effect=effect)
@@ -359,11 +360,11 @@ def patch_edges(
         _, clean_cache = model.run_with_cache(clean_tokens, names_filter=senders)
         _, corrupt_cache = model.run_with_cache(corrupt_tokens, names_filter=senders)
         corrupt_value = metric(model(corrupt_tokens)).item()
-        effects = []
+        effects, w_o = [], model.W_O.detach()
         for sender, receiver in edges:
             node = by_name[sender]
             hook = _sender_hook(node)
-            delta = _output(model, node, clean_cache[hook] - corrupt_cache[hook])
+            delta = _output(node, clean_cache[hook] - corrupt_cache[hook], w_o)
 
             def add(act: Tensor, hook: Any, index: int | None) -> Tensor:
                 act = act.clone()
@@ -445,11 +446,12 @@ def logit_diff_metric(correct: int, wrong: int, position: int = -1) -> Metric:
 def node_top_tokens(
     model: Any, input: TextOrTokens, node: str, *, k: int = 10, position: int = -1
 ) -> pd.DataFrame:
-    """The tokens a circuit node's output promotes most: its output at ``position`` through ``W_U``.
+    """The tokens a circuit node's output promotes most (direct logit attribution).
 
-    The output is the embedding, a head's ``z_h W_O[h]`` or an MLP's output on
-    the first sequence of ``input`` (for ``logits``: the model's own logits);
-    the final norm is left out. Returns ``k`` rows ``token_id, token, logit``, highest first.
+    The node's output at ``position`` on the first sequence of ``input`` (the
+    embedding, a head's ``z_h W_O[h]`` or an MLP's output) goes through the
+    final norm with that run's scale frozen, then ``W_U``; for ``logits``, the
+    model's own logits. Returns ``k`` rows ``token_id, token, logit``, highest first.
     """
     check_transformer(model)
     by_name = {n.name: n for n in circuit_nodes(model)}
@@ -462,9 +464,24 @@ def node_top_tokens(
         logits = model(tokens)[0, position].float()
     else:
         hook = _sender_hook(chosen)
-        _, cache = model.run_with_cache(tokens, names_filter=[hook])
-        logits = (_output(model, chosen, cache[hook])[0, position] @ model.W_U).float()
+        _, cache = model.run_with_cache(tokens, names_filter=[hook, "ln_final.hook_scale"])
+        output = _output(chosen, cache[hook], model.W_O)[0, position]
+        logits = (final_norm(model, output, cache["ln_final.hook_scale"][0, position]) @ model.W_U).float()
     values, ids = logits.topk(min(k, logits.shape[-1]))
     tokenizer = getattr(model, "tokenizer", None)
     names = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in ids.tolist()]
     return pd.DataFrame({"token_id": ids.cpu().numpy(), "token": names, "logit": values.cpu().numpy()})
+
+
+def final_norm(model: Any, output: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]) -> Float[Tensor, "... d_model"]:
+    """A residual-stream write as the unembedding reads it: the final norm with a run's ``scale`` frozen.
+
+    Centred for LayerNorm, divided by ``scale`` (``ln_final.hook_scale``),
+    times the norm's weight; the bias is left out (it belongs to no node).
+    """
+    norm = getattr(model.ln_final, "original_component", model.ln_final)
+    if str(getattr(model.cfg, "normalization_type", "")).startswith("LN"):
+        output = output - output.mean(-1, keepdim=True)
+    output = output / scale
+    weight = getattr(norm, "weight", None)
+    return output if weight is None else output * weight

@@ -155,8 +155,11 @@ def test_node_top_tokens(attn2l, pair):
     clean, _, _ = pair
     logits = node_top_tokens(attn2l, clean, "logits", k=5)
     assert logits["token_id"].tolist() == attn2l(clean[:1])[0, -1].topk(5).indices.tolist()
-    _, cache = attn2l.run_with_cache(clean[:1], names_filter=["blocks.1.attn.hook_z"])
-    by_hand = (cache["blocks.1.attn.hook_z"][0, -1, 2] @ attn2l.W_O[1, 2] @ attn2l.W_U).topk(3)
+    _, cache = attn2l.run_with_cache(clean[:1], names_filter=["blocks.1.attn.hook_z", "ln_final.hook_scale"])
+    out = cache["blocks.1.attn.hook_z"][0, -1, 2] @ attn2l.W_O[1, 2]
+    # GPT-2's final LayerNorm with the run's scale frozen, bias left out
+    normed = (out - out.mean()) / cache["ln_final.hook_scale"][0, -1] * attn2l.ln_final.original_component.weight
+    by_hand = (normed @ attn2l.W_U).topk(3)
     head = node_top_tokens(attn2l, clean, "L1H2", k=3)
     assert head["token_id"].tolist() == by_hand.indices.tolist()
     assert head["logit"].to_numpy() == pytest.approx(by_hand.values.detach().numpy(), rel=1e-5)
