@@ -22,7 +22,7 @@ from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
 from dynalens.dashboard.backend import DashboardError
-from dynalens.dashboard.components import SPINNER, card, hint, labelled, show_errors, status_row
+from dynalens.dashboard.components import SPINNER, card, hint, labelled, page, show_errors, status_id, status_row
 from dynalens.dashboard.layout import REQUEST
 
 import dynalens as dl
@@ -41,7 +41,6 @@ GRAPH_DATA = "circuit-graph-data"
 DEFAULTS_FOR = "circuit-defaults-for"
 MESSAGE = "circuit-message"
 NODE = "circuit-node"
-STATUS = "circuit-status"
 
 HALF_LEN = 16
 """Repeat length of the default repeated-sequence pair (shorter when the model's context is)."""
@@ -84,19 +83,16 @@ def layout(**_: Any) -> html.Div:
             "target-arrow-shape": "triangle", "curve-style": "bezier", "opacity": 0.7}},
         {"selector": ":selected", "style": {"border-width": 3, "border-color": "#111827"}},
     ]  # fmt: skip
-    return html.Div(
-        className="circuit",
-        children=[
-            dcc.Loading(html.Div(id=STATUS, className="status"), **SPINNER),
-            card(
-                "Attribution graph", controls, slider, html.Div(id=MESSAGE),
-                dcc.Loading(cyto.Cytoscape(id=GRAPH, elements=[], layout={"name": "preset"}, stylesheet=stylesheet,
-                                           style={"height": "560px", "width": "100%"}), **SPINNER),
-            ),  # fmt: skip
-            card("Node", html.Div(hint("Click a node to see the tokens its output promotes."), id=NODE)),
-            dcc.Store(id=GRAPH_DATA),
-            dcc.Store(id=DEFAULTS_FOR),
-        ],
+    return page(
+        "circuit",
+        card(
+            "Attribution graph", controls, slider, html.Div(id=MESSAGE),
+            dcc.Loading(cyto.Cytoscape(id=GRAPH, elements=[], layout={"name": "preset"}, stylesheet=stylesheet,
+                                       style={"height": "560px", "width": "100%"}), **SPINNER),
+        ),  # fmt: skip
+        card("Node", html.Div(hint("Click a node to see the tokens its output promotes."), id=NODE)),
+        dcc.Store(id=GRAPH_DATA),
+        dcc.Store(id=DEFAULTS_FOR),
     )
 
 
@@ -149,7 +145,7 @@ def defaults(request, defaults_for):
 
 @callback(
     Output(GRAPH_DATA, "data"),
-    Output(STATUS, "children"),
+    Output(status_id("circuit"), "children"),
     Output(MESSAGE, "children"),
     Input(BUILD, "n_clicks"),
     Input(DEFAULTS_FOR, "data"),
