@@ -1,13 +1,22 @@
 """Triton scans for CUDA tensors (also run on CPU tensors under ``TRITON_INTERPRET=1``).
 
-One program per (batch, block of ``BLOCK_D`` channels) keeps the
-``BLOCK_D × n`` states in registers and streams over ``l``. The forward stores
-a checkpoint every ``CHUNK`` steps; the backward walks the chunks in reverse,
-recomputes a chunk's states into a scratch buffer ``(b, d, CHUNK + 1, n)`` and
-runs the reverse scan. ``dB``/``dC`` are accumulated with atomic adds (in
-registers for a time-invariant layout), ``dA``/``dD``/``dbias`` per batch and
-summed by the caller. ``B``/``C`` arrive in the 4-d form ``(Bb, G, n, Bl)``;
-broadcast dimensions get stride 0.
+Selective-scan forward, chunk-parallel in three launches so that ``b = 1``
+still fills the GPU: (1) every ``(batch, BLOCK_D channels, CHUNK steps)`` tile
+computes its chunk's end state from zero in closed form,
+``sum_t exp(A (S_end - S_t)) dt_t u_t B_t`` with ``S`` the running sum of the
+steps; (2) a short sequential pass over the chunks turns these into every
+chunk's start state (``h <- exp(A S_end) h + end``); (3) every tile runs again
+from its start state, one state ``k`` at a time, as an associative scan of
+``(exp(dt A_k), dt u B_k)`` along the tile's time axis, accumulating
+``y = sum_k C_k h_k`` in registers. Tiles are loaded coalesced along time.
+The start states double as the backward's checkpoints.
+
+The backward runs one program per (batch, ``BLOCK_D_BWD`` channels), walks the
+chunks in reverse, recomputes a chunk's states into a scratch buffer
+``(b, d, CHUNK + 1, n)`` and runs the reverse scan sequentially. ``dB``/``dC``
+are accumulated with atomic adds (in registers for a time-invariant layout),
+``dA``/``dD``/``dbias`` per batch and summed by the caller. ``B``/``C`` arrive
+in the 4-d form ``(Bb, G, n, Bl)``; broadcast dimensions get stride 0.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-CHUNK = 64
-BLOCK_D = 16
-NUM_WARPS = 4
+# Launch parameters, the fastest of a sweep on an H100 (benchmarks/scan_gpu.py --sweep):
+# 256-step chunks, 2 channels and 1 warp per program.
+CHUNK = 256
+BLOCK_D = 2
+NUM_WARPS = 1
 BLOCK_D_BWD = 2
 NUM_WARPS_BWD = 1
 

@@ -98,6 +98,24 @@ def test_gradients_to_every_input_match_reference_autograd(scan_inputs, assert_c
         assert_close(o.cpu().double() / scale, r / scale, dtype, f"d{name}")
 
 
+@pytest.mark.parametrize("chunk, block_d, num_warps", [(64, 16, 4), (128, 4, 2), (512, 1, 1)])
+def test_forward_and_gradients_with_other_launch_parameters(scan_inputs, assert_close, monkeypatch, chunk, block_d,
+                                                           num_warps):  # fmt: skip
+    params = dict(CHUNK=chunk, BLOCK_D=block_d, NUM_WARPS=num_warps, BLOCK_D_BWD=block_d, NUM_WARPS_BWD=num_warps)
+    for name, value in params.items():
+        monkeypatch.setattr(scan_triton, name, value)
+    x = scan_inputs(b=2, d=42, n=16, l=1100, dtype=torch.float64, layout_B="grouped", layout_C="shared")
+    ref_out = _run({k: v.requires_grad_() for k, v in x.items()}, True, (True, False), "ref")
+    xc = {k: v.detach().to(CUDA, torch.float32).requires_grad_() for k, v in x.items()}
+    ours_out = _run(xc, True, (True, False), "triton")
+    _compare(tuple(o.detach() for o in ours_out), tuple(r.detach() for r in ref_out), torch.float32, assert_close, "fwd")
+    ref = torch.autograd.grad(ref_out[0].sum() + ref_out[1].sum(), list(x.values()))
+    ours = torch.autograd.grad(ours_out[0].sum() + ours_out[1].sum(), list(xc.values()))
+    for name, o, r in zip(x, ours, ref):
+        scale = max(1.0, r.abs().max().item() / 10)
+        assert_close(o.cpu().double() / scale, r / scale, torch.float32, f"d{name}")
+
+
 def test_gradient_through_the_last_state_alone(scan_inputs, assert_close):
     x = scan_inputs(b=2, d=42, n=16, l=300, dtype=torch.float64)
     ref_last = _run({k: v.requires_grad_() for k, v in x.items()}, True, (True, False), "ref")[1]
