@@ -74,7 +74,6 @@ def run_all(
 ) -> dict[str, Any]:
     """Every stage, cached in ``cache``; returns the reports, AUC and controller alpha."""
     cache.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
     model = dl.load("smollm2-135m")
 
     def run(prompts: list[str], steering=None) -> Callable[[], RefusalReport]:
@@ -127,14 +126,15 @@ def run_all(
         for name, steering in conditions.items()
     }
 
-    generations = [g for r in sweep.values() for g in r.generations]
+    # an empty generation (only special tokens) is read as "."
+    generations = [g or "." for r in sweep.values() for g in r.generations]
     labels = [flag for r in sweep.values() for flag in r.refusals]
-    test_texts = [g for reports in table.values() for r in reports.values() for g in r.generations]
+    test_texts = [g or "." for reports in table.values() for r in reports.values() for g in r.generations]
     test_flags = [f for reports in table.values() for r in reports.values() for f in r.refusals]
     classifier_agreement = None
     if len(set(labels)) == 2:
         clf = RefusalClassifier(layer=CLASSIFIER_LAYER).fit(model, generations, labels)
-        classifier_agreement = clf.score(model, [t or "." for t in test_texts], test_flags)
+        classifier_agreement = clf.score(model, test_texts, test_flags)
     return {
         "table": table,
         "auc": auc,

@@ -356,10 +356,15 @@ class SteeringController:
         self.mode = mode
 
     # --------------------------------------------------------------- fitting
+    @torch.enable_grad()
     def fit(
         self, model: Any, positive: Prompts, negative: Prompts
     ) -> SteeringController:
-        """Train on the two prompt sets (steer on ``positive``, not on ``negative``)."""
+        """Train on the two prompt sets (steer on ``positive``, not on ``negative``).
+
+        Gradients are switched on for the controller's own training, so ``fit``
+        works inside ``torch.no_grad()``; the model is only read.
+        """
         if self.mode not in ("add", "ablate_add"):
             raise ValueError(f"mode must be 'add' or 'ablate_add', got {self.mode!r}")
         if not 0 < self.validation_fraction < 1:

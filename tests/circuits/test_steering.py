@@ -404,3 +404,13 @@ def test_attach_reads_a_padded_batch_one_prompt_at_a_time(tiny_llama):
     for new, single in zip(batched[:, tokens.shape[1] :], alone, strict=True):
         assert torch.equal(new, single[0, -4:])
     assert n_hooks(tiny_llama) == 0
+
+
+def test_controller_fits_inside_no_grad(tiny_mamba):
+    pos, neg = separable_sets(12, seed=4)
+    d = Direction.diff_in_means(tiny_mamba, pos, neg, position="mean")
+    with torch.no_grad():
+        ctrl = SteeringController(d, read_layer=0, position="mean", max_epochs=40).fit(
+            tiny_mamba, pos, neg
+        )
+    assert ctrl.n_epochs_ > 1 and ctrl.score(tiny_mamba, pos, neg) > 0.9
