@@ -166,8 +166,19 @@ def test_mixer_retrieval_scores_match_a_loop_on_a_tiny_mamba(tiny_mamba_model):
 
 
 @torch.no_grad()
-def test_mixer_retrieval_scores_on_the_zoo_associative_recall_mamba():
+def test_mamba_scores_on_the_zoo_associative_recall_model():
     model, task = dl.load("mamba-ar"), get_entry("mamba-ar").make_task()
+    # Induction scores: per channel from the loop's |M| (rows normalised), then channel-group means.
+    tokens = dl.circuits.repeated_tokens(model, half_len=5, n_sequences=2)
+    induction = dl.circuits.induction_scores(model, tokens).induction
+    for layer in range(model.cfg.n_layers):
+        per_channel = []
+        for seq in tokens:
+            M = _ssm_matrices_by_loop(model, seq, layer).abs()
+            M = M / M.sum(-1, keepdim=True)
+            per_channel.append(torch.stack([M[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
+        expected = torch.stack(per_channel).mean(0).view(8, -1).mean(-1).float()
+        torch.testing.assert_close(induction[layer], expected, rtol=1e-4, atol=1e-6)
     batch = task.sample(3, torch.Generator().manual_seed(0))
     context = torch.zeros_like(batch.score_mask)
     context[:, : 2 * task.n_pairs] = True  # the key-value pairs the answers are read from
