@@ -1,14 +1,17 @@
-"""Compiled CPU scans (numba): one pass over time per channel, states in a local array.
+"""Compiled CPU scans (numba): one pass over time, states in small local arrays.
 
-The selective-scan forward runs one job per (batch, channel), in the
-accumulation dtype (float32, or float64 for float64 inputs), and streams over
-``l`` once in chunks of ``CHUNK`` steps: first the chunk's decays
-``exp(delta_t A)`` (a vectorised exp over ``CHUNK·n`` values), then the
-recurrence, whose inner loop over the ``n`` states vectorises. It keeps the
-state at every chunk start; the backward walks the chunks in reverse,
-recomputes the chunk's states from its checkpoint and runs the reverse scan,
-so training memory beyond inputs and outputs is ``b·d·n·l / CHUNK`` (plus the
-per-block partial sums of ``dB``/``dC``) instead of ``b·d·n·l``.
+The selective-scan forward runs one job per (batch, block of ``LANES``
+channels), in the accumulation dtype (float32, or float64 for float64
+inputs), and streams over ``l`` once in chunks of ``CHUNK`` steps. Channels
+sit in vector lanes: each step updates the ``(n, LANES)`` state one row at a
+time, so the exp (a polynomial for float32, see ``numba_math``), the update
+and ``y = C h`` all run on whole AVX-512 vectors with no reduction across
+lanes. It keeps the state at every chunk start; the backward (one job per
+batch and channel block, the ``n`` states in lanes) walks the chunks in
+reverse, recomputes each chunk's states from its checkpoint and runs the
+reverse scan, so training memory beyond inputs and outputs is ``b·d·n·l /
+CHUNK`` (plus the per-block partial sums of ``dB``/``dC``) instead of
+``b·d·n·l``.
 
 The kernels take ``B``/``C`` time-major in one 4-d form ``(Bb, G, Bl, n)``:
 shared ``(b, n, l)`` is ``(b, 1, l, n)``, grouped ``(b, g, n, l)`` is
