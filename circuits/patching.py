@@ -227,7 +227,9 @@ def split_qkv_inputs(model: Any) -> Iterator[None]:
             model.set_use_attn_in(True)
 
 
-def _output(node: Node, act: Tensor, w_o: Float[Tensor, "layer head d_head d_model"]) -> Float[Tensor, "batch pos d_model"]:
+def _output(
+    node: Node, act: Tensor, w_o: Float[Tensor, "layer head d_head d_model"]
+) -> Float[Tensor, "batch pos d_model"]:
     """What a sender adds to the residual stream, from its hook's activation (``w_o``: the model's ``W_O``)."""
     if node.kind == "head":
         return act[:, :, node.head] @ w_o[node.layer, node.head].to(act.dtype)
@@ -303,8 +305,8 @@ def attribution_graph(
                 hook = _sender_hook(node)
                 delta = clean_cache[hook] - acts[hook].detach()
                 deltas[node.name] = _output(node, delta, w_o)
-                own = delta[:, :, node.head] * grads[hook][:, :, node.head] if node.kind == "head" else delta * grads[hook]
-                effect = own.sum().item()
+                own = delta * grads[hook]
+                effect = (own[:, :, node.head] if node.kind == "head" else own).sum().item()
             graph.add_node(node.name, kind=node.kind, layer=node.layer, head=node.head, effect=effect)
         # every sender's output difference dotted with every receiver part's gradient, as one product
         parts = [
@@ -473,7 +475,9 @@ def node_top_tokens(
     return pd.DataFrame({"token_id": ids.cpu().numpy(), "token": names, "logit": values.cpu().numpy()})
 
 
-def final_norm(model: Any, output: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]) -> Float[Tensor, "... d_model"]:
+def final_norm(
+    model: Any, output: Float[Tensor, "... d_model"], scale: Float[Tensor, "... 1"]
+) -> Float[Tensor, "... d_model"]:
     """A residual-stream write as the unembedding reads it: the final norm with a run's ``scale`` frozen.
 
     Centred for LayerNorm, divided by ``scale`` (``ln_final.hook_scale``),

@@ -396,10 +396,13 @@ def mixer_retrieval_scores(
     Tensor ``[layer, group]`` in ``[0, 1]``.
     """
     if architecture_of(model) != "mamba":
-        raise TypeError(f"mixer_retrieval_scores reads SSM matrices of Mamba models; this model is a {architecture_of(model)}")
+        raise TypeError(
+            f"mixer_retrieval_scores reads SSM matrices of Mamba models; this model is a {architecture_of(model)}"
+        )
     tokens = torch.as_tensor(tokens).cpu()
     score_mask = torch.as_tensor(score_mask, dtype=torch.bool).cpu()
-    source_mask = torch.ones_like(score_mask) if source_mask is None else torch.as_tensor(source_mask, dtype=torch.bool).cpu()
+    source_mask = torch.ones_like(score_mask) if source_mask is None else source_mask
+    source_mask = torch.as_tensor(source_mask, dtype=torch.bool).cpu()
     if score_mask.shape != tokens.shape or source_mask.shape != tokens.shape:
         raise ValueError(f"score_mask and source_mask must have the tokens' shape {tuple(tokens.shape)}")
     score_mask = score_mask.clone()

@@ -106,6 +106,8 @@ def test_node_effects_are_their_out_edges_and_heads_read_q_k_v(attn2l, pair):
         if data["kind"] != "logits":  # the residual stream is a sum: a node's gradient is its readers'
             out = sum(w for _, _, w in graph.out_edges(node, data="weight"))
             assert out == pytest.approx(data["effect"], rel=1e-3, abs=1e-4)
+    effects = head_effects(graph, 2, 4)
+    assert effects[1, 0].item() == pytest.approx(graph.nodes["L1H0"]["effect"])
     edge = graph.edges["embed", "L1H0"]
     assert edge["weight"] == pytest.approx(edge["q"] + edge["k"] + edge["v"], rel=1e-5)
     assert attn2l.cfg.use_split_qkv_input is False  # the split inputs are switched off again
