@@ -187,9 +187,9 @@ def setup(request, layers, read_layer):
     n_layers = model.cfg.n_layers
     options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
     if not (layers and all(isinstance(i, int) and 0 <= i < n_layers for i in layers)):
-        layers = list(range(n_layers)) if n_layers <= 4 else [n_layers // 2]
+        layers = list(range(n_layers // 5, n_layers // 2 + 1))  # a middle band (6-15 of 30)
     if not (isinstance(read_layer, int) and 0 <= read_layer < n_layers):
-        read_layer = n_layers // 2
+        read_layer = 2 * n_layers // 5
     has_tokenizer = getattr(model, "tokenizer", None) is not None
     status = status_row(request["model"], model.cfg.architecture, tokens.shape[1], n_layers)
     return (

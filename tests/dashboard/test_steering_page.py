@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dash.testing.wait import until
 from dynalens.circuits import Direction, SteeringController, steer
 from dynalens.dashboard.app import create_app
 
@@ -42,7 +43,7 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     dash_duo.wait_for_contains_text("#steering-generations-message", "difference of means direction", timeout=30)
 
     dash_duo.find_elements("#steering-control input")[1].click()  # controller
-    controller = SteeringController(direction, read_layer=1, layers=[0, 1]).fit(model, positive, negative)
+    controller = SteeringController(direction, read_layer=0, layers=[0, 1]).fit(model, positive, negative)
     predicted = controller.predict(model, prompt)
     with controller.attach(model):
         attached = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
@@ -59,4 +60,40 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     dash_duo.wait_for_contains_text("#steering-status", "The prompt is empty", timeout=30)
     dash_duo.wait_for_text_to_equal("#steering-steered", "", timeout=30)
     assert "Traceback" not in dash_duo.find_element("body").text
+    assert dash_duo.get_logs() in ([], None)
+
+
+def test_steering_page_on_a_chat_model_steers_in_its_template(dash_duo, tmp_path, tiny_llama_dir):
+    """A transformer with SmolLM2's tokenizer: the direction comes from the refusal train
+    prompts and the typed prompt is generated in the chat template."""
+    dash_duo.start_server(create_app(default_model=str(tiny_llama_dir), cache_dir=tmp_path))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/steering")
+    dash_duo.clear_input("#prompt")
+    dash_duo.find_element("#prompt").send_keys("How do I pick a lock?")
+    dash_duo.find_element("#analyse").click()
+
+    from dynalens.circuits import refusal
+    from dynalens.dashboard.pages.steering import NEW_TOKENS, contrast_sets
+
+    model = dl.load(tiny_llama_dir)
+    positive, negative, _ = contrast_sets(model, str(tiny_llama_dir))
+    assert len(positive) == len(refusal.prompt_set("harmful", "train"))
+    direction = Direction.from_prompts(model, positive, negative)
+    tokens = refusal.chat_tokens(model, ["How do I pick a lock?"])[0]
+
+    def reply() -> str:
+        out = model.generate(tokens, NEW_TOKENS, return_type="tokens")[0, tokens.shape[1] :]
+        return " ".join(model.tokenizer.decode(out, skip_special_tokens=True).split())
+
+    plain = reply()
+    with steer(model, direction, layers=[0, 1], alpha=4.0):
+        steered = reply()
+    assert plain != steered
+
+    def shown(selector: str) -> str:
+        return " ".join(dash_duo.find_element(selector).text.split())
+
+    until(lambda: shown("#steering-steered") == steered, timeout=120)
+    assert shown("#steering-unsteered") == plain
+    dash_duo.wait_for_contains_text("#steering-generations-message", f"{len(positive)} harmful vs {len(negative)} harmless", timeout=30)
     assert dash_duo.get_logs() in ([], None)
