@@ -159,8 +159,9 @@ def test_node_top_tokens(attn2l, pair):
     assert logits["token_id"].tolist() == attn2l(clean[:1])[0, -1].topk(5).indices.tolist()
     _, cache = attn2l.run_with_cache(clean[:1], names_filter=["blocks.1.attn.hook_z", "ln_final.hook_scale"])
     out = cache["blocks.1.attn.hook_z"][0, -1, 2] @ attn2l.W_O[1, 2]
-    # GPT-2's final LayerNorm with the run's scale frozen, bias left out
-    normed = (out - out.mean()) / cache["ln_final.hook_scale"][0, -1] * attn2l.ln_final.original_component.weight
+    # the final norm with the run's scale frozen (LayerNorm also centres), bias left out
+    centred = out - out.mean() if attn2l.cfg.normalization_type.startswith("LN") else out
+    normed = centred / cache["ln_final.hook_scale"][0, -1] * attn2l.ln_final.original_component.weight
     by_hand = (normed @ attn2l.W_U).topk(3)
     head = node_top_tokens(attn2l, clean, "L1H2", k=3)
     assert head["token_id"].tolist() == by_hand.indices.tolist()
