@@ -102,8 +102,10 @@ def test_node_effects_are_their_out_edges_and_heads_read_q_k_v(attn2l, pair):
     clean, corrupt, metric = pair
     graph = attribution_graph(attn2l, clean, corrupt, metric)
     assert {n for n, kind in graph.nodes(data="kind") if kind == "mlp"} == set()  # attention-only: no MLP writes
+    n_kv = getattr(attn2l.cfg, "n_key_value_heads", None) or attn2l.cfg.n_heads
     for node, data in graph.nodes(data=True):
-        if data["kind"] != "logits":  # the residual stream is a sum: a node's gradient is its readers'
+        # The residual stream is a sum: a node's gradient is its readers' (with one key/value input per head).
+        if data["kind"] != "logits" and n_kv == attn2l.cfg.n_heads:
             out = sum(w for _, _, w in graph.out_edges(node, data="weight"))
             assert out == pytest.approx(data["effect"], rel=1e-3, abs=1e-4)
     effects = head_effects(graph, 2, 4)
