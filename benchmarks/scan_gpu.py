@@ -153,13 +153,14 @@ def configure(chunk: int, block_d: int, num_warps: int, block_d_bwd: int, num_wa
     scan_triton.BLOCK_D_BWD, scan_triton.NUM_WARPS_BWD = block_d_bwd, num_warps_bwd
 
 
-def current_config() -> tuple[int, int, int, int, int]:
+def current_config() -> tuple[int, ...]:
     t = scan_triton
     return t.CHUNK, t.BLOCK_D, t.NUM_WARPS, t.BLOCK_D_BWD, t.NUM_WARPS_BWD
 
 
 def sweep(lengths: list[int]) -> list[dict]:
-    """Time the forward (GPU time, CUDA graph) over (chunk, block_d, num_warps) at ``b = 1``; keep the best at the longest."""
+    """Time the forward (GPU time, CUDA graph) over (chunk, block_d, num_warps), then the backward over its
+    (block_d, num_warps) at the best chunk; ``b = 1``; keep the fastest at the longest length."""
     default = current_config()
     rows = []
     print("sweep: forward (b=1), chunk x block_d x num_warps")
@@ -172,12 +173,24 @@ def sweep(lengths: list[int]) -> list[dict]:
             configure(chunk, block_d, warps, *default[3:])
             with torch.no_grad():
                 t = graph_ms(lambda: forward(x, "triton"), rep=50)
-            rows.append(dict(l=length, chunk=chunk, block_d=block_d, num_warps=warps, ms=t))
+            rows.append(dict(pass_="fwd", l=length, chunk=chunk, block_d=block_d, num_warps=warps, ms=t))
             print(f"  l={length:5d} chunk={chunk:3d} block_d={block_d:2d} warps={warps}  {t:8.3f} ms", flush=True)
     best = min((r for r in rows if r["l"] == max(lengths)), key=lambda r: r["ms"])
-    configure(best["chunk"], best["block_d"], best["num_warps"], *default[3:])
-    print(f"best at l={best['l']}: {best}")
-    return rows
+    print(f"best forward at l={best['l']}: {best}")
+    print("sweep: fwd+bwd (b=1, eager), backward block_d x num_warps")
+    bwd = []
+    for length in lengths:
+        xg, dout = make_inputs(1, length, requires_grad=True), torch.randn(1, D_, length, device=CUDA)
+        for block_d, warps in itertools.product((1, 2, 4, 8), (1, 2, 4)):
+            if not 4 <= block_d * best["chunk"] // (32 * warps) <= 64:
+                continue
+            configure(best["chunk"], best["block_d"], best["num_warps"], block_d, warps)
+            t = ms(forward_backward(lambda v: forward(v, "triton"), xg, dout), rep=50)
+            bwd.append(dict(pass_="fwd+bwd", l=length, block_d_bwd=block_d, num_warps_bwd=warps, ms=t))
+            print(f"  l={length:5d} block_d_bwd={block_d:2d} warps={warps}  fwd+bwd {t:8.3f} ms", flush=True)
+    best_bwd = min((r for r in bwd if r["l"] == max(lengths)), key=lambda r: r["ms"])
+    configure(best["chunk"], best["block_d"], best["num_warps"], best_bwd["block_d_bwd"], best_bwd["num_warps_bwd"])
+    return rows + bwd
 
 
 def time_size(b: int, length: int, ref_max: int, torch_bwd_max: int) -> dict:

@@ -1,22 +1,23 @@
 """Triton scans for CUDA tensors (also run on CPU tensors under ``TRITON_INTERPRET=1``).
 
-Selective-scan forward, chunk-parallel in three launches so that ``b = 1``
-still fills the GPU: (1) every ``(batch, BLOCK_D channels, CHUNK steps)`` tile
-computes its chunk's end state from zero in closed form,
-``sum_t exp(A (S_end - S_t)) dt_t u_t B_t`` with ``S`` the running sum of the
-steps; (2) a short sequential pass over the chunks turns these into every
-chunk's start state (``h <- exp(A S_end) h + end``); (3) every tile runs again
-from its start state, one state ``k`` at a time, as an associative scan of
-``(exp(dt A_k), dt u B_k)`` along the tile's time axis, accumulating
-``y = sum_k C_k h_k`` in registers. Tiles are loaded coalesced along time.
-The start states double as the backward's checkpoints.
+The selective scan runs chunk-parallel, so that ``b = 1`` still fills the GPU:
+every program owns a ``(BLOCK_D channels, CHUNK steps)`` tile of one batch
+row, loaded coalesced along time. Forward, three launches: (1) every chunk's
+end state from zero, in closed form ``sum_t exp(A (S_end - S_t)) dt_t u_t B_t``
+with ``S`` the running sum of the steps; (2) a short sequential pass over the
+chunks gives each chunk's start state (``h <- exp(A S_end) h + end``); (3)
+every tile again from its start state, one state ``k`` at a time, as an
+associative scan of ``(exp(dt A_k), dt u B_k)`` along time, accumulating
+``y = sum_k C_k h_k`` in registers. The start states are the backward's
+checkpoints, so training memory beyond inputs and outputs is ``b·d·n·l/CHUNK``.
 
-The backward runs one program per (batch, ``BLOCK_D_BWD`` channels), walks the
-chunks in reverse, recomputes a chunk's states into a scratch buffer
-``(b, d, CHUNK + 1, n)`` and runs the reverse scan sequentially. ``dB``/``dC``
-are accumulated with atomic adds (in registers for a time-invariant layout),
-``dA``/``dD``/``dbias`` per batch and summed by the caller. ``B``/``C`` arrive
-in the 4-d form ``(Bb, G, n, Bl)``; broadcast dimensions get stride 0.
+The backward mirrors it: (1) every chunk's adjoint from a zero end, in closed
+form; (2) a reverse pass over the chunks gives the adjoint entering each chunk
+(and the initial state's gradient); (3) every tile rescans its states forward
+from its checkpoint and their adjoints ``G_t = w_t + a_{t+1} G_{t+1}`` in
+reverse, and forms every gradient. ``dB``/``dC`` are accumulated with atomic
+adds, ``dA``/``dD``/``dbias`` per tile and summed by the caller. ``B``/``C``
+arrive in the 4-d form ``(Bb, G, n, Bl)``; broadcast dimensions get stride 0.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Launch parameters, the fastest of a sweep on an H100 (benchmarks/scan_gpu.py --sweep):
-# 256-step chunks, 2 channels and 1 warp per program.
+# Launch parameters, the fastest of sweeps on an H100 (benchmarks/scan_gpu.py --sweep):
+# 256-step chunks (forward and backward), channels and warps per program.
 CHUNK = 256
 BLOCK_D = 2
 NUM_WARPS = 1
-BLOCK_D_BWD = 2
-NUM_WARPS_BWD = 1
+BLOCK_D_BWD = 1
+NUM_WARPS_BWD = 2
 
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): one multiply per channel, not per state
@@ -56,39 +57,35 @@ def _program_block(d, n, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """``(raw, dt)``: ``delta + bias`` at step ``t`` and the step after the optional softplus."""
-    raw = tl.load(delta + row * L + t, mask=md, other=0.0)
-    if HAS_BIAS:
-        raw += tl.load(bias + offs_d, mask=md, other=0.0)
-    dt = raw
-    if SOFTPLUS:
-        dt = _softplus(raw)
-    return raw, dt
-
-
-@triton.jit
 def _combine(a1, x1, a2, x2):
     """Compose ``h -> a1 h + x1`` then ``h -> a2 h + x2``."""
     return a1 * a2, a2 * x1 + x2
 
 
 @triton.jit
+def _step_tile(delta, bias, x, offs_d, md, m, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """``(raw, dt)`` on a tile of offsets ``x``: ``delta + bias`` and the step after the optional softplus (0 off ``m``)."""
+    raw = tl.load(delta + x, mask=m, other=0.0)
+    if HAS_BIAS:
+        raw += tl.load(bias + offs_d, mask=md, other=0.0)[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return raw, tl.where(m, dt, 0.0)
+
+
+@triton.jit
 def _chunk_tile(u, delta, bias, d, L, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SOFTPLUS: tl.constexpr):  # fmt: skip
-    """This program's chunk as ``(BLOCK_D, CHUNK)`` tiles: offsets, mask, ``u`` and the step ``dt`` (0 past ``l``)."""
+    """This program's chunk as ``(BLOCK_D, CHUNK)`` tiles: offsets, mask, ``u``, ``delta + bias`` and the step ``dt``."""
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_t = tl.program_id(2) * CHUNK + tl.arange(0, CHUNK)
     md = offs_d < d
     m = md[:, None] & (offs_t < L)[None, :]
     x = (tl.program_id(0) * d + offs_d)[:, None] * L + offs_t[None, :]
     ut = tl.load(u + x, mask=m, other=0.0)
-    dt = tl.load(delta + x, mask=m, other=0.0)
-    if HAS_BIAS:
-        dt += tl.load(bias + offs_d, mask=md, other=0.0)[:, None]
-    if SOFTPLUS:
-        dt = _softplus(dt)
-    return offs_d, offs_t, md, m, x, ut, tl.where(m, dt, 0.0)
+    raw, dt = _step_tile(delta, bias, x, offs_d, md, m, HAS_BIAS, SOFTPLUS)
+    return offs_d, offs_t, md, m, x, ut, raw, dt
 
 
 @triton.jit
@@ -109,7 +106,7 @@ def _chunk_end_kernel(
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 1: each chunk's end state from a zero start, ``sum_t exp(A (S_end - S_t)) dt_t u_t B_t``, and ``S_end``."""
-    offs_d, offs_t, md, m, x, ut, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
+    offs_d, offs_t, md, m, x, ut, _, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
     total = tl.sum(dt, axis=1)
     rest = total[:, None] - tl.cumsum(dt, axis=1)  # the steps after t within the chunk
     dtu = dt * ut
@@ -130,7 +127,7 @@ def _chunk_out_kernel(
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Pass 3: each chunk from its start state, one state at a time as a scan over the tile's time axis; writes ``out``."""
-    offs_d, offs_t, md, m, x, ut, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
+    offs_d, offs_t, md, m, x, ut, _, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
     dtu = dt * ut
     row = tl.program_id(0) * d + offs_d
     ck = row * tl.num_programs(2) + tl.program_id(2)
@@ -173,98 +170,125 @@ def _chunk_carry_kernel(
 
 
 @triton.jit
-def _selective_bwd_kernel(
-    u, delta, A, B, C, D, z, bias, ckpt, dout, dlast, dstates, scratch,
-    du, ddelta, dz, dA, dD, dbias, dB, dC, dh0,
-    d, L, n, sBb, sBg, sBn, sBt, gsB, sCb, sCg, sCn, sCt, gsC,
-    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, HAS_DSTATES: tl.constexpr, B_STATIC: tl.constexpr, C_STATIC: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _gate_grad(dout, z, x, m, HAS_Z: tl.constexpr):
+    """``g = d out / d y`` on the tile: ``dout * silu(z)``, or ``dout`` without a gate."""
+    g = tl.load(dout + x, mask=m, other=0.0)
+    if HAS_Z:
+        zt = tl.load(z + x, mask=m, other=0.0)
+        g *= zt / (1.0 + tl.exp(-zt))
+    return g
+
+
+@triton.jit
+def _chunk_adjoint_kernel(
+    u, delta, A, C, z, bias, dout, dstates, qloc, dtsum, d, L, n, sCb, sCg, sCn, sCt, gsC,
+    SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_Z: tl.constexpr, HAS_DSTATES: tl.constexpr,
+    C_SHARED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Backward pass 1: each chunk's adjoint leaving its first step from a zero end, ``sum_t exp(A S_t) w_t``.
+
+    ``S_t`` sums the steps from the chunk's start through ``t`` and
+    ``w_t = g_t C_t (+ d states_t)`` is the adjoint each state receives directly.
+    """
+    offs_d, offs_t, md, m, x, ut, _, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
+    S = tl.cumsum(dt, axis=1)
+    g = _gate_grad(dout, z, x, m, HAS_Z)
+    ck = (tl.program_id(0) * d + offs_d) * tl.num_programs(2) + tl.program_id(2)
+    for k in range(n):
+        Ak = tl.load(A + offs_d * n + k, mask=md, other=0.0) * LOG2E
+        w = g * _bc_tile(C, k, offs_d, offs_t, m, L, sCb, sCg, sCn, sCt, gsC, C_SHARED)
+        if HAS_DSTATES:
+            w += tl.load(dstates + x * n + k, mask=m, other=0.0)
+        tl.store(qloc + ck * n + k, tl.sum(tl.exp2(Ak[:, None] * S) * w, axis=1), mask=md)
+    tl.store(dtsum + ck, tl.sum(dt, axis=1), mask=md)
+
+
+@triton.jit
+def _chunk_adjoint_carry_kernel(
+    A, dlast, qloc, dtsum, rin, dh0, d, n, n_chunks,
+    HAS_DLAST: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The adjoint entering every chunk from the next, ``r <- qloc + exp(A sum(dt)) r`` over the chunks in reverse."""
     bi, offs_d, offs_n, md, m2, row, sn = _program_block(d, n, BLOCK_D, BLOCK_N)
     Av = tl.load(A + offs_d[:, None] * n + offs_n[None, :], mask=m2, other=0.0)
-    boff = (offs_d // gsB)[:, None] * sBg + offs_n[None, :] * sBn
-    coff = (offs_d // gsC)[:, None] * sCg + offs_n[None, :] * sCn
-    Bp, dBp = B + bi * sBb + boff, dB + bi * sBb + boff
-    Cp, dCp = C + bi * sCb + coff, dC + bi * sCb + coff
-    sc = scratch + row[:, None] * (CHUNK + 1) * n + offs_n[None, :]
-    zero2 = tl.zeros((BLOCK_D, BLOCK_N), dtype=u.dtype.element_ty)
-    zero1 = tl.zeros((BLOCK_D,), dtype=u.dtype.element_ty)
-    dh, dA_acc, dB_acc, dC_acc = zero2, zero2, zero2, zero2
-    dD_acc, dbias_acc = zero1, zero1
+    r = tl.zeros((BLOCK_D, BLOCK_N), dtype=rin.dtype.element_ty)
     if HAS_DLAST:
-        dh += tl.load(dlast + sn, mask=m2, other=0.0)
-    if HAS_D:
-        Dv = tl.load(D + offs_d, mask=md, other=0.0)
-    n_chunks = tl.cdiv(L, CHUNK)
+        r += tl.load(dlast + sn, mask=m2, other=0.0)
     for cc in range(n_chunks):
         c = n_chunks - 1 - cc
-        t0 = c * CHUNK
-        h = tl.load(ckpt + (row[:, None] * n_chunks + c) * n + offs_n[None, :], mask=m2, other=0.0)
-        tl.store(sc, h, mask=m2)
-        for i in range(CHUNK):
-            t = t0 + i
-            if t < L:
-                _, dt = _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS, SOFTPLUS)
-                ut = tl.load(u + row * L + t, mask=md, other=0.0)
-                h = tl.exp(dt[:, None] * Av) * h + (dt * ut)[:, None] * tl.load(Bp + t * sBt, mask=m2, other=0.0)
-                tl.store(sc + (i + 1) * n, h, mask=m2)
-        tl.debug_barrier()
-        for ii in range(CHUNK):
-            i = CHUNK - 1 - ii
-            t = t0 + i
-            if t < L:
-                raw, dt = _step_size(delta, bias, row, offs_d, md, L, t, HAS_BIAS, SOFTPLUS)
-                ut = tl.load(u + row * L + t, mask=md, other=0.0)
-                Bt = tl.load(Bp + t * sBt, mask=m2, other=0.0)
-                Ct = tl.load(Cp + t * sCt, mask=m2, other=0.0)
-                ht = tl.load(sc + (i + 1) * n, mask=m2, other=0.0)
-                hp = tl.load(sc + i * n, mask=m2, other=0.0)
-                a = tl.exp(dt[:, None] * Av)
-                g = tl.load(dout + row * L + t, mask=md, other=0.0)
-                if HAS_Z:
-                    y = tl.sum(ht * Ct, axis=1)
-                    if HAS_D:
-                        y += Dv * ut
-                    zt = tl.load(z + row * L + t, mask=md, other=0.0)
-                    sig = 1.0 / (1.0 + tl.exp(-zt))
-                    tl.store(dz + row * L + t, g * y * sig * (1.0 + zt * (1.0 - sig)), mask=md)
-                    g = g * zt * sig
-                dut = zero1
-                if HAS_D:
-                    dut = g * Dv
-                    dD_acc += g * ut
-                dh += g[:, None] * Ct
-                if HAS_DSTATES:
-                    dh += tl.load(dstates + (row[:, None] * L + t) * n + offs_n[None, :], mask=m2, other=0.0)
-                gC = g[:, None] * ht
-                gB = dh * (dt * ut)[:, None]
-                if C_STATIC:
-                    dC_acc += gC
-                else:
-                    tl.atomic_add(dCp + t * sCt, gC, mask=m2)
-                if B_STATIC:
-                    dB_acc += gB
-                else:
-                    tl.atomic_add(dBp + t * sBt, gB, mask=m2)
-                ddt = tl.sum(dh * (Av * a * hp + Bt * ut[:, None]), axis=1)
-                dut += tl.sum(dh * Bt, axis=1) * dt
-                dA_acc += dh * dt[:, None] * a * hp
-                dh = dh * a
-                if SOFTPLUS:
-                    ddt = ddt / (1.0 + tl.exp(-raw))
-                tl.store(du + row * L + t, dut, mask=md)
-                tl.store(ddelta + row * L + t, ddt, mask=md)
-                dbias_acc += ddt
-        tl.debug_barrier()
-    if B_STATIC:
-        tl.atomic_add(dBp, dB_acc, mask=m2)
-    if C_STATIC:
-        tl.atomic_add(dCp, dC_acc, mask=m2)
-    tl.store(dA + sn, dA_acc, mask=m2)
-    tl.store(dD + row, dD_acc, mask=md)
-    tl.store(dbias + row, dbias_acc, mask=md)
-    tl.store(dh0 + sn, dh, mask=m2)
+        ck = (row[:, None] * n_chunks + c) * n + offs_n[None, :]
+        tl.store(rin + ck, r, mask=m2)
+        s = tl.load(dtsum + row * n_chunks + c, mask=md, other=0.0)
+        r = tl.exp(s[:, None] * Av) * r + tl.load(qloc + ck, mask=m2, other=0.0)
+    tl.store(dh0 + sn, r, mask=m2)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+    u, delta, A, B, C, D, z, bias, start, rin, dout, dstates,
+    du, ddelta, dz, dA, dD, dbias, dB, dC,
+    d, L, n, sBb, sBg, sBn, sBt, gsB, sCb, sCg, sCn, sCt, gsC,
+    SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_DSTATES: tl.constexpr, B_STATIC: tl.constexpr, C_STATIC: tl.constexpr,
+    B_SHARED: tl.constexpr, C_SHARED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Backward pass 3: per chunk and state, the states by a forward scan from the chunk's start, their adjoints
+    ``G_t = w_t + a_{t+1} G_{t+1}`` by a reverse scan from the adjoint entering the chunk, and every gradient."""
+    offs_d, offs_t, md, m, x, ut, raw, dt = _chunk_tile(u, delta, bias, d, L, BLOCK_D, CHUNK, HAS_BIAS, SOFTPLUS)
+    inner = (offs_t[None, :] + 1 < L) & (tl.arange(0, CHUNK)[None, :] < CHUNK - 1) & md[:, None]
+    _, dt_next = _step_tile(delta, bias, x + 1, offs_d, md, inner, HAS_BIAS, SOFTPLUS)  # 0 at the chunk's end: a = 1
+    dtu = dt * ut
+    g = _gate_grad(dout, z, x, m, HAS_Z)
+    ck = (tl.program_id(0) * d + offs_d) * tl.num_programs(2) + tl.program_id(2)
+    zero = tl.zeros((BLOCK_D, CHUNK), dtype=u.dtype.element_ty)
+    y, du_acc, ddt = zero, zero, zero
+    boff = tl.program_id(0) * sBb + (offs_d // gsB)[:, None] * sBg + offs_t[None, :] * sBt
+    coff = tl.program_id(0) * sCb + (offs_d // gsC)[:, None] * sCg + offs_t[None, :] * sCt
+    for k in range(n):
+        A_k = tl.load(A + offs_d * n + k, mask=md, other=0.0)
+        Bk = _bc_tile(B, k, offs_d, offs_t, m, L, sBb, sBg, sBn, sBt, gsB, B_SHARED)
+        Ck = _bc_tile(C, k, offs_d, offs_t, m, L, sCb, sCg, sCn, sCt, gsC, C_SHARED)
+        xk = dtu * Bk
+        decay, h = tl.associative_scan((tl.exp2(dt * (A_k * LOG2E)[:, None]), xk), axis=1, combine_fn=_combine)
+        h += decay * tl.load(start + ck * n + k, mask=md, other=0.0)[:, None]
+        w = g * Ck
+        if HAS_DSTATES:
+            w += tl.load(dstates + x * n + k, mask=m, other=0.0)
+        a_next = tl.exp2(dt_next * (A_k * LOG2E)[:, None])
+        back, G = tl.associative_scan((a_next, w), axis=1, combine_fn=_combine, reverse=True)
+        G += back * tl.load(rin + ck * n + k, mask=md, other=0.0)[:, None]
+        G = tl.where(m, G, 0.0)
+        y += h * Ck
+        du_acc += G * Bk
+        decayed = h - xk  # a_t h_{t-1}
+        ddt += G * (A_k[:, None] * decayed + Bk * ut)
+        tl.store(dA + ck * n + k, tl.sum(G * dt * decayed, axis=1), mask=md)
+        gB = G * dtu
+        gC = tl.where(m, g * h, 0.0)
+        if B_STATIC:
+            tl.atomic_add(dB + tl.program_id(0) * sBb + (offs_d // gsB) * sBg + k * sBn, tl.sum(gB, axis=1), mask=md)
+        else:
+            tl.atomic_add(dB + boff + k * sBn, gB, mask=m)
+        if C_STATIC:
+            tl.atomic_add(dC + tl.program_id(0) * sCb + (offs_d // gsC) * sCg + k * sCn, tl.sum(gC, axis=1), mask=md)
+        else:
+            tl.atomic_add(dC + coff + k * sCn, gC, mask=m)
+    du_acc *= dt
+    if HAS_D:
+        Dv = tl.load(D + offs_d, mask=md, other=0.0)[:, None]
+        du_acc += g * Dv
+        y += Dv * ut
+        tl.store(dD + ck, tl.sum(tl.where(m, g * ut, 0.0), axis=1), mask=md)
+    if HAS_Z:
+        zt = tl.load(z + x, mask=m, other=0.0)
+        sig = 1.0 / (1.0 + tl.exp(-zt))
+        tl.store(dz + x, tl.load(dout + x, mask=m, other=0.0) * y * sig * (1.0 + zt * (1.0 - sig)), mask=m)
+    if SOFTPLUS:
+        ddt = ddt / (1.0 + tl.exp(-raw))
+    ddt = tl.where(m, ddt, 0.0)
+    tl.store(du + x, du_acc, mask=m)
+    tl.store(ddelta + x, ddt, mask=m)
+    tl.store(dbias + ck, tl.sum(ddt, axis=1), mask=md)
 
 
 @triton.jit
@@ -347,22 +371,40 @@ def _shared(X4: Tensor) -> bool:
 
 
 def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dlast, dstates):
-    """Launch the backward kernel; return gradients reduced to the inputs' shapes (B/C in 4-d)."""
+    """Launch the chunked backward; return gradients reduced to the inputs' shapes (B/C in 4-d).
+
+    Three launches mirroring the forward: every chunk's adjoint from a zero end
+    (closed form), the adjoint entering each chunk (a reverse pass over the
+    chunks, which also gives the initial state's gradient), then every chunk's
+    gradients from its checkpointed start state and entering adjoint.
+    """
     b, d, L = u.shape
     n = A.shape[1]
-    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
-    dA, dD, dbias, dh0 = u.new_empty(b, d, n), u.new_empty(b, d), u.new_empty(b, d), u.new_empty(b, d, n)
-    dB, dC = torch.zeros_like(B4), torch.zeros_like(C4)
-    scratch = u.new_empty(b, d, CHUNK + 1, n)
-    _selective_bwd_kernel[(b, triton.cdiv(d, BLOCK_D_BWD))](
-        u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), ckpt, dout, _or(dlast, u), _or(dstates, u),
-        scratch, du, ddelta, dz, dA, dD, dbias, dB, dC, dh0, d, L, n, *_bc_strides(B4, d), *_bc_strides(C4, d),
-        SOFTPLUS=softplus, HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=bias is not None,
-        HAS_DLAST=dlast is not None, HAS_DSTATES=dstates is not None,
-        B_STATIC=B4.shape[3] == 1, C_STATIC=C4.shape[3] == 1,
-        CHUNK=CHUNK, BLOCK_D=BLOCK_D_BWD, BLOCK_N=triton.next_power_of_2(n), num_warps=NUM_WARPS_BWD,
+    n_chunks = ckpt.shape[2]
+    grid = (b, triton.cdiv(d, BLOCK_D_BWD), n_chunks)
+    meta = dict(CHUNK=CHUNK, BLOCK_D=BLOCK_D_BWD, num_warps=NUM_WARPS_BWD)
+    step = dict(SOFTPLUS=softplus, HAS_BIAS=bias is not None)
+    bs, cs = _bc_strides(B4, d), _bc_strides(C4, d)
+    qloc, rin, dh0 = torch.empty_like(ckpt), torch.empty_like(ckpt), u.new_empty(b, d, n)
+    dtsum = u.new_empty(b, d, n_chunks)
+    _chunk_adjoint_kernel[grid](
+        u, delta, A, C4, _or(z, u), _or(bias, u), dout, _or(dstates, u), qloc, dtsum, d, L, n, *cs, **step,
+        HAS_Z=z is not None, HAS_DSTATES=dstates is not None, C_SHARED=_shared(C4), **meta,
     )  # fmt: skip
-    return du, ddelta, dz, dA.sum(0), dD.sum(0), dbias.sum(0), dB, dC, dh0
+    _chunk_adjoint_carry_kernel[grid[:2]](
+        A, _or(dlast, u), qloc, dtsum, rin, dh0, d, n, n_chunks, HAS_DLAST=dlast is not None,
+        BLOCK_D=BLOCK_D_BWD, BLOCK_N=triton.next_power_of_2(n), num_warps=NUM_WARPS_BWD,
+    )  # fmt: skip
+    du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.zeros_like(u)
+    dA, dD, dbias = torch.empty_like(ckpt), torch.zeros_like(dtsum), torch.empty_like(dtsum)
+    dB, dC = torch.zeros_like(B4), torch.zeros_like(C4)
+    _chunk_grad_kernel[grid](
+        u, delta, A, B4, C4, _or(D, u), _or(z, u), _or(bias, u), ckpt, rin, dout, _or(dstates, u),
+        du, ddelta, dz, dA, dD, dbias, dB, dC, d, L, n, *bs, *cs, **step,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DSTATES=dstates is not None,
+        B_STATIC=B4.shape[3] == 1, C_STATIC=C4.shape[3] == 1, B_SHARED=_shared(B4), C_SHARED=_shared(C4), **meta,
+    )  # fmt: skip
+    return du, ddelta, dz, dA.sum((0, 2)), dD.sum((0, 2)), dbias.sum((0, 2)), dB, dC, dh0
 
 
 def linear_forward(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
