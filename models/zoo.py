@@ -66,11 +66,13 @@ ZOO: dict[str, ZooEntry] = {
             "attn2l-induction",
             "transformer",
             "induction",
-            "2-layer attention-only GPT-2 (MLPs zeroed and frozen) on repeated random tokens; "
-            "forms induction heads with a loss phase change",
+            "2-layer attention-only Llama (2 heads per layer, MLPs zeroed and frozen) on random "
+            "tokens with a segment of 8-16 tokens repeated at a random offset; forms a "
+            "previous-token head (L0H1) and an induction head (L1H1) with a loss phase change",
             0.9,
             d_vocab=64,
             half_len=16,
+            min_len=8,
         ),
         _entry(
             "attn3l-bbc",

@@ -37,7 +37,11 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "attn2l-induction": Recipe("attn-only-2l", steps=1500, lr=1e-3, batch_size=64, warmup=100),
+    # Varied repeat lengths and offsets rule out the fixed positional look-back a single
+    # repeat length allows; with 4 heads per layer every layer-1 head became an induction head.
+    "attn2l-induction": Recipe(
+        "attn-only-2l-rope", steps=1500, lr=3e-3, batch_size=64, warmup=100, sizes={"n_heads": 2}
+    ),
     # Back-copy accuracy is ~1.0 by step 450; 2000 steps did not yet form sinks.
     "attn3l-bbc": Recipe(
         "attn-3l", steps=2000, lr=1e-3, batch_size=64, warmup=100, n_checkpoints=12,

@@ -36,13 +36,13 @@ def test_zoo_model_loads_by_name_and_reaches_its_accuracy(name):
 
 def test_attn2l_induction_checkpoints_show_the_loss_phase_change():
     """Detector: ``loss_drop_step`` (first checkpoint below the plateau/final midpoint)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     task = get_entry("attn2l-induction").make_task()
     assert isinstance(task, InductionTask)
     batch = task.sample(256, torch.Generator().manual_seed(HELD_OUT_SEED))
     series = checkpoints("attn2l-induction")
-    model = GPT2LMHeadModel(GPT2Config.from_pretrained(series[0][1])).eval()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(series[0][1])).eval()
     steps, losses = [], []
     for step, folder in series:  # same config throughout: swap the weights in
         model.load_state_dict(read_safetensors(folder / "model.safetensors"))

@@ -1,0 +1,94 @@
+"""The mechanisms the zoo's transformers are known to learn, found with the circuits and probes tools.
+
+- ``attn2l-induction`` (issue 8): the top induction score is a layer-1 head; ablating it alone
+  destroys in-context copying, while ablating any head outside the induction circuit does not.
+- ``attn3l-bbc`` (issue 11): sink heads on ordinary bigram positions, a head that is dormant
+  (a sink) on non-trigger queries and active on trigger queries, where it attends to the
+  back-copy source (the Active-Dormant paper's split), and the emergence fit over its
+  checkpoint series.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import dynalens as dl
+from dynalens.models.zoo import get_entry
+
+SEED = 2024  # neither the training seed (0) nor the trainer's held-out seed
+
+
+@pytest.fixture(scope="module")
+def induction_batch(induction_task):
+    return induction_task.sample(64, torch.Generator().manual_seed(SEED))
+
+
+def test_induction_circuit_top_head_and_single_head_ablations(attn2l, induction_task, induction_batch):
+    """The top induction score is the layer-1 head the ablations single out.
+
+    Measured (2 trials of 64 sequences): clean 1.0; ablating the top induction head L1H1 alone
+    drops second-repeat accuracy to about 0.7, ablating the previous-token head L0H1 feeding it
+    to about 0.05, and either other head leaves 1.0. The drop for L1H1 is partial, not the
+    issue's "destroyed": L1H0 is a weaker backup induction head (score ~0.55) that takes over.
+    """
+    scores = dl.circuits.induction_scores(attn2l, induction_batch.tokens)
+    layer, head = (int(v) for v in scores.top(1).loc[0, ["layer", "head"]])
+    prev = int(scores.prev_token[0].argmax())
+    print(f"\ninduction scores:\n{scores.induction}\nprevious-token scores:\n{scores.prev_token}")
+    assert (layer, head) == (1, 1) and scores.induction[1, 1] > 0.9 and scores.induction[0].max() < 0.1
+    assert prev == 1 and scores.prev_token[0, 1] > 0.5
+    accuracy = {}
+    for candidate in [(L, H) for L in range(2) for H in range(2)]:
+        ablation = dl.circuits.ablate_heads(attn2l, [candidate], induction_task, trials=2, batch_size=64)
+        assert ablation.scores[:, 0].min() > 0.95  # clean
+        accuracy[candidate] = ablation.scores[:, 1].mean().item()
+    print(f"second-repeat accuracy with one head zero-ablated: {accuracy}")
+    assert accuracy[(0, 1)] < 0.2  # the previous-token head: copying destroyed
+    assert accuracy[(1, 1)] < 0.8  # the top induction head: the largest drop of any layer-1 head
+    assert accuracy[(1, 0)] > 0.95 and accuracy[(0, 0)] > 0.95  # heads outside the circuit: no effect
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    return dl.load("attn3l-bbc")
+
+
+@pytest.fixture(scope="module")
+def bbc_domains():
+    """Held-out Bigram-Backcopy tokens, split into trigger and non-trigger queries."""
+    task = get_entry("attn3l-bbc").make_task()
+    tokens = task.sample(64, torch.Generator().manual_seed(SEED)).tokens
+    trigger = torch.isin(tokens, task.triggers)
+    return tokens, trigger
+
+
+def test_bbc_has_sink_heads_and_an_active_dormant_head(bbc, bbc_domains):
+    tokens, trigger = bbc_domains
+    activity = dl.probes.head_activity(bbc, {"non-trigger": (tokens, ~trigger), "trigger": (tokens, trigger)})
+    print(f"\n{activity.to_frame()}")
+    plain = activity.sink_scores[0]
+    assert (plain > 0.5).sum() >= 2  # several sink heads on ordinary bigram positions
+    switching = activity.switching()
+    row = switching[switching["dormant_on"].apply(lambda d: d == ["non-trigger"])].iloc[0]
+    layer, head = int(row["layer"]), int(row["head"])
+    assert row["sink_score[non-trigger]"] > 0.5 and row["sink_score[trigger]"] < 0.2
+    # Active on a trigger, it attends to the token before the trigger: the one to copy.
+    name = f"blocks.{layer}.attn.hook_pattern"
+    _, cache = bbc.run_with_cache(tokens, names_filter=[name])
+    batch_idx, query = trigger.nonzero(as_tuple=True)
+    on_source = cache[name][batch_idx, head, query, query - 1].mean().item()
+    print(f"L{layer}H{head}: attention from triggers to the back-copy source {on_source:.3f}")
+    assert on_source > 0.7
+
+
+def test_bbc_checkpoints_show_the_emergence_fit(bbc_domains):
+    tokens, _ = bbc_domains
+    emergence = dl.probes.massive_emergence("attn3l-bbc", tokens[:16], progress=False)
+    peak = int(emergence.ratios[-1].argmax())
+    r2 = float(emergence.r2[peak])
+    print(f"\nmassive ratio per checkpoint at {emergence.hook_names[peak]}: {np.round(emergence.ratios[:, peak].numpy(), 1)}")
+    print(f"emergence fit R^2 = {r2:.4f}; params {emergence.params[peak].numpy()}")
+    assert emergence.ratios[-1, peak] > 5 * emergence.ratios[0, peak]  # a massive activation emerged
+    assert r2 > 0.8
