@@ -34,6 +34,7 @@ BLOCK_D = 2
 NUM_WARPS = 1
 BLOCK_D_BWD = 1
 NUM_WARPS_BWD = 2
+LINEAR_BLOCK = 16  # rows per program of the linear scan
 
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): one multiply per channel, not per state
@@ -411,8 +412,8 @@ def linear_forward(a: Tensor, x: Tensor, h0: Tensor | None) -> Tensor:
     """Launch the linear-scan forward kernel."""
     b, d, L = x.shape
     out = torch.empty_like(x)
-    grid = (triton.cdiv(b * d, BLOCK_D),)
-    _linear_fwd_kernel[grid](a, x, _or(h0, x), out, b * d, L, HAS_H0=h0 is not None, BLOCK=BLOCK_D)
+    grid = (triton.cdiv(b * d, LINEAR_BLOCK),)
+    _linear_fwd_kernel[grid](a, x, _or(h0, x), out, b * d, L, HAS_H0=h0 is not None, BLOCK=LINEAR_BLOCK)
     return out
 
 
@@ -420,8 +421,8 @@ def linear_backward(a: Tensor, h0: Tensor | None, out: Tensor, dout: Tensor):
     """Launch the linear-scan backward kernel; return ``(da, dx, dh0)``."""
     b, d, L = a.shape
     da, dx, dh0 = torch.empty_like(a), torch.empty_like(a), a.new_empty(b, d)
-    grid = (triton.cdiv(b * d, BLOCK_D),)
-    _linear_bwd_kernel[grid](a, _or(h0, a), out, dout, da, dx, dh0, b * d, L, HAS_H0=h0 is not None, BLOCK=BLOCK_D)
+    grid = (triton.cdiv(b * d, LINEAR_BLOCK),)
+    _linear_bwd_kernel[grid](a, _or(h0, a), out, dout, da, dx, dh0, b * d, L, HAS_H0=h0 is not None, BLOCK=LINEAR_BLOCK)
     return da, dx, dh0
 
 
