@@ -34,6 +34,7 @@ from dynalens.circuits.refusal import (
     evaluate,
     is_refusal,
     prompt_set,
+    shipped_controller,
 )
 from dynalens.circuits.retrieval import (
     NEEDLES,
@@ -61,6 +62,7 @@ __all__ = [
     "evaluate",
     "is_refusal",
     "prompt_set",
+    "shipped_controller",
     "NEEDLES",
     "RETRIEVAL_THRESHOLD",
     "Haystack",

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 from dynalens.circuits.directions import left_padded, read_tagged, resid_activations
+from dynalens.circuits.steering import SteeringController
 from dynalens.models.io import read_json, write_json, write_safetensors
 from dynalens.models.validation import check_index
 from jaxtyping import Float, Int
@@ -317,6 +318,24 @@ def continuation_perplexity(
     logprobs = logits[:, n_prompt - 1 : -1].log_softmax(-1)
     nll = -logprobs.gather(-1, tokens[:, n_prompt:, None])[..., 0]
     return nll.mean(-1).exp().cpu()
+
+
+# ------------------------------------------------------- shipped controller
+SHIPPED_CONTROLLERS = {"smollm2-135m": "smollm2-135m-refusal-controller.safetensors"}
+
+
+def shipped_controller(name: str = "smollm2-135m") -> SteeringController:
+    """The refusal controller fitted by ``benchmarks/steering_eval.py`` for a built-in model.
+
+    For ``smollm2-135m``: the response-contrast refusal direction, read at
+    ``blocks.12.hook_resid_post``, steering blocks 8-15 with ``alpha = 6``;
+    feed it :func:`chat_tokens` prompts.
+    """
+    if name not in SHIPPED_CONTROLLERS:
+        raise KeyError(f"no shipped controller for {name!r}; there is one for: {', '.join(SHIPPED_CONTROLLERS)}")
+    path = resources.files("dynalens.circuits").joinpath("data", SHIPPED_CONTROLLERS[name])
+    with resources.as_file(path) as file:
+        return SteeringController.load(file)
 
 
 # --------------------------------------------------------------- classifier

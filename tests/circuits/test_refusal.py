@@ -171,3 +171,13 @@ def test_smollm2_controller_meets_the_issue_targets(tmp_path):
     assert t["harmless_gain"] <= 0.10
     assert t["controller_margin"] > t["best_constant_margin"]
     assert out["auc"] > 0.9
+
+
+def test_shipped_controller_loads_fitted():
+    from dynalens.circuits.refusal import shipped_controller
+
+    ctrl = shipped_controller("smollm2-135m")
+    assert ctrl.read_layer == 12 and ctrl.layers_ == list(range(8, 16)) and ctrl.alpha == 6.0
+    assert ctrl.direction.d_model == 576 and ctrl.mean_.shape == (576,)
+    with pytest.raises(KeyError, match="no shipped controller"):
+        shipped_controller("gpt2")
