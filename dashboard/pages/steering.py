@@ -242,28 +242,23 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
             lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, positive, negative),
         )  # fmt: skip
         controller.alpha = float(alpha)
-
-        def run() -> tuple[Tensor, Tensor, Any]:
-            predicted = controller.predict(model, prompt)
-            with controller.attach(model):
-                steered = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
-            return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered, predicted
-
-        plain, steered, predicted = backend.run_alone(run)
+        predicted = backend.run_alone(lambda: controller.predict(model, prompt))
         figure = weights_figure(controller.layers_, predicted.scale[0].item(), predicted.weights[0].tolist())
         line = hint(f"alpha × scale × weight is added at each layer. Fitted on {about}: stopped after "
                     f"{controller.n_epochs_} epochs, held-out loss {controller.validation_loss_:.3f}.")  # fmt: skip
+        steering = lambda: controller.attach(model)
     else:
-
-        def run() -> tuple[Tensor, Tensor]:
-            with steer(model, direction, layers=layers, alpha=float(alpha)):
-                steered = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
-            return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered
-
-        plain, steered = backend.run_alone(run)
         figure, line = _EMPTY, hint("Pick 'controller' to let a fitted controller set the strength per prompt.")
-    n_prompt = plain.shape[1] - new_tokens
+        steering = lambda: steer(model, direction, layers=layers, alpha=float(alpha))
+
+    def both() -> tuple[Tensor, Tensor]:
+        with steering():
+            steered = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
+        return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered
+
+    plain, steered = backend.run_alone(both)
     message = hint(f"{METHODS[method]} direction from {about}; {new_tokens} greedy tokens per panel.")
+    n_prompt = prompt.shape[1]
     return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, line, message
 
 
