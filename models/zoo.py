@@ -78,11 +78,12 @@ ZOO: dict[str, ZooEntry] = {
             "attn3l-bbc",
             "transformer",
             "bigram-backcopy",
-            "3-layer Llama (attention + MLP) on Bigram-Backcopy; solves the back-copies, but at "
-            "2000 steps its heads show no attention sink yet (BOS attention about uniform)",
+            "3-layer Llama (2 heads per layer, attention + MLP) on Bigram-Backcopy; both layer-0 "
+            "heads are active-dormant: attention sinks on BOS at ordinary bigram positions, "
+            "back-copying the previous token at trigger positions",
             0.9,
-            d_vocab=64,
-            seq_len=64,
+            d_vocab=32,
+            seq_len=32,
             n_triggers=3,
         ),
         _entry(
