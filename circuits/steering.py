@@ -475,8 +475,11 @@ class SteeringController:
             "n_epochs_": self.n_epochs_,
             "validation_loss_": self.validation_loss_,
         }
+        params = self.get_params()
+        if params["layers"] is not None:  # any sequence (a range) is stored as a list
+            params["layers"] = [int(layer) for layer in params["layers"]]
         plain = {
-            "params": self.get_params(),
+            "params": params,
             "direction": self.direction.metadata(),
             "fitted": fitted,
         }

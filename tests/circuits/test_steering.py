@@ -414,3 +414,13 @@ def test_controller_fits_inside_no_grad(tiny_mamba):
             tiny_mamba, pos, neg
         )
     assert ctrl.n_epochs_ > 1 and ctrl.score(tiny_mamba, pos, neg) > 0.9
+
+
+def test_controller_with_a_range_of_layers_saves(tiny_mamba, tmp_path):
+    pos, neg = separable_sets(8, seed=6)
+    d = Direction.diff_in_means(tiny_mamba, pos, neg, position="mean")
+    ctrl = SteeringController(d, read_layer=0, layers=range(2), max_epochs=5).fit(
+        tiny_mamba, pos, neg
+    )
+    ctrl.save(tmp_path / "ctrl.safetensors")
+    assert SteeringController.load(tmp_path / "ctrl.safetensors").layers == [0, 1]
