@@ -34,9 +34,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import dynalens as dl
 from dynalens.circuits import (
     Direction,
     RefusalClassifier,
@@ -47,6 +44,8 @@ from dynalens.circuits import (
 )
 from dynalens.circuits.refusal import chat_tokens, prompt_set, response_contrast
 from dynalens.models.io import cache_dir
+
+import dynalens as dl
 
 STEER_LAYERS = list(range(8, 16))
 READ_LAYER = 12
@@ -177,8 +176,8 @@ def main() -> None:
           f"-> controller alpha {out['controller_alpha']:g}")
     print(f"SmolLM2-135M-Instruct, test split (44 harmful, 44 harmless), greedy, "
           f"{args.max_new_tokens} new tokens, steering blocks {STEER_LAYERS[0]}-{STEER_LAYERS[-1]}")
-    print(f"| condition | harmful refusal | harmless refusal | harmful - harmless "
-          f"| ppl harmful | ppl harmless |")
+    print("| condition | harmful refusal | harmless refusal | harmful - harmless "
+          "| ppl harmful | ppl harmless |")
     print("|---|---|---|---|---|---|")
     for name, reports in table.items():
         h, b = reports["harmful"], reports["harmless"]
