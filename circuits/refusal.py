@@ -17,6 +17,8 @@
 - :func:`evaluate`: greedy, batched (left padding with an attention mask)
   generation with optional steering, refusal flags and rate, and a fluency
   proxy: the perplexity of each continuation under the unsteered model.
+- :func:`shipped_controller`: the refusal :class:`SteeringController` fitted
+  for ``smollm2-135m`` by ``benchmarks/steering_eval.py``.
 
 Examples
 --------
