@@ -121,6 +121,22 @@ def test_attention_only_gpt2_keeps_exactly_zero_mlps(tmp_path):
     torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits)
 
 
+def test_attention_only_llama_keeps_exactly_zero_mlps(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    task = InductionTask(d_vocab=12, half_len=4, min_len=2)
+    model = build_model("attn-only-2l-rope", task, d_model=16, n_heads=2)
+    train(model, task, 10, out=tmp_path, n_checkpoints=3, **FAST)
+    tokens = task.sample(3, torch.Generator().manual_seed(1)).tokens
+    for layer in model.model.layers:
+        assert not layer.mlp.down_proj.weight.any() and not layer.mlp.down_proj.weight.requires_grad
+        x = torch.randn(3, 9, 16)
+        assert torch.equal(layer.mlp(x), torch.zeros_like(x))
+    assert layer.self_attn.q_proj.weight.requires_grad  # attention trains
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits)
+
+
 def test_schedule_and_checkpoint_steps():
     assert cosine_lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert cosine_lr_factor(9, 100, 10) == pytest.approx(1.0)
