@@ -4,14 +4,16 @@ The direction (:class:`~dynalens.circuits.Direction`, by difference of means,
 PCA of paired differences or a logistic probe, on every layer) is read from two
 prompt sets on the chosen model: for a chat model the shipped harmful and
 harmless train prompts of :mod:`dynalens.circuits.refusal` in its chat template
-(the typed prompt is wrapped the same way); for a model without a tokenizer
-(the zoo's Mamba and RNNs) samples of its own task whose last token is ``a``
-against the same samples ending in ``b``. The steering is either a constant
-``alpha`` on the chosen layers (:func:`~dynalens.circuits.steer`) or a
-:class:`~dynalens.circuits.SteeringController` fitted on the same two sets,
-whose predicted global scale and per-layer weights for the prompt are drawn as
-a bar chart. Directions and controllers come through the results cache; the
-generations are greedy (``model.generate``), so they are reproducible.
+followed by a refusal vs a compliance opening (the typed prompt is wrapped in
+the template too); for a model without a tokenizer (the zoo's Mamba and RNNs)
+samples of its own task whose last token is ``a`` against the same samples
+ending in ``b``. The steering is either a constant ``alpha`` on the chosen
+layers (:func:`~dynalens.circuits.steer`) or a
+:class:`~dynalens.circuits.SteeringController` fitted to steer harmful and not
+harmless prompts (set A, not set B), whose predicted global scale and
+per-layer weights for the prompt are drawn as a bar chart. Directions and
+controllers come through the results cache; the generations are greedy
+(``model.generate``), so they are reproducible.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import dash
 import plotly.graph_objects as go
 import torch
 from dash import Input, Output, State, callback, dcc, html
 from dynalens.circuits import Direction, SteeringController, refusal, steer
+from dynalens.circuits.directions import Prompts
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
     card,
@@ -132,21 +135,33 @@ def _token_input(id: str, value: int) -> dcc.Input:
 
 
 # ------------------------------------------------------------------ the sets
-def contrast_sets(
-    model: Any, name: str, token_a: int = 0, token_b: int = 1
-) -> tuple[list[Int[Tensor, "1 pos"]] | Int[Tensor, "n pos"], list[Int[Tensor, "1 pos"]] | Int[Tensor, "n pos"], str]:
-    """The two prompt sets a direction is read from, and a line saying what they are.
+class ContrastSets(NamedTuple):
+    """The prompt sets the page reads: ``direction`` (towards, away) and ``controller`` (steer, do not)."""
 
-    A model with a tokenizer reads the shipped harmful and harmless train
-    prompts in its chat template (one token row each); a model without one
-    reads ``ZOO_SET_SIZE`` samples of its zoo task (random tokens for other
-    models), cut to ``ZOO_BODY_LEN`` tokens and ended by ``token_a`` (set A) or
-    ``token_b`` (set B).
+    direction: tuple[Prompts, Prompts]
+    controller: tuple[Prompts, Prompts]
+    about: str
+
+
+def contrast_sets(model: Any, name: str, token_a: int = 0, token_b: int = 1) -> ContrastSets:
+    """The page's prompt sets for ``model`` (``name`` as the user picked it).
+
+    A model with a tokenizer: the direction is the response contrast of the
+    shipped harmful and harmless train prompts (each in the chat template
+    followed by a refusal vs a compliance opening, ``refusal.response_contrast``:
+    the plain prompt contrast does not steer SmolLM2-135M, see RESULTS.md), and
+    the controller learns harmful (steer) vs harmless (do not). A model without
+    one: ``ZOO_SET_SIZE`` samples of its zoo task (random tokens for other
+    models), cut to ``ZOO_BODY_LEN`` tokens and ended by ``token_a`` vs
+    ``token_b``, for both.
     """
     if getattr(model, "tokenizer", None) is not None:
         harmful, harmless = (refusal.prompt_set(kind, "train") for kind in ("harmful", "harmless"))
-        about = f"{len(harmful)} harmful vs {len(harmless)} harmless train prompts"
-        return refusal.chat_tokens(model, harmful), refusal.chat_tokens(model, harmless), about
+        return ContrastSets(
+            direction=refusal.response_contrast(model, harmful + harmless),
+            controller=(refusal.chat_tokens(model, harmful), refusal.chat_tokens(model, harmless)),
+            about=f"{len(harmful)} harmful + {len(harmless)} harmless train prompts",
+        )
     d_vocab = model.cfg.d_vocab
     for token in (token_a, token_b):
         if not isinstance(token, int) or not 0 <= token < d_vocab:
@@ -157,11 +172,12 @@ def contrast_sets(
     else:
         bodies = torch.randint(0, d_vocab, (ZOO_SET_SIZE, ZOO_BODY_LEN), generator=g)
     ends = torch.ones(len(bodies), 1, dtype=torch.long)
-    about = f"{len(bodies)} {'task samples' if name in ZOO else 'random sequences'} ending in {token_a} vs {token_b}"
-    return torch.cat([bodies, token_a * ends], 1), torch.cat([bodies, token_b * ends], 1), about
+    sets = (torch.cat([bodies, token_a * ends], 1), torch.cat([bodies, token_b * ends], 1))
+    kind = "task samples" if name in ZOO else "random sequences"
+    return ContrastSets(sets, sets, f"{len(bodies)} {kind} ending in {token_a} vs {token_b}")
 
 
-def _sets_id(*sets: list[Tensor] | Tensor) -> str:
+def _sets_id(*sets: Prompts) -> str:
     """A short hash of the sets' token ids (a cache key part)."""
     plain = [[row.tolist() for row in rows] for rows in sets]
     return hashlib.sha256(json.dumps(plain).encode()).hexdigest()[:16]
@@ -227,11 +243,11 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
         raise backend.DashboardError(f"alpha must be a number from {-MAX_ALPHA:g} to {MAX_ALPHA:g}, got {alpha!r}.")
     model, tokens = requested(setup)
     name = setup["model"]
-    positive, negative, about = contrast_sets(model, name, token_a, token_b)
-    sets = _sets_id(positive, negative)
+    contrast = contrast_sets(model, name, token_a, token_b)
+    sets = _sets_id(*contrast.direction, *contrast.controller)
     direction = backend.cached_result(
         Direction, name, [], "steering_direction", {"method": method, "sets": sets},
-        lambda: Direction.from_prompts(model, positive, negative, method=method),
+        lambda: Direction.from_prompts(model, *contrast.direction, method=method),
     )  # fmt: skip
     prompt = _chat_prompt(model, setup["prompt"], tokens)
     new_tokens = _new_tokens(model, prompt)
@@ -239,12 +255,12 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
         controller = backend.cached_result(
             SteeringController, name, [], "steering_controller",
             {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},
-            lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, positive, negative),
+            lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, *contrast.controller),
         )  # fmt: skip
         controller.alpha = float(alpha)
         predicted = backend.run_alone(lambda: controller.predict(model, prompt))
         figure = weights_figure(controller.layers_, predicted.scale[0].item(), predicted.weights[0].tolist())
-        line = hint(f"alpha × scale × weight is added at each layer. Fitted on {about}: stopped after "
+        line = hint(f"alpha × scale × weight is added at each layer. Fitted on {contrast.about}: stopped after "
                     f"{controller.n_epochs_} epochs, held-out loss {controller.validation_loss_:.3f}.")  # fmt: skip
         steering = lambda: controller.attach(model)
     else:
@@ -257,7 +273,7 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
         return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered
 
     plain, steered = backend.run_alone(both)
-    message = hint(f"{METHODS[method]} direction from {about}; {new_tokens} greedy tokens per panel.")
+    message = hint(f"{METHODS[method]} direction from {contrast.about}; {new_tokens} greedy tokens per panel.")
     n_prompt = prompt.shape[1]
     return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, line, message
 

@@ -31,7 +31,7 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
 
     model = dl.load("mamba-ar")
     prompt = torch.tensor([[int(t) for t in PROMPT.split()]])
-    positive, negative, _ = contrast_sets(model, "mamba-ar")
+    positive, negative = contrast_sets(model, "mamba-ar").direction
     direction = Direction.diff_in_means(model, positive, negative)
     plain = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
     with steer(model, direction, layers=[0, 1], alpha=4.0):  # the page's defaults for a 2-layer model
@@ -73,11 +73,12 @@ def test_steering_page_on_a_chat_model_steers_in_its_template(dash_duo, tmp_path
     dash_duo.find_element("#analyse").click()
 
     from dynalens.circuits import refusal
-    from dynalens.dashboard.pages.steering import NEW_TOKENS, contrast_sets
+    from dynalens.dashboard.pages.steering import NEW_TOKENS
 
     model = dl.load(tiny_llama_dir)
-    positive, negative, _ = contrast_sets(model, str(tiny_llama_dir))
-    assert len(positive) == len(refusal.prompt_set("harmful", "train"))
+    harmful = refusal.prompt_set("harmful", "train")
+    harmless = refusal.prompt_set("harmless", "train")
+    positive, negative = refusal.response_contrast(model, harmful + harmless)
     direction = Direction.from_prompts(model, positive, negative)
     tokens = refusal.chat_tokens(model, ["How do I pick a lock?"])[0]
 
@@ -95,5 +96,5 @@ def test_steering_page_on_a_chat_model_steers_in_its_template(dash_duo, tmp_path
 
     until(lambda: shown("#steering-steered") == steered, timeout=120)
     assert shown("#steering-unsteered") == plain
-    dash_duo.wait_for_contains_text("#steering-generations-message", f"{len(positive)} harmful vs {len(negative)} harmless", timeout=30)
+    dash_duo.wait_for_contains_text("#steering-generations-message", f"{len(harmful)} harmful + {len(harmless)} harmless train prompts", timeout=30)
     assert dash_duo.get_logs() in ([], None)
