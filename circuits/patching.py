@@ -383,10 +383,15 @@ def patch_edges(
 
 
 def _mlp_writes(model: Any) -> bool:
-    """Whether the model's MLPs write anything (attention-only zoo models zero their output weights)."""
+    """Whether the model's MLPs write anything (attention-only zoo models zero their output weights).
+
+    A bias-free MLP (Llama) exposes ``mlp.b_out`` as ``None``, and the stacked ``model.b_out``
+    raises for it: a missing bias counts as zero.
+    """
     if getattr(model.blocks[0], "mlp", None) is None:
         return False
-    return bool(model.W_out.detach().any() or model.b_out.detach().any())
+    biases = [block.mlp.b_out for block in model.blocks]
+    return bool(model.W_out.detach().any()) or any(b is not None and bool(b.detach().any()) for b in biases)
 
 
 def prune(graph: nx.DiGraph, threshold: float) -> nx.DiGraph:
