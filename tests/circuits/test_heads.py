@@ -59,7 +59,7 @@ def test_copying_scores_match_the_full_vocab_circuit(attn2l):
     eig = torch.linalg.eigvals(full.double())
     expected = eig.sum(-1).real / eig.abs().sum(-1)
     ours = copying_scores(attn2l)
-    assert ours.shape == (2, 4)
+    assert ours.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
     torch.testing.assert_close(ours.double(), expected, atol=1e-4, rtol=1e-4)
 
 
@@ -80,27 +80,30 @@ def test_copying_score_is_one_for_an_identity_ov_circuit():
 
 
 def test_attn2l_induction_heads(attn2l, induction_task):
-    """Every layer-0 head of attn2l-induction copies by looking back (the model learned a positional
-    lookback at its fixed length); layer 1 holds no induction head."""
+    """attn2l-induction composes two layers: a layer-0 previous-token head, read by layer-1 induction
+    heads (a strong one and a weaker backup); layer 0 holds no induction head."""
     batch = induction_task.sample(16, torch.Generator().manual_seed(3))
     scores = induction_scores(attn2l, batch.tokens)
     assert isinstance(scores, HeadScores) and scores.n_sequences == 16
-    assert sorted(scores.heads("induction", 0.5)) == [(0, h) for h in range(4)]
-    assert scores.induction[1].max() < 0.1
-    assert scores.top(1).loc[0, "layer"] == 0
+    induction = scores.heads("induction", 0.5)
+    assert len(induction) >= 1 and all(layer == 1 for layer, _ in induction)
+    assert scores.induction[0].max() < 0.1
+    top = scores.top(1).iloc[0]
+    assert top["layer"] == 1 and top["induction"] > 0.9
+    assert scores.prev_token[0].max() > 0.5  # the previous-token head the induction heads read
 
 
 def test_head_scores_result_round_trip(attn2l, tmp_path):
     scores = induction_scores(attn2l, half_len=8, n_sequences=2)
     frame = scores.to_frame()
     assert list(frame.columns) == ["layer", "head", "induction", "prev_token", "copying", "sink"]
-    assert len(frame) == 8
+    assert len(frame) == attn2l.cfg.n_layers * attn2l.cfg.n_heads
     assert scores.top(3, by="prev_token")["prev_token"].is_monotonic_decreasing
     path = tmp_path / "heads.safetensors"
     scores.save(path)
     loaded = HeadScores.load(path)
     assert torch.equal(loaded.induction, scores.induction) and loaded.n_sequences == 2
-    assert scores.figure(kind="copying").data[0].z.shape == (2, 4)
+    assert scores.figure(kind="copying").data[0].z.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
     with pytest.raises(ValueError, match="kind must be one of"):
         scores.figure(kind="retrieval")
 

