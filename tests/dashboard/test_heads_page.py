@@ -29,11 +29,16 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
 
     fig = wait_title("heads-grid", "induction scores")
     np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected.induction.double().numpy(), rtol=1e-5)
-    dash_duo.wait_for_contains_text("#heads-grid-message", "Top induction head: L0H0", timeout=120)
+    top = expected.top(1).iloc[0]
+    layer, head = int(top["layer"]), int(top["head"])
+    assert layer == 1  # the retrained model's induction heads read a layer-0 previous-token head
+    message = f"Top induction head: L{layer}H{head} ({top['induction']:.2f})"
+    dash_duo.wait_for_contains_text("#heads-grid-message", message, timeout=120)
 
-    fig = wait_title("heads-pattern", "Layer 0 mixer")
+    # Until a cell is clicked, the pattern panel shows the top induction head.
+    fig = wait_title("heads-pattern", f"Layer {layer} mixer")
     tokens = torch.tensor([[int(t) for t in PROMPT.split()]])
-    pattern = dl.probes.mixer_matrices(model, tokens, 0).matrices[0]
+    pattern = dl.probes.mixer_matrices(model, tokens, layer).matrices[head]
     z = as_array(fig["traces"][0]["z"])
     np.testing.assert_allclose(np.nan_to_num(z), pattern.double().tril().numpy(), rtol=1e-5, atol=1e-7)
 
