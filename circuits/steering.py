@@ -32,6 +32,7 @@ Examples
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -82,15 +83,58 @@ def steered(
     return projected if mode == "ablate" else projected + alpha * u
 
 
+# What a forward call continues from: transformers >= 5.24 passes `cache`, earlier
+# versions (and TransformerLens' own generate loop) `past_key_values`, HF Mamba
+# `cache_params`, our recurrent models `state`.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params", "state")
+
+
+def call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call to ``module.forward`` by parameter name (``**kwargs`` merged in)."""
+    signature = inspect.signature(module.forward)
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name, {}))
+    return bound
+
+
+def continues_sequence(arguments: dict[str, Any]) -> bool:
+    """Whether a forward call with these named ``arguments`` continues an earlier pass.
+
+    It does when any of these holds: it carries a cache (:data:`CACHE_ARGUMENTS`)
+    that is not empty (a cache with ``get_seq_length`` counts when that is
+    positive, any other when it is not ``None``); its ``cache_position`` starts
+    after position 0; its ``attention_mask`` is longer than its token input (the
+    mask then covers earlier positions). So a prompt of one token is still a prompt.
+    """
+    for name in CACHE_ARGUMENTS:
+        cache = arguments.get(name)
+        if cache is not None and (
+            not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0
+        ):
+            return True
+    cache_position = arguments.get("cache_position")
+    if isinstance(cache_position, Tensor) and cache_position.numel() > 0:
+        if int(cache_position.reshape(-1)[0]) > 0:
+            return True
+    tokens, mask = arguments.get("input"), arguments.get("attention_mask")
+    return (
+        isinstance(tokens, Tensor)
+        and not tokens.is_floating_point()
+        and isinstance(mask, Tensor)
+        and mask.shape[-1] > tokens.shape[-1]
+    )
+
+
 class SequencePhase:
     """Whether the forward pass now running reads the prompt or generated tokens.
 
-    A forward pre-hook on the model: a call without a cache to continue
-    (``past_key_values`` for a transformer, ``state`` for our recurrent models)
-    starts a sequence, so its positions are the prompt; any other call runs
-    generated tokens. ``on_prompt(tokens, attention_mask)``, when given, runs at
-    the start of every sequence (the mask is ``None`` when the call passes none);
-    passes it makes itself are never steered.
+    A forward pre-hook on the model (``with_kwargs=True``): a call that
+    :func:`continues_sequence` runs generated tokens; any other call starts a
+    sequence, so its positions are the prompt. ``on_prompt(tokens,
+    attention_mask)``, when given, runs at the start of every sequence (the mask
+    is ``None`` when the call passes none); passes it makes itself are never steered.
     """
 
     def __init__(self, on_prompt: Callable[[Tensor, Tensor | None], None] | None = None) -> None:
@@ -101,18 +145,12 @@ class SequencePhase:
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.reading:
             return
-        cache = kwargs.get("past_key_values", kwargs.get("state"))
-        if cache is None and len(args) > 1:  # forward(input, state) called positionally
-            cache = args[1]
-        if cache is not None and hasattr(
-            cache, "get_seq_length"
-        ):  # an empty HF cache starts afresh
-            cache = cache if cache.get_seq_length() > 0 else None
-        self.generating = cache is not None
+        arguments = call_arguments(module, args, kwargs)
+        self.generating = continues_sequence(arguments)
         if not self.generating and self.on_prompt is not None:
             self.reading = True
             try:
-                self.on_prompt(args[0] if args else kwargs["input"], kwargs.get("attention_mask"))
+                self.on_prompt(arguments["input"], arguments.get("attention_mask"))
             finally:
                 self.reading = False
 

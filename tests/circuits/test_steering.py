@@ -365,24 +365,77 @@ def test_controller_save_load_round_trip(tiny_mamba, fitted, tmp_path):
         SteeringController.load(tmp_path / "d.safetensors")
 
 
-def test_sequence_phase_reads_the_cache_argument():
+class TakesState(torch.nn.Module):
+    """Forward's signature only: a recurrent ``state`` or a transformer's cache keywords."""
+
+    def forward(self, input, state=None, **kwargs):
+        return input
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_sequence_phase_reads_the_cache_argument(cache_name):
+    """transformers >= 5.24 passes the KV cache as `cache`, earlier versions as `past_key_values`."""
     from dynalens.circuits.steering import SequencePhase
     from transformers import DynamicCache
 
-    phase, empty, module = SequencePhase(), DynamicCache(), torch.nn.Identity()
-    phase(module, (torch.zeros(1, 4),), {"past_key_values": empty})
+    phase, empty, module = SequencePhase(), DynamicCache(), TakesState()
+    phase(module, (torch.zeros(1, 4),), {cache_name: empty})
     assert (
         not phase.generating
         and phase.steers("prompt")
         and not phase.steers("generated")
     )
     empty.update(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2), layer_idx=0)
-    phase(module, (torch.zeros(1, 1),), {"past_key_values": empty})
+    phase(module, (torch.zeros(1, 1),), {cache_name: empty})
     assert phase.generating and phase.steers("generated") and not phase.steers("prompt")
     phase(module, (torch.zeros(1, 1), "a recurrent state"), {})
     assert phase.generating
     phase(module, (torch.zeros(1, 5),), {"state": None})
     assert not phase.generating and phase.steers("all")
+
+
+def test_sequence_phase_reads_the_mask_and_cache_position(tiny_llama):
+    """A one-token pass whose mask covers earlier tokens, or whose cache_position is past 0,
+    continues a sequence; a positional argument that is not a cache (the Bridge's
+    return_type) does not."""
+    from dynalens.circuits.steering import SequencePhase
+
+    phase, one = SequencePhase(), torch.tensor([[5]])
+    phase(tiny_llama, (one,), {"attention_mask": torch.ones(1, 6, dtype=torch.long)})
+    assert phase.generating
+    phase(tiny_llama, (one,), {"attention_mask": torch.ones(1, 1, dtype=torch.long)})
+    assert not phase.generating
+    phase(tiny_llama, (one,), {"cache_position": torch.tensor([5])})
+    assert phase.generating
+    phase(tiny_llama, (torch.tensor([[5, 6, 7]]), "logits"), {"cache_position": torch.arange(3)})
+    assert not phase.generating
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "all"])
+def test_generate_under_steer_equals_steering_the_whole_sequence(tiny_llama, positions):
+    """The cached generate under steer gives the tokens of a greedy loop that re-runs the
+    whole sequence each step (no cache) and adds alpha * u at the steered positions."""
+    d = random_direction(tiny_llama, layers=[0])
+    u = d.vectors[0] / d.vectors[0].norm()
+    tokens = tiny_llama.to_tokens(PROMPT)
+    n_prompt, alpha = tokens.shape[-1], 8.0
+
+    def add_at_positions(resid, hook):
+        where = torch.zeros(resid.shape[1], 1)
+        where[{"prompt": slice(None, n_prompt), "generated": slice(n_prompt, None)}.get(
+            positions, slice(None))] = 1.0
+        return resid + alpha * where * u
+
+    expected = tokens
+    for _ in range(6):
+        logits = tiny_llama.run_with_hooks(
+            expected, fwd_hooks=[("blocks.0.hook_resid_post", add_at_positions)]
+        )
+        expected = torch.cat([expected, logits[:, -1:].argmax(-1)], dim=1)
+    with steer(tiny_llama, d, alpha=alpha, positions=positions):
+        generated = tiny_llama.generate(tokens, 6, return_type="tokens")
+    assert torch.equal(generated, expected)
+    assert not torch.equal(generated, tiny_llama.generate(tokens, 6, return_type="tokens"))
 
 
 def test_attach_reads_a_padded_batch_one_prompt_at_a_time(tiny_llama):
