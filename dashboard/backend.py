@@ -9,6 +9,12 @@ tabs never see each other's work.
 
 Errors meant for the user are :class:`DashboardError`; :func:`user_message`
 turns any exception into one readable line, never a traceback.
+
+A long callback reports how far it is with :func:`reporting` (a
+:class:`ProgressReport` that it advances, by hand or per sequence the model
+reads with :func:`counting_sequences`); the page's progress bar polls
+:func:`read_progress` from another request thread while it runs. Reports are
+keyed by a random id the page's layout holds, so tabs never see each other's.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +36,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 import dynalens
+from dynalens.circuits.directions import resid_name
 from dynalens.dashboard.cache import ResultsCache, SavableResult
 
 log = logging.getLogger("dynalens.dashboard")
@@ -180,3 +189,93 @@ def model_and_tokens(request: Mapping[str, Any]) -> tuple[Any, Int[Tensor, "1 po
     """The model and the prompt's token ids of a page request ``{"model": ..., "prompt": ...}``."""
     model = load_model(request["model"])
     return model, encode_prompt(model, request["prompt"])
+
+
+# ------------------------------------------------------------------ progress
+@dataclass(frozen=True)
+class Progress:
+    """Where a long callback stands: ``value`` of ``steps`` done (fractions within a step) and its current step."""
+
+    value: float
+    steps: int
+    label: str
+
+
+_progress: dict[str, Progress] = {}
+_progress_lock = threading.Lock()
+
+
+class ProgressReport:
+    """The progress of one long callback, published under ``key`` for :func:`read_progress`.
+
+    The work is ``steps`` steps; :meth:`step` starts the next one, optionally
+    with its size in units that :meth:`advance` counts (checkpoints, or the
+    sequences a model reads, see :func:`counting_sequences`). Get one from
+    :func:`reporting`, which removes it when the work ends.
+    """
+
+    def __init__(self, key: str, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps!r}")
+        self.key, self.steps = key, steps
+        self._step, self._size, self._done, self._label = 0, None, 0.0, ""
+        self._lock = threading.Lock()  # hooks may tick from another thread than the one stepping
+
+    def step(self, label: str, size: float | None = None) -> None:
+        """Start the next step: ``label`` says what it does, ``size`` how many units it counts (None: unknown)."""
+        with self._lock:
+            self._step, self._size, self._done, self._label = min(self._step + 1, self.steps), size, 0.0, label
+        self._publish()
+
+    def advance(self, units: float = 1.0, label: str | None = None) -> None:
+        """Count ``units`` more of the current step done; ``label`` replaces its label."""
+        with self._lock:
+            self._done += units
+            self._label = self._label if label is None else label
+        self._publish()
+
+    def _publish(self) -> None:
+        with self._lock:
+            within = min(1.0, self._done / self._size) if self._size else 0.0
+            value = max(0, self._step - 1) + within
+            label = f"{self._label} (step {self._step} of {self.steps})" if self.steps > 1 else self._label
+        if self.key:
+            with _progress_lock:
+                _progress[self.key] = Progress(value, self.steps, label)
+
+
+@contextmanager
+def reporting(key: str | None, steps: int = 1) -> Iterator[ProgressReport]:
+    """A :class:`ProgressReport` of ``steps`` steps under ``key`` (None: reported nowhere), removed on exit."""
+    report = ProgressReport(key or "", steps)
+    try:
+        yield report
+    finally:
+        with _progress_lock:
+            _progress.pop(report.key, None)
+
+
+def read_progress(key: str | None) -> Progress | None:
+    """The latest progress published under ``key``; None before the first step and after the work ends."""
+    with _progress_lock:
+        return _progress.get(key or "")
+
+
+def counting_sequences(model: Any, report: ProgressReport, compute: Callable[[], T]) -> Callable[[], T]:
+    """``compute`` wrapped so that each sequence ``model`` reads advances ``report`` by one unit.
+
+    A forward pass over ``b`` sequences advances it by ``b``, a share after
+    each block (hooks ``blocks.{l}.hook_resid_post``), so the bar moves within
+    a pass; one generated token is one sequence read. Run the wrapped function
+    under :func:`run_alone` (:func:`cached_result` does): hooks are model state.
+    """
+    n_layers = model.cfg.n_layers
+
+    def tick(act: Tensor, hook: Any) -> None:
+        report.advance(act.shape[0] / n_layers)
+
+    def counted() -> T:
+        with model.hooks(fwd_hooks=[(resid_name(layer), tick) for layer in range(n_layers)]):
+            return compute()
+
+    return counted

@@ -2,20 +2,23 @@
 
 A page is ``page(name, ...panels)``: a status line ``"{name}-status"`` (a
 spinner while its first callback runs) above the panels; a panel is a card
-with a message line above one graph, the line showing hints and errors.
+with a message line above one graph, the line showing hints and errors. A
+long callback shows its progress in a :class:`ProgressBar`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import dash
 import plotly.graph_objects as go
-from dash import dcc, html
+from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
-from dynalens.dashboard.backend import DashboardError, model_and_tokens, user_message
+from dynalens.dashboard.backend import DashboardError, Progress, model_and_tokens, read_progress, user_message
 from jaxtyping import Int
 from torch import Tensor
 
@@ -36,9 +39,12 @@ def status_id(page_name: str) -> str:
     return f"{page_name}-status"
 
 
-def panel(title: str, graph_id: str, height: int = 420, controls: Sequence[Any] = ()) -> html.Section:
-    """A card with a message line (id ``message_id(graph_id)``) above the graph ``graph_id``."""
-    return card(title, html.Div(id=message_id(graph_id)), graph(graph_id, height=height), controls=controls)
+def panel(
+    title: str, graph_id: str, height: int = 420, controls: Sequence[Any] = (), progress: ProgressBar | None = None
+) -> html.Section:
+    """A card with a message line (id ``message_id(graph_id)``) and ``progress``'s bar above the graph ``graph_id``."""
+    bar = [] if progress is None else [progress.layout()]
+    return card(title, html.Div(id=message_id(graph_id)), *bar, graph(graph_id, height=height), controls=controls)
 
 
 def message_id(graph_id: str) -> str:
@@ -171,6 +177,77 @@ def show_errors(*fallback: Any) -> Callable[[Callable[..., tuple]], Callable[...
         return wrapper
 
     return decorate
+
+
+class ProgressBar:
+    """The progress element of one long callback ``job``: a bar with the fraction done and the current step.
+
+    Hidden until the callback runs; while it runs, the page polls
+    :func:`~dynalens.dashboard.backend.read_progress` every ``POLL_MS`` and
+    draws what the callback reports; when it ends (result or error) the bar
+    is hidden again. Create it at a page module's top level (that registers
+    the poll), put :meth:`layout` in the page, and give the callback
+    :attr:`key` as its last ``State`` and ``running=bar.running``::
+
+        BAR = ProgressBar("heads-scores")
+
+        @callback(Output(...), Input(...), BAR.key, running=BAR.running)
+        def scores(request, key):
+            with backend.reporting(key, steps=2) as report:
+                report.step("Reading prompts", size=n)
+                ...
+    """
+
+    POLL_MS = 250
+    """How often the page asks for the progress while the work runs."""
+
+    def __init__(self, job: str) -> None:
+        self.job = job
+        self.id, self.body_id, self.poll_id, self.key_id = (f"{job}-progress{part}" for part in ("", "-body", "-poll", "-key"))
+        dash.callback(
+            Output(self.body_id, "children"),
+            Input(self.poll_id, "n_intervals"),
+            State(self.key_id, "data"),
+            prevent_initial_call=True,
+        )(lambda _, key: progress_view(read_progress(key)))
+
+    def layout(self) -> html.Div:
+        """The hidden bar, its poll and the random key of this page visit (so tabs never share reports)."""
+        return html.Div(
+            id=self.id, className="progress", style=_HIDDEN,
+            children=[
+                html.Div(progress_view(None), id=self.body_id, className="progress-body"),
+                dcc.Interval(id=self.poll_id, interval=self.POLL_MS, disabled=True),
+                dcc.Store(id=self.key_id, data=uuid.uuid4().hex),
+            ],
+        )  # fmt: skip
+
+    @property
+    def key(self) -> State:
+        """The ``State`` holding the key to report under (:func:`~dynalens.dashboard.backend.reporting`)."""
+        return State(self.key_id, "data")
+
+    @property
+    def running(self) -> list[tuple[Output, Any, Any]]:
+        """The callback's ``running=``: show the bar and poll while it runs; hide it, stop and reset it after."""
+        return [
+            (Output(self.id, "style"), _SHOWN, _HIDDEN),
+            (Output(self.poll_id, "disabled"), False, True),
+            (Output(self.body_id, "children"), progress_view(None), progress_view(None)),
+        ]
+
+
+_SHOWN, _HIDDEN = {"display": "flex"}, {"display": "none"}
+
+
+def progress_view(progress: Progress | None) -> list[Any]:
+    """A ``<progress>`` with ``progress``'s fraction and its label; indeterminate before the first step."""
+    if progress is None:
+        return [html.Progress(className="progress-bar"), html.Span("Starting…", className="progress-label")]
+    return [
+        html.Progress(value=f"{progress.value:.4f}", max=str(progress.steps), className="progress-bar"),
+        html.Span(f"{progress.label}: {progress.value / progress.steps:.0%}", className="progress-label"),
+    ]
 
 
 def hint(text: str) -> html.Div:

@@ -4,11 +4,14 @@ Every figure is the ``.figure()`` of a result from ``dynalens.probes``
 (:class:`~dynalens.probes.massive.MassiveActivations`,
 :class:`~dynalens.probes.sinks.ExtremeTokens`,
 :class:`~dynalens.probes.emergence.MassiveEmergence`), fetched through the
-results cache; this page only lays them out.
+results cache; this page only lays them out. While the emergence loads and
+measures each checkpoint, its panel shows a progress bar (one unit per checkpoint).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import dash
@@ -16,6 +19,7 @@ from dash import Input, Output, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
+    ProgressBar,
     choice,
     hint,
     message_id,
@@ -44,6 +48,8 @@ SINKS = "activations-sinks"
 EMERGENCE = "activations-emergence"
 SERIES = "activations-series"
 
+EMERGENCE_PROGRESS = ProgressBar(EMERGENCE)
+
 _EMPTY = placeholder_figure()
 
 
@@ -68,6 +74,7 @@ def layout(**_: Any) -> html.Div:
                         dcc.Input(id=SERIES, type="text", debounce=True, style={"width": "300px"},
                                   placeholder="checkpoints: the model's own, or a run folder")
                     ],
+                    progress=EMERGENCE_PROGRESS,
                 ),
             ],
         ),
@@ -130,9 +137,11 @@ def sinks_panel(request):
     Output(message_id(EMERGENCE), "children"),
     Input(REQUEST, "data"),
     Input(SERIES, "value"),
+    EMERGENCE_PROGRESS.key,
+    running=EMERGENCE_PROGRESS.running,
 )
 @show_errors(_EMPTY)
-def emergence_panel(request, series):
+def emergence_panel(request, series, progress_key):
     if not request:
         raise PreventUpdate
     source = (series or "").strip() or request["model"]
@@ -142,11 +151,25 @@ def emergence_panel(request, series):
         return _EMPTY, hint(f"{source!r} has no checkpoint series: type the folder of a training run "
                              "(with checkpoints/step_*) or pick a zoo model.")  # fmt: skip
     _, tokens = requested(request)
-    found = backend.cached_result(
-        MassiveEmergence, source, tokens[0].tolist(), "massive_emergence", {"steps": steps},
-        lambda: dl.probes.massive_emergence(source, tokens, progress=False),
-    )
+    with backend.reporting(progress_key) as report:
+        report.step("Massive ratios over the checkpoints", size=len(steps))
+        found = backend.cached_result(
+            MassiveEmergence, source, tokens[0].tolist(), "massive_emergence", {"steps": steps},
+            lambda: dl.probes.massive_emergence(source, tokens, loader=_counting_loads(report, steps), progress=False),
+        )  # fmt: skip
     best = found.fits().dropna().sort_values("r2", ascending=False)
     text = (f"{len(steps)} checkpoints; best fit {best.iloc[0]['layer']} R² = {best.iloc[0]['r2']:.3f}"
             if len(best) else f"{len(steps)} checkpoints; no layer could be fitted")  # fmt: skip
     return found.figure(), hint(text + ".")
+
+
+def _counting_loads(report: backend.ProgressReport, steps: list[int]) -> Callable[[Path], Any]:
+    """``dl.load`` that counts each checkpoint it is asked for as the previous one done."""
+    loaded = iter(range(len(steps)))
+
+    def load(folder: Path) -> Any:
+        i = next(loaded)
+        report.advance(1 if i else 0, label=f"Checkpoint {i + 1} of {len(steps)} (step {steps[i]})")
+        return dl.load(folder)
+
+    return load
