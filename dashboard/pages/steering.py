@@ -13,7 +13,9 @@ layers (:func:`~dynalens.circuits.steer`) or a
 harmless prompts (set A, not set B), whose predicted global scale and
 per-layer weights for the prompt are drawn as a bar chart. Directions and
 controllers come through the results cache; the generations are greedy
-(``model.generate``), so they are reproducible.
+(``model.generate``), so they are reproducible. While the page works, a
+progress bar counts the prompts read for the direction (and the controller)
+and the tokens generated.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dynalens.circuits import Direction, SteeringController, refusal, steer
 from dynalens.circuits.directions import Prompts
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
+    ProgressBar,
     card,
     choice,
     hint,
@@ -61,7 +64,6 @@ READ_LAYER = "steering-read-layer"
 CONTRAST = "steering-contrast"
 TOKEN_A = "steering-token-a"
 TOKEN_B = "steering-token-b"
-PROGRESS = "steering-progress"
 UNSTEERED = "steering-unsteered"
 STEERED = "steering-steered"
 WEIGHTS = "steering-weights"
@@ -79,10 +81,8 @@ NEW_TOKENS = 24
 ZOO_SET_SIZE, ZOO_BODY_LEN = 32, 15
 """Sequences per set and tokens before the contrasted last token, for a model without a tokenizer."""
 
-PROGRESS_TEXT = (
-    "Working: the first run on a model reads both prompt sets for the direction (and fits the "
-    "controller); later runs take them from the cache."
-)
+PROGRESS = ProgressBar("steering")
+"""Counts the prompts the direction (and controller) read, then the generated tokens."""
 
 _EMPTY = placeholder_figure()
 _TEXT = {"whiteSpace": "pre-wrap", "fontFamily": "var(--mono)", "minHeight": "3em", "margin": 0}
@@ -116,7 +116,7 @@ def layout(**_: Any) -> html.Div:
                            marks={v: str(v) for v in (-64, -32, -16, 0, 16, 32, 64)},
                            allow_direct_input=True, updatemode="mouseup"),
             ),
-            html.Div(id=PROGRESS, className="hint"),
+            PROGRESS.layout(),
             html.Div(id=message_id(GENERATIONS)),
         ),
         html.Div(
@@ -230,10 +230,11 @@ def setup(request, layers, read_layer):
     Input(READ_LAYER, "value"),
     Input(TOKEN_A, "value"),
     Input(TOKEN_B, "value"),
-    running=[(Output(PROGRESS, "children"), PROGRESS_TEXT, "")],
+    PROGRESS.key,
+    running=PROGRESS.running,
 )  # fmt: skip
 @show_errors("", "", _EMPTY, None)
-def generations(setup, method, control, layers, alpha, read_layer, token_a, token_b):
+def generations(setup, method, control, layers, alpha, read_layer, token_a, token_b, progress_key):
     """Unsteered and steered continuations; the controller's prediction when it steers."""
     if not setup:  # no request yet, or the setup failed and says why
         return "", "", _EMPTY, None, None
@@ -245,37 +246,50 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
     name = setup["model"]
     contrast = contrast_sets(model, name, token_a, token_b)
     sets = _sets_id(*contrast.direction, *contrast.controller)
-    direction = backend.cached_result(
-        Direction, name, [], "steering_direction", {"method": method, "sets": sets},
-        lambda: Direction.from_prompts(model, *contrast.direction, method=method),
-    )  # fmt: skip
     prompt = _chat_prompt(model, setup["prompt"], tokens)
     new_tokens = _new_tokens(model, prompt)
-    if control == "controller":
-        controller = backend.cached_result(
-            SteeringController, name, [], "steering_controller",
-            {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},
-            lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, *contrast.controller),
+    with backend.reporting(progress_key, steps=4 if control == "controller" else 3) as report:
+        report.step(f"Direction: reading {_count(contrast.direction)} prompts", size=_count(contrast.direction))
+        direction = backend.cached_result(
+            Direction, name, [], "steering_direction", {"method": method, "sets": sets},
+            backend.counting_sequences(model, report,
+                                       lambda: Direction.from_prompts(model, *contrast.direction, method=method)),
         )  # fmt: skip
-        controller.alpha = float(alpha)
-        predicted = backend.run_alone(lambda: controller.predict(model, prompt))
-        figure = weights_figure(controller.layers_, predicted.scale[0].item(), predicted.weights[0].tolist())
-        line = hint(f"alpha × scale × weight is added at each layer. Fitted on {contrast.about}: stopped after "
-                    f"{controller.n_epochs_} epochs, held-out loss {controller.validation_loss_:.3f}.")  # fmt: skip
-        steering = lambda: controller.attach(model)
-    else:
-        figure, line = _EMPTY, hint("Pick 'controller' to let a fitted controller set the strength per prompt.")
-        steering = lambda: steer(model, direction, layers=layers, alpha=float(alpha))
+        if control == "controller":
+            report.step(f"Controller: reading {_count(contrast.controller)} prompts, then fitting",
+                        size=_count(contrast.controller))  # fmt: skip
+            fit = lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, *contrast.controller)
+            controller = backend.cached_result(
+                SteeringController, name, [], "steering_controller",
+                {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},
+                backend.counting_sequences(model, report, fit),
+            )  # fmt: skip
+            controller.alpha = float(alpha)
+            predicted = backend.run_alone(lambda: controller.predict(model, prompt))
+            figure = weights_figure(controller.layers_, predicted.scale[0].item(), predicted.weights[0].tolist())
+            line = hint(f"alpha × scale × weight is added at each layer. Fitted on {contrast.about}: stopped after "
+                        f"{controller.n_epochs_} epochs, held-out loss {controller.validation_loss_:.3f}.")  # fmt: skip
+            steering = lambda: controller.attach(model)
+        else:
+            figure, line = _EMPTY, hint("Pick 'controller' to let a fitted controller set the strength per prompt.")
+            steering = lambda: steer(model, direction, layers=layers, alpha=float(alpha))
 
-    def both() -> tuple[Tensor, Tensor]:
-        with steering():
-            steered = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
-        return model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens"), steered
+        def both() -> tuple[Tensor, Tensor]:
+            report.step("Generating without steering", size=new_tokens)
+            plain = model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
+            report.step("Generating with steering", size=new_tokens)
+            with steering():
+                return plain, model.generate(prompt, max_new_tokens=new_tokens, return_type="tokens")
 
-    plain, steered = backend.run_alone(both)
+        plain, steered = backend.run_alone(backend.counting_sequences(model, report, both))
     message = hint(f"{METHODS[method]} direction from {contrast.about}; {new_tokens} greedy tokens per panel.")
     n_prompt = prompt.shape[1]
     return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, line, message
+
+
+def _count(sets: tuple[Prompts, Prompts]) -> int:
+    """How many prompts two sets hold (token rows or strings)."""
+    return sum(len(prompts) for prompts in sets)
 
 
 def _chat_prompt(model: Any, prompt: str, tokens: Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos"]:

@@ -95,3 +95,32 @@ def wait_title(figure_in):
         return figure_in(graph_id)
 
     return wait
+
+
+RECORD_PROGRESS = """
+const box = document.getElementById(arguments[0]);
+window.progressSeen = [];
+const record = () => {
+  const bar = box.querySelector('progress');
+  window.progressSeen.push({shown: box.style.display !== 'none', label: box.innerText,
+                            value: bar && bar.hasAttribute('value') ? Number(bar.getAttribute('value')) : null,
+                            max: bar ? Number(bar.getAttribute('max') || 1) : null});
+};
+new MutationObserver(record).observe(box, {attributes: true, childList: true, subtree: true, characterData: true});
+"""
+
+
+@pytest.fixture
+def record_progress(dash_duo):
+    """``record_progress(bar_id)`` records every state the page draws of a ``ProgressBar`` from now on.
+
+    Returns ``seen()``: the states so far, each ``{"shown", "label", "value", "max"}``
+    (``value`` None while the bar is indeterminate).
+    """
+
+    def start(bar_id: str):
+        dash_duo.wait_for_element(f"#{bar_id}", timeout=60)
+        dash_duo.driver.execute_script(RECORD_PROGRESS, bar_id)
+        return lambda: dash_duo.driver.execute_script("return window.progressSeen;")
+
+    return start

@@ -91,19 +91,6 @@ def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot
     screenshot("activations-mamba-state")
 
 
-RECORD_PROGRESS = """
-const box = document.getElementById(arguments[0]);
-window.progressSeen = [];
-const record = () => {
-  const bar = box.querySelector('progress');
-  window.progressSeen.push({shown: box.style.display !== 'none', label: box.innerText,
-                            value: bar && bar.hasAttribute('value') ? Number(bar.getAttribute('value')) : null,
-                            max: bar ? Number(bar.getAttribute('max') || 1) : null});
-};
-new MutationObserver(record).observe(box, {attributes: true, childList: true, subtree: true, characterData: true});
-"""
-
-
 def broken_series(tmp_path: Path, broken: int) -> Path:
     """A copy of attn3l-bbc's checkpoint series whose checkpoint ``broken`` has unreadable weights."""
     from dynalens.probes.emergence import checkpoint_series
@@ -116,12 +103,11 @@ def broken_series(tmp_path: Path, broken: int) -> Path:
     return run
 
 
-def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp_path, wait_title):
+def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp_path, wait_title, record_progress):
     """attn3l-bbc's 16 checkpoints: a bar part-way done appears while they load, then the figure replaces
     it; a series whose 9th checkpoint is broken ends with the bar hidden and the error in the panel."""
     dash_duo.start_server(create_app(default_model="attn3l-bbc", cache_dir=tmp_path / "cache"))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/activations")
-    seen = lambda: dash_duo.driver.execute_script("return window.progressSeen;")
     bar = "activations-emergence-progress"
 
     def part_way_then_hidden() -> list[dict]:
@@ -129,8 +115,7 @@ def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp
         assert dash_duo.find_element(f"#{bar}").value_of_css_property("display") == "none"
         return [s for s in seen() if s["shown"] and s["value"] is not None and 0 < s["value"] < s["max"]]
 
-    dash_duo.wait_for_element(f"#{bar}", timeout=TIMEOUT)
-    dash_duo.driver.execute_script(RECORD_PROGRESS, bar)
+    seen = record_progress(bar)
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#prompt").send_keys(PROMPT)
     dash_duo.find_element("#analyse").click()
@@ -143,7 +128,7 @@ def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp
     assert fig["traces"][0]["x"] == emergence.steps.tolist()
     dash_duo.wait_for_contains_text("#activations-emergence-message", "16 checkpoints", timeout=TIMEOUT)
 
-    dash_duo.driver.execute_script(RECORD_PROGRESS, bar)
+    seen = record_progress(bar)
     dash_duo.find_element("#activations-series").send_keys(str(broken_series(tmp_path, broken=8)) + Keys.ENTER)
     dash_duo.wait_for_element("#activations-emergence-message .error-box", timeout=TIMEOUT)
     assert "massive emergence failed" in dash_duo.find_element("#activations-emergence-message").text
