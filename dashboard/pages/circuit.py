@@ -8,7 +8,8 @@ colour by the edge's attribution (blue helps the clean answer, red hurts it),
 pruned by the slider. Clicking a node lists the tokens its output promotes
 (:func:`dynalens.circuits.node_top_tokens`). The defaults follow the model:
 an IOI pair for a model with a tokenizer, a repeated-sequence pair for the
-synthetic-task zoo models.
+synthetic-task zoo models. While the graph is built, a progress bar counts
+its two forward passes (the backward pass is the last unit).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
 from dynalens.dashboard.backend import DashboardError
-from dynalens.dashboard.components import SPINNER, card, hint, labelled, page, show_errors, status_id, status_row
+from dynalens.dashboard.components import (
+    SPINNER,
+    ProgressBar,
+    card,
+    hint,
+    labelled,
+    page,
+    show_errors,
+    status_id,
+    status_row,
+)
 from dynalens.dashboard.layout import REQUEST
 
 import dynalens as dl
@@ -41,6 +52,8 @@ GRAPH_DATA = "circuit-graph-data"
 DEFAULTS_FOR = "circuit-defaults-for"
 MESSAGE = "circuit-message"
 NODE = "circuit-node"
+
+PROGRESS = ProgressBar("circuit")
 
 HALF_LEN = 16
 """Repeat length of the default repeated-sequence pair (shorter when the model's context is)."""
@@ -86,7 +99,7 @@ def layout(**_: Any) -> html.Div:
     return page(
         "circuit",
         card(
-            "Attribution graph", controls, slider, html.Div(id=MESSAGE),
+            "Attribution graph", controls, slider, html.Div(id=MESSAGE), PROGRESS.layout(),
             dcc.Loading(cyto.Cytoscape(id=GRAPH, elements=[], layout={"name": "preset"}, stylesheet=stylesheet,
                                        style={"height": "560px", "width": "100%"}), **SPINNER),
         ),  # fmt: skip
@@ -154,9 +167,11 @@ def defaults(request, defaults_for):
     State(CORRUPT, "value"),
     State(CORRECT, "value"),
     State(WRONG, "value"),
+    PROGRESS.key,
+    running=PROGRESS.running,
 )
 @show_errors(None, None)
-def build(_, defaults_for, request, clean, corrupt, correct, wrong):
+def build(_, defaults_for, request, clean, corrupt, correct, wrong, progress_key):
     """The attribution graph of the pair, as node-link JSON (edges below ``KEEP`` dropped)."""
     model = _model(request)
     if model.cfg.architecture != "transformer":
@@ -169,8 +184,11 @@ def build(_, defaults_for, request, clean, corrupt, correct, wrong):
             "patching needs prompts of the same length."
         )
     metric = dl.circuits.logit_diff_metric(_one_token(model, correct, "answer"), _one_token(model, wrong, "other"))
-    graph = backend.run_alone(lambda: dl.circuits.attribution_graph(model, clean_tokens, corrupt_tokens, metric,
-                                                                     threshold=KEEP))  # fmt: skip
+    attribute = lambda: dl.circuits.attribution_graph(model, clean_tokens, corrupt_tokens, metric, threshold=KEEP)
+    with backend.reporting(progress_key) as report:
+        report.step("Attribution graph: clean and corrupt forward passes, then one backward pass",
+                    size=2 * clean_tokens.shape[0] + 1)  # fmt: skip
+        graph = backend.run_alone(backend.counting_sequences(model, report, attribute))
     status = status_row(request["model"], model.cfg.architecture, clean_tokens.shape[1], model.cfg.n_layers)
     clean_value, corrupt_value = graph.graph["clean_metric"], graph.graph["corrupt_metric"]
     text = (f"Logit difference {clean_value:.2f} (clean) vs {corrupt_value:.2f} (corrupt); "

@@ -106,21 +106,34 @@ const record = () => {
                             value: bar && bar.hasAttribute('value') ? Number(bar.getAttribute('value')) : null,
                             max: bar ? Number(bar.getAttribute('max') || 1) : null});
 };
-new MutationObserver(record).observe(box, {attributes: true, childList: true, subtree: true, characterData: true});
+if (window.progressObserver) window.progressObserver.disconnect();
+window.progressObserver = new MutationObserver(record);
+window.progressObserver.observe(box, {attributes: true, childList: true, subtree: true, characterData: true});
 """
+
+
+class ProgressRecord:
+    """Every state the page draws of one ``ProgressBar`` from its creation on (see ``record_progress``)."""
+
+    def __init__(self, dash_duo, bar_id: str) -> None:
+        self.dash_duo = dash_duo
+        dash_duo.wait_for_element(f"#{bar_id}", timeout=60)
+        dash_duo.driver.execute_script(RECORD_PROGRESS, bar_id)
+
+    def states(self) -> list[dict]:
+        """The states so far, each ``{"shown", "label", "value", "max"}`` (``value`` None while indeterminate)."""
+        return self.dash_duo.driver.execute_script("return window.progressSeen;")
+
+    def shown_then_hidden(self, timeout: float = 120) -> list[dict]:
+        """Wait until the bar was drawn and is hidden again; the states drawn while it was shown."""
+        from dash.testing.wait import until
+
+        until(lambda: self.states() and not self.states()[-1]["shown"], timeout=timeout,
+              msg="the progress bar never hid again")  # fmt: skip
+        return [s for s in self.states() if s["shown"]]
 
 
 @pytest.fixture
 def record_progress(dash_duo):
-    """``record_progress(bar_id)`` records every state the page draws of a ``ProgressBar`` from now on.
-
-    Returns ``seen()``: the states so far, each ``{"shown", "label", "value", "max"}``
-    (``value`` None while the bar is indeterminate).
-    """
-
-    def start(bar_id: str):
-        dash_duo.wait_for_element(f"#{bar_id}", timeout=60)
-        dash_duo.driver.execute_script(RECORD_PROGRESS, bar_id)
-        return lambda: dash_duo.driver.execute_script("return window.progressSeen;")
-
-    return start
+    """``record_progress(bar_id)``: a :class:`ProgressRecord` of the bar's states from now on."""
+    return lambda bar_id: ProgressRecord(dash_duo, bar_id)

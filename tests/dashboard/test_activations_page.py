@@ -111,27 +111,27 @@ def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp
     bar = "activations-emergence-progress"
 
     def part_way_then_hidden() -> list[dict]:
-        until(lambda: seen() and not seen()[-1]["shown"], timeout=TIMEOUT, msg="the bar never hid again")
-        assert dash_duo.find_element(f"#{bar}").value_of_css_property("display") == "none"
-        return [s for s in seen() if s["shown"] and s["value"] is not None and 0 < s["value"] < s["max"]]
+        shown = progress.shown_then_hidden(TIMEOUT)
+        assert not dash_duo.find_element(f"#{bar}").is_displayed()
+        return [s for s in shown if s["value"] is not None and 0 < s["value"] < s["max"]]
 
-    seen = record_progress(bar)
+    progress = record_progress(bar)
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#prompt").send_keys(PROMPT)
     dash_duo.find_element("#analyse").click()
     fig = wait_title("activations-emergence", "Emergence of massive activations")
     part_way = part_way_then_hidden()
-    assert part_way, f"no part-way progress among {seen()}"
+    assert part_way, f"no part-way progress among {progress.states()}"
     assert any("Checkpoint" in s["label"] and "of 16" in s["label"] for s in part_way)
     emergence = dl.probes.massive_emergence("attn3l-bbc", torch.tensor([[int(t) for t in PROMPT.split()]]),
                                             progress=False)  # fmt: skip
     assert fig["traces"][0]["x"] == emergence.steps.tolist()
     dash_duo.wait_for_contains_text("#activations-emergence-message", "16 checkpoints", timeout=TIMEOUT)
 
-    seen = record_progress(bar)
+    progress = record_progress(bar)
     dash_duo.find_element("#activations-series").send_keys(str(broken_series(tmp_path, broken=8)) + Keys.ENTER)
     dash_duo.wait_for_element("#activations-emergence-message .error-box", timeout=TIMEOUT)
     assert "massive emergence failed" in dash_duo.find_element("#activations-emergence-message").text
-    assert part_way_then_hidden(), f"no part-way progress before the error among {seen()}"
+    assert part_way_then_hidden(), f"no part-way progress before the error among {progress.states()}"
     assert "Traceback" not in dash_duo.find_element("body").text
     assert dash_duo.get_logs() in ([], None)

@@ -21,7 +21,7 @@ def _elements(dash_duo) -> list[dict]:
     )
 
 
-def test_circuit_page_draws_the_graph_and_a_nodes_top_tokens(dash_duo, tmp_path, screenshot):
+def test_circuit_page_draws_the_graph_and_a_nodes_top_tokens(dash_duo, tmp_path, screenshot, record_progress):
     dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/circuit")
     from dynalens.dashboard.pages.circuit import default_pair  # pages register once an app exists
@@ -53,10 +53,17 @@ def test_circuit_page_draws_the_graph_and_a_nodes_top_tokens(dash_duo, tmp_path,
     assert repr(top["token"][0]) in first_row
     screenshot("circuit-attn2l")
 
+    progress = record_progress("circuit-progress")
+    dash_duo.find_element("#circuit-build").click()  # the same pair again: built again, bar shown, then hidden
+    shown = progress.shown_then_hidden()
+    assert shown and all(s["label"].startswith(("Starting", "Attribution graph: clean and corrupt")) for s in shown)
+    assert "Logit difference" in dash_duo.find_element("#circuit-message").text
+
     dash_duo.find_element("#circuit-corrupt").send_keys(" 3")  # one token longer than the clean prompt
     dash_duo.find_element("#circuit-build").click()
     dash_duo.wait_for_contains_text("#circuit-message", "same length", timeout=60)
     assert dash_duo.find_element("#circuit-message .error-box")
+    assert not dash_duo.find_element("#circuit-progress").is_displayed()
 
 
 def test_default_pairs_follow_the_model(smollm2, tmp_path):

@@ -18,9 +18,10 @@ def as_array(rows: list) -> np.ndarray:
     return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
 
 
-def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, screenshot, wait_title):
+def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, screenshot, wait_title, record_progress):
     dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads")
+    progress = record_progress("heads-grid-progress")
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#prompt").send_keys(PROMPT)
     dash_duo.find_element("#analyse").click()
@@ -34,6 +35,8 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     assert layer == 1  # the retrained model's induction heads read a layer-0 previous-token head
     message = f"Top induction head: L{layer}H{head} ({top['induction']:.2f})"
     dash_duo.wait_for_contains_text("#heads-grid-message", message, timeout=120)
+    shown = progress.shown_then_hidden()
+    assert shown and all(s["label"].startswith(("Starting", "Attention patterns of 8 repeated")) for s in shown)
 
     # Until a cell is clicked, the pattern panel shows the top induction head.
     fig = wait_title("heads-pattern", f"Layer {layer} mixer")

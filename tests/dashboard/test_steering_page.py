@@ -23,7 +23,7 @@ def new_ids(tokens: torch.Tensor, n_prompt: int) -> str:
 def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, screenshot, wait_title, record_progress):
     dash_duo.start_server(create_app(default_model="mamba-ar", cache_dir=tmp_path))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/steering")
-    seen = record_progress("steering-progress")
+    progress = record_progress("steering-progress")
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#prompt").send_keys(PROMPT)
     dash_duo.find_element("#analyse").click()
@@ -42,8 +42,7 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     dash_duo.wait_for_text_to_equal("#steering-unsteered", plain, timeout=120)
     dash_duo.wait_for_text_to_equal("#steering-steered", steered, timeout=120)
     dash_duo.wait_for_contains_text("#steering-generations-message", "difference of means direction", timeout=30)
-    until(lambda: not seen()[-1]["shown"], timeout=30, msg="the progress bar never hid")
-    shown = [s for s in seen() if s["shown"]]
+    shown = progress.shown_then_hidden()
     assert shown and all(s["label"].startswith(("Starting", "Direction: reading 64 prompts", "Generating")) for s in shown)
 
     dash_duo.find_elements("#steering-control input")[1].click()  # controller
