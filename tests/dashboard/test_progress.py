@@ -1,0 +1,90 @@
+"""Progress reports of long dashboard callbacks: fractions, clean-up, and counting what the model reads."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from dynalens.dashboard import backend
+from dynalens.dashboard.components import progress_view
+
+import dynalens as dl
+
+
+def test_steps_and_units_make_the_fraction_and_the_report_is_removed_at_the_end():
+    with backend.reporting("tab-1", steps=2) as report:
+        assert backend.read_progress("tab-1") is None  # nothing before the first step
+        report.step("Reading prompts", size=4)
+        report.advance(1)
+        assert backend.read_progress("tab-1") == backend.Progress(0.25, 2, "Reading prompts (step 1 of 2)")
+        report.advance(10)  # more than the step's size stays within the step
+        assert backend.read_progress("tab-1").value == 1.0
+        report.step("Generating")  # size unknown: the step counts as not started
+        report.advance(3, label="Generating token 3")
+        assert backend.read_progress("tab-1") == backend.Progress(1.0, 2, "Generating token 3 (step 2 of 2)")
+        assert backend.read_progress("tab-2") is None  # another tab sees nothing of it
+    assert backend.read_progress("tab-1") is None
+
+
+def test_a_failing_job_leaves_no_report_and_no_key_reports_nowhere():
+    with pytest.raises(RuntimeError, match="boom"):
+        with backend.reporting("tab-3") as report:
+            report.step("Checkpoints", size=3)
+            raise RuntimeError("boom")
+    assert backend.read_progress("tab-3") is None
+    with backend.reporting(None) as report:
+        report.step("Anything", size=1)
+        assert backend.read_progress(None) is None
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        backend.ProgressReport("tab-4", steps=0)
+
+
+def test_counting_sequences_counts_each_sequence_read_and_removes_its_hooks():
+    model = dl.load("attn2l-induction")
+    tokens = dl.circuits.repeated_tokens(model, half_len=8, n_sequences=3)
+    seen: list[float] = []
+    with backend.reporting("tab-5") as report:
+        report.step("Reading", size=6)
+        tick = report.advance
+
+        def advance(units: float = 1.0, label: str | None = None) -> None:
+            tick(units, label)
+            seen.append(backend.read_progress("tab-5").value)
+
+        report.advance = advance
+        logits = backend.counting_sequences(model, report, lambda: model(tokens))()
+        first = len(seen)
+        generated = backend.counting_sequences(
+            model, report, lambda: model.generate(tokens[:1, :5], max_new_tokens=3, return_type="tokens")
+        )()  # fmt: skip
+    # 3 sequences, a half after each of the 2 blocks; then 3 generated tokens, one pass each
+    assert seen[:first] == pytest.approx([0.25, 0.5])
+    assert seen[first:] == pytest.approx([7 / 12, 8 / 12, 9 / 12, 10 / 12, 11 / 12, 1.0])
+    torch.testing.assert_close(logits, model(tokens))  # counting changes nothing the model computes
+    torch.testing.assert_close(generated, model.generate(tokens[:1, :5], max_new_tokens=3, return_type="tokens"))
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_reports_from_another_thread_are_read_whole():
+    """The poll reads from another request thread than the one that reports."""
+    values = []
+    with backend.reporting("tab-6") as report:
+        report.step("Ticks", size=1000)
+        worker = threading.Thread(target=lambda: [report.advance(1) for _ in range(1000)])
+        worker.start()
+        while worker.is_alive():
+            found = backend.read_progress("tab-6")
+            values.append(found.value)
+            assert found.steps == 1 and found.label == "Ticks"
+        worker.join()
+        assert backend.read_progress("tab-6").value == 1.0
+    assert values == sorted(values)
+
+
+def test_the_view_is_indeterminate_until_the_first_step():
+    bar, label = progress_view(None)
+    assert bar.to_plotly_json()["props"].get("value") is None and label.children == "Starting…"
+    bar, label = progress_view(backend.Progress(1.5, 4, "Generating (step 2 of 4)"))
+    assert (bar.value, bar.max) == ("1.5000", "4")
+    assert label.children == "Generating (step 2 of 4): 38%"
