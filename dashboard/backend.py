@@ -201,7 +201,7 @@ class Progress:
     label: str
 
 
-_progress: dict[str, Progress] = {}
+_progress: dict[str, tuple[ProgressReport, Progress]] = {}  # key: (the report that wrote last, what it wrote)
 _progress_lock = threading.Lock()
 
 
@@ -241,24 +241,29 @@ class ProgressReport:
             label = f"{self._label} (step {self._step} of {self.steps})" if self.steps > 1 else self._label
         if self.key:
             with _progress_lock:
-                _progress[self.key] = Progress(value, self.steps, label)
+                _progress[self.key] = (self, Progress(value, self.steps, label))
 
 
 @contextmanager
 def reporting(key: str | None, steps: int = 1) -> Iterator[ProgressReport]:
-    """A :class:`ProgressReport` of ``steps`` steps under ``key`` (None: reported nowhere), removed on exit."""
+    """A :class:`ProgressReport` of ``steps`` steps under ``key`` (None: reported nowhere), removed on exit.
+
+    A run the page superseded (its inputs changed while it ran) may end after
+    the next run started reporting under the same key: it removes only its own report.
+    """
     report = ProgressReport(key or "", steps)
     try:
         yield report
     finally:
         with _progress_lock:
-            _progress.pop(report.key, None)
+            if _progress.get(report.key, (None,))[0] is report:
+                del _progress[report.key]
 
 
 def read_progress(key: str | None) -> Progress | None:
     """The latest progress published under ``key``; None before the first step and after the work ends."""
     with _progress_lock:
-        return _progress.get(key or "")
+        return _progress.get(key or "", (None, None))[1]
 
 
 def counting_sequences(model: Any, report: ProgressReport, compute: Callable[[], T]) -> Callable[[], T]:

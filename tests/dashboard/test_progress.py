@@ -40,6 +40,15 @@ def test_a_failing_job_leaves_no_report_and_no_key_reports_nowhere():
         backend.ProgressReport("tab-4", steps=0)
 
 
+def test_a_superseded_run_ending_late_leaves_the_next_runs_report():
+    with backend.reporting("tab-7") as new:
+        with backend.reporting("tab-7") as old:
+            old.step("Old run", size=2)
+            new.step("New run", size=2)  # the page's next run reports under the same key
+        assert backend.read_progress("tab-7").label == "New run"  # the old run ended late: not removed
+    assert backend.read_progress("tab-7") is None
+
+
 def test_counting_sequences_counts_each_sequence_read_and_removes_its_hooks():
     model = dl.load("attn2l-induction")
     tokens = dl.circuits.repeated_tokens(model, half_len=8, n_sequences=3)
