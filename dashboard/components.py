@@ -185,9 +185,10 @@ class ProgressBar:
     Hidden until the callback runs; while it runs, the page polls
     :func:`~dynalens.dashboard.backend.read_progress` every ``POLL_MS`` and
     draws what the callback reports; when it ends (result or error) the bar
-    is hidden again. Create it at a page module's top level (that registers
-    the poll), put :meth:`layout` in the page, and give the callback
-    :attr:`key` as its last ``State`` and ``running=bar.running``::
+    is hidden again. Create it at a page module's top level (Dash runs page
+    modules for every app, so each app gets the poll callback), put
+    :meth:`layout` in the page, and give the callback :attr:`key` as its last
+    ``State`` and ``running=bar.running``::
 
         BAR = ProgressBar("heads-scores")
 
@@ -202,8 +203,8 @@ class ProgressBar:
     """How often the page asks for the progress while the work runs."""
 
     def __init__(self, job: str) -> None:
-        self.job = job
-        self.id, self.body_id, self.poll_id, self.key_id = (f"{job}-progress{part}" for part in ("", "-body", "-poll", "-key"))
+        self.id = f"{job}-progress"
+        self.body_id, self.poll_id, self.key_id = (f"{self.id}-{part}" for part in ("body", "poll", "key"))
         dash.callback(
             Output(self.body_id, "children"),
             Input(self.poll_id, "n_intervals"),
@@ -237,7 +238,7 @@ class ProgressBar:
         ]
 
 
-_SHOWN, _HIDDEN = {"display": "flex"}, {"display": "none"}
+_SHOWN, _HIDDEN = {"display": "block"}, {"display": "none"}
 
 
 def progress_view(progress: Progress | None) -> list[Any]:

@@ -169,7 +169,7 @@ def _counting_loads(report: backend.ProgressReport, steps: list[int]) -> Callabl
 
     def load(folder: Path) -> Any:
         i = next(loaded)
-        report.advance(1 if i else 0, label=f"Checkpoint {i + 1} of {len(steps)} (step {steps[i]})")
+        report.advance(1 if i else 0, label=f"Checkpoint {i + 1} of {len(steps)} (training step {steps[i]})")
         return dl.load(folder)
 
     return load
