@@ -105,7 +105,7 @@ def broken_series(tmp_path: Path, broken: int) -> Path:
 
 def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp_path, wait_title, record_progress):
     """attn3l-bbc's 16 checkpoints: a bar part-way done appears while they load, then the figure replaces
-    it; a series whose 9th checkpoint is broken ends with the bar hidden and the error in the panel."""
+    it; a series whose 13th checkpoint is broken ends with the bar hidden and the error in the panel."""
     dash_duo.start_server(create_app(default_model="attn3l-bbc", cache_dir=tmp_path / "cache"))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/activations")
     bar = "activations-emergence-progress"
@@ -129,7 +129,7 @@ def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp
     dash_duo.wait_for_contains_text("#activations-emergence-message", "16 checkpoints", timeout=TIMEOUT)
 
     progress = record_progress(bar)
-    dash_duo.find_element("#activations-series").send_keys(str(broken_series(tmp_path, broken=8)) + Keys.ENTER)
+    dash_duo.find_element("#activations-series").send_keys(str(broken_series(tmp_path, broken=12)) + Keys.ENTER)
     dash_duo.wait_for_element("#activations-emergence-message .error-box", timeout=TIMEOUT)
     assert "massive emergence failed" in dash_duo.find_element("#activations-emergence-message").text
     assert part_way_then_hidden(), f"no part-way progress before the error among {progress.states()}"
