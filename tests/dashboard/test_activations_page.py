@@ -92,12 +92,13 @@ def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot
 
 
 def broken_series(tmp_path: Path, broken: int) -> Path:
-    """A copy of attn3l-bbc's checkpoint series whose checkpoint ``broken`` has unreadable weights."""
+    """attn3l-bbc's 16 checkpoints twice over (steps 0-15, then 1000-1015) with checkpoint ``broken`` unreadable."""
     from dynalens.probes.emergence import checkpoint_series
 
     run = tmp_path / "broken-run"
-    for i, (_, folder) in enumerate(checkpoint_series("attn3l-bbc")):
-        copy = shutil.copytree(folder, run / "checkpoints" / folder.name)
+    series = [folder for _, folder in checkpoint_series("attn3l-bbc")]
+    for i, folder in enumerate(series + series):
+        copy = shutil.copytree(folder, run / "checkpoints" / f"step_{1000 * (i // len(series)) + i % len(series):06d}")
         if i == broken:
             (copy / "model.safetensors").write_bytes(b"not safetensors")
     return run
@@ -105,7 +106,7 @@ def broken_series(tmp_path: Path, broken: int) -> Path:
 
 def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp_path, wait_title, record_progress):
     """attn3l-bbc's 16 checkpoints: a bar part-way done appears while they load, then the figure replaces
-    it; a series whose 13th checkpoint is broken ends with the bar hidden and the error in the panel."""
+    it; a series of 32 whose 25th checkpoint is broken ends with the bar hidden and the error in the panel."""
     dash_duo.start_server(create_app(default_model="attn3l-bbc", cache_dir=tmp_path / "cache"))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/activations")
     bar = "activations-emergence-progress"
@@ -129,7 +130,7 @@ def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp
     dash_duo.wait_for_contains_text("#activations-emergence-message", "16 checkpoints", timeout=TIMEOUT)
 
     progress = record_progress(bar)
-    dash_duo.find_element("#activations-series").send_keys(str(broken_series(tmp_path, broken=12)) + Keys.ENTER)
+    dash_duo.find_element("#activations-series").send_keys(str(broken_series(tmp_path, broken=24)) + Keys.ENTER)
     dash_duo.wait_for_element("#activations-emergence-message .error-box", timeout=TIMEOUT)
     assert "massive emergence failed" in dash_duo.find_element("#activations-emergence-message").text
     assert part_way_then_hidden(), f"no part-way progress before the error among {progress.states()}"
