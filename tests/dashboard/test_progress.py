@@ -97,3 +97,15 @@ def test_the_view_is_indeterminate_until_the_first_step():
     bar, label = progress_view(backend.Progress(1.5, 4, "Generating (step 2 of 4)"))
     assert (bar.value, bar.max) == ("1.5000", "4")
     assert label.children == "Generating (step 2 of 4): 38%"
+
+
+@pytest.mark.parametrize("name", ["attn2l-induction", "mamba-ar"])
+def test_head_scores_read_what_the_heads_page_counts(name):
+    """The Heads page sizes its step as one unit per sequence, times the layers on Mamba (one mixer per pass)."""
+    model = dl.load(name)
+    tokens = dl.circuits.repeated_tokens(model, half_len=6, n_sequences=2)
+    per_sequence = model.cfg.n_layers if model.cfg.architecture == "mamba" else 1
+    with backend.reporting("tab-8") as report:
+        report.step("Scores", size=1000)
+        backend.counting_sequences(model, report, lambda: dl.circuits.induction_scores(model, tokens))()
+        assert backend.read_progress("tab-8").value * 1000 == pytest.approx(2 * per_sequence)
