@@ -99,10 +99,10 @@ def test_the_view_is_indeterminate_until_the_first_step():
     assert label.children == "Generating (step 2 of 4): 38%"
 
 
-@pytest.mark.parametrize("name", ["attn2l-induction", "mamba-ar"])
-def test_head_scores_read_what_the_heads_page_counts(name):
+@pytest.mark.parametrize("mamba", [False, True])
+def test_head_scores_read_what_the_heads_page_counts(mamba, tiny_mamba_dir):
     """The Heads page sizes its step as one unit per sequence, times the layers on Mamba (one mixer per pass)."""
-    model = dl.load(name)
+    model = dl.load(tiny_mamba_dir if mamba else "attn2l-induction")
     tokens = dl.circuits.repeated_tokens(model, half_len=6, n_sequences=2)
     per_sequence = model.cfg.n_layers if model.cfg.architecture == "mamba" else 1
     with backend.reporting("tab-8") as report:
