@@ -258,7 +258,8 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
         if control == "controller":
             report.step(f"Controller: reading {_count(contrast.controller)} prompts, then fitting",
                         size=_count(contrast.controller))  # fmt: skip
-            fit = lambda: SteeringController(direction, read_layer=read_layer, layers=layers).fit(model, *contrast.controller)
+            unfitted = SteeringController(direction, read_layer=read_layer, layers=layers)
+            fit = lambda: unfitted.fit(model, *contrast.controller)
             controller = backend.cached_result(
                 SteeringController, name, [], "steering_controller",
                 {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},

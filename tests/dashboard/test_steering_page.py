@@ -43,7 +43,8 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     dash_duo.wait_for_text_to_equal("#steering-steered", steered, timeout=120)
     dash_duo.wait_for_contains_text("#steering-generations-message", "difference of means direction", timeout=30)
     shown = progress.shown_then_hidden()
-    assert shown and all(s["label"].startswith(("Starting", "Direction: reading 64 prompts", "Generating")) for s in shown)
+    steps = ("Starting", "Direction: reading 64 prompts", "Generating")
+    assert shown and all(s["label"].startswith(steps) for s in shown)
 
     dash_duo.find_elements("#steering-control input")[1].click()  # controller
     controller = SteeringController(direction, read_layer=0, layers=[0, 1]).fit(model, positive, negative)
