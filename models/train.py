@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from safetensors import safe_open
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -267,6 +268,8 @@ def train(
     resume: bool = False,
     progress: bool = True,
     num_threads: int | None = 1,
+    head_sparsity: float = 0.0,
+    head_sparsity_from: int = 0,
 ) -> TrainResult:
     """Train ``model`` on batches of ``task`` for ``steps`` optimizer steps.
 
@@ -296,6 +299,12 @@ def train(
         replaced by the saved ones).
     num_threads
         CPU threads during the run (restored after); ``None`` leaves torch's setting.
+    head_sparsity, head_sparsity_from
+        Weight of a group-lasso penalty added to the loss from step
+        ``head_sparsity_from`` on: the sum over attention heads of
+        :func:`head_weight_norms` (Llama-style transformers). Heads the task does
+        not need are driven to zero, so the work gathers in few heads; starting
+        it once a circuit has formed prunes a trained model, as head pruning does.
 
     Returns
     -------
@@ -308,6 +317,8 @@ def train(
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if resume and out is None:
         raise ValueError("resume=True needs out=FOLDER holding the run to resume")
+    if head_sparsity < 0:
+        raise ValueError(f"head_sparsity must be >= 0, got {head_sparsity}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True to train")
@@ -316,7 +327,8 @@ def train(
     config = {
         "task": task.name, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
         "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip, "seed": seed,
-        "n_checkpoints": n_checkpoints, "eval_size": eval_size,
+        "n_checkpoints": n_checkpoints, "eval_size": eval_size, "head_sparsity": head_sparsity,
+        "head_sparsity_from": head_sparsity_from,
     }  # fmt: skip
     save_at = set(checkpoint_steps(steps, n_checkpoints))
     result = TrainResult([], [], [], [], out, config)
@@ -346,8 +358,11 @@ def train(
                 group["lr"] = lr * factor
             batch = task.sample(batch_size, data).to(device)
             loss = task.loss(logits_of(model(batch.tokens)), batch)
+            objective = loss
+            if head_sparsity and step >= head_sparsity_from:
+                objective = loss + head_sparsity * head_weight_norms(model).sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
@@ -382,6 +397,34 @@ def _checkpoint(
         final.rmdir()
     _save_train_state(out / TRAIN_STATE_DIR, model, opt, data, step)
     write_json(out / CURVE_FILE, result.to_dict())
+
+
+def head_weight_norms(model: nn.Module) -> Float[Tensor, "layer head"]:
+    """The L2 norm of each attention head's weights: its Q, K, V rows and O columns together.
+
+    Summed over heads this is a group-lasso penalty (one group per head), which
+    drives whole heads to zero rather than single weights. Grouped-query models
+    count each key/value head's rows in every query head that reads them.
+    Accepts HuggingFace models whose layers hold ``self_attn.{q,k,v,o}_proj``
+    (Llama, Mistral, Qwen2, ...).
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise TypeError(
+            f"head_weight_norms needs a HuggingFace model with model.layers[i].self_attn "
+            f"(Llama-style q/k/v/o_proj); got {type(model).__name__}"
+        )
+    norms = []
+    for layer in layers:
+        attn = layer.self_attn
+        d_head = attn.head_dim
+        n_heads = attn.o_proj.weight.shape[1] // d_head
+        q = attn.q_proj.weight.reshape(n_heads, -1)
+        k, v = (w.reshape(-1, d_head * w.shape[1]) for w in (attn.k_proj.weight, attn.v_proj.weight))
+        kv = (k.square().sum(-1) + v.square().sum(-1)).repeat_interleave(n_heads // k.shape[0])
+        o = attn.o_proj.weight.reshape(-1, n_heads, d_head).transpose(0, 1).reshape(n_heads, -1)
+        norms.append((q.square().sum(-1) + kv + o.square().sum(-1)).sqrt())
+    return torch.stack(norms)
 
 
 # ------------------------------------------------------------------ architectures

@@ -33,6 +33,8 @@ class Recipe:
     batch_size: int
     warmup: int
     weight_decay: float = 0.01
+    head_sparsity: float = 0.0  # group-lasso weight on attention heads (models.train.head_weight_norms)
+    head_sparsity_from: int = 0  # the first step it applies
     n_checkpoints: int = 20
     seed: int = 0
     sizes: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -41,9 +43,14 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # Varied repeat lengths and offsets rule out the fixed positional look-back a single
     # repeat length allows; with 4 heads per layer every layer-1 head became an induction head.
+    # Without a penalty the second layer-1 head became a backup induction head (seeds 0-2, weight
+    # decay 0.1, d_model 32, 400-1500 steps); the group lasso from step 500 (the circuit forms at
+    # ~200) prunes it and the idle layer-0 head to zero. From step 0, any weight that prunes
+    # (>= 0.003) keeps the circuit from forming; 0.01-0.02 leave the backup head half pruned.
     "attn2l-induction": Recipe(
-        "attn-only-2l-rope", steps=1500, lr=3e-3, batch_size=64, warmup=100, sizes={"n_heads": 2}
-    ),
+        "attn-only-2l-rope", steps=1500, lr=3e-3, batch_size=64, warmup=100, head_sparsity=0.03,
+        head_sparsity_from=500, sizes={"n_heads": 2},
+    ),  # fmt: skip
     # Back-copies are solved by step ~300; the sinks form after, from step ~500 to ~1700.
     # With lr 1e-3 or 3e-3 they had not formed (BOS attention < 0.35) after 3000-4000 steps.
     "attn3l-bbc": Recipe(
@@ -76,8 +83,9 @@ def build(
     model = build_model(recipe.arch, task, seed=recipe.seed, **recipe.sizes).to(device)
     result = train(
         model, task, recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, warmup=recipe.warmup,
-        weight_decay=recipe.weight_decay, seed=recipe.seed, out=folder, n_checkpoints=recipe.n_checkpoints,
-        progress=progress,
+        weight_decay=recipe.weight_decay, head_sparsity=recipe.head_sparsity,
+        head_sparsity_from=recipe.head_sparsity_from, seed=recipe.seed, out=folder,
+        n_checkpoints=recipe.n_checkpoints, progress=progress,
     )  # fmt: skip
     shutil.rmtree(folder / TRAIN_STATE_DIR)
     return result

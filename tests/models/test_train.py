@@ -14,6 +14,7 @@ from dynalens.models.train import (
     build_model,
     checkpoint_steps,
     cosine_lr_factor,
+    head_weight_norms,
     logits_of,
     loss_drop_step,
     main,
@@ -135,6 +136,43 @@ def test_attention_only_llama_keeps_exactly_zero_mlps(tmp_path):
     assert layer.self_attn.q_proj.weight.requires_grad  # attention trains
     reloaded = LlamaForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_head_weight_norms_known_answer_with_grouped_kv_heads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=4, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            proj.weight.zero_()
+        attn.q_proj.weight[2 * 1 + 1, 5] = 3.0  # query head 1
+        attn.o_proj.weight[7, 2 * 1] = 4.0  # output of head 1
+        attn.k_proj.weight[2 * 1, 0] = 12.0  # key head 1: read by query heads 2 and 3
+        attn.v_proj.weight[2 * 1 + 1, 3] = 5.0
+    norms = head_weight_norms(model)
+    torch.testing.assert_close(norms, torch.tensor([[0.0, 5.0, 13.0, 13.0]]))
+    with pytest.raises(TypeError, match="q/k/v/o_proj"):
+        head_weight_norms(build_model("attn-only-2l", InductionTask(d_vocab=12, half_len=4), d_model=16))
+
+
+def test_head_sparsity_shrinks_heads_from_its_first_step():
+    task = InductionTask(d_vocab=12, half_len=4, min_len=2)
+    runs = {}
+    for weight in (0.0, 1.0):
+        model = build_model("attn-only-2l-rope", task, d_model=16, n_heads=2)
+        result = train(model, task, 30, lr=3e-3, head_sparsity=weight, head_sparsity_from=10, **FAST)
+        runs[weight] = result.loss, head_weight_norms(model).detach()
+    print({w: norms for w, (_, norms) in runs.items()})
+    assert runs[0.0][0][:10] == runs[1.0][0][:10]  # the penalty is off before step 10
+    assert runs[0.0][0][10:] != runs[1.0][0][10:]
+    assert (runs[1.0][1] < 0.5 * runs[0.0][1]).all()
+    with pytest.raises(ValueError, match="head_sparsity"):
+        train(model, task, 2, head_sparsity=-1.0, **FAST)
 
 
 def test_schedule_and_checkpoint_steps():
