@@ -48,6 +48,7 @@ from dynalens.circuits.retrieval import (
     make_haystacks,
     mixer_retrieval_scores,
     retrieval_scores,
+    rouge1_recall,
 )
 from dynalens.circuits.steering import ControllerOutput, SteeringController, steer
 
@@ -90,6 +91,7 @@ __all__ = [
     "make_haystacks",
     "mixer_retrieval_scores",
     "retrieval_scores",
+    "rouge1_recall",
     "HeadAblation",
     "HeadScores",
     "channel_patterns",

@@ -1,34 +1,50 @@
 """Retrieval heads (Wu et al. 2024): heads that copy the needle out of a haystack.
 
-A needle sentence is hidden at some depth in filler text; the prompt then
-asks for it and starts the answer (``"...Answer: The best thing to do in San
-Francisco is"``), and the model continues with the rest of the needle. The
-score follows the paper and its code (``retrieval_calculate``): at each step
-where the model generates a needle token ``w``, a head *copy-pastes* when its
-top-1 attention lies on the needle position holding ``w``; each such step adds
-``1 / len(needle span)`` to the head's score for that haystack. Haystacks
-whose answer the model does not retrieve (needle accuracy at most
-``min_accuracy``, the code's ROUGE-1 recall > 50 gate) are left out; the
-retrieval score of a head is its mean over the rest, drawn across haystack
-lengths and needle depths. A head is a retrieval head when its score exceeds
-0.1 (the paper finds fewer than 5% of heads).
+The procedure follows the paper's code (``nightdessert/Retrieval_Head``,
+``retrieval_head_detection.py``):
 
-The answer is read out by teacher forcing: one forward pass over the prompt
-followed by the needle's answer tokens; step ``j`` is the prediction at the
-position before answer token ``j``, and it counts only when the model's own
-top-1 token *is* answer token ``j``. Such a step is exactly a greedy
-decoding step while the model copies correctly (the attention of a KV-cached
-step equals the same row of the full causal pass), at the cost of one
-forward per haystack; a step where the model would generate something else
-never counts. For the same reason the needle accuracy is the teacher-forced
-top-1 accuracy on the answer tokens, not the paper's ROUGE-1 recall of a free
-generation.
+- **Haystack**: the first ``context_tokens`` tokens of a book, with the
+  needle sentence (``lead + answer``) inserted at a depth from 0 to 1, moved
+  back to the nearest sentence end (depth 1 puts it last); the paper uses a
+  different text per needle (here three parts of the Python language reference
+  that ships with the standard library, ``pydoc_data``). The prompt is the
+  context followed directly by ``"Based on the content of the book, Question:
+  {question}\\nAnswer:"``: no part of the answer is fed.
+- **Needle span**: the positions of the needle's answer clause (the code's
+  ``real_needle``), known exactly because token ids are built piece by piece.
+- **Decoding**: greedy, at most 50 new tokens, ending with the first token
+  that holds a newline (and at the end-of-sequence token). At every decoding
+  step, whatever token ``w`` the model generates, a head *copy-pastes* when its
+  top-1 attention (``argmax``: the first maximum on a tie) lies in the needle
+  span on a position holding ``w``; each such step adds ``1 / |span|`` to the
+  head's score for that haystack (``retrieval_calculate``).
+- **Aggregation**: haystacks whose response has a ROUGE-1 recall of the answer
+  at most 0.5 are left out (the code's ``score > 50``); a head's retrieval
+  score is its mean over the others. A head is a retrieval head when its
+  score exceeds 0.1 (the paper finds fewer than 5% of heads).
+
+One adaptation: a small model often opens its answer with a blank line, and
+the code (written for tokenizers whose answers start on the ``Answer:`` line)
+would stop there with an empty answer; decoding here ends at the first newline
+*after* the answer has begun. ROUGE-1 recall is computed as ``rouge_score``
+does (lower-cased alphanumeric words) but without its Porter stemmer.
+
+The decoding steps are read while ``model.generate`` runs with the KV cache:
+the prompt pass's last row is the first step's query (the code's prefill stops
+one token earlier and feeds the last prompt token as the first step), then one
+query per generated token.
+
+Masking (:class:`NeedleScorer` with :func:`~dynalens.circuits.ablate_heads`,
+``method="mask"``, ``last_queries=1``) makes the chosen heads attend uniformly
+at decoding steps only, as the paper's ``needle_in_haystack_with_mask.py``
+does by zeroing their queries; needle accuracy is the ROUGE-1 recall of the
+answer, and the random control draws heads outside the top 100.
 
 Mamba has no attention: :func:`mixer_retrieval_scores` applies the same
 copy-paste rule to each channel's materialised SSM matrix (the key with the
 largest ``|M[q, k]|``) and averages the channels of each channel group.
 
->>> ret = dl.circuits.retrieval_scores(model, haystacks=20)                  # doctest: +SKIP
+>>> ret = dl.circuits.retrieval_scores(model, haystacks=30, context_tokens=(1000, 2000))  # doctest: +SKIP
 >>> ret.top(10); ret.figure()                                               # doctest: +SKIP
 >>> needle = dl.circuits.NeedleScorer(model)                                 # doctest: +SKIP
 >>> dl.circuits.ablate_heads(model, ret.top(10), needle, method="mask",
@@ -37,8 +53,11 @@ largest ``|M[q, k]|``) and averages the channels of each channel group.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import pandas as pd
@@ -52,13 +71,28 @@ from dynalens.probes.results import Result
 from dynalens.probes.sinks import check_transformer
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 RETRIEVAL_THRESHOLD = 0.1
 """Score above which a head counts as a retrieval head (the paper's threshold)."""
 
+MIN_RECALL = 0.5
+"""Haystacks whose answer has a ROUGE-1 recall at most this are not averaged (the paper's code)."""
+
+MAX_NEW_TOKENS = 50
+"""Decoding steps per haystack at most (the paper's code)."""
+
+QUESTION = "Based on the content of the book, Question: {question}\nAnswer:"
+"""What follows the context (the paper's code, for models without a chat template)."""
+
 
 class Needle(NamedTuple):
-    """A needle sentence ``lead + answer``, and the question that asks for it."""
+    """A needle sentence ``lead + answer``, and the question that asks for it.
+
+    ``answer`` is the span that scores (the code's ``real_needle``) and the
+    reference of the ROUGE-1 recall.
+    """
 
     lead: str
     answer: str
@@ -84,151 +118,185 @@ NEEDLES = (
 )
 """The needles of the default haystacks (the paper's San Francisco needle first)."""
 
-FILLER = (
-    "The committee met on Tuesday to review the budget for the coming year.",
-    "Most of the members agreed that the roads needed repair before winter.",
-    "A small bakery on the corner sells bread every morning at seven.",
-    "The river rises each spring when the snow melts in the hills.",
-    "Several students stayed late in the library to finish their essays.",
-    "The museum opened a new wing devoted to maps and navigation.",
-    "Farmers in the valley grow wheat, barley and a little corn.",
-    "The train to the coast leaves twice a day from the central station.",
-    "An old clock tower stands in the middle of the market square.",
-    "Volunteers planted two hundred trees along the edge of the park.",
-    "The weather service expects light rain for most of the weekend.",
-    "Her grandfather repaired radios in a workshop behind the house.",
-    "The choir rehearses on Thursday evenings in the town hall.",
-    "Engineers tested the bridge with heavy trucks before it opened.",
-    "The local paper prints the football results every Monday.",
-    "A family of ducks nests each year near the mill pond.",
-    "The school added a course on programming for younger pupils.",
-    "Tourists often photograph the painted doors of the harbour houses.",
-    "The hospital hired new nurses to staff the night shift.",
-    "Shops along the high street close early on Sundays.",
-)
-"""Neutral filler sentences the haystacks are drawn from."""
+BOOK_PARTS = 3
+"""How many parts the haystack text is cut into (one per needle, as the paper's three haystacks)."""
+
+
+@lru_cache(maxsize=BOOK_PARTS)
+def book(part: int = 0) -> str:
+    """Part ``part`` of the haystack text: a third of the Python language reference (``pydoc_data``), prose lines unwrapped.
+
+    The paper's haystacks are long English essays, a different part per
+    needle; this text ships with every Python, so haystacks need no download.
+    """
+    from pydoc_data.topics import topics
+
+    if part not in range(BOOK_PARTS):
+        raise ValueError(f"part must be one of {list(range(BOOK_PARTS))}, got {part!r}")
+    names = sorted(topics)
+    size = -(-len(names) // BOOK_PARTS)
+    text = "\n\n".join(topics[name] for name in names[part * size : (part + 1) * size])
+    return re.sub(r"(?<=\S)\n(?=\S)", " ", text)  # unwrap the hard-wrapped prose lines
 
 
 @dataclass(frozen=True)
 class Haystack:
-    """One needle-in-a-haystack prompt with its answer, as token ids.
+    """One needle-in-a-haystack prompt, as token ids.
 
     Attributes
     ----------
     tokens
-        ``[pos]``: the prompt, then the answer tokens (the last ``n_answer``).
+        ``[pos]``: BOS, the context with the needle, the question.
     needle_span
-        ``(start, stop)`` positions of the needle's answer tokens in the haystack.
-    n_answer
-        How many answer tokens end ``tokens``.
+        ``(start, stop)`` positions of the needle's answer tokens.
+    answer
+        The needle's answer text (the ROUGE-1 reference).
     """
 
     tokens: Int[Tensor, " pos"]
     needle_span: tuple[int, int]
-    n_answer: int
-
-    @property
-    def answer_start(self) -> int:
-        return self.tokens.shape[0] - self.n_answer
+    answer: str
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def make_haystack(
-    model: Any, needle: Needle, context_tokens: int, depth: float, generator: torch.Generator
-) -> Haystack:
-    """A haystack of about ``context_tokens`` filler tokens with ``needle`` at ``depth`` (0 to 1).
+def _book_tokens(tokenizer: Any, part: int, n: int) -> list[int]:
+    """The first ``n`` tokens of :func:`book` part ``part`` (encoding only as much text as needed)."""
+    text, chars = book(part), 8 * n
+    ids = _encode(tokenizer, text[:chars])
+    while len(ids) < n + 1 and chars < len(text):
+        chars *= 2
+        ids = _encode(tokenizer, text[:chars])
+    if len(ids) < n:
+        raise ValueError(f"context_tokens={n} exceeds the {len(ids)} tokens of book part {part}")
+    return ids[:n]
 
-    Token ids are built piece by piece (BOS, filler, needle lead, needle
-    answer, filler, question and answer lead, answer), so the needle's answer
-    tokens are the same ids in the haystack and in the answer.
+
+def make_haystack(model: Any, needle: Needle, context_tokens: int, depth: float, part: int = 0) -> Haystack:
+    """The first ``context_tokens`` tokens of book part ``part`` with ``needle`` at ``depth`` (0 to 1).
+
+    As the paper's ``insert_needle``: the needle goes after the first
+    ``round(depth * context_tokens)`` tokens, moved back to the last sentence
+    end; the question follows the context.
     """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("needle-in-a-haystack prompts are text: this model has no tokenizer")
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must lie in [0, 1], got {depth!r}")
-    filler: list[int] = []
-    while len(filler) < context_tokens:
-        sentence = FILLER[int(torch.randint(len(FILLER), (1,), generator=generator))]
-        filler += _encode(tokenizer, " " + sentence)
-    filler = filler[:context_tokens]
-    cut = round(depth * len(filler))
-    while 0 < cut < len(filler) and not tokenizer.decode(filler[cut - 1 : cut]).endswith("."):
+    if not isinstance(context_tokens, int) or context_tokens < 1:
+        raise ValueError(f"context_tokens must be a positive integer, got {context_tokens!r}")
+    context = _book_tokens(tokenizer, part, context_tokens)
+    cut = round(depth * len(context))
+    while 0 < cut < len(context) and not tokenizer.decode(context[cut - 1 : cut]).endswith("."):
         cut -= 1  # put the needle between sentences
-    answer = _encode(tokenizer, needle.answer)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    head = bos + filler[:cut] + _encode(tokenizer, " " + needle.lead)
-    tail = filler[cut:] + _encode(tokenizer, f"\nQuestion: {needle.question}\nAnswer: {needle.lead}")
-    ids = head + answer + tail + answer
-    return Haystack(torch.tensor(ids), (len(head), len(head) + len(answer)), len(answer))
+    head = bos + context[:cut] + _encode(tokenizer, " " + needle.lead)
+    answer = _encode(tokenizer, needle.answer)
+    tail = context[cut:] + _encode(tokenizer, QUESTION.format(question=needle.question))
+    return Haystack(torch.tensor(head + answer + tail), (len(head), len(head) + len(answer)), needle.answer)
 
 
 def make_haystacks(
     model: Any,
     n: int,
     *,
-    context_tokens: int | Sequence[int] = 200,
+    context_tokens: int | Sequence[int] = 500,
     needles: Sequence[Needle] = NEEDLES,
-    seed: int = 0,
 ) -> list[Haystack]:
-    """``n`` haystacks over a grid of filler lengths × needle depths, cycling through ``needles``.
+    """``n`` haystacks over a grid of needles × context lengths × needle depths.
 
-    Haystack ``i`` has ``context_tokens[i % L]`` filler tokens (``L`` lengths)
-    and its needle at depth ``j / (m - 1)``, ``j = i // L``, ``m = ceil(n / L)``
-    (evenly spaced from 0 to 1 at every length); its needle is ``needles[i % len(needles)]``.
+    Haystack ``i`` holds needle ``i % N`` (``N`` needles, needle ``j`` in book
+    part ``j % 3``), has ``context_tokens[(i // N) % L]`` context tokens
+    (``L`` lengths), and its needle at depth ``d / (m - 1)``, ``d = i // (N L)``,
+    ``m = ceil(n / (N L))``. With ``n = N * L * m`` that is the full grid, as
+    the paper's (needles × lengths × depths).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of haystacks must be a positive integer, got {n!r}")
     lengths = [context_tokens] if isinstance(context_tokens, int) else list(context_tokens)
     if not lengths or any(not isinstance(t, int) or t < 1 for t in lengths):
         raise ValueError(f"context_tokens must be a positive integer or a list of them, got {context_tokens!r}")
-    generator = torch.Generator().manual_seed(seed)
-    per_length = -(-n // len(lengths))
-    depths = torch.linspace(0.0, 1.0, per_length).tolist() if per_length > 1 else [0.5]
+    if not needles:
+        raise ValueError("needles is empty: pass at least one Needle")
+    combos = len(needles) * len(lengths)
+    per_combo = -(-n // combos)
+    depths = torch.linspace(0.0, 1.0, per_combo).tolist() if per_combo > 1 else [0.5]
     return [
-        make_haystack(model, needles[i % len(needles)], lengths[i % len(lengths)], depths[i // len(lengths)], generator)
+        make_haystack(
+            model, needles[i % len(needles)], lengths[(i // len(needles)) % len(lengths)],
+            depths[i // combos], part=(i % len(needles)) % BOOK_PARTS,
+        )
         for i in range(n)
-    ]
+    ]  # fmt: skip
 
 
-class _Readout(NamedTuple):
-    top_keys: Int[Tensor, "layer head step"]  # each head's top-1 key at each answer step
-    predictions: Int[Tensor, " step"]  # the model's top-1 token at each answer step
+def rouge1_recall(reference: str, response: str) -> float:
+    """ROUGE-1 recall: the share of ``reference``'s words (with multiplicity) that ``response`` holds.
+
+    Words as ``rouge_score`` splits them (lower case, runs of ``[a-z0-9]``),
+    without its Porter stemmer.
+    """
+    ref, hyp = (Counter(re.findall(r"[a-z0-9]+", text.lower())) for text in (reference, response))
+    total = sum(ref.values())
+    return sum((ref & hyp).values()) / total if total else 0.0
+
+
+class _EndOfLine(StoppingCriteria):
+    """Stop once a generated token holds a newline after the answer has begun."""
+
+    def __init__(self, tokenizer: Any, n_prompt: int) -> None:
+        self.tokenizer, self.n_prompt = tokenizer, n_prompt
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        new = input_ids[0, self.n_prompt :].tolist()
+        done = "\n" in self.tokenizer.decode(new[-1:]) and self.tokenizer.decode(new[:-1]).strip() != ""
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Decoding(NamedTuple):
+    generated: Int[Tensor, " step"]  # the greedy tokens, the stop token included
+    top_keys: Int[Tensor, "layer head step"] | None  # each head's top-1 key at each step
 
 
 @torch.no_grad()
-def _read_answer(model: Any, haystack: Haystack, fwd_hooks: Sequence = ()) -> _Readout:
-    """One teacher-forced pass: each head's top-1 key and the model's prediction per answer step."""
-    start, n_layers = haystack.answer_start, model.cfg.n_layers
-    rows = slice(start - 1, start - 1 + haystack.n_answer)  # the queries that predict the answer
-    top_keys: list[Tensor] = [torch.empty(0)] * n_layers
+def _decode(model: Any, haystack: Haystack, fwd_hooks: Sequence = (), *, read_heads: bool = False) -> _Decoding:
+    """Greedy decoding of the answer (KV cache on), with each head's top-1 key per step if asked."""
+    n_layers, n_prompt = model.cfg.n_layers, haystack.tokens.shape[0]
+    steps: list[list[Tensor]] = [[] for _ in range(n_layers)]
 
     def record(pattern: Float[Tensor, "batch head q k"], hook: Any) -> None:
-        top_keys[int(hook.name.split(".")[1])] = pattern[0, :, rows].argmax(-1).cpu()
+        steps[int(hook.name.split(".")[1])].append(pattern[0, :, -1].argmax(-1).cpu())
 
-    record_hooks = [(f"blocks.{layer}.attn.hook_pattern", record) for layer in range(n_layers)]
-    logits = model.run_with_hooks(haystack.tokens[None], fwd_hooks=list(fwd_hooks) + record_hooks)
-    return _Readout(torch.stack(top_keys), logits[0, rows].argmax(-1).cpu())
+    hooks = list(fwd_hooks)
+    if read_heads:
+        hooks += [(f"blocks.{layer}.attn.hook_pattern", record) for layer in range(n_layers)]
+    max_new = min(MAX_NEW_TOKENS, model.cfg.n_ctx - n_prompt)
+    out = model.generate(
+        haystack.tokens[None], max_new, fwd_hooks=hooks, return_type="tokens",
+        eos_token_id=model.tokenizer.eos_token_id,
+        stopping_criteria=[_EndOfLine(model.tokenizer, n_prompt)],
+    )  # fmt: skip
+    generated = out[0, n_prompt:].cpu()
+    top_keys = torch.stack([torch.stack(s[: len(generated)], -1) for s in steps]) if read_heads else None
+    return _Decoding(generated, top_keys)
 
 
 def copy_paste_scores(
-    top_keys: Int[Tensor, "layer head step"], predictions: Int[Tensor, " step"], haystack: Haystack
+    top_keys: Int[Tensor, "layer head step"], generated: Int[Tensor, " step"], haystack: Haystack
 ) -> Float[Tensor, "layer head"]:
     """One haystack's retrieval score per head: its copy-paste steps over the needle span's length.
 
-    A step counts for a head when the model's top-1 prediction is the answer
-    token being copied and the head's top-1 key is a needle position holding
-    that same token.
+    A step counts for a head when its top-1 key is a needle-span position
+    holding the token generated at that step.
     """
     start, stop = haystack.needle_span
     tokens = haystack.tokens
     in_span = (top_keys >= start) & (top_keys < stop)
-    same = tokens[top_keys.clamp(0, tokens.shape[0] - 1)] == predictions
-    copied = predictions == tokens[haystack.answer_start :]
-    return (in_span & same & copied).sum(-1).float() / (stop - start)
+    same = tokens[top_keys.clamp(0, tokens.shape[0] - 1)] == generated
+    return (in_span & same).sum(-1).float() / (stop - start)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -238,31 +306,33 @@ class RetrievalScores(Result):
     Attributes
     ----------
     scores
-        ``[layer, head]`` mean copy-paste share of the needle over the
-        retrieved haystacks, in ``[0, 1]``.
+        ``[layer, head]`` mean copy-paste score over the retrieved haystacks.
     haystack_scores
         ``[haystack, layer, head]``: each haystack's own scores.
-    accuracy
-        Teacher-forced top-1 accuracy on the answer tokens, per haystack.
+    recall
+        ROUGE-1 recall of the needle's answer in each haystack's response.
+    responses
+        The model's greedy answer to each haystack.
     prompt_tokens
-        Prompt length (tokens before the answer) per haystack.
+        Prompt length per haystack.
     threshold
         Score above which a head counts as a retrieval head.
-    min_accuracy
-        Haystacks with needle accuracy at most this are not averaged.
+    min_recall
+        Haystacks with recall at most this are not averaged.
     """
 
     scores: Float[Tensor, "layer head"]
     haystack_scores: Float[Tensor, "haystack layer head"]
-    accuracy: Float[Tensor, " haystack"]
+    recall: Float[Tensor, " haystack"]
+    responses: list[str]
     prompt_tokens: list[int]
     threshold: float = RETRIEVAL_THRESHOLD
-    min_accuracy: float = 0.5
+    min_recall: float = MIN_RECALL
 
     @property
     def retrieved(self) -> int:
         """How many haystacks the model retrieved (the ones averaged)."""
-        return int((self.accuracy > self.min_accuracy).sum())
+        return int((self.recall > self.min_recall).sum())
 
     @property
     def fraction(self) -> float:
@@ -306,10 +376,11 @@ def retrieval_scores(
     model: Any,
     haystacks: int | Sequence[Haystack] = 20,
     *,
-    context_tokens: int | Sequence[int] = (200, 400, 800),
+    context_tokens: int | Sequence[int] = (500, 1000),
+    needles: Sequence[Needle] = NEEDLES,
     threshold: float = RETRIEVAL_THRESHOLD,
-    min_accuracy: float = 0.5,
-    seed: int = 0,
+    min_recall: float = MIN_RECALL,
+    progress: bool = False,
 ) -> RetrievalScores:
     """The retrieval score of every head, averaged over needle-in-a-haystack prompts.
 
@@ -320,42 +391,45 @@ def retrieval_scores(
     haystacks
         How many haystacks to generate (:func:`make_haystacks`), or the haystacks.
     context_tokens
-        Filler lengths of generated haystacks (cycled; depths spread at each length).
+        Context lengths of generated haystacks.
+    needles
+        Needles of generated haystacks.
     threshold
         Score above which a head is a retrieval head.
-    min_accuracy
-        Average only haystacks whose needle accuracy exceeds this (the
-        paper's code keeps generations with ROUGE-1 recall > 50%).
-    seed
-        Seeds the filler of generated haystacks.
+    min_recall
+        Average only haystacks whose answer's ROUGE-1 recall exceeds this.
+    progress
+        Show a progress bar over haystacks.
 
     Returns
     -------
     RetrievalScores
     """
     check_transformer(model)
-    if not 0.0 <= min_accuracy < 1.0:
-        raise ValueError(f"min_accuracy must lie in [0, 1), got {min_accuracy!r}")
+    if not 0.0 <= min_recall < 1.0:
+        raise ValueError(f"min_recall must lie in [0, 1), got {min_recall!r}")
     if isinstance(haystacks, int):
-        haystacks = make_haystacks(model, haystacks, context_tokens=context_tokens, seed=seed)
+        haystacks = make_haystacks(model, haystacks, context_tokens=context_tokens, needles=needles)
     if not haystacks:
         raise ValueError("haystacks is empty: pass a positive number or at least one Haystack")
-    per_haystack, accuracy = [], []
-    for haystack in haystacks:
-        readout = _read_answer(model, haystack)
-        per_haystack.append(copy_paste_scores(readout.top_keys, readout.predictions, haystack))
-        accuracy.append((readout.predictions == haystack.tokens[haystack.answer_start :]).float().mean())
-    haystack_scores, accuracy_t = torch.stack(per_haystack), torch.stack(accuracy)
-    retrieved = accuracy_t > min_accuracy
+    per_haystack, recall, responses = [], [], []
+    for haystack in tqdm(haystacks, desc="haystacks", disable=not progress):
+        decoding = _decode(model, haystack, read_heads=True)
+        per_haystack.append(copy_paste_scores(decoding.top_keys, decoding.generated, haystack))
+        responses.append(model.tokenizer.decode(decoding.generated, skip_special_tokens=True).strip())
+        recall.append(rouge1_recall(haystack.answer, responses[-1]))
+    haystack_scores, recall_t = torch.stack(per_haystack), torch.tensor(recall)
+    retrieved = recall_t > min_recall
     scores = haystack_scores[retrieved].mean(0) if retrieved.any() else torch.zeros_like(haystack_scores[0])
     return RetrievalScores(
         **result_context(model, haystacks[0].tokens[None]),
         scores=scores,
         haystack_scores=haystack_scores,
-        accuracy=accuracy_t,
-        prompt_tokens=[h.answer_start for h in haystacks],
+        recall=recall_t,
+        responses=responses,
+        prompt_tokens=[h.tokens.shape[0] for h in haystacks],
         threshold=threshold,
-        min_accuracy=min_accuracy,
+        min_recall=min_recall,
     )
 
 
@@ -425,34 +499,40 @@ def mixer_retrieval_scores(
 
 @dataclass
 class NeedleScorer:
-    """Needle accuracy as a :class:`~dynalens.circuits.ablation.Scorer` for :func:`ablate_heads`.
+    """Needle accuracy, the ROUGE-1 recall of the answer, as a :class:`~dynalens.circuits.ablation.Scorer`.
 
-    Each trial draws ``n_haystacks`` haystacks of one needle (so every prompt
-    ends with the same ``answer_queries`` answer-reading queries, the ones to
-    mask) and returns the mean teacher-forced answer accuracy.
+    Each trial draws ``n_haystacks`` haystacks of one needle at random depths
+    and returns the mean recall of the model's greedy answers. Hooks passed
+    by :func:`~dynalens.circuits.ablate_heads` stay on while decoding; with
+    ``method="mask"`` and ``last_queries=answer_queries`` they mask the
+    decoding steps only, as the paper does.
     """
 
     model: Any
     n_haystacks: int = 4
-    context_tokens: int = 200
+    context_tokens: int = 500
     needle: Needle = field(default=NEEDLES[0])
-    metric: str = "needle accuracy"
+    metric: str = "needle ROUGE-1 recall"
 
     @property
     def answer_queries(self) -> int:
-        """The queries that read out the answer: the last prompt position and each answer token."""
-        return len(_encode(self.model.tokenizer, self.needle.answer)) + 1
+        """The queries to mask in each forward pass of decoding: its last one.
+
+        That is the last prompt token in the prompt pass (the paper's first
+        decoding step) and the one new token in every later pass.
+        """
+        return 1
 
     def _haystacks(self, generator: torch.Generator) -> list[Haystack]:
         depths = torch.rand(self.n_haystacks, generator=generator).tolist()
-        return [make_haystack(self.model, self.needle, self.context_tokens, d, generator) for d in depths]
+        return [make_haystack(self.model, self.needle, self.context_tokens, d) for d in depths]
 
     def score(self, model: Any, fwd_hooks: Sequence, generator: torch.Generator) -> float:
-        correct = []
+        recall = []
         for haystack in self._haystacks(generator):
-            readout = _read_answer(model, haystack, fwd_hooks)
-            correct.append((readout.predictions == haystack.tokens[haystack.answer_start :]).float().mean())
-        return torch.stack(correct).mean().item()
+            generated = _decode(model, haystack, fwd_hooks).generated
+            recall.append(rouge1_recall(haystack.answer, model.tokenizer.decode(generated, skip_special_tokens=True)))
+        return sum(recall) / len(recall)
 
     def reference_tokens(self, generator: torch.Generator) -> Int[Tensor, "1 pos"]:
         return self._haystacks(generator)[0].tokens[None]

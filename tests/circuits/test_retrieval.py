@@ -1,9 +1,11 @@
-"""Retrieval scores: the copy-paste rule on known answers, a loop reference on SmolLM2, masking (slow)."""
+"""Retrieval scores: the copy-paste rule and ROUGE-1 on known answers, the paper's loop on HF SmolLM2,
+decoding-only masking against query zeroing in HF, the Mamba variant against a loop; SmolLM2 figures (slow)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import dynalens as dl
 from dynalens.circuits import (
@@ -13,109 +15,179 @@ from dynalens.circuits import (
     RetrievalScores,
     ablate_heads,
     copy_paste_scores,
+    head_hooks,
     make_haystack,
     make_haystacks,
     mixer_retrieval_scores,
     retrieval_scores,
+    rouge1_recall,
 )
+from dynalens.circuits.retrieval import MAX_NEW_TOKENS, QUESTION
+from dynalens.models import smollm2 as smollm2_builtin
 from dynalens.models.zoo import get_entry
 
 
 def test_copy_paste_rule_known_answer():
-    # positions 2..4 hold the needle (7, 8, 9); the answer copies it at the end.
-    haystack = Haystack(torch.tensor([0, 5, 7, 8, 9, 6, 7, 8, 9]), (2, 5), 3)
-    predictions = torch.tensor([7, 7, 9])  # step 1 generates needle token 7 where 8 is being copied
+    # positions 2..4 hold the needle's answer (7, 8, 9); the model generates 7, 7, 9, 5.
+    haystack = Haystack(torch.tensor([0, 5, 7, 8, 9, 6, 7, 8, 9]), (2, 5), "x")
+    generated = torch.tensor([7, 7, 9, 5])
     top_keys = torch.tensor([[
-        [2, 3, 4],  # head 0: on the copied token at steps 0 and 2 -> 2/3
-        [2, 2, 4],  # head 1: step 1's top key holds the generated 7, but the model does not copy there -> 2/3
-        [3, 3, 3],  # head 2: on needle token 8, never the generated one -> 0
-        [6, 7, 8],  # head 3: on the answer's own copies, outside the needle span -> 0
+        [2, 3, 4, 1],  # head 0: on the generated token at steps 0 and 2 -> 2/3
+        [2, 2, 4, 2],  # head 1: step 1 generates 7 (not the needle's next token) and looks at a 7 -> 3/3
+        [3, 3, 3, 3],  # head 2: on needle token 8, never generated -> 0
+        [6, 7, 8, 1],  # head 3: on copies of the needle outside its span -> 0
     ]])  # fmt: skip
-    scores = copy_paste_scores(top_keys, predictions, haystack)
-    torch.testing.assert_close(scores, torch.tensor([[2 / 3, 2 / 3, 0.0, 0.0]]))
+    scores = copy_paste_scores(top_keys, generated, haystack)
+    torch.testing.assert_close(scores, torch.tensor([[2 / 3, 1.0, 0.0, 0.0]]))
 
 
-def test_haystack_holds_the_needle_and_ends_with_its_answer(smollm2):
+def test_rouge1_recall_known_answers():
+    assert rouge1_recall("eat a sandwich and sit", "I'd EAT a sandwich!") == pytest.approx(3 / 5)
+    assert rouge1_recall("the cat and the hat", "the hat") == pytest.approx(2 / 5)  # counts with multiplicity
+    assert rouge1_recall("Dolores Park, on a sunny day.", "dolores park on a sunny day") == 1.0
+    assert rouge1_recall("...", "anything") == 0.0
+
+
+def test_haystack_holds_the_needle_and_ends_with_the_question(smollm2):
+    tokenizer = smollm2.tokenizer
     for depth in (0.0, 0.5, 1.0):
-        hay = make_haystack(smollm2, NEEDLES[1], 60, depth, torch.Generator().manual_seed(0))
+        hay = make_haystack(smollm2, NEEDLES[1], 80, depth, part=1)
         start, stop = hay.needle_span
-        assert stop - start == hay.n_answer
-        assert torch.equal(hay.tokens[start:stop], hay.tokens[hay.answer_start :])
-        assert hay.tokens[0] == smollm2.tokenizer.bos_token_id
-        text = smollm2.tokenizer.decode(hay.tokens[: hay.answer_start])
+        assert tokenizer.decode(hay.tokens[start:stop]) == NEEDLES[1].answer
+        assert hay.tokens[0] == tokenizer.bos_token_id and hay.answer == NEEDLES[1].answer
+        text = tokenizer.decode(hay.tokens[1:])
         assert NEEDLES[1].lead + NEEDLES[1].answer in text
-        assert text.endswith("Answer: " + NEEDLES[1].lead)
+        assert text.endswith(QUESTION.format(question=NEEDLES[1].question))
+        assert hay.tokens.shape[0] - stop + start == 1 + 80 + len(tokenizer.encode(" " + NEEDLES[1].lead, add_special_tokens=False)) + len(
+            tokenizer.encode(QUESTION.format(question=NEEDLES[1].question), add_special_tokens=False)
+        )
+    first = make_haystack(smollm2, NEEDLES[0], 80, 0.0)
+    assert first.needle_span[0] == 1 + len(tokenizer.encode(" " + NEEDLES[0].lead, add_special_tokens=False))  # depth 0: right after BOS
     with pytest.raises(ValueError, match="depth must lie in"):
-        make_haystack(smollm2, NEEDLES[0], 60, 1.5, torch.Generator())
+        make_haystack(smollm2, NEEDLES[0], 60, 1.5)
+    with pytest.raises(ValueError, match="exceeds the"):
+        make_haystack(smollm2, NEEDLES[0], 10**6, 0.5)
 
 
-def test_haystacks_need_a_tokenizer(attn2l):
+def test_haystacks_need_a_tokenizer(tiny_mamba_model):
     with pytest.raises(ValueError, match="no tokenizer"):
-        retrieval_scores(attn2l, 1)
+        make_haystack(tiny_mamba_model, NEEDLES[0], 60, 0.5)
 
 
-def _reference_scores(model, haystack: Haystack) -> torch.Tensor:
-    """The paper's loop (nightdessert/Retrieval_Head, retrieval_calculate) over full cached patterns."""
-    logits, cache = model.run_with_cache(haystack.tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
-    logits = logits[0]
-    start, stop = haystack.needle_span
-    scores = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
-    for step in range(haystack.n_answer):
-        query = haystack.answer_start - 1 + step
-        token = logits[query].argmax().item()
-        if token != haystack.tokens[query + 1].item():
-            continue  # greedy decoding would leave the needle here: teacher forcing counts only copied steps
-        for layer in range(model.cfg.n_layers):
-            pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0]
-            for head in range(model.cfg.n_heads):
-                i = pattern[head, query].argmax().item()
-                if start <= i < stop and haystack.tokens[i].item() == token:
-                    scores[layer, head] += 1 / (stop - start)
-    return scores
-
-
-def test_retrieval_scores_match_the_papers_loop(smollm2, tmp_path):
-    hay = make_haystacks(smollm2, 1, context_tokens=60, seed=3)
-    ret = retrieval_scores(smollm2, hay)
-    torch.testing.assert_close(ret.scores, _reference_scores(smollm2, hay[0]))
-    assert ret.accuracy.item() > 0.8  # SmolLM2 copies the needle
-    assert 0 < ret.fraction < 0.25 and ret.heads()[0] == tuple(ret.top(1)[["layer", "head"]].iloc[0])
-    ret.save(tmp_path / "ret.safetensors")
-    loaded = RetrievalScores.load(tmp_path / "ret.safetensors")
-    assert torch.equal(loaded.scores, ret.scores) and loaded.prompt_tokens == ret.prompt_tokens
-    assert ret.figure().data[0].z.shape == (30, 9)
-
-
-def test_haystacks_the_model_does_not_retrieve_are_left_out(smollm2):
-    good = make_haystacks(smollm2, 1, context_tokens=40, seed=1)[0]
-    tokens, (start, stop) = good.tokens.clone(), good.needle_span
-    tokens[start:stop] = torch.tensor(smollm2.tokenizer.encode(" the", add_special_tokens=False) * (stop - start))
-    lost = Haystack(tokens, good.needle_span, good.n_answer)  # the needle is gone: nothing to copy
-    ret = retrieval_scores(smollm2, [good, lost])
-    assert ret.accuracy[0] > 0.5 >= ret.accuracy[1] and ret.retrieved == 1
-    torch.testing.assert_close(ret.scores, ret.haystack_scores[0])
-    torch.testing.assert_close(ret.scores, retrieval_scores(smollm2, [good]).scores)
-    with pytest.raises(ValueError, match="min_accuracy"):
-        retrieval_scores(smollm2, [good], min_accuracy=1.0)
-
-
-def test_haystacks_cover_a_grid_of_lengths_and_depths(smollm2):
-    hays = make_haystacks(smollm2, 6, context_tokens=[30, 60], seed=0)
-    lengths = [h.answer_start for h in hays]
-    assert lengths[0] < lengths[1] and lengths[2] < lengths[3]  # lengths alternate
-    first, last = hays[0].needle_span[0], hays[4].needle_span[0]  # length 30 at depths 0 and 1
-    assert first < last
+def test_haystacks_cover_needles_lengths_and_depths(smollm2):
+    hays = make_haystacks(smollm2, 12, context_tokens=[150, 300], needles=NEEDLES[:2])
+    prompts = [h.tokens.shape[0] for h in hays]
+    assert [h.answer for h in hays[:4]] == [NEEDLES[0].answer, NEEDLES[1].answer] * 2  # needles cycle first
+    assert prompts[0] < prompts[2] and prompts[1] < prompts[3]  # then lengths
+    assert hays[2].needle_span[0] < hays[6].needle_span[0] < hays[10].needle_span[0]  # then depths 0, 0.5, 1
     with pytest.raises(ValueError, match="context_tokens"):
         make_haystacks(smollm2, 2, context_tokens=[])
 
 
+def _papers_loop(hf_model, tokenizer, haystack: Haystack) -> tuple[list[int], torch.Tensor]:
+    """``retrieval_head_detection.py`` on the HuggingFace model: prefill all but the last prompt token,
+    then greedy steps with the KV cache, scoring each head's top-1 attention with ``retrieval_calculate``."""
+    config = hf_model.config
+    scores = torch.zeros(config.num_hidden_layers, config.num_attention_heads)
+    start, stop = haystack.needle_span
+    prompt = haystack.tokens
+    out = hf_model(prompt[None, :-1], use_cache=True)
+    past, inp, generated = out.past_key_values, prompt[-1], []
+    for _ in range(MAX_NEW_TOKENS):
+        out = hf_model(inp.view(1, 1), past_key_values=past, use_cache=True, output_attentions=True)
+        past, inp = out.past_key_values, out.logits[0, -1].argmax()
+        generated.append(inp.item())
+        for layer, attention in enumerate(out.attentions):
+            for head in range(config.num_attention_heads):
+                i = attention[0, head, -1].argmax().item()
+                if start <= i < stop and inp.item() == prompt[i].item():
+                    scores[layer, head] += 1 / (stop - start)
+        text = tokenizer.decode(generated)
+        if inp.item() == tokenizer.eos_token_id or ("\n" in tokenizer.decode([inp.item()]) and text.strip()):
+            break  # the code stops at a newline; this adaptation once the answer has begun
+    return generated, scores
+
+
+@torch.no_grad()
+def test_retrieval_scores_match_the_papers_loop_on_huggingface(smollm2, tmp_path):
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        smollm2_builtin.cached_folder(), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    hays = make_haystacks(smollm2, 1, context_tokens=80)  # the San Francisco needle at depth 0.5
+    ret = retrieval_scores(smollm2, hays)
+    for i, hay in enumerate(hays):
+        generated, expected = _papers_loop(hf_model, smollm2.tokenizer, hay)
+        assert ret.responses[i] == smollm2.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        torch.testing.assert_close(ret.haystack_scores[i], expected)
+    assert ret.recall.item() > 0.9  # SmolLM2 answers from the needle
+    torch.testing.assert_close(ret.scores, ret.haystack_scores[0])
+    assert 0 < ret.fraction < 0.25 and ret.heads()[0] == tuple(ret.top(1)[["layer", "head"]].iloc[0])
+    ret.save(tmp_path / "ret.safetensors")
+    loaded = RetrievalScores.load(tmp_path / "ret.safetensors")
+    assert torch.equal(loaded.scores, ret.scores) and loaded.responses == ret.responses
+    assert ret.figure().data[0].z.shape == (30, 9)
+
+
+def test_haystacks_the_model_does_not_retrieve_are_left_out(smollm2):
+    good = make_haystacks(smollm2, 1, context_tokens=80)[0]
+    tokens, (start, stop) = good.tokens.clone(), good.needle_span
+    tokens[start:stop] = torch.tensor(smollm2.tokenizer.encode(" the", add_special_tokens=False) * (stop - start))
+    lost = Haystack(tokens, good.needle_span, good.answer)  # the needle is gone: nothing to copy
+    ret = retrieval_scores(smollm2, [good, lost])
+    assert ret.recall[0] > 0.5 >= ret.recall[1] and ret.retrieved == 1
+    torch.testing.assert_close(ret.scores, ret.haystack_scores[0])
+    with pytest.raises(ValueError, match="min_recall"):
+        retrieval_scores(smollm2, [good], min_recall=1.0)
+
+
+@torch.no_grad()
+def test_decoding_only_masking_equals_zeroed_queries_in_huggingface(tiny_llama, tiny_llama_dir):
+    """The paper masks a head by zeroing its query at decoding steps (the prefill stops one token early)."""
+    heads = [(1, 0), (1, 3), (0, 2)]
+    prompt = torch.randint(5, 1000, (12,), generator=torch.Generator().manual_seed(0))
+
+    def our_logits(fwd_hooks):
+        out = tiny_llama.generate(prompt[None], 6, fwd_hooks=fwd_hooks, return_type="tokens", output_logits=True)
+        return out.sequences[0, 12:], torch.stack([step[0] for step in out.logits])
+
+    ours, masked = our_logits(head_hooks(tiny_llama, heads, "mask", last_queries=1))
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    d_head, decoding = hf.config.head_dim, [False]
+
+    def zero_queries(heads_of_layer):
+        def hook(module, args, output):
+            if decoding[0]:
+                output = output.clone()
+                for h in heads_of_layer:
+                    output[..., h * d_head : (h + 1) * d_head] = 0.0
+            return output
+
+        return hook
+
+    handles = [
+        hf.model.layers[layer].self_attn.q_proj.register_forward_hook(zero_queries([h for lh, h in heads if lh == layer]))
+        for layer in {lh for lh, _ in heads}
+    ]
+    try:
+        past, expected = hf(prompt[None, :-1], use_cache=True).past_key_values, []
+        decoding[0] = True
+        for token in [prompt[-1], *ours[:-1]]:  # the same tokens, so the logits of every step compare
+            out = hf(token.view(1, 1), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            expected.append(out.logits[0, -1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(masked, torch.stack(expected), rtol=1e-4, atol=1e-5)
+    assert ours.tolist() == torch.stack(expected).argmax(-1).tolist()
+    assert (masked - our_logits(())[1]).abs().max() > 1e-3  # masking changed the decoding steps
+
+
 def test_masking_every_head_breaks_the_needle(smollm2):
     """Sanity of the scorer: masking all heads of the copying layers destroys the answer."""
-    scorer = NeedleScorer(smollm2, n_haystacks=1, context_tokens=40)
+    scorer = NeedleScorer(smollm2, n_haystacks=1, context_tokens=80)
     heads = [(layer, head) for layer in range(14, 26) for head in range(9)]
-    effect = ablate_heads(
-        smollm2, heads, scorer, method="mask", last_queries=scorer.answer_queries, trials=1
-    )
+    effect = ablate_heads(smollm2, heads, scorer, method="mask", last_queries=scorer.answer_queries, trials=1)
     assert effect.scores[0, 0] > 0.8 and effect.scores[0, 1] < 0.5
 
 
@@ -166,7 +238,7 @@ def test_mixer_retrieval_scores_match_a_loop_on_a_tiny_mamba(tiny_mamba_model):
 
 
 @torch.no_grad()
-def test_mamba_scores_on_the_zoo_associative_recall_model():
+def test_mamba_scores_on_the_zoo_associative_recall_model(tiny_llama):
     model, task = dl.load("mamba-ar"), get_entry("mamba-ar").make_task()
     # Induction scores: per channel from the loop's |M| (rows normalised), then channel-group means.
     tokens = dl.circuits.repeated_tokens(model, half_len=5, n_sequences=2)
@@ -187,25 +259,8 @@ def test_mamba_scores_on_the_zoo_associative_recall_model():
     expected = _mixer_retrieval_by_loop(model, batch.tokens, batch.score_mask, context, 8)
     torch.testing.assert_close(scores, expected)
     with pytest.raises(TypeError, match="Mamba models"):
-        mixer_retrieval_scores(dl.load("attn2l-induction"), batch.tokens, batch.score_mask)
+        mixer_retrieval_scores(tiny_llama, batch.tokens, batch.score_mask)
     with pytest.raises(ValueError, match="tokens' shape"):
         mixer_retrieval_scores(model, batch.tokens, batch.score_mask[:, :-1])
 
 
-@pytest.mark.slow
-def test_smollm2_retrieval_heads_are_sparse_and_causal(smollm2):
-    """The Retrieval Head paper's checks on SmolLM2-135M (figures in benchmarks/RESULTS.md, section heads)."""
-    ret = retrieval_scores(smollm2, 24, context_tokens=(300, 600, 1000, 1500))
-    print(f"retrieval heads: {len(ret.heads())} of 270 ({ret.fraction:.1%}); accuracy {ret.accuracy.mean():.3f}")
-    assert ret.retrieved >= 20
-    # The paper reports < 5% on 7B models with 1K-50K contexts; SmolLM2-135M has 19 heads (7.0%) above 0.1
-    # over these 24 haystacks (345-1550 prompt tokens), so this checks sparsity at 10%, not 5%.
-    assert ret.fraction < 0.10
-    scorer = NeedleScorer(smollm2, n_haystacks=3, context_tokens=300)
-    effect = ablate_heads(
-        smollm2, ret.top(10), scorer, method="mask", last_queries=scorer.answer_queries,
-        exclude=ret.heads(), trials=3,
-    )  # fmt: skip
-    print(effect.to_frame())
-    frame = effect.to_frame().set_index("condition")
-    assert frame.loc["effect", "mean"] > 3 * max(frame.loc["control_effect", "mean"], 0.02)
