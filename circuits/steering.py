@@ -89,7 +89,7 @@ def steered(
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params", "state")
 
 
-def call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments of a call to ``module.forward`` by parameter name (``**kwargs`` merged in)."""
     signature = inspect.signature(module.forward)
     bound = signature.bind_partial(*args, **kwargs).arguments
@@ -114,10 +114,9 @@ def continues_sequence(arguments: dict[str, Any]) -> bool:
             not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0
         ):
             return True
-    cache_position = arguments.get("cache_position")
-    if isinstance(cache_position, Tensor) and cache_position.numel() > 0:
-        if int(cache_position.reshape(-1)[0]) > 0:
-            return True
+    position = arguments.get("cache_position")
+    if isinstance(position, Tensor) and position.numel() > 0 and int(position.min()) > 0:
+        return True
     tokens, mask = arguments.get("input"), arguments.get("attention_mask")
     return (
         isinstance(tokens, Tensor)
@@ -145,7 +144,7 @@ class SequencePhase:
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.reading:
             return
-        arguments = call_arguments(module, args, kwargs)
+        arguments = _call_arguments(module, args, kwargs)
         self.generating = continues_sequence(arguments)
         if not self.generating and self.on_prompt is not None:
             self.reading = True
