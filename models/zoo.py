@@ -68,7 +68,8 @@ ZOO: dict[str, ZooEntry] = {
             "induction",
             "2-layer attention-only Llama (2 heads per layer, MLPs zeroed and frozen) on random "
             "tokens with a segment of 8-16 tokens repeated at a random offset; forms a "
-            "previous-token head (L0H1) and an induction head (L1H1) with a loss phase change",
+            "previous-token head (L0H1) and an induction head (L1H1) with a loss phase change, "
+            "then a group lasso on heads prunes the other two (L0H0, L1H0) to zero",
             0.9,
             d_vocab=64,
             half_len=16,
