@@ -52,6 +52,9 @@ def test_smollm2_greedy_continuation_names_paris(smollm2):
     text = smollm2.generate(PROMPT, max_new_tokens=6)
     assert text.startswith(PROMPT)
     assert "Paris" in text[len(PROMPT):]
+    # Every cached step, not only the first (which the prompt pass decides), equals a full recompute.
+    tokens = smollm2.to_tokens(PROMPT)
+    torch.testing.assert_close(smollm2.generate(tokens, 6), _greedy_without_cache(smollm2, tokens, 6))
 
 
 def test_is_a_transformer_bridge_with_cfg(tiny_llama, tiny_hf):
