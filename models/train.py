@@ -563,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--head-sparsity", type=float, default=0.0, help="group-lasso weight on attention heads")
+    p.add_argument("--head-sparsity-from", type=int, default=0, help="first step of the head penalty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-checkpoints", type=int, default=20)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state")
@@ -577,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.arch, task, seed=args.seed)
     result = train(
         model, task, args.steps, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
-        weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, out=args.out,
+        weight_decay=args.weight_decay, warmup=args.warmup, head_sparsity=args.head_sparsity,
+        head_sparsity_from=args.head_sparsity_from, seed=args.seed, out=args.out,
         n_checkpoints=args.n_checkpoints, resume=args.resume, progress=not args.no_progress,
     )  # fmt: skip
     print(f"{args.arch} on {args.task}: held-out accuracy {result.final_accuracy:.4f} -> {args.out}")

@@ -175,6 +175,13 @@ def test_head_sparsity_shrinks_heads_from_its_first_step():
         train(model, task, 2, head_sparsity=-1.0, **FAST)
 
 
+def test_cli_passes_the_head_penalty(tmp_path):
+    args = ["--task", "induction", "--arch", "attn-only-2l-rope", "--steps", "2", "--out", str(tmp_path)]
+    assert main([*args, "--head-sparsity", "0.5", "--head-sparsity-from", "1", "--no-progress"]) == 0
+    config = json.loads((tmp_path / "training_curve.json").read_text())["config"]
+    assert config["head_sparsity"] == 0.5 and config["head_sparsity_from"] == 1
+
+
 def test_schedule_and_checkpoint_steps():
     assert cosine_lr_factor(0, 100, 10) == pytest.approx(0.1)
     assert cosine_lr_factor(9, 100, 10) == pytest.approx(1.0)
