@@ -1,9 +1,9 @@
-"""Vectorisable float32 math for the numba kernels: exp, log1p, softplus, sigmoid.
+"""Vectorisable float32 math for the numba kernels (exp, exp2, log1p, softplus, sigmoid) and codegen helpers.
 
 LLVM vectorises a loop only when every call in it has a vector form, and
 numba without Intel's SVML has none for ``exp``/``log``: a call to libm keeps
-a scan's inner loop scalar. The float32 versions here are Cephes' ``expf`` and
-``logf`` written as plain arithmetic (Cody–Waite range reduction, a minimax
+a scan's inner loop scalar. The float32 versions here are Cephes' ``expf``,
+``exp2f`` and ``logf`` written as plain arithmetic (range reduction, a minimax
 polynomial, the power of two built from exponent bits), ~1e-7 relative error.
 float64 keeps libm's exact functions: the dtype picks the version when numba
 compiles the caller.
@@ -12,6 +12,11 @@ compiles the caller.
 and LLVM inlines them into the kernel with those flags, so a kernel may allow
 reassociation for its reductions without letting LLVM fold away the
 rounding steps here; ``softplus`` and ``sigmoid`` are inlined by numba.
+
+The codegen helpers give a kernel what numba does not expose: 512-bit vectors,
+arrays on the stack (which LLVM can prove alias nothing, so it keeps them in
+registers and needs no runtime overlap checks) and a 16 × 16 transpose done
+with vector shuffles instead of gathers.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 MATH_FASTMATH = {"contract"}
@@ -29,6 +35,11 @@ _EXP_P = tuple(_f(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3
 _E0, _E1, _E2, _E3, _E4 = _EXP_P
 _E5, _ONE, _HALF = _f(5.0000001201e-1), _f(1.0), _f(0.5)
 _EXP_LO, _EXP_HI = _f(-87.33654), _f(88.0)
+# Cephes exp2f: 2**r = 1 + r P(r) on [-0.5, 0.5]. Clamping to [-125, 127] keeps every result a normal float.
+_EXP2_P = tuple(_f(c) for c in (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2))
+_X0, _X1, _X2, _X3 = _EXP2_P
+_X4, _X5 = _f(2.402264791363012e-1), _f(6.931472028550421e-1)
+_EXP2_LO, _EXP2_HI = _f(-125.0), _f(127.0)
 # Adding 1.5 * 2**23 rounds to an integer held in the low mantissa bits; the +127 is the exponent bias.
 _ROUND = _f(12582912.0 + 127.0)
 _LOG_P = tuple(
@@ -97,6 +108,11 @@ def exp(x):
     return np.exp(x)
 
 
+def exp2(x):
+    """``2**x``; in numba code, a vectorisable polynomial for float32 (clamped to ``[-125, 127]``)."""
+    return np.exp2(x)
+
+
 def log1p(x):
     """``log(1 + x)`` for ``x >= 0``; in numba code, a vectorisable polynomial for float32."""
     return np.log1p(x)
@@ -119,6 +135,15 @@ def _exp32(x):
     e = t - _ROUND
     r = (v - e * _LN2_HI) - e * _LN2_LO
     p = ((((((_E0 * r + _E1) * r + _E2) * r + _E3) * r + _E4) * r + _E5) * r + _ONE) * r + _ONE
+    return p * _as_float32(_as_int32(t) << np.int32(23))
+
+
+def _exp2_32(x):
+    _inline_into_callers()
+    v = min(max(x, _EXP2_LO), _EXP2_HI)
+    t = v + _ROUND
+    r = v - (t - _ROUND)  # exact: v minus the nearest integer
+    p = (((((_X0 * r + _X1) * r + _X2) * r + _X3) * r + _X4) * r + _X5) * r + _ONE
     return p * _as_float32(_as_int32(t) << np.int32(23))
 
 
@@ -148,6 +173,11 @@ def _exp_overload(x):
     return _exp32 if x == types.float32 else (lambda x: np.exp(x))
 
 
+@overload(exp2, **_OPTIONS)
+def _exp2_overload(x):
+    return _exp2_32 if x == types.float32 else (lambda x: np.exp2(x))
+
+
 @overload(log1p, **_OPTIONS)
 def _log1p_overload(x):
     return _log1p32 if x == types.float32 else (lambda x: np.log1p(x))
@@ -162,3 +192,81 @@ def _softplus_overload(x):
 def _sigmoid_overload(x):
     one = x.cast_python_value(1)  # float32 math stays in float32
     return lambda x: one / (one + exp(-x))
+
+
+@intrinsic
+def stack_buffer(typingctx, size, dtype):
+    """A pointer to ``size`` uninitialised elements on the caller's stack; wrap it with ``numba.carray``.
+
+    ``size`` must be a compile-time constant (a module-level int). The buffer
+    lives until the calling function returns: use it only in functions numba
+    inlines (``inline="always"``) or in the function itself.
+    """
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, signature, args):
+        elem = context.get_value_type(dtype.dtype)
+        buf = cgutils.alloca_once(builder, ir.ArrayType(elem, size.literal_value))
+        return builder.bitcast(buf, elem.as_pointer())
+
+    return types.CPointer(dtype.dtype)(size, dtype), codegen
+
+
+BLOCK = 16  # side of the square transposed by ``transpose_block``
+
+
+def _shuffle_mask(indices: list[int]) -> ir.Constant:
+    return ir.Constant(ir.VectorType(ir.IntType(32), BLOCK), indices)
+
+
+def _transpose_vectors(builder: ir.IRBuilder, rows: list) -> list:
+    """The transpose of a ``BLOCK × BLOCK`` block held as row vectors: log2(BLOCK) rounds of two-row shuffles."""
+    rows = list(rows)
+    k = BLOCK // 2
+    while k:
+        # Rows r and r + k swap their off-diagonal k × k sub-blocks.
+        first = _shuffle_mask([c if not c & k else BLOCK + c - k for c in range(BLOCK)])
+        second = _shuffle_mask([c + k if not c & k else BLOCK + c for c in range(BLOCK)])
+        for r in range(BLOCK):
+            if not r & k:
+                a, b = rows[r], rows[r + k]
+                rows[r], rows[r + k] = builder.shuffle_vector(a, b, first), builder.shuffle_vector(a, b, second)
+        k //= 2
+    return rows
+
+
+@intrinsic
+def transpose_block(typingctx, src, src_row, src_col, dst, dst_row, dst_col):
+    """``dst[dst_row + j, dst_col + i] = src[src_row + i, src_col + j]`` for ``i, j < BLOCK``.
+
+    Both arrays 2-d, C-contiguous and of one dtype; no bounds checks. Rows are
+    loaded as vectors and transposed with shuffles (``vpermt2ps`` on
+    AVX-512), where a loop would gather or scatter one element at a time.
+    """
+    arrays = (src, dst)
+    if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays) or src.dtype != dst.dtype:
+        return None
+
+    def codegen(context, builder, signature, args):
+        elem = context.get_value_type(src.dtype)
+        vec_ptr = ir.VectorType(elem, BLOCK).as_pointer()
+        align = context.get_abi_sizeof(elem)
+
+        def row_pointers(ary_type, value, row, col):
+            ary = context.make_array(ary_type)(context, builder, value)
+            shape, strides = (cgutils.unpack_tuple(builder, x, 2) for x in (ary.shape, ary.strides))
+            return [
+                builder.bitcast(
+                    cgutils.get_item_pointer2(context, builder, ary.data, shape, strides, "C", [builder.add(row, row.type(r)), col]),
+                    vec_ptr,
+                )
+                for r in range(BLOCK)
+            ]
+
+        rows = [builder.load(p, align=align) for p in row_pointers(src, args[0], args[1], args[2])]
+        for p, v in zip(row_pointers(dst, args[3], args[4], args[5]), _transpose_vectors(builder, rows)):
+            builder.store(v, p, align=align)
+        return context.get_dummy_value()
+
+    return types.none(src, types.intp, types.intp, dst, types.intp, types.intp), codegen

@@ -1,17 +1,20 @@
-"""Compiled CPU scans (numba): one pass over time, states in small local arrays.
+"""Compiled CPU scans (numba): one pass over time, states in registers or small local arrays.
 
 The selective-scan forward runs one job per (batch, block of ``LANES``
 channels), in the accumulation dtype (float32, or float64 for float64
 inputs), and streams over ``l`` once in chunks of ``CHUNK`` steps. Channels
-sit in vector lanes: each step updates the ``(n, LANES)`` state one row at a
-time, so the exp (a polynomial for float32, see ``numba_math``), the update
-and ``y = C h`` all run on whole AVX-512 vectors with no reduction across
-lanes. It keeps the state at every chunk start; the backward (one job per
-batch and channel block, the ``n`` states in lanes) walks the chunks in
-reverse, recomputes each chunk's states from its checkpoint and runs the
-reverse scan, so training memory beyond inputs and outputs is ``b·d·n·l /
-CHUNK`` (plus the per-block partial sums of ``dB``/``dC``) instead of
-``b·d·n·l``.
+sit in vector lanes, so the exp (``2**x`` of ``dt · A log2(e)``, a polynomial
+for float32, see ``numba_math``), the update and ``y = C h`` run on whole
+AVX-512 vectors with no reduction across lanes. Within a chunk the scan takes
+``ROWS`` states at a time through all its steps, keeping those states and
+their ``A`` rows in registers (stack buffers that LLVM promotes); the chunk's
+step sizes, ``dt·u`` and outputs move between the channel-major inputs and
+the lane-major tiles with 16 × 16 shuffle transposes. It keeps the state at
+every chunk start; the backward (one job per batch and channel block, the
+``n`` states in lanes) walks the chunks in reverse, recomputes each chunk's
+states from its checkpoint and runs the reverse scan, so training memory
+beyond inputs and outputs is ``b·d·n·l / CHUNK`` (plus the per-block partial
+sums of ``dB``/``dC``) instead of ``b·d·n·l``.
 
 The kernels take ``B``/``C`` time-major in one 4-d form ``(Bb, G, Bl, n)``:
 shared ``(b, n, l)`` is ``(b, 1, l, n)``, grouped ``(b, g, n, l)`` is
@@ -24,13 +27,26 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import carray, njit, prange, types
+from numba.extending import overload
 from torch import Tensor
 
-from dynalens.kernels.numba_math import exp, prefer_512_bit_vectors, sigmoid, softplus
+from dynalens.kernels.numba_math import (
+    BLOCK,
+    exp,
+    exp2,
+    prefer_512_bit_vectors,
+    sigmoid,
+    softplus,
+    stack_buffer,
+    transpose_block,
+)
 
-CHUNK = 64
-LANES = 16  # channels per forward job: one AVX-512 register of float32
+CHUNK = 64  # a multiple of LANES
+LANES = BLOCK  # channels per forward job: one AVX-512 register of float32, one transposed block
+ROWS = 4  # states per pass of the forward's inner loop, held in registers with their A rows
+TILE, HELD, HELD_LANES = CHUNK * LANES, ROWS * LANES, CHUNK * ROWS * LANES  # stack buffer sizes
+LOG2E = np.log2(np.e)
 # Kernels may reassociate (vectorised reductions); the exp/log helpers keep their own flags.
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 OPTIONS = dict(fastmath=FASTMATH, error_model="numpy", cache=True)
@@ -46,99 +62,163 @@ def _lane_groups(X, d, c0, lanes):
     return groups
 
 
+def _at(X, i, k, c):
+    """``X[i, k]``, one value for every lane, or lane ``c``'s own ``X[i, k, c]``."""
+
+
+@overload(_at, inline="always")
+def _at_overload(X, i, k, c):
+    if X.ndim == 2:
+        return lambda X, i, k, c: X[i, k]
+    return lambda X, i, k, c: X[i, k, c]
+
+
+def _pass_rows(X, bX, groups, t0, m, k0, lane_rows):
+    """``B``/``C`` for states ``k0 .. k0 + ROWS`` over a chunk's steps (one step when fixed in time).
+
+    With ``lane_rows=None`` (the lanes share one group) a view of ``X``
+    indexed ``[i, r]``; otherwise ``lane_rows``, a ``(CHUNK, ROWS, LANES)``
+    buffer, filled with each lane's values ``[i, r, c]``. ``X`` is
+    zero-padded to a multiple of ``ROWS`` states.
+    """
+
+
+@overload(_pass_rows, inline="always")
+def _pass_rows_overload(X, bX, groups, t0, m, k0, lane_rows):
+    if isinstance(lane_rows, types.NoneType):
+
+        def view(X, bX, groups, t0, m, k0, lane_rows):
+            return X[bX, groups[0], t0 * min(X.shape[2] - 1, 1) :, k0:]
+
+        return view
+
+    def fill(X, bX, groups, t0, m, k0, lane_rows):
+        timed = min(X.shape[2] - 1, 1)  # a 0/1 time stride
+        for i in range(1 + (m - 1) * timed):
+            for r in range(ROWS):
+                for c in range(LANES):
+                    lane_rows[i, r, c] = X[bX, groups[c], (t0 + i) * timed, k0 + r]
+        return lane_rows
+
+    return fill
+
+
 @njit(inline="always", **OPTIONS)
-def _fill_lanes(X, bX, groups, t, out):
-    """``out[k, c] = X[bX, groups[c], t, k]``: one time step of ``B`` or ``C`` across the lanes."""
-    for k in range(X.shape[3]):
-        for c in range(LANES):
-            out[k, c] = X[bX, groups[c], t, k]
+def _scan_chunk(dts, dtus, ys, a2, h, B, C, bB, bC, gB, gC, B_lanes, C_lanes, t0, m, states, keep_states, bi, c0, lanes):
+    """Steps ``0 .. m`` of a chunk, ``ROWS`` states at a time: ``h`` updated, ``ys += C h``.
+
+    ``dts``/``dtus``/``ys`` are ``(CHUNK, LANES)`` tiles, ``a2`` and ``h``
+    ``(n_pad, LANES)`` with ``n_pad`` a multiple of ``ROWS`` (zero past
+    ``n``). ``B``/``C`` are read in place when the lanes share them, or
+    each pass gathers them into the stack buffers ``B_lanes``/``C_lanes``
+    (see :func:`_pass_rows`). Every store in the loop goes to the stack, so
+    LLVM needs no overlap checks; the states, when kept, are copied out after
+    each pass so the loop reads ``held`` only as whole rows and LLVM keeps it
+    in registers.
+    """
+    held = carray(stack_buffer(HELD, dts.dtype), (ROWS, LANES))
+    rates = carray(stack_buffer(HELD, dts.dtype), (ROWS, LANES))
+    trail = carray(stack_buffer(HELD_LANES, dts.dtype), (CHUNK, ROWS, LANES))  # the held states at every step
+    timed_B, timed_C = B.shape[2] > 1, C.shape[2] > 1
+    n = states.shape[3]  # read only when the states are kept
+    for k0 in range(0, a2.shape[0], ROWS):
+        B_rows = _pass_rows(B, bB, gB, t0, m, k0, B_lanes)
+        C_rows = _pass_rows(C, bC, gC, t0, m, k0, C_lanes)
+        for r in range(ROWS):
+            for c in range(LANES):
+                held[r, c], rates[r, c] = h[k0 + r, c], a2[k0 + r, c]
+        for i in range(m):
+            iB, iC = i if timed_B else 0, i if timed_C else 0
+            for r in range(ROWS):
+                for c in range(LANES):
+                    hk = exp2(dts[i, c] * rates[r, c]) * held[r, c] + dtus[i, c] * _at(B_rows, iB, r, c)
+                    held[r, c] = hk
+                    ys[i, c] += hk * _at(C_rows, iC, r, c)
+            if keep_states:
+                for r in range(ROWS):
+                    for c in range(LANES):
+                        trail[i, r, c] = held[r, c]
+        if keep_states:
+            for c in range(lanes):
+                for i in range(m):
+                    for r in range(min(ROWS, n - k0)):
+                        states[bi, c0 + c, t0 + i, k0 + r] = trail[i, r, c]
+        for r in range(ROWS):
+            for c in range(LANES):
+                h[k0 + r, c] = held[r, c]
 
 
 @njit(**OPTIONS)
 def _selective_fwd_block(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt, bi, c0):
     """Forward scan of channels ``c0 .. c0 + LANES`` of batch ``bi``, one channel per vector lane.
 
-    ``tile`` holds, lanes innermost, a chunk's step sizes (rows ``0 ..
-    CHUNK``), ``dt·u`` (``CHUNK .. 2 CHUNK``) and ``A`` (``n`` rows). Each
-    step updates the ``(n, LANES)`` state ``h`` lane-wise, so every operation
-    (the exp included) runs on whole vectors and ``y = C h`` sums rows, not
-    lanes. When all lanes read the same ``B``/``C`` row (shared layout, or a
-    group spanning the block), ``B``/``C`` are scalars broadcast to the lanes;
-    otherwise each step's values are gathered into ``(n, LANES)`` arrays.
+    Per chunk: step sizes and ``dt·u`` are computed channel-major (vectorised
+    over time) and transposed into lane-major tiles; :func:`_scan_chunk` runs
+    the steps; ``C h`` is transposed back and finished with ``D`` and the gate.
+    When all lanes read the same ``B``/``C`` group (shared layout, or a group
+    spanning the block), ``B``/``C`` are scalars broadcast to the lanes;
+    otherwise each lane's values are gathered into per-lane rows.
     """
     prefer_512_bit_vectors()
     softplus_, has_D, has_z, has_bias, has_h0, keep_states, keep_ckpt = flags
     d, L = u.shape[1], u.shape[2]
     n = A.shape[1]
+    n_pad = B.shape[3]  # B and C come zero-padded to a multiple of ROWS states
     lanes = min(LANES, d - c0)
     dtype = u.dtype
     zero = dtype.type(0)
-    rA = 2 * CHUNK
-    tile = np.zeros((2 * CHUNK + n, LANES), dtype)
-    h, ys = np.zeros((n, LANES), dtype), np.empty((CHUNK, LANES), dtype)
-    Bl, Cl = np.empty((n, LANES), dtype), np.empty((n, LANES), dtype)
-    row, y = np.empty(CHUNK, dtype), np.empty(LANES, dtype)
+    dts = carray(stack_buffer(TILE, dtype), (CHUNK, LANES))
+    dtus = carray(stack_buffer(TILE, dtype), (CHUNK, LANES))
+    ys = carray(stack_buffer(TILE, dtype), (CHUNK, LANES))
+    by_channel = carray(stack_buffer(TILE, dtype), (LANES, CHUNK))  # dt, then C h, channel-major
+    dtu_by_channel = carray(stack_buffer(TILE, dtype), (LANES, CHUNK))
+    by_channel[:], dtu_by_channel[:] = zero, zero  # padding lanes stay zero
+    a2, h = np.zeros((n_pad, LANES), dtype), np.zeros((n_pad, LANES), dtype)
+    for c in range(lanes):
+        for k in range(n):
+            a2[k, c] = A[c0 + c, k] * LOG2E
+            if has_h0:
+                h[k, c] = h0[bi, c0 + c, k]
     gB, gC = _lane_groups(B, d, c0, lanes), _lane_groups(C, d, c0, lanes)
     shared = gB[0] == gB[LANES - 1] and gC[0] == gC[LANES - 1]
     bB, bC = bi if B.shape[0] > 1 else 0, bi if C.shape[0] > 1 else 0
-    for c in range(lanes):
-        for k in range(n):
-            tile[rA + k, c] = A[c0 + c, k]
-            if has_h0:
-                h[k, c] = h0[bi, c0 + c, k]
+    B_lanes = carray(stack_buffer(HELD_LANES, dtype), (CHUNK, ROWS, LANES))
+    C_lanes = carray(stack_buffer(HELD_LANES, dtype), (CHUNK, ROWS, LANES))
     for t0 in range(0, L, CHUNK):
         m = min(CHUNK, L - t0)
         if keep_ckpt:
             for c in range(lanes):
-                ckpt[bi, c0 + c, t0 // CHUNK] = h[:, c]
+                ckpt[bi, c0 + c, t0 // CHUNK] = h[:n, c]
         for c in range(lanes):
+            # Views from t0: the loops index them from 0, so LLVM sees no negative index to wrap around.
+            u_c, delta_c = u[bi, c0 + c, t0:], delta[bi, c0 + c, t0:]
             b_c = bias[c0 + c] if has_bias else zero
             for i in range(m):
-                dt = delta[bi, c0 + c, t0 + i] + b_c
-                row[i] = softplus(dt) if softplus_ else dt
-            for i in range(m):
-                tile[i, c] = row[i]
-                tile[CHUNK + i, c] = row[i] * u[bi, c0 + c, t0 + i]
-        for i in range(m):
-            t = t0 + i
-            tB, tC = t if B.shape[2] > 1 else 0, t if C.shape[2] > 1 else 0
-            for c in range(LANES):
-                y[c] = zero
-            if shared:
-                for k in range(n):
-                    bk, ck = B[bB, gB[0], tB, k], C[bC, gC[0], tC, k]
-                    for c in range(LANES):
-                        hk = exp(tile[i, c] * tile[rA + k, c]) * h[k, c] + tile[CHUNK + i, c] * bk
-                        h[k, c] = hk
-                        y[c] += hk * ck
-            else:
-                if t == 0 or tB > 0:
-                    _fill_lanes(B, bB, gB, tB, Bl)
-                if t == 0 or tC > 0:
-                    _fill_lanes(C, bC, gC, tC, Cl)
-                for k in range(n):
-                    for c in range(LANES):
-                        hk = exp(tile[i, c] * tile[rA + k, c]) * h[k, c] + tile[CHUNK + i, c] * Bl[k, c]
-                        h[k, c] = hk
-                        y[c] += hk * Cl[k, c]
-            for c in range(LANES):
-                ys[i, c] = y[c]
-            if keep_states:
-                for c in range(lanes):
-                    states[bi, c0 + c, t] = h[:, c]
+                dt = delta_c[i] + b_c
+                dt = softplus(dt) if softplus_ else dt
+                by_channel[c, i] = dt
+                dtu_by_channel[c, i] = dt * u_c[i]
+        for i0 in range(0, m, LANES):
+            transpose_block(by_channel, 0, i0, dts, i0, 0)
+            transpose_block(dtu_by_channel, 0, i0, dtus, i0, 0)
+        ys[:m] = zero
+        if shared:
+            _scan_chunk(dts, dtus, ys, a2, h, B, C, bB, bC, gB, gC, None, None, t0, m, states, keep_states, bi, c0, lanes)
+        else:
+            _scan_chunk(dts, dtus, ys, a2, h, B, C, bB, bC, gB, gC, B_lanes, C_lanes, t0, m, states, keep_states, bi, c0, lanes)
+        for i0 in range(0, m, LANES):
+            transpose_block(ys, i0, 0, by_channel, 0, i0)
         for c in range(lanes):
+            u_c, out_c = u[bi, c0 + c, t0:], out[bi, c0 + c, t0:]
+            z_c = z[bi, c0 + c, t0:] if has_z else z[0, 0]
+            D_c = D[c0 + c] if has_D else zero
             for i in range(m):
-                row[i] = ys[i, c]
-            for i in range(m):
-                yc = row[i]
-                if has_D:
-                    yc += D[c0 + c] * u[bi, c0 + c, t0 + i]
+                y = by_channel[c, i] + D_c * u_c[i]
                 if has_z:
-                    zt = z[bi, c0 + c, t0 + i]
-                    yc *= zt * sigmoid(zt)
-                out[bi, c0 + c, t0 + i] = yc
+                    y *= z_c[i] * sigmoid(z_c[i])
+                out_c[i] = y
     for c in range(lanes):
-        last[bi, c0 + c] = h[:, c]
+        last[bi, c0 + c] = h[:n, c]
 
 
 @njit(parallel=True, cache=True)
@@ -320,9 +400,15 @@ def _np(x: Tensor | None, like: Tensor, ndim: int) -> np.ndarray:
     return x.numpy()
 
 
-def _time_major(X4: Tensor) -> np.ndarray:
-    """``(Bb, G, n, Bl)`` → a contiguous ``(Bb, G, Bl, n)`` array, so the ``n`` states vectorise."""
-    return X4.transpose(2, 3).contiguous().numpy()
+def _time_major(X4: Tensor, width: int | None = None) -> np.ndarray:
+    """``(Bb, G, n, Bl)`` → a contiguous ``(Bb, G, Bl, n)`` array, so the ``n`` states vectorise.
+
+    ``width`` zero-pads the states to that many.
+    """
+    X = X4.transpose(2, 3)
+    if width is not None:
+        X = torch.nn.functional.pad(X, (0, width - X.shape[3]))
+    return X.contiguous().numpy()
 
 
 def _block_bounds(d: int, B4: Tensor, C4: Tensor) -> np.ndarray:
@@ -359,8 +445,9 @@ def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states
     states = u.new_empty(b, d, L, n) if keep_states else None
     ckpt = u.new_empty(b, d, (L + CHUNK - 1) // CHUNK, n) if keep_ckpt else None
     flags = (softplus, D is not None, z is not None, bias is not None, h0 is not None, keep_states, keep_ckpt)
+    n_pad = -(-n // ROWS) * ROWS
     selective_fwd(
-        u.numpy(), delta.numpy(), A.numpy(), _time_major(B4), _time_major(C4), _np(D, u, 1), _np(z, u, 3),
+        u.numpy(), delta.numpy(), A.numpy(), _time_major(B4, n_pad), _time_major(C4, n_pad), _np(D, u, 1), _np(z, u, 3),
         _np(bias, u, 1), _np(h0, u, 3), flags, out.numpy(), last.numpy(), _np(states, u, 4), _np(ckpt, u, 4),
     )  # fmt: skip
     return out, last, states, ckpt

@@ -1,15 +1,16 @@
-"""The numba kernels' float32 exp, log1p, softplus and sigmoid against PyTorch in float64."""
+"""The numba kernels' float32 exp, exp2, log1p, softplus and sigmoid against PyTorch in float64; the codegen helpers."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from numba import njit
+from numba import carray, njit
 
 from dynalens.kernels import numba_math
 
 FUNCTIONS = {
     "exp": (numba_math.exp, torch.exp, (-87.0, 88.0)),
+    "exp2": (numba_math.exp2, torch.exp2, (-125.0, 127.0)),
     "log1p": (numba_math.log1p, torch.log1p, (0.0, 1e30)),
     "softplus": (numba_math.softplus, F.softplus, (-80.0, 80.0)),
     "sigmoid": (numba_math.sigmoid, torch.sigmoid, (-80.0, 80.0)),
@@ -53,3 +54,45 @@ def test_exp_clamps_outside_float32_range():
     _jit_map(numba_math.exp)(x, out)
     assert np.all(out[:2] >= 0) and np.all(out[:2] < 1e-37)
     assert np.all(out[2:] > 1e38) and np.all(np.isfinite(out[2:]))
+
+
+def test_exp2_clamps_outside_its_range():
+    """Below -125 the result stays a normal float (no slow subnormals) near 2**-125; above 127 it stays finite."""
+    x = np.array([-1e4, -126.0, 128.0, 1e4], np.float32)
+    out = np.empty_like(x)
+    _jit_map(numba_math.exp2)(x, out)
+    np.testing.assert_allclose(out[:2], 2.0**-125, rtol=1e-6)
+    np.testing.assert_allclose(out[2:], 2.0**127, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_transpose_block_matches_numpy(dtype):
+    """One 16 x 16 block moved between offsets; everything around it untouched."""
+
+    @njit
+    def move(src, dst):
+        numba_math.transpose_block(src, 3, 17, dst, 16, 2)
+
+    src = np.random.default_rng(0).standard_normal((20, 40)).astype(dtype)
+    dst = np.zeros((33, 19), dtype)
+    move(src, dst)
+    expected = np.zeros_like(dst)
+    expected[16:32, 2:18] = src[3:19, 17:33].T
+    np.testing.assert_array_equal(dst, expected)
+
+
+def test_stack_buffer_holds_values_within_the_function():
+    SIZE = 12
+
+    @njit
+    def cumulative(x):
+        buf = carray(numba_math.stack_buffer(SIZE, x.dtype), (3, 4))
+        total = x.dtype.type(0)
+        for i in range(3):
+            for j in range(4):
+                total += x[i * 4 + j]
+                buf[i, j] = total
+        return buf.copy()
+
+    x = np.arange(12, dtype=np.float32)
+    np.testing.assert_array_equal(cumulative(x), np.cumsum(x).reshape(3, 4))

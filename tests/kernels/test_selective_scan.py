@@ -158,3 +158,15 @@ def test_numba_channel_blocks_match_reference(scan_inputs, assert_close, dtype, 
     grads = [torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)), list(inputs.values())) for out in (ours, ref)]
     for name, g, r in zip(inputs, *grads):
         assert_close(g, r, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_numba_takes_positive_A(scan_inputs, assert_close, dtype):
+    """A real A may have positive entries (growing states): the float32 exp2 is not limited to dt·A <= 0."""
+    inputs = scan_inputs(b=2, d=42, n=5, l=70, dtype=dtype)
+    inputs["A"] = (torch.rand(42, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 1.1 - 1.0).to(dtype)
+    assert (inputs["A"] > 0).any()
+    args = _args(inputs, **OPTIONS["all"])
+    flags = dict(return_last_state=True, return_states=True)
+    for name, o, r in zip(("out", "last_state", "states"), selective_scan(**args, **flags, backend="numba"), selective_scan_ref(**args, **flags)):
+        assert_close(o, r, dtype, name)
