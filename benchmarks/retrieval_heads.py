@@ -11,11 +11,15 @@ recall of the answer (``NeedleScorer``), ``trials`` trials with 95% CIs.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python -P benchmarks/retrieval_heads.py \\
         --lengths 1000 2000 3000 --depths 5 --ks 5 10 --trials 3 --out /tmp/retrieval.safetensors
+
+Detection can run in parallel processes (``--ks`` with no value: no masking),
+their files merged with ``--load a.safetensors b.safetensors``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from itertools import pairwise
 
@@ -25,23 +29,41 @@ import dynalens as dl
 from dynalens.circuits import NEEDLES, RetrievalScores, make_haystacks
 
 
-def report_scores(ret: RetrievalScores, lengths: list[int], n_needles: int) -> None:
+def merge(parts: list[RetrievalScores]) -> RetrievalScores:
+    """One result from several runs' haystacks (each head's mean over all retrieved haystacks)."""
+    haystack_scores = torch.cat([p.haystack_scores for p in parts])
+    recall = torch.cat([p.recall for p in parts])
+    retrieved = recall > parts[0].min_recall
+    return dataclasses.replace(
+        parts[0], scores=haystack_scores[retrieved].mean(0), haystack_scores=haystack_scores, recall=recall,
+        responses=[r for p in parts for r in p.responses], prompt_tokens=[t for p in parts for t in p.prompt_tokens],
+    )  # fmt: skip
+
+
+def report_scores(ret: RetrievalScores, lengths: list[int]) -> None:
     """The share of heads above threshold, overall and per context length, and the score histogram."""
     n_heads = ret.scores.numel()
     print(f"haystacks {len(ret.recall)}, retrieved {ret.retrieved} (mean recall {ret.recall.mean():.3f})")
     print(f"heads > {ret.threshold}: {len(ret.heads())} of {n_heads} = {ret.fraction:.1%}")
-    length_of = torch.tensor([lengths[(i // n_needles) % len(lengths)] for i in range(len(ret.recall))])
+    length_of = torch.tensor([min(lengths, key=lambda t: abs(p - t)) for p in ret.prompt_tokens])
     for length in lengths:
         keep = (length_of == length) & (ret.recall > ret.min_recall)
         share = (ret.haystack_scores[keep].mean(0) > ret.threshold).float().mean().item() if keep.any() else 0.0
         prompts = [p for p, t in zip(ret.prompt_tokens, length_of.tolist()) if t == length]
-        print(f"  context {length} ({min(prompts)}-{max(prompts)} prompt tokens, {int(keep.sum())} retrieved): "
-              f"{share:.1%} of heads > {ret.threshold}")
+        print(f"  context {length} ({len(prompts)} haystacks of {min(prompts)}-{max(prompts)} prompt tokens, "
+              f"{int(keep.sum())} retrieved): {share:.1%} of heads > {ret.threshold}")
+    kept = ret.haystack_scores[ret.recall > ret.min_recall]
+    draws = torch.randint(len(kept), (1000, len(kept)), generator=torch.Generator().manual_seed(0))
+    shares = (kept[draws].mean(1) > ret.threshold).flatten(1).float().mean(1)
+    print(f"  bootstrap over the retrieved haystacks (1000 resamples): share 95% interval "
+          f"{shares.quantile(0.025):.1%}-{shares.quantile(0.975):.1%}")
     edges = [0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, float("inf")]
     counts = [int(((ret.scores >= lo) & (ret.scores < hi)).sum()) for lo, hi in pairwise(edges)]
     print("histogram: " + ", ".join(f"[{lo}, {hi}): {c}" for lo, hi, c in zip(edges, edges[1:], counts)))
     top = ret.top(25)
     print("top heads: " + ", ".join(f"L{r.layer}H{r.head} {r.score:.3f}" for r in top.itertuples()))
+    failed = [r for r, x in zip(ret.responses, ret.recall.tolist()) if x <= ret.min_recall]
+    print(f"responses left out ({len(failed)}): {failed[:5]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,11 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mask-haystacks", type=int, default=3, help="haystacks per masking trial")
     parser.add_argument("--mask-context", type=int, default=1000)
     parser.add_argument("--out", default=None, help="save the RetrievalScores here")
-    parser.add_argument("--load", default=None, help="read saved RetrievalScores instead of measuring")
+    parser.add_argument("--load", nargs="+", default=None, help="read (and merge) saved RetrievalScores instead")
     args = parser.parse_args(argv)
     model = dl.load(args.model)
     if args.load:
-        ret = RetrievalScores.load(args.load)
+        ret = merge([RetrievalScores.load(path) for path in args.load])
     else:
         n = len(NEEDLES) * len(args.lengths) * args.depths
         haystacks = make_haystacks(model, n, context_tokens=args.lengths)
@@ -68,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"detection: {n} haystacks in {seconds:.0f} s ({seconds / n:.1f} s per haystack)")
         if args.out:
             ret.save(args.out)
-    report_scores(ret, args.lengths, len(NEEDLES))
+    report_scores(ret, args.lengths)
     scorer = dl.circuits.NeedleScorer(model, n_haystacks=args.mask_haystacks, context_tokens=args.mask_context)
     for k in args.ks:
         start = time.perf_counter()
