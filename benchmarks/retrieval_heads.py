@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"mask k={k}, {args.trials} trials x {args.mask_haystacks} haystacks of {args.mask_context} tokens "
               f"({time.perf_counter() - start:.0f} s): clean {row['clean']}, top-k {row['ablated']}, "
               f"random {row['control']}")  # fmt: skip
+        for trial, (scores, control) in enumerate(zip(effect.scores.tolist(), effect.control_heads)):
+            print(f"  trial {trial}: clean {scores[0]:.3f}, top-k {scores[1]:.3f}, random {scores[2]:.3f} "
+                  f"(random heads {', '.join(f'L{layer}H{head}' for layer, head in control)})")
 
 
 if __name__ == "__main__":
