@@ -35,11 +35,12 @@ _EXP_P = tuple(_f(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3
 _E0, _E1, _E2, _E3, _E4 = _EXP_P
 _E5, _ONE, _HALF = _f(5.0000001201e-1), _f(1.0), _f(0.5)
 _EXP_LO, _EXP_HI = _f(-87.33654), _f(88.0)
-# Cephes exp2f: 2**r = 1 + r P(r) on [-0.5, 0.5]. Clamping to [-125, 127] keeps every result a normal float.
-_EXP2_P = tuple(_f(c) for c in (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2))
+# 2**r ~ 1 + r P(r) on [-0.5, 0.5], P of degree 4 fitted for relative error (~2e-7 in float32).
+# Clamping below at -125 keeps every result a normal float; ldexp overflows to inf above 127.
+_EXP2_P = tuple(_f(c) for c in (1.326472731307149e-3, 9.671512991189957e-3, 5.550733581185341e-2, 0.2402224242687225))
 _X0, _X1, _X2, _X3 = _EXP2_P
-_X4, _X5 = _f(2.402264791363012e-1), _f(6.931472028550421e-1)
-_EXP2_LO, _EXP2_HI = _f(-125.0), _f(127.0)
+_X4 = _f(0.6931470036506653)
+_EXP2_LO = _f(-125.0)
 # Adding 1.5 * 2**23 rounds to an integer held in the low mantissa bits; the +127 is the exponent bias.
 _ROUND = _f(12582912.0 + 127.0)
 _LOG_P = tuple(
@@ -71,6 +72,28 @@ def _as_float32(typingctx, x):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _rint(typingctx, x):
+    """``x`` rounded to the nearest integer (ties to even), as a float32."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.rint.f32"), args)
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
+def _ldexp(typingctx, x, e):
+    """``x * 2**e``, float32 ``x`` and int32 ``e``."""
+
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.IntType(32)])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.ldexp.f32.i32"), args)
+
+    return types.float32(types.float32, types.int32), codegen
 
 
 @intrinsic
@@ -109,7 +132,11 @@ def exp(x):
 
 
 def exp2(x):
-    """``2**x``; in numba code, a vectorisable polynomial for float32 (clamped to ``[-125, 127]``)."""
+    """``2**x``; in numba code, a vectorisable polynomial for float32.
+
+    The float32 version clamps ``x`` below at -125 (no slow subnormal results)
+    and overflows to inf from 128 on, as ``exp2f`` does, up to ``x`` = 2**31.
+    """
     return np.exp2(x)
 
 
@@ -140,11 +167,11 @@ def _exp32(x):
 
 def _exp2_32(x):
     _inline_into_callers()
-    v = min(max(x, _EXP2_LO), _EXP2_HI)
-    t = v + _ROUND
-    r = v - (t - _ROUND)  # exact: v minus the nearest integer
-    p = (((((_X0 * r + _X1) * r + _X2) * r + _X3) * r + _X4) * r + _X5) * r + _ONE
-    return p * _as_float32(_as_int32(t) << np.int32(23))
+    v = max(x, _EXP2_LO)
+    e = _rint(v)
+    r = v - e
+    p = ((((_X0 * r + _X1) * r + _X2) * r + _X3) * r + _X4) * r + _ONE
+    return _ldexp(p, np.int32(e))  # vscalefps on AVX-512
 
 
 def _log1p32(x):
@@ -270,3 +297,26 @@ def transpose_block(typingctx, src, src_row, src_col, dst, dst_row, dst_col):
         return context.get_dummy_value()
 
     return types.none(src, types.intp, types.intp, dst, types.intp, types.intp), codegen
+
+
+@intrinsic(prefer_literal=True)
+def prefetch(typingctx, ary, i, write):
+    """Ask the CPU to fetch the cache line of ``ary[i]`` (a 1-d array), to read or, if ``write``, to write.
+
+    ``write`` must be a constant. A hint only: it never faults.
+    """
+    if not (isinstance(ary, types.Array) and ary.ndim == 1 and isinstance(write, types.BooleanLiteral)):
+        return None
+    rw = ir.IntType(32)(int(write.literal_value))
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(ary)(context, builder, args[0])
+        shape, strides = (cgutils.unpack_tuple(builder, x, 1) for x in (a.shape, a.strides))
+        ptr = cgutils.get_item_pointer2(context, builder, a.data, shape, strides, ary.layout, [args[1]])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, rw, i32(3), i32(1)])  # keep in all cache levels; a data access
+        return context.get_dummy_value()
+
+    return types.none(ary, types.intp, write), codegen

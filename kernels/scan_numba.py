@@ -36,6 +36,7 @@ from dynalens.kernels.numba_math import (
     exp,
     exp2,
     prefer_512_bit_vectors,
+    prefetch,
     sigmoid,
     softplus,
     stack_buffer,
@@ -148,6 +149,25 @@ def _scan_chunk(dts, dtus, ys, a2, h, B, C, bB, bC, gB, gC, B_lanes, C_lanes, t0
                 h[k0 + r, c] = held[r, c]
 
 
+@njit(inline="always", **OPTIONS)
+def _prefetch_chunk(u, delta, z, out, has_z, bi, c0, lanes, t0):
+    """Before a chunk's scan: fetch what its end reads and writes (``z``, ``out``) and what the next
+    chunk's start reads (``u``, ``delta``); 16 rows a few cache lines long are too many streams for
+    the hardware prefetcher."""
+    L = u.shape[2]
+    line = 64 // u.itemsize
+    for c in range(lanes):
+        z_c, out_c = z[bi, c0 + c, t0:] if has_z else z[0, 0], out[bi, c0 + c, t0:]
+        for i in range(0, min(CHUNK, L - t0), line):
+            if has_z:
+                prefetch(z_c, i, False)
+            prefetch(out_c, i, True)
+        u_c, delta_c = u[bi, c0 + c, t0:], delta[bi, c0 + c, t0:]
+        for i in range(CHUNK, min(2 * CHUNK, L - t0), line):
+            prefetch(u_c, i, False)
+            prefetch(delta_c, i, False)
+
+
 @njit(**OPTIONS)
 def _selective_fwd_block(u, delta, A, B, C, D, z, bias, h0, flags, out, last, states, ckpt, bi, c0):
     """Forward scan of channels ``c0 .. c0 + LANES`` of batch ``bi``, one channel per vector lane.
@@ -202,6 +222,7 @@ def _selective_fwd_block(u, delta, A, B, C, D, z, bias, h0, flags, out, last, st
             transpose_block(by_channel, 0, i0, dts, i0, 0)
             transpose_block(dtu_by_channel, 0, i0, dtus, i0, 0)
         ys[:m] = zero
+        _prefetch_chunk(u, delta, z, out, has_z, bi, c0, lanes, t0)
         if shared:
             _scan_chunk(dts, dtus, ys, a2, h, B, C, bB, bC, gB, gC, None, None, t0, m, states, keep_states, bi, c0, lanes)
         else:
