@@ -52,6 +52,15 @@ _LOG_P = tuple(
 )  # fmt: skip
 _L0, _L1, _L2, _L3, _L4, _L5, _L6, _L7, _L8 = _LOG_P
 _SQRT_HALF, _SOFTPLUS_THRESHOLD = _f(0.70710678118654752), _f(20.0)
+# log1p(y) ~ y P(y) on [0, 1], P of degree 8 fitted for relative error (~2e-7 in float32).
+_SOFTPLUS_P = tuple(
+    _f(c)
+    for c in (
+        5.232693161815405e-3, -2.9505236074328423e-2, 7.822595536708832e-2, -0.13663245737552643,
+        0.19106006622314453, -0.2484298199415207, 0.3331909775733948, -0.4999949336051941, 0.9999999403953552,
+    )
+)  # fmt: skip
+_S0, _S1, _S2, _S3, _S4, _S5, _S6, _S7, _S8 = _SOFTPLUS_P
 
 
 @intrinsic
@@ -174,6 +183,13 @@ def _exp2_32(x):
     return _ldexp(p, np.int32(e))  # vscalefps on AVX-512
 
 
+def _softplus32(x):
+    # max(x, 0) + log1p(exp(-|x|)): the log's argument lies in [0, 1], where one polynomial is enough.
+    y = exp(-abs(x))
+    p = (((((((_S0 * y + _S1) * y + _S2) * y + _S3) * y + _S4) * y + _S5) * y + _S6) * y + _S7) * y + _S8
+    return max(x, _f(0)) + y * p
+
+
 def _log1p32(x):
     _inline_into_callers()
     w = x + _ONE
@@ -212,7 +228,7 @@ def _log1p_overload(x):
 
 @overload(softplus, inline="always", **_OPTIONS)
 def _softplus_overload(x):
-    return lambda x: x if x > _SOFTPLUS_THRESHOLD else log1p(exp(x))
+    return _softplus32 if x == types.float32 else (lambda x: x if x > _SOFTPLUS_THRESHOLD else log1p(exp(x)))
 
 
 @overload(sigmoid, inline="always", **_OPTIONS)
