@@ -2,21 +2,24 @@
 
 LLVM vectorises a loop only when every call in it has a vector form, and
 numba without Intel's SVML has none for ``exp``/``log``: a call to libm keeps
-a scan's inner loop scalar. The float32 versions here are Cephes' ``expf``,
-``exp2f`` and ``logf`` written as plain arithmetic (range reduction, a minimax
-polynomial, the power of two built from exponent bits), ~1e-7 relative error.
-float64 keeps libm's exact functions: the dtype picks the version when numba
+a scan's inner loop scalar. The float32 versions here are plain arithmetic:
+Cephes' ``expf`` and ``logf`` (range reduction, a minimax polynomial, the
+power of two built from exponent bits), ``exp2`` as rounding, a degree-5
+polynomial and ``ldexp``, softplus as ``max(x, 0) + log1p(exp(-|x|))`` with
+the log a polynomial on ``[0, 1]``; 1e-7 to 2e-7 relative error. float64
+keeps libm's exact functions: the dtype picks the version when numba
 compiles the caller.
 
-``exp`` and ``log1p`` are compiled on their own with FMA contraction only
-and LLVM inlines them into the kernel with those flags, so a kernel may allow
-reassociation for its reductions without letting LLVM fold away the
-rounding steps here; ``softplus`` and ``sigmoid`` are inlined by numba.
+``exp``, ``exp2`` and ``log1p`` are compiled on their own with FMA
+contraction only and LLVM inlines them into the kernel with those flags, so a
+kernel may allow reassociation for its reductions without letting LLVM fold
+away the rounding steps here; ``softplus`` and ``sigmoid`` are inlined by
+numba.
 
 The codegen helpers give a kernel what numba does not expose: 512-bit vectors,
 arrays on the stack (which LLVM can prove alias nothing, so it keeps them in
-registers and needs no runtime overlap checks) and a 16 × 16 transpose done
-with vector shuffles instead of gathers.
+registers and needs no runtime overlap checks), a 16 × 16 transpose done with
+vector shuffles instead of gathers, and cache prefetches.
 """
 
 from __future__ import annotations
