@@ -319,6 +319,8 @@ def train(
         raise ValueError("resume=True needs out=FOLDER holding the run to resume")
     if head_sparsity < 0:
         raise ValueError(f"head_sparsity must be >= 0, got {head_sparsity}")
+    if head_sparsity:
+        head_weight_norms(model)  # an unsupported model fails here, not at step head_sparsity_from
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True to train")

@@ -52,7 +52,7 @@ from dynalens.models.zoo import ZOO
 from jaxtyping import Int
 from torch import Tensor
 
-dash.register_page(__name__, path="/steering", name="Steering", title="dynalens · Steering", order=7)
+dash.register_page(__name__, path="/steering", name="Steering", title="dynalens · Steering", order=8)
 
 # Component ids of this page.
 SETUP = "steering-setup"

@@ -173,6 +173,11 @@ def test_head_sparsity_shrinks_heads_from_its_first_step():
     assert (runs[1.0][1] < 0.5 * runs[0.0][1]).all()
     with pytest.raises(ValueError, match="head_sparsity"):
         train(model, task, 2, head_sparsity=-1.0, **FAST)
+    gpt2 = build_model("attn-only-2l", task, d_model=16)
+    before = [p.clone() for p in gpt2.parameters()]
+    with pytest.raises(TypeError, match="q/k/v/o_proj"):  # before any step, not at head_sparsity_from
+        train(gpt2, task, 20, head_sparsity=1.0, head_sparsity_from=10, **FAST)
+    assert all(torch.equal(a, b) for a, b in zip(before, gpt2.parameters()))
 
 
 def test_cli_passes_the_head_penalty(tmp_path):
