@@ -331,7 +331,8 @@ class MassiveEmergence(Result):
     def fitted(self, steps: np.ndarray) -> np.ndarray:
         """``[len(steps), row]`` the fitted curves (NaN where a fit failed)."""
         p = self.params.double().numpy()
-        return np.stack([emergence_function(steps, *row) for row in p], 1)
+        with np.errstate(invalid="ignore", over="ignore"):  # failed fits hold NaN/inf parameters
+            return np.stack([emergence_function(steps, *row) for row in p], 1)
 
     def figure(self, *, rows: Sequence[int] | None = None) -> go.Figure:
         """The ratio per checkpoint (markers) and its fit (lines), one colour per layer."""
