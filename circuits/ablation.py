@@ -34,7 +34,7 @@ import plotly.graph_objects as go
 import torch
 from dynalens.models.tasks import Task
 from dynalens.probes.figures import TEMPLATE
-from dynalens.probes.model_surface import model_name_of
+from dynalens.models.surface import model_name_of
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import check_transformer
 from jaxtyping import Float, Int

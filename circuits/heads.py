@@ -43,7 +43,7 @@ from dynalens.models.base import TextOrTokens
 from dynalens.models.tasks import BOS, InductionTask
 from dynalens.probes.figures import heatmap
 from dynalens.probes.mixer import DEFAULT_CHANNEL_GROUPS, mixer_matrices
-from dynalens.probes.model_surface import architecture_of, result_context
+from dynalens.models.surface import architecture_of, result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import pattern_hook_names, sink_query_mask, sink_scores_from_patterns
 from jaxtyping import Bool, Float, Int

@@ -42,7 +42,7 @@ import torch
 from dynalens.models.base import TextOrTokens
 from dynalens.models.io import read_json, write_json
 from dynalens.probes.figures import heatmap, token_labels
-from dynalens.probes.model_surface import result_context
+from dynalens.models.surface import result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import check_transformer
 from jaxtyping import Float, Int

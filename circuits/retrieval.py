@@ -65,8 +65,8 @@ import plotly.graph_objects as go
 import torch
 from dynalens.circuits.heads import channel_group_count, channel_patterns
 from dynalens.probes.figures import heatmap
-from dynalens.probes.model_surface import architecture_of
-from dynalens.probes.model_surface import result_context
+from dynalens.models.surface import architecture_of
+from dynalens.models.surface import result_context
 from dynalens.probes.results import Result
 from dynalens.probes.sinks import check_transformer
 from jaxtyping import Bool, Float, Int

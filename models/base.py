@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedRootModule
 
+from dynalens.models.prompts import Prompts
 from dynalens.models.validation import (
     check_generate_args,
     check_hook_names,
@@ -110,7 +111,9 @@ class HookedSequenceModel(CheckedHooks, HookedRootModule):
 
     # ------------------------------------------------------------------ tokens
     def to_tokens(self, input: TextOrTokens) -> Int[Tensor, "batch pos"]:
-        """Token ids ``[batch, pos]`` for a string, a list of strings or ids."""
+        """Token ids ``[batch, pos]`` for a string, a list of strings, ids or a ``Prompts``."""
+        if isinstance(input, Prompts):
+            return input.tokens.to(self._device())
         if isinstance(input, Tensor):
             return check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx).to(self._device())
         texts = [input] if isinstance(input, str) else list(input)

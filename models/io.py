@@ -135,3 +135,66 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ------------------------------------------------------------------ records
+#: The safetensors metadata key that holds a record's JSON.
+RECORD_KEY = "dynalens.record"
+
+
+def write_record(path: str | os.PathLike, kind: str, fields: dict[str, Any]) -> None:
+    """Write ``fields`` as one safetensors file, atomically: tensors as tensors, the rest as JSON.
+
+    Values may be tensors, plain JSON values, and lists or dicts (string keys)
+    nesting them; each tensor is stored under its path (``scores``,
+    ``curves.0``, ``weights.layer_3``) and the JSON names that path. Nothing
+    is pickled. :func:`read_record` returns ``(kind, fields)``.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, where: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[where] = value.detach().cpu()
+            return {"__tensor__": where}
+        if isinstance(value, dict):
+            if not all(isinstance(k, str) for k in value):
+                raise TypeError(f"{kind}.{where}: dict keys must be strings to be saved")
+            return {"__dict__": {k: encode(v, f"{where}.{k}") for k, v in value.items()}}
+        if isinstance(value, (list, tuple)):
+            return [encode(v, f"{where}.{i}") for i, v in enumerate(value)]
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        raise TypeError(
+            f"{kind}.{where} is a {type(value).__name__}: a saved field must be a tensor, a plain "
+            "JSON value (str, int, float, bool, None) or a list or dict of them"
+        )
+
+    text = json.dumps({"type": kind, "fields": {k: encode(v, k) for k, v in fields.items()}})
+    write_safetensors(path, tensors, metadata={RECORD_KEY: text})
+
+
+def read_record(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """The ``(kind, fields)`` that :func:`write_record` wrote to ``path``."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error (no public type)
+        raise ValueError(f"{path!r} is not a dynalens record file (safetensors): {err}") from None
+    if RECORD_KEY not in metadata:
+        raise ValueError(f"{path!r} is a safetensors file but not a dynalens record")
+    stored = json.loads(metadata[RECORD_KEY])
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if isinstance(value, dict):
+            if "__tensor__" in value:
+                return tensors[value["__tensor__"]]
+            return {k: decode(v) for k, v in value["__dict__"].items()}
+        return value
+
+    return stored["type"], {k: decode(v) for k, v in stored["fields"].items()}

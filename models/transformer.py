@@ -36,6 +36,7 @@ from transformer_lens.model_bridge.sources import build_bridge_from_module
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dynalens.models.base import CheckedHooks
+from dynalens.models.prompts import Prompts
 from dynalens.models.io import atomic_dir, read_tokenizer, write_safetensors
 from dynalens.models.validation import (
     check_generate_args,
@@ -145,6 +146,8 @@ class HookedTransformerBridge(CheckedHooks, TransformerBridge):
         Unlike the Bridge, a prompt longer than ``cfg.n_ctx`` is an error, not
         silently truncated (pass ``truncate=True`` to cut it).
         """
+        if isinstance(input, Prompts):
+            return input.tokens.to(self.cfg.device)
         if isinstance(input, Tensor):
             return check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx).to(self.cfg.device)
         texts = [input] if isinstance(input, str) else list(input)
@@ -164,6 +167,8 @@ class HookedTransformerBridge(CheckedHooks, TransformerBridge):
 
     def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
         """The Bridge's forward, with token-id tensors checked first."""
+        if isinstance(input, Prompts):
+            input = input.tokens.to(self.cfg.device)
         if isinstance(input, Tensor) and not input.is_floating_point():
             input = check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
         return super().forward(input, *args, **kwargs)

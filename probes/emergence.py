@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import TEMPLATE
 from dynalens.probes.massive import massive_ratio, prompt_batches, site_hook_names, site_labels
-from dynalens.probes.model_surface import result_context
+from dynalens.models.surface import result_context
 from dynalens.probes.results import Result
 
 PARAM_NAMES = ("A", "lambda", "gamma", "t0", "K")

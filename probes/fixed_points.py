@@ -30,7 +30,7 @@ import torch
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_finite, check_index
 from dynalens.probes.figures import TEMPLATE, token_labels
-from dynalens.probes.model_surface import (
+from dynalens.models.surface import (
     architecture_of,
     model_name_of,
     prompt_tokens,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import heatmap, token_label, token_labels
-from dynalens.probes.model_surface import (
+from dynalens.models.surface import (
     decode_tokens,
     prompt_tokens,
     result_context,

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import TEMPLATE, heatmap
-from dynalens.probes.model_surface import architecture_of, decode_tokens, prompt_tokens, result_context
+from dynalens.models.surface import architecture_of, decode_tokens, prompt_tokens, result_context
 from dynalens.probes.residual import resid_hook_names
 from dynalens.probes.results import Result
 

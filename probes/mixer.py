@@ -32,7 +32,7 @@ from dynalens.kernels import mixer_matrix
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_index
 from dynalens.probes.figures import heatmap, token_labels
-from dynalens.probes.model_surface import architecture_of, prompt_tokens, result_context
+from dynalens.models.surface import architecture_of, prompt_tokens, result_context
 from dynalens.probes.results import Result
 
 DEFAULT_CHANNEL_GROUPS = 8

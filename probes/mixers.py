@@ -33,7 +33,7 @@ from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_index
 from dynalens.probes.figures import SEQUENTIAL, TEMPLATE
 from dynalens.probes.mixer import mixer_matrices
-from dynalens.probes.model_surface import architecture_of, prompt_tokens, result_context
+from dynalens.models.surface import architecture_of, prompt_tokens, result_context
 from dynalens.probes.results import Result
 from jaxtyping import Float
 from plotly.subplots import make_subplots

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import heatmap, token_labels
-from dynalens.probes.model_surface import prompt_tokens, result_context
+from dynalens.models.surface import prompt_tokens, result_context
 from dynalens.probes.results import Result
 
 

@@ -1,23 +1,31 @@
-"""The base of every analysis result: tensors plus what they were computed on.
+"""What every analysis returns, and the one file format everything is saved in.
 
-A result is a dataclass. Subclasses only declare their fields and write
-``top``, ``to_frame`` and ``figure``; saving and loading are generic: every
-tensor field goes into one safetensors file and every other field (plain
-JSON values: str, int, float, bool, None, lists and dicts of them) into that
-file's metadata as JSON. Nothing is pickled, and the write is atomic.
+A :class:`Result` is a dataclass with its provenance (model, architecture,
+dynalens version, the analysis' parameters), the prompts it was computed on
+(none, one or many: a :class:`~dynalens.models.prompts.Prompts`), and its own
+fields. Subclasses declare fields and write ``top``, ``to_frame`` and
+``figure``; saving is generic.
+
+Tensors with a position axis keep the prompts' left-padded layout
+``[batch, pos, ...]``; positions that ``to_frame`` and ``top`` report count
+each prompt's real tokens from 0.
+
+:class:`Saved` is the persistence every dynalens object shares (results,
+directions, steering controllers, refusal classifiers): one safetensors file
+whose metadata holds the JSON fields, written atomically, never pickled
+(``models/io.py``, ``write_record``). ``Saved.load`` returns whichever type
+the file holds.
 
 Examples
 --------
->>> norms = dl.probes.residual_norms(model, "Hello world")     # doctest: +SKIP
->>> norms.save("norms.safetensors")                            # doctest: +SKIP
->>> Result.load("norms.safetensors")                           # doctest: +SKIP
-ResidualNorms(model_name='smollm2-135m', ...)
+>>> lens = dl.probes.LogitLens(k=5)(model, "Hello world")     # doctest: +SKIP
+>>> lens.save("lens.safetensors")                             # doctest: +SKIP
+>>> Result.load("lens.safetensors")                           # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -25,42 +33,73 @@ from typing import Any, ClassVar, TypeVar
 
 import pandas as pd
 import plotly.graph_objects as go
-from jaxtyping import Int
-from safetensors import safe_open
 from torch import Tensor
 
-from dynalens.models.io import write_safetensors
+from dynalens.models.io import read_record, write_record
+from dynalens.models.prompts import Prompts
 
-_METADATA_KEY = "dynalens.result"
-R = TypeVar("R", bound="Result")
+S = TypeVar("S", bound="Saved")
+
+
+class Saved(ABC):
+    """Objects saved as one record file (``save(path)``, ``Class.load(path)``).
+
+    Subclasses give :meth:`_fields` (a dict of tensors and plain JSON values)
+    and :meth:`_from_fields` (the inverse).
+    """
+
+    _registry: ClassVar[dict[str, type[Saved]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        Saved._registry[cls.__name__] = cls
+
+    @abstractmethod
+    def _fields(self) -> dict[str, Any]:
+        """The fields to save: tensors, plain JSON values, lists and dicts of them."""
+
+    @classmethod
+    @abstractmethod
+    def _from_fields(cls: type[S], fields: dict[str, Any]) -> S:
+        """The object :meth:`_fields` describes."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to one safetensors file (tensors + JSON metadata), atomically."""
+        write_record(path, type(self).__name__, self._fields())
+
+    @classmethod
+    def load(cls: type[S], path: str | os.PathLike) -> S:
+        """Read what :meth:`save` wrote; ``cls`` checks the file holds that type (or a subclass)."""
+        kind, fields = read_record(path)
+        saved = Saved._registry.get(kind)
+        if saved is None or not issubclass(saved, cls):
+            raise TypeError(f"{os.fspath(path)!r} holds a {kind}, not a {cls.__name__}")
+        return saved._from_fields(fields)
 
 
 @dataclass(kw_only=True, eq=False)
-class Result(ABC):
-    """Tensors of one analysis plus the model and input they describe.
+class Result(Saved):
+    """Tensors of one analysis plus the model, parameters and prompts they describe.
 
     Attributes
     ----------
     model_name
         Name or path the model was loaded from.
     architecture
-        ``"transformer"``, ``"mamba"`` or ``"rnn"``.
-    tokens
-        The input token ids ``[pos]``.
-    str_tokens
-        One string per input token.
+        ``"transformer"``, ``"mamba"``, ``"mamba2"``, ``"hybrid"`` or ``"rnn"``.
+    params
+        The analysis' parameters (``Analysis.get_params()``).
+    prompts
+        The batch the result was computed on; ``None`` for weight-only results.
+    version
+        The dynalens version that computed it.
     """
 
     model_name: str
     architecture: str
-    tokens: Int[Tensor, " pos"]
-    str_tokens: list[str]
-
-    _registry: ClassVar[dict[str, type[Result]]] = {}
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        Result._registry[cls.__name__] = cls
+    params: dict[str, Any]
+    prompts: Prompts | None
+    version: str
 
     @abstractmethod
     def top(self, k: int = 10) -> pd.DataFrame:
@@ -68,12 +107,38 @@ class Result(ABC):
 
     @abstractmethod
     def to_frame(self) -> pd.DataFrame:
-        """Every value as one long-form table row."""
+        """Every value as one long-form table row (a ``prompt`` column where there are prompts)."""
 
     @abstractmethod
     def figure(self, **options: Any) -> go.Figure:
         """The result drawn with plotly in the dynalens look (``probes/figures.py``)."""
 
+    # ----------------------------------------------------------------- prompts
+    def position_index(self, position: int, prompt: int = 0) -> int:
+        """The padded column of real position ``position`` of ``prompt`` (negative from its end)."""
+        return self._prompts().position_index(position, prompt)
+
+    def str_tokens(self, prompt: int = 0) -> list[str]:
+        """The real tokens of ``prompt`` as strings."""
+        prompts = self._prompts()
+        if not -len(prompts) <= prompt < len(prompts):
+            raise IndexError(f"prompt {prompt} is out of range: this result has {len(prompts)} prompts")
+        return prompts.str_tokens[prompt]
+
+    def position_frame(self, **columns: Tensor) -> pd.DataFrame:
+        """``prompt, position, token`` per real token, plus one column per ``[batch, pos]`` tensor."""
+        prompts = self._prompts()
+        frame = prompts.frame()
+        for name, values in columns.items():
+            frame[name] = prompts.flat(values.cpu()).double().numpy()
+        return frame
+
+    def _prompts(self) -> Prompts:
+        if self.prompts is None:
+            raise ValueError(f"{type(self).__name__} was computed from weights alone: it has no prompts")
+        return self.prompts
+
+    # ---------------------------------------------------------------- display
     def summary(self) -> str:
         """A one-line description: tensors by shape, long lists by length."""
         parts = []
@@ -81,7 +146,7 @@ class Result(ABC):
             value = getattr(self, field.name)
             if isinstance(value, Tensor):
                 shown = f"Tensor{list(value.shape)}"
-            elif isinstance(value, list) and len(value) > 4:
+            elif isinstance(value, (list, dict)) and len(value) > 4:
                 shown = f"[{len(value)} items]"
             else:
                 shown = repr(value)
@@ -91,56 +156,20 @@ class Result(ABC):
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
         printer.text(self.summary())  # IPython shows the summary, not every tensor value
 
-    def position_index(self, position: int) -> int:
-        """``position`` as an index into the tokens; negative values count from the end."""
-        n = len(self.str_tokens)
-        if isinstance(position, bool) or not -n <= position < n:
-            raise IndexError(
-                f"position {position!r} is out of range: valid positions are 0 to {n - 1} "
-                f"(or -{n} to -1 from the end)"
-            )
-        return position % n
-
-    # ------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the result to one safetensors file, atomically.
-
-        Tensor fields become tensors; every other field is stored as JSON in
-        the file's metadata, so it must be a plain JSON value.
-        """
-        tensors: dict[str, Tensor] = {}
-        plain: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, Tensor):
-                tensors[field.name] = value.detach().cpu()
-            else:
-                plain[field.name] = value
-        try:
-            text = json.dumps({"type": type(self).__name__, "fields": plain})
-        except TypeError as err:
-            raise TypeError(
-                f"{type(self).__name__} fields that are not tensors must be plain JSON values "
-                f"(str, int, float, bool, None, lists and dicts of them): {err}"
-            ) from None
-        write_safetensors(path, tensors, metadata={_METADATA_KEY: text})
+    # ------------------------------------------------------------- persistence
+    def _fields(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.prompts is not None:
+            tensors, plain = self.prompts.state()
+            fields["prompts"] = {**tensors, **plain}
+        return fields
 
     @classmethod
-    def load(cls: type[R], path: str | os.PathLike) -> R:
-        """Read a result written by :meth:`save`.
-
-        ``Result.load`` returns whichever result type the file holds; a
-        subclass (``ResidualNorms.load``) checks that the file holds that type.
-        """
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            if _METADATA_KEY not in metadata:
-                raise ValueError(f"{os.fspath(path)!r} is not a dynalens result file")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        stored = json.loads(metadata[_METADATA_KEY])
-        kind = Result._registry.get(stored["type"])
-        if kind is None or not issubclass(kind, cls):
-            raise TypeError(
-                f"{os.fspath(path)!r} holds a {stored['type']} result, not a {cls.__name__}"
-            )
-        return kind(**stored["fields"], **tensors)
+    def _from_fields(cls, fields: dict[str, Any]) -> Result:
+        stored = fields.get("prompts")
+        if stored is not None:
+            fields["prompts"] = Prompts.from_parts(
+                stored["tokens"], stored["mask"], stored["str_tokens"],
+                texts=stored["texts"], pad_id=stored["pad_id"],
+            )  # fmt: skip
+        return cls(**fields)

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from dynalens.models.base import TextOrTokens
 from dynalens.probes.figures import heatmap, token_labels
-from dynalens.probes.model_surface import architecture_of, result_context
+from dynalens.models.surface import architecture_of, result_context
 from dynalens.probes.residual import resid_hook_names, resid_labels
 from dynalens.probes.results import Result
 

@@ -31,7 +31,7 @@ import torch
 from dynalens.models.base import TextOrTokens
 from dynalens.models.validation import check_index
 from dynalens.probes.figures import TEMPLATE, heatmap, token_labels
-from dynalens.probes.model_surface import architecture_of, prompt_tokens, result_context
+from dynalens.models.surface import architecture_of, prompt_tokens, result_context
 from dynalens.probes.residual import resid_labels, resid_stream
 from dynalens.probes.results import Result
 from jaxtyping import Float

@@ -1,4 +1,4 @@
-"""What the probes need from a model, whatever its architecture, in one place.
+"""What analyses need from a model, whatever its architecture, in one place.
 
 Every dynalens model offers ``to_tokens``, ``run_with_cache``, ``cfg.n_layers``
 and a tokenizer (or none); the few things that differ by architecture (the
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dynalens.models.base import TextOrTokens
 
-ARCHITECTURES = ("transformer", "mamba", "rnn")
+ARCHITECTURES = ("transformer", "mamba", "mamba2", "hybrid", "rnn")
 
 
 def architecture_of(model: Any) -> str:
