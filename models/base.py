@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Union
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedRootModule
+from transformer_lens import ActivationCache, HookedRootModule
 
 from dynalens.models.prompts import Prompts
 from dynalens.models.validation import (
@@ -79,7 +79,10 @@ class CheckedHooks:
 
     def run_with_cache(self, *model_args: Any, names_filter: Any = None, **kwargs: Any):
         self.check_hook_names(filter_names(names_filter))
-        return super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        out, cache = super().run_with_cache(*model_args, names_filter=names_filter, **kwargs)
+        if isinstance(cache, dict):
+            cache = ActivationCache(cache, self)
+        return out, cache
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), *args: Any, **kwargs: Any):
         # TransformerLens' run_with_hooks passes reset_hooks_end, clear_contexts positionally.
