@@ -409,11 +409,14 @@ class MassiveAblationResult(Result):
     channels: list[int]
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``prompt, text, n_entries, loss_clean, loss_ablated, loss_random, delta_ablated, delta_random``."""
+        """Columns ``prompt, text, n_entries, loss_clean, loss_ablated, loss_random, delta_ablated, delta_random``.
+
+        ``text`` is the prompt as given, or its tokens joined.
+        """
         prompts = self._prompts()
         frame = pd.DataFrame({
             "prompt": range(len(prompts)),
-            "text": ["".join(tokens) for tokens in prompts.str_tokens],
+            "text": prompts.texts or ["".join(tokens) for tokens in prompts.str_tokens],
             "n_entries": self.n_entries.tolist(),
             "loss_clean": self.loss_clean.tolist(),
             "loss_ablated": self.loss_ablated.tolist(),
