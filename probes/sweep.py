@@ -318,3 +318,68 @@ def _label_models(models: Any) -> dict[str, Any]:
     if not pairs:
         raise ValueError("models must name at least one model")
     return _unique(pairs, "models")
+
+
+def read_sweep_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The keyword arguments of :func:`sweep` that a TOML file describes.
+
+    ::
+
+        store = "runs/induction"              # relative paths are from the file's folder
+        models = ["mamba-ar", "zoo/other"]    # names or paths for dl.load, and/or
+        checkpoints = "attn2l-induction"      # every checkpoint of a zoo model or training run
+        [prompts]
+        repeats = [[3, 9, 4, 3, 9, 4]]        # token ids
+        natural = ["The cat sat on the mat"]  # strings
+        [[analyses]]
+        type = "HeadScores"                   # a public class of dl.probes or dl.circuits
+        label = "heads"                       # optional
+        params = {}                           # its parameters
+
+    Analysis types are looked up by name among dynalens' analyses only; nothing
+    in the file is executed.
+    """
+    import tomllib
+
+    from dynalens import circuits, probes
+    from dynalens.models.zoo import checkpoints
+
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read sweep file {str(path)!r}: {err}") from None
+    known = {"store", "models", "checkpoints", "prompts", "analyses"}
+    unknown = set(spec) - known
+    missing = {"store", "prompts", "analyses"} - set(spec)
+    if unknown or missing or not ({"models", "checkpoints"} & set(spec)):
+        raise ValueError(
+            f"sweep file {str(path)!r}: keys {sorted(unknown)} unknown, {sorted(missing)} missing; "
+            f"it takes {sorted(known)}, with models or checkpoints (or both)"
+        )
+
+    def beside(p: str, must_exist: bool) -> str:
+        """``p`` relative to the file's folder (a model name that is no path there stays a name)."""
+        q = Path(p).expanduser()
+        if q.is_absolute() or (must_exist and not (path.parent / q).exists()):
+            return str(q) if q.is_absolute() else p
+        return str(path.parent / q)
+
+    models: list[Any] = [beside(m, must_exist=True) for m in spec.get("models", [])]
+    if "checkpoints" in spec:
+        models += checkpoints(spec["checkpoints"])
+    types = {
+        name: obj
+        for module in (probes, circuits)
+        for name in module.__all__
+        if isinstance(obj := getattr(module, name), type) and issubclass(obj, Analysis)
+    }
+    analyses = {}
+    for entry in spec["analyses"]:
+        kind = entry.get("type")
+        if kind not in types:
+            raise ValueError(f"sweep file {str(path)!r}: unknown analysis type {kind!r}; known: {sorted(types)}")
+        analysis = types[kind](**entry.get("params", {}))
+        analyses[entry.get("label", analysis.name)] = analysis
+    store = beside(spec["store"], must_exist=False)
+    return {"analyses": analyses, "models": models, "prompts": dict(spec["prompts"]), "store": store}
