@@ -181,10 +181,10 @@ def sweep(
         if ray:
             _run_on_ray(out, labelled_models, todo, bar, address=address, workers=workers)
         else:
+            worker = CellRunner()
             for model, cells in todo.items():
-                worker = CellRunner(labelled_models[model], str(out.store))
                 for cell, set_prompts, analysis in cells:
-                    worker.run(cell, set_prompts, analysis)
+                    worker.run(str(out.store), cell, set_prompts, analysis, labelled_models[model])
                     bar.update()
     finally:
         bar.close()
@@ -192,31 +192,35 @@ def sweep(
 
 
 class CellRunner:
-    """Loads one model once and runs cells on it, writing each cell's files."""
+    """Runs cells, keeping the model of the last cell loaded (each model is loaded once)."""
 
-    def __init__(self, source: Any, store: str):
+    def __init__(self) -> None:
+        self.source: Any = None
+        self.model: Any = None
+
+    def run(self, store: str, cell: Cell, prompts: Any, analysis: Analysis, source: Any) -> str:
+        """Run one cell on the model from ``source``, write its Result and row to ``store``; return the status."""
         from dynalens.models.loading import load
 
-        self.model = load(source)
-        self.sweep = Sweep(store)
-
-    def run(self, cell: Cell, prompts: Any, analysis: Analysis) -> str:
-        """Run one cell and write its Result and row; returns the status."""
+        sweep = Sweep(store)
         started = time.time()
         row: dict[str, Any] = {
             "model": cell.model, "prompts": cell.prompts, "analysis": cell.analysis,
-            "params": json.dumps(analysis.provenance(self.model, None)["params"]),
+            "params": json.dumps({k: repr(v) for k, v in analysis.get_params().items()}),
             "started": started, "pid": os.getpid(),
         }  # fmt: skip
         try:
+            if source != self.source:  # a new model: drop the last one before loading
+                self.model, self.source = None, None
+                self.model, self.source = load(source), source
             result = analysis(self.model, prompts)
-            result.save(self.sweep.result_path(cell))
-            row.update(status=STATUS_OK, error="")
+            result.save(sweep.result_path(cell))
+            row.update(status=STATUS_OK, error="", params=json.dumps(result.params))
             row.update({f"metric.{k}": float(v) for k, v in result.metrics().items()})
         except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
             row.update(status=STATUS_FAILED, error=_error_text(err))
         row["seconds"] = time.time() - started
-        write_row(self.sweep.row_path(cell), row)
+        write_row(sweep.row_path(cell), row)
         return row["status"]
 
 
@@ -238,6 +242,7 @@ def _run_on_ray(
     address: str | None,
     workers: int | None,
 ) -> None:
+    """Run the cells on a pool of Ray actors; all cells of a model go to one actor, which loads it once."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -248,31 +253,53 @@ def _run_on_ray(
         else:
             ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        actor_class = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(CellRunner)
-        pending: dict[Any, tuple[str, Cell]] = {}
-        actors, left = {}, {}
-        for model, cells in todo.items():
-            actors[model] = actor_class.remote(models[model], str(out.store))
-            left[model] = len(cells)
+        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pool = [_worker(ray, i) for i in range(min(size, len(todo)))]
+        queue = list(todo.items())
+        pending: dict[Any, tuple[int, Cell]] = {}
+        left = [0] * len(pool)
+
+        def assign(slot: int) -> None:
+            model, cells = queue.pop(0)
+            left[slot] = len(cells)
             for cell, set_prompts, analysis in cells:
-                pending[actors[model].run.remote(cell, set_prompts, analysis)] = (model, cell)
+                ref = pool[slot].run.remote(str(out.store), cell, set_prompts, analysis, models[model])
+                pending[ref] = (slot, cell)
+
+        for slot in range(len(pool)):
+            assign(slot)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            model, cell = pending.pop(ready[0])
+            slot, cell = pending.pop(ready[0])
             try:
                 ray.get(ready[0])
-            except Exception as err:  # noqa: BLE001 - the worker died twice: record the cell
+            except Exception as err:  # noqa: BLE001 - the worker died past Ray's retries: record the cell
                 write_row(out.row_path(cell), {
                     "model": cell.model, "prompts": cell.prompts, "analysis": cell.analysis,
                     "status": STATUS_FAILED, "error": _error_text(err), "seconds": float("nan"),
                 })  # fmt: skip
+                pool[slot] = _worker(ray, slot, fresh=True)
             bar.update()
-            left[model] -= 1
-            if left[model] == 0:  # the model's cells are done: free its worker for the next model
-                ray.kill(actors.pop(model))
+            left[slot] -= 1
+            if left[slot] == 0 and queue:  # this worker is free: give it the next model
+                assign(slot)
     finally:
         if started_here:
+            _POOL.clear()
             ray.shutdown()
+
+
+_POOL: dict[tuple[str, int], Any] = {}
+"""This driver's Ray workers by (Ray job, slot): kept alive across sweeps, so each starts once."""
+
+
+def _worker(ray: Any, slot: int, fresh: bool = False) -> Any:
+    """Worker ``slot`` of this driver's pool (a new one with ``fresh``, after a worker died)."""
+    key = (ray.get_runtime_context().get_job_id(), slot)
+    if fresh or key not in _POOL:
+        actor = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(CellRunner)
+        _POOL[key] = actor.remote()
+    return _POOL[key]
 
 
 def _error_text(err: BaseException) -> str:
