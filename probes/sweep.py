@@ -78,6 +78,12 @@ class Sweep:
     def result_path(self, cell: Cell) -> Path:
         return self.store / "results" / cell.model / cell.prompts / f"{cell.analysis}.safetensors"
 
+    def remove_stale_files(self) -> None:
+        """Remove the temporary files of cells that were in flight when a driver was killed."""
+        for folder in ("cells", "results"):
+            for tmp in (self.store / folder).rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def frame(self) -> pd.DataFrame:
         """One row per finished cell: ``model, prompts, analysis, status, seconds, error, ...``."""
         rows = sorted((self.store / "cells").glob("*.parquet"))
@@ -167,6 +173,7 @@ def sweep(
         "prompts": sorted(prompt_sets),
         "analyses": {k: repr(a) for k, a in labelled_analyses.items()},
     })  # fmt: skip
+    out.remove_stale_files()
     done = out.finished()
     todo: dict[str, list[tuple[Cell, Any, Analysis]]] = {}
     for model in labelled_models:
