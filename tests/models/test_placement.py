@@ -83,8 +83,9 @@ def test_load_places_our_models(tmp_path):
     import dynalens as dl
 
     reference = dl.load("mamba-ar")
-    model = dl.load("mamba-ar", device_map="auto", max_memory={"cpu": 1}, offload_folder=tmp_path)
-    assert set(model.hf_device_map.values()) == {"disk"}
+    half = sum(p.numel() * p.element_size() for p in reference.parameters()) // 2
+    model = dl.load("mamba-ar", device_map="auto", max_memory={"cpu": half}, offload_folder=tmp_path)
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     tokens = torch.randint(0, reference.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens), atol=1e-5, rtol=1e-5)
