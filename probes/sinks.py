@@ -141,14 +141,15 @@ def sink_attention(
         ``[batch, layer, head]`` (NaN for a prompt with no query) and ``[batch]``
         how many queries each prompt's scores average.
     """
-    weights = queries.float().cpu()
-    n_queries = weights.sum(-1)
+    queries = queries.cpu()
+    n_queries = queries.sum(-1).float()
     scores = []
     for p in patterns:
         p = p.detach().float().cpu()
         index = sink_columns.cpu().reshape(-1, 1, 1, 1).expand(*p.shape[:3], 1)
         on_sink = p.gather(-1, index)[..., 0]  # [batch, head, q]
-        scores.append(torch.einsum("bhq,bq->bh", on_sink, weights) / n_queries[:, None])
+        on_sink = torch.where(queries[:, None, :], on_sink, 0.0)  # what pad or left-out queries hold never leaks
+        scores.append(on_sink.sum(-1) / n_queries[:, None])
     return torch.stack(scores, 1), n_queries.long()
 
 

@@ -32,8 +32,10 @@ from dynalens.probes.analysis import AnalysisError, Run
 
 ATTENTION_ONLY = (SinkScores, ExtremeTokens, HeadActivity)
 
-# One batch of equal-length prompts of ids below every fixture's vocabulary.
+# Batches of ids below every fixture's vocabulary: equal lengths, and ragged (left-padded, with a mask).
 BATCH = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(11))
+RAGGED = [BATCH[0, :3].tolist(), BATCH[1].tolist(), BATCH[2, :5].tolist(), BATCH[0, 2:4].tolist()]
+BATCHES = {"equal": BATCH, "ragged": RAGGED}
 
 
 def every_analysis() -> list:
@@ -182,23 +184,58 @@ def test_nan_or_inf_in_the_cache_names_hook_and_position(any_model, make):
         analysis.compute(cache, prompts)
 
 
-# ------------------------------------------ (d) compute on your cache == call
-@pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
-def test_compute_from_a_cache_equals_calling_the_analysis(any_model, analysis):
+def test_non_finite_values_at_pad_positions_are_not_read(any_model):
+    analysis = ResidualNorms()
+    prompts = dl.Prompts(any_model, RAGGED)  # prompt 0 has 4 pad columns
+    _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
+    clean = analysis.compute(cache, prompts)
+    hook = names.resid_post(1)
+    cache.cache_dict[hook] = cache[hook].clone()
+    cache.cache_dict[hook][0, :4] = float("nan")
+    dirty = analysis.compute(cache, prompts)
+    assert_same_result(dirty, clean, atol=0)
+    assert dirty.norms[0, :4].isnan().all() and not dirty.to_frame()["norm"].isna().any()
+
+
+@pytest.mark.parametrize("analysis", [a for a in every_analysis() if not isinstance(a, MassiveAblation)],
+                         ids=analysis_id)  # fmt: skip
+def test_garbage_at_every_pad_position_leaves_the_result_unchanged(any_model, analysis):
     if not applies(analysis, any_model):
         return
-    prompts = dl.Prompts(any_model, BATCH)
+    prompts = dl.Prompts(any_model, RAGGED)
+    _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
+    clean = analysis.compute(cache, prompts)
+    pad = ~prompts.mask
+    for name in list(cache.keys()):
+        x = cache[name].clone()
+        if name.endswith("attn.hook_pattern"):  # [batch, head, q, k]: pad queries and pad keys (finite: patterns are checked whole)
+            x.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 1e4)
+        else:  # [batch, pos, ...]
+            x[pad] = float("nan")
+        cache.cache_dict[name] = x
+    assert_same_result(analysis.compute(cache, prompts), clean, atol=0)
+
+
+# ------------------------------------------ (d) compute on your cache == call
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
+def test_compute_from_a_cache_equals_calling_the_analysis(any_model, analysis, batch):
+    if not applies(analysis, any_model):
+        return
+    prompts = dl.Prompts(any_model, BATCHES[batch])
     _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
     assert_same_result(analysis.compute(cache, prompts), analysis(any_model, prompts))
 
 
 # ----------------------------------------------- batched == each prompt alone
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
-def test_batched_result_equals_each_prompt_alone(any_model, analysis):
+def test_batched_result_equals_each_prompt_alone(any_model, analysis, batch):
     if not applies(analysis, any_model):
         return
-    batched = analysis(any_model, BATCH)
-    assert batched.architecture == any_model.cfg.architecture and len(batched.prompts) == len(BATCH)
+    batched = analysis(any_model, BATCHES[batch])
+    assert batched.architecture == any_model.cfg.architecture and len(batched.prompts) == len(BATCHES[batch])
+    assert batched.prompts.is_padded == (batch == "ragged")
     frame = batched.to_frame()
     for i, prompt in enumerate(batched.prompts):
         alone = analysis(any_model, prompt)
