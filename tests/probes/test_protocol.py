@@ -159,6 +159,29 @@ def test_experiments_run_after_the_shared_forward(tiny_mamba):
     assert_same_result(together["massive_ablation"], MassiveAblation()(tiny_mamba, BATCH))
 
 
+def test_transformer_lens_style_cache_code_gives_the_logit_lens(any_model):
+    """``logit_attrs(accumulated_resid(apply_ln=True), tokens)`` on any architecture: LogitLens' probabilities.
+
+    ``logit_attrs`` leaves out the unembedding bias and the softmax's normaliser,
+    so the ranks' log-probability differences are compared.
+    """
+    lens_analysis = LogitLens(k=3)
+    prompts = dl.Prompts(any_model, RAGGED)
+    _, cache = any_model.run_with_cache(prompts)
+    lens = lens_analysis.compute(cache, prompts)
+    stack = cache.accumulated_resid(apply_ln=True)  # [layer + 1, batch, pos, d_model]
+    assert stack.shape[0] == len(lens.hook_names)
+    bias = any_model.unembed(torch.zeros(1, 1, any_model.cfg.d_model)).reshape(-1)  # b_U (zeros if none)
+    ids = lens.top_ids.clamp(min=0)  # pad positions hold -1
+    logits = torch.stack([
+        torch.stack([cache.logit_attrs(stack[r : r + 1], tokens=ids[:, :, r, j])[0] for j in range(3)], -1)
+        for r in range(stack.shape[0])
+    ], 2) + bias[ids]  # [batch, pos, row, k]
+    mask = prompts.mask
+    expected = lens.top_probs.log() - lens.top_probs[..., :1].log()
+    torch.testing.assert_close((logits - logits[..., :1])[mask], expected[mask], rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------- (b) a run saved whole
 def test_run_save_load_round_trip(tiny_llama, tmp_path):
     run = dl.run(tiny_llama, BATCH, [LogitLens(k=2), MassiveActivations(), HeadActivity()])
