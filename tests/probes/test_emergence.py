@@ -157,6 +157,18 @@ def test_massive_emergence_measures_each_checkpoint(run_dir, tmp_path):
     assert isinstance(back, MassiveEmergenceResult) and back.fits().equals(fits)
 
 
+def test_massive_emergence_of_a_ragged_batch_equals_each_prompt_alone(run_dir):
+    model = dl.load(run_dir)
+    ragged = [PROBE[0, :5].tolist(), PROBE[1].tolist(), PROBE[2, :8].tolist()]
+    batched = MassiveEmergence(run_dir)(model, ragged)
+    assert batched.prompts.is_padded
+    for i, row in enumerate(ragged):
+        alone = MassiveEmergence(run_dir)(model, [row])
+        torch.testing.assert_close(batched.maxima[:, i], alone.maxima[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched.medians[:, i], alone.medians[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.ratios, batched.maxima.mean(1) / batched.medians.mean(1))
+
+
 # ------------------------------------------------------- architecture → parameters
 def test_architecture_features_known_values(tiny_llama):
     f = dict(zip(FEATURE_NAMES, architecture_features(1, 4, 8, 256, 1024)))
