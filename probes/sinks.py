@@ -189,6 +189,16 @@ def _head_frame(scores: Float[Tensor, "batch layer head"], n_queries: Tensor, th
     })  # fmt: skip
 
 
+def _mean_frame(scores: Float[Tensor, "layer head"], column: str = "sink_score") -> pd.DataFrame:
+    """``layer, head, <column>`` per head."""
+    layers, heads = scores.shape
+    return pd.DataFrame({
+        "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
+        "head": torch.arange(heads).repeat(layers).numpy(),
+        column: scores.reshape(-1).double().numpy(),
+    })  # fmt: skip
+
+
 def _sink_heatmap(scores: Float[Tensor, "layer head"], title: str) -> go.Figure:
     layers, heads = scores.shape
     return heatmap(
@@ -245,12 +255,7 @@ class SinkScoresResult(Result):
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads with the highest batch-wide scores: ``layer, head, sink_score``."""
-        mean = self.mean
-        frame = pd.DataFrame(
-            [(layer, head, float(mean[layer, head])) for layer in range(mean.shape[0]) for head in range(mean.shape[1])],
-            columns=["layer", "head", "sink_score"],
-        )
-        return frame.nlargest(k, "sink_score").reset_index(drop=True)
+        return _mean_frame(self.mean).nlargest(k, "sink_score").reset_index(drop=True)
 
     def figure(self, *, prompt: int | None = None) -> go.Figure:
         """Layer × head scores of the batch, or of one ``prompt``."""
@@ -357,12 +362,7 @@ class ExtremeTokensResult(Result):
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads with the highest batch-wide sink scores: ``layer, head, sink_score, sink``."""
-        mean = self.mean_sink_scores
-        layers, heads = mean.shape
-        frame = pd.DataFrame(
-            [(layer, head, float(mean[layer, head])) for layer in range(layers) for head in range(heads)],
-            columns=["layer", "head", "sink_score"],
-        )
+        frame = _mean_frame(self.mean_sink_scores)
         frame["sink"] = frame["sink_score"] > self.threshold
         return frame.nlargest(k, "sink_score").reset_index(drop=True)
 
@@ -520,12 +520,7 @@ class HeadActivityResult(Result):
         """The ``k`` heads whose batch-wide sink score differs most between domains."""
         scores = self.mean_sink_scores
         spread = scores.max(0).values - scores.min(0).values
-        layers, heads = spread.shape
-        frame = pd.DataFrame(
-            [(layer, head, float(spread[layer, head])) for layer in range(layers) for head in range(heads)],
-            columns=["layer", "head", "spread"],
-        )
-        return frame.nlargest(k, "spread").reset_index(drop=True)
+        return _mean_frame(spread, "spread").nlargest(k, "spread").reset_index(drop=True)
 
     def figure(self) -> go.Figure:
         """Heatmap head × domain of batch-wide sink scores, ``D`` marking dormant heads."""

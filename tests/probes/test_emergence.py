@@ -117,7 +117,8 @@ def test_checkpoints_run_analyses_on_every_checkpoint(run_dir, tmp_path):
         torch.testing.assert_close(found.results["residual_norms"][c].norms, expected.norms)
     frame = found.to_frame()
     assert list(frame.columns[:4]) == ["step", "analysis", "prompt", "position"]
-    assert len(frame) == len(series) * (3 * 12 * 3 + 3 * 3 * 2)  # norms: prompts·tokens·rows; massive: prompts·rows·k
+    # norms: prompts · tokens · rows; massive: prompts · rows · k
+    assert len(frame) == len(series) * (3 * 12 * 3 + 3 * 3 * 2)
     assert found.top(1)["analysis"].tolist() == ["residual_norms", "massive_activations"]
     figure = found.figure(analysis="residual_norms", column="norm", by=["layer"])
     assert len(figure.data) == 3 and list(figure.data[0].x) == found.steps

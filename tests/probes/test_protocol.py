@@ -231,7 +231,7 @@ def test_garbage_at_every_pad_position_leaves_the_result_unchanged(any_model, an
     pad = ~prompts.mask
     for name in list(cache.keys()):
         x = cache[name].clone()
-        if name.endswith("attn.hook_pattern"):  # [batch, head, q, k]: pad queries and pad keys (finite: patterns are checked whole)
+        if name.endswith("attn.hook_pattern"):  # [batch, head, q, k]: pad queries and keys (finite: checked whole)
             x.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 1e4)
         else:  # [batch, pos, ...]
             x[pad] = float("nan")
