@@ -249,6 +249,10 @@ class SinkScoresResult(Result):
         """The batch's scores, every query weighted alike."""
         return pooled_sink_scores(self.scores, self.n_queries)
 
+    def metrics(self) -> dict[str, float]:
+        """``mean_sink_score`` over heads (batch-wide), ``n_sink_heads`` above 0.5."""
+        return {"mean_sink_score": float(self.mean.mean()), "n_sink_heads": float((self.mean > SINK_THRESHOLD).sum())}
+
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and head: ``prompt, layer, head, sink_score, n_queries, sink`` (score > 0.5)."""
         return _head_frame(self.scores, self.n_queries, SINK_THRESHOLD)
@@ -355,6 +359,15 @@ class ExtremeTokensResult(Result):
             others = torch.cat([real[: self.sink_position], real[self.sink_position + 1 :]])
             ratios.append(real[self.sink_position] / others.mean(0))
         return torch.stack(ratios).mean(0)
+
+    def metrics(self) -> dict[str, float]:
+        """``mean_sink_score`` over heads (batch-wide), ``n_sink_heads``, ``value_drain`` and ``resid_peak`` (means)."""
+        return {
+            "mean_sink_score": float(self.mean_sink_scores.mean()),
+            "n_sink_heads": float(len(self.sink_heads())),
+            "value_drain": float(self.value_drain().mean()),
+            "resid_peak": float(self.resid_peak().mean()),
+        }
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and head: ``prompt, layer, head, sink_score, n_queries, sink``."""
@@ -493,6 +506,11 @@ class HeadActivityResult(Result):
             frame.insert(0, "domain", name)
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
+
+    def metrics(self) -> dict[str, float]:
+        """``n_switching`` heads (dormant on some domain, active on another), ``n_dormant`` (head, domain) pairs."""
+        dormant = self.dormant
+        return {"n_switching": float((dormant.any(0) & (~dormant).any(0)).sum()), "n_dormant": float(dormant.sum())}
 
     def switching(self) -> pd.DataFrame:
         """Heads dormant on some domain and active on another, with their batch-wide score per domain.

@@ -269,6 +269,14 @@ def test_batched_result_equals_each_prompt_alone(any_model, analysis, batch):
         assert_frames_close(frame[frame["prompt"] == i].reset_index(drop=True), own)
 
 
+@pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
+def test_metrics_are_named_floats_a_sweep_can_store(any_model, analysis):
+    if not applies(analysis, any_model):
+        return
+    metrics = analysis(any_model, RAGGED).metrics()
+    assert metrics and all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items())
+
+
 # --------------------------------------------------------- save / load, params
 @pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
 def test_results_save_and_load_exactly(any_model, analysis, tmp_path):
