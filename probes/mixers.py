@@ -17,6 +17,11 @@ Delta_s B_s``, :func:`dynalens.kernels.mixer_matrix`) and, linearised, an RNN
 Linear attention is the selective SSM with ``A_t = I`` (``A = 0``, ``Delta = 1``),
 ``B_t = k_t``, ``C_t = q_t`` and each value channel as an SSM channel:
 :func:`linear_attention_ssm_gap` checks it.
+
+Analyses: :class:`MixerComparison` (one model's mixer with both numbers;
+:meth:`MixerComparisonResult.join` sets several models side by side) and
+:class:`RecurrenceJacobian` (the full ``∂h_t/∂x_s`` of an RNN layer). The
+tensor functions above stay plain functions.
 """
 
 from __future__ import annotations

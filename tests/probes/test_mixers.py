@@ -277,3 +277,25 @@ def test_mixer_comparison_batch_equals_each_prompt_alone(any_model):
         theirs = alone.to_frame().drop(columns="prompt")
         assert (mine["offdiagonal_rank"] == theirs["offdiagonal_rank"]).all()
         np.testing.assert_allclose(mine["effective_rank"], theirs["effective_rank"], rtol=1e-5)
+
+
+RAGGED = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8]]  # lengths 5, 2, 4, 1
+
+
+def test_rnn_layer_0_ragged_batch_equals_each_prompt_alone(tiny_rnn):
+    # Layer 0 reads the embeddings (hook_resid_pre), which no padding can change.
+    mixers, jacobians = MixerMatrix(0)(tiny_rnn, RAGGED), RecurrenceJacobian(0)(tiny_rnn, RAGGED)
+    compared = MixerComparison(0)(tiny_rnn, RAGGED)
+    assert mixers.matrices.shape == (4, 1, 5, 5)
+    for i, row in enumerate(RAGGED):
+        n, pad = len(row), 5 - len(row)
+        torch.testing.assert_close(mixers.matrix(i), MixerMatrix(0)(tiny_rnn, [row]).matrix(0), rtol=1e-5, atol=1e-6)
+        assert not mixers.matrices[i, :, :pad].any() and not mixers.matrices[i, :, :, :pad].any()
+        torch.testing.assert_close(jacobians.of(i), RecurrenceJacobian(0)(tiny_rnn, [row]).of(0), rtol=1e-5, atol=1e-6)
+        alone = MixerComparison(0)(tiny_rnn, [row])
+        torch.testing.assert_close(last(compared.matrices[:, i], n, (1, 2)), alone.matrices[:, 0], rtol=1e-5, atol=1e-6)
+        mine = compared.to_frame().query(f"prompt == {i}")
+        assert mine["offdiagonal_rank"].tolist() == alone.to_frame()["offdiagonal_rank"].tolist()
+    frame = mixers.to_frame()
+    assert frame.groupby("prompt")["query_position"].max().tolist() == [4, 1, 3, 0]
+    assert len(frame) == sum(n * (n + 1) // 2 for n in (5, 2, 4, 1))

@@ -110,6 +110,17 @@ def test_lyapunov_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model_n
     torch.testing.assert_close(analysis.compute(cache, prompts).exponents, result.exponents)
 
 
+def test_rnn_layer_0_ragged_batch_equals_each_prompt_alone(tiny_rnn):
+    # Layer 0 reads the embeddings (hook_resid_pre), which no padding can change.
+    ragged = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8]]
+    result = LyapunovExponents(0, k=3)(tiny_rnn, ragged)
+    for i, row in enumerate(ragged):
+        alone = LyapunovExponents(0, k=3)(tiny_rnn, [row])
+        torch.testing.assert_close(result.running[i, -len(row):], alone.running[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.exponents[i], alone.exponents[0], rtol=1e-5, atol=1e-6)
+        assert not result.running[i, : 5 - len(row)].any()
+
+
 def test_lyapunov_needs_a_state_recurrence(tiny_llama, tokens):
     with pytest.raises(AnalysisError, match="needs a state recurrence: it applies to mamba, rnn models, and this model is a transformer"):
         LyapunovExponents(0)(tiny_llama, tokens)
