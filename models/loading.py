@@ -93,9 +93,9 @@ def load(
         return _named(load(zoo[key].path, device=device, dtype=dtype), key)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return HookedTransformerBridge.from_gguf(path, device=device, dtype=dtype)
+        return _named(HookedTransformerBridge.from_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
-        return _load_folder(path, device=device, dtype=dtype)
+        return _named(_load_folder(path, device=device, dtype=dtype), key)
     names = [row.name for row in list_models()]
     close = closest_names(key, names)
     ordered = close + [n for n in names if n not in close]
@@ -112,13 +112,7 @@ def _named(model: Any, name: str) -> Any:
 
 
 def _load_folder(folder: Path, **kwargs: Any) -> Any:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no config.json: pass a folder written by save_pretrained "
-            "(dynalens or HuggingFace), a .gguf file or a built-in name"
-        )
-    model_type = read_json(config_path).get("model_type")
+    model_type = folder_model_type(folder)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if model_type == "mamba":
         from dynalens.models.mamba import HookedMamba
@@ -131,6 +125,64 @@ def _load_folder(folder: Path, **kwargs: Any) -> Any:
     from dynalens.models.transformer import HookedTransformerBridge
 
     return HookedTransformerBridge.from_pretrained(folder, **kwargs)
+
+
+#: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
+OWN_MODEL_TYPES = ("mamba", "dynalens-rnn")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def folder_model_type(folder: Path) -> str:
+    """The ``model_type`` of a model folder, after checking it is one dynalens can load.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is
+    accepted: a missing or corrupt ``config.json``, an unknown ``model_type``,
+    weights in pickled files only.
+    """
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: pass a folder written by save_pretrained "
+            "(dynalens or HuggingFace), a .gguf file or a built-in name"
+        )
+    try:
+        config = read_json(config_path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): a model's config.json must be a JSON object") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise ValueError(f"{config_path} has no \"model_type\": it must name the architecture (e.g. \"llama\", \"mamba\")")
+    if model_type not in OWN_MODEL_TYPES:
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            close = closest_names(model_type, [*OWN_MODEL_TYPES, *CONFIG_MAPPING.keys()])
+            raise ValueError(
+                f"{config_path}: unknown model_type {model_type!r}; dynalens opens "
+                f"{', '.join(OWN_MODEL_TYPES)} and every model_type transformers knows"
+                f"{' (closest: ' + ', '.join(close) + ')' if close else ''}"
+            )
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise ValueError(
+                f"{folder} holds weights only in pickled files ({', '.join(pickled)}): dynalens never "
+                "unpickles; convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
+            )
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights next to its config.json")
+    return model_type
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> Path:
+    """``path`` if it is a GGUF file (by its magic bytes); else a ``ValueError`` naming it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    return path
 
 
 def _zoo() -> dict[str, Any]:
