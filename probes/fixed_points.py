@@ -421,7 +421,9 @@ class TrajectoryPCA(Analysis):
     n_components
         Principal components kept (at most the tokens of a prompt, and ``d_hidden``).
     fixed_points
-        ``[point, state]`` states to project too, e.g. ``FixedPoints(layer)(model).points``.
+        States to project too: a :class:`FixedPoints` experiment (run on the
+        model's weights when the PCA is computed; its layer should be this
+        one) or a tensor ``[point, state]`` (e.g. ``FixedPoints(layer)(model).points``).
     shared
         One PCA over the real tokens of every prompt (one basis for all
         trajectories) instead of one per prompt; a prompt's result then
@@ -436,7 +438,12 @@ class TrajectoryPCA(Analysis):
     requirement: ClassVar[str] = "a recurrent cell's hidden states"
 
     def __init__(
-        self, layer: int = 0, *, n_components: int = 2, fixed_points: Tensor | None = None, shared: bool = False
+        self,
+        layer: int = 0,
+        *,
+        n_components: int = 2,
+        fixed_points: FixedPoints | Tensor | None = None,
+        shared: bool = False,
     ):
         self.layer = layer
         self.n_components = n_components
@@ -444,15 +451,24 @@ class TrajectoryPCA(Analysis):
         self.shared = shared
 
     def hooks(self, model: Any) -> list[str]:
-        cell = _layer_cell(self, model)
-        if self.fixed_points is not None:
-            points = self.fixed_points
-            if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[1] < cell.d_hidden:
-                raise ValueError(
-                    f"fixed_points must be a tensor [point, state] with state >= d_hidden = {cell.d_hidden} "
-                    "(e.g. FixedPoints(layer)(model).points)"
-                )
+        d_hidden = _layer_cell(self, model).d_hidden
+        points = self.fixed_points
+        if points is not None and not isinstance(points, (Tensor, FixedPoints)):
+            raise ValueError(
+                f"fixed_points must be a FixedPoints experiment or a tensor [point, state], got a {type(points).__name__}"
+            )
+        if isinstance(points, Tensor) and (points.dim() != 2 or points.shape[1] < d_hidden):
+            raise ValueError(
+                f"fixed_points must be a tensor [point, state] with state >= d_hidden = {d_hidden}, "
+                f"got shape {tuple(points.shape)}"
+            )
         return [names.cell(self.layer, "hidden")]
+
+    def _points(self, model: Any) -> Tensor | None:
+        """The fixed points to project: the tensor given, or those the FixedPoints experiment finds."""
+        if isinstance(self.fixed_points, FixedPoints):
+            return self.fixed_points.run(model, None).points
+        return self.fixed_points
 
     def _compute(self, cache: Any, prompts: Prompts) -> TrajectoryPCAResult:
         model = cache.model
@@ -472,7 +488,8 @@ class TrajectoryPCA(Analysis):
             fits = fits * len(prompts)
         mean, components, explained = (torch.stack(parts) for parts in zip(*fits))
         coords = torch.einsum("bpd,bcd->bpc", hidden - mean[:, None], components) * prompts.mask.cpu()[..., None]
-        points = torch.zeros(0, d) if self.fixed_points is None else self.fixed_points.detach()[:, :d]
+        points = self._points(model)
+        points = torch.zeros(0, d) if points is None else points.detach()[:, :d]
         fixed = torch.einsum("bpd,bcd->bpc", points.double().cpu()[None] - mean[:, None], components)
         return TrajectoryPCAResult(
             **self.provenance(model, prompts), layer=int(self.layer), coords=coords.float(),

@@ -95,9 +95,16 @@ def test_trajectory_pca_matches_sklearn_per_prompt(tiny_rnn, tmp_path):
         np.testing.assert_allclose(result.explained[prompt].double().numpy(), pca.explained_variance_ratio_, rtol=1e-4)
         alone = TrajectoryPCA(1, n_components=2)(tiny_rnn, ids[prompt])
         torch.testing.assert_close(result.coords[prompt], alone.coords[0], rtol=1e-5, atol=1e-5)
-    points = FixedPoints(1, n_starts=8)(tiny_rnn).points
+    finder = FixedPoints(1, n_starts=8)
+    points = finder(tiny_rnn).points
     portrait = TrajectoryPCA(1, fixed_points=points)(tiny_rnn, ids)
     assert portrait.fixed_coords.shape == (3, len(points), 2) and len(portrait.figure(prompt=1).data) == 2
+    expected = torch.einsum("bpd,bcd->bpc", points.double() - result.mean.double()[:, None], result.components.double())
+    torch.testing.assert_close(portrait.fixed_coords.double(), expected, rtol=1e-5, atol=1e-6)
+    # The experiment itself as the parameter: run on the weights when the PCA is computed.
+    by_experiment = TrajectoryPCA(1, fixed_points=finder)(tiny_rnn, ids)
+    torch.testing.assert_close(by_experiment.fixed_coords, portrait.fixed_coords)
+    assert by_experiment.params["fixed_points"].startswith("FixedPoints(layer=1")
     frame = result.to_frame()
     assert list(frame.columns) == ["prompt", "position", "token", "pc1", "pc2"] and len(frame) == 21
     assert result.top(1)["prompt"].iloc[0] in (0, 1, 2)
@@ -152,8 +159,10 @@ def test_rnn_analyses_reject_other_models_and_bad_states(tiny_mamba, tiny_llama,
         iterate_cell(tiny_rnn.blocks[0].cell, torch.zeros(3, 5), 2)
     with pytest.raises(TypeError, match="expected an RNN cell"):
         find_fixed_points(tiny_rnn)
-    with pytest.raises(ValueError, match="fixed_points must be a tensor"):
+    with pytest.raises(ValueError, match="fixed_points must be a tensor \\[point, state\\] with state >= d_hidden = 8"):
         TrajectoryPCA(fixed_points=torch.zeros(3)).hooks(tiny_rnn)
+    with pytest.raises(ValueError, match="a FixedPoints experiment or a tensor"):
+        TrajectoryPCA(fixed_points=[0.0]).hooks(tiny_rnn)
 
 
 def test_lstm_hmm_zero_input_trajectories_reach_the_attractor_the_finder_finds(zoo_model):
