@@ -487,7 +487,8 @@ class TrajectoryPCA(Analysis):
         if self.shared:
             fits = fits * len(prompts)
         mean, components, explained = (torch.stack(parts) for parts in zip(*fits))
-        coords = torch.einsum("bpd,bcd->bpc", hidden - mean[:, None], components) * prompts.mask.cpu()[..., None]
+        coords = torch.einsum("bpd,bcd->bpc", hidden - mean[:, None], components)
+        coords = torch.where(prompts.mask.cpu()[..., None], coords, 0.0)
         points = self._points(model)
         points = torch.zeros(0, d) if points is None else points.detach()[:, :d]
         fixed = torch.einsum("bpd,bcd->bpc", points.double().cpu()[None] - mean[:, None], components)

@@ -230,7 +230,11 @@ def _ssm_hooks(analysis: MixerMatrix, model: Any) -> list[str]:
 
 def _ssm_matrix(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
     layer = analysis.layer
-    delta, B, C = (cache[names.mixer(layer, part)].transpose(1, 2) for part in _SSM_PARTS)  # [b, d | n, pos]
+    # Pads read as the model treats them (Δ = 0: the state passes unchanged), whatever the cache holds there.
+    real = prompts.mask.to(cache[names.mixer(layer, "delta")].device)[:, None]
+    delta, B, C = (
+        torch.where(real, cache[names.mixer(layer, part)].transpose(1, 2), 0.0) for part in _SSM_PARTS
+    )  # [b, d | n, pos]
     mixer = model.blocks[layer].mixer
     groups, labels, signed = _ssm_selection(analysis, delta.shape[1])
     D = mixer.D if analysis.include_skip else None
@@ -354,7 +358,7 @@ class MixerMatrix(Analysis):
     def _compute(self, cache: Any, prompts: Prompts) -> MixerMatrixResult:
         model = cache.model
         mixed = self._kind(model).matrices(self, model, cache, prompts)
-        matrices = mixed.matrices.float() * pair_mask(prompts).to(mixed.matrices.device)
+        matrices = torch.where(pair_mask(prompts).to(mixed.matrices.device), mixed.matrices.float(), 0.0)
         return MixerMatrixResult(
             **self.provenance(model, prompts),
             layer=int(self.layer),

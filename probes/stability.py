@@ -152,7 +152,7 @@ def _mamba_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts:
     delta = cache[names.mixer(analysis.layer, "delta")].double()
     mask = prompts.mask.to(delta.device)
     A = model.blocks[analysis.layer].mixer.A.double()
-    log_decay = (delta[..., None] * A).flatten(2) * mask[..., None]  # [b, pos, d * n], zero at pads
+    log_decay = torch.where(mask[..., None], (delta[..., None] * A).flatten(2), 0.0)  # [b, pos, d * n]
     steps = mask.cumsum(1).clamp_min(1)[..., None]
     return (log_decay.cumsum(1) / steps).topk(analysis.k, dim=2).values
 
@@ -227,7 +227,7 @@ class LyapunovExponents(Analysis):
     def _compute(self, cache: Any, prompts: Prompts) -> LyapunovExponentsResult:
         model = cache.model
         running = self._recurrence(model).running(self, model, cache, prompts).double().cpu()
-        running = running * prompts.mask.cpu()[..., None]
+        running = torch.where(prompts.mask.cpu()[..., None], running, 0.0)
         return LyapunovExponentsResult(
             **self.provenance(model, prompts), layer=int(self.layer),
             exponents=running[:, -1].float(), running=running.float(),
@@ -361,5 +361,5 @@ class PrecisionDrift(Experiment):
         ], dim=-1).cpu()
         return PrecisionDriftResult(
             **self.provenance(model, prompts), dtype=str(low_dtype).removeprefix("torch."),
-            drift=(drift * prompts.mask.cpu()[..., None]).float(), hook_names=hooks,
+            drift=torch.where(prompts.mask.cpu()[..., None], drift, 0.0).float(), hook_names=hooks,
         )

@@ -496,8 +496,8 @@ class TokenTrajectories(Analysis):
         growth = (centred * (logs - logs.mean(-1, keepdim=True))).sum(-1) / centred.pow(2).sum()
         mask = prompts.mask.cpu()
         return TokenTrajectoriesResult(
-            **self.provenance(model, prompts), norms=(norms * mask[..., None]).float(), hook_names=hooks,
-            growth=(growth * mask).float(),
+            **self.provenance(model, prompts), norms=torch.where(mask[..., None], norms, 0.0).float(), hook_names=hooks,
+            growth=torch.where(mask, growth, 0.0).float(),
         )
 
 
@@ -621,7 +621,7 @@ class TokenImportance(Analysis):
         sorts = [soft_sort(prompts.real(scores, i, dim=1), self.tau) for i in range(len(prompts))]
         return TokenImportanceResult(
             **self.provenance(model, prompts), layer=int(self.layer),
-            scores=(scores * mask).float(), permutation=to_padded(prompts, sorts, dims=(0, 1)).float(),
+            scores=torch.where(mask, scores, 0.0).float(), permutation=to_padded(prompts, sorts, dims=(0, 1)).float(),
         )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,9 @@ from dynalens.kernels import mixer_matrix
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.probes.analysis import AnalysisError, run
+from dynalens.probes.fixed_points import TrajectoryPCA
 from dynalens.probes.mixer import MixerMatrix
+from dynalens.probes.mixers import MixerComparison, RecurrenceJacobian
 from dynalens.probes.results import Result
 from dynalens.probes.stability import LyapunovExponents
 from dynalens.probes.token_dynamics import (
@@ -245,3 +249,51 @@ def test_mamba_ar_regime_of_every_layer(zoo_model):
     assert len(frame) == model.cfg.n_layers and set(result.regimes) <= {"convergent", "divergent", "stationary"}
     for layer, regime in enumerate(result.regimes):
         assert regime == ("divergent" if result.sym_max[layer] > 0 else "convergent")
+
+
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1
+
+
+def garbage_at_pads(cache, prompts: Prompts) -> None:
+    """Overwrite every cached value at a pad position (query or key of a pattern) with large numbers."""
+    pad = ~prompts.mask
+    g = torch.Generator().manual_seed(0)
+    for name in list(cache.keys()):
+        t = cache[name]
+        noise = 1e3 * torch.randn(t.shape, generator=g).to(t.dtype)
+        if name.endswith("hook_pattern"):
+            where = pad[:, None, :, None] | pad[:, None, None, :]
+        else:
+            where = pad.reshape(*pad.shape, *([1] * (t.dim() - 2)))
+        t.copy_(torch.where(where, noise, t))
+
+
+PAD_CASES = {
+    "mixer": (("tiny_llama", "tiny_mamba", "tiny_rnn"), lambda: MixerMatrix(1)),
+    "mixer-channels": (("tiny_mamba",), lambda: MixerMatrix(1, channels=[0, 7], include_skip=True)),
+    "comparison": (("tiny_llama", "tiny_mamba", "tiny_rnn"), lambda: MixerComparison(1)),
+    "jacobian": (("tiny_rnn",), lambda: RecurrenceJacobian(1)),
+    "lyapunov": (("tiny_mamba", "tiny_rnn"), lambda: LyapunovExponents(1, k=2)),
+    "trajectories": (("tiny_llama", "tiny_mamba", "tiny_rnn"), TokenTrajectories),
+    "importance": (("tiny_mamba",), lambda: TokenImportance(1)),
+    "pca": (("tiny_rnn",), lambda: TrajectoryPCA(1, n_components=1)),
+}
+
+
+@pytest.mark.parametrize(
+    "model_name, make",
+    [(model, make) for models, make in PAD_CASES.values() for model in models],
+    ids=[f"{case}-{model}" for case, (models, _) in PAD_CASES.items() for model in models],
+)
+def test_values_at_pad_positions_never_reach_a_result(model_name, make, request):
+    model, analysis = request.getfixturevalue(model_name), make()
+    prompts = Prompts(model, RAGGED)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    clean = analysis.compute(cache, prompts)
+    garbage_at_pads(cache, prompts)
+    dirty = analysis.compute(cache, prompts)
+    for field in dataclasses.fields(clean):
+        value = getattr(clean, field.name)
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(getattr(dirty, field.name), value, rtol=1e-6, atol=1e-6, msg=field.name)
+    assert clean.to_frame().equals(dirty.to_frame())
