@@ -60,6 +60,9 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Any:
     """Load a model by built-in name, zoo name, folder or GGUF file.
 
@@ -73,6 +76,12 @@ def load(
         ``.gguf`` file (a transformer, dequantised).
     device, dtype
         Where and in what precision to put the weights (default: CPU, float32).
+    device_map, max_memory, offload_folder
+        Spread the model over devices instead: ``"auto"`` (with ``max_memory``,
+        e.g. ``{0: "10GiB", "cpu": "30GiB"}``) or module name → device, ``"disk"``
+        modules keeping their weights in ``offload_folder``. Transformers are
+        placed by transformers (accelerate); our models block by block
+        (``models/placement.py``).
 
     Returns
     -------
@@ -83,19 +92,22 @@ def load(
     from dynalens.models.transformer import HookedTransformerBridge
 
     key = str(name_or_path)
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     if key == smollm2.NAME:
         model = HookedTransformerBridge.from_pretrained(
-            smollm2.cached_folder(), device=device, dtype=dtype
+            smollm2.cached_folder(), device=device, dtype=dtype, **placement
         )
         return _named(model, key)
     zoo = _zoo()
     if key in zoo and not Path(key).exists():
-        return _named(load(zoo[key].path, device=device, dtype=dtype), key)
+        return _named(load(zoo[key].path, device=device, dtype=dtype, **placement), key)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
+        if device_map is not None:
+            raise ValueError("device_map applies to model folders: a GGUF file is dequantised in memory")
         return _named(HookedTransformerBridge.from_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
-        return _named(_load_folder(path, device=device, dtype=dtype), key)
+        return _named(_load_folder(path, device=device, dtype=dtype, **placement), key)
     names = [row.name for row in list_models()]
     close = closest_names(key, names)
     ordered = close + [n for n in names if n not in close]
@@ -111,20 +123,25 @@ def _named(model: Any, name: str) -> Any:
     return model
 
 
-def _load_folder(folder: Path, **kwargs: Any) -> Any:
+def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_folder: Any, **kwargs: Any) -> Any:
     model_type = folder_model_type(folder)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if model_type == "mamba":
-        from dynalens.models.mamba import HookedMamba
+    if model_type in OWN_MODEL_TYPES:
+        if model_type == "mamba":
+            from dynalens.models.mamba import HookedMamba as own
+        else:
+            from dynalens.models.rnn import HookedRNN as own
+        model = own.from_pretrained(folder, **kwargs)
+        if device_map is None:
+            return model
+        from dynalens.models.placement import place
 
-        return HookedMamba.from_pretrained(folder, **kwargs)
-    if model_type == "dynalens-rnn":
-        from dynalens.models.rnn import HookedRNN
-
-        return HookedRNN.from_pretrained(folder, **kwargs)
+        return place(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
     from dynalens.models.transformer import HookedTransformerBridge
 
-    return HookedTransformerBridge.from_pretrained(folder, **kwargs)
+    return HookedTransformerBridge.from_pretrained(
+        folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
+    )
 
 
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
