@@ -1,6 +1,14 @@
 """Read-only measurements over caches: token dynamics, mixer matrices, massive activations, fixed points."""
 
-from dynalens.probes.emergence import EmergenceFit, EmergenceRegressor, MassiveEmergence, massive_emergence
+from dynalens.probes.emergence import (
+    Checkpoints,
+    CheckpointsResult,
+    EmergenceFit,
+    EmergenceRegressor,
+    MassiveEmergence,
+    MassiveEmergenceResult,
+    checkpoint_series,
+)
 from dynalens.probes.fixed_points import (
     FixedPoints,
     FixedPointsResult,
@@ -11,13 +19,12 @@ from dynalens.probes.fixed_points import (
     find_fixed_points,
     iterate_cell,
 )
-from dynalens.probes.logit_lens import LogitLens, logit_lens
+from dynalens.probes.logit_lens import LogitLens, LogitLensResult
 from dynalens.probes.massive import (
     MassiveAblation,
+    MassiveAblationResult,
     MassiveActivations,
-    ablate_massive,
-    massive_activations,
-    massive_ratio,
+    MassiveActivationsResult,
 )
 from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult
 from dynalens.probes.mixers import (
@@ -29,9 +36,16 @@ from dynalens.probes.mixers import (
     linear_attention_ssm_gap,
     offdiagonal_rank,
 )
-from dynalens.probes.residual import ResidualNorms, residual_norms
+from dynalens.probes.residual import ResidualNorms, ResidualNormsResult
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import ExtremeTokens, HeadActivity, extreme_tokens, head_activity, sink_scores
+from dynalens.probes.sinks import (
+    ExtremeTokens,
+    ExtremeTokensResult,
+    HeadActivity,
+    HeadActivityResult,
+    SinkScores,
+    SinkScoresResult,
+)
 from dynalens.probes.stability import (
     LyapunovExponents,
     LyapunovExponentsResult,
@@ -53,27 +67,32 @@ from dynalens.probes.token_dynamics import (
 )
 
 __all__ = [
+    "Result",
+    # logit lens, residual norms, massive activations, sinks, emergence
+    "Checkpoints",
+    "CheckpointsResult",
     "EmergenceFit",
     "EmergenceRegressor",
     "ExtremeTokens",
+    "ExtremeTokensResult",
     "HeadActivity",
-    "MassiveAblation",
-    "MassiveActivations",
-    "MassiveEmergence",
-    "ablate_massive",
-    "extreme_tokens",
-    "head_activity",
-    "massive_activations",
-    "massive_emergence",
-    "massive_ratio",
-    "sink_scores",
+    "HeadActivityResult",
     "LogitLens",
+    "LogitLensResult",
+    "MassiveAblation",
+    "MassiveAblationResult",
+    "MassiveActivations",
+    "MassiveActivationsResult",
+    "MassiveEmergence",
+    "MassiveEmergenceResult",
+    "ResidualNorms",
+    "ResidualNormsResult",
+    "SinkScores",
+    "SinkScoresResult",
+    "checkpoint_series",
+    # mixer matrices
     "MixerMatrix",
     "MixerMatrixResult",
-    "ResidualNorms",
-    "Result",
-    "logit_lens",
-    "residual_norms",
     # token dynamics, DSF mixers, stability, RNN fixed points
     "FixedPoints",
     "FixedPointsResult",
