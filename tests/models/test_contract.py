@@ -201,3 +201,11 @@ def test_unknown_generate_keywords_are_the_same_type_error(model, tokens):
         with pytest.raises(ValueError, match=match):
             model.generate(tokens, **({"max_new_tokens": 2} | bad))
     assert_no_hooks(model)
+
+
+def test_generate_takes_a_mask_with_token_ids(model):
+    rows = [[5, 6, 7, 8], [9, 10]]
+    prompts = dl.models.prompts.Prompts(model, rows)
+    by_mask = model.generate(prompts.tokens, 3, attention_mask=prompts.mask)
+    assert torch.equal(by_mask, model.generate(prompts, 3))
+    assert torch.equal(by_mask[1, -5:], model.generate(torch.tensor([rows[1]]), 3)[0])
