@@ -6,7 +6,8 @@
   tokenizer and ``n_ctx = 64``; ``tiny_llama``: that folder through ``dl.load``.
 - ``tiny_mamba``, ``tiny_rnn``: random 2-layer HookedMamba (d_model 16) and
   residual GRU (d_model 8) over 50 token ids; ``any_model``: each of the three
-  architectures in turn.
+  architectures in turn; ``tiny_gpt2``: a 2-layer GPT-2 (learned absolute
+  positions, LayerNorm, biases) without a tokenizer, through the Bridge.
 
 Session-scoped models are shared: tests must leave no hooks behind (use the
 context managers) and never change weights.
@@ -88,3 +89,15 @@ def tiny_rnn() -> HookedRNN:
 def any_model(request: pytest.FixtureRequest):
     """Each of the three architectures in turn."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory):
+    """A random 2-layer GPT-2 over 50 token ids (n_ctx 32), through the Bridge, without a tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    config = GPT2Config(vocab_size=TINY_VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return dl.load(folder)

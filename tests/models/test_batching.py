@@ -13,7 +13,6 @@ import torch
 
 from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig, names
 from dynalens.models.prompts import Prompts
-from dynalens.models.transformer import HookedTransformerBridge
 
 VOCAB = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -26,18 +25,7 @@ def rnn(cell: str, residual: bool = True) -> HookedRNN:
     return HookedRNN(cfg).eval()
 
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory) -> HookedTransformerBridge:
-    """A tiny GPT-2 (learned absolute positions) without a tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2)).save_pretrained(folder)
-    return HookedTransformerBridge.from_pretrained(folder)
-
-
-MODELS = ["tiny_llama", "gpt2", "tiny_mamba", "rnn-tanh", "rnn-gru", "rnn-lstm", "rnn-lstm-plain"]
+MODELS = ["tiny_llama", "tiny_gpt2", "tiny_mamba", "rnn-tanh", "rnn-gru", "rnn-lstm", "rnn-lstm-plain"]
 
 
 @pytest.fixture(scope="module", params=MODELS)

@@ -138,3 +138,17 @@ def test_the_bridges_other_cache_behaviour_is_kept(tiny_llama, prompts_of):
     torch.testing.assert_close(heads[: tiny_llama.cfg.n_heads].sum(0), cache["attn_out", 0], **TOL)
     one = cache.apply_slice_to_batch_dim(1)
     assert type(one) is Cache and one["resid_post", 0].shape == cache["resid_post", 0].shape[1:]
+
+
+def test_learned_positions_and_layernorm_decompose_too(tiny_gpt2, prompts_of):
+    """GPT-2: ``pos_embed`` is a component, and the LayerNorm's centring and bias are handled."""
+    logits, cache = tiny_gpt2.run_with_cache(prompts_of(tiny_gpt2))
+    stack, labels = cache.decompose_resid(return_labels=True)
+    assert labels[:3] == ["embed", "pos_embed", "0_attn_out"]
+    final = cache["resid_post", -1]
+    torch.testing.assert_close(stack.sum(0), final, **TOL)
+    normed = cache.decompose_resid(apply_ln=True).sum(0)
+    torch.testing.assert_close(normed + tiny_gpt2.ln_final(torch.zeros_like(final)), tiny_gpt2.ln_final(final), **TOL)
+    tokens = cache.prompts.tokens
+    lens = cache.logit_attrs(cache.accumulated_resid(apply_ln=True), tokens)
+    torch.testing.assert_close(lens[-1], logits.gather(-1, tokens[..., None])[..., 0] - tiny_gpt2.b_U[tokens], **TOL)
