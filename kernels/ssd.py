@@ -110,7 +110,7 @@ def ssd_scan(
     idx = None if state_positions is None else state_index(OP, state_positions, b, length, x.device)
     if backend == "auto":
         backend = "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
-    if backend == "ref":
+    if backend == "ref" or (backend == "torch" and length == 1):  # one step is the recurrence itself
         return ssd_scan_ref(
             x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, idx, return_states
         )

@@ -2,6 +2,16 @@
 
 from dynalens.models.base import HookedSequenceModel, SequenceConfig
 from dynalens.models.mamba import HookedMamba, MambaConfig
+from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
 from dynalens.models.rnn import HookedRNN, RNNConfig
 
-__all__ = ["HookedSequenceModel", "SequenceConfig", "HookedMamba", "MambaConfig", "HookedRNN", "RNNConfig"]
+__all__ = [
+    "HookedSequenceModel",
+    "SequenceConfig",
+    "HookedMamba",
+    "MambaConfig",
+    "HookedMamba2",
+    "Mamba2Config",
+    "HookedRNN",
+    "RNNConfig",
+]

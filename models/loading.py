@@ -30,7 +30,7 @@ class ModelRow:
     """One line of :func:`list_models`."""
 
     name: str
-    architecture: str  # "transformer" | "mamba" | "rnn"
+    architecture: str  # "transformer" | "mamba" | "mamba2" | "rnn"
     parameters: int | None  # None when the weights are not on disk yet
     description: str
 
@@ -67,7 +67,7 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``,
+        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
         ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
         ``.gguf`` file (a transformer, dequantised).
@@ -124,6 +124,10 @@ def _load_folder(folder: Path, **kwargs: Any) -> Any:
         from dynalens.models.mamba import HookedMamba
 
         return HookedMamba.from_pretrained(folder, **kwargs)
+    if model_type == "mamba2":
+        from dynalens.models.mamba2 import HookedMamba2
+
+        return HookedMamba2.from_pretrained(folder, **kwargs)
     if model_type == "dynalens-rnn":
         from dynalens.models.rnn import HookedRNN
 
