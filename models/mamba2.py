@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from dynalens.kernels import ssd_scan
-from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens
+from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_safetensors, write_json, write_safetensors
 from dynalens.models.mamba import (
     _TOKENIZER_FILES,
@@ -34,8 +34,8 @@ from dynalens.models.mamba import (
     _own_copy,
     _rename,
     _safetensors_files,
+    _skip_pads,
 )
-from dynalens.models.prompts import Prompts
 
 # Mamba2Config fields ↔ HF ``Mamba2Config`` fields.
 _HF_FIELDS = {
@@ -223,8 +223,10 @@ class Mamba2Mixer(nn.Module):
     ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
         """Mix ``x`` over positions; return the output and the new conv and SSM states.
 
-        Pad positions (``mask`` False) get a zero convolution input, zero
-        ``x``, ``B``, ``C`` and ``dt = 0``, so the state passes them unchanged.
+        Pad positions (``mask`` False, left padding) leave both states exactly
+        as they were: the convolution reads a zero input there and skips it
+        (each row's window runs from its previous inputs straight into its real
+        tokens), ``x``, ``B``, ``C`` are zero there and ``dt = 0``.
         """
         cfg = self.cfg
         b, length = x.shape[:2]
@@ -236,6 +238,8 @@ class Mamba2Mixer(nn.Module):
         if conv_state is None:
             conv_state = xBC.new_zeros(b, cfg.conv_dim, cfg.d_conv - 1)
         padded = torch.cat([conv_state.to(xBC.dtype), xBC], dim=-1)
+        if mask is not None:
+            padded = _skip_pads(padded, mask, cfg.d_conv - 1)
         new_conv_state = padded[..., padded.shape[-1] - (cfg.d_conv - 1) :].clone()
         conv = F.silu(_causal_conv1d(padded, self.conv1d.weight, self.conv1d.bias)).transpose(1, 2)
         conv = self.hook_conv(conv if keep is None else conv * keep)
@@ -345,11 +349,13 @@ class HookedMamba2(HookedSequenceModel):
     recurrence at later positions of the same call: edit ``hook_x``,
     ``hook_B``, ``hook_dt`` for that).
 
-    Inputs are strings, token ids or a :class:`~dynalens.models.prompts.Prompts`
-    (left-padded with a mask: pad positions get ``Δ = 0`` and a zero conv input,
-    so a padded row equals its unpadded run). ``forward(tokens, state,
-    return_state=True)`` continues from a :class:`Mamba2State`; one new token
-    costs O(1) in the sequence length.
+    ``forward(input, attention_mask=None, state=None, return_state=False)``
+    continues from a :class:`Mamba2State`; one new token costs O(1) in the
+    sequence length. Ragged batches are left-padded (a ``Prompts``, a list of
+    prompts, or ids with ``attention_mask``): at a pad position ``Δ = 0``
+    (``hook_dt`` shows 0), ``x``, ``B``, ``C`` are 0 and the convolution reads a
+    zero input and skips it, so the conv and SSM states stay exactly what they
+    were and a padded row equals its unpadded run at every real position.
 
     Examples
     --------
@@ -376,17 +382,21 @@ class HookedMamba2(HookedSequenceModel):
 
     def forward(
         self,
-        input: TextOrTokens | Prompts,
+        input: TextOrTokens,
+        *,
+        attention_mask: Tensor | None = None,
         state: Mamba2State | None = None,
         return_state: bool = False,
-        *,
         state_positions: Sequence[int] | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | tuple[Float[Tensor, "batch pos d_vocab"], Mamba2State]:
-        """Logits for ``input``, continuing from ``state`` when given.
+        """Logits ``[batch, pos, d_vocab]`` for ``input``, continuing from ``state`` when given.
 
         Parameters
         ----------
-        input : str, list of str, LongTensor ``[batch, pos]`` or Prompts
+        input : str, list of str, LongTensor ``[batch, pos]``, ragged id lists or Prompts
+            Lists become a left-padded ``Prompts``; a ``Prompts`` brings its mask.
+        attention_mask : Tensor ``[batch, pos]``, optional
+            With a token tensor: True/1 at real tokens, pads on the left.
         state : Mamba2State, optional
             What a previous call returned with ``return_state=True``.
         return_state : bool
@@ -394,7 +404,7 @@ class HookedMamba2(HookedSequenceModel):
         state_positions : sequence of int, optional
             Form ``hook_ssm_state`` only after these positions of each prompt.
         """
-        tokens, mask = self._tokens_and_mask(input)
+        tokens, mask = as_batch(self, input, attention_mask)
         if state is not None and state.ssm[0].shape[0] != tokens.shape[0]:
             raise ValueError(
                 f"state holds a batch of {state.ssm[0].shape[0]} sequences but the input has "
@@ -416,14 +426,6 @@ class HookedMamba2(HookedSequenceModel):
             return logits
         pos = tokens.shape[1] + (0 if state is None else state.pos)
         return logits, Mamba2State(conv_states, ssm_states, pos)
-
-    def _tokens_and_mask(self, input: Any) -> tuple[Tensor, Tensor | None]:
-        """Token ids and the real-token mask (None when every position is real)."""
-        if isinstance(input, Tensor):
-            return self.to_tokens(input), None
-        prompts = input if isinstance(input, Prompts) else Prompts(self, input)
-        prompts = prompts.to(self._device())
-        return prompts.tokens, (prompts.mask if prompts.is_padded else None)
 
     # ------------------------------------------------------------ loading/saving
     @classmethod
