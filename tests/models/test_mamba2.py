@@ -202,7 +202,7 @@ def test_generation_takes_one_scan_step_per_token(pair, tokens, monkeypatch):
 
     monkeypatch.setattr(mamba2_module, "ssd_scan", spy)
     ours.generate(tokens, max_new_tokens=5)
-    assert lengths == [11] * 2 + [1] * 2 * 5
+    assert lengths == [11] * 2 + [1] * 2 * 4  # the prompt, then one step per new token but the last
 
 
 # ---------------------------------------------------------------------- hooks
@@ -338,6 +338,33 @@ def test_padded_batch_equals_its_unpadded_runs_for_logits_hooks_and_states(pair)
             assert (prompts.real(cache[name], i) - single[name][0]).abs().max().item() <= 1e-5, name
         assert (cache[hooks[1]][i] - single[hooks[1]][0]).abs().max().item() <= 1e-5
     assert torch.equal(cache[hooks[0]][~prompts.mask], torch.zeros_like(cache[hooks[0]][~prompts.mask]))
+
+
+def test_ragged_generation_continues_each_row_from_its_own_end(pair):
+    _, ours = pair
+    rows = [[3, 4, 5, 6, 7, 8, 9], [12, 13, 14]]
+    batched = ours.generate(rows, max_new_tokens=6)
+    for i, row in enumerate(rows):
+        alone = ours.generate(torch.tensor([row]), max_new_tokens=6)
+        assert torch.equal(batched[i, -6:], alone[0, -6:])
+
+
+def test_pads_after_a_carried_state_are_skipped(pair):
+    """A continuation with left pads equals continuing each row with its real tokens only."""
+    _, ours = pair
+    first = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    more = torch.tensor([[11, 12, 13, 14, 15], [0, 0, 16, 17, 18]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        _, state = ours(first, return_state=True)
+        logits, after = ours(more, attention_mask=mask, state=state, return_state=True)
+        for i in range(2):
+            row_state = mamba2_module.Mamba2State([c[i : i + 1] for c in state.conv], [h[i : i + 1] for h in state.ssm], 4)
+            real = more[i : i + 1, mask[i].bool()]
+            alone, alone_after = ours(real, state=row_state, return_state=True)
+            assert (logits[i, mask[i].bool()] - alone[0]).abs().max().item() <= 1e-5
+            for got, want in zip(after.conv + after.ssm, alone_after.conv + alone_after.ssm):
+                assert (got[i] - want[0]).abs().max().item() <= 1e-5
 
 
 def test_state_positions_out_of_range_name_the_prompt(pair):
