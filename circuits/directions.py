@@ -89,18 +89,6 @@ def pool(
     return x[torch.arange(len(prompts), device=x.device), torch.tensor(columns, device=x.device)]
 
 
-def model_args(model: Any, prompts: Prompts) -> tuple[Any, dict[str, Any]]:
-    """The positional input and keywords that run ``model`` on ``prompts`` with their mask.
-
-    A transformer takes the token ids and its ``attention_mask``; Mamba and
-    RNNs take the ``Prompts`` itself and read its mask.
-    """
-    if architecture_of(model) == "transformer":
-        extra = {"attention_mask": prompts.mask.long()} if prompts.is_padded else {}
-        return prompts.tokens, extra
-    return prompts, {}
-
-
 def resid_activations(
     model: Any,
     prompts: PromptInput,
@@ -135,8 +123,7 @@ def resid_activations(
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = prompts if len(prompts) <= batch_size else prompts[start : start + batch_size]
-            arg, extra = model_args(model, batch)
-            _, cache = model.run_with_cache(arg, names_filter=hooks, **extra)
+            _, cache = model.run_with_cache(batch, names_filter=hooks)
             resid = torch.stack([cache[name] for name in hooks], dim=2)  # [batch, pos, layer, d]
             out.append(pool(resid, batch, position).float().cpu())
     return torch.cat(out)

@@ -51,7 +51,6 @@ from dynalens.circuits.directions import (
     Layers,
     Method,
     Position,
-    model_args,
     resid_activations,
     resolve_layers,
 )
@@ -485,9 +484,8 @@ class RefusalEvaluation(Experiment):
         with torch.no_grad():
             for start in range(0, len(inputs), self.batch_size):
                 batch = inputs if len(inputs) <= self.batch_size else inputs[start : start + self.batch_size]
-                arg, extra = model_args(model, batch)
                 with self.steering(model) if self.steering is not None else nullcontext():
-                    out = model.generate(arg, max_new_tokens=self.max_new_tokens, return_type="tokens", **extra)
+                    out = model.generate(batch, max_new_tokens=self.max_new_tokens, return_type="tokens")
                 generations += tokenizer.batch_decode(out[:, batch.tokens.shape[1] :], skip_special_tokens=True)
                 perplexity.append(continuation_perplexity(model, out, batch.mask))
         generations = [g.strip() for g in generations]
@@ -510,10 +508,8 @@ def continuation_perplexity(
     followed by the same number of generated tokens in every row.
     """
     n_prompt = prompt_mask.shape[1]
-    mask = torch.cat([prompt_mask.cpu().bool(), torch.ones_like(tokens[:, n_prompt:].cpu(), dtype=torch.bool)], 1)
-    full = Prompts.from_ids([row[keep] for row, keep in zip(tokens.cpu(), mask, strict=True)]).to(tokens.device)
-    arg, extra = model_args(model, full)
-    logits = model(arg, **extra).float()
+    new = torch.ones_like(tokens[:, n_prompt:], dtype=torch.bool)
+    logits = model(tokens, attention_mask=torch.cat([prompt_mask.to(tokens.device).bool(), new], 1)).float()
     logprobs = logits[:, n_prompt - 1 : -1].log_softmax(-1)
     nll = -logprobs.gather(-1, tokens[:, n_prompt:, None].to(logprobs.device))[..., 0]
     return nll.mean(-1).exp().cpu()

@@ -54,6 +54,7 @@ from dynalens.circuits.directions import (
     resolve_layers,
 )
 from dynalens.models import names
+from dynalens.models.base import as_batch
 from dynalens.models.prompts import PromptInput, Prompts
 from dynalens.models.validation import check_index
 from dynalens.probes.results import Saved
@@ -92,11 +93,9 @@ def steered(
 
 
 # What a forward call continues from: transformers >= 5.24 passes `cache`, earlier
-# versions (and TransformerLens' own generate loop) `past_key_values`, HF Mamba
-# `cache_params`, our recurrent models `state`.
+# versions and the Bridge `past_key_values`, HF Mamba `cache_params`, our recurrent
+# models `state`.
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params", "state")
-# Where a forward call with token ids may carry the mask of its real positions.
-MASK_ARGUMENTS = ("attention_mask", "mask")
 
 
 def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -137,50 +136,46 @@ def continues_sequence(arguments: dict[str, Any]) -> bool:
 def pass_mask(model: Any, arguments: dict[str, Any]) -> Bool[Tensor, "batch pos"] | None:
     """The real positions of the pass a forward call runs; ``None`` when every position is real.
 
-    A :class:`Prompts` input gives its mask, text its :class:`Prompts`' mask,
-    token ids the last ``pos`` columns of their ``attention_mask`` (or ``mask``),
-    which in a continuing pass of ``generate`` covers earlier positions too.
+    The input's mask as the model reads it (:func:`~dynalens.models.base.as_batch`:
+    a :class:`Prompts` brings its own, a list of prompts becomes one, token ids
+    take their ``attention_mask``); a mask longer than the input (a continuing
+    pass) gives its last ``pos`` columns. ``None`` for embeddings.
     """
-    tokens = arguments.get("input")
-    if isinstance(tokens, Prompts):
-        return tokens.mask
-    if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
-        return Prompts(model, tokens).mask
-    if not isinstance(tokens, Tensor) or tokens.is_floating_point():
-        return None
-    for name in MASK_ARGUMENTS:
-        mask = arguments.get(name)
-        if isinstance(mask, Tensor) and mask.shape[-1] >= tokens.shape[-1]:
+    tokens, mask = arguments.get("input"), arguments.get("attention_mask")
+    if isinstance(tokens, Tensor):
+        if tokens.is_floating_point():
+            return None
+        if isinstance(mask, Tensor) and mask.shape[-1] > tokens.shape[-1]:
             return mask[..., -tokens.shape[-1] :].bool()
-    return None
+    return as_batch(model, tokens, mask if isinstance(tokens, Tensor) else None)[1]
 
 
-def call_prompts(model: Any, arguments: dict[str, Any]) -> Prompts | None:
-    """The prompts a sequence-starting forward call reads (pads dropped); ``None`` for embeddings."""
-    tokens = arguments.get("input")
-    if isinstance(tokens, Prompts):
-        return tokens
-    if not isinstance(tokens, Tensor):
-        return Prompts(model, tokens)
-    if tokens.is_floating_point():
+def call_prompts(model: Any, input: Any, attention_mask: Tensor | None = None) -> Prompts | None:
+    """The prompts a sequence-starting call reads, as a :class:`Prompts` (pads dropped); ``None`` for embeddings."""
+    if isinstance(input, Prompts):
+        return input
+    if not isinstance(input, Tensor):
+        return Prompts(model, input)
+    if input.is_floating_point():
         return None
-    tokens = tokens.reshape(-1, tokens.shape[-1])
-    mask = pass_mask(model, arguments)
+    tokens, mask = as_batch(model, input, attention_mask)
     if mask is None:
         return Prompts(model, tokens)
-    return Prompts(model, [row[keep] for row, keep in zip(tokens, mask.to(tokens.device), strict=True)])
+    return Prompts(model, [row[keep] for row, keep in zip(tokens, mask, strict=True)])
 
 
 class SequencePhase:
     """Whether the forward pass now running reads the prompt or generated tokens, and its mask.
 
-    Called with the arguments of each outermost forward call (see
-    :func:`watch_forward`): a call that :func:`continues_sequence` runs
-    generated tokens; any other call starts a sequence, so its positions are
-    the prompt. ``mask`` is the :func:`pass_mask` of the running pass.
-    ``on_prompt(prompts)``, when given, runs at the start of every sequence
-    with the :func:`call_prompts` of the call (``None`` for embeddings); passes
-    it makes itself are never steered.
+    Inside ``generate`` (:meth:`generation`), the first pass is the prompt and
+    each later one a generated token; passes are counted at the embedding
+    (:meth:`on_embed`), whatever way the model runs them. Outside it, each
+    outermost forward call (see :func:`watch_forward`) that
+    :func:`continues_sequence` runs generated tokens, any other the prompt.
+    ``mask`` is the real positions of the running pass (``None``: all real).
+    ``on_prompt(prompts)``, when given, runs before every sequence starts with
+    its :class:`Prompts` (``None`` for embeddings); passes it makes itself are
+    never steered.
     """
 
     def __init__(self, on_prompt: Callable[[Prompts | None], None] | None = None) -> None:
@@ -188,20 +183,50 @@ class SequencePhase:
         self.reading = False
         self.mask: Tensor | None = None
         self.on_prompt = on_prompt
+        self._prompt_mask: Tensor | None = None
+        self._passes: int | None = None  # passes seen in the generate now running; None outside
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.reading:
+        """An outermost forward call outside ``generate``, with its arguments."""
+        if self.reading or self._passes is not None:
             return
         arguments = _call_arguments(module, args, kwargs)
         self.generating = continues_sequence(arguments)
         self.mask = pass_mask(module, arguments)
-        if not self.generating and self.on_prompt is not None:
-            prompts = call_prompts(module, arguments)
-            self.reading = True
-            try:
-                self.on_prompt(prompts)
-            finally:
-                self.reading = False
+        if not self.generating:
+            self._read(lambda: call_prompts(module, arguments.get("input"), arguments.get("attention_mask")))
+
+    @contextmanager
+    def generation(self, model: Any, input: Any) -> Iterator[None]:
+        """``model.generate(input, ...)`` runs in the block: its prompt pass, then one pass per new token."""
+        if self.reading or self._passes is not None:
+            yield
+            return
+        mask = as_batch(model, input)[1]
+        self._read(lambda: call_prompts(model, input))
+        self._prompt_mask, self._passes = mask, 0
+        try:
+            yield
+        finally:
+            self._prompt_mask, self._passes = None, None
+
+    def on_embed(self, embedding: Tensor, hook: Any) -> None:
+        """A hook on ``names.EMBED``: a pass begins (counted inside ``generate``)."""
+        if self._passes is None or self.reading:
+            return
+        self.generating = self._passes > 0
+        self.mask = None if self.generating else self._prompt_mask
+        self._passes += 1
+
+    def _read(self, prompts: Callable[[], Prompts | None]) -> None:
+        if self.on_prompt is None:
+            return
+        read = prompts()
+        self.reading = True
+        try:
+            self.on_prompt(read)
+        finally:
+            self.reading = False
 
     def steers(self, positions: Positions) -> bool:
         """Whether positions of the current pass are steered under ``positions``."""
@@ -300,7 +325,8 @@ def steering_hooks(
     model.check_hook_names([name for name, _ in fwd_hooks])
     with ExitStack() as stack:
         stack.enter_context(watch_forward(model, phase))
-        for name, fn in fwd_hooks:
+        stack.enter_context(watch_generate(model, phase))
+        for name, fn in [(names.EMBED, phase.on_embed), *fwd_hooks]:
             # Permanent, so a nested `model.hooks()` (as in generate) leaves it on; removed on exit.
             hook_point = model.hook_dict[name]
             lens_handle = hook_point.add_hook(fn, dir="fwd", is_permanent=True)
@@ -317,29 +343,53 @@ def watch_forward(model: nn.Module, phase: Callable[[nn.Module, tuple, dict], No
     Bridge runs ``run_with_cache`` that way, past module pre-hooks) are both
     seen; forwards nested in a forward are not. Restored on exit, exceptions included.
     """
-    original = model.forward
-    own = vars(model).get("forward")
     depth = 0
 
-    @functools.wraps(original)
-    def watched(*args: Any, **kwargs: Any) -> Any:
-        nonlocal depth
-        if depth == 0:
-            phase(model, args, kwargs)
-        depth += 1
-        try:
-            return original(*args, **kwargs)
-        finally:
-            depth -= 1
+    def wrap(original: Callable) -> Callable:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            nonlocal depth
+            if depth == 0:
+                phase(model, args, kwargs)
+            depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth -= 1
 
-    model.forward = watched
+        return watched
+
+    with _wrapped_method(model, "forward", wrap):
+        yield
+
+
+@contextmanager
+def watch_generate(model: Any, phase: SequencePhase) -> Iterator[None]:
+    """Run every ``model.generate`` call of the block inside ``phase.generation``."""
+
+    def wrap(original: Callable) -> Callable:
+        def watched(input: Any, *args: Any, **kwargs: Any) -> Any:
+            with phase.generation(model, input):
+                return original(input, *args, **kwargs)
+
+        return watched
+
+    with _wrapped_method(model, "generate", wrap):
+        yield
+
+
+@contextmanager
+def _wrapped_method(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """``obj.name`` replaced by ``wrap(obj.name)`` (an instance attribute) while the block runs."""
+    original = getattr(obj, name)
+    own = vars(obj).get(name)
+    setattr(obj, name, functools.wraps(original)(wrap(original)))
     try:
         yield
     finally:
         if own is None:
-            del model.forward
+            delattr(obj, name)
         else:
-            model.forward = own
+            setattr(obj, name, own)
 
 
 def _per_layer_alpha(alpha: Alpha, n_layers: int) -> list[Any]:

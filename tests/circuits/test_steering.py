@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dynalens.circuits.directions import Direction, model_args
+from dynalens.circuits.directions import Direction
 from dynalens.circuits.steering import SteeringController, pass_mask, steer
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
@@ -58,11 +58,12 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def n_hooks(model) -> int:
-    """Hooks on the model's hook points, module pre-hooks, and a wrapped ``forward`` (counted 1)."""
+    """Hooks on the model's hook points, module pre-hooks, and a wrapped ``forward`` or ``generate``."""
     return (
         sum(len(hp.fwd_hooks) for hp in model.hook_dict.values())
         + len(model._forward_pre_hooks)
         + int("forward" in vars(model))
+        + int("generate" in vars(model))
     )
 
 
@@ -334,10 +335,8 @@ def test_attach_equals_steering_with_the_predicted_alphas(tiny_mamba, fitted):
             steer(tiny_mamba, ctrl.direction, layers=ctrl.layers_, alpha=alphas),
         )
         assert torch.equal(closed, reference)
-        read = closed_resid.pop(0)  # attach reads the prompt unsteered first
-        assert read.shape == closed_resid[0].shape and not torch.allclose(
-            read, closed_resid[0]
-        )
+        # attach reads the prompt before generate runs, so generate's own hooks see only its passes
+        assert [r.shape[1] for r in closed_resid] == [prompt.shape[1], 1, 1, 1, 1]
         for a, b in zip(closed_resid, reference_resid, strict=True):
             torch.testing.assert_close(a, b)
     assert n_hooks(tiny_mamba) == 0
@@ -481,28 +480,38 @@ def test_pass_mask_takes_the_last_columns_of_a_longer_mask(tiny_llama):
     assert pass_mask(tiny_llama, {"input": torch.zeros(1, 3, 64)}) is None  # embeddings
 
 
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_lstm"])
+def model_and_ragged(request):
+    """Each architecture with a ragged list of prompts (lengths differ)."""
+    model = request.getfixturevalue(request.param)
+    if request.param == "tiny_llama":
+        return model, RAGGED
+    return model, [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8]]
+
+
 @pytest.mark.parametrize("mode", ["add", "ablate", "ablate_add"])
-def test_steer_never_touches_pads_and_a_padded_row_equals_its_run_alone(tiny_llama, mode):
-    """A ragged batch under steer: each prompt's real positions equal that prompt steered
-    alone (1e-5), and the steered layer's pad positions keep their unsteered values."""
-    d = random_direction(tiny_llama)
-    prompts = Prompts(tiny_llama, RAGGED)
-    arg, extra = model_args(tiny_llama, prompts)
+def test_steer_never_touches_pads_and_a_padded_row_equals_its_run_alone(model_and_ragged, mode):
+    """A ragged batch under steer: each prompt's real positions and logits equal that prompt
+    steered alone (1e-5), and the steered layer's pad positions keep their unsteered values."""
+    model, ragged = model_and_ragged
+    d = random_direction(model)
+    prompts = Prompts(model, ragged)
     hooks = [names.resid_post(0), names.resid_post(1)]
-    _, base = tiny_llama.run_with_cache(arg, names_filter=hooks, **extra)
-    with steer(tiny_llama, d, alpha=3.0, mode=mode):
-        _, cache = tiny_llama.run_with_cache(arg, names_filter=hooks, **extra)
-        alone = [[resid_at(tiny_llama, p, layer)[0] for layer in (0, 1)] for p in RAGGED]
-    for layer, name in enumerate(hooks):
-        for i in range(len(RAGGED)):
+    _, base = model.run_with_cache(prompts, names_filter=hooks)
+    with steer(model, d, alpha=3.0, mode=mode):
+        logits, cache = model.run_with_cache(prompts, names_filter=hooks)
+        alone = [model.run_with_cache(p, names_filter=hooks) for p in prompts]
+    for i, (single_logits, single) in enumerate(alone):
+        torch.testing.assert_close(prompts.real(logits, i), single_logits[0], rtol=1e-5, atol=1e-5)
+        for layer, name in enumerate(hooks):
             real = prompts.real(cache[name], i)
-            torch.testing.assert_close(real, alone[i][layer], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(real, single[name][0], rtol=1e-5, atol=1e-5)
             if mode != "add":
                 expected = torch.full((real.shape[0],), 0.0 if mode == "ablate" else 3.0)
                 torch.testing.assert_close(d.project(real, layer), expected, rtol=1e-4, atol=1e-4)
     # Steering the last layer alone: its input is unchanged, so pads must come out unchanged.
-    with steer(tiny_llama, d, layers=[1], alpha=3.0, mode=mode):
-        _, cache = tiny_llama.run_with_cache(arg, names_filter=hooks, **extra)
+    with steer(model, d, layers=[1], alpha=3.0, mode=mode):
+        _, cache = model.run_with_cache(prompts, names_filter=hooks)
     pads = ~prompts.mask
     assert bool(pads.any())
     torch.testing.assert_close(cache[hooks[1]][pads], base[hooks[1]][pads], rtol=0, atol=0, equal_nan=True)
@@ -510,39 +519,16 @@ def test_steer_never_touches_pads_and_a_padded_row_equals_its_run_alone(tiny_lla
 
 
 @pytest.mark.parametrize("positions", ["prompt", "generated", "all"])
-def test_ragged_generate_under_steer_equals_one_prompt_at_a_time(tiny_llama, positions):
-    d = random_direction(tiny_llama)
-    prompts = Prompts(tiny_llama, RAGGED)
-    arg, extra = model_args(tiny_llama, prompts)
-    with steer(tiny_llama, d, alpha=20.0, positions=positions):
-        batched = tiny_llama.generate(arg, 5, return_type="tokens", **extra)[:, prompts.tokens.shape[1] :]
-        alone = [tiny_llama.generate(p, 5, return_type="tokens")[0, -5:] for p in RAGGED]
-    plain = tiny_llama.generate(arg, 5, return_type="tokens", **extra)[:, prompts.tokens.shape[1] :]
+def test_ragged_generate_under_steer_equals_one_prompt_at_a_time(model_and_ragged, positions):
+    model, ragged = model_and_ragged
+    d = random_direction(model)
+    prompts = Prompts(model, ragged)
+    with steer(model, d, alpha=20.0, positions=positions):
+        batched = model.generate(prompts, 5, return_type="tokens")[:, prompts.tokens.shape[1] :]
+        alone = [model.generate(p, 5, return_type="tokens")[0, -5:] for p in prompts]
+    plain = model.generate(prompts, 5, return_type="tokens")[:, prompts.tokens.shape[1] :]
     assert torch.equal(batched, torch.stack(alone))
     assert not torch.equal(batched, plain)
-
-
-@pytest.mark.parametrize("name", ["tiny_mamba", "tiny_lstm"])
-def test_recurrent_pads_are_never_steered_and_batches_equal_single_runs(request, name):
-    """On Mamba and RNNs: pad positions of a Prompts batch keep their unsteered values; an
-    equal-length batch under steer gives each row what it gives alone (forward and generate)."""
-    model = request.getfixturevalue(name)
-    d = random_direction(model)
-    ragged = Prompts(model, [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3]])
-    name1 = names.resid_post(1)
-    _, base = model.run_with_cache(ragged, names_filter=[name1])
-    with steer(model, d, alpha=4.0):
-        _, cache = model.run_with_cache(ragged, names_filter=[name1])
-    pads = ~ragged.mask
-    assert torch.equal(cache[name1][pads], base[name1][pads])
-    assert not torch.allclose(cache[name1][ragged.mask], base[name1][ragged.mask])
-    tokens = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3], [7, 7, 0, 1, 2]])
-    with steer(model, d, alpha=4.0, mode="ablate_add"):
-        logits = model(Prompts(model, tokens))
-        generated = model.generate(Prompts(model, tokens), 4, return_type="tokens")
-        for i in range(len(tokens)):
-            torch.testing.assert_close(logits[i], model(tokens[i : i + 1])[0], rtol=1e-5, atol=1e-5)
-            assert torch.equal(generated[i], model.generate(tokens[i : i + 1], 4, return_type="tokens")[0])
 
 
 def test_run_with_cache_after_generate_is_a_new_prompt(tiny_llama):
@@ -550,44 +536,60 @@ def test_run_with_cache_after_generate_is_a_new_prompt(tiny_llama):
     under positions="generated" it is not steered, even right after a generate."""
     d = random_direction(tiny_llama)
     prompts = Prompts(tiny_llama, RAGGED)
-    arg, extra = model_args(tiny_llama, prompts)
     base = resid_at(tiny_llama, PROMPT, 1)
     with steer(tiny_llama, d, alpha=10.0, positions="generated"):
-        tiny_llama.generate(arg, 3, **extra)
+        tiny_llama.generate(prompts, 3)
         torch.testing.assert_close(resid_at(tiny_llama, PROMPT, 1), base, rtol=0, atol=0)
     with steer(tiny_llama, d, alpha=10.0, positions="prompt"):
-        tiny_llama.generate(arg, 3, **extra)
+        tiny_llama.generate(prompts, 3)
         assert not torch.allclose(resid_at(tiny_llama, PROMPT, 1), base)
     assert n_hooks(tiny_llama) == 0
 
 
-def test_controller_predicts_a_ragged_batch_as_one_prompt_at_a_time(tiny_llama):
-    positive = ["I love cats and dogs", "We love the sunny sea", "They love green hills"]
-    negative = ["The tax form is due", "Rain fell on the roof", "A train left at noon"]
-    d = Direction.from_prompts(tiny_llama, positive, negative)
-    ctrl = SteeringController(d, read_layer=1, max_epochs=20).fit(tiny_llama, positive, negative)
-    batched = ctrl.predict(tiny_llama, RAGGED)
-    for i, prompt in enumerate(RAGGED):
-        single = ctrl.predict(tiny_llama, [prompt])
+def fitted_on(model, positive, negative, **options) -> SteeringController:
+    d = Direction.from_prompts(model, positive, negative)
+    return SteeringController(d, read_layer=1, **options).fit(model, positive, negative)
+
+
+def sets_for(model) -> tuple[list, list]:
+    """Two small ragged prompt sets for ``model`` (text for the transformer, ids otherwise)."""
+    if model.tokenizer is not None:
+        return (
+            ["I love cats and dogs", "We love the sunny sea", "They love green hills", "Love it"],
+            ["The tax form is due", "Rain fell on the roof", "A train left at noon today", "Taxes"],
+        )
+    return ([[1, 2, 3, 1], [2, 3], [1, 1, 2, 3, 2], [3, 1, 2]], [[9, 10, 11], [12, 9, 10, 11], [14], [10, 13, 9]])
+
+
+def test_controller_predicts_a_ragged_batch_as_one_prompt_at_a_time(model_and_ragged):
+    model, ragged = model_and_ragged
+    ctrl = fitted_on(model, *sets_for(model), max_epochs=20)
+    batched = ctrl.predict(model, ragged)
+    for i, prompt in enumerate(ragged):
+        single = ctrl.predict(model, [prompt])
         torch.testing.assert_close(batched.scale[i : i + 1], single.scale, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batched.weights[i : i + 1], single.weights, rtol=1e-5, atol=1e-5)
 
 
-def test_attach_reads_a_padded_batch_without_its_padding(tiny_llama):
-    """generate on a left-padded batch with its mask, under attach, gives each prompt the
-    tokens it gets alone: the controller never reads the padding, pads are never steered."""
-    positive = ["I love cats and dogs", "We love the sunny sea", "They love green hills"]
-    negative = ["The tax form is due", "Rain fell on the roof", "A train left at noon"]
-    d = Direction.from_prompts(tiny_llama, positive, negative)
-    ctrl = SteeringController(d, read_layer=0, alpha=20.0, max_epochs=30).fit(tiny_llama, positive, negative)
-    prompts = Prompts(tiny_llama, ["I love the sea and the hills", "Rain fell"])
-    arg, extra = model_args(tiny_llama, prompts)
-    with ctrl.attach(tiny_llama):
-        batched = tiny_llama.generate(arg, 4, return_type="tokens", **extra)
-        alone = [tiny_llama.generate(p, 4, return_type="tokens") for p in prompts.texts]
-    for new, single in zip(batched[:, prompts.tokens.shape[1] :], alone, strict=True):
-        assert torch.equal(new, single[0, -4:])
-    assert n_hooks(tiny_llama) == 0
+def test_attach_reads_a_padded_batch_without_its_padding(model_and_ragged):
+    """generate on a left-padded batch under attach gives each prompt the tokens it gets
+    alone: the controller never reads the padding, pads are never steered."""
+    model, ragged = model_and_ragged
+    ctrl = fitted_on(model, *sets_for(model), alpha=20.0, max_epochs=30)
+    prompts = Prompts(model, ragged)
+    before = snapshot(model)
+    with ctrl.attach(model):
+        batched = model.generate(prompts, 4, return_type="tokens")
+        alone = [model.generate(p, 4, return_type="tokens") for p in prompts]
+        steered_logits = model(prompts)
+        alone_logits = [model(p)[0] for p in prompts]
+    for i, single in enumerate(alone):
+        assert torch.equal(batched[i, prompts.tokens.shape[1] :], single[0, -4:])
+        torch.testing.assert_close(prompts.real(steered_logits, i), alone_logits[i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steered_logits, model(prompts))
+    assert n_hooks(model) == 0
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_controller_fits_inside_no_grad(tiny_mamba):
