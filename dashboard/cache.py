@@ -89,7 +89,8 @@ def code_version() -> str:
 def plain_params(value: Any) -> Any:
     """``value`` as plain JSON for a key: tensors by digest, prompts by ``key()``, analyses by class and params.
 
-    A model (any ``torch.nn.Module``) is its class and :func:`weights_digest`.
+    A model (any ``torch.nn.Module``) is its class and :func:`weights_digest`;
+    a saved object (a Result, a direction) its class and every saved field.
 
     Floats that are not finite become strings; any other object its
     ``repr`` (an object whose repr holds its address never hits the cache,
@@ -113,6 +114,8 @@ def plain_params(value: Any) -> Any:
         return {"module": _class_name(type(value)), "weights": weights_digest(value)}
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, Saved):  # a Result or a fitted object passed as a parameter: all its fields
+        return {"saved": _class_name(type(value)), "fields": plain_params(value._fields())}
     if hasattr(value, "get_params"):
         return {"class": _class_name(type(value)), "params": plain_params(value.get_params())}
     return repr(value)

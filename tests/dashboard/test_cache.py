@@ -154,6 +154,11 @@ def test_plain_params_identify_tensors_models_and_nested_analyses(mamba, tiny_ma
     assert plain_params(a) != plain_params(a.reshape(2, 3))
     assert plain_params(float("nan")) == "nan" and plain_params(torch.tensor(2.0))["tensor"] == "torch.float32[]"
     assert plain_params(CacheTestNorms(1.0)) != plain_params(CacheTestNorms(2.0))
+    prompts = Prompts(mamba, [TOKENS])
+    big = CacheTestNorms()(mamba, prompts)  # a Result as a parameter: its tensors, not their truncated repr
+    edited = CacheTestNorms()(mamba, prompts)
+    edited.norms[0, 0, 3] += 1
+    assert plain_params(big) == plain_params(CacheTestNorms()(mamba, prompts)) != plain_params(edited)
     same = HookedMamba.from_pretrained(tiny_mamba_dir)
     assert plain_params(same) == plain_params(mamba)
     with torch.no_grad():
