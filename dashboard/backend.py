@@ -47,7 +47,7 @@ from dynalens.dashboard.cache import ResultsCache, analysis_key, request_key
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.zoo import ZOO
-from dynalens.probes.analysis import Analysis, AnalysisError, Experiment, run
+from dynalens.probes.analysis import Analysis, Experiment, run
 from dynalens.probes.results import Result, Saved
 
 log = logging.getLogger("dynalens.dashboard")
@@ -246,7 +246,7 @@ def page_results(
     for analysis in analyses:
         try:
             analysis.check(model)
-        except AnalysisError as exc:
+        except Exception as exc:  # AnalysisError, or a parameter the model cannot take (a site, a layer)
             unavailable[analysis.name] = user_message(exc)
         else:
             keys[analysis.name] = analysis_key(identity, prompts, analysis)
