@@ -18,12 +18,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from dynalens.kernels import selective_scan
-from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens
+from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_safetensors, write_json, write_safetensors
 
 # Our parameter names ↔ HF ``MambaForCausalLM`` names: only the prefixes differ.
@@ -185,8 +185,15 @@ class MambaMixer(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         conv_state: Float[Tensor, "batch d_inner k"] | None = None,
         ssm_state: Float[Tensor, "batch d_inner d_state"] | None = None,
+        mask: Bool[Tensor, "batch pos"] | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
-        """Mix ``x`` over positions; return the output and the new conv and SSM states."""
+        """Mix ``x`` over positions; return the output and the new conv and SSM states.
+
+        ``mask`` (True = real, left padding) makes pad positions leave both
+        states exactly as they were: the convolution reads zeros there and skips
+        them (each row's window runs from its previous inputs straight into its
+        real tokens), and ``Δ = 0`` there, so the scan keeps ``h``.
+        """
         cfg = self.cfg
         xs, z = self.hook_in_proj(self.in_proj(x)).chunk(2, dim=-1)
 
@@ -195,12 +202,17 @@ class MambaMixer(nn.Module):
         if conv_state is None:
             conv_state = xs.new_zeros(xs.shape[0], cfg.d_inner, cfg.d_conv - 1)
         padded = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)
+        if mask is not None:
+            padded = _skip_pads(padded, mask, cfg.d_conv - 1)
         conv = _causal_conv1d(padded, self.conv1d.weight, self.conv1d.bias)
         new_conv_state = padded[..., padded.shape[-1] - (cfg.d_conv - 1) :].clone()
         u = self.hook_conv(F.silu(conv).transpose(1, 2))
 
         dt, B, C = self.hook_x_proj(self.x_proj(u)).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
-        delta = self.hook_delta(F.softplus(self.dt_proj(dt)))
+        delta = F.softplus(self.dt_proj(dt))
+        if mask is not None:  # Δ = 0 at pads: exp(ΔA) = 1 and ΔBu = 0 keep the state exactly
+            delta = delta * mask[..., None].to(delta.dtype)
+        delta = self.hook_delta(delta)
         B, C = self.hook_B(B.contiguous()), self.hook_C(C.contiguous())  # copies: never views of x_proj
 
         want_states = self.hook_ssm_state.has_hooks()
@@ -242,10 +254,16 @@ class MambaBlock(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(
-        self, resid: Float[Tensor, "batch pos d_model"], conv_state: Tensor | None, ssm_state: Tensor | None
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        conv_state: Tensor | None,
+        ssm_state: Tensor | None,
+        mask: Tensor | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], Tensor, Tensor]:
         resid = self.hook_resid_pre(_own_copy(resid, self.hook_resid_pre))  # not the last block's resid_post
-        mixed, conv_state, ssm_state = self.mixer(self.norm(resid.to(self.norm.weight.dtype)), conv_state, ssm_state)
+        mixed, conv_state, ssm_state = self.mixer(
+            self.norm(resid.to(self.norm.weight.dtype)), conv_state, ssm_state, mask
+        )
         if self.cfg.residual_in_fp32:
             resid = resid.float()
         resid = self.hook_resid_post(resid + self.hook_mixer_out(_own_copy(mixed, self.hook_mixer_out)))
@@ -293,9 +311,14 @@ class HookedMamba(HookedSequenceModel):
     ``generate``; it does not re-run the recurrence at positions after ``t``
     of the same call (edit ``hook_delta``/``hook_B``/``hook_conv`` for that).
 
-    ``forward(tokens, state=None, return_state=False)`` continues from a
-    :class:`MambaState`; one new token costs O(1) in the sequence length, and
-    hooks see it as a ``pos = 1`` tensor. Inputs are unpadded sequences.
+    ``forward(input, attention_mask=None, state=None, return_state=False)``
+    continues from a :class:`MambaState`; one new token costs O(1) in the
+    sequence length, and hooks see it as a ``pos = 1`` tensor. Ragged batches
+    are left-padded (a ``Prompts``, a list of prompts, or ids with
+    ``attention_mask``): at a pad position ``Δ = 0`` (``hook_delta`` shows 0)
+    and the convolution reads a zero input and skips it, so the conv and SSM
+    states stay exactly what they were and a padded row equals its unpadded
+    run at every real position.
 
     Examples
     --------
@@ -323,20 +346,25 @@ class HookedMamba(HookedSequenceModel):
     def forward(
         self,
         input: TextOrTokens,
+        *,
+        attention_mask: Tensor | None = None,
         state: MambaState | None = None,
         return_state: bool = False,
     ) -> Float[Tensor, "batch pos d_vocab"] | tuple[Float[Tensor, "batch pos d_vocab"], MambaState]:
-        """Logits for ``input`` (text or token ids), continuing from ``state`` when given.
+        """Logits ``[batch, pos, d_vocab]`` for ``input``, continuing from ``state`` when given.
 
         Parameters
         ----------
-        input : str, list of str or LongTensor ``[batch, pos]``
+        input : str, list of str, LongTensor ``[batch, pos]``, ragged id lists or Prompts
+            Lists become a left-padded ``Prompts``; a ``Prompts`` brings its mask.
+        attention_mask : Tensor ``[batch, pos]``, optional
+            With a token tensor: True/1 at real tokens, pads on the left.
         state : MambaState, optional
             What a previous call returned with ``return_state=True``.
         return_state : bool
             Also return the :class:`MambaState` after the last position.
         """
-        tokens: Int[Tensor, "batch pos"] = self.to_tokens(input)
+        tokens, mask = as_batch(self, input, attention_mask)
         if state is not None and state.ssm[0].shape[0] != tokens.shape[0]:
             raise ValueError(
                 f"state holds a batch of {state.ssm[0].shape[0]} sequences but the input has "
@@ -349,6 +377,7 @@ class HookedMamba(HookedSequenceModel):
                 resid,
                 None if state is None else state.conv[i],
                 None if state is None else state.ssm[i],
+                mask,
             )
             conv_states.append(conv)
             ssm_states.append(ssm)
@@ -436,6 +465,20 @@ def _causal_conv1d(
         return F.conv1d(padded, weight, bias, groups=weight.shape[0])
     out = torch.einsum("bdlk,dk->bdl", padded.unfold(-1, weight.shape[-1], 1), weight[:, 0])
     return out if bias is None else out + bias[:, None]
+
+
+def _skip_pads(padded: Float[Tensor, "batch d k_1_plus_pos"], mask: Bool[Tensor, "batch pos"], k_1: int) -> Tensor:
+    """``[previous inputs, inputs]`` with each row's leading pads moved before its previous inputs.
+
+    ``padded`` is ``[conv_state (k_1 columns), xs]`` with ``xs`` zero at pads; a
+    left-padded row ``[s, 0 .. 0, x]`` becomes ``[0 .. 0, s, x]``, so the
+    convolution at each real token reads what an unpadded run reads, and the
+    last ``k_1`` columns are the row's state after the call.
+    """
+    offsets = (~mask).sum(-1, keepdim=True)  # [batch, 1] pads per row
+    j = torch.arange(padded.shape[-1], device=padded.device)[None, :]
+    index = torch.where(j < offsets, j + k_1, torch.where(j < offsets + k_1, j - offsets, j))
+    return padded.gather(-1, index[:, None, :].expand(-1, padded.shape[1], -1))
 
 
 def _own_copy(x: Tensor, hook_point: HookPoint) -> Tensor:

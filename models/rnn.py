@@ -15,11 +15,11 @@ from typing import Any, ClassVar, Union
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens
+from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import (
     read_json,
     read_safetensors,
@@ -195,9 +195,16 @@ class RNNCell(nn.Module):
         return self.recur(self.project_input(x_t), state)[0]
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_in"], state: CellState | None = None
+        self,
+        x: Float[Tensor, "batch pos d_in"],
+        state: CellState | None = None,
+        mask: Bool[Tensor, "batch pos"] | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_hidden"], CellState]:
-        """The hidden sequence and the last state (taken from the hooked tensors)."""
+        """The hidden sequence and the last state (taken from the hooked tensors).
+
+        At a pad position (``mask`` False) the step carries the state unchanged:
+        the hidden (and cell) sequence there repeats the previous state.
+        """
         x_proj = self.project_input(x)
         if state is None:
             state = self.initial_state(x.shape[0], x)
@@ -206,7 +213,8 @@ class RNNCell(nn.Module):
         watched = any(hook.has_hooks() for hook in gate_hooks)
         steps = []
         for t in range(x.shape[1]):
-            state, gates = self.recur(x_proj[:, t], state)
+            new, gates = self.recur(x_proj[:, t], state)
+            state = new if mask is None else _carry(mask[:, t], new, state)
             steps.append((*(state if self.cell == "lstm" else (state,)), *(gates if watched else ())))
         seqs = [torch.stack(seq, dim=1) for seq in zip(*steps)]
         hidden, seqs = seqs[0], seqs[1:]
@@ -221,6 +229,13 @@ class RNNCell(nn.Module):
         return hidden, hidden[:, -1]
 
 
+def _carry(keep: Bool[Tensor, " batch"], new: CellState, old: CellState) -> CellState:
+    """``new`` where ``keep``, else ``old`` (a pad step leaves the state as it was)."""
+    if isinstance(new, tuple):
+        return tuple(_carry(keep, n, o) for n, o in zip(new, old))
+    return torch.where(keep[:, None], new, old)
+
+
 class RNNBlock(nn.Module):
     """A layer of the residual stream: ``resid_pre → cell → mixer_out → resid_post``."""
 
@@ -233,31 +248,53 @@ class RNNBlock(nn.Module):
         self.hook_resid_post = HookPoint()
 
     def forward(
-        self, resid: Float[Tensor, "batch pos d_in"], state: CellState | None = None
+        self,
+        resid: Float[Tensor, "batch pos d_in"],
+        state: CellState | None = None,
+        mask: Tensor | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], CellState]:
         resid = self.hook_resid_pre(resid)
-        hidden, state = self.cell(resid, state)
+        hidden, state = self.cell(resid, state, mask)
         mixer_out = self.hook_mixer_out(hidden)
         resid_post = resid + mixer_out if self.residual else mixer_out
         return self.hook_resid_post(resid_post), state
 
 
 class FinalNorm(nn.Module):
-    """The norm before the unembedding (LayerNorm, RMSNorm or none) and its hook."""
+    """The norm before the unembedding (LayerNorm, RMSNorm or none) and its hooks.
+
+    ``hook_scale`` ``[batch, pos, 1]`` is the denominator (as in TransformerLens
+    and the other architectures): ``sqrt(var + eps)`` for LayerNorm (of the
+    centred input), ``sqrt(mean(x^2) + eps)`` for RMSNorm, ones for ``"none"``.
+    ``hook_normalized`` is the norm's output, weight and bias applied. The
+    parameters live in ``norm`` (an ``nn.LayerNorm`` / ``nn.RMSNorm``), so saved
+    models keep their names.
+    """
 
     def __init__(self, kind: str, d_model: int, eps: float):
         super().__init__()
         _choice("final_norm", kind, FINAL_NORMS)
+        self.kind = kind
+        self.eps = eps
         if kind == "layernorm":
             self.norm = nn.LayerNorm(d_model, eps=eps)
         elif kind == "rmsnorm":
             self.norm = nn.RMSNorm(d_model, eps=eps)
         else:
             self.norm = nn.Identity()
+        self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return self.hook_normalized(self.norm(x))
+        if self.kind == "none":
+            return self.hook_normalized(x / self.hook_scale(x.new_ones(*x.shape[:-1], 1)))
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale(torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        out = x / scale * self.norm.weight
+        if self.kind == "layernorm":
+            out = out + self.norm.bias
+        return self.hook_normalized(out)
 
 
 class HookedRNN(HookedSequenceModel):
@@ -277,7 +314,8 @@ class HookedRNN(HookedSequenceModel):
     - ``blocks.{l}.hook_mixer_out`` — what the cell contributes (its hidden sequence)
     - ``blocks.{l}.hook_resid_post`` — ``mixer_out``, or ``resid_pre + mixer_out``
       when ``cfg.residual``
-    - ``ln_final.hook_normalized``, ``hook_logits`` ``[batch, pos, d_vocab]``
+    - ``ln_final.hook_scale`` ``[batch, pos, 1]`` (the final norm's denominator),
+      ``ln_final.hook_normalized``, ``hook_logits`` ``[batch, pos, d_vocab]``
 
     Semantics of edits: each layer's time loop runs first and its hooks then
     fire once on whole-sequence tensors, so an edit of ``hook_hidden`` at
@@ -314,39 +352,30 @@ class HookedRNN(HookedSequenceModel):
         self.hook_logits = HookPoint()
         self.setup()
 
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_embed"]:
-        """The embedding matrix."""
-        return self.embed.weight
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The unembedding matrix (TransformerLens layout); logits = ``x @ W_U + b_U``."""
-        return self.unembed.weight.T
-
-    @property
-    def b_U(self) -> Float[Tensor, " d_vocab"]:
-        """The unembedding bias."""
-        return self.unembed.bias
-
     # ----------------------------------------------------------------- forward
     def forward(
         self,
         input: TextOrTokens,
+        *,
+        attention_mask: Tensor | None = None,
         state: RNNState | None = None,
         return_state: bool = False,
     ) -> Float[Tensor, "batch pos d_vocab"] | tuple[Float[Tensor, "batch pos d_vocab"], RNNState]:
-        """Logits for ``input`` (text or ids ``[batch, pos]``), continuing from ``state``.
+        """Logits ``[batch, pos, d_vocab]`` for ``input``, continuing from ``state``.
 
-        ``state`` and the returned state follow torch: ``h_n`` ``[n_layers, batch,
-        d_model]``, or ``(h_n, c_n)`` for LSTM; ``None`` starts from zeros.
+        ``input`` is text, a list of prompts (left-padded into a ``Prompts``),
+        ids ``[batch, pos]`` (with an optional left-padded ``attention_mask``)
+        or a ``Prompts``. A pad step carries every layer's state unchanged, so a
+        padded row equals its unpadded run at its real positions. ``state`` and
+        the returned state follow torch: ``h_n`` ``[n_layers, batch, d_model]``,
+        or ``(h_n, c_n)`` for LSTM; ``None`` starts from zeros.
         """
-        tokens = self.to_tokens(input)
+        tokens, mask = as_batch(self, input, attention_mask)
         layer_states = self._split_state(state, tokens.shape[0])
         resid = self.hook_embed(self.embed(tokens))
         finals = []
         for block, layer_state in zip(self.blocks, layer_states):
-            resid, layer_state = block(resid, layer_state)
+            resid, layer_state = block(resid, layer_state, mask)
             finals.append(layer_state)
         logits = self.hook_logits(self.unembed(self.ln_final(resid)))
         if not return_state:

@@ -5,17 +5,23 @@
 that takes a bridge still takes it. On top it offers what
 ``models/base.py::HookedSequenceModel`` offers our own models:
 
-- inputs are strings, lists of strings or token tensors, checked by
-  ``models/validation.py`` (empty prompt, ids out of range, longer than ``n_ctx``);
+- inputs are strings, lists of strings, token tensors (with an optional
+  left-padded ``attention_mask``) or a ``Prompts``, checked by
+  ``models/validation.py`` (empty prompt, ids out of range, longer than
+  ``n_ctx``, float ids); lists become a left-padded ``Prompts`` and the mask
+  goes to the model as its attention mask, positions counting real tokens;
 - a hook name the model does not have raises ``HookNameError`` naming the
-  closest valid names, in ``run_with_cache``, ``run_with_hooks``, ``hooks`` and
-  ``add_hook``;
+  closest valid names, and a hook returning another shape raises
+  ``HookShapeError``, in ``run_with_cache``, ``run_with_hooks``, ``hooks`` and
+  ``add_hook`` (``models/base.py::CheckedHooks``); ``run_with_cache`` returns
+  a :class:`~dynalens.models.cache.Cache`;
 - the shared vocabulary: the Bridge's own ``hook_embed``,
   ``blocks.{l}.hook_resid_pre/post`` and ``ln_final.hook_normalized``, plus
   ``blocks.{l}.hook_mixer_out``, an alias (through the Bridge's alias mechanism)
   of what attention adds to the residual stream, ``blocks.{l}.hook_attn_out``;
-- ``generate(input, max_new_tokens, fwd_hooks=..., temperature=0)`` with the
-  KV cache and the hooks on, and ``save_pretrained(folder)``.
+- ``generate`` with the arguments every architecture shares
+  (``models/base.py::Generates``), through the KV cache with the hooks on and
+  the mask extended by each new token; and ``save_pretrained(folder)``.
 
 Weights are the HuggingFace model's own, untouched: logits equal HF's.
 """
@@ -23,10 +29,8 @@ Weights are the HuggingFace model's own, untouched: logits equal HF's.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Int
@@ -35,25 +39,17 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.sources import build_bridge_from_module
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from dynalens.models.base import CheckedHooks
-from dynalens.models.prompts import Prompts
+from dynalens.models.base import CheckedHooks, Generates, TextOrTokens, as_batch, prompts_of
 from dynalens.models.io import atomic_dir, read_tokenizer, write_safetensors
-from dynalens.models.validation import (
-    check_generate_args,
-    check_prompt,
-    check_tokens,
-)
-
-TextOrTokens = Union[str, Sequence[str], Tensor]
+from dynalens.models.prompts import Prompts
+from dynalens.models.validation import check_prompt, check_tokens
 
 #: The shared-vocabulary name of each block's sequence mixer output, and the
 #: Bridge hook it stands for.
 MIXER_OUT, ATTN_OUT = "hook_mixer_out", "hook_attn_out"
 
-_RETURN_TYPES = {"auto": "input", "str": "str", "tokens": "tokens"}
 
-
-class HookedTransformerBridge(CheckedHooks, TransformerBridge):
+class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
     """A HuggingFace causal LM behind TransformerLens' Bridge and dynalens' hook names.
 
     Build one with :meth:`from_pretrained` (a HuggingFace folder), :meth:`from_gguf`
@@ -102,13 +98,22 @@ class HookedTransformerBridge(CheckedHooks, TransformerBridge):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        **placement: Any,
     ) -> HookedTransformerBridge:
-        """Load a HuggingFace causal-LM folder (safetensors only) and its tokenizer if any."""
+        """Load a HuggingFace causal-LM folder (safetensors only) and its tokenizer if any.
+
+        ``placement`` (``device_map``, ``max_memory``, ``offload_folder``) spreads
+        the model over devices through transformers and accelerate, disk included.
+        """
         folder = Path(folder)
+        placement = {k: v for k, v in placement.items() if v is not None}
         hf_model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or torch.float32, use_safetensors=True, attn_implementation="eager"
-        )
-        return cls.from_hf(hf_model.to(device or "cpu"), read_tokenizer(folder), name=str(folder))
+            folder, dtype=dtype or torch.float32, use_safetensors=True, attn_implementation="eager",
+            **placement,
+        )  # fmt: skip
+        if "device_map" not in placement:
+            hf_model = hf_model.to(device or "cpu")
+        return cls.from_hf(hf_model, read_tokenizer(folder), name=str(folder))
 
     @classmethod
     def from_gguf(
@@ -150,11 +155,9 @@ class HookedTransformerBridge(CheckedHooks, TransformerBridge):
             return input.tokens.to(self.cfg.device)
         if isinstance(input, Tensor):
             return check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx).to(self.cfg.device)
-        texts = [input] if isinstance(input, str) else list(input)
-        if not texts:
-            raise ValueError("empty prompt: pass a non-empty string or a tensor of token ids")
-        for text in texts:
-            check_prompt(text)
+        if isinstance(input, (list, tuple)):
+            return prompts_of(self, input).tokens  # left-padded, each prompt tokenised on its own
+        check_prompt(input)
         if self.tokenizer is None:
             raise ValueError(
                 "this model has no tokenizer, so it takes token ids only: "
@@ -165,57 +168,45 @@ class HookedTransformerBridge(CheckedHooks, TransformerBridge):
         )
         return check_tokens(tokens, self.cfg.d_vocab, self.cfg.n_ctx)
 
-    def forward(self, input: Any, *args: Any, **kwargs: Any) -> Any:
-        """The Bridge's forward, with token-id tensors checked first."""
-        if isinstance(input, Prompts):
-            input = input.tokens.to(self.cfg.device)
-        if isinstance(input, Tensor) and not input.is_floating_point():
-            input = check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
-        return super().forward(input, *args, **kwargs)
+    def forward(self, input: Any, *args: Any, attention_mask: Tensor | None = None, **kwargs: Any) -> Any:
+        """The Bridge's forward on any input every dynalens model takes.
+
+        A ``Prompts`` (or a list of prompts, which becomes one) brings its mask;
+        with a token tensor pass ``attention_mask`` (left padding). The mask
+        reaches the model as its attention mask, and the Bridge gives
+        position ids that count real tokens (learned absolute positions read
+        the same positions as the unpadded prompt). Float tensors are a
+        ``TypeError`` unless ``start_at_layer`` says they are a residual stream.
+        """
+        if isinstance(input, Tensor) and input.is_floating_point():
+            if kwargs.get("start_at_layer") is None:
+                raise TypeError(
+                    f"tokens must be an integer tensor of ids, got dtype {input.dtype} (a residual "
+                    "stream goes in with start_at_layer=...)"
+                )
+            return super().forward(input, *args, attention_mask=attention_mask, **kwargs)
+        if isinstance(input, (Tensor, Prompts, list, tuple)):
+            input, mask = as_batch(self, input, attention_mask)
+            attention_mask = None if mask is None else mask.long()
+        return super().forward(input, *args, attention_mask=attention_mask, **kwargs)
 
     # -------------------------------------------------------------- generation
-    @torch.no_grad()
-    def generate(
-        self,
-        input: TextOrTokens,
-        max_new_tokens: int = 20,
-        *,
-        fwd_hooks: Sequence[tuple[Any, Callable]] = (),
-        temperature: float = 0.0,
-        eos_token_id: int | None = None,
-        return_type: str = "auto",
-        generator: torch.Generator | None = None,
-        **kwargs: Any,
-    ) -> str | list[str] | Int[Tensor, "batch pos"]:
-        """Continue ``input`` by ``max_new_tokens`` tokens with the KV cache.
+    def _generation_start(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Any]:
+        """The prompt's forward with the KV cache on; the state is the cache and the mask so far."""
+        mask = torch.ones_like(tokens) if mask is None else mask.long()
+        logits, kv = TransformerBridge.forward(
+            self, tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True
+        )
+        return logits, (kv, mask)
 
-        ``temperature=0`` is greedy. ``fwd_hooks`` stay on for the prompt and every
-        new token (each step after the prompt runs one position). Stops early only
-        when every sequence emits ``eos_token_id``. ``return_type``: ``"str"``,
-        ``"tokens"`` or ``"auto"`` (str for str input). ``generator`` seeds the
-        sampling; other keywords (``top_k``, ``top_p``, ...) go to the Bridge's
-        ``generate``.
-        """
-        check_generate_args(max_new_tokens, return_type, minimum=1)
-        n_prompt = self.to_tokens(input).shape[-1]
-        if n_prompt + max_new_tokens > self.cfg.n_ctx:
-            raise ValueError(
-                f"{n_prompt} prompt tokens + {max_new_tokens} new tokens exceed what the model "
-                f"accepts (n_ctx = {self.cfg.n_ctx}); lower max_new_tokens"
-            )
-        with self.hooks(fwd_hooks=fwd_hooks), _sampling_rng(generator):
-            return super().generate(
-                input,
-                max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else 1.0,
-                stop_at_eos=eos_token_id is not None,
-                eos_token_id=eos_token_id,
-                use_past_kv_cache=True,
-                return_type=_RETURN_TYPES[return_type],
-                verbose=False,
-                **kwargs,
-            )
+    def _generation_step(self, new: Tensor, state: tuple[Any, Tensor]) -> tuple[Tensor, Any]:
+        """One new position through the KV cache, the mask extended by it (positions from the mask)."""
+        kv, mask = state
+        mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+        logits, kv = TransformerBridge.forward(
+            self, new, attention_mask=mask, past_key_values=kv, return_type="logits_and_cache"
+        )
+        return logits, (kv, mask)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -266,21 +257,3 @@ def hf_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     hf_model.hf_quantizer = None
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return hf_model, tokenizer
-
-
-@contextmanager
-def _sampling_rng(generator: torch.Generator | None) -> Iterator[None]:
-    """Draw the Bridge's sampling (global RNG) from ``generator``'s stream, advancing it."""
-    if generator is None:
-        yield
-        return
-    cuda = generator.device.type == "cuda"
-    with torch.random.fork_rng(devices=[generator.device] if cuda else []):
-        if cuda:
-            torch.cuda.set_rng_state(generator.get_state(), generator.device)
-        else:
-            torch.set_rng_state(generator.get_state())
-        yield
-        generator.set_state(
-            torch.cuda.get_rng_state(generator.device) if cuda else torch.get_rng_state()
-        )

@@ -115,9 +115,79 @@ def check_index(name: str, index: int, size: int) -> int:
 RETURN_TYPES = ("auto", "str", "tokens")
 
 
-def check_generate_args(max_new_tokens: int, return_type: str, *, minimum: int = 0) -> None:
-    """Check ``generate``'s shared arguments: ``max_new_tokens >= minimum`` and a known ``return_type``."""
-    if max_new_tokens < minimum:
-        raise ValueError(f"max_new_tokens must be >= {minimum}, got {max_new_tokens}")
+class HookShapeError(ValueError):
+    """A hook returned a tensor of another shape than the activation it received."""
+
+
+def check_hook_output(name: str, received: Tensor, returned: Any) -> None:
+    """Raise :class:`HookShapeError` if a hook's returned tensor has another shape than it received.
+
+    ``None`` (leave the activation as it is) and non-tensors pass through unchecked.
+    """
+    if isinstance(returned, Tensor) and isinstance(received, Tensor) and returned.shape != received.shape:
+        raise HookShapeError(
+            f"hook {name!r} returned a tensor of shape {list(returned.shape)}; expected "
+            f"{list(received.shape)} (the shape it received). Return a tensor of the same shape, "
+            "or None to leave the activation unchanged."
+        )
+
+
+def check_mask(
+    attention_mask: Tensor | None, tokens: Tensor
+) -> Tensor | None:
+    """An ``attention_mask`` as a bool ``[batch, pos]`` tensor (True = real), or None when all are real.
+
+    Accepts bool or 0/1 integer tensors of the tokens' shape, padded on the left
+    (each row's real tokens are its last columns), with at least one real token per row.
+    """
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(
+            f"attention_mask must be a bool or 0/1 tensor [batch, pos], got {type(attention_mask).__name__}"
+        )
+    mask = attention_mask.reshape(1, -1) if attention_mask.ndim == 1 else attention_mask
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(
+            f"attention_mask has shape {list(attention_mask.shape)} but the tokens have "
+            f"{list(tokens.shape)}: pass one 0/1 entry per token"
+        )
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token), or be a bool tensor")
+        mask = mask.bool()
+    if not bool(mask.any(-1).all()):
+        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    lengths = mask.sum(-1, keepdim=True)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) >= mask.shape[1] - lengths):
+        raise ValueError(
+            "attention_mask must pad on the left: each row's real tokens (1s) are its last columns, "
+            "as Prompts builds them"
+        )
+    mask = mask.to(tokens.device)
+    return None if bool(mask.all()) else mask
+
+
+def check_generate_args(
+    max_new_tokens: int,
+    return_type: str,
+    *,
+    temperature: float = 0.0,
+    do_sample: bool | None = None,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    minimum: int = 0,
+) -> None:
+    """Check ``generate``'s shared arguments, each error naming the argument and what is accepted."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < minimum:
+        raise ValueError(f"max_new_tokens must be an int >= {minimum}, got {max_new_tokens!r}")
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be 'auto', 'str' or 'tokens', got {return_type!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {temperature!r}")
+    if do_sample not in (None, True, False):
+        raise ValueError(f"do_sample must be True, False or None, got {do_sample!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
+        raise ValueError(f"eos_token_id must be an int token id or None, got {eos_token_id!r}")

@@ -78,6 +78,12 @@ class Sweep:
     def result_path(self, cell: Cell) -> Path:
         return self.store / "results" / cell.model / cell.prompts / f"{cell.analysis}.safetensors"
 
+    def remove_stale_files(self) -> None:
+        """Remove the temporary files of cells that were in flight when a driver was killed."""
+        for folder in ("cells", "results"):
+            for tmp in (self.store / folder).rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def frame(self) -> pd.DataFrame:
         """One row per finished cell: ``model, prompts, analysis, status, seconds, error, ...``."""
         rows = sorted((self.store / "cells").glob("*.parquet"))
@@ -167,6 +173,7 @@ def sweep(
         "prompts": sorted(prompt_sets),
         "analyses": {k: repr(a) for k, a in labelled_analyses.items()},
     })  # fmt: skip
+    out.remove_stale_files()
     done = out.finished()
     todo: dict[str, list[tuple[Cell, Any, Analysis]]] = {}
     for model in labelled_models:
@@ -181,10 +188,10 @@ def sweep(
         if ray:
             _run_on_ray(out, labelled_models, todo, bar, address=address, workers=workers)
         else:
+            worker = CellRunner()
             for model, cells in todo.items():
-                worker = CellRunner(labelled_models[model], str(out.store))
                 for cell, set_prompts, analysis in cells:
-                    worker.run(cell, set_prompts, analysis)
+                    worker.run(str(out.store), cell, set_prompts, analysis, labelled_models[model])
                     bar.update()
     finally:
         bar.close()
@@ -192,31 +199,35 @@ def sweep(
 
 
 class CellRunner:
-    """Loads one model once and runs cells on it, writing each cell's files."""
+    """Runs cells, keeping the model of the last cell loaded (each model is loaded once)."""
 
-    def __init__(self, source: Any, store: str):
+    def __init__(self) -> None:
+        self.source: Any = None
+        self.model: Any = None
+
+    def run(self, store: str, cell: Cell, prompts: Any, analysis: Analysis, source: Any) -> str:
+        """Run one cell on the model from ``source``, write its Result and row to ``store``; return the status."""
         from dynalens.models.loading import load
 
-        self.model = load(source)
-        self.sweep = Sweep(store)
-
-    def run(self, cell: Cell, prompts: Any, analysis: Analysis) -> str:
-        """Run one cell and write its Result and row; returns the status."""
+        sweep = Sweep(store)
         started = time.time()
         row: dict[str, Any] = {
             "model": cell.model, "prompts": cell.prompts, "analysis": cell.analysis,
-            "params": json.dumps(analysis.provenance(self.model, None)["params"]),
+            "params": json.dumps({k: repr(v) for k, v in analysis.get_params().items()}),
             "started": started, "pid": os.getpid(),
         }  # fmt: skip
         try:
+            if source != self.source:  # a new model: drop the last one before loading
+                self.model, self.source = None, None
+                self.model, self.source = load(source), source
             result = analysis(self.model, prompts)
-            result.save(self.sweep.result_path(cell))
-            row.update(status=STATUS_OK, error="")
+            result.save(sweep.result_path(cell))
+            row.update(status=STATUS_OK, error="", params=json.dumps(result.params))
             row.update({f"metric.{k}": float(v) for k, v in result.metrics().items()})
         except Exception as err:  # noqa: BLE001 - a failing cell is recorded, the sweep goes on
             row.update(status=STATUS_FAILED, error=_error_text(err))
         row["seconds"] = time.time() - started
-        write_row(self.sweep.row_path(cell), row)
+        write_row(sweep.row_path(cell), row)
         return row["status"]
 
 
@@ -238,6 +249,7 @@ def _run_on_ray(
     address: str | None,
     workers: int | None,
 ) -> None:
+    """Run the cells on a pool of Ray actors; all cells of a model go to one actor, which loads it once."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -248,31 +260,53 @@ def _run_on_ray(
         else:
             ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        actor_class = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(CellRunner)
-        pending: dict[Any, tuple[str, Cell]] = {}
-        actors, left = {}, {}
-        for model, cells in todo.items():
-            actors[model] = actor_class.remote(models[model], str(out.store))
-            left[model] = len(cells)
+        size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        pool = [_worker(ray, i) for i in range(min(size, len(todo)))]
+        queue = list(todo.items())
+        pending: dict[Any, tuple[int, Cell]] = {}
+        left = [0] * len(pool)
+
+        def assign(slot: int) -> None:
+            model, cells = queue.pop(0)
+            left[slot] = len(cells)
             for cell, set_prompts, analysis in cells:
-                pending[actors[model].run.remote(cell, set_prompts, analysis)] = (model, cell)
+                ref = pool[slot].run.remote(str(out.store), cell, set_prompts, analysis, models[model])
+                pending[ref] = (slot, cell)
+
+        for slot in range(len(pool)):
+            assign(slot)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            model, cell = pending.pop(ready[0])
+            slot, cell = pending.pop(ready[0])
             try:
                 ray.get(ready[0])
-            except Exception as err:  # noqa: BLE001 - the worker died twice: record the cell
+            except Exception as err:  # noqa: BLE001 - the worker died past Ray's retries: record the cell
                 write_row(out.row_path(cell), {
                     "model": cell.model, "prompts": cell.prompts, "analysis": cell.analysis,
                     "status": STATUS_FAILED, "error": _error_text(err), "seconds": float("nan"),
                 })  # fmt: skip
+                pool[slot] = _worker(ray, slot, fresh=True)
             bar.update()
-            left[model] -= 1
-            if left[model] == 0:  # the model's cells are done: free its worker for the next model
-                ray.kill(actors.pop(model))
+            left[slot] -= 1
+            if left[slot] == 0 and queue:  # this worker is free: give it the next model
+                assign(slot)
     finally:
         if started_here:
+            _POOL.clear()
             ray.shutdown()
+
+
+_POOL: dict[tuple[str, int], Any] = {}
+"""This driver's Ray workers by (Ray job, slot): kept alive across sweeps, so each starts once."""
+
+
+def _worker(ray: Any, slot: int, fresh: bool = False) -> Any:
+    """Worker ``slot`` of this driver's pool (a new one with ``fresh``, after a worker died)."""
+    key = (ray.get_runtime_context().get_job_id(), slot)
+    if fresh or key not in _POOL:
+        actor = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(CellRunner)
+        _POOL[key] = actor.remote()
+    return _POOL[key]
 
 
 def _error_text(err: BaseException) -> str:
@@ -318,3 +352,68 @@ def _label_models(models: Any) -> dict[str, Any]:
     if not pairs:
         raise ValueError("models must name at least one model")
     return _unique(pairs, "models")
+
+
+def read_sweep_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The keyword arguments of :func:`sweep` that a TOML file describes.
+
+    ::
+
+        store = "runs/induction"              # relative paths are from the file's folder
+        models = ["mamba-ar", "zoo/other"]    # names or paths for dl.load, and/or
+        checkpoints = "attn2l-induction"      # every checkpoint of a zoo model or training run
+        [prompts]
+        repeats = [[3, 9, 4, 3, 9, 4]]        # token ids
+        natural = ["The cat sat on the mat"]  # strings
+        [[analyses]]
+        type = "HeadScores"                   # a public class of dl.probes or dl.circuits
+        label = "heads"                       # optional
+        params = {}                           # its parameters
+
+    Analysis types are looked up by name among dynalens' analyses only; nothing
+    in the file is executed.
+    """
+    import tomllib
+
+    from dynalens import circuits, probes
+    from dynalens.models.zoo import checkpoints
+
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read sweep file {str(path)!r}: {err}") from None
+    known = {"store", "models", "checkpoints", "prompts", "analyses"}
+    unknown = set(spec) - known
+    missing = {"store", "prompts", "analyses"} - set(spec)
+    if unknown or missing or not ({"models", "checkpoints"} & set(spec)):
+        raise ValueError(
+            f"sweep file {str(path)!r}: keys {sorted(unknown)} unknown, {sorted(missing)} missing; "
+            f"it takes {sorted(known)}, with models or checkpoints (or both)"
+        )
+
+    def beside(p: str, must_exist: bool) -> str:
+        """``p`` relative to the file's folder (a model name that is no path there stays a name)."""
+        q = Path(p).expanduser()
+        if q.is_absolute() or (must_exist and not (path.parent / q).exists()):
+            return str(q) if q.is_absolute() else p
+        return str(path.parent / q)
+
+    models: list[Any] = [beside(m, must_exist=True) for m in spec.get("models", [])]
+    if "checkpoints" in spec:
+        models += checkpoints(spec["checkpoints"])
+    types = {
+        name: obj
+        for module in (probes, circuits)
+        for name in module.__all__
+        if isinstance(obj := getattr(module, name), type) and issubclass(obj, Analysis)
+    }
+    analyses = {}
+    for entry in spec["analyses"]:
+        kind = entry.get("type")
+        if kind not in types:
+            raise ValueError(f"sweep file {str(path)!r}: unknown analysis type {kind!r}; known: {sorted(types)}")
+        analysis = types[kind](**entry.get("params", {}))
+        analyses[entry.get("label", analysis.name)] = analysis
+    store = beside(spec["store"], must_exist=False)
+    return {"analyses": analyses, "models": models, "prompts": dict(spec["prompts"]), "store": store}
