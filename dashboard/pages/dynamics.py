@@ -75,16 +75,17 @@ def layout(**_: Any) -> html.Div:
     )
 
 
-def analyses(model: Any, layer: int = 0) -> list[Analysis]:
-    """The page's analyses of one prompt on ``model``: trajectories, the mixer of ``layer``, an RNN's phase portrait."""
+def analyses(model: Any, layer: int = 0, n_tokens: int = 2) -> list[Analysis]:
+    """The page's analyses of one prompt on ``model``: trajectories, the mixer of ``layer``, and on an RNN
+    the phase portrait of its last layer (from 2 tokens: two principal components)."""
     found = [dl.probes.TokenTrajectories(), dl.probes.MixerComparison(layer=layer)]
-    if architecture_of(model) == "rnn":
-        found.append(dl.probes.TrajectoryPCA(layer=model.cfg.n_layers - 1, fixed_points=_fixed_points_of(model)))
+    if architecture_of(model) == "rnn" and n_tokens >= 2:
+        found.append(dl.probes.TrajectoryPCA(layer=model.cfg.n_layers - 1, fixed_points=fixed_points(model)))
     return found
 
 
-def _fixed_points_of(model: Any) -> Any:
-    """The last layer's fixed points under zero input (weights only; cached per model by the caller's key)."""
+def fixed_points(model: Any) -> Analysis:
+    """The fixed points of an RNN's last layer under zero input (weights only)."""
     return dl.probes.FixedPoints(layer=model.cfg.n_layers - 1, n_starts=16)
 
 
@@ -92,7 +93,8 @@ def _results(request: dict, layer: Any) -> tuple[Any, Prompts, backend.PageResul
     """The model, the prompt and the Results of :func:`analyses` (one forward for those not cached yet)."""
     model, prompts = requested(request)
     layer = int(layer) if isinstance(layer, (int, float)) and 0 <= layer < model.cfg.n_layers else 0
-    return model, prompts, backend.page_results(request["model"], model, prompts, analyses(model, layer))
+    found = analyses(model, layer, int(prompts.lengths[0]))
+    return model, prompts, backend.page_results(request["model"], model, prompts, found)
 
 
 @callback(
@@ -158,11 +160,13 @@ def mixers_panel(request, compare, layer):
     shallowest = min(m.cfg.n_layers for m in models.values())
     if not 0 <= layer < shallowest:
         return _EMPTY, hint(f"Layer {layer} does not exist in every model: pick 0 to {shallowest - 1}.")
-    ids = prompts.tokens.cpu()  # every model reads the same token ids
-    each = {
-        name: backend.page_results(name, model, Prompts(model, ids), analyses(model, layer))["mixer_comparison"]
+    ids, n = prompts.tokens.cpu(), int(prompts.lengths[0])  # every model reads the same token ids
+    compare = dl.probes.MixerComparison(layer=layer)
+    each = {  # the header's model: the page's run; each compared model: its own run of the comparison
+        name: backend.page_results(name, model, Prompts(model, ids),
+                                   analyses(model, layer, n) if name == names[0] else [compare])[compare]
         for name, model in models.items()
-    }  # the header's model: its page run; the others: their own run of the same analyses
+    }  # fmt: skip
     found = dl.probes.MixerComparisonResult.join(each)
     frame = found.to_frame().groupby("model", sort=False).agg(
         effective_rank=("effective_rank", "mean"), offdiagonal_rank=("offdiagonal_rank", "max"), bound=("bound", "max")
@@ -189,7 +193,7 @@ def phase_panel(request, mixer_layer):
     if int(prompts.lengths[0]) < 2:
         return _EMPTY, hint("The phase portrait needs at least two tokens.")
     layer = model.cfg.n_layers - 1
-    points = backend.page_results(request["model"], model, None, [_fixed_points_of(model)])["fixed_points"]
+    points = backend.page_results(request["model"], model, None, [fixed_points(model)])["fixed_points"]
     found = _results(request, mixer_layer)[2]["trajectory_pca"]
     stable = int((points.spectral_radius < 1).sum())
     text = (f"Layer {layer}: {len(points.kinds)} fixed/slow point(s) under zero input, {stable} stable "
