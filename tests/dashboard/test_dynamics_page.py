@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from dash.testing.wait import until
+from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app
 from dynalens.models.rnn import HookedRNN, RNNConfig
 
@@ -70,9 +71,16 @@ def test_dynamics_page_on_mamba_draws_trajectories_regimes_and_a_mixer_compariso
 
 
 def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, wait_title, tiny_lstm_dir, tmp_path, screenshot):
+    served = backend.load_model(str(tiny_lstm_dir))  # the server's copy: count its forward passes
+    forwards: list[int] = []
+    handle = served.hook_dict[dl.names.EMBED].register_forward_hook(lambda mod, args, out: forwards.append(1))
     open_page(dash_duo, str(tiny_lstm_dir), tmp_path)
     model = dl.load(tiny_lstm_dir)
     fig = wait_title("dynamics-phase", "Phase portrait")
+    wait_title("dynamics-trajectories", "Token norm trajectories")
+    wait_title("dynamics-mixers", "Layer 0 mixers")
+    handle.remove()
+    assert forwards == [1]  # trajectories, the mixer comparison and the phase portrait share one forward
     expected = dl.probes.TrajectoryPCA(layer=0)(model, tokens()).coords[0]  # [pos, component]
     trajectory = fig["traces"][0]
     signs = np.sign(np.array(trajectory["x"]) @ expected[:, 0].double().numpy())
