@@ -11,12 +11,13 @@ from dynalens.probes.emergence import (
 )
 from dynalens.probes.fixed_points import (
     FixedPoints,
+    FixedPointsResult,
     KickNeurons,
+    KickNeuronsResult,
     TrajectoryPCA,
+    TrajectoryPCAResult,
     find_fixed_points,
     iterate_cell,
-    kick_neurons,
-    trajectory_pca,
 )
 from dynalens.probes.logit_lens import LogitLens, LogitLensResult
 from dynalens.probes.massive import (
@@ -25,14 +26,15 @@ from dynalens.probes.massive import (
     MassiveActivations,
     MassiveActivationsResult,
 )
-from dynalens.probes.mixer import MixerMatrices, mixer_matrices
+from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult
 from dynalens.probes.mixers import (
     MixerComparison,
-    compare_mixers,
+    MixerComparisonResult,
+    RecurrenceJacobian,
+    RecurrenceJacobianResult,
     effective_rank,
     linear_attention_ssm_gap,
     offdiagonal_rank,
-    rnn_input_output_map,
 )
 from dynalens.probes.residual import ResidualNorms, ResidualNormsResult
 from dynalens.probes.results import Result
@@ -44,19 +46,24 @@ from dynalens.probes.sinks import (
     SinkScores,
     SinkScoresResult,
 )
-from dynalens.probes.stability import LyapunovExponents, PrecisionDrift, lyapunov_exponents, precision_drift
+from dynalens.probes.stability import (
+    LyapunovExponents,
+    LyapunovExponentsResult,
+    PrecisionDrift,
+    PrecisionDriftResult,
+)
 from dynalens.probes.token_dynamics import (
     MambaRegimes,
+    MambaRegimesResult,
     SelectiveSystem,
     TokenFlow,
     TokenImportance,
+    TokenImportanceResult,
     TokenTrajectories,
-    mamba_regimes,
+    TokenTrajectoriesResult,
     reorder_tokens,
     simulate_tokens,
     soft_sort,
-    token_importance,
-    token_trajectories,
 )
 
 __all__ = [
@@ -84,35 +91,37 @@ __all__ = [
     "SinkScoresResult",
     "checkpoint_series",
     # mixer matrices
-    "MixerMatrices",
-    "mixer_matrices",
+    "MixerMatrix",
+    "MixerMatrixResult",
     # token dynamics, DSF mixers, stability, RNN fixed points
     "FixedPoints",
+    "FixedPointsResult",
     "KickNeurons",
+    "KickNeuronsResult",
     "LyapunovExponents",
+    "LyapunovExponentsResult",
     "MambaRegimes",
+    "MambaRegimesResult",
     "MixerComparison",
+    "MixerComparisonResult",
     "PrecisionDrift",
+    "PrecisionDriftResult",
+    "RecurrenceJacobian",
+    "RecurrenceJacobianResult",
     "SelectiveSystem",
     "TokenFlow",
     "TokenImportance",
+    "TokenImportanceResult",
     "TokenTrajectories",
+    "TokenTrajectoriesResult",
     "TrajectoryPCA",
-    "compare_mixers",
+    "TrajectoryPCAResult",
     "effective_rank",
     "find_fixed_points",
     "iterate_cell",
-    "kick_neurons",
     "linear_attention_ssm_gap",
-    "lyapunov_exponents",
-    "mamba_regimes",
     "offdiagonal_rank",
-    "precision_drift",
     "reorder_tokens",
-    "rnn_input_output_map",
     "simulate_tokens",
     "soft_sort",
-    "token_importance",
-    "token_trajectories",
-    "trajectory_pca",
 ]
