@@ -36,8 +36,10 @@ class _SiteRenderer(_MimetypeRenderer):
     count = 0
 
     def to_mimebundle(self, fig_dict):
+        import plotly.io as pio
+
         type(self).count += 1
-        html = _pio.to_html(fig_dict, include_plotlyjs=False, full_html=False, validate=False,
+        html = pio.to_html(fig_dict, include_plotlyjs=False, full_html=False, validate=False,
                             default_height=fig_dict.get("layout", {}).get("height") or 450,
                             div_id=f"PREFIX-figure-{self.count}")
         return {"text/html": html}
