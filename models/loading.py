@@ -70,7 +70,8 @@ def load(
         with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``,
         ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
-        ``.gguf`` file (a transformer, dequantised).
+        ``.gguf`` file (dequantised; a Mamba GGUF → ``HookedMamba``, any other
+        architecture transformers reads from GGUF → the Bridge).
     device, dtype
         Where and in what precision to put the weights (default: CPU, float32).
 
@@ -93,7 +94,7 @@ def load(
         return _named(load(zoo[key].path, device=device, dtype=dtype), key)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return _named(HookedTransformerBridge.from_gguf(check_gguf(path), device=device, dtype=dtype), key)
+        return _named(_load_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
         return _named(_load_folder(path, device=device, dtype=dtype), key)
     names = [row.name for row in list_models()]
@@ -125,6 +126,18 @@ def _load_folder(folder: Path, **kwargs: Any) -> Any:
     from dynalens.models.transformer import HookedTransformerBridge
 
     return HookedTransformerBridge.from_pretrained(folder, **kwargs)
+
+
+def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
+    """A GGUF file of any architecture transformers reads: Mamba → ``HookedMamba``, else the Bridge."""
+    from dynalens.models.transformer import HookedTransformerBridge, hf_from_gguf
+
+    hf_model, tokenizer = hf_from_gguf(path, dtype=dtype or torch.float32)
+    if hf_model.config.model_type == "mamba":
+        from dynalens.models.mamba import HookedMamba
+
+        return HookedMamba.from_hf(hf_model, tokenizer, dtype=dtype or torch.float32).to(device or "cpu")
+    return HookedTransformerBridge.from_hf(hf_model.to(device or "cpu"), tokenizer, name=str(path))
 
 
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
