@@ -2,12 +2,12 @@
 
 ``kernels/``, ``models/``, ``probes/`` and ``circuits/`` each hold a
 subpackage's modules and, as ``_init.py``, its ``__init__``. None holds an
-``__init__.py``, so none is a package of its own: Python started in the
-repository root (which puts that folder first on ``sys.path``) cannot import
-one under its bare name. ``import kernels`` there still finds HuggingFace's
-optional ``kernels`` package, or else an empty namespace that transformers'
-probe for it reports as absent (before, it ran our ``kernels`` package, which
-imports dynalens and so transformers: a circular import).
+``__init__.py``, so none is a package of its own. In Python started in the
+repository root (which puts that folder first on ``sys.path``), ``import
+kernels`` finds HuggingFace's optional ``kernels`` package, or else an empty
+namespace that transformers' probe for it reports as absent, never our code
+(were the folder a package, that probe would run it, and it imports dynalens
+and so transformers: a circular import).
 
 ``dashboard/`` keeps its ``__init__.py``: Dash names the modules of a pages
 folder after their package only when that package's file is ``__init__.py``;

@@ -1,9 +1,10 @@
 """dynalens and transformers import together from any working directory, and the wheel holds the package.
 
 The top-level folders ``kernels/``, ``models/``, ``probes/`` and ``circuits/``
-are no packages of their own (see ``dynalens/_layout.py``): Python started in
-the repository root, where its folder is first on ``sys.path``, once imported
-``kernels/`` as HuggingFace's ``kernels`` and failed with a circular import.
+are no packages of their own (see ``dynalens/_layout.py``): were ``kernels/``
+one, Python started in the repository root (its folder first on ``sys.path``)
+would import it as HuggingFace's ``kernels`` when transformers probes for that,
+and fail with a circular import.
 """
 
 from __future__ import annotations
