@@ -1,11 +1,19 @@
 """The surface every dynalens model shares, whatever its architecture.
 
-``HookedSequenceModel`` is the base of our own models (``HookedRNN``,
-``HookedMamba``): a TransformerLens ``HookedRootModule`` whose hook calls
-check their names, whose inputs are strings or token tensors, and whose
-``generate`` carries a recurrent state so one new token costs O(1).
-The transformer adapter (``models/transformer.py``) offers the same surface
-over a TransformerBridge.
+- :func:`as_batch`: every input (a string, a list of strings or id rows, ids
+  with an optional left-padded ``attention_mask``, a ``Prompts``) becomes
+  token ids and a mask.
+- :class:`CheckedHooks`: the one hook-adding path (names checked, hook
+  outputs shape-checked, hooks removed on exit) and ``run_with_cache``
+  returning the one :class:`~dynalens.models.cache.Cache`.
+- :class:`Generates`: ``generate`` with the same arguments everywhere; each
+  row of a ragged batch continues from its own last real token.
+- :class:`HookedSequenceModel`: the base of our own models (``HookedRNN``,
+  ``HookedMamba``), a TransformerLens ``HookedRootModule`` whose ``generate``
+  carries a recurrent state so one new token costs O(1).
+
+The transformer adapter (``models/transformer.py``) takes the first three over
+a TransformerBridge.
 """
 
 from __future__ import annotations
