@@ -152,3 +152,13 @@ def test_learned_positions_and_layernorm_decompose_too(tiny_gpt2, prompts_of):
     tokens = cache.prompts.tokens
     lens = cache.logit_attrs(cache.accumulated_resid(apply_ln=True), tokens)
     torch.testing.assert_close(lens[-1], logits.gather(-1, tokens[..., None])[..., 0] - tiny_gpt2.b_U[tokens], **TOL)
+
+
+def test_hooks_for_names_exactly_what_the_methods_read(any_model, prompts_of):
+    from dynalens.models.cache import hooks_for
+
+    prompts = prompts_of(any_model)
+    _, full = any_model.run_with_cache(prompts)
+    for method, options in (("accumulated_resid", {"apply_ln": True}), ("decompose_resid", {"apply_ln": True})):
+        _, cache = any_model.run_with_cache(prompts, names_filter=hooks_for(any_model, method, **options))
+        torch.testing.assert_close(getattr(cache, method)(**options), getattr(full, method)(**options), rtol=0, atol=0)
