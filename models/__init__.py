@@ -3,6 +3,7 @@
 from dynalens.models.base import HookedSequenceModel, SequenceConfig
 from dynalens.models.cache import Cache, CacheMethodError
 from dynalens.models.mamba import HookedMamba, MambaConfig
+from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.models.validation import HookShapeError
 
@@ -14,6 +15,8 @@ __all__ = [
     "SequenceConfig",
     "HookedMamba",
     "MambaConfig",
+    "HookedMamba2",
+    "Mamba2Config",
     "HookedRNN",
     "RNNConfig",
 ]

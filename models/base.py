@@ -30,7 +30,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 
 from dynalens.models.cache import Cache
-from dynalens.models.prompts import Prompts
+from dynalens.models.prompts import Prompts, input_device
 from dynalens.models.validation import (
     check_generate_args,
     check_hook_names,
@@ -55,7 +55,7 @@ def as_batch(
     one (left-padded); a token tensor is all real unless ``attention_mask``
     (bool or 0/1, left padding) says otherwise; a string is one prompt.
     """
-    device = model_device(model)
+    device = input_device(model)
     if isinstance(input, (list, tuple)):
         input = prompts_of(model, input)
     if isinstance(input, Prompts):
@@ -81,14 +81,6 @@ def prompts_of(model: Any, inputs: Sequence[Any]) -> Prompts:
     if len(inputs) == 0:
         raise ValueError("empty prompt: pass a non-empty string, a list of prompts or token ids")
     return Prompts(model, inputs)
-
-
-def model_device(model: Any) -> torch.device:
-    """The device a model's inputs go to."""
-    device = getattr(getattr(model, "cfg", None), "device", None)
-    if device is not None:
-        return torch.device(device)
-    return next(model.parameters()).device
 
 
 def checked_hook(fn: Callable, name: str | None = None) -> Callable:
@@ -409,7 +401,7 @@ class HookedSequenceModel(CheckedHooks, Generates, HookedRootModule):
         return int(tokens[0])
 
     def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        return input_device(self)
 
     # ------------------------------------------------------------ unembedding
     @property

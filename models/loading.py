@@ -30,7 +30,7 @@ class ModelRow:
     """One line of :func:`list_models`."""
 
     name: str
-    architecture: str  # "transformer" | "mamba" | "rnn"
+    architecture: str  # "transformer" | "mamba" | "mamba2" | "rnn"
     parameters: int | None  # None when the weights are not on disk yet
     description: str
 
@@ -60,6 +60,9 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> Any:
     """Load a model by built-in name, zoo name, folder or GGUF file.
 
@@ -67,35 +70,44 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``,
+        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
         ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
         ``.gguf`` file (a transformer, dequantised).
     device, dtype
         Where and in what precision to put the weights (default: CPU, float32).
+    device_map, max_memory, offload_folder
+        Spread the model over devices instead: ``"auto"`` (with ``max_memory``,
+        e.g. ``{0: "10GiB", "cpu": "30GiB"}``) or module name → device, ``"disk"``
+        modules keeping their weights in ``offload_folder``. Transformers are
+        placed by transformers (accelerate); our models block by block
+        (``models/placement.py``).
 
     Returns
     -------
-    HookedTransformerBridge | HookedMamba | HookedRNN
+    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedRNN
         A model with ``run_with_cache``, ``run_with_hooks``, ``generate`` and the
         shared hook names.
     """
     from dynalens.models.transformer import HookedTransformerBridge
 
     key = str(name_or_path)
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     if key == smollm2.NAME:
         model = HookedTransformerBridge.from_pretrained(
-            smollm2.cached_folder(), device=device, dtype=dtype
+            smollm2.cached_folder(), device=device, dtype=dtype, **placement
         )
         return _named(model, key)
     zoo = _zoo()
     if key in zoo and not Path(key).exists():
-        return _named(load(zoo[key].path, device=device, dtype=dtype), key)
+        return _named(load(zoo[key].path, device=device, dtype=dtype, **placement), key)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return HookedTransformerBridge.from_gguf(path, device=device, dtype=dtype)
+        if device_map is not None:
+            raise ValueError("device_map applies to model folders: a GGUF file is dequantised in memory")
+        return _named(HookedTransformerBridge.from_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
-        return _load_folder(path, device=device, dtype=dtype)
+        return _named(_load_folder(path, device=device, dtype=dtype, **placement), key)
     names = [row.name for row in list_models()]
     close = closest_names(key, names)
     ordered = close + [n for n in names if n not in close]
@@ -111,26 +123,85 @@ def _named(model: Any, name: str) -> Any:
     return model
 
 
-def _load_folder(folder: Path, **kwargs: Any) -> Any:
+def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_folder: Any, **kwargs: Any) -> Any:
+    model_type = folder_model_type(folder)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if model_type in OWN_MODEL_TYPES:
+        if model_type == "mamba":
+            from dynalens.models.mamba import HookedMamba as own
+        elif model_type == "mamba2":
+            from dynalens.models.mamba2 import HookedMamba2 as own
+        else:
+            from dynalens.models.rnn import HookedRNN as own
+        model = own.from_pretrained(folder, **kwargs)
+        if device_map is None:
+            return model
+        from dynalens.models.placement import place
+
+        return place(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+    from dynalens.models.transformer import HookedTransformerBridge
+
+    return HookedTransformerBridge.from_pretrained(
+        folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
+    )
+
+
+#: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
+OWN_MODEL_TYPES = ("mamba", "mamba2", "dynalens-rnn")
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def folder_model_type(folder: Path) -> str:
+    """The ``model_type`` of a model folder, after checking it is one dynalens can load.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the file and what is
+    accepted: a missing or corrupt ``config.json``, an unknown ``model_type``,
+    weights in pickled files only.
+    """
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{folder} has no config.json: pass a folder written by save_pretrained "
             "(dynalens or HuggingFace), a .gguf file or a built-in name"
         )
-    model_type = read_json(config_path).get("model_type")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if model_type == "mamba":
-        from dynalens.models.mamba import HookedMamba
+    try:
+        config = read_json(config_path)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): a model's config.json must be a JSON object") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        raise ValueError(f"{config_path} has no \"model_type\": it must name the architecture (e.g. \"llama\", \"mamba\")")
+    if model_type not in OWN_MODEL_TYPES:
+        from transformers import CONFIG_MAPPING
 
-        return HookedMamba.from_pretrained(folder, **kwargs)
-    if model_type == "dynalens-rnn":
-        from dynalens.models.rnn import HookedRNN
+        if model_type not in CONFIG_MAPPING:
+            close = closest_names(model_type, [*OWN_MODEL_TYPES, *CONFIG_MAPPING.keys()])
+            raise ValueError(
+                f"{config_path}: unknown model_type {model_type!r}; dynalens opens "
+                f"{', '.join(OWN_MODEL_TYPES)} and every model_type transformers knows"
+                f"{' (closest: ' + ', '.join(close) + ')' if close else ''}"
+            )
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern))
+        if pickled:
+            raise ValueError(
+                f"{folder} holds weights only in pickled files ({', '.join(pickled)}): dynalens never "
+                "unpickles; convert them to safetensors (model.save_pretrained(..., safe_serialization=True))"
+            )
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights next to its config.json")
+    return model_type
 
-        return HookedRNN.from_pretrained(folder, **kwargs)
-    from dynalens.models.transformer import HookedTransformerBridge
 
-    return HookedTransformerBridge.from_pretrained(folder, **kwargs)
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf(path: Path) -> Path:
+    """``path`` if it is a GGUF file (by its magic bytes); else a ``ValueError`` naming it."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r})")
+    return path
 
 
 def _zoo() -> dict[str, Any]:

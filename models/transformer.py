@@ -98,13 +98,22 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        **placement: Any,
     ) -> HookedTransformerBridge:
-        """Load a HuggingFace causal-LM folder (safetensors only) and its tokenizer if any."""
+        """Load a HuggingFace causal-LM folder (safetensors only) and its tokenizer if any.
+
+        ``placement`` (``device_map``, ``max_memory``, ``offload_folder``) spreads
+        the model over devices through transformers and accelerate, disk included.
+        """
         folder = Path(folder)
+        placement = {k: v for k, v in placement.items() if v is not None}
         hf_model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype or torch.float32, use_safetensors=True, attn_implementation="eager"
-        )
-        return cls.from_hf(hf_model.to(device or "cpu"), read_tokenizer(folder), name=str(folder))
+            folder, dtype=dtype or torch.float32, use_safetensors=True, attn_implementation="eager",
+            **placement,
+        )  # fmt: skip
+        if "device_map" not in placement:
+            hf_model = hf_model.to(device or "cpu")
+        return cls.from_hf(hf_model, read_tokenizer(folder), name=str(folder))
 
     @classmethod
     def from_gguf(

@@ -113,6 +113,10 @@ class Result(Saved):
     def figure(self, **options: Any) -> go.Figure:
         """The result drawn with plotly in the dynalens look (``probes/figures.py``)."""
 
+    def metrics(self) -> dict[str, float]:
+        """Summary numbers a sweep stores in its table (name → value); none by default."""
+        return {}
+
     # ----------------------------------------------------------------- prompts
     def position_index(self, position: int, prompt: int = 0) -> int:
         """The padded column of real position ``position`` of ``prompt`` (negative from its end)."""

@@ -1,0 +1,104 @@
+"""The activation store: stored activations equal recomputed ones, resume, shuffling, every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig, names
+from dynalens.models.store import ActivationStore, build_store
+
+SEQ, PER_SHARD = 16, 4
+
+
+@pytest.fixture(scope="module")
+def tiny_mamba() -> HookedMamba:
+    torch.manual_seed(0)
+    return HookedMamba(MambaConfig(d_model=16, n_layers=2, d_vocab=50, d_state=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_rnn() -> HookedRNN:
+    torch.manual_seed(0)
+    return HookedRNN(RNNConfig(d_model=8, n_layers=2, d_vocab=50, cell="lstm")).eval()
+
+
+@pytest.fixture(scope="module")
+def corpus() -> torch.Tensor:
+    return torch.randint(0, 50, (SEQ * PER_SHARD * 3 + 5,), generator=torch.Generator().manual_seed(0))
+
+
+def _hooks(model) -> list[str]:
+    arch = model.cfg.architecture
+    extra = {"mamba": names.mixer(0, "ssm_state"), "rnn": names.cell(0, "hidden")}[arch]
+    return [names.resid_post(model.cfg.n_layers - 1), extra]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_mamba", "tiny_rnn"])
+def test_stored_activations_equal_recomputed(fixture, request, corpus, tmp_path):
+    model = request.getfixturevalue(fixture)
+    hooks = _hooks(model)
+    store = build_store(model, hooks, corpus, tmp_path, seq_len=SEQ, shard_sequences=PER_SHARD, batch_size=3,
+                        progress=False)  # fmt: skip
+    assert store.n_tokens == SEQ * PER_SHARD * 3  # the 5-token tail is dropped
+    assert store.manifest["architecture"] == model.cfg.architecture
+    sequences = corpus[: store.n_tokens].reshape(-1, SEQ)
+    _, cache = model.run_with_cache(sequences, names_filter=hooks)
+    for index in range(3):
+        shard = store.shard(index)
+        rows = slice(index * PER_SHARD, (index + 1) * PER_SHARD)
+        assert torch.equal(shard["tokens"], sequences[rows].reshape(-1))
+        for name in hooks:
+            expected = cache[name][rows].flatten(0, 1)
+            torch.testing.assert_close(shard[name], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_store_from_text(tiny_llama, tmp_path):
+    from dynalens.models.corpus import python_reference
+
+    text = python_reference()[:4000]
+    hook = names.resid_post(1)
+    store = build_store(tiny_llama, [hook], text, tmp_path, seq_len=32, shard_sequences=8, progress=False)
+    shard = store.shard(0)
+    _, cache = tiny_llama.run_with_cache(shard["tokens"][:32][None], names_filter=[hook])
+    torch.testing.assert_close(shard[hook][:32], cache[hook][0], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_skips_finished_shards_and_rejects_another_corpus(tiny_mamba, corpus, tmp_path):
+    hooks = _hooks(tiny_mamba)
+    kwargs = dict(seq_len=SEQ, shard_sequences=PER_SHARD, progress=False)
+    build_store(tiny_mamba, hooks, corpus, tmp_path, **kwargs)
+    first = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*")}
+    (tmp_path / "shard_00001.safetensors").unlink()  # as if the build had stopped before shard 1
+    store = build_store(tiny_mamba, hooks, corpus, tmp_path, **kwargs)
+    again = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard_*")}
+    assert set(again) == set(first)
+    assert again["shard_00000.safetensors"] == first["shard_00000.safetensors"]  # not rewritten
+    assert len(store.manifest["shards"]) == 3
+    with pytest.raises(ValueError, match="another model, corpus or hook set"):
+        build_store(tiny_mamba, hooks, corpus.flip(0), tmp_path, **kwargs)
+
+
+def test_iteration_shuffles_every_token_once(tiny_mamba, corpus, tmp_path):
+    hooks = _hooks(tiny_mamba)
+    store = build_store(tiny_mamba, hooks, corpus, tmp_path, seq_len=SEQ, shard_sequences=PER_SHARD,
+                        progress=False)  # fmt: skip
+    shuffled = ActivationStore(tmp_path, batch_size=50, buffer_shards=2, seed=1)
+    batches = list(shuffled)
+    seen = torch.cat([b["tokens"] for b in batches])
+    ordered = torch.cat([store.shard(i)["tokens"] for i in range(3)])
+    assert torch.equal(seen.sort().values, ordered.sort().values)
+    assert not torch.equal(seen, ordered)
+    rows = torch.cat([b[hooks[0]] for b in batches])
+    assert rows.shape == (store.n_tokens, tiny_mamba.cfg.d_model)
+    loader = torch.utils.data.DataLoader(ActivationStore(tmp_path, shuffle=False), batch_size=None)
+    assert torch.equal(torch.cat([b["tokens"] for b in loader]), ordered)
+
+
+def test_bad_hooks_are_clear_errors(tiny_llama, tiny_mamba, corpus, tmp_path):
+    with pytest.raises(ValueError, match="not \\[batch, pos, ...\\]"):
+        build_store(tiny_llama, [names.pattern(0)], corpus, tmp_path / "a", seq_len=SEQ, progress=False)
+    with pytest.raises(KeyError, match="Unknown hook name"):
+        build_store(tiny_mamba, ["blocks.0.hook_resid_psot"], corpus, tmp_path / "b", seq_len=SEQ, progress=False)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        build_store(tiny_mamba, _hooks(tiny_mamba), corpus[:5], tmp_path / "c", seq_len=SEQ, progress=False)
