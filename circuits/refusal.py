@@ -170,6 +170,15 @@ def _tokenizer(model: Any) -> Any:
     return tokenizer
 
 
+def _check_tokenizer(analysis: Experiment, model: Any) -> None:
+    """Raise :class:`AnalysisError` when ``model`` has no tokenizer (text requests need one)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise AnalysisError(
+            f"{type(analysis).__name__} needs a model with a tokenizer: it reads text requests in the "
+            f"model's chat template, and this {architecture_of(model)} model ({model_name_of(model)}) has none"
+        )
+
+
 def _requests(prompts: Prompts, who: str) -> list[str]:
     if prompts.texts is None:
         raise ValueError(
@@ -313,6 +322,10 @@ class ResponseContrast(Experiment):
         self.layers = layers
         self.position = position
         self.batch_size = batch_size
+
+    def check(self, model: Any) -> None:
+        super().check(model)
+        _check_tokenizer(self, model)
 
     def run(self, model: Any, prompts: Prompts | None) -> ResponseContrastResult:
         if prompts is None:
@@ -467,6 +480,10 @@ class RefusalEvaluation(Experiment):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+
+    def check(self, model: Any) -> None:
+        super().check(model)
+        _check_tokenizer(self, model)
 
     def run(self, model: Any, prompts: Prompts | None) -> RefusalReport:
         self._validate()
