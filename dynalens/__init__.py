@@ -7,9 +7,13 @@
 
 from dynalens import circuits, kernels, models, probes
 from dynalens._version import __version__
+from dynalens.models import names
 from dynalens.models.loading import list_models, load
+from dynalens.models.prompts import Prompts
 from dynalens.models.validation import HookNameError
+from dynalens.probes.analysis import run
 
 __all__ = [
-    "__version__", "circuits", "kernels", "models", "probes", "HookNameError", "list_models", "load",
+    "__version__", "circuits", "kernels", "models", "probes", "HookNameError", "Prompts", "list_models", "load",
+    "names", "run",
 ]

@@ -22,7 +22,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 
 from dynalens.models.cache import Cache
-from dynalens.models.prompts import Prompts
+from dynalens.models.prompts import Prompts, input_device
 from dynalens.models.validation import (
     check_generate_args,
     check_hook_names,
@@ -47,7 +47,7 @@ def as_batch(
     one (left-padded); a token tensor is all real unless ``attention_mask``
     (bool or 0/1, left padding) says otherwise; a string is one prompt.
     """
-    device = model_device(model)
+    device = input_device(model)
     if isinstance(input, (list, tuple)):
         input = prompts_of(model, input)
     if isinstance(input, Prompts):
@@ -73,14 +73,6 @@ def prompts_of(model: Any, inputs: Sequence[Any]) -> Prompts:
     if len(inputs) == 0:
         raise ValueError("empty prompt: pass a non-empty string, a list of prompts or token ids")
     return Prompts(model, inputs)
-
-
-def model_device(model: Any) -> torch.device:
-    """The device a model's inputs go to."""
-    device = getattr(getattr(model, "cfg", None), "device", None)
-    if device is not None:
-        return torch.device(device)
-    return next(model.parameters()).device
 
 
 def checked_hook(fn: Callable, name: str | None = None) -> Callable:
@@ -198,6 +190,7 @@ class Generates:
         input: TextOrTokens,
         max_new_tokens: int = 20,
         *,
+        attention_mask: Tensor | None = None,
         fwd_hooks: Sequence[tuple[Any, Callable]] = (),
         temperature: float = 0.0,
         do_sample: bool | None = None,
@@ -216,6 +209,8 @@ class Generates:
             its own last real token.
         max_new_tokens : int
             Tokens to add (``>= 0``).
+        attention_mask : Tensor ``[batch, pos]``, optional
+            With a token tensor: True/1 at real tokens, pads on the left (as ``forward``).
         fwd_hooks : list of (name, fn)
             On for the prompt and every new token (each step after the prompt
             runs one position).
@@ -247,14 +242,14 @@ class Generates:
         if unknown:
             raise TypeError(
                 f"generate() got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
-                "max_new_tokens, fwd_hooks, temperature, do_sample, top_k, eos_token_id, "
-                "return_type and generator, on every architecture"
+                "max_new_tokens, attention_mask, fwd_hooks, temperature, do_sample, top_k, "
+                "eos_token_id, return_type and generator, on every architecture"
             )
         check_generate_args(
             max_new_tokens, return_type, temperature=temperature, do_sample=do_sample,
             top_k=top_k, eos_token_id=eos_token_id,
         )  # fmt: skip
-        tokens, mask = as_batch(self, input)
+        tokens, mask = as_batch(self, input, attention_mask)
         limit = self._max_positions()
         if limit is not None and tokens.shape[1] + max_new_tokens > limit:
             raise ValueError(
@@ -398,7 +393,7 @@ class HookedSequenceModel(CheckedHooks, Generates, HookedRootModule):
         return int(tokens[0])
 
     def _device(self) -> torch.device:
-        return next(self.parameters()).device
+        return input_device(self)
 
     # ------------------------------------------------------------ unembedding
     @property

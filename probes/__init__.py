@@ -1,99 +1,127 @@
 """Read-only measurements over caches: token dynamics, mixer matrices, massive activations, fixed points."""
 
-from dynalens.probes.emergence import EmergenceFit, EmergenceRegressor, MassiveEmergence, massive_emergence
+from dynalens.probes.emergence import (
+    Checkpoints,
+    CheckpointsResult,
+    EmergenceFit,
+    EmergenceRegressor,
+    MassiveEmergence,
+    MassiveEmergenceResult,
+    checkpoint_series,
+)
 from dynalens.probes.fixed_points import (
     FixedPoints,
+    FixedPointsResult,
     KickNeurons,
+    KickNeuronsResult,
     TrajectoryPCA,
+    TrajectoryPCAResult,
     find_fixed_points,
     iterate_cell,
-    kick_neurons,
-    trajectory_pca,
 )
-from dynalens.probes.logit_lens import LogitLens, logit_lens
+from dynalens.probes.logit_lens import LogitLens, LogitLensResult
 from dynalens.probes.massive import (
     MassiveAblation,
+    MassiveAblationResult,
     MassiveActivations,
-    ablate_massive,
-    massive_activations,
-    massive_ratio,
+    MassiveActivationsResult,
 )
-from dynalens.probes.mixer import MixerMatrices, mixer_matrices
+from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult
 from dynalens.probes.mixers import (
     MixerComparison,
-    compare_mixers,
+    MixerComparisonResult,
+    RecurrenceJacobian,
+    RecurrenceJacobianResult,
     effective_rank,
     linear_attention_ssm_gap,
     offdiagonal_rank,
-    rnn_input_output_map,
 )
-from dynalens.probes.residual import ResidualNorms, residual_norms
+from dynalens.probes.residual import ResidualNorms, ResidualNormsResult
 from dynalens.probes.results import Result
-from dynalens.probes.sinks import ExtremeTokens, HeadActivity, extreme_tokens, head_activity, sink_scores
-from dynalens.probes.stability import LyapunovExponents, PrecisionDrift, lyapunov_exponents, precision_drift
+from dynalens.probes.sinks import (
+    ExtremeTokens,
+    ExtremeTokensResult,
+    HeadActivity,
+    HeadActivityResult,
+    SinkScores,
+    SinkScoresResult,
+)
+from dynalens.probes.stability import (
+    LyapunovExponents,
+    LyapunovExponentsResult,
+    PrecisionDrift,
+    PrecisionDriftResult,
+)
 from dynalens.probes.token_dynamics import (
     MambaRegimes,
+    MambaRegimesResult,
     SelectiveSystem,
     TokenFlow,
     TokenImportance,
+    TokenImportanceResult,
     TokenTrajectories,
-    mamba_regimes,
+    TokenTrajectoriesResult,
     reorder_tokens,
     simulate_tokens,
     soft_sort,
-    token_importance,
-    token_trajectories,
 )
 
 __all__ = [
+    "Result",
+    # logit lens, residual norms, massive activations, sinks, emergence
+    "Checkpoints",
+    "CheckpointsResult",
     "EmergenceFit",
     "EmergenceRegressor",
     "ExtremeTokens",
+    "ExtremeTokensResult",
     "HeadActivity",
-    "MassiveAblation",
-    "MassiveActivations",
-    "MassiveEmergence",
-    "ablate_massive",
-    "extreme_tokens",
-    "head_activity",
-    "massive_activations",
-    "massive_emergence",
-    "massive_ratio",
-    "sink_scores",
+    "HeadActivityResult",
     "LogitLens",
-    "MixerMatrices",
+    "LogitLensResult",
+    "MassiveAblation",
+    "MassiveAblationResult",
+    "MassiveActivations",
+    "MassiveActivationsResult",
+    "MassiveEmergence",
+    "MassiveEmergenceResult",
     "ResidualNorms",
-    "Result",
-    "logit_lens",
-    "mixer_matrices",
-    "residual_norms",
+    "ResidualNormsResult",
+    "SinkScores",
+    "SinkScoresResult",
+    "checkpoint_series",
+    # mixer matrices
+    "MixerMatrix",
+    "MixerMatrixResult",
     # token dynamics, DSF mixers, stability, RNN fixed points
     "FixedPoints",
+    "FixedPointsResult",
     "KickNeurons",
+    "KickNeuronsResult",
     "LyapunovExponents",
+    "LyapunovExponentsResult",
     "MambaRegimes",
+    "MambaRegimesResult",
     "MixerComparison",
+    "MixerComparisonResult",
     "PrecisionDrift",
+    "PrecisionDriftResult",
+    "RecurrenceJacobian",
+    "RecurrenceJacobianResult",
     "SelectiveSystem",
     "TokenFlow",
     "TokenImportance",
+    "TokenImportanceResult",
     "TokenTrajectories",
+    "TokenTrajectoriesResult",
     "TrajectoryPCA",
-    "compare_mixers",
+    "TrajectoryPCAResult",
     "effective_rank",
     "find_fixed_points",
     "iterate_cell",
-    "kick_neurons",
     "linear_attention_ssm_gap",
-    "lyapunov_exponents",
-    "mamba_regimes",
     "offdiagonal_rank",
-    "precision_drift",
     "reorder_tokens",
-    "rnn_input_output_map",
     "simulate_tokens",
     "soft_sort",
-    "token_importance",
-    "token_trajectories",
-    "trajectory_pca",
 ]
