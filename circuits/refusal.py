@@ -229,6 +229,12 @@ class ResponseContrastResult(Result):
         var = torch.cat([self.refusing_projection, self.complying_projection]).var(0, correction=0)
         return gap / var.sqrt().clamp_min(1e-6)
 
+    def metrics(self) -> dict[str, float]:
+        """``max_separation`` over layers (:meth:`separation`) and ``best_layer``, where it is reached."""
+        separation = self.separation()
+        best = int(separation.argmax())
+        return {"max_separation": float(separation[best]), "best_layer": float(self.direction.layers[best])}
+
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` layers whose projections separate the openings best (by :meth:`separation`)."""
         frame = pd.DataFrame(
@@ -390,6 +396,10 @@ class RefusalReport(Result):
         """``exp`` of the mean log-perplexity over prompts (non-finite values left out)."""
         logs = self.perplexity.double().log()
         return float(logs[logs.isfinite()].mean().exp())
+
+    def metrics(self) -> dict[str, float]:
+        """``refusal_rate`` and ``mean_perplexity`` (what a sweep stores in its table)."""
+        return {"refusal_rate": self.refusal_rate, "mean_perplexity": self.mean_perplexity}
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt: ``prompt, request, generation, refusal, perplexity``."""

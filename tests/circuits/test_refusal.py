@@ -128,8 +128,14 @@ def test_response_contrast_frame_top_figure_and_round_trip(contrast, tmp_path):
     row = frame[(frame.prompt == 1) & (frame.layer == 0) & (frame.opening == "compliance")]
     assert float(row["projection"].iloc[0]) == pytest.approx(float(contrast.complying_projection[1, 0]))
     assert row["request"].iloc[0] == REQUESTS[1]
+    r, c = contrast.refusing_projection[:, 0], contrast.complying_projection[:, 0]
+    by_hand = (r.mean() - c.mean()) / torch.cat([r, c]).std(correction=0)
+    assert float(contrast.separation()[0]) == pytest.approx(float(by_hand), rel=1e-5)
     top = contrast.top(1)
     assert len(top) == 1 and top["separation"].iloc[0] == pytest.approx(float(contrast.separation().max()))
+    assert contrast.metrics() == pytest.approx(
+        {"max_separation": top["separation"].iloc[0], "best_layer": float(top["layer"].iloc[0])}
+    )
     assert len(contrast.figure().data) == 2
     contrast.save(tmp_path / "contrast.safetensors")
     back = Saved.load(tmp_path / "contrast.safetensors")
@@ -211,6 +217,8 @@ def test_batched_evaluation_matches_one_prompt_generation(tiny_llama, report):
         assert float(report.perplexity[i]) == pytest.approx(nll.exp().item(), rel=1e-5)
     assert report.refusals == [is_refusal(g) for g in report.generations]
     assert report.refusal_rate == sum(report.refusals) / 3
+    geometric = float(report.perplexity.double().log().mean().exp())
+    assert report.metrics() == pytest.approx({"refusal_rate": report.refusal_rate, "mean_perplexity": geometric})
 
 
 def test_report_frame_top_figure_and_round_trip(report, tmp_path):
