@@ -190,6 +190,7 @@ class Generates:
         input: TextOrTokens,
         max_new_tokens: int = 20,
         *,
+        attention_mask: Tensor | None = None,
         fwd_hooks: Sequence[tuple[Any, Callable]] = (),
         temperature: float = 0.0,
         do_sample: bool | None = None,
@@ -208,6 +209,8 @@ class Generates:
             its own last real token.
         max_new_tokens : int
             Tokens to add (``>= 0``).
+        attention_mask : Tensor ``[batch, pos]``, optional
+            With a token tensor: True/1 at real tokens, pads on the left (as ``forward``).
         fwd_hooks : list of (name, fn)
             On for the prompt and every new token (each step after the prompt
             runs one position).
@@ -239,14 +242,14 @@ class Generates:
         if unknown:
             raise TypeError(
                 f"generate() got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
-                "max_new_tokens, fwd_hooks, temperature, do_sample, top_k, eos_token_id, "
-                "return_type and generator, on every architecture"
+                "max_new_tokens, attention_mask, fwd_hooks, temperature, do_sample, top_k, "
+                "eos_token_id, return_type and generator, on every architecture"
             )
         check_generate_args(
             max_new_tokens, return_type, temperature=temperature, do_sample=do_sample,
             top_k=top_k, eos_token_id=eos_token_id,
         )  # fmt: skip
-        tokens, mask = as_batch(self, input)
+        tokens, mask = as_batch(self, input, attention_mask)
         limit = self._max_positions()
         if limit is not None and tokens.shape[1] + max_new_tokens > limit:
             raise ValueError(

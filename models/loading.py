@@ -30,7 +30,7 @@ class ModelRow:
     """One line of :func:`list_models`."""
 
     name: str
-    architecture: str  # "transformer" | "mamba" | "rnn"
+    architecture: str  # "transformer" | "mamba" | "mamba2" | "rnn"
     parameters: int | None  # None when the weights are not on disk yet
     description: str
 
@@ -70,7 +70,7 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``,
+        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
         ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
         ``.gguf`` file (a transformer, dequantised).
@@ -85,7 +85,7 @@ def load(
 
     Returns
     -------
-    HookedTransformerBridge | HookedMamba | HookedRNN
+    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedRNN
         A model with ``run_with_cache``, ``run_with_hooks``, ``generate`` and the
         shared hook names.
     """
@@ -129,6 +129,8 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
     if model_type in OWN_MODEL_TYPES:
         if model_type == "mamba":
             from dynalens.models.mamba import HookedMamba as own
+        elif model_type == "mamba2":
+            from dynalens.models.mamba2 import HookedMamba2 as own
         else:
             from dynalens.models.rnn import HookedRNN as own
         model = own.from_pretrained(folder, **kwargs)
@@ -145,7 +147,7 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
 
 
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
-OWN_MODEL_TYPES = ("mamba", "dynalens-rnn")
+OWN_MODEL_TYPES = ("mamba", "mamba2", "dynalens-rnn")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

@@ -111,6 +111,11 @@ class ResidualNormsResult(Result):
         """The ``k`` largest norms (prompt, layer, position), largest first."""
         return self.to_frame().nlargest(k, "norm").reset_index(drop=True)
 
+    def metrics(self) -> dict[str, float]:
+        """``max_norm`` over every real token and layer, ``final_norm``: the last row's mean."""
+        real = self._prompts().flat(self.norms)  # [n_real, row]
+        return {"max_norm": float(real.max()), "final_norm": float(real[:, -1].mean())}
+
     def to_frame(self) -> pd.DataFrame:
         """Columns ``prompt, position, token, layer, hook, norm``, one row per real token and layer."""
         return row_frame(self._prompts(), self.hook_names, resid_labels(self.hook_names), norm=self.norms)

@@ -106,6 +106,7 @@ def test_head_activity_finds_the_switching_head(gated):
     switching = activity.switching()
     assert switching[["layer", "head"]].values.tolist() == [[0, 0]]
     assert switching.loc[0, "dormant_on"] == ["plain"] and switching.loc[0, "active_on"] == ["trigger"]
+    assert activity.metrics() == {"n_switching": 1.0, "n_dormant": 1.0}
     assert activity.top(1)[["layer", "head"]].values.tolist() == [[0, 0]]
     frame = activity.to_frame()
     assert len(frame) == 2 * 2 * 2  # domains × prompts × heads
@@ -126,7 +127,7 @@ def test_a_domain_a_prompt_lacks_has_no_score_there(gated):
 def test_extreme_tokens_on_the_built_model(gated):
     is_plain = TOKENS != TRIGGER
     found = ExtremeTokens(query_mask=is_plain)(gated, TOKENS)
-    assert found.sink_heads() == [(0, 0)]
+    assert found.sink_heads() == [(0, 0)] and found.metrics()["n_sink_heads"] == 1.0
     assert len(found.prompts) == 2 and found.str_tokens(1) == [str(t) for t in TOKENS[1].tolist()]
     # Identity values of the layer-normed stream: head 0 sees dims 0-3, which hold all of it (norm sqrt(8)).
     torch.testing.assert_close(found.value_norms[:, :, 0, 0], torch.full((2, 8), 8**0.5), rtol=1e-3, atol=1e-3)
