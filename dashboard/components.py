@@ -153,16 +153,6 @@ def clicked_column(click_data: dict[str, Any] | None) -> int | None:
     return int(x) if isinstance(x, (int, float)) else None
 
 
-def clicked_cell(click_data: dict[str, Any] | None) -> tuple[int, int] | None:
-    """The ``(row, column)`` data indices of a click on a heatmap, whatever its axis labels are."""
-    if not click_data or not click_data.get("points"):
-        return None
-    number = click_data["points"][0].get("pointNumber")
-    if isinstance(number, list) and len(number) == 2:
-        return int(number[0]), int(number[1])
-    return None
-
-
 def show_errors(*fallback: Any) -> Callable[[Callable[..., tuple]], Callable[..., tuple]]:
     """Decorate a callback whose LAST output is a message area.
 

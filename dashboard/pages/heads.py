@@ -19,7 +19,6 @@ from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
     ProgressBar,
     choice,
-    clicked_cell,
     hint,
     message_id,
     page,
@@ -139,9 +138,8 @@ def pattern_panel(request, click):
     model, prompts = requested(request)
     if architecture_of(model) == "rnn":
         return _EMPTY, hint("This model has no heads.")
-    cell = clicked_cell(click)  # the grid's rows are layers, its columns heads
-    if cell is not None:
-        layer, head = cell
+    if click and click.get("points"):  # the grid's cells sit at integer x (head) and y (layer)
+        layer, head = int(click["points"][0]["y"]), int(click["points"][0]["x"])
     else:  # the top induction head until a cell is clicked
         best = _scores(request, model).top(1).iloc[0]
         layer, head = int(best["layer"]), int(best["head"])

@@ -56,7 +56,7 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     previous = int(expected.prev_token[0].argmax())
     dash_duo.driver.execute_script(
         "const plot = document.querySelector('#heads-grid .js-plotly-plot');"
-        "plot.emit('plotly_click', {points: [{pointNumber: [0, arguments[0]], x: 'H' + arguments[0], y: 'L0'}]});",
+        "plot.emit('plotly_click', {points: [{curveNumber: 0, x: arguments[0], y: 0}]});",
         previous,
     )
     fig = wait_title("heads-pattern", "Layer 0 mixer")
