@@ -5,6 +5,10 @@
 >>> logits, cache = model.run_with_cache("Hello", names_filter=lambda n: "resid" in n)  # doctest: +SKIP
 """
 
+from dynalens import _layout
+
+_layout.install()  # a checkout: dynalens.<name> from the top-level folder <name>/
+
 from dynalens import circuits, kernels, models, probes
 from dynalens._version import __version__
 from dynalens.models import names
