@@ -124,17 +124,14 @@ def states_at(ch: dict[str, Tensor], H: dict[int, Tensor], idx: Tensor) -> Tenso
     T, g, r, p = ch["x"].shape[2:]
     c, j = idx // T, idx % T
     rows = torch.arange(b, device=idx.device)[:, None]
-    chunks = sorted(H)
-    slot = torch.zeros(max(chunks) + 1, dtype=torch.long, device=idx.device)
-    slot[chunks] = torch.arange(len(chunks), device=idx.device)
-    start_states = torch.stack([H[i] for i in chunks], dim=1)[rows, slot[c]]  # (b, k, g, n, r·p)
     S = ch["S"][rows, c]  # (b, k, T, g, r)
     Sj = S.gather(2, j[:, :, None, None, None].expand(b, k, 1, g, r))  # (b, k, 1, g, r)
     later = (torch.arange(T, device=idx.device) > j[..., None])[..., None, None]  # (b, k, T, 1, 1)
     w = torch.exp((Sj - S).masked_fill(later, -torch.inf))
-    local = ch["B"][rows, c].transpose(-1, -2) @ _wide(ch["x"][rows, c] * w[..., None])  # (b, k, g, n, r·p)
+    states = ch["B"][rows, c].transpose(-1, -2) @ _wide(ch["x"][rows, c] * w[..., None])  # (b, k, g, n, r·p)
     start = torch.exp(Sj[:, :, 0]).repeat_interleave(p, dim=-1)[:, :, :, None, :]  # (b, k, g, 1, r·p)
-    return head_major(start * start_states + local, p)
+    entering = torch.stack([H[chunk][row] for row, chunks in enumerate(c.tolist()) for chunk in chunks])
+    return head_major(states.addcmul_(start, entering.view(states.shape)), p)
 
 
 def all_states(ch: dict[str, Tensor], h0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
