@@ -70,7 +70,7 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
+        with a ``config.json`` (``model_type`` ``"mamba"``, ``"falcon_mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
         ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
         ``.gguf`` file (a transformer, dequantised).
@@ -127,7 +127,7 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
     model_type = folder_model_type(folder)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if model_type in OWN_MODEL_TYPES:
-        if model_type == "mamba":
+        if model_type in ("mamba", "falcon_mamba"):
             from dynalens.models.mamba import HookedMamba as own
         elif model_type == "mamba2":
             from dynalens.models.mamba2 import HookedMamba2 as own
@@ -147,7 +147,7 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
 
 
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
-OWN_MODEL_TYPES = ("mamba", "mamba2", "dynalens-rnn")
+OWN_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "dynalens-rnn")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
