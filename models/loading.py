@@ -71,7 +71,8 @@ def load(
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
         with a ``config.json`` (``model_type`` ``"mamba"``, ``"falcon_mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
-        ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
+        ``"dynalens-rnn"`` → ``HookedRNN``, an SSM/attention hybrid (Bamba, Nemotron-H,
+        GraniteMoeHybrid, Zamba2, Falcon-H1, Jamba) → ``HookedHybrid``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
         ``.gguf`` file (a transformer, dequantised).
     device, dtype
@@ -85,7 +86,7 @@ def load(
 
     Returns
     -------
-    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedRNN
+    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedHybrid | HookedRNN
         A model with ``run_with_cache``, ``run_with_hooks``, ``generate`` and the
         shared hook names.
     """
@@ -139,8 +140,11 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
         from dynalens.models.placement import place
 
         return place(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+    from dynalens.models.hybrid import HYBRID_MODEL_TYPES, load_hybrid
     from dynalens.models.transformer import HookedTransformerBridge
 
+    if model_type in HYBRID_MODEL_TYPES:
+        return load_hybrid(folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs)
     return HookedTransformerBridge.from_pretrained(
         folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
     )
