@@ -306,14 +306,21 @@ def _opaque_layers(hf: nn.Module) -> dict[int, str]:
 
 
 def hf_layer_types(hf: nn.Module) -> list[str]:
-    """``layer_types`` of an HF hybrid read from its modules (for models left to the Bridge)."""
+    """``layer_types`` of an HF hybrid read from its modules (for models left to the Bridge).
+
+    A layer with an ``A_log`` parameter has an SSM (Mamba-1 when ``A_log`` is a
+    matrix, Mamba-2 when a vector per head), one with a ``q_proj`` attention; a
+    layer with neither is an MLP, or ``"moe"`` with a module holding ``experts``.
+    """
     types = []
-    ssm_type = "mamba" if hf.config.model_type == "jamba" else "mamba2"
     for layer in hf.model.layers:
-        kinds = {type(sub).__name__.lower() for sub in layer.modules()}
-        ssm = any("mixer" in k or "mambalayer" in k for k in kinds if "attention" not in k)
-        attn = any(k.endswith("attention") for k in kinds)
-        moe = any("moe" in k or "expert" in k for k in kinds)
-        types.append(f"attention+{ssm_type}" if ssm and attn else "attention" if attn else ssm_type if ssm
-                     else "moe" if moe else "mlp")  # fmt: skip
+        a_logs = [sub.A_log for sub in layer.modules() if isinstance(getattr(sub, "A_log", None), Tensor)]
+        ssm = None if not a_logs else "mamba" if a_logs[0].dim() == 2 else "mamba2"
+        attn = any(hasattr(sub, "q_proj") for sub in layer.modules())
+        if ssm and attn:
+            types.append(f"attention+{ssm}")
+        elif ssm or attn:
+            types.append(ssm or "attention")
+        else:
+            types.append("moe" if any(hasattr(sub, "experts") for sub in layer.modules()) else "mlp")
     return types

@@ -12,6 +12,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from dynalens.models import names
 from dynalens.models.hybrid import HookedHybrid, HybridBridge
+from dynalens.models.hybrid_archs import hf_layer_types
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 
@@ -146,7 +147,8 @@ def test_hooks_hold_hf_hidden_states_and_attention_patterns(arch, tokens):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_layer_has_the_shared_names_and_its_type_s_hooks(arch, tokens):
-    _, ours = pair(arch)
+    hf, ours = pair(arch)
+    assert hf_layer_types(hf) == ours.layer_types  # what the Bridge fallback reports
     b, length = tokens.shape
     for layer, kind in enumerate(ours.layer_types):
         shared = [names.resid_pre(layer), names.mixer_out(layer), names.resid_post(layer)]
