@@ -74,7 +74,8 @@ def load(
         ``"dynalens-rnn"`` → ``HookedRNN``, an SSM/attention hybrid (Bamba, Nemotron-H,
         GraniteMoeHybrid, Zamba2, Falcon-H1, Jamba) → ``HookedHybrid``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
-        ``.gguf`` file (a transformer, dequantised).
+        ``.gguf`` file (dequantised; a Mamba GGUF → ``HookedMamba``, any other
+        architecture transformers reads from GGUF → the Bridge).
     device, dtype
         Where and in what precision to put the weights (default: CPU, float32).
     device_map, max_memory, offload_folder
@@ -106,7 +107,7 @@ def load(
     if path.is_file() and path.suffix == ".gguf":
         if device_map is not None:
             raise ValueError("device_map applies to model folders: a GGUF file is dequantised in memory")
-        return _named(HookedTransformerBridge.from_gguf(check_gguf(path), device=device, dtype=dtype), key)
+        return _named(_load_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
         return _named(_load_folder(path, device=device, dtype=dtype, **placement), key)
     names = [row.name for row in list_models()]
@@ -148,6 +149,18 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
     return HookedTransformerBridge.from_pretrained(
         folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
     )
+
+
+def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
+    """A GGUF file of any architecture transformers reads: Mamba → ``HookedMamba``, else the Bridge."""
+    from dynalens.models.transformer import HookedTransformerBridge, hf_from_gguf
+
+    hf_model, tokenizer = hf_from_gguf(path, dtype=dtype or torch.float32)
+    if hf_model.config.model_type == "mamba":
+        from dynalens.models.mamba import HookedMamba
+
+        return HookedMamba.from_hf(hf_model, tokenizer, dtype=dtype or torch.float32).to(device or "cpu")
+    return HookedTransformerBridge.from_hf(hf_model.to(device or "cpu"), tokenizer, name=str(path))
 
 
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.

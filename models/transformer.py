@@ -244,7 +244,9 @@ def hf_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     """Dequantise a GGUF file into a plain HuggingFace model and its tokenizer.
 
     The returned model has no quantisation left (``quantization_config`` and
-    ``hf_quantizer`` dropped), so ``save_pretrained`` writes ordinary safetensors.
+    ``hf_quantizer`` dropped), so ``save_pretrained`` writes ordinary safetensors,
+    and its config names its class in ``architectures`` (transformers leaves that
+    empty for a GGUF; TransformerBridge picks its adapter by it).
     """
     path = Path(path)
     if path.suffix != ".gguf" or not path.is_file():
@@ -255,5 +257,6 @@ def hf_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
+    hf_model.config.architectures = [type(hf_model).__name__]
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return hf_model, tokenizer

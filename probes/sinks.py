@@ -21,8 +21,8 @@ keeps); batch-wide scores weight every query alike. Attention patterns exist
 in transformers only (``names.pattern(l)``); compare the residual-state peaks
 of Mamba and RNNs with :class:`~dynalens.probes.ResidualNorms` and
 :class:`~dynalens.probes.MassiveActivations`. The tensor functions
-(:func:`sink_query_mask`, :func:`sink_attention`, :func:`sink_scores_from_patterns`)
-also score other attention-like patterns (``circuits.heads`` uses them).
+(:func:`sink_query_mask`, :func:`sink_attention`, :func:`pooled_sink_scores`)
+score any attention-like pattern.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from torch import Tensor
 
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
-from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_labels
 from dynalens.probes.residual import pad_fill, resid_labels, stream_rows
@@ -47,20 +46,6 @@ from dynalens.probes.results import Result
 
 SINK_THRESHOLD = 0.5
 """Default sink score above which a head counts as dormant (a sink) on an input."""
-
-
-def check_transformer(model: Any) -> None:
-    """Raise ``TypeError`` unless ``model`` is a transformer (has attention patterns).
-
-    Kept for ``circuits/`` until its analyses declare ``architectures``; the
-    analyses here do (``Analysis.check``).
-    """
-    arch = architecture_of(model)
-    if arch != "transformer":
-        raise TypeError(
-            f"attention sinks need attention patterns, which a {arch} model does not have; "
-            "use ResidualNorms or MassiveActivations to compare its residual-state peaks"
-        )
 
 
 def pattern_hook_names(n_layers: int) -> list[str]:
@@ -159,17 +144,6 @@ def pooled_sink_scores(
     """The batch's sink scores, every query weighted alike: ``Σ_b n_b s_b / Σ_b n_b``."""
     weights = n_queries.to(scores.dtype)[..., None, None]
     return (scores.nan_to_num() * weights).sum(-3) / weights.sum(-3)
-
-
-def sink_scores_from_patterns(
-    patterns: list[Float[Tensor, "batch head q k"]], mask: Bool[Tensor, "batch q"], sink_position: int
-) -> Float[Tensor, "layer head"]:
-    """Mean over the masked queries of the whole batch of each head's attention on key ``sink_position``.
-
-    For patterns of unpadded sequences (every row's sink at column ``sink_position``).
-    """
-    columns = torch.full((mask.shape[0],), sink_position, dtype=torch.long)
-    return pooled_sink_scores(*sink_attention(patterns, mask, columns))
 
 
 def _check_threshold(threshold: float) -> None:

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# dynalens first: under `python -m pytest` the repository root is on sys.path, so
-# transformers' probe for the `kernels` package would import our `kernels/` folder
-# before `dynalens` exists, a circular import.
-import dynalens as dl  # isort: skip
+import dynalens as dl
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -120,6 +120,8 @@ def test_checkpoints_run_analyses_on_every_checkpoint(run_dir, tmp_path):
     # norms: prompts · tokens · rows; massive: prompts · rows · k
     assert len(frame) == len(series) * (3 * 12 * 3 + 3 * 3 * 2)
     assert found.top(1)["analysis"].tolist() == ["residual_norms", "massive_activations"]
+    last = found.results["residual_norms"][-1].metrics()
+    assert found.metrics()["residual_norms.max_norm"] == last["max_norm"]
     figure = found.figure(analysis="residual_norms", column="norm", by=["layer"])
     assert len(figure.data) == 3 and list(figure.data[0].x) == found.steps
     found.save(tmp_path / "c.safetensors")
@@ -153,6 +155,7 @@ def test_massive_emergence_measures_each_checkpoint(run_dir, tmp_path):
     assert len(found.to_frame()) == 3 * 3 * len(series) and len(found.curves()) == 3 * len(series)
     assert found.curves()["ratio"].tolist() == pytest.approx(found.ratios.reshape(-1).tolist())
     assert len(found.figure().data) >= 3
+    assert found.metrics()["final_max_ratio"] == found.ratios[-1].max().item()
     found.save(tmp_path / "e.safetensors")
     back = Result.load(tmp_path / "e.safetensors")
     assert isinstance(back, MassiveEmergenceResult) and back.fits().equals(fits)

@@ -20,9 +20,9 @@ from dynalens.probes.sinks import (
     HeadActivity,
     HeadActivityResult,
     SinkScores,
+    pooled_sink_scores,
     sink_attention,
     sink_query_mask,
-    sink_scores_from_patterns,
 )
 
 TRIGGER = 1
@@ -91,8 +91,7 @@ def test_sink_queries_and_scores_of_a_padded_batch():
     scores, n = sink_attention([pattern], queries, prompts.offsets)
     assert n.tolist() == [3, 1]
     torch.testing.assert_close(scores[:, 0, 0], torch.tensor([0.2, 0.5]))
-    pooled = sink_scores_from_patterns([pattern[:1]], queries[:1], 0)  # unpadded rows: sink at column 0
-    torch.testing.assert_close(pooled, torch.tensor([[0.2]]))
+    torch.testing.assert_close(pooled_sink_scores(scores, n), torch.tensor([[(3 * 0.2 + 0.5) / 4]]))
     with pytest.raises(ValueError, match="sink_position 1 leaves no later query in prompt 1 of 2 tokens"):
         sink_query_mask(prompts, None, 1)
 
