@@ -139,7 +139,8 @@ class HybridBlock(nn.Module):
         self.attn_in, self.attn_out, self.ssm_out, self.residual_scale = attn_in, attn_out, ssm_out, residual_scale
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         if shared is not None:  # Zamba2: ln_attn, ln_mlp, mlp, linear
-            self.ln_attn, self.ln_mlp, self.mlp, self.linear = (shared[k] for k in ("ln_attn", "ln_mlp", "mlp", "linear"))
+            self.ln_attn, self.ln_mlp = shared["ln_attn"], shared["ln_mlp"]
+            self.mlp, self.linear = shared["mlp"], shared["linear"]
             self.hook_shared_out = HookPoint()  # [batch, pos, d_model]: added to the SSM's input
         self.shared = shared is not None
         self.ln1 = ln1
@@ -268,7 +269,7 @@ class HookedHybrid(HookedSequenceModel):
 
     @property
     def layer_types(self) -> list[str]:
-        """Each layer's sequence mixer: ``"attention"``, ``"mamba2"``, ``"mamba"``, ``"attention+mamba2"``, ``"mlp"``, ``"moe"``."""
+        """Each layer's sequence mixer, one of :data:`LAYER_TYPES`."""
         return list(self.cfg.layer_types)
 
     def forward(
