@@ -139,13 +139,15 @@ class HybridBlock(nn.Module):
         self.attn_in, self.attn_out, self.ssm_out, self.residual_scale = attn_in, attn_out, ssm_out, residual_scale
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         if shared is not None:  # Zamba2: ln_attn, ln_mlp, mlp, linear
-            self.ln_attn, self.ln_mlp, self.mlp, self.linear = (shared[k] for k in ("ln_attn", "ln_mlp", "mlp", "linear"))
+            self.ln_attn, self.ln_mlp = shared["ln_attn"], shared["ln_mlp"]
+            self.mlp, self.linear = shared["mlp"], shared["linear"]
             self.hook_shared_out = HookPoint()  # [batch, pos, d_model]: added to the SSM's input
         self.shared = shared is not None
         self.ln1 = ln1
         self.ssm_kind = None if ssm is None else ("mamba2" if isinstance(ssm, Mamba2Mixer) else "mamba")
         if ssm is not None:
             self.mixer = ssm
+        self.parallel_attn = attn is not None and shared is None  # attention beside the SSM, not feeding it
         if attn is not None:
             self.attn = attn
             self.hook_attn_out = HookPoint()  # [batch, pos, d_model]: o_proj's output
@@ -186,7 +188,7 @@ class HybridBlock(nn.Module):
         elif self.ssm_kind == "mamba":
             out, new.conv, new.ssm = self.mixer(x, state.conv, state.ssm, mask)
             parts.append(out)
-        if hasattr(self, "attn") and not self.shared:
+        if self.parallel_attn:
             attended, new.kv = self.attn(x * self.attn_in if self.attn_in != 1.0 else x, ctx, state.kv)
             attended = self.hook_attn_out(attended)
             parts.append(attended * self.attn_out if self.attn_out != 1.0 else attended)
@@ -215,7 +217,9 @@ class HookedHybrid(HookedSequenceModel):
     - every layer: ``blocks.{l}.hook_resid_pre``, ``ln1.hook_scale``,
       ``ln1.hook_normalized``, ``hook_mixer_out`` (what the layer's mixers add
       to the residual stream, multipliers included), ``hook_resid_post``; with
-      an MLP after the mixer: ``hook_resid_mid``, ``ln2.*``, ``hook_mlp_out``;
+      an MLP after the mixer: ``hook_resid_mid``, ``ln2.*``, ``hook_mlp_out``
+      (what the MLP adds, Granite's residual multiplier included), so
+      ``resid_post = resid_pre + mixer_out (+ mlp_out)``;
     - SSM layers: ``blocks.{l}.mixer.hook_*``, exactly HookedMamba2's (Mamba-2:
       ``hook_in_proj``, ``hook_conv``, ``hook_x``, ``hook_B``, ``hook_C``,
       ``hook_dt``, ``hook_ssm_state``, ``hook_y``, ``hook_gate``, ``hook_norm``,
@@ -224,7 +228,8 @@ class HookedHybrid(HookedSequenceModel):
     - attention layers: ``blocks.{l}.attn.hook_q``, ``hook_k``, ``hook_v``
       ``[batch, pos, heads, d_head]``, ``hook_rot_q``, ``hook_rot_k`` (with
       rotary), ``hook_attn_scores``, ``hook_pattern`` ``[batch, head, q, k]``,
-      ``hook_z``, and ``blocks.{l}.hook_attn_out`` (o_proj's output);
+      ``hook_z``, and ``blocks.{l}.hook_attn_out`` (o_proj's output, before
+      Falcon-H1's and Granite's multipliers);
     - Zamba2's hybrid layers also ``ln_attn.*``, ``ln_mlp.*``, ``hook_mlp_out``
       and ``hook_shared_out`` (the shared block's output, added to the Mamba
       layer's input);
@@ -264,7 +269,7 @@ class HookedHybrid(HookedSequenceModel):
 
     @property
     def layer_types(self) -> list[str]:
-        """Each layer's sequence mixer: ``"attention"``, ``"mamba2"``, ``"mamba"``, ``"attention+mamba2"``, ``"mlp"``, ``"moe"``."""
+        """Each layer's sequence mixer, one of :data:`LAYER_TYPES`."""
         return list(self.cfg.layer_types)
 
     def forward(

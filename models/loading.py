@@ -70,7 +70,8 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"``, ``"falcon_mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
+        with a ``config.json`` (``model_type`` ``"mamba"``, ``"falcon_mamba"`` → ``HookedMamba``,
+        ``"mamba2"`` → ``HookedMamba2``,
         ``"dynalens-rnn"`` → ``HookedRNN``, an SSM/attention hybrid (Bamba, Nemotron-H,
         GraniteMoeHybrid, Zamba2, Falcon-H1, Jamba) → ``HookedHybrid``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
@@ -145,7 +146,8 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
     from dynalens.models.transformer import HookedTransformerBridge
 
     if model_type in HYBRID_MODEL_TYPES:
-        return load_hybrid(folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs)
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        return load_hybrid(folder, **placement, **kwargs)
     return HookedTransformerBridge.from_pretrained(
         folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
     )

@@ -63,9 +63,11 @@ def test_the_norms_differ_from_plain_mamba(pair, tokens):
 def test_norm_hooks_hold_what_the_scan_reads(pair, tokens):
     _, ours = pair
     layer = 1
-    hooks = [names.mixer(layer, "x_proj"), names.mixer(layer, "B"), names.mixer(layer, "C"), names.mixer(layer, "delta"),
-             names.block(layer, "mixer.b_layernorm.hook_normalized"), names.block(layer, "mixer.c_layernorm.hook_scale"),
-             names.block(layer, "mixer.dt_layernorm.hook_normalized")]  # fmt: skip
+    hooks = [names.mixer(layer, part) for part in ("x_proj", "B", "C", "delta")] + [
+        names.block(layer, "mixer.b_layernorm.hook_normalized"),
+        names.block(layer, "mixer.c_layernorm.hook_scale"),
+        names.block(layer, "mixer.dt_layernorm.hook_normalized"),
+    ]
     _, cache = ours.run_with_cache(tokens, names_filter=hooks)
     cfg, mixer = ours.cfg, ours.blocks[layer].mixer
     dt, B, C = cache[hooks[0]].split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)

@@ -32,14 +32,15 @@ ARCHS = {
     ), ["mamba2", "moe", "attention", "mlp", "mamba2"]),
     "granitemoehybrid": (T.GraniteMoeHybridConfig, T.GraniteMoeHybridForCausalLM, dict(
         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-        shared_intermediate_size=40, num_local_experts=4, num_experts_per_tok=2, layer_types=["mamba", "attention", "mamba"],
+        shared_intermediate_size=40, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["mamba", "attention", "mamba"],
         mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=8, embedding_multiplier=2.0,
         logits_scaling=3.0, residual_multiplier=0.5, attention_multiplier=0.3, position_embedding_type="rope",
     ), ["mamba2", "attention", "mamba2"]),
     "zamba2": (T.Zamba2Config, T.Zamba2ForCausalLM, dict(
         num_hidden_layers=4, layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], mamba_d_state=8, n_mamba_heads=4,
-        chunk_size=8, num_attention_heads=4, num_key_value_heads=4, intermediate_size=48, use_shared_attention_adapter=True,
-        adapter_rank=4, use_mem_rope=True,
+        chunk_size=8, num_attention_heads=4, num_key_value_heads=4, intermediate_size=48,
+        use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True,
     ), ["mamba2", "attention+mamba2", "mamba2", "attention+mamba2"]),
     "falcon_h1": (T.FalconH1Config, T.FalconH1ForCausalLM, dict(
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, mamba_d_ssm=48,
@@ -60,8 +61,9 @@ VARIANTS = {
     "zamba2-2blocks-noadapter-norope": ("zamba2", dict(num_mem_blocks=2, use_shared_attention_adapter=False,
                                                        use_mem_rope=False)),  # fmt: skip
     "falconh1-nonorm": ("falcon_h1", dict(mamba_rms_norm=False)),
-    "falconh1-norm-before-gate-biases": ("falcon_h1", dict(mamba_norm_before_gate=True, projectors_bias=True,
-                                                           mamba_proj_bias=True, mamba_d_ssm=64, mamba_d_head=16)),  # fmt: skip
+    "falconh1-norm-before-gate-biases": ("falcon_h1", dict(
+        mamba_norm_before_gate=True, projectors_bias=True, mamba_proj_bias=True, mamba_d_ssm=64, mamba_d_head=16,
+    )),  # fmt: skip
 }
 
 
