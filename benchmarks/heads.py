@@ -1,9 +1,9 @@
-"""All head scores of a model: ``dl.circuits.induction_scores`` vs a per-head loop with TransformerLens.
+"""All head scores of a model: ``dl.circuits.HeadScores`` + ``CopyingScores`` vs a per-head loop with TransformerLens.
 
-Workload: the default of ``induction_scores`` (8 sequences of BOS + 20 random
+Workload: ``dl.circuits.repeated_tokens`` (8 sequences of BOS + 20 random
 tokens repeated, 41 tokens) on SmolLM2-135M (30 layers × 9 heads = 270).
-Ours: one batched forward caching the patterns, the four scores vectorised,
-copying from ``[d_head, d_head]`` eigenproblems. Peer, the straightforward
+Ours: one batched forward caching the patterns (``dl.run``), the three
+pattern scores per prompt, copying from ``[d_head, d_head]`` eigenproblems. Peer, the straightforward
 way: per sequence, TransformerLens' ``detect_head`` for induction and
 previous-token heads (a forward each, a Python loop over heads), the sink
 score read per head from a cache, and per head the eigenvalues of the
@@ -24,6 +24,8 @@ from scipy.stats import spearmanr
 from transformer_lens.head_detector import detect_head
 
 import dynalens as dl
+from dynalens.models import names
+from dynalens.probes.analysis import run
 
 
 @torch.no_grad()
@@ -35,10 +37,11 @@ def per_head_loop(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         text_free = seq[None]  # detect_head takes token ids through model.to_tokens
         induction += detect_head(model, text_free, "induction_head", exclude_bos=False) / len(tokens)
         prev += detect_head(model, text_free, "previous_token_head") / len(tokens)
-        _, cache = model.run_with_cache(text_free, names_filter=lambda n: n.endswith("hook_pattern"))
+        patterns = [names.pattern(layer) for layer in range(n_layers)]
+        _, cache = model.run_with_cache(text_free, names_filter=patterns)
         for layer in range(n_layers):
             for head in range(n_heads):
-                pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, head]
+                pattern = cache[patterns[layer]][0, head]
                 sink[layer, head] += pattern[1:, 0].mean() / len(tokens)
     eu = model.W_U.float() @ model.W_E.float()
     group = n_heads // model.W_V.shape[1]
@@ -59,15 +62,18 @@ def main(argv: list[str] | None = None) -> None:
     model = dl.load(args.model)
     half_len = min(20, (model.cfg.n_ctx - 2) // 2)  # the default workload; TL detect_head needs pos < n_ctx
     tokens = dl.circuits.repeated_tokens(model, half_len=half_len)
-    ours = dl.circuits.induction_scores(model, tokens)  # warm-up, and the values to compare
+    analyses = [dl.circuits.HeadScores(), dl.circuits.CopyingScores()]
+    ours_fn = lambda: run(model, tokens, analyses)  # noqa: E731
+    ours = ours_fn()  # warm-up, and the values to compare
+    grids = {kind: ours["head_scores"].score(kind) for kind in ("induction", "prev_token", "sink")}
+    grids["copying"] = ours["copying_scores"].scores
     peer = per_head_loop(model, tokens)
-    rhos = {kind: spearmanr(values.flatten(), ours.score(kind).flatten()).statistic for kind, values in peer.items()}
+    rhos = {kind: spearmanr(values.flatten(), grids[kind].flatten()).statistic for kind, values in peer.items()}
     for kind, rho in rhos.items():
         print(f"{kind:>10}: Spearman rho(ours, per-head loop) = {rho:.4f}")
     times: dict[str, list[float]] = {"ours": [], "per-head loop": []}
     for _ in range(args.repeats):
-        for name, fn in (("ours", lambda: dl.circuits.induction_scores(model, tokens)),
-                         ("per-head loop", lambda: per_head_loop(model, tokens))):  # fmt: skip
+        for name, fn in (("ours", ours_fn), ("per-head loop", lambda: per_head_loop(model, tokens))):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

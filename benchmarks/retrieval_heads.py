@@ -1,6 +1,6 @@
 """Retrieval heads of SmolLM2-135M: the paper's score on a needle grid, then top-k vs random-head masking.
 
-Detection: ``dl.circuits.retrieval_scores`` on needles × context lengths ×
+Detection: ``dl.circuits.RetrievalScores`` on needles × context lengths ×
 depths (the paper's code: 3 needles × 20 lengths of 1K-50K tokens × 10
 depths on 7B models; here the lengths fit this CPU). Prints the share of
 heads above 0.1 overall and per context length (each length's haystacks
@@ -26,21 +26,22 @@ from itertools import pairwise
 import torch
 
 import dynalens as dl
-from dynalens.circuits import NEEDLES, RetrievalScores, make_haystacks
+from dynalens.circuits import NEEDLES, RetrievalScoresResult, make_haystacks
+from dynalens.models.prompts import Prompts
 
 
-def merge(parts: list[RetrievalScores]) -> RetrievalScores:
+def merge(model, parts: list[RetrievalScoresResult]) -> RetrievalScoresResult:
     """One result from several runs' haystacks (each head's mean over all retrieved haystacks)."""
-    haystack_scores = torch.cat([p.haystack_scores for p in parts])
-    recall = torch.cat([p.recall for p in parts])
-    retrieved = recall > parts[0].min_recall
+    haystacks = [h for p in parts for h in p.haystacks()]
     return dataclasses.replace(
-        parts[0], scores=haystack_scores[retrieved].mean(0), haystack_scores=haystack_scores, recall=recall,
-        responses=[r for p in parts for r in p.responses], prompt_tokens=[t for p in parts for t in p.prompt_tokens],
+        parts[0], prompts=Prompts(model, [h.tokens for h in haystacks]),
+        haystack_scores=torch.cat([p.haystack_scores for p in parts]), recall=torch.cat([p.recall for p in parts]),
+        responses=[r for p in parts for r in p.responses], needle_spans=[list(h.needle_span) for h in haystacks],
+        answers=[h.answer for h in haystacks],
     )  # fmt: skip
 
 
-def report_scores(ret: RetrievalScores, lengths: list[int]) -> None:
+def report_scores(ret: RetrievalScoresResult, lengths: list[int]) -> None:
     """The share of heads above threshold, overall and per context length, and the score histogram."""
     n_heads = ret.scores.numel()
     print(f"haystacks {len(ret.recall)}, retrieved {ret.retrieved} (mean recall {ret.recall.mean():.3f})")
@@ -75,17 +76,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--mask-haystacks", type=int, default=3, help="haystacks per masking trial")
     parser.add_argument("--mask-context", type=int, default=1000)
-    parser.add_argument("--out", default=None, help="save the RetrievalScores here")
-    parser.add_argument("--load", nargs="+", default=None, help="read (and merge) saved RetrievalScores instead")
+    parser.add_argument("--out", default=None, help="save the RetrievalScoresResult here")
+    parser.add_argument("--load", nargs="+", default=None, help="read (and merge) saved results instead")
     args = parser.parse_args(argv)
     model = dl.load(args.model)
     if args.load:
-        ret = merge([RetrievalScores.load(path) for path in args.load])
+        ret = merge(model, [RetrievalScoresResult.load(path) for path in args.load])
     else:
         n = len(NEEDLES) * len(args.lengths) * args.depths
         haystacks = make_haystacks(model, n, context_tokens=args.lengths)
         start = time.perf_counter()
-        ret = dl.circuits.retrieval_scores(model, haystacks, progress=True)
+        ret = dl.circuits.RetrievalScores(haystacks, progress=True)(model)
         seconds = time.perf_counter() - start
         print(f"detection: {n} haystacks in {seconds:.0f} s ({seconds / n:.1f} s per haystack)")
         if args.out:
@@ -94,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     scorer = dl.circuits.NeedleScorer(model, n_haystacks=args.mask_haystacks, context_tokens=args.mask_context)
     for k in args.ks:
         start = time.perf_counter()
-        effect = dl.circuits.ablate_heads(
-            model, ret.top(k), scorer, method="mask", last_queries=scorer.answer_queries,
+        effect = dl.circuits.HeadAblation(
+            ret.top(k), scorer, method="mask", last_queries=scorer.answer_queries,
             exclude=ret.top(100), trials=args.trials,
-        )  # fmt: skip
+        )(model)  # fmt: skip
         frame = effect.to_frame().set_index("condition")
         row = {c: f"{frame.loc[c, 'mean']:.3f} [{frame.loc[c, 'ci_low']:.3f}, {frame.loc[c, 'ci_high']:.3f}]"
                for c in ("clean", "ablated", "control")}  # fmt: skip

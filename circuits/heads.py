@@ -1,117 +1,235 @@
-"""Head scores: previous-token, induction, copying and sink, for every attention head.
+"""Head scores: previous-token, induction and sink from a cache; copying from the weights.
 
-Each score is a ``[layer, head]`` grid computed from one forward pass (the
-patterns) or from the weights alone (copying):
+:class:`HeadScores` reads one forward's attention patterns and gives, per
+prompt, a ``[layer, head]`` grid of each score:
 
-- *previous-token*: mean attention from position ``i`` to ``i - 1``.
 - *induction*: mean attention from a repeated token to the position right
   after its earlier occurrence(s) (on repeated random tokens this is the
-  token the model should copy next), over the queries that repeat a token.
-- *copying*: eigenvalue positivity of the full OV circuit
-  ``W_E W_V W_O W_U`` (Elhage et al. 2021): ``sum(λ) / sum(|λ|)``, in
-  ``[-1, 1]``, 1 for a head that copies every token it attends to. The
-  nonzero eigenvalues of the ``[vocab, vocab]`` circuit are those of the
-  ``[d_head, d_head]`` matrix ``W_O (W_U W_E) W_V`` (a cyclic permutation),
-  which is what is decomposed. Layer norms are left out, as usual.
-- *sink*: mean attention on the first token, :func:`dynalens.probes.sink_scores`.
+  token the model should copy next), over the queries that repeat a token;
+- *previous-token*: mean attention from position ``i`` to ``i - 1``;
+- *sink*: mean attention on the prompt's first token, over the later queries.
+
+The batch's grid pools the queries of every prompt (each prompt weighs by
+the number of queries its score averages), so it is the score of one long
+batch of queries; a prompt with no repeated token has no induction score
+(``nan``) and no weight in the pooled grid.
+
+:class:`CopyingScores` is weight-only: the eigenvalue positivity of the full
+OV circuit ``W_E W_V W_O W_U`` (Elhage et al. 2021): ``sum(λ) / sum(|λ|)``,
+in ``[-1, 1]``, 1 for a head that copies every token it attends to. The
+nonzero eigenvalues of the ``[vocab, vocab]`` circuit are those of the
+``[d_head, d_head]`` matrix ``W_O (W_U W_E) W_V`` (a cyclic permutation),
+which is what is decomposed. Layer norms are left out, as usual.
 
 Mamba has no heads; each of its ``d_inner`` channels has a materialised SSM
-matrix ``M`` (:func:`dynalens.probes.mixer_matrices`), read as that channel's
-"attention" once ``|M|`` has every row normalised to sum to one
-(:func:`channel_patterns`). The induction, previous-token and sink scores are
+matrix ``M`` (:func:`dynalens.kernels.mixer_matrix`, from the cached ``Δ``,
+``B``, ``C``), read as that channel's "attention" once ``|M|`` has every row
+normalised to sum to one (:func:`channel_patterns`). The three scores are
 computed per channel exactly as for attention and aggregated into channel
-groups (the mean over a group's channels), the model's "heads"; copying (no
-OV circuit) is ``nan``.
+groups (the mean over a group's channels), the model's "heads".
 
-Inputs default to repeated random tokens ``BOS, x_1..x_L, x_1..x_L``
-(:class:`~dynalens.models.tasks.InductionTask`), the standard induction workload.
+The standard induction workload is :func:`repeated_tokens`
+(``BOS, x_1..x_L, x_1..x_L``, :class:`~dynalens.models.tasks.InductionTask`).
 
->>> scores = dl.circuits.induction_scores(model)          # doctest: +SKIP
->>> scores.top(5, by="induction")                         # doctest: +SKIP
+>>> tokens = dl.circuits.repeated_tokens(model)                    # doctest: +SKIP
+>>> scores = dl.circuits.HeadScores()(model, tokens)               # doctest: +SKIP
+>>> scores.top(5, by="induction"); scores.figure()                 # doctest: +SKIP
+>>> dl.circuits.CopyingScores()(model).top(5)                      # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from dynalens.models.base import TextOrTokens
-from dynalens.models.tasks import BOS, InductionTask
-from dynalens.probes.figures import heatmap
-from dynalens.probes.mixer import DEFAULT_CHANNEL_GROUPS, mixer_matrices
-from dynalens.models.surface import architecture_of, result_context
-from dynalens.probes.results import Result
-from dynalens.probes.sinks import pattern_hook_names, sink_query_mask, sink_scores_from_patterns
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-SCORES = ("induction", "prev_token", "copying", "sink")
-"""The score grids a :class:`HeadScores` holds, in column order."""
+from dynalens.kernels import mixer_matrix
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.models.tasks import BOS, InductionTask
+from dynalens.probes.analysis import Analysis, Experiment
+from dynalens.probes.figures import heatmap
+from dynalens.probes.results import Result
+
+SCORES = ("induction", "prev_token", "sink")
+"""The score grids a :class:`HeadScoresResult` holds, in column order."""
+
+DEFAULT_CHANNEL_GROUPS = 8
+"""Channel groups of a Mamba layer when none are asked for (``gcd(8, d_inner)``)."""
 
 
+def grid_frame(grids: dict[str, Tensor]) -> pd.DataFrame:
+    """One row per ``(layer, head)`` with a column per ``[layer, head]`` grid."""
+    layers, heads = next(iter(grids.values())).shape
+    frame = pd.DataFrame({
+        "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
+        "head": torch.arange(heads).repeat(layers).numpy(),
+    })  # fmt: skip
+    for name, grid in grids.items():
+        frame[name] = grid.flatten().double().numpy()
+    return frame
+
+
+def grid_figure(values: Tensor, value_name: str, title: str, signed: bool = False) -> go.Figure:
+    layers, heads = values.shape
+    return heatmap(
+        values.double().numpy(), x_labels=[f"H{h}" for h in range(heads)],
+        y_labels=[f"L{layer}" for layer in range(layers)], x_title="head", y_title="layer",
+        value_name=value_name, title=title, signed=signed, y_reversed=True,
+        text=[[f"{v:.2f}" for v in row] for row in values.tolist()] if values.numel() <= 400 else None,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ head scores
 @dataclass(kw_only=True, eq=False)
-class HeadScores(Result):
-    """Previous-token, induction, copying and sink scores of every head.
+class HeadScoresResult(Result):
+    """Induction, previous-token and sink scores of every head, per prompt and pooled.
 
     Attributes
     ----------
-    induction, prev_token, sink
-        ``[layer, head]`` attention fractions in ``[0, 1]``, means over the batch.
-    copying
-        ``[layer, head]`` OV eigenvalue positivity in ``[-1, 1]``.
-    n_sequences
-        How many sequences the attention scores average.
+    scores
+        ``[kind, prompt, layer, head]`` attention fractions in ``[0, 1]``, kinds
+        in :data:`SCORES` order; ``nan`` where a prompt has no query for a kind.
+    queries
+        ``[kind, prompt]``: how many queries each prompt's score averages (its weight in the pooled grid).
     """
 
-    induction: Float[Tensor, "layer head"]
-    prev_token: Float[Tensor, "layer head"]
-    copying: Float[Tensor, "layer head"]
-    sink: Float[Tensor, "layer head"]
-    n_sequences: int = 1
+    scores: Float[Tensor, "kind prompt layer head"]
+    queries: Int[Tensor, "kind prompt"]
 
-    def score(self, kind: str) -> Float[Tensor, "layer head"]:
-        """The grid called ``kind`` (one of :data:`SCORES`)."""
+    def score(self, kind: str, prompt: int | None = None) -> Float[Tensor, "layer head"]:
+        """The grid called ``kind`` (one of :data:`SCORES`): pooled over prompts, or of one ``prompt``."""
         if kind not in SCORES:
             raise ValueError(f"kind must be one of {', '.join(SCORES)}, got {kind!r}")
-        return getattr(self, kind)
+        per_prompt = self.scores[SCORES.index(kind)]
+        if prompt is not None:
+            self.str_tokens(prompt)  # checks the index
+            return per_prompt[prompt]
+        weights = self.queries[SCORES.index(kind)].to(per_prompt.dtype)
+        total = weights.sum()
+        if total == 0:
+            return torch.full(per_prompt.shape[1:], float("nan"))
+        summed = (torch.nan_to_num(per_prompt) * weights[:, None, None]).sum(0)
+        return summed / total
+
+    @property
+    def induction(self) -> Float[Tensor, "layer head"]:
+        """Pooled induction scores."""
+        return self.score("induction")
+
+    @property
+    def prev_token(self) -> Float[Tensor, "layer head"]:
+        """Pooled previous-token scores."""
+        return self.score("prev_token")
+
+    @property
+    def sink(self) -> Float[Tensor, "layer head"]:
+        """Pooled sink scores."""
+        return self.score("sink")
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per head: ``layer, head`` and every score."""
-        layers, heads = self.induction.shape
-        frame = pd.DataFrame({
-            "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
-            "head": torch.arange(heads).repeat(layers).numpy(),
-        })  # fmt: skip
-        for kind in SCORES:
-            frame[kind] = self.score(kind).flatten().numpy()
-        return frame
+        """One row per prompt and head: ``prompt, layer, head`` and every score."""
+        frames = []
+        for prompt in range(self.scores.shape[1]):
+            frame = grid_frame({kind: self.score(kind, prompt) for kind in SCORES})
+            frame.insert(0, "prompt", prompt)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 10, by: str = "induction") -> pd.DataFrame:
-        """The ``k`` heads with the highest ``by`` score."""
+        """The ``k`` heads with the highest pooled ``by`` score: ``layer, head`` and every pooled score."""
         self.score(by)
-        return self.to_frame().nlargest(k, by).reset_index(drop=True)
+        frame = grid_frame({kind: self.score(kind) for kind in SCORES})
+        return frame.nlargest(k, by).reset_index(drop=True)
 
     def heads(self, by: str = "induction", threshold: float = 0.5) -> list[tuple[int, int]]:
-        """``(layer, head)`` of every head whose ``by`` score exceeds ``threshold``, best first."""
-        frame = self.top(self.induction.numel(), by)
+        """``(layer, head)`` of every head whose pooled ``by`` score exceeds ``threshold``, best first."""
+        frame = self.top(self.scores.shape[2] * self.scores.shape[3], by)
         frame = frame[frame[by] > threshold]
         return list(zip(frame["layer"].tolist(), frame["head"].tolist()))
 
-    def figure(self, *, kind: str = "induction") -> go.Figure:
-        """The layer × head grid of one score."""
-        values = self.score(kind)
-        layers, heads = values.shape
-        return heatmap(
-            values.numpy(), x_labels=[f"H{h}" for h in range(heads)],
-            y_labels=[f"L{layer}" for layer in range(layers)], x_title="head", y_title="layer",
-            value_name=kind.replace("_", "-"), title=f"{kind.replace('_', '-')} scores · {self.model_name}",
-            signed=kind == "copying", y_reversed=True,
-            text=[[f"{v:.2f}" for v in row] for row in values.tolist()] if values.numel() <= 400 else None,
-        )  # fmt: skip
+    def figure(self, *, kind: str = "induction", prompt: int | None = None) -> go.Figure:
+        """The layer × head grid of one score, pooled or of one ``prompt``."""
+        values = self.score(kind, prompt)
+        name = kind.replace("_", "-")
+        where = "" if prompt is None else f" (prompt {prompt})"
+        return grid_figure(values, name, f"{name} scores{where} · {self.model_name}")
+
+
+class HeadScores(Analysis):
+    """Induction, previous-token and sink scores of every head (Mamba: channel group), from one forward.
+
+    Parameters
+    ----------
+    channel_groups
+        Mamba only: how many channel groups make its "heads" (default
+        ``gcd(8, d_inner)``); they must divide ``d_inner``.
+
+    Examples
+    --------
+    >>> scores = HeadScores()(model, repeated_tokens(model))   # doctest: +SKIP
+    >>> scores.heads("induction", 0.5)                        # doctest: +SKIP
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ("transformer", "mamba")
+    requirement: ClassVar[str] = "attention patterns (or a Mamba's SSM mixer matrices)"
+
+    def __init__(self, channel_groups: int | None = None):
+        self.channel_groups = channel_groups
+
+    def check(self, model: Any) -> None:
+        super().check(model)
+        if architecture_of(model) == "mamba":
+            channel_group_count(model, self.channel_groups)
+        elif self.channel_groups is not None:
+            raise ValueError(
+                f"channel_groups is for Mamba models; this model is a {architecture_of(model)}: "
+                "leave channel_groups=None"
+            )
+
+    def hooks(self, model: Any) -> list[str]:
+        layers = range(model.cfg.n_layers)
+        if architecture_of(model) == "mamba":
+            return [names.mixer(layer, part) for layer in layers for part in ("delta", "B", "C")]
+        return [names.pattern(layer) for layer in layers]
+
+    def _compute(self, cache: Any, prompts: Prompts) -> HeadScoresResult:
+        model = cache.model
+        mamba = architecture_of(model) == "mamba"
+        groups = channel_group_count(model, self.channel_groups) if mamba else None
+        scores, queries = [], []
+        for prompt in range(len(prompts)):
+            tokens = prompts.real(prompts.tokens, prompt, dim=1).cpu()
+            if mamba:
+                patterns = [group_patterns(channel_patterns(model, cache, layer, prompts, prompt), groups)
+                            for layer in range(model.cfg.n_layers)]  # fmt: skip
+            else:
+                patterns = [_real_pattern(cache[names.pattern(layer)], prompts, prompt)
+                            for layer in range(model.cfg.n_layers)]  # fmt: skip
+            per_kind, counts = [], []
+            for target in score_targets(tokens):
+                counts.append(int(target.any(-1).sum()))
+                per_kind.append(torch.stack([attention_scores(p, target) for p in patterns]))
+            scores.append(torch.stack(per_kind))
+            queries.append(counts)
+        return HeadScoresResult(
+            **self.provenance(model, prompts),
+            scores=torch.stack(scores, 1).float(),
+            queries=torch.tensor(queries, dtype=torch.long).T.contiguous(),
+        )
+
+
+def _real_pattern(pattern: Tensor, prompts: Prompts, prompt: int) -> Float[Tensor, "head q k"]:
+    """One prompt's attention among its real tokens, from a padded ``[batch, head, q, k]`` pattern."""
+    offset = int(prompts.offsets[prompt])
+    return pattern[prompt, :, offset:, offset:].float().cpu()
 
 
 def repeated_tokens(
@@ -120,8 +238,12 @@ def repeated_tokens(
     """Repeated random tokens ``BOS, x_1..x_L, x_1..x_L`` drawn from the model's vocabulary.
 
     The first token is the tokenizer's BOS id when it has one (else id 0);
-    the ``x`` are distinct ids from the rest of the vocabulary.
+    the ``x`` are distinct ids from the rest of the vocabulary. ``half_len``
+    is lowered to fit the model's context ``n_ctx`` when it has one.
     """
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx:
+        half_len = min(half_len, (n_ctx - 1) // 2)
     task = InductionTask(d_vocab=model.cfg.d_vocab, half_len=half_len)
     tokens = task.sample(n_sequences, torch.Generator().manual_seed(seed)).tokens
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
@@ -146,104 +268,29 @@ def induction_targets(tokens: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch q
     return target
 
 
-def attention_scores(
-    pattern: Float[Tensor, "batch head q k"], target: Bool[Tensor, "batch q k"]
-) -> Float[Tensor, " head"]:
-    """Per head, the mean over queries that have a target of the attention on the targets."""
-    has = target.any(-1)
-    if not has.any():
-        raise ValueError("no query has a target position: the tokens hold no repeated token")
-    mass = torch.einsum("bhqk,bqk->bhq", pattern.float(), target.float())
-    return (mass * has[:, None]).sum((0, 2)) / has.sum()
+def score_targets(tokens: Int[Tensor, " pos"]) -> list[Bool[Tensor, "q k"]]:
+    """The ``[q, k]`` keys each score of :data:`SCORES` reads, for one prompt's real tokens."""
+    pos = tokens.shape[0]
+    below = torch.ones(pos, pos, dtype=torch.bool)
+    previous = below.tril(-1).triu(-1)
+    sink = torch.zeros(pos, pos, dtype=torch.bool)
+    sink[1:, 0] = True
+    return [induction_targets(tokens[None])[0], previous, sink]
 
 
-@torch.no_grad()
-def copying_scores(model: Any) -> Float[Tensor, "layer head"]:
-    """OV-circuit eigenvalue positivity ``sum(λ) / sum(|λ|)`` of every head (weights only)."""
-    _check_architecture(model, ("transformer",))
-    eu = model.W_U.float() @ model.W_E.float()  # [d_model, d_model]: unembed, then embed
-    w_v = model.W_V.float()  # [layer, kv_head, d_model, d_head]: grouped-query heads share one
-    w_v = w_v.repeat_interleave(model.W_O.shape[1] // w_v.shape[1], dim=1)
-    m = model.W_O.float() @ eu @ w_v  # [layer, head, d_head, d_head]
-    eig = torch.linalg.eigvals(m)
-    return eig.sum(-1).real / eig.abs().sum(-1).clamp_min(1e-12)
+def attention_scores(pattern: Float[Tensor, "head q k"], target: Bool[Tensor, "q k"]) -> Float[Tensor, " head"]:
+    """Per head, the mean over queries that have a target of the attention on the targets.
 
-
-@torch.no_grad()
-def induction_scores(
-    model: Any,
-    input: TextOrTokens | None = None,
-    *,
-    half_len: int = 20,
-    n_sequences: int = 8,
-    seed: int = 0,
-    channel_groups: int | None = None,
-) -> HeadScores:
-    """Induction, previous-token, copying and sink scores of every head, from one forward pass.
-
-    Parameters
-    ----------
-    model
-        A transformer (``blocks.{l}.attn.hook_pattern``) or a Mamba model
-        (its channel groups' mixer matrices; module docstring).
-    input
-        Prompts or token ids ``[batch, pos]``; default: ``n_sequences`` repeated
-        random sequences of ``half_len`` tokens (:func:`repeated_tokens`;
-        shorter when the model's context ``n_ctx`` is).
-        The induction score needs some repeated tokens in it.
-    half_len, n_sequences, seed
-        Shape and seed of the default input.
-    channel_groups
-        Mamba only: how many channel groups make its "heads" (default as in
-        :func:`~dynalens.probes.mixer_matrices`).
-
-    Returns
-    -------
-    HeadScores
+    ``nan`` for every head when no query has a target.
     """
-    arch = _check_architecture(model, ("transformer", "mamba"))
-    if input is None:
-        n_ctx = getattr(model.cfg, "n_ctx", None)
-        half_len = min(half_len, (n_ctx - 1) // 2) if n_ctx else half_len
-        input = repeated_tokens(model, half_len, n_sequences, seed)
-    tokens = model.to_tokens(input)
-    if arch == "transformer":
-        if channel_groups is not None:
-            raise ValueError("channel_groups is for Mamba models; this model is a transformer")
-        names = pattern_hook_names(model.cfg.n_layers)
-        _, cache = model.run_with_cache(tokens, names_filter=names)
-        patterns = [cache[name].cpu() for name in names]
-        copying = copying_scores(model).cpu()
-    else:
-        patterns = mixer_patterns(model, tokens, channel_groups)
-        copying = torch.full((len(patterns), patterns[0].shape[1]), float("nan"))
-    cpu_tokens = tokens.cpu()
-    target = induction_targets(cpu_tokens)
-    pos = cpu_tokens.shape[-1]
-    previous = torch.ones(pos, pos, dtype=torch.bool).tril(-1).triu(-1).expand_as(target)
-    return HeadScores(
-        **result_context(model, tokens[:1]),
-        induction=torch.stack([attention_scores(p, target) for p in patterns]),
-        prev_token=torch.stack([attention_scores(p, previous) for p in patterns]),
-        copying=copying,
-        sink=sink_scores_from_patterns(patterns, sink_query_mask(cpu_tokens, None, 0), 0),
-        n_sequences=tokens.shape[0],
-    )
+    has = target.any(-1)
+    mass = torch.einsum("hqk,qk->hq", pattern.float(), target.float())
+    return (mass * has).sum(-1) / has.sum()
 
 
-@torch.no_grad()
-def channel_patterns(model: Any, tokens: Int[Tensor, "batch pos"], layer: int) -> Float[Tensor, "batch channel q k"]:
-    """Every channel's materialised SSM matrix ``|M|`` with rows normalised to sum to one (Mamba)."""
-    channels = list(range(model.cfg.d_inner))
-    found = []
-    for seq in tokens:
-        m = mixer_matrices(model, seq[None], layer, channels=channels).matrices.abs()
-        found.append(m / m.sum(-1, keepdim=True).clamp_min(1e-12))
-    return torch.stack(found)
-
-
+# ----------------------------------------------------------------- Mamba channels
 def channel_group_count(model: Any, channel_groups: int | None) -> int:
-    """``channel_groups`` checked against ``d_inner`` (default as in :func:`~dynalens.probes.mixer_matrices`)."""
+    """``channel_groups`` checked against ``d_inner`` (default ``gcd(8, d_inner)``)."""
     d_inner = model.cfg.d_inner
     n = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner) if channel_groups is None else channel_groups
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= d_inner or d_inner % n:
@@ -251,25 +298,79 @@ def channel_group_count(model: Any, channel_groups: int | None) -> int:
     return n
 
 
-def mixer_patterns(
-    model: Any, tokens: Int[Tensor, "batch pos"], channel_groups: int | None = None
-) -> list[Float[Tensor, "batch group q k"]]:
-    """Per layer, each channel group's mean of its channels' :func:`channel_patterns` (Mamba).
+def channel_patterns(
+    model: Any, cache: Any, layer: int, prompts: Prompts, prompt: int
+) -> Float[Tensor, "channel q k"]:
+    """Every channel's SSM matrix ``|M|`` over one prompt's real tokens, rows normalised to sum to one (Mamba).
 
-    Scores linear in the pattern (induction, previous-token, sink) read from
-    a group's mean equal the mean of its channels' own scores.
+    ``M`` is materialised from the cache's ``mixer.hook_delta``, ``hook_B`` and
+    ``hook_C`` of ``layer`` at the prompt's real positions.
     """
-    groups = channel_group_count(model, channel_groups)
-    return [
-        channel_patterns(model, tokens, layer).unflatten(1, (groups, -1)).mean(2) for layer in range(model.cfg.n_layers)
-    ]
+    delta, B, C = (
+        prompts.real(cache[names.mixer(layer, part)], prompt)[None].transpose(1, 2)
+        for part in ("delta", "B", "C")
+    )  # [1, d_inner | d_state, pos]
+    m = mixer_matrix(delta, model.blocks[layer].mixer.A, B, C)[0].abs().float().cpu()
+    return m / m.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
-def _check_architecture(model: Any, accepted: tuple[str, ...]) -> str:
-    arch = architecture_of(model)
-    if arch not in accepted:
-        raise TypeError(
-            f"head scores need attention patterns or mixer matrices of {' or '.join(accepted)} models; "
-            f"this model is a {arch}"
-        )
-    return arch
+def group_patterns(patterns: Float[Tensor, "channel q k"], groups: int) -> Float[Tensor, "group q k"]:
+    """Each channel group's mean of its channels' patterns.
+
+    Scores linear in the pattern (induction, previous-token, sink) read from a
+    group's mean equal the mean of its channels' own scores.
+    """
+    return patterns.unflatten(0, (groups, -1)).mean(1)
+
+
+# --------------------------------------------------------------- copying scores
+@dataclass(kw_only=True, eq=False)
+class CopyingScoresResult(Result):
+    """OV-circuit eigenvalue positivity of every head (weights only: no prompts).
+
+    Attributes
+    ----------
+    scores
+        ``[layer, head]`` in ``[-1, 1]``; 1 for a head that copies what it attends to.
+    """
+
+    scores: Float[Tensor, "layer head"]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per head: ``layer, head, copying``."""
+        return grid_frame({"copying": self.scores})
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` heads with the highest copying score."""
+        return self.to_frame().nlargest(k, "copying").reset_index(drop=True)
+
+    def figure(self) -> go.Figure:
+        """The layer × head grid of copying scores."""
+        return grid_figure(self.scores, "copying", f"copying scores · {self.model_name}", signed=True)
+
+
+class CopyingScores(Experiment):
+    """OV-circuit eigenvalue positivity ``sum(λ) / sum(|λ|)`` of every head, from the weights alone.
+
+    Examples
+    --------
+    >>> CopyingScores()(model).top(5)          # doctest: +SKIP
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ("transformer",)
+    requirement: ClassVar[str] = "attention heads with an OV circuit"
+
+    def __init__(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def run(self, model: Any, prompts: Prompts | None = None) -> CopyingScoresResult:
+        """The scores of ``model``'s heads; ``prompts`` are not read (the result has none)."""
+        self.check(model)
+        eu = model.W_U.float() @ model.W_E.float()  # [d_model, d_model]: unembed, then embed
+        w_v = model.W_V.float()  # [layer, kv_head, d_model, d_head]: grouped-query heads share one
+        w_v = w_v.repeat_interleave(model.W_O.shape[1] // w_v.shape[1], dim=1)
+        m = model.W_O.float() @ eu @ w_v  # [layer, head, d_head, d_head]
+        eig = torch.linalg.eigvals(m)
+        scores = eig.sum(-1).real / eig.abs().sum(-1).clamp_min(1e-12)
+        return CopyingScoresResult(**self.provenance(model, None), scores=scores.float().cpu())

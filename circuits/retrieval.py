@@ -34,21 +34,25 @@ the prompt pass's last row is the first step's query (the code's prefill stops
 one token earlier and feeds the last prompt token as the first step), then one
 query per generated token.
 
-Masking (:class:`NeedleScorer` with :func:`~dynalens.circuits.ablate_heads`,
+Masking (:class:`NeedleScorer` with :class:`~dynalens.circuits.HeadAblation`,
 ``method="mask"``, ``last_queries=1``) makes the chosen heads attend uniformly
 at decoding steps only, as the paper's ``needle_in_haystack_with_mask.py``
 does by zeroing their queries; needle accuracy is the ROUGE-1 recall of the
 answer, and the random control draws heads outside the top 100.
 
-Mamba has no attention: :func:`mixer_retrieval_scores` applies the same
-copy-paste rule to each channel's materialised SSM matrix (the key with the
-largest ``|M[q, k]|``) and averages the channels of each channel group.
+:class:`RetrievalScores` decodes each haystack on its own (its result's
+``prompts`` are the haystacks, left-padded).
 
->>> ret = dl.circuits.retrieval_scores(model, haystacks=30, context_tokens=(1000, 2000))  # doctest: +SKIP
->>> ret.top(10); ret.figure()                                               # doctest: +SKIP
->>> needle = dl.circuits.NeedleScorer(model)                                 # doctest: +SKIP
->>> dl.circuits.ablate_heads(model, ret.top(10), needle, method="mask",
-...                          last_queries=needle.answer_queries, exclude=ret.top(100))  # doctest: +SKIP
+Mamba has no attention: :class:`MixerRetrievalScores` applies the same
+copy-paste rule, from a cache, to each channel's materialised SSM matrix (the
+key with the largest ``|M[q, k]|``) and averages the channels of each channel
+group.
+
+>>> ret = dl.circuits.RetrievalScores(30, context_tokens=(1000, 2000))(model)   # doctest: +SKIP
+>>> ret.top(10); ret.figure()                                                   # doctest: +SKIP
+>>> needle = dl.circuits.NeedleScorer(model)                                     # doctest: +SKIP
+>>> dl.circuits.HeadAblation(ret.top(10), needle, method="mask", last_queries=needle.answer_queries,
+...                          exclude=ret.top(100))(model)                        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -57,22 +61,23 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, NamedTuple
+from functools import lru_cache, partial
+from typing import Any, ClassVar, NamedTuple
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from dynalens.circuits.heads import channel_group_count, channel_patterns
-from dynalens.probes.figures import heatmap
-from dynalens.models.surface import architecture_of
-from dynalens.models.surface import result_context
-from dynalens.probes.results import Result
-from dynalens.probes.sinks import check_transformer
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
+
+from dynalens.circuits.heads import grid_figure, grid_frame, channel_group_count, channel_patterns
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import unembed_resid
+from dynalens.probes.analysis import Analysis, Experiment
+from dynalens.probes.results import Result
 
 RETRIEVAL_THRESHOLD = 0.1
 """Score above which a head counts as a retrieval head (the paper's threshold)."""
@@ -267,12 +272,12 @@ def _decode(model: Any, haystack: Haystack, fwd_hooks: Sequence = (), *, read_he
     n_layers, n_prompt = model.cfg.n_layers, haystack.tokens.shape[0]
     steps: list[list[Tensor]] = [[] for _ in range(n_layers)]
 
-    def record(pattern: Float[Tensor, "batch head q k"], hook: Any) -> None:
-        steps[int(hook.name.split(".")[1])].append(pattern[0, :, -1].argmax(-1).cpu())
+    def record(pattern: Float[Tensor, "batch head q k"], hook: Any, layer: int) -> None:
+        steps[layer].append(pattern[0, :, -1].argmax(-1).cpu())
 
     hooks = list(fwd_hooks)
     if read_heads:
-        hooks += [(f"blocks.{layer}.attn.hook_pattern", record) for layer in range(n_layers)]
+        hooks += [(names.pattern(layer), partial(record, layer=layer)) for layer in range(n_layers)]
     max_new = min(MAX_NEW_TOKENS, model.cfg.n_ctx - n_prompt)
     out = model.generate(
         haystack.tokens[None], max_new, fwd_hooks=hooks, return_type="tokens",
@@ -300,34 +305,42 @@ def copy_paste_scores(
 
 
 @dataclass(kw_only=True, eq=False)
-class RetrievalScores(Result):
-    """Retrieval score of every head over needle-in-a-haystack prompts.
+class RetrievalScoresResult(Result):
+    """Retrieval score of every head over needle-in-a-haystack prompts (``prompts``: the haystacks).
 
     Attributes
     ----------
-    scores
-        ``[layer, head]`` mean copy-paste score over the retrieved haystacks.
     haystack_scores
-        ``[haystack, layer, head]``: each haystack's own scores.
+        ``[haystack, layer, head]``: each haystack's own copy-paste scores.
     recall
         ROUGE-1 recall of the needle's answer in each haystack's response.
     responses
         The model's greedy answer to each haystack.
-    prompt_tokens
-        Prompt length per haystack.
+    needle_spans
+        ``[start, stop]`` real positions of each haystack's needle answer.
+    answers
+        Each haystack's needle answer (the ROUGE-1 reference).
     threshold
         Score above which a head counts as a retrieval head.
     min_recall
         Haystacks with recall at most this are not averaged.
     """
 
-    scores: Float[Tensor, "layer head"]
     haystack_scores: Float[Tensor, "haystack layer head"]
     recall: Float[Tensor, " haystack"]
     responses: list[str]
-    prompt_tokens: list[int]
+    needle_spans: list[list[int]]
+    answers: list[str]
     threshold: float = RETRIEVAL_THRESHOLD
     min_recall: float = MIN_RECALL
+
+    @property
+    def scores(self) -> Float[Tensor, "layer head"]:
+        """Each head's mean score over the retrieved haystacks (zeros when none was retrieved)."""
+        retrieved = self.recall > self.min_recall
+        if not retrieved.any():
+            return torch.zeros_like(self.haystack_scores[0])
+        return self.haystack_scores[retrieved].mean(0)
 
     @property
     def retrieved(self) -> int:
@@ -335,59 +348,58 @@ class RetrievalScores(Result):
         return int((self.recall > self.min_recall).sum())
 
     @property
+    def prompt_tokens(self) -> list[int]:
+        """Prompt length per haystack."""
+        return self._prompts().lengths.tolist()
+
+    @property
     def fraction(self) -> float:
         """Share of heads whose score exceeds the threshold."""
         return (self.scores > self.threshold).float().mean().item()
 
+    def haystacks(self) -> list[Haystack]:
+        """The haystacks the scores were computed on."""
+        prompts = self._prompts()
+        return [
+            Haystack(prompts.real(prompts.tokens, i).cpu(), (span[0], span[1]), answer)
+            for i, (span, answer) in enumerate(zip(self.needle_spans, self.answers))
+        ]
+
     def heads(self) -> list[tuple[int, int]]:
         """The retrieval heads (score above threshold), best first."""
-        frame = self.to_frame()
-        frame = frame[frame["retrieval"]].sort_values("score", ascending=False)
+        frame = self.top(self.scores.numel())
+        frame = frame[frame["retrieval"]]
         return list(zip(frame["layer"].tolist(), frame["head"].tolist()))
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per head: ``layer, head, score, retrieval``."""
-        layers, heads = self.scores.shape
-        flat = self.scores.flatten()
-        return pd.DataFrame({
-            "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
-            "head": torch.arange(heads).repeat(layers).numpy(),
-            "score": flat.numpy(),
-            "retrieval": (flat > self.threshold).numpy(),
-        })  # fmt: skip
+        """One row per haystack and head: ``prompt, layer, head, score, retrieved`` (whether it is averaged)."""
+        frames = []
+        for prompt, scores in enumerate(self.haystack_scores):
+            frame = grid_frame({"score": scores})
+            frame.insert(0, "prompt", prompt)
+            frame["retrieved"] = bool(self.recall[prompt] > self.min_recall)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` heads with the highest retrieval scores."""
-        return self.to_frame().nlargest(k, "score", keep="first").reset_index(drop=True)
+        """The ``k`` heads with the highest mean scores: ``layer, head, score, retrieval``."""
+        frame = grid_frame({"score": self.scores})
+        frame["retrieval"] = frame["score"] > self.threshold
+        return frame.nlargest(k, "score", keep="first").reset_index(drop=True)
 
     def figure(self) -> go.Figure:
-        """The layer × head grid of retrieval scores."""
-        layers, heads = self.scores.shape
-        return heatmap(
-            self.scores.numpy(), x_labels=[f"H{h}" for h in range(heads)],
-            y_labels=[f"L{layer}" for layer in range(layers)], x_title="head", y_title="layer",
-            value_name="retrieval score",
-            title=f"Retrieval scores ({self.fraction:.1%} of heads > {self.threshold}) · {self.model_name}",
-            y_reversed=True,
+        """The layer × head grid of mean retrieval scores."""
+        return grid_figure(
+            self.scores, "retrieval score",
+            f"Retrieval scores ({self.fraction:.1%} of heads > {self.threshold}) · {self.model_name}",
         )  # fmt: skip
 
 
-def retrieval_scores(
-    model: Any,
-    haystacks: int | Sequence[Haystack] = 20,
-    *,
-    context_tokens: int | Sequence[int] = (500, 1000),
-    needles: Sequence[Needle] = NEEDLES,
-    threshold: float = RETRIEVAL_THRESHOLD,
-    min_recall: float = MIN_RECALL,
-    progress: bool = False,
-) -> RetrievalScores:
-    """The retrieval score of every head, averaged over needle-in-a-haystack prompts.
+class RetrievalScores(Experiment):
+    """The retrieval score of every head, averaged over needle-in-a-haystack prompts (greedy decoding).
 
     Parameters
     ----------
-    model
-        A transformer with a tokenizer.
     haystacks
         How many haystacks to generate (:func:`make_haystacks`), or the haystacks.
     context_tokens
@@ -401,100 +413,208 @@ def retrieval_scores(
     progress
         Show a progress bar over haystacks.
 
-    Returns
-    -------
-    RetrievalScores
+    The haystacks are the experiment's prompts: the prompts of a run are not
+    read, and the result's ``prompts`` hold the haystacks.
+
+    Examples
+    --------
+    >>> ret = RetrievalScores(30, context_tokens=(1000, 2000))(model)     # doctest: +SKIP
+    >>> ret.top(10); ret.figure()                                         # doctest: +SKIP
     """
-    check_transformer(model)
-    if not 0.0 <= min_recall < 1.0:
-        raise ValueError(f"min_recall must lie in [0, 1), got {min_recall!r}")
-    if isinstance(haystacks, int):
-        haystacks = make_haystacks(model, haystacks, context_tokens=context_tokens, needles=needles)
-    if not haystacks:
-        raise ValueError("haystacks is empty: pass a positive number or at least one Haystack")
-    per_haystack, recall, responses = [], [], []
-    for haystack in tqdm(haystacks, desc="haystacks", disable=not progress):
-        decoding = _decode(model, haystack, read_heads=True)
-        per_haystack.append(copy_paste_scores(decoding.top_keys, decoding.generated, haystack))
-        responses.append(model.tokenizer.decode(decoding.generated, skip_special_tokens=True).strip())
-        recall.append(rouge1_recall(haystack.answer, responses[-1]))
-    haystack_scores, recall_t = torch.stack(per_haystack), torch.tensor(recall)
-    retrieved = recall_t > min_recall
-    scores = haystack_scores[retrieved].mean(0) if retrieved.any() else torch.zeros_like(haystack_scores[0])
-    return RetrievalScores(
-        **result_context(model, haystacks[0].tokens[None]),
-        scores=scores,
-        haystack_scores=haystack_scores,
-        recall=recall_t,
-        responses=responses,
-        prompt_tokens=[h.tokens.shape[0] for h in haystacks],
-        threshold=threshold,
-        min_recall=min_recall,
-    )
+
+    architectures: ClassVar[tuple[str, ...]] = ("transformer",)
+    requirement: ClassVar[str] = "attention heads"
+
+    def __init__(
+        self,
+        haystacks: int | Sequence[Haystack] = 20,
+        *,
+        context_tokens: int | Sequence[int] = (500, 1000),
+        needles: Sequence[Needle] = NEEDLES,
+        threshold: float = RETRIEVAL_THRESHOLD,
+        min_recall: float = MIN_RECALL,
+        progress: bool = False,
+    ):
+        self.haystacks = haystacks
+        self.context_tokens = context_tokens
+        self.needles = needles
+        self.threshold = threshold
+        self.min_recall = min_recall
+        self.progress = progress
+
+    def check(self, model: Any) -> None:
+        super().check(model)
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("needle-in-a-haystack prompts are text: this model has no tokenizer")
+        if not 0.0 <= self.min_recall < 1.0:
+            raise ValueError(f"min_recall must lie in [0, 1), got {self.min_recall!r}")
+
+    def provenance(self, model: Any, prompts: Prompts | None) -> dict[str, Any]:
+        fields = super().provenance(model, prompts)
+        if not isinstance(self.haystacks, int):  # the haystacks themselves are the result's prompts
+            fields["params"]["haystacks"] = len(self.haystacks)
+        return fields
+
+    def run(self, model: Any, prompts: Prompts | None = None) -> RetrievalScoresResult:
+        """Decode every haystack and score each head's copy-paste steps."""
+        self.check(model)
+        haystacks = self.haystacks
+        if isinstance(haystacks, int):
+            haystacks = make_haystacks(model, haystacks, context_tokens=self.context_tokens, needles=self.needles)
+        haystacks = list(haystacks)
+        if not haystacks:
+            raise ValueError("haystacks is empty: pass a positive number or at least one Haystack")
+        per_haystack, recall, responses = [], [], []
+        for haystack in tqdm(haystacks, desc="haystacks", disable=not self.progress):
+            decoding = _decode(model, haystack, read_heads=True)
+            per_haystack.append(copy_paste_scores(decoding.top_keys, decoding.generated, haystack))
+            responses.append(model.tokenizer.decode(decoding.generated, skip_special_tokens=True).strip())
+            recall.append(rouge1_recall(haystack.answer, responses[-1]))
+        batch = Prompts(model, [h.tokens for h in haystacks])
+        return RetrievalScoresResult(
+            **self.provenance(model, batch),
+            haystack_scores=torch.stack(per_haystack),
+            recall=torch.tensor(recall),
+            responses=responses,
+            needle_spans=[list(h.needle_span) for h in haystacks],
+            answers=[h.answer for h in haystacks],
+            threshold=self.threshold,
+            min_recall=self.min_recall,
+        )
 
 
-@torch.no_grad()
-def mixer_retrieval_scores(
-    model: Any,
-    tokens: Int[Tensor, "batch pos"],
-    score_mask: Bool[Tensor, "batch pos"],
-    source_mask: Bool[Tensor, "batch pos"] | None = None,
-    *,
-    channel_groups: int | None = None,
-) -> Float[Tensor, "layer group"]:
+# ----------------------------------------------------------------- Mamba
+@dataclass(kw_only=True, eq=False)
+class MixerRetrievalScoresResult(Result):
+    """Retrieval scores of a Mamba model's channel groups, per prompt.
+
+    Attributes
+    ----------
+    prompt_scores
+        ``[prompt, layer, group]`` in ``[0, 1]``: each prompt's copy-paste share
+        of its scored steps (``nan`` for a prompt with none).
+    steps
+        ``[prompt]``: the scored steps of each prompt.
+    """
+
+    prompt_scores: Float[Tensor, "prompt layer group"]
+    steps: Int[Tensor, " prompt"]
+
+    @property
+    def scores(self) -> Float[Tensor, "layer group"]:
+        """The mean over the prompts that have scored steps."""
+        return self.prompt_scores[self.steps > 0].mean(0)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt, layer and channel group: ``prompt, layer, group, score``."""
+        frames = []
+        for prompt, scores in enumerate(self.prompt_scores):
+            frame = grid_frame({"score": scores}).rename(columns={"head": "group"})
+            frame.insert(0, "prompt", prompt)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` channel groups with the highest mean scores."""
+        frame = grid_frame({"score": self.scores}).rename(columns={"head": "group"})
+        return frame.nlargest(k, "score", keep="first").reset_index(drop=True)
+
+    def figure(self) -> go.Figure:
+        """The layer × channel-group grid of mean retrieval scores."""
+        return grid_figure(self.scores, "retrieval score", f"Channel-group retrieval scores · {self.model_name}")
+
+
+class MixerRetrievalScores(Analysis):
     """Retrieval scores of a Mamba model's channel groups, from the materialised SSM matrices.
 
-    At every scored step (query ``q`` with ``score_mask[b, q]``, predicting
-    ``tokens[b, q + 1]``) where the model's top-1 token is that next token, a
-    channel copy-pastes when the key with the largest ``|M[q, k]|`` lies in
-    ``source_mask`` and holds that same token. A channel's score is its
-    copy-paste share of the scored steps of a sequence, averaged over the
-    batch; a group's score is the mean over its channels.
+    At every scored step (query ``q`` of a prompt, predicting its real token
+    ``q + 1``) where the model's top-1 token is that next token, a channel
+    copy-pastes when the key with the largest ``|M[q, k]|`` lies in the
+    source positions and holds that same token. A channel's score is its
+    copy-paste share of the scored steps of a prompt; a group's score is the
+    mean over its channels; the batch's, the mean over prompts.
 
     Parameters
     ----------
-    model
-        A Mamba model.
-    tokens
-        ``[batch, pos]`` sequences that copy earlier tokens (e.g. associative recall).
     score_mask
-        ``[batch, pos]``: the queries that copy (a task batch's ``score_mask``).
+        ``[batch, pos]`` in the prompts' (left-padded) layout: the queries that
+        copy (a task batch's ``score_mask``); default every real position.
     source_mask
         ``[batch, pos]``: where the copied tokens may be read from (the needle,
-        the key-value context); default every position.
+        the key-value context); default every real position.
     channel_groups
-        How many channel groups to report (default as in :func:`~dynalens.probes.mixer_matrices`).
-
-    Returns
-    -------
-    Tensor ``[layer, group]`` in ``[0, 1]``.
+        How many channel groups to report (default ``gcd(8, d_inner)``).
     """
-    if architecture_of(model) != "mamba":
-        raise TypeError(
-            f"mixer_retrieval_scores reads SSM matrices of Mamba models; this model is a {architecture_of(model)}"
+
+    architectures: ClassVar[tuple[str, ...]] = ("mamba",)
+    requirement: ClassVar[str] = "SSM mixer matrices"
+
+    def __init__(
+        self,
+        score_mask: Bool[Tensor, "batch pos"] | None = None,
+        source_mask: Bool[Tensor, "batch pos"] | None = None,
+        channel_groups: int | None = None,
+    ):
+        self.score_mask = score_mask
+        self.source_mask = source_mask
+        self.channel_groups = channel_groups
+
+    def check(self, model: Any) -> None:
+        super().check(model)
+        channel_group_count(model, self.channel_groups)
+
+    def hooks(self, model: Any) -> list[str]:
+        n_layers = model.cfg.n_layers
+        mixers = [names.mixer(layer, part) for layer in range(n_layers) for part in ("delta", "B", "C")]
+        return [*mixers, names.resid_post(n_layers - 1)]
+
+    def provenance(self, model: Any, prompts: Prompts | None) -> dict[str, Any]:
+        fields = super().provenance(model, prompts)
+        for key in ("score_mask", "source_mask"):
+            value = getattr(self, key)
+            if value is not None:
+                fields["params"][key] = torch.as_tensor(value).int().tolist()
+        return fields
+
+    def _mask(self, value: Tensor | None, prompts: Prompts, name: str) -> Bool[Tensor, "batch pos"]:
+        if value is None:
+            return prompts.mask.cpu()
+        value = torch.as_tensor(value, dtype=torch.bool).cpu()
+        if value.shape != prompts.tokens.shape:
+            raise ValueError(
+                f"{name} must have the prompts' tokens' shape {tuple(prompts.tokens.shape)} (left-padded), "
+                f"got {tuple(value.shape)}"
+            )
+        return value & prompts.mask.cpu()
+
+    def _compute(self, cache: Any, prompts: Prompts) -> MixerRetrievalScoresResult:
+        model = cache.model
+        groups = channel_group_count(model, self.channel_groups)
+        score_mask = self._mask(self.score_mask, prompts, "score_mask")
+        source_mask = self._mask(self.source_mask, prompts, "source_mask")
+        predicted = unembed_resid(model, cache[names.resid_post(model.cfg.n_layers - 1)]).argmax(-1).cpu()
+        scores, steps = [], []
+        for prompt in range(len(prompts)):
+            tokens, guess, score, source = (
+                prompts.real(x, prompt).cpu() for x in (prompts.tokens, predicted, score_mask, source_mask)
+            )
+            target = tokens.roll(-1)
+            score = score.clone()
+            score[-1] = False  # the last position has no next token to copy
+            n_steps = int(score.sum())
+            copied = (guess == target) & score  # [q]
+            per_layer = []
+            for layer in range(model.cfg.n_layers):
+                top = channel_patterns(model, cache, layer, prompts, prompt).argmax(-1)  # [channel, q]
+                hit = (tokens[top] == target) & source[top] & copied
+                per_layer.append((hit.sum(-1) / n_steps).view(groups, -1).mean(-1))
+            scores.append(torch.stack(per_layer))
+            steps.append(n_steps)
+        return MixerRetrievalScoresResult(
+            **self.provenance(model, prompts),
+            prompt_scores=torch.stack(scores).float(),
+            steps=torch.tensor(steps, dtype=torch.long),
         )
-    tokens = torch.as_tensor(tokens).cpu()
-    score_mask = torch.as_tensor(score_mask, dtype=torch.bool).cpu()
-    source_mask = torch.ones_like(score_mask) if source_mask is None else source_mask
-    source_mask = torch.as_tensor(source_mask, dtype=torch.bool).cpu()
-    if score_mask.shape != tokens.shape or source_mask.shape != tokens.shape:
-        raise ValueError(f"score_mask and source_mask must have the tokens' shape {tuple(tokens.shape)}")
-    score_mask = score_mask.clone()
-    score_mask[:, -1] = False  # the last position has no next token to copy
-    steps = score_mask.sum(-1)
-    if not steps.all():
-        raise ValueError("score_mask must select at least one query before the last position in every sequence")
-    groups = channel_group_count(model, channel_groups)
-    target = tokens.roll(-1, dims=1)
-    copied = (model(tokens).argmax(-1).cpu() == target) & score_mask  # [batch, q]
-    scores = []
-    for layer in range(model.cfg.n_layers):
-        top = channel_patterns(model, tokens, layer).argmax(-1)  # [batch, channel, q]
-        held = tokens.gather(1, top.flatten(1)).view_as(top)
-        hit = (held == target[:, None]) & source_mask.gather(1, top.flatten(1)).view_as(top) & copied[:, None]
-        per_channel = (hit.sum(-1) / steps[:, None]).mean(0)  # [channel]
-        scores.append(per_channel.view(groups, -1).mean(-1))
-    return torch.stack(scores)
 
 
 @dataclass
@@ -503,7 +623,7 @@ class NeedleScorer:
 
     Each trial draws ``n_haystacks`` haystacks of one needle at random depths
     and returns the mean recall of the model's greedy answers. Hooks passed
-    by :func:`~dynalens.circuits.ablate_heads` stay on while decoding; with
+    by :class:`~dynalens.circuits.HeadAblation` stay on while decoding; with
     ``method="mask"`` and ``last_queries=answer_queries`` they mask the
     decoding steps only, as the paper does.
     """

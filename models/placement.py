@@ -64,6 +64,8 @@ def place(
     offload_dir = None if offload_folder is None else os.fspath(offload_folder)
     dispatch_model(model, device_map, offload_dir=offload_dir, preload_module_classes=blocks)
     model.hf_device_map = dict(device_map)
+    first = device_map.get("embed", next(iter(device_map.values())))  # where tokens go first
+    model.input_device = torch.device("cpu" if first == "disk" else first)  # disk weights run on the CPU
     return model
 
 

@@ -59,14 +59,14 @@ class Prompts:
 
     def __init__(self, model: Any, inputs: PromptInput):
         if isinstance(inputs, Prompts):
-            self._take(inputs.to(_device_of(model)))
+            self._take(inputs.to(input_device(model)))
             return
         rows, texts = _token_rows(model, inputs)
         pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
         built = Prompts.from_ids(
             rows, texts=texts, pad_id=0 if pad is None else int(pad), decode=_decoder(model)
         )
-        self._take(built.to(_device_of(model)))
+        self._take(built.to(input_device(model)))
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -227,8 +227,10 @@ class Prompts:
         return digest.hexdigest()[:16]
 
 
-def _device_of(model: Any) -> torch.device:
-    device = getattr(getattr(model, "cfg", None), "device", None)
+def input_device(model: Any) -> torch.device:
+    """The device a model's inputs go to: where it was placed (``models/placement.py``),
+    its ``cfg.device``, else its first parameter's."""
+    device = getattr(model, "input_device", None) or getattr(getattr(model, "cfg", None), "device", None)
     if device is not None:
         return torch.device(device)
     return next(model.parameters()).device

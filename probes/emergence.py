@@ -2,7 +2,7 @@
 
 Gallego-Feliciano et al. 2025 ("Hidden Dynamics of Massive Activations in
 Transformer Training", arXiv 2508.03616) track, per layer and checkpoint, the
-ratio ``r = mean_x max|h| / mean_x median|h|`` (:func:`~dynalens.probes.massive.massive_ratio`)
+ratio ``r = mean_x max|h| / mean_x median|h|`` (``MassiveActivationsResult.ratio``)
 and model its trajectory over training steps ``t`` with an
 exponentially-modulated logarithmic function of five parameters::
 
@@ -17,17 +17,18 @@ abstract (found through the ``search`` tool) confirms the five-parameter
 exponentially-modulated logarithmic form; the exact expression above is the
 project's reading of the paper in ``PAPERS.md``.
 
-- :func:`checkpoint_series`, :func:`track_checkpoints`: any measurement over the
-  zoo's checkpoints or any list of model folders, with a progress bar.
-- :func:`massive_emergence`: the massive ratio per layer over checkpoints, fitted.
+- :func:`checkpoint_series`: the zoo's checkpoints, a run's, or any list of model folders.
+- :class:`Checkpoints`: any analyses over those checkpoints, on the same prompts.
+- :class:`MassiveEmergence`: the massive ratio per layer over checkpoints, fitted.
 - :class:`EmergenceFit`: the curve fit (scikit-learn style ``fit`` / ``predict`` / ``score``).
 - :func:`architecture_features`, :class:`EmergenceRegressor`: features → fitted parameters.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,12 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dynalens.models.base import TextOrTokens
+from dynalens.models.prompts import Prompts
+from dynalens.probes.analysis import Analysis, Experiment
+from dynalens.probes.analysis import run as run_all
 from dynalens.probes.figures import TEMPLATE
-from dynalens.probes.massive import massive_ratio, prompt_batches, site_hook_names, site_labels
-from dynalens.models.surface import result_context
-from dynalens.probes.results import Result
+from dynalens.probes.massive import MassiveActivations, site_labels
+from dynalens.probes.results import Result, Saved
 
 PARAM_NAMES = ("A", "lambda", "gamma", "t0", "K")
 """The five parameters of :func:`emergence_function`, in order."""
@@ -239,88 +241,224 @@ def checkpoint_series(source: str | Path | Sequence[str | Path]) -> list[tuple[i
     return sorted(zip(steps, folders))
 
 
-def track_checkpoints(
-    source: str | Path | Sequence[str | Path],
-    measure: Callable[[Any], Any],
-    *,
-    loader: Callable[[Path], Any] | None = None,
-    progress: bool = True,
-) -> tuple[list[int], list[Any]]:
-    """Run ``measure(model)`` on every checkpoint of a series.
+def _each_checkpoint(
+    source: Any, prompts: Prompts, loader: Callable[[Path], Any] | None, progress: bool
+) -> Iterator[tuple[int, Path, Any, Prompts]]:
+    """``(step, folder, model, prompts)`` of every checkpoint, loaded one at a time."""
+    if loader is None:
+        from dynalens.models.loading import load as loader
+    for step, folder in tqdm(checkpoint_series(source), disable=not progress, desc="checkpoints"):
+        model = loader(folder)
+        largest = int(prompts.tokens.max())
+        if largest >= model.cfg.d_vocab:
+            raise ValueError(
+                f"the checkpoint at {os.fspath(folder)!r} has d_vocab {model.cfg.d_vocab}, too small for "
+                f"token id {largest} of the prompts: every checkpoint must share the model's vocabulary"
+            )
+        yield step, folder, model, Prompts(model, prompts)
+
+
+@dataclass(kw_only=True, eq=False)
+class CheckpointsResult(Result):
+    """The Results of some analyses at every checkpoint of a training run.
+
+    Attributes
+    ----------
+    steps
+        The checkpoints' training steps, increasing.
+    folders
+        Each checkpoint's folder.
+    results
+        ``{analysis name: [Result per checkpoint]}``.
+    """
+
+    steps: list[int]
+    folders: list[str]
+    results: dict[str, list[Result]]
+
+    def metrics(self) -> dict[str, float]:
+        """Each analysis' metrics at the last checkpoint, as ``{analysis}.{metric}``."""
+        return {f"{name}.{k}": v for name, series in self.results.items() for k, v in series[-1].metrics().items()}
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every result's ``to_frame()`` with ``step`` and ``analysis`` columns in front."""
+        frames = []
+        for name, series in self.results.items():
+            for step, result in zip(self.steps, series):
+                frame = result.to_frame()
+                frame.insert(0, "analysis", name)
+                frame.insert(0, "step", step)
+                frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """Each analysis' ``top(k)`` at the last checkpoint, with an ``analysis`` column."""
+        frames = [series[-1].top(k).assign(analysis=name) for name, series in self.results.items()]
+        return pd.concat(frames, ignore_index=True)
+
+    def figure(self, *, analysis: str | None = None, column: str | None = None,
+               by: Sequence[str] = ()) -> go.Figure:  # fmt: skip
+        """The mean of one ``column`` of an analysis' frame over the steps, one line per ``by`` group.
+
+        ``analysis`` defaults to the first, ``column`` to the last numeric column of its frame.
+        """
+        name = next(iter(self.results)) if analysis is None else analysis
+        if name not in self.results:
+            raise KeyError(f"no analysis named {name!r}; this result holds {sorted(self.results)}")
+        frame = self.to_frame().query("analysis == @name").dropna(axis=1, how="all")
+        numeric = [c for c in frame.select_dtypes("number").columns if c not in ("step", "prompt", *by)]
+        column = numeric[-1] if column is None else column
+        if column not in frame.columns:
+            raise KeyError(f"{name} has no column {column!r}; its numeric columns: {numeric}")
+        fig = go.Figure()
+        groups = frame.groupby(list(by)) if by else [((), frame)]
+        for key, group in groups:
+            means = group.groupby("step")[column].mean()
+            label = ", ".join(f"{b}={v}" for b, v in zip(by, key if isinstance(key, tuple) else (key,)))
+            fig.add_trace(go.Scatter(x=means.index.tolist(), y=means.tolist(), mode="lines+markers",
+                                     name=label or column))  # fmt: skip
+        fig.update_layout(template=TEMPLATE, xaxis_title="training step", yaxis_title=f"mean {column}",
+                          title=dict(text=f"{name} over training · {self.model_name}"))
+        return fig
+
+    def _fields(self) -> dict[str, Any]:
+        fields = super()._fields()
+        fields["results"] = {
+            name: [{"type": type(r).__name__, "fields": r._fields()} for r in series]
+            for name, series in self.results.items()
+        }
+        return fields
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> CheckpointsResult:
+        fields["results"] = {
+            name: [Saved._registry[r["type"]]._from_fields(r["fields"]) for r in series]
+            for name, series in fields["results"].items()
+        }
+        return super()._from_fields(fields)
+
+
+class Checkpoints(Experiment):
+    """Run analyses on every checkpoint of a training run, on the same prompts.
+
+    Each checkpoint is loaded in turn and all the analyses share its one
+    forward (:func:`~dynalens.probes.analysis.run`).
 
     Parameters
     ----------
     source
         See :func:`checkpoint_series`.
-    measure
-        Any function of a loaded model (``lambda m: massive_ratio(m, prompts)``).
+    analyses
+        The analyses to run at each checkpoint.
     loader
         Loads a folder (default :func:`dynalens.load`).
     progress
-        Show a progress bar.
+        Show a progress bar over the checkpoints.
 
-    Returns
-    -------
-    steps, values
-        The checkpoint steps and ``measure``'s result at each.
+    Examples
+    --------
+    >>> series = dl.probes.Checkpoints("attn3l-bbc", [dl.probes.SinkScores()])(model, tokens)  # doctest: +SKIP
+    >>> [r.mean[1, 0].item() for r in series.results["sink_scores"]]                         # doctest: +SKIP
     """
-    if loader is None:
-        from dynalens.models.loading import load as loader
-    series = checkpoint_series(source)
-    steps, values = [], []
-    for step, folder in tqdm(series, disable=not progress, desc="checkpoints"):
-        steps.append(step)
-        values.append(measure(loader(folder)))
-    return steps, values
+
+    def __init__(
+        self,
+        source: str | Path | Sequence[str | Path],
+        analyses: Sequence[Analysis],
+        loader: Callable[[Path], Any] | None = None,
+        progress: bool = False,
+    ):
+        self.source = source
+        self.analyses = analyses
+        self.loader = loader
+        self.progress = progress
+
+    def run(self, model: Any, prompts: Prompts | None) -> CheckpointsResult:
+        if prompts is None:
+            raise ValueError("Checkpoints needs prompts: pass the fixed prompts every checkpoint reads")
+        analyses = list(self.analyses)
+        steps, folders, results = [], [], {a.name: [] for a in analyses}
+        for step, folder, checkpoint, at in _each_checkpoint(self.source, prompts, self.loader, self.progress):
+            found = run_all(checkpoint, at, analyses)
+            steps.append(step)
+            folders.append(os.fspath(folder))
+            for name in results:
+                results[name].append(found[name])
+        return CheckpointsResult(**self.provenance(model, prompts), steps=steps, folders=folders, results=results)
 
 
 # ------------------------------------------------------------- massive emergence
 @dataclass(kw_only=True, eq=False)
-class MassiveEmergence(Result):
+class MassiveEmergenceResult(Result):
     """The massive ratio of each layer over checkpoints, with its emergence fit.
-
-    ``tokens`` / ``str_tokens`` show the first probe sequence.
 
     Attributes
     ----------
     steps
         ``[checkpoint]`` training steps.
-    ratios
-        ``[checkpoint, row]`` ``mean_x max|h| / mean_x median|h|`` per hook.
+    maxima, medians
+        ``[checkpoint, batch, row]`` each prompt's largest and median ``|h|`` per hook.
     hook_names
         The hook of each row.
-    params
-        ``[row, 5]`` fitted ``A, lambda, gamma, t0, K`` (NaN where the fit failed).
+    fit_params
+        ``[row, 5]`` fitted ``A, lambda, gamma, t0, K`` of each row's :attr:`ratios` (NaN where the fit failed).
     r2
         ``[row]`` R² of each fit (NaN where it failed).
     """
 
     steps: Float[Tensor, " checkpoint"]
-    ratios: Float[Tensor, "checkpoint row"]
+    maxima: Float[Tensor, "checkpoint batch row"]
+    medians: Float[Tensor, "checkpoint batch row"]
     hook_names: list[str]
-    params: Float[Tensor, "row 5"]
+    fit_params: Float[Tensor, "row 5"]
     r2: Float[Tensor, " row"]
+
+    @property
+    def ratios(self) -> Float[Tensor, "checkpoint row"]:
+        """``r = mean_x max|h| / mean_x median|h|`` per checkpoint and hook, over the prompts ``x``."""
+        return self.maxima.mean(1) / self.medians.mean(1)
+
+    def metrics(self) -> dict[str, float]:
+        """``final_max_ratio`` (the last checkpoint's largest ratio), ``mean_r2`` of the fits that worked."""
+        r2 = self.r2[~self.r2.isnan()]
+        return {
+            "final_max_ratio": float(self.ratios[-1].max()),
+            "mean_r2": float(r2.mean()) if len(r2) else float("nan"),
+        }
 
     def fits(self) -> pd.DataFrame:
         """One row per hook: ``layer, hook, r2`` and the five parameters."""
-        frame = pd.DataFrame(self.params.double().numpy(), columns=list(PARAM_NAMES))
+        frame = pd.DataFrame(self.fit_params.double().numpy(), columns=list(PARAM_NAMES))
         frame.insert(0, "r2", self.r2.double().numpy())
         frame.insert(0, "hook", self.hook_names)
         frame.insert(0, "layer", site_labels(self.hook_names))
         return frame
 
-    def to_frame(self) -> pd.DataFrame:
-        """Columns ``step, layer, hook, ratio, fitted``."""
+    def curves(self) -> pd.DataFrame:
+        """One row per checkpoint and hook: ``step, layer, hook, ratio, fitted``."""
         labels = site_labels(self.hook_names)
-        fitted = self.fitted(self.steps.double().numpy())
+        ratios, fitted = self.ratios, self.fitted(self.steps.double().numpy())
         return pd.DataFrame(
             [
-                (int(self.steps[c]), labels[r], self.hook_names[r], float(self.ratios[c, r]), float(fitted[c, r]))
+                (int(self.steps[c]), labels[r], self.hook_names[r], float(ratios[c, r]), float(fitted[c, r]))
                 for c in range(len(self.steps))
                 for r in range(len(self.hook_names))
             ],
             columns=["step", "layer", "hook", "ratio", "fitted"],
         )
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per checkpoint, prompt and hook: ``step, prompt, layer, hook, max, median``."""
+        labels = site_labels(self.hook_names)
+        n_steps, batch, rows = self.maxima.shape
+        return pd.DataFrame(
+            [
+                (int(self.steps[c]), b, labels[r], self.hook_names[r],
+                 float(self.maxima[c, b, r]), float(self.medians[c, b, r]))
+                for c in range(n_steps) for b in range(batch) for r in range(rows)
+            ],
+            columns=["step", "prompt", "layer", "hook", "max", "median"],
+        )  # fmt: skip
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` hooks with the largest final ratio, with their fit."""
@@ -330,7 +468,7 @@ class MassiveEmergence(Result):
 
     def fitted(self, steps: np.ndarray) -> np.ndarray:
         """``[len(steps), row]`` the fitted curves (NaN where a fit failed)."""
-        p = self.params.double().numpy()
+        p = self.fit_params.double().numpy()
         with np.errstate(invalid="ignore", over="ignore"):  # failed fits hold NaN/inf parameters
             return np.stack([emergence_function(steps, *row) for row in p], 1)
 
@@ -338,13 +476,14 @@ class MassiveEmergence(Result):
         """The ratio per checkpoint (markers) and its fit (lines), one colour per layer."""
         labels = site_labels(self.hook_names)
         steps = self.steps.double().numpy()
+        ratios = self.ratios
         dense = np.linspace(steps.min(), steps.max(), 200)
         curves = self.fitted(dense)
         fig = go.Figure()
         colors = plotly.colors.qualitative.Plotly
         for i, r in enumerate(range(len(labels)) if rows is None else rows):
             color = colors[i % len(colors)]
-            fig.add_trace(go.Scatter(x=steps, y=self.ratios[:, r].tolist(), mode="markers", name=labels[r],
+            fig.add_trace(go.Scatter(x=steps, y=ratios[:, r].tolist(), mode="markers", name=labels[r],
                                      marker=dict(color=color), legendgroup=labels[r]))
             if np.isfinite(curves[:, r]).all():
                 fig.add_trace(go.Scatter(x=dense, y=curves[:, r], mode="lines", legendgroup=labels[r],
@@ -355,57 +494,70 @@ class MassiveEmergence(Result):
         return fig
 
 
-def massive_emergence(
-    source: str | Path | Sequence[str | Path],
-    inputs: TextOrTokens | Sequence[TextOrTokens],
-    *,
-    site: str | Sequence[str] = "resid",
-    loader: Callable[[Path], Any] | None = None,
-    progress: bool = True,
-) -> MassiveEmergence:
+class MassiveEmergence(Experiment):
     """The massive ratio of every layer at every checkpoint, each layer's trajectory fitted.
+
+    Each checkpoint reads the prompts once (:class:`~dynalens.probes.MassiveActivations`);
+    the ratio's trajectory over the steps is fitted with :class:`EmergenceFit`.
 
     Parameters
     ----------
     source
         See :func:`checkpoint_series`.
-    inputs
-        The fixed probe sequences (prompts or token ids ``[batch, pos]``).
     site
         See :func:`~dynalens.probes.massive.site_hook_names`.
     loader, progress
-        See :func:`track_checkpoints`.
+        See :class:`Checkpoints`.
 
-    Returns
-    -------
-    MassiveEmergence
+    Examples
+    --------
+    >>> run = dl.load("out/run")                                                   # doctest: +SKIP
+    >>> dl.probes.MassiveEmergence("out/run")(run, probe_tokens).fits()             # doctest: +SKIP
     """
-    first: dict[str, Any] = {}
 
-    def measure(model: Any) -> Tensor:
-        if not first:
-            first.update(result_context(model, prompt_batches(model, inputs)[0][:1]))
-            first["hook_names"] = site_hook_names(model, site)
-        return massive_ratio(model, inputs, site=site)
+    def __init__(
+        self,
+        source: str | Path | Sequence[str | Path],
+        site: str | Sequence[str] = "resid",
+        loader: Callable[[Path], Any] | None = None,
+        progress: bool = False,
+    ):
+        self.source = source
+        self.site = site
+        self.loader = loader
+        self.progress = progress
 
-    steps, values = track_checkpoints(source, measure, loader=loader, progress=progress)
-    ratios = torch.stack(values).double()
-    params, r2 = [], []
-    for row in ratios.T.numpy():
-        try:
-            fit = EmergenceFit().fit(np.asarray(steps, dtype=np.float64), row)
-            params.append([fit.params_[name] for name in PARAM_NAMES])
-            r2.append(fit.r2_)
-        except (RuntimeError, ValueError, FloatingPointError):
-            params.append([np.nan] * len(PARAM_NAMES))
-            r2.append(np.nan)
-    return MassiveEmergence(
-        **first,
-        steps=torch.tensor(steps, dtype=torch.float64),
-        ratios=ratios,
-        params=torch.tensor(params, dtype=torch.float64),
-        r2=torch.tensor(r2, dtype=torch.float64),
-    )
+    def run(self, model: Any, prompts: Prompts | None) -> MassiveEmergenceResult:
+        if prompts is None:
+            raise ValueError("MassiveEmergence needs prompts: pass the fixed probe sequences")
+        measure = MassiveActivations(site=self.site, k=1)
+        steps, maxima, medians, hooks = [], [], [], []
+        for step, _, checkpoint, at in _each_checkpoint(self.source, prompts, self.loader, self.progress):
+            found = measure(checkpoint, at)
+            steps.append(step)
+            maxima.append(found.top_values[..., 0].double())
+            medians.append(found.medians.double())
+            hooks = found.hook_names
+        maxima, medians = torch.stack(maxima), torch.stack(medians)
+        ratios = maxima.mean(1) / medians.mean(1)
+        params, r2 = [], []
+        for row in ratios.T.numpy():
+            try:
+                fit = EmergenceFit().fit(np.asarray(steps, dtype=np.float64), row)
+                params.append([fit.params_[name] for name in PARAM_NAMES])
+                r2.append(fit.r2_)
+            except (RuntimeError, ValueError, FloatingPointError):
+                params.append([np.nan] * len(PARAM_NAMES))
+                r2.append(np.nan)
+        return MassiveEmergenceResult(
+            **self.provenance(model, prompts),
+            steps=torch.tensor(steps, dtype=torch.float64),
+            maxima=maxima,
+            medians=medians,
+            hook_names=hooks,
+            fit_params=torch.tensor(params, dtype=torch.float64),
+            r2=torch.tensor(r2, dtype=torch.float64),
+        )
 
 
 # ------------------------------------------------------ architecture → parameters

@@ -7,13 +7,19 @@ solve ``F(s) = s``; slow points are local minima of ``q(s) = |F(s) - s|^2 / 2``
 above zero. :func:`find_fixed_points` minimises ``q`` from many starts
 (L-BFGS, then Newton steps on ``F(s) - s`` where they lower ``q``), merges
 points closer than a tolerance and linearises ``F`` at each: eigenvalues of
-``dF/ds`` inside the unit circle make an attractor.
+``dF/ds`` inside the unit circle make an attractor. :class:`FixedPoints` runs
+it on a model's layer (weights only), :class:`TrajectoryPCA` draws the hidden
+trajectories of prompts in their principal components (a phase portrait).
 
 Kick neurons (our reading of the HMM paper's term for the few units that
 start a transition): in the recurrent weight graph (edge ``j -> i`` weighted by
 ``|W_hh[i, j]|``, gate blocks combined by their root sum of squares), a kick
-neuron moves many others in one step, so :func:`kick_neurons` ranks units by
+neuron moves many others in one step, so :class:`KickNeurons` ranks units by
 weighted out-degree, as a z-score over the layer.
+
+The numerical routines (:func:`cell_map`, :func:`iterate_cell`,
+:func:`find_fixed_points`, :func:`recurrent_graph`) take a cell
+(``model.blocks[layer].cell``) and tensors.
 """
 
 from __future__ import annotations
@@ -21,38 +27,36 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import networkx as nx
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from dynalens.models.base import TextOrTokens
-from dynalens.models.validation import check_finite, check_index
-from dynalens.probes.figures import TEMPLATE, token_labels
-from dynalens.models.surface import (
-    architecture_of,
-    model_name_of,
-    prompt_tokens,
-    result_context,
-)
-from dynalens.probes.results import Result
 from jaxtyping import Float
 from torch import Tensor
+
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.rnn import RNNCell
+from dynalens.models.validation import check_finite, check_index
+from dynalens.probes.analysis import Analysis, Experiment
+from dynalens.probes.figures import TEMPLATE, token_labels
+from dynalens.probes.results import Result
 
 StateMap = Callable[[Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------- the autonomous map
-def cell_map(model: Any, layer: int, input_vector: Float[Tensor, " d_in"] | None = None) -> StateMap:
-    """``s -> F(x, s)`` of one RNN layer for a constant input ``x`` (zeros by default), in float64.
+def cell_map(cell: RNNCell, input_vector: Float[Tensor, " d_in"] | None = None) -> StateMap:
+    """``s -> F(x, s)`` of one RNN cell for a constant input ``x`` (zeros by default), in float64.
 
     The map takes and returns flat states ``[batch, state]``: ``h``, or
     ``[h, c]`` for an LSTM. It runs on a float64 copy of the cell.
     """
-    cell = _cell(model, layer)
+    _check_cell(cell)
     d_in = cell.weight_ih.shape[1]
-    x = torch.zeros(d_in, dtype=torch.float64) if input_vector is None else input_vector.double().cpu()
+    x = torch.zeros(d_in, dtype=torch.float64) if input_vector is None else input_vector.detach().double().cpu()
     if tuple(x.shape) != (d_in,):
         raise ValueError(f"input_vector must have shape [d_in] = [{d_in}], got {tuple(x.shape)}")
     check_finite("input_vector", x)
@@ -69,23 +73,22 @@ def cell_map(model: Any, layer: int, input_vector: Float[Tensor, " d_in"] | None
     return step
 
 
-def state_size(model: Any, layer: int) -> int:
-    """The flat state size of a layer: ``d_hidden``, or ``2 * d_hidden`` for an LSTM."""
-    cell = _cell(model, layer)
+def state_size(cell: RNNCell) -> int:
+    """The flat state size of a cell: ``d_hidden``, or ``2 * d_hidden`` for an LSTM."""
+    _check_cell(cell)
     return 2 * cell.d_hidden if cell.cell == "lstm" else cell.d_hidden
 
 
 @torch.no_grad()
 def iterate_cell(
-    model: Any,
-    layer: int,
+    cell: RNNCell,
     starts: Float[Tensor, "n state"],
     steps: int,
     input_vector: Float[Tensor, " d_in"] | None = None,
 ) -> Float[Tensor, "step n state"]:
     """Trajectories ``s_{t+1} = F(x, s_t)`` from each start, ``steps + 1`` states each (float64)."""
-    F = cell_map(model, layer, input_vector)
-    s = _check_states(model, layer, starts)
+    F = cell_map(cell, input_vector)
+    s = _check_states(cell, starts)
     out = [s]
     for _ in range(steps):
         s = F(s)
@@ -94,9 +97,118 @@ def iterate_cell(
 
 
 # --------------------------------------------------------------------------- fixed points
+class FixedPointSet(NamedTuple):
+    """What :func:`find_fixed_points` finds (float64), lowest ``q`` first.
+
+    ``points [point, state]``; ``q [point]`` ``|F(s) - s|^2 / 2``;
+    ``eigenvalues [point, state]`` (complex) of ``dF/ds`` there, largest modulus first.
+    """
+
+    points: Tensor
+    q: Tensor
+    eigenvalues: Tensor
+
+
+def find_fixed_points(
+    cell: RNNCell,
+    *,
+    input_vector: Float[Tensor, " d_in"] | None = None,
+    starts: Float[Tensor, "n state"] | None = None,
+    n_starts: int = 64,
+    max_iter: int = 200,
+    slow_tol: float = 1e-4,
+    merge_tol: float = 1e-4,
+    seed: int = 0,
+) -> FixedPointSet:
+    """Fixed and slow points of ``s -> F(x, s)``: minimise ``|F(s) - s|^2 / 2`` from many starts.
+
+    Parameters
+    ----------
+    cell
+        An RNN layer's cell (``model.blocks[layer].cell``).
+    input_vector
+        The constant input ``x`` ``[d_in]``; zeros by default (the "no input" dynamics).
+    starts
+        ``[n, state]`` initial states, e.g. hidden states from a cache; by
+        default ``n_starts`` states uniform in ``[-1, 1]``.
+    n_starts
+        Number of random starts when ``starts`` is omitted.
+    max_iter
+        L-BFGS iterations.
+    slow_tol
+        ``q`` below which a minimum is kept.
+    merge_tol
+        Points closer than this (Euclidean) are one point.
+    seed
+        Seed of the random starts.
+
+    Returns
+    -------
+    FixedPointSet
+    """
+    F = cell_map(cell, input_vector)
+    if starts is None:
+        g = torch.Generator().manual_seed(seed)
+        starts = 2 * torch.rand(n_starts, state_size(cell), generator=g, dtype=torch.float64) - 1
+    s = _check_states(cell, starts).clone().requires_grad_(True)
+
+    def speed(z: Tensor) -> Tensor:
+        return 0.5 * (F(z) - z).pow(2).sum(dim=1)
+
+    optimiser = torch.optim.LBFGS([s], max_iter=max_iter, tolerance_grad=1e-15, tolerance_change=1e-20,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimiser.zero_grad()
+        loss = speed(s).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+        points = _newton_polish(F, s.detach())
+        q = speed(points).detach()
+        keep = q < slow_tol
+        points, q = points[keep], q[keep]
+        order = q.argsort()
+        chosen: list[int] = []
+        for i in order.tolist():
+            if all(float((points[i] - points[j]).norm()) > merge_tol for j in chosen):
+                chosen.append(i)
+        points, q = points[chosen], q[chosen]
+        eig = [_jacobian_eigenvalues(F, p) for p in points]
+    eigenvalues = torch.stack(eig) if eig else torch.zeros(0, s.shape[1], dtype=torch.complex128)
+    return FixedPointSet(points, q, eigenvalues)
+
+
+def _newton_polish(F: StateMap, s: Tensor, steps: int = 8) -> Tensor:
+    """Newton steps on ``G(s) = F(s) - s`` for each point, kept only where they lower ``|G|``."""
+    s = s.clone()
+    eye = torch.eye(s.shape[1], dtype=s.dtype)
+    for i in range(s.shape[0]):
+        for _ in range(steps):
+            point = s[i]
+            residual = F(point[None])[0] - point
+            J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point, vectorize=True)
+            try:
+                candidate = point - torch.linalg.solve(J - eye, residual)
+            except RuntimeError:  # singular: leave the point as L-BFGS left it
+                break
+            if not (F(candidate[None])[0] - candidate).norm() < residual.norm():
+                break
+            s[i] = candidate.detach()
+    return s.detach()
+
+
+def _jacobian_eigenvalues(F: StateMap, point: Tensor) -> Tensor:
+    J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point, vectorize=True)
+    eig = torch.linalg.eigvals(J)
+    return eig[eig.abs().argsort(descending=True)]
+
+
 @dataclass(kw_only=True, eq=False)
-class FixedPoints(Result):
-    """Fixed and slow points of one RNN layer under a constant input (no prompt: ``tokens`` is empty).
+class FixedPointsResult(Result):
+    """Fixed and slow points of one RNN layer under a constant input (weights only: no prompts).
 
     Attributes
     ----------
@@ -154,168 +266,133 @@ class FixedPoints(Result):
         return fig
 
 
-def find_fixed_points(
-    model: Any,
-    layer: int = 0,
-    *,
-    input_vector: Float[Tensor, " d_in"] | None = None,
-    starts: Float[Tensor, "n state"] | None = None,
-    n_starts: int = 64,
-    max_iter: int = 200,
-    fixed_tol: float = 1e-12,
-    slow_tol: float = 1e-4,
-    merge_tol: float = 1e-4,
-    seed: int = 0,
-) -> FixedPoints:
-    """Fixed and slow points of ``s -> F(x, s)``: minimise ``|F(s) - s|^2 / 2`` from many starts.
+class FixedPoints(Experiment):
+    """Fixed and slow points of an RNN layer under a constant input, from its weights.
+
+    Weights only: prompts, if given, are not read (the Result's ``prompts`` is ``None``).
 
     Parameters
     ----------
-    model
-        A HookedRNN.
     layer
         The layer.
     input_vector
-        The constant input ``x`` ``[d_in]``; zeros by default (the "no input" dynamics).
+        The constant input ``x`` ``[d_in]``; zeros by default.
     starts
-        ``[n, state]`` initial states, e.g. hidden states from a cache; by
-        default ``n_starts`` states uniform in ``[-1, 1]``.
-    n_starts
-        Number of random starts when ``starts`` is omitted.
-    max_iter
-        L-BFGS iterations.
+        ``[n, state]`` initial states (e.g. hidden states from a cache); by
+        default ``n_starts`` random states in ``[-1, 1]``.
+    n_starts, max_iter, slow_tol, merge_tol, seed
+        As for :func:`find_fixed_points`.
     fixed_tol
-        ``q`` below which a point is fixed.
-    slow_tol
-        ``q`` below which a non-fixed minimum is kept as a slow point.
-    merge_tol
-        Points closer than this (Euclidean) are one point.
-    seed
-        Seed of the random starts.
+        ``q`` below which a point is ``"fixed"`` (else ``"slow"``).
 
     Returns
     -------
-    FixedPoints
+    FixedPointsResult
     """
-    F = cell_map(model, layer, input_vector)
-    if starts is None:
-        g = torch.Generator().manual_seed(seed)
-        starts = 2 * torch.rand(n_starts, state_size(model, layer), generator=g, dtype=torch.float64) - 1
-    s = _check_states(model, layer, starts).clone().requires_grad_(True)
 
-    def speed(z: Tensor) -> Tensor:
-        return 0.5 * (F(z) - z).pow(2).sum(dim=1)
+    architectures: ClassVar[tuple[str, ...]] = ("rnn",)
+    requirement: ClassVar[str] = "a recurrent cell to iterate"
 
-    optimiser = torch.optim.LBFGS([s], max_iter=max_iter, tolerance_grad=1e-15, tolerance_change=1e-20,
-                                  history_size=20, line_search_fn="strong_wolfe")
+    def __init__(
+        self,
+        layer: int = 0,
+        *,
+        input_vector: Float[Tensor, " d_in"] | None = None,
+        starts: Float[Tensor, "n state"] | None = None,
+        n_starts: int = 64,
+        max_iter: int = 200,
+        fixed_tol: float = 1e-12,
+        slow_tol: float = 1e-4,
+        merge_tol: float = 1e-4,
+        seed: int = 0,
+    ):
+        self.layer = layer
+        self.input_vector = input_vector
+        self.starts = starts
+        self.n_starts = n_starts
+        self.max_iter = max_iter
+        self.fixed_tol = fixed_tol
+        self.slow_tol = slow_tol
+        self.merge_tol = merge_tol
+        self.seed = seed
 
-    def closure() -> Tensor:
-        optimiser.zero_grad()
-        loss = speed(s).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimiser.step(closure)
-        points = _newton_polish(F, s.detach())
-    q = speed(points).detach()
-    keep = q < slow_tol
-    points, q = points[keep], q[keep]
-    order = q.argsort()
-    chosen: list[int] = []
-    for i in order.tolist():
-        if all(float((points[i] - points[j]).norm()) > merge_tol for j in chosen):
-            chosen.append(i)
-    points, q = points[chosen], q[chosen]
-    eig = torch.stack([_jacobian_eigenvalues(F, p) for p in points]) if chosen else torch.zeros(0, s.shape[1], dtype=torch.complex128)
-    x = torch.zeros(_cell(model, layer).weight_ih.shape[1]) if input_vector is None else input_vector.detach().cpu()
-    return FixedPoints(
-        model_name=model_name_of(model), architecture="rnn", tokens=torch.zeros(0, dtype=torch.long), str_tokens=[],
-        layer=layer, input_vector=x.float(), points=points.float(), q=q.float(),
-        kinds=["fixed" if v < fixed_tol else "slow" for v in q.tolist()],
-        eig_real=eig.real.float(), eig_imag=eig.imag.float(),
-    )
-
-
-def _newton_polish(F: StateMap, s: Tensor, steps: int = 8) -> Tensor:
-    """Newton steps on ``G(s) = F(s) - s`` for each point, kept only where they lower ``|G|``."""
-    s = s.clone()
-    eye = torch.eye(s.shape[1], dtype=s.dtype)
-    for i in range(s.shape[0]):
-        for _ in range(steps):
-            point = s[i]
-            residual = F(point[None])[0] - point
-            J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point, vectorize=True)
-            try:
-                candidate = point - torch.linalg.solve(J - eye, residual)
-            except RuntimeError:  # singular: leave the point as L-BFGS left it
-                break
-            if not (F(candidate[None])[0] - candidate).norm() < residual.norm():
-                break
-            s[i] = candidate.detach()
-    return s.detach()
-
-
-def _jacobian_eigenvalues(F: StateMap, point: Tensor) -> Tensor:
-    J = torch.autograd.functional.jacobian(lambda z: F(z[None])[0], point, vectorize=True)
-    eig = torch.linalg.eigvals(J)
-    return eig[eig.abs().argsort(descending=True)]
+    def run(self, model: Any, prompts: Prompts | None = None) -> FixedPointsResult:
+        cell = _layer_cell(self, model)
+        found = find_fixed_points(
+            cell, input_vector=self.input_vector, starts=self.starts, n_starts=self.n_starts,
+            max_iter=self.max_iter, slow_tol=self.slow_tol, merge_tol=self.merge_tol, seed=self.seed,
+        )
+        x = torch.zeros(cell.weight_ih.shape[1]) if self.input_vector is None else self.input_vector.detach().cpu()
+        return FixedPointsResult(
+            **self.provenance(model, None),
+            layer=int(self.layer), input_vector=x.float(), points=found.points.float(), q=found.q.float(),
+            kinds=["fixed" if v < self.fixed_tol else "slow" for v in found.q.tolist()],
+            eig_real=found.eigenvalues.real.float(), eig_imag=found.eigenvalues.imag.float(),
+        )
 
 
 # --------------------------------------------------------------------------- trajectory PCA
 @dataclass(kw_only=True, eq=False)
-class TrajectoryPCA(Result):
-    """A layer's hidden trajectory along a prompt in its top principal components (a phase portrait).
+class TrajectoryPCAResult(Result):
+    """Hidden trajectories of prompts in their top principal components (phase portraits).
 
     Attributes
     ----------
     layer
         The layer.
     coords
-        ``[pos, component]`` projected hidden states.
+        ``[batch, pos, component]`` projected hidden states (zero at pads).
     components
-        ``[component, d_hidden]`` principal axes; ``mean`` ``[d_hidden]`` the centre.
+        ``[batch, component, d_hidden]`` principal axes of each prompt (the
+        same row for every prompt when ``shared``); ``mean`` ``[batch, d_hidden]`` the centre.
     explained
-        ``[component]`` explained-variance ratios.
+        ``[batch, component]`` explained-variance ratios.
     fixed_coords
-        ``[point, component]`` projected fixed points (``h`` part), possibly empty.
+        ``[batch, point, component]`` projected fixed points (``h`` part), possibly no points.
     """
 
     layer: int
-    coords: Float[Tensor, "pos component"]
-    components: Float[Tensor, "component d_hidden"]
-    mean: Float[Tensor, " d_hidden"]
-    explained: Float[Tensor, " component"]
-    fixed_coords: Float[Tensor, "point component"]
+    coords: Float[Tensor, "batch pos component"]
+    components: Float[Tensor, "batch component d_hidden"]
+    mean: Float[Tensor, "batch d_hidden"]
+    explained: Float[Tensor, "batch component"]
+    fixed_coords: Float[Tensor, "batch point component"]
+
+    def _columns(self) -> dict[str, Tensor]:
+        return {f"pc{i + 1}": self.coords[..., i] for i in range(self.coords.shape[-1])}
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` tokens farthest from the centre in PC space."""
-        frame = self.to_frame()
-        frame["radius"] = self.coords.double().norm(dim=1).numpy()
+        """The ``k`` tokens farthest from their centre in PC space, over all prompts."""
+        frame = self.position_frame(**self._columns(), radius=self.coords.double().norm(dim=-1))
         return frame.nlargest(k, "radius").reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``position, token, pc1, pc2, ...``."""
-        frame = pd.DataFrame(self.coords.double().numpy(), columns=[f"pc{i + 1}" for i in range(self.coords.shape[1])])
-        frame.insert(0, "token", self.str_tokens)
-        frame.insert(0, "position", range(len(self.str_tokens)))
-        return frame
+        """Columns ``prompt, position, token, pc1, pc2, ...``."""
+        return self.position_frame(**self._columns())
 
-    def figure(self) -> go.Figure:
-        """PC1 against PC2: the trajectory in token order, fixed points as crosses."""
-        if self.coords.shape[1] < 2:
+    def figure(self, *, prompt: int | None = 0) -> go.Figure:
+        """PC1 against PC2: the trajectory in token order, fixed points as crosses.
+
+        ``prompt=None`` draws every prompt (meaningful with ``shared=True``: one basis).
+        """
+        if self.coords.shape[-1] < 2:
             raise ValueError("the phase portrait needs two components: compute with n_components >= 2")
-        labels = token_labels(self.str_tokens)
-        fig = go.Figure(go.Scatter(
-            x=self.coords[:, 0].numpy(), y=self.coords[:, 1].numpy(), mode="lines+markers", name="trajectory",
-            marker=dict(color=list(range(len(labels))), colorscale="Viridis", size=7),
-            line=dict(color="#cbd5e0"), text=labels, hovertemplate="%{text}<extra></extra>",
-        ))
-        if len(self.fixed_coords):
-            fig.add_trace(go.Scatter(x=self.fixed_coords[:, 0].numpy(), y=self.fixed_coords[:, 1].numpy(),
+        shown = range(self.coords.shape[0]) if prompt is None else [check_index("prompt", prompt, self.coords.shape[0])]
+        fig = go.Figure()
+        for p in shown:
+            labels = token_labels(self.str_tokens(p))
+            coords = self.coords[p, -len(labels):]
+            fig.add_trace(go.Scatter(
+                x=coords[:, 0].numpy(), y=coords[:, 1].numpy(), mode="lines+markers", name=f"prompt {p}",
+                marker=dict(color=list(range(len(labels))), colorscale="Viridis", size=7),
+                line=dict(color="#cbd5e0"), text=labels, hovertemplate="%{text}<extra></extra>",
+            ))
+        first = shown[0]
+        if self.fixed_coords.shape[1]:
+            fig.add_trace(go.Scatter(x=self.fixed_coords[first, :, 0].numpy(), y=self.fixed_coords[first, :, 1].numpy(),
                                      mode="markers", marker=dict(symbol="x", size=12, color="#c53030"),
                                      name="fixed points"))
-        ev = self.explained.double().tolist()
+        ev = self.explained[first].double().tolist()
         fig.update_layout(
             template=TEMPLATE, title=dict(text=f"Phase portrait, layer {self.layer} · {self.model_name}"),
             xaxis=dict(title=f"PC1 ({ev[0]:.0%})"), yaxis=dict(title=f"PC2 ({ev[1]:.0%})"),
@@ -323,39 +400,108 @@ class TrajectoryPCA(Result):
         return fig
 
 
-@torch.no_grad()
-def trajectory_pca(
-    model: Any, input: TextOrTokens, layer: int = 0, *, n_components: int = 2, fixed_points: FixedPoints | None = None
-) -> TrajectoryPCA:
-    """PCA of an RNN layer's hidden states (``blocks.{layer}.cell.hook_hidden``) along one prompt.
-
-    ``fixed_points`` (from :func:`find_fixed_points` on the same layer) are projected too.
-    """
-    _cell(model, layer)
-    tokens = prompt_tokens(model, input)
-    name = f"blocks.{layer}.cell.hook_hidden"
-    _, cache = model.run_with_cache(tokens, names_filter=[name])
-    hidden = cache[name][0].double().cpu()
-    if not 1 <= n_components <= min(hidden.shape):
-        raise ValueError(f"n_components must lie in [1, {min(hidden.shape)}] for {hidden.shape[0]} tokens, got {n_components!r}")
-    mean = hidden.mean(0)
-    _, S, Vh = torch.linalg.svd(hidden - mean, full_matrices=False)
+def _pca(X: Float[Tensor, "n d"], n_components: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``mean [d]``, ``components [c, d]`` (each with its largest-magnitude entry positive), ``explained [c]``."""
+    mean = X.mean(0)
+    _, S, Vh = torch.linalg.svd(X - mean, full_matrices=False)
     components = Vh[:n_components]
+    signs = components.gather(1, components.abs().argmax(1, keepdim=True)).sign()
     variance = S.pow(2)
     explained = variance[:n_components] / variance.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    fixed = torch.zeros(0, n_components, dtype=torch.float64)
-    if fixed_points is not None:
-        fixed = (fixed_points.points[:, : hidden.shape[1]].double() - mean) @ components.T
-    return TrajectoryPCA(
-        **result_context(model, tokens), layer=layer, coords=((hidden - mean) @ components.T).float(),
-        components=components.float(), mean=mean.float(), explained=explained.float(), fixed_coords=fixed.float(),
-    )
+    return mean, components * signs, explained
+
+
+class TrajectoryPCA(Analysis):
+    """PCA of an RNN layer's hidden states (``cell.hook_hidden``) along each prompt.
+
+    Parameters
+    ----------
+    layer
+        The layer.
+    n_components
+        Principal components kept (at most the tokens of a prompt, and ``d_hidden``).
+    fixed_points
+        States to project too: a :class:`FixedPoints` experiment (run on the
+        model's weights when the PCA is computed; its layer should be this
+        one) or a tensor ``[point, state]`` (e.g. ``FixedPoints(layer)(model).points``).
+    shared
+        One PCA over the real tokens of every prompt (one basis for all
+        trajectories) instead of one per prompt; a prompt's result then
+        depends on the others in the batch.
+
+    Returns
+    -------
+    TrajectoryPCAResult
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ("rnn",)
+    requirement: ClassVar[str] = "a recurrent cell's hidden states"
+
+    def __init__(
+        self,
+        layer: int = 0,
+        *,
+        n_components: int = 2,
+        fixed_points: FixedPoints | Tensor | None = None,
+        shared: bool = False,
+    ):
+        self.layer = layer
+        self.n_components = n_components
+        self.fixed_points = fixed_points
+        self.shared = shared
+
+    def hooks(self, model: Any) -> list[str]:
+        d_hidden = _layer_cell(self, model).d_hidden
+        points = self.fixed_points
+        if points is not None and not isinstance(points, (Tensor, FixedPoints)):
+            raise ValueError(
+                f"fixed_points must be a FixedPoints experiment or a tensor [point, state], got a {type(points).__name__}"
+            )
+        if isinstance(points, Tensor) and (points.dim() != 2 or points.shape[1] < d_hidden):
+            raise ValueError(
+                f"fixed_points must be a tensor [point, state] with state >= d_hidden = {d_hidden}, "
+                f"got shape {tuple(points.shape)}"
+            )
+        return [names.cell(self.layer, "hidden")]
+
+    def _points(self, model: Any) -> Tensor | None:
+        """The fixed points to project: the tensor given, or those the FixedPoints experiment finds."""
+        if isinstance(self.fixed_points, FixedPoints):
+            return self.fixed_points.run(model, None).points
+        return self.fixed_points
+
+    def _compute(self, cache: Any, prompts: Prompts) -> TrajectoryPCAResult:
+        model = cache.model
+        (name,) = self.hooks(model)
+        hidden = cache[name].double().cpu()
+        d = hidden.shape[-1]
+        rows = [prompts.flat(hidden)] if self.shared else [prompts.real(hidden, i) for i in range(len(prompts))]
+        n = self.n_components
+        shortest = min(len(r) for r in rows)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= min(shortest, d):
+            raise ValueError(
+                f"n_components must lie in [1, {min(shortest, d)}] (tokens of the shortest prompt and "
+                f"d_hidden = {d}), got {n!r}"
+            )
+        fits = [_pca(X, n) for X in rows]
+        if self.shared:
+            fits = fits * len(prompts)
+        mean, components, explained = (torch.stack(parts) for parts in zip(*fits))
+        coords = torch.einsum("bpd,bcd->bpc", hidden - mean[:, None], components)
+        coords = torch.where(prompts.mask.cpu()[..., None], coords, 0.0)
+        points = self._points(model)
+        points = torch.zeros(0, d) if points is None else points.detach()[:, :d]
+        fixed = torch.einsum("bpd,bcd->bpc", points.double().cpu()[None] - mean[:, None], components)
+        return TrajectoryPCAResult(
+            **self.provenance(model, prompts), layer=int(self.layer), coords=coords.float(),
+            components=components.float(), mean=mean.float(), explained=explained.float(), fixed_coords=fixed.float(),
+        )
 
 
 # --------------------------------------------------------------------------- kick neurons
 @dataclass(kw_only=True, eq=False)
-class KickNeurons(Result):
-    """Units of one RNN layer ranked by their weighted out-degree in the recurrent graph.
+class KickNeuronsResult(Result):
+    """Units of one RNN layer ranked by their weighted out-degree in the recurrent graph (weights only).
 
     Attributes
     ----------
@@ -398,9 +544,9 @@ class KickNeurons(Result):
         return fig
 
 
-def recurrent_graph(model: Any, layer: int) -> nx.DiGraph:
+def recurrent_graph(cell: RNNCell) -> nx.DiGraph:
     """The recurrent weight graph: edge ``j -> i`` with ``weight = |W_hh[i, j]|`` (gates combined), no self-loops."""
-    cell = _cell(model, layer)
+    _check_cell(cell)
     d = cell.d_hidden
     W = cell.weight_hh.detach().double().cpu().reshape(-1, d, d).pow(2).sum(0).sqrt()
     graph = nx.DiGraph()
@@ -409,29 +555,55 @@ def recurrent_graph(model: Any, layer: int) -> nx.DiGraph:
     return graph
 
 
-def kick_neurons(model: Any, layer: int = 0) -> KickNeurons:
-    """Candidate kick neurons of an RNN layer from its recurrent weight graph (see the module notes)."""
-    graph = recurrent_graph(model, layer)
-    nodes = sorted(graph.nodes)
-    out = torch.tensor([graph.out_degree(n, weight="weight") for n in nodes], dtype=torch.float64)
-    inn = torch.tensor([graph.in_degree(n, weight="weight") for n in nodes], dtype=torch.float64)
-    score = (out - out.mean()) / out.std().clamp_min(torch.finfo(torch.float64).tiny)
-    return KickNeurons(
-        model_name=model_name_of(model), architecture="rnn", tokens=torch.zeros(0, dtype=torch.long), str_tokens=[],
-        layer=layer, out_strength=out.float(), in_strength=inn.float(), score=score.float(),
-    )
+class KickNeurons(Experiment):
+    """Candidate kick neurons of an RNN layer from its recurrent weight graph (see the module notes).
+
+    Weights only: prompts, if given, are not read.
+
+    Parameters
+    ----------
+    layer
+        The layer.
+
+    Returns
+    -------
+    KickNeuronsResult
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ("rnn",)
+    requirement: ClassVar[str] = "recurrent weights"
+
+    def __init__(self, layer: int = 0):
+        self.layer = layer
+
+    def run(self, model: Any, prompts: Prompts | None = None) -> KickNeuronsResult:
+        graph = recurrent_graph(_layer_cell(self, model))
+        nodes = sorted(graph.nodes)
+        out = torch.tensor([graph.out_degree(n, weight="weight") for n in nodes], dtype=torch.float64)
+        inn = torch.tensor([graph.in_degree(n, weight="weight") for n in nodes], dtype=torch.float64)
+        score = (out - out.mean()) / out.std().clamp_min(torch.finfo(torch.float64).tiny)
+        return KickNeuronsResult(
+            **self.provenance(model, None),
+            layer=int(self.layer), out_strength=out.float(), in_strength=inn.float(), score=score.float(),
+        )
 
 
 # --------------------------------------------------------------------------- checks
-def _cell(model: Any, layer: int) -> Any:
-    arch = architecture_of(model)
-    if arch != "rnn":
-        raise TypeError(f"this analysis iterates an RNN cell: it takes a HookedRNN, got a {arch}")
-    return model.blocks[check_index("layer", layer, model.cfg.n_layers)].cell
+def _layer_cell(analysis: Analysis, model: Any) -> RNNCell:
+    """The cell of ``analysis.layer``, after the architecture check."""
+    analysis.check(model)
+    return model.blocks[check_index("layer", analysis.layer, model.cfg.n_layers)].cell
 
 
-def _check_states(model: Any, layer: int, states: Tensor) -> Tensor:
-    size = state_size(model, layer)
+def _check_cell(cell: Any) -> None:
+    if not isinstance(cell, RNNCell):
+        raise TypeError(
+            f"expected an RNN cell (model.blocks[layer].cell of a HookedRNN), got a {type(cell).__name__}"
+        )
+
+
+def _check_states(cell: RNNCell, states: Tensor) -> Tensor:
+    size = state_size(cell)
     if states.dim() != 2 or states.shape[1] != size:
         raise ValueError(
             f"states must have shape [n, state] with state = {size} (h, or [h, c] for an LSTM), got {tuple(states.shape)}"

@@ -1,8 +1,13 @@
 """The logit lens: what the residual stream would predict after each layer.
 
 Each layer's residual stream goes through the model's own final norm and
-unembedding (``model_surface.unembed_resid``), as if the remaining layers were
-skipped (nostalgebraist, 2020).
+unembedding (``models.surface.unembed_resid``), as if the remaining layers
+were skipped (nostalgebraist, 2020).
+
+Examples
+--------
+>>> lens = dl.probes.LogitLens(k=5)(model, ["The capital of France is", "Rome is in"])  # doctest: +SKIP
+>>> lens.top(3, prompt=1)                                                             # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -17,15 +22,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dynalens.models.base import TextOrTokens
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import decode_tokens, unembed_resid
+from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_label, token_labels
-from dynalens.models.surface import (
-    decode_tokens,
-    prompt_tokens,
-    result_context,
-    unembed_resid,
-)
-from dynalens.probes.residual import resid_labels, resid_stream
+from dynalens.probes.residual import resid_labels, stream_rows
 from dynalens.probes.results import Result
 
 _CHUNK = 1024
@@ -33,8 +35,8 @@ _CHUNK = 1024
 
 
 @dataclass(kw_only=True, eq=False)
-class LogitLens(Result):
-    """Top-``k`` next-token predictions of the residual stream after each layer.
+class LogitLensResult(Result):
+    """Top-``k`` next-token predictions of the residual stream after each layer, at every real token.
 
     Row 0 reads the embedding, row ``l + 1`` the stream after layer ``l``
     (``hook_names`` says which; a model whose embedding is narrower than its
@@ -43,64 +45,88 @@ class LogitLens(Result):
     Attributes
     ----------
     top_ids, top_probs
-        ``[row, pos, k]`` token ids and their probabilities, most likely first.
+        ``[batch, pos, row, k]`` token ids and their probabilities, most likely
+        first, in the prompts' left-padded layout (pad positions: id -1, NaN).
     top_tokens
-        ``top_ids`` decoded, nested ``[row][pos][k]``.
+        ``top_ids`` decoded, nested ``[batch][pos][row][k]`` (empty lists at pad positions).
     hook_names
         The hook each row was read from.
     """
 
-    top_ids: Int[Tensor, "row pos k"]
-    top_probs: Float[Tensor, "row pos k"]
-    top_tokens: list[list[list[str]]]
+    top_ids: Int[Tensor, "batch pos row k"]
+    top_probs: Float[Tensor, "batch pos row k"]
+    top_tokens: list[list[list[list[str]]]]
     hook_names: list[str]
 
-    def top(self, k: int = 5, *, position: int = -1) -> pd.DataFrame:
-        """The ``k`` most likely tokens at ``position`` after each layer."""
+    def top(self, k: int = 5, *, prompt: int = 0, position: int = -1) -> pd.DataFrame:
+        """The ``k`` most likely tokens at real ``position`` of ``prompt`` after each layer."""
         stored = self.top_ids.shape[-1]
-        if not 1 <= k <= stored:
-            raise ValueError(f"k must be between 1 and {stored} (the k of this lens), got {k}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= stored:
+            raise ValueError(f"k must be between 1 and {stored} (the k of this lens), got {k!r}")
+        real = self.position_index(position, prompt) - int(self._prompts().offsets[prompt])
         frame = self.to_frame()
-        at = frame["position"] == self.position_index(position)
+        at = (frame["prompt"] == prompt % len(self._prompts())) & (frame["position"] == real)
         return frame[at & (frame["rank"] < k)].reset_index(drop=True)
 
-    def to_frame(self) -> pd.DataFrame:
-        """Columns ``layer, hook, position, input_token, rank, token, token_id, prob``."""
-        rows, pos, k = self.top_ids.shape
-        labels = resid_labels(self.hook_names)
-        return pd.DataFrame(
-            {
-                "layer": np.repeat(labels, pos * k),
-                "hook": np.repeat(self.hook_names, pos * k),
-                "position": np.tile(np.repeat(np.arange(pos), k), rows),
-                "input_token": np.tile(np.repeat(self.str_tokens, k), rows),
-                "rank": np.tile(np.arange(k), rows * pos),
-                "token": [t for row in self.top_tokens for at in row for t in at],
-                "token_id": self.top_ids.reshape(-1).numpy(),
-                "prob": self.top_probs.reshape(-1).double().numpy(),
-            }
-        )
+    def metrics(self) -> dict[str, float]:
+        """``top1_prob``: the model's own top-1 probability, mean over real tokens;
+        ``agree_with_final``: the share of (token, layer) whose top-1 is the final top-1."""
+        prompts = self._prompts()
+        ids, probs = prompts.flat(self.top_ids)[..., 0], prompts.flat(self.top_probs)[..., 0]  # [n_real, row]
+        return {
+            "top1_prob": float(probs[:, -1].mean()),
+            "agree_with_final": float((ids == ids[:, -1:]).float().mean()),
+        }
 
-    def figure(self, *, position: int | None = None) -> go.Figure:
-        """Layers × top-``k`` at one ``position``; with no position, layers × tokens of the top-1.
+    def to_frame(self) -> pd.DataFrame:
+        """Columns ``prompt, position, input_token, layer, hook, rank, token, token_id, prob``.
+
+        One row per real token, layer and rank, in that order.
+        """
+        prompts = self._prompts()
+        frame = prompts.frame().rename(columns={"token": "input_token"})
+        rows, k = self.top_ids.shape[2:]
+        out = frame.loc[frame.index.repeat(rows * k)].reset_index(drop=True)
+        out["layer"] = np.tile(np.repeat(resid_labels(self.hook_names), k), len(frame))
+        out["hook"] = np.tile(np.repeat(self.hook_names, k), len(frame))
+        out["rank"] = np.tile(np.arange(k), len(frame) * rows)
+        out["token"] = [
+            t
+            for b, row in enumerate(self.top_tokens)
+            for p, at in enumerate(row)
+            if prompts.mask[b, p]
+            for layer in at
+            for t in layer
+        ]
+        out["token_id"] = prompts.flat(self.top_ids).reshape(-1).numpy()
+        out["prob"] = prompts.flat(self.top_probs).reshape(-1).double().numpy()
+        return out
+
+    def figure(self, *, prompt: int = 0, position: int | None = None) -> go.Figure:
+        """Layers × top-``k`` at one ``position`` of ``prompt``; with no position, layers × its tokens (top-1).
 
         Cells show the predicted token, colour and hover its probability.
         """
+        prompts = self._prompts()
+        offset = int(prompts.offsets[prompt])
+        tokens = self.str_tokens(prompt)
         predicted = np.array(
-            [[[token_label(t) for t in at] for at in row] for row in self.top_tokens], dtype=object
-        )  # [row, pos, k]
+            [[[token_label(t) for t in layer] for layer in at] for at in self.top_tokens[prompt][offset:]],
+            dtype=object,
+        )  # [pos, row, k] at real positions
+        probs = prompts.real(self.top_probs, prompt)  # [pos, row, k]
         if position is None:
-            values, text, columns = self.top_probs[..., 0], predicted[..., 0], self.str_tokens
+            values, text, columns = probs[..., 0].T, predicted[..., 0].T, token_labels(tokens)
             x_title, value_name, where = "input token", "p(top-1)", "top-1 prediction"
         else:
-            p = self.position_index(position)
-            values, text = self.top_probs[:, p], predicted[:, p]
+            p = self.position_index(position, prompt) - offset
+            values, text = probs[p], predicted[p]
             columns = [f"#{i + 1}" for i in range(self.top_ids.shape[-1])]
             x_title, value_name = "rank", "probability"
-            where = f"at {token_label(self.str_tokens[p])} (position {p})"
+            where = f"at {token_label(tokens[p])} (position {p})"
         return heatmap(
             values.numpy(),
-            x_labels=token_labels(columns) if position is None else columns,
+            x_labels=columns,
             y_labels=resid_labels(self.hook_names),
             x_title=x_title,
             y_title="layer",
@@ -110,46 +136,67 @@ class LogitLens(Result):
         )
 
 
-@torch.no_grad()
-def logit_lens(model: Any, input: TextOrTokens, k: int = 5) -> LogitLens:
+class LogitLens(Analysis):
     """Decode the residual stream after every layer into its top-``k`` next tokens.
+
+    Reads ``names.resid_stream(n_layers)`` on any architecture (transformer,
+    Mamba, RNN); row 0 is the embedding (left out when it is narrower than
+    the stream), row ``l + 1`` the stream after layer ``l``.
 
     Parameters
     ----------
-    model
-        Any dynalens model (transformer, Mamba, RNN).
-    input
-        One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
     k
-        How many tokens to keep per layer and position (at most ``d_vocab``:
-        a larger ``k`` keeps the whole vocabulary).
+        How many tokens to keep per layer and position (a ``k`` above
+        ``d_vocab`` keeps the whole vocabulary).
 
-    Returns
-    -------
-    LogitLens
-        Row 0 from ``blocks.0.hook_resid_pre`` (the embedding), row ``l + 1``
-        from ``blocks.{l}.hook_resid_post``.
+    Examples
+    --------
+    >>> dl.probes.LogitLens(k=5)(model, "The capital of France is").top()   # doctest: +SKIP
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    k = min(k, model.cfg.d_vocab)
-    tokens = prompt_tokens(model, input)
-    names, stream = resid_stream(model, tokens)
-    if stream[0].shape[-1] != stream[-1].shape[-1]:  # an embedding narrower than the stream (RNNs)
-        names, stream = names[1:], stream[1:]
-    flat = torch.stack(stream).flatten(0, 1)  # [row * pos, d_model]
-    probs, ids = [], []
-    for chunk in flat.split(_CHUNK):  # bounded memory: [chunk, d_vocab] logits at a time
-        logits = unembed_resid(model, chunk).float()
-        top = logits.topk(k, dim=-1)
-        probs.append((top.values - logits.logsumexp(dim=-1, keepdim=True)).exp().cpu())
-        ids.append(top.indices.cpu())
-    shape = (len(stream), tokens.shape[1], k)
-    top_ids = torch.cat(ids).reshape(shape)
-    return LogitLens(
-        **result_context(model, tokens),
-        top_ids=top_ids,
-        top_probs=torch.cat(probs).reshape(shape),
-        top_tokens=[[decode_tokens(model, ids_at) for ids_at in row] for row in top_ids],
-        hook_names=names,
-    )
+
+    def __init__(self, k: int = 5):
+        self.k = k
+
+    def _validate(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+
+    def hooks(self, model: Any) -> list[str]:
+        self._validate()
+        return names.resid_stream(model.cfg.n_layers)
+
+    def _compute(self, cache: Any, prompts: Prompts) -> LogitLensResult:
+        self._validate()
+        model = cache.model
+        k = min(self.k, model.cfg.d_vocab)
+        hooks, rows = stream_rows(cache, model.cfg.n_layers, same_width=True)
+        real = prompts.flat(torch.stack(rows, 2))  # [n_real, row, d_model]
+        probs, ids = [], []
+        for chunk in real.flatten(0, 1).split(_CHUNK):  # bounded memory: [chunk, d_vocab] logits at a time
+            logits = unembed_resid(model, chunk).float()
+            top = logits.topk(k, dim=-1)
+            probs.append((top.values - logits.logsumexp(dim=-1, keepdim=True)).exp().cpu())
+            ids.append(top.indices.cpu())
+        mask = prompts.mask.cpu()
+        shape = (*mask.shape, len(hooks), k)
+        top_ids = torch.full(shape, -1, dtype=torch.long)
+        top_probs = torch.full(shape, float("nan"))
+        top_ids[mask] = torch.cat(ids).reshape(-1, len(hooks), k)
+        top_probs[mask] = torch.cat(probs).reshape(-1, len(hooks), k)
+        return LogitLensResult(
+            **self.provenance(model, prompts),
+            top_ids=top_ids,
+            top_probs=top_probs,
+            top_tokens=_decoded(model, top_ids, mask),
+            hook_names=hooks,
+        )
+
+
+def _decoded(model: Any, ids: Int[Tensor, "batch pos row k"], mask: Tensor) -> list[list[list[list[str]]]]:
+    """``ids`` as strings, nested ``[batch][pos][row][k]``; empty lists at pad positions."""
+    unique = ids[mask].unique()
+    text = dict(zip(unique.tolist(), decode_tokens(model, unique)))
+    return [
+        [[[text[i] for i in layer] for layer in at] if real else [] for at, real in zip(row, row_mask)]
+        for row, row_mask in zip(ids.tolist(), mask.tolist())
+    ]

@@ -8,23 +8,25 @@ in an early layer and ride the residual stream to the end, acting as
 input-independent biases: setting them to zero breaks the model, setting them
 to their mean leaves it intact.
 
-This module measures, per layer, the largest magnitudes with their (token,
-channel), the median and the criterion (:func:`massive_activations`); the
-ratio ``r = mean_x max|h| / mean_x median|h|`` that tracks them over training
-(:func:`massive_ratio`); and the intervention (:func:`ablate_massive`). It
-reads the residual stream of any architecture, or the recurrent state of
-Mamba (``mixer.hook_ssm_state``) and RNNs (``cell.hook_hidden``, the LSTM's
-``cell.hook_cell``), so architectures compare side by side.
+:class:`MassiveActivations` measures, per prompt and layer, the largest
+magnitudes with their (token, channel), the median and the criterion; its
+Result also holds the ratio ``r = mean_x max|h| / mean_x median|h|`` that
+tracks them over training (``.ratio``). :class:`MassiveAblation` is the
+intervention. Both read the residual stream of any architecture, or the
+recurrent state of Mamba (``mixer.hook_ssm_state``) and RNNs
+(``cell.hook_hidden``, the LSTM's ``cell.hook_cell``), so architectures
+compare side by side.
 
 Examples
 --------
->>> found = dl.probes.massive_activations(model, "Summer is warm. Winter is cold.")  # doctest: +SKIP
->>> found.top(5)                                                                      # doctest: +SKIP
->>> found.carriers()                                                                  # doctest: +SKIP
+>>> found = dl.probes.MassiveActivations()(model, ["Summer is warm.", "Winter is cold."])  # doctest: +SKIP
+>>> found.top(5)                                                                        # doctest: +SKIP
+>>> found.carriers(), found.ratio                                                       # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +39,12 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from dynalens.models.base import TextOrTokens
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, heatmap
-from dynalens.models.surface import architecture_of, decode_tokens, prompt_tokens, result_context
-from dynalens.probes.residual import resid_hook_names
+from dynalens.probes.residual import stream_rows
 from dynalens.probes.results import Result
 
 MIN_MAGNITUDE = 100.0
@@ -62,32 +66,37 @@ def site_hook_names(model: Any, site: str | Sequence[str] = "resid") -> list[str
     model
         Any dynalens model.
     site
-        ``"resid"``: the stream entering layer 0 (``blocks.0.hook_resid_pre``, the
-        embeddings), then every ``blocks.{l}.hook_resid_post``.
+        ``"resid"``: ``names.resid_stream(n_layers)``, the stream entering
+        layer 0 (the embeddings), then after every layer.
         ``"state"``: every layer's recurrent state, Mamba's
-        ``blocks.{l}.mixer.hook_ssm_state`` (channels ``d_inner × d_state``),
-        an LSTM's ``blocks.{l}.cell.hook_cell``, other RNNs'
-        ``blocks.{l}.cell.hook_hidden``. Or an explicit list of hook names whose
-        tensors are ``[batch, pos, ...]`` (trailing dimensions become channels).
+        ``names.mixer(l, "ssm_state")`` (channels ``d_inner × d_state``), an
+        LSTM's ``names.cell(l, "cell")``, other RNNs' ``names.cell(l, "hidden")``.
+        Or an explicit list of hook names whose tensors are ``[batch, pos, ...]``
+        (trailing dimensions become channels).
+
+    Raises
+    ------
+    AnalysisError
+        ``site="state"`` on a transformer, which has no recurrent state.
     """
     if not isinstance(site, str):
-        names = list(site)
-        if not names:
-            raise ValueError("site is an empty list of hook names: pass 'resid', 'state' or hook names")
-        return names
+        hooks = list(site)
+        if not hooks or not all(isinstance(name, str) for name in hooks):
+            raise ValueError(f"site must be 'resid', 'state' or a non-empty list of hook names, got {site!r}")
+        return hooks
     if site not in SITES:
         raise ValueError(f"site must be one of {', '.join(map(repr, SITES))} or a list of hook names, got {site!r}")
     n_layers = model.cfg.n_layers
     if site == "resid":
-        return resid_hook_names(n_layers)
+        return names.resid_stream(n_layers)
     arch = architecture_of(model)
     if arch == "mamba":
-        return [f"blocks.{layer}.mixer.hook_ssm_state" for layer in range(n_layers)]
+        return [names.mixer(layer, "ssm_state") for layer in range(n_layers)]
     if arch == "rnn":
-        part = "hook_cell" if getattr(model.cfg, "cell", None) == "lstm" else "hook_hidden"
-        return [f"blocks.{layer}.cell.{part}" for layer in range(n_layers)]
-    raise ValueError(
-        "site='state' reads a recurrent state, which transformers do not have: "
+        part = "cell" if getattr(model.cfg, "cell", None) == "lstm" else "hidden"
+        return [names.cell(layer, part) for layer in range(n_layers)]
+    raise AnalysisError(
+        f"site='state' reads a recurrent state, which a {arch} model does not have: "
         "use site='resid' or name hooks explicitly"
     )
 
@@ -96,24 +105,16 @@ def site_labels(hook_names: Sequence[str]) -> list[str]:
     """Short row labels: ``embed``, ``L{l}`` for residual hooks, ``L{l} <hook>`` for others."""
     labels = []
     for name in hook_names:
-        if name in ("hook_embed", "blocks.0.hook_resid_pre"):
+        layer = names.layer_of(name)
+        if name in (names.EMBED, names.resid_pre(0)):
             labels.append("embed")
-        elif name.startswith("blocks.") and name.endswith(".hook_resid_post"):
-            labels.append(f"L{name.split('.')[1]}")
-        elif name.startswith("blocks."):
-            labels.append(f"L{name.split('.')[1]} {name.rsplit('.', 1)[-1].removeprefix('hook_')}")
+        elif layer is not None and name == names.resid_post(layer):
+            labels.append(f"L{layer}")
+        elif layer is not None:
+            labels.append(f"L{layer} {names.short(name).rsplit('.', 1)[-1].removeprefix('hook_')}")
         else:
             labels.append(name)
     return labels
-
-
-@torch.no_grad()
-def site_magnitudes(
-    model: Any, tokens: Int[Tensor, "batch pos"], hook_names: Sequence[str]
-) -> list[Float[Tensor, "batch pos channel"]]:
-    """``|h|`` at each hook, trailing dimensions flattened into channels, float32 on the CPU."""
-    _, cache = model.run_with_cache(tokens, names_filter=list(hook_names))
-    return [cache[name].detach().float().abs().flatten(2).cpu() for name in hook_names]
 
 
 def is_massive(
@@ -132,87 +133,114 @@ def _check_thresholds(min_magnitude: float, min_ratio: float) -> None:
 
 # ---------------------------------------------------------------------- detection
 @dataclass(kw_only=True, eq=False)
-class MassiveActivations(Result):
-    """The largest magnitudes of each layer's hidden state, with the criterion.
+class MassiveActivationsResult(Result):
+    """The largest magnitudes of each layer's hidden state, per prompt, with the criterion.
 
     Attributes
     ----------
     hook_names
         The hook each row was read from.
     top_values, top_positions, top_channels
-        ``[row, k]``: the ``k`` largest ``|h|`` of the row, largest first, and
-        where they are (token position, channel).
+        ``[batch, row, k]``: the ``k`` largest ``|h|`` of each prompt's row over
+        its real tokens and every channel, largest first, and where they are
+        (real token position, channel); NaN and -1 past a prompt's entries.
     medians
-        ``[row]``: the median ``|h|`` over every token and channel of the row.
+        ``[batch, row]``: the median ``|h|`` over the prompt's real tokens and every channel.
     channel_max
-        ``[row, channel]``: the largest ``|h|`` of each channel over the tokens.
+        ``[batch, row, channel]``: the largest ``|h|`` of each channel over the
+        prompt's real tokens (NaN past a narrower row's channels).
     min_magnitude, min_ratio
         The criterion's thresholds.
     """
 
     hook_names: list[str]
-    top_values: Float[Tensor, "row k"]
-    top_positions: Int[Tensor, "row k"]
-    top_channels: Int[Tensor, "row k"]
-    medians: Float[Tensor, " row"]
-    channel_max: Float[Tensor, "row channel"]
+    top_values: Float[Tensor, "batch row k"]
+    top_positions: Int[Tensor, "batch row k"]
+    top_channels: Int[Tensor, "batch row k"]
+    medians: Float[Tensor, "batch row"]
+    channel_max: Float[Tensor, "batch row channel"]
     min_magnitude: float = MIN_MAGNITUDE
     min_ratio: float = MIN_RATIO
 
     @property
-    def massive(self) -> Bool[Tensor, "row k"]:
+    def massive(self) -> Bool[Tensor, "batch row k"]:
         """Which of the top entries meet the criterion."""
-        return is_massive(self.top_values, self.medians[:, None], self.min_magnitude, self.min_ratio)
+        return is_massive(self.top_values, self.medians[..., None], self.min_magnitude, self.min_ratio)
 
     @property
     def found(self) -> bool:
-        """Whether any layer holds a massive activation."""
+        """Whether any prompt and layer holds a massive activation."""
         return bool(self.massive.any())
 
+    @property
+    def ratio(self) -> Float[Tensor, " row"]:
+        """``r = mean_x max|h| / mean_x median|h|`` per row over the prompts ``x`` (arXiv 2508.03616).
+
+        The quantity the emergence paper tracks over training: a layer's top
+        magnitude relative to its median, averaged over a fixed set of sequences.
+        """
+        return self.top_values[..., 0].mean(0) / self.medians.mean(0)
+
+    def metrics(self) -> dict[str, float]:
+        """``n_massive`` entries among the tops, ``max_magnitude``, ``max_ratio`` (the largest :attr:`ratio`)."""
+        return {
+            "n_massive": float(self.massive.sum()),
+            "max_magnitude": float(self.top_values[..., 0].max()),
+            "max_ratio": float(self.ratio.max()),
+        }
+
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``layer, hook, rank, position, token, channel, magnitude, median, ratio, massive``."""
+        """Columns ``prompt, layer, hook, rank, position, token, channel, magnitude, median, ratio, massive``."""
         labels = site_labels(self.hook_names)
         massive = self.massive
         rows = []
-        for r, hook in enumerate(self.hook_names):
-            median = float(self.medians[r])
-            for rank in range(self.top_values.shape[1]):
-                value, pos = float(self.top_values[r, rank]), int(self.top_positions[r, rank])
-                rows.append((
-                    labels[r], hook, rank, pos, self.str_tokens[pos], int(self.top_channels[r, rank]),
-                    value, median, value / median if median > 0 else float("inf"), bool(massive[r, rank]),
-                ))  # fmt: skip
-        columns = ["layer", "hook", "rank", "position", "token", "channel", "magnitude", "median", "ratio", "massive"]
+        for b in range(self.top_values.shape[0]):
+            tokens = self.str_tokens(b)
+            for r, hook in enumerate(self.hook_names):
+                median = float(self.medians[b, r])
+                for rank in range(self.top_values.shape[2]):
+                    value, pos = float(self.top_values[b, r, rank]), int(self.top_positions[b, r, rank])
+                    if pos < 0:
+                        continue
+                    rows.append((
+                        b, labels[r], hook, rank, pos, tokens[pos], int(self.top_channels[b, r, rank]),
+                        value, median, value / median if median > 0 else float("inf"), bool(massive[b, r, rank]),
+                    ))  # fmt: skip
+        columns = ["prompt", "layer", "hook", "rank", "position", "token", "channel",
+                   "magnitude", "median", "ratio", "massive"]  # fmt: skip
         return pd.DataFrame(rows, columns=columns)
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` largest entries over all layers, largest first."""
+        """The ``k`` largest entries over all prompts and layers, largest first."""
         return self.to_frame().nlargest(k, "magnitude").reset_index(drop=True)
 
     def layers(self) -> pd.DataFrame:
-        """One row per layer: ``layer, hook, top, median, ratio, n_massive``."""
-        massive = self.massive
-        top, med = self.top_values[:, 0], self.medians
+        """One row per layer over the batch: ``layer, hook, top, median, ratio, n_massive``.
+
+        ``top`` is the largest ``|h|`` of any prompt, ``median`` the mean of the
+        prompts' medians, ``ratio`` :attr:`ratio`, ``n_massive`` the massive
+        entries among every prompt's top ``k``.
+        """
         return pd.DataFrame({
             "layer": site_labels(self.hook_names),
             "hook": self.hook_names,
-            "top": top.tolist(),
-            "median": med.tolist(),
-            "ratio": (top / med).tolist(),
-            "n_massive": massive.sum(1).tolist(),
+            "top": self.top_values[..., 0].max(0).values.tolist(),
+            "median": self.medians.mean(0).tolist(),
+            "ratio": self.ratio.tolist(),
+            "n_massive": self.massive.sum((0, 2)).tolist(),
         })  # fmt: skip
 
     def carriers(self) -> pd.DataFrame:
-        """Which (token, channel) pairs carry massive activations, across layers.
+        """Which (prompt, token, channel) triples carry massive activations, across layers.
 
-        Columns ``position, token, channel, n_layers, first_layer, last_layer,
-        max_magnitude``, most layers first.
+        Columns ``prompt, position, token, channel, n_layers, first_layer,
+        last_layer, max_magnitude``, most layers first.
         """
         frame = self.to_frame()
         frame = frame[frame["massive"]]
         row_of = {hook: r for r, hook in enumerate(self.hook_names)}
         frame = frame.assign(row=frame["hook"].map(row_of))
-        grouped = frame.groupby(["position", "token", "channel"], sort=False)
+        grouped = frame.groupby(["prompt", "position", "token", "channel"], sort=False)
         out = grouped.agg(
             n_layers=("row", "nunique"), first_row=("row", "min"), last_row=("row", "max"),
             max_magnitude=("magnitude", "max"),
@@ -220,21 +248,28 @@ class MassiveActivations(Result):
         labels = site_labels(self.hook_names)
         out["first_layer"] = [labels[r] for r in out.pop("first_row")]
         out["last_layer"] = [labels[r] for r in out.pop("last_row")]
-        columns = ["position", "token", "channel", "n_layers", "first_layer", "last_layer", "max_magnitude"]
+        columns = ["prompt", "position", "token", "channel", "n_layers", "first_layer", "last_layer", "max_magnitude"]
         return out[columns].sort_values(["n_layers", "max_magnitude"], ascending=False).reset_index(drop=True)
 
-    def figure(self, *, kind: str = "map") -> go.Figure:
+    def figure(self, *, kind: str = "map", prompt: int | None = None) -> go.Figure:
         """``kind="map"``: layer × channel max ``|h|`` (log colour), massive ones circled;
-        ``kind="layers"``: the top magnitudes and the median per layer (log scale)."""
+        ``kind="layers"``: the top magnitudes and the median per layer (log scale).
+
+        ``prompt`` draws one prompt; ``None`` draws the batch (the largest over
+        its prompts, the mean median).
+        """
+        if kind not in ("map", "layers"):
+            raise ValueError(f"kind must be 'map' or 'layers', got {kind!r}")
+        picked = range(self.top_values.shape[0]) if prompt is None else [self._prompt_index(prompt)]
+        values, medians = self.top_values[list(picked)], self.medians[list(picked)]
         labels = site_labels(self.hook_names)
         if kind == "layers":
-            return self._layers_figure(labels)
-        if kind != "map":
-            raise ValueError(f"kind must be 'map' or 'layers', got {kind!r}")
-        n_channels = self.channel_max.shape[1]
+            return self._layers_figure(labels, values.max(0).values, medians.mean(0))
+        channel_max = self.channel_max[list(picked)].nan_to_num(nan=-1.0).max(0).values
+        channel_max[channel_max < 0] = float("nan")
         fig = heatmap(
-            self.channel_max.numpy(),
-            x_labels=[str(c) for c in range(n_channels)],
+            channel_max.numpy(),
+            x_labels=[str(c) for c in range(channel_max.shape[1])],
             y_labels=labels,
             x_title="channel",
             y_title="layer",
@@ -243,130 +278,120 @@ class MassiveActivations(Result):
             log=True,
         )
         fig.update_xaxes(tickmode="auto", nticks=20, tickangle=0)
-        rows, ranks = torch.nonzero(self.massive, as_tuple=True)
+        massive = self.massive[list(picked)]
+        batch, rows, ranks = torch.nonzero(massive, as_tuple=True)
         if len(rows):
+            channels = self.top_channels[list(picked)][batch, rows, ranks]
+            seen = sorted({(int(r), int(c)) for r, c in zip(rows, channels)})
             fig.add_trace(go.Scatter(
-                x=self.top_channels[rows, ranks].tolist(), y=rows.tolist(), mode="markers",
+                x=[c for _, c in seen], y=[r for r, _ in seen], mode="markers",
                 marker=dict(symbol="circle-open", size=12, color="#d62728", line=dict(width=2)),
                 name="massive", hovertemplate="massive: channel %{x}<extra></extra>",
             ))  # fmt: skip
         return fig
 
-    def _layers_figure(self, labels: list[str]) -> go.Figure:
+    def _prompt_index(self, prompt: int) -> int:
+        n = self.top_values.shape[0]
+        if isinstance(prompt, bool) or not -n <= prompt < n:
+            raise IndexError(f"prompt {prompt!r} is out of range: this result has {n} prompts")
+        return prompt % n
+
+    def _layers_figure(self, labels: list[str], top: Tensor, medians: Tensor) -> go.Figure:
         fig = go.Figure()
-        for rank in range(min(3, self.top_values.shape[1])):
-            fig.add_trace(go.Scatter(x=labels, y=self.top_values[:, rank].tolist(), mode="lines+markers",
+        for rank in range(min(3, top.shape[1])):
+            fig.add_trace(go.Scatter(x=labels, y=top[:, rank].tolist(), mode="lines+markers",
                                      name=f"top {rank + 1}"))
-        fig.add_trace(go.Scatter(x=labels, y=self.medians.tolist(), mode="lines+markers", name="median",
+        fig.add_trace(go.Scatter(x=labels, y=medians.tolist(), mode="lines+markers", name="median",
                                  line=dict(dash="dot", color="#555")))
-        fig.add_trace(go.Scatter(x=labels, y=(self.medians * self.min_ratio).clamp(min=self.min_magnitude).tolist(),
+        fig.add_trace(go.Scatter(x=labels, y=(medians * self.min_ratio).clamp(min=self.min_magnitude).tolist(),
                                  mode="lines", name="threshold", line=dict(dash="dash", color="#d62728")))
         fig.update_layout(template=TEMPLATE, title=dict(text=f"Top magnitudes per layer · {self.model_name}"),
                           xaxis_title="layer", yaxis=dict(title="|h|", type="log"))
         return fig
 
 
-@torch.no_grad()
-def massive_activations(
-    model: Any,
-    input: TextOrTokens,
-    *,
-    site: str | Sequence[str] = "resid",
-    k: int = 10,
-    min_magnitude: float = MIN_MAGNITUDE,
-    min_ratio: float = MIN_RATIO,
-) -> MassiveActivations:
-    """Per layer, the ``k`` largest magnitudes, where they are, the median, the criterion.
+class MassiveActivations(Analysis):
+    """Per prompt and layer, the ``k`` largest magnitudes, where they are, the median, the criterion.
 
     Parameters
     ----------
-    model
-        Any dynalens model.
-    input
-        One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
     site
         What to read: ``"resid"`` (every architecture), ``"state"`` (Mamba, RNN)
         or hook names; see :func:`site_hook_names`.
     k
-        How many of the largest magnitudes to keep per layer.
+        How many of the largest magnitudes to keep per prompt and layer.
     min_magnitude, min_ratio
         The criterion: massive when ``|h| > min_magnitude`` and
-        ``|h| >= min_ratio * median|h|`` of that layer's hidden state.
+        ``|h| >= min_ratio * median|h|`` of that prompt's hidden state at that layer.
 
-    Returns
-    -------
-    MassiveActivations
+    Examples
+    --------
+    >>> found = dl.probes.MassiveActivations()(model, "Summer is warm. Winter is cold.")  # doctest: +SKIP
+    >>> found.carriers()                                                                # doctest: +SKIP
     """
-    _check_thresholds(min_magnitude, min_ratio)
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    tokens = prompt_tokens(model, input)
-    names = site_hook_names(model, site)
-    mags = [m[0] for m in site_magnitudes(model, tokens, names)]
-    tops = [m.flatten().topk(min(k, m.numel())) for m in mags]
-    width = min(len(t.values) for t in tops)
-    n_channels = max(m.shape[1] for m in mags)
-    channel_max = torch.full((len(mags), n_channels), float("nan"))
-    for r, m in enumerate(mags):
-        channel_max[r, : m.shape[1]] = m.max(0).values
-    return MassiveActivations(
-        **result_context(model, tokens),
-        hook_names=names,
-        top_values=torch.stack([t.values[:width] for t in tops]),
-        top_positions=torch.stack([t.indices[:width] // m.shape[1] for t, m in zip(tops, mags)]),
-        top_channels=torch.stack([t.indices[:width] % m.shape[1] for t, m in zip(tops, mags)]),
-        medians=torch.stack([m.median() for m in mags]),
-        channel_max=channel_max,
-        min_magnitude=float(min_magnitude),
-        min_ratio=float(min_ratio),
-    )
 
+    def __init__(
+        self,
+        site: str | Sequence[str] = "resid",
+        k: int = 10,
+        min_magnitude: float = MIN_MAGNITUDE,
+        min_ratio: float = MIN_RATIO,
+    ):
+        self.site = site
+        self.k = k
+        self.min_magnitude = min_magnitude
+        self.min_ratio = min_ratio
 
-def prompt_batches(model: Any, inputs: TextOrTokens | Sequence[TextOrTokens]) -> list[Int[Tensor, "batch pos"]]:
-    """Prompts as token batches: a list of prompts runs one by one (no padding), a tensor as is."""
-    if isinstance(inputs, Tensor):
-        return [model.to_tokens(inputs)]
-    prompts = [inputs] if isinstance(inputs, str) else list(inputs)
-    if not prompts:
-        raise ValueError("no prompts: pass a string, a list of prompts or token ids [batch, pos]")
-    return [prompt_tokens(model, p) for p in prompts]
+    def _validate(self) -> None:
+        _check_thresholds(self.min_magnitude, self.min_ratio)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
 
+    def check(self, model: Any) -> None:
+        super().check(model)
+        site_hook_names(model, self.site)
 
-@torch.no_grad()
-def massive_ratio(
-    model: Any, inputs: TextOrTokens | Sequence[TextOrTokens], *, site: str | Sequence[str] = "resid"
-) -> Float[Tensor, " row"]:
-    """``r = mean_x max|h| / mean_x median|h|`` per layer, over sequences ``x``.
+    def hooks(self, model: Any) -> list[str]:
+        self._validate()
+        return site_hook_names(model, self.site)
 
-    The quantity the Massive Activations emergence paper tracks over training
-    (arXiv 2508.03616): the top magnitude of a layer's hidden state relative
-    to its median, averaged over a fixed set of sequences.
-
-    Parameters
-    ----------
-    model
-        Any dynalens model.
-    inputs
-        Prompts (strings or ids), or token ids ``[batch, pos]`` (each row one sequence).
-    site
-        See :func:`site_hook_names`.
-
-    Returns
-    -------
-    Tensor ``[row]``, one value per hook of the site.
-    """
-    names = site_hook_names(model, site)
-    maxima, medians = [], []
-    for tokens in prompt_batches(model, inputs):
-        mags = site_magnitudes(model, tokens, names)
-        maxima.append(torch.stack([m.flatten(1).max(1).values for m in mags], 1))
-        medians.append(torch.stack([m.flatten(1).median(1).values for m in mags], 1))
-    return torch.cat(maxima).mean(0) / torch.cat(medians).mean(0)
+    def _compute(self, cache: Any, prompts: Prompts) -> MassiveActivationsResult:
+        self._validate()
+        model, k = cache.model, self.k
+        hooks = site_hook_names(model, self.site)
+        mags = [cache[name].float().abs().flatten(2).cpu() for name in hooks]  # [batch, pos, channel] each
+        batch, n_rows, n_channels = len(prompts), len(hooks), max(m.shape[-1] for m in mags)
+        top_values = torch.full((batch, n_rows, k), float("nan"))
+        top_positions = torch.full((batch, n_rows, k), -1, dtype=torch.long)
+        top_channels = torch.full((batch, n_rows, k), -1, dtype=torch.long)
+        medians = torch.empty(batch, n_rows)
+        channel_max = torch.full((batch, n_rows, n_channels), float("nan"))
+        for b in range(batch):
+            for r, m in enumerate(mags):
+                real = prompts.real(m, b)  # [length, channel]
+                top = real.flatten().topk(min(k, real.numel()))
+                width = len(top.values)
+                top_values[b, r, :width] = top.values
+                top_positions[b, r, :width] = top.indices // real.shape[1]
+                top_channels[b, r, :width] = top.indices % real.shape[1]
+                medians[b, r] = real.median()
+                channel_max[b, r, : real.shape[1]] = real.max(0).values
+        return MassiveActivationsResult(
+            **self.provenance(model, prompts),
+            hook_names=hooks,
+            top_values=top_values,
+            top_positions=top_positions,
+            top_channels=top_channels,
+            medians=medians,
+            channel_max=channel_max,
+            min_magnitude=float(self.min_magnitude),
+            min_ratio=float(self.min_ratio),
+        )
 
 
 # ------------------------------------------------------------------- intervention
 @dataclass(kw_only=True, eq=False)
-class MassiveAblation(Result):
+class MassiveAblationResult(Result):
     """Next-token loss with the massive activations replaced, against a random control.
 
     Attributes
@@ -374,30 +399,32 @@ class MassiveAblation(Result):
     mode
         ``"zero"`` or ``"mean"``: what the massive activations were set to.
     loss_clean, loss_ablated, loss_random
-        ``[prompt]`` mean next-token cross-entropy: untouched, with the massive
-        activations replaced, and with as many entries in random other channels
-        of the same tokens and layers replaced the same way.
+        ``[batch]`` mean next-token cross-entropy over each prompt's real
+        tokens: untouched, with the massive activations replaced, and with as
+        many entries in random other channels of the same tokens and layers
+        replaced the same way.
     n_entries
-        ``[prompt]`` how many (layer, token, channel) entries were replaced.
+        ``[batch]`` how many (layer, token, channel) entries were replaced.
     channels
         The channels found massive in any prompt, sorted.
-    prompts
-        Each prompt's tokens as strings.
     """
 
     mode: str
-    loss_clean: Float[Tensor, " prompt"]
-    loss_ablated: Float[Tensor, " prompt"]
-    loss_random: Float[Tensor, " prompt"]
-    n_entries: Int[Tensor, " prompt"]
+    loss_clean: Float[Tensor, " batch"]
+    loss_ablated: Float[Tensor, " batch"]
+    loss_random: Float[Tensor, " batch"]
+    n_entries: Int[Tensor, " batch"]
     channels: list[int]
-    prompts: list[str]
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``prompt, text, n_entries, loss_clean, loss_ablated, loss_random, delta_ablated, delta_random``."""
+        """Columns ``prompt, text, n_entries, loss_clean, loss_ablated, loss_random, delta_ablated, delta_random``.
+
+        ``text`` is the prompt as given, or its tokens joined.
+        """
+        prompts = self._prompts()
         frame = pd.DataFrame({
-            "prompt": range(len(self.prompts)),
-            "text": self.prompts,
+            "prompt": range(len(prompts)),
+            "text": prompts.texts or ["".join(tokens) for tokens in prompts.str_tokens],
             "n_entries": self.n_entries.tolist(),
             "loss_clean": self.loss_clean.tolist(),
             "loss_ablated": self.loss_ablated.tolist(),
@@ -410,6 +437,10 @@ class MassiveAblation(Result):
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` prompts whose loss the ablation raised most."""
         return self.to_frame().nlargest(k, "delta_ablated").reset_index(drop=True)
+
+    def metrics(self) -> dict[str, float]:
+        """The mean losses (``clean``, ``ablated``, ``random``) and ``n_entries`` replaced."""
+        return {**self.mean_losses(), "n_entries": float(self.n_entries.sum())}
 
     def mean_losses(self) -> dict[str, float]:
         """Mean loss over the prompts: ``clean``, ``ablated``, ``random``."""
@@ -432,129 +463,138 @@ class MassiveAblation(Result):
         return fig
 
 
-Entry = tuple[int, int, int]  # (row, position, channel)
+Entry = tuple[int, int, int, int]  # (prompt, row, padded column, channel)
 
 
-@torch.no_grad()
-def ablate_massive(
-    model: Any,
-    inputs: TextOrTokens | Sequence[TextOrTokens],
-    *,
-    mode: str = "zero",
-    min_magnitude: float = MIN_MAGNITUDE,
-    min_ratio: float = MIN_RATIO,
-    seed: int = 0,
-) -> MassiveAblation:
+class MassiveAblation(Experiment):
     """Set the residual stream's massive activations to zero or to their mean; measure the loss.
 
-    Every entry of the residual stream (``blocks.0.hook_resid_pre``, every
-    ``blocks.{l}.hook_resid_post``) that meets the
-    criterion is replaced in the forward pass, and the mean next-token
-    cross-entropy of each prompt is compared with the clean one and with a
-    control that replaces as many entries in random *other* channels of the
-    same tokens and layers (Sun et al., Table 3).
+    Every entry of the residual stream (``names.resid_stream(n_layers)``) that
+    meets the criterion in its prompt is replaced in the forward pass, and the
+    mean next-token cross-entropy of each prompt is compared with the clean
+    one and with a control that replaces as many entries in random *other*
+    channels of the same tokens and layers (Sun et al., Table 3). Three
+    forwards: detection (which gives the clean loss), ablated, control.
 
     Parameters
     ----------
-    model
-        Any dynalens model.
-    inputs
-        Prompts (strings or ids) or token ids ``[batch, pos]``, each at least two tokens.
     mode
         ``"zero"``, or ``"mean"``: each (layer, channel)'s mean massive value over
         all the prompts (the control's entries take their own channel means).
     min_magnitude, min_ratio
         The criterion (see :func:`is_massive`).
     seed
-        Seeds the choice of the control's channels.
-
-    Returns
-    -------
-    MassiveAblation
+        Seeds the choice of the control's channels, with each prompt's tokens
+        (so a prompt gets the same control in any batch).
     """
-    if mode not in ABLATION_MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, ABLATION_MODES))}, got {mode!r}")
-    _check_thresholds(min_magnitude, min_ratio)
-    names = resid_hook_names(model.cfg.n_layers)
-    sequences = [t[None] for batch in prompt_batches(model, inputs) for t in batch]
-    if any(t.shape[1] < 2 for t in sequences):
-        raise ValueError("every prompt needs at least two tokens to have a next-token loss")
-    generator = torch.Generator().manual_seed(seed)
-    found: list[list[Entry]] = []
-    control: list[list[Entry]] = []
-    values: list[list[Float[Tensor, "row pos channel"]]] = []
-    for tokens in sequences:
-        _, cache = model.run_with_cache(tokens, names_filter=names)
-        h = torch.stack([cache[name][0].detach().float().cpu() for name in names])
-        mags = h.abs()
-        medians = mags.flatten(1).median(1).values[:, None, None]
-        entries = [tuple(e) for e in torch.nonzero(is_massive(mags, medians, min_magnitude, min_ratio)).tolist()]
-        found.append(entries)
-        control.append(_random_control(entries, h.shape[-1], generator))
-        values.append(h)
-    means = _channel_means(found, values) if mode == "mean" else {}
-    control_means = _channel_means(control, values) if mode == "mean" else {}
-    clean, ablated, random = [], [], []
-    for tokens, entries, ctrl in zip(sequences, found, control):
-        clean.append(_loss(model, tokens, names, [], {}))
-        ablated.append(_loss(model, tokens, names, entries, means))
-        random.append(_loss(model, tokens, names, ctrl, control_means))
-    return MassiveAblation(
-        **result_context(model, sequences[0]),
-        mode=mode,
-        loss_clean=torch.tensor(clean),
-        loss_ablated=torch.tensor(ablated),
-        loss_random=torch.tensor(random),
-        n_entries=torch.tensor([len(e) for e in found]),
-        channels=sorted({c for entries in found for _, _, c in entries}),
-        prompts=["".join(decode_tokens(model, t[0])) for t in sequences],
-    )
+
+    def __init__(
+        self,
+        mode: str = "zero",
+        min_magnitude: float = MIN_MAGNITUDE,
+        min_ratio: float = MIN_RATIO,
+        seed: int = 0,
+    ):
+        self.mode = mode
+        self.min_magnitude = min_magnitude
+        self.min_ratio = min_ratio
+        self.seed = seed
+
+    def _validate(self) -> None:
+        if self.mode not in ABLATION_MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, ABLATION_MODES))}, got {self.mode!r}")
+        _check_thresholds(self.min_magnitude, self.min_ratio)
+
+    def run(self, model: Any, prompts: Prompts | None) -> MassiveAblationResult:
+        self._validate()
+        if prompts is None:
+            raise ValueError("MassiveAblation needs prompts: pass the prompts whose loss it measures")
+        if int(prompts.lengths.min()) < 2:
+            raise ValueError("every prompt needs at least two tokens to have a next-token loss")
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(prompts, names_filter=names.resid_stream(model.cfg.n_layers))
+            hooks, rows = stream_rows(cache, model.cfg.n_layers, same_width=True)
+            h = torch.stack(rows, 2).float().cpu()  # [batch, pos, row, channel]
+            found, control = self._entries(h, prompts)
+            means = _channel_means(found, h) if self.mode == "mean" else {}
+            control_means = _channel_means(control, h) if self.mode == "mean" else {}
+            ablated = _edited_logits(model, prompts, hooks, found, means)
+            random = _edited_logits(model, prompts, hooks, control, control_means)
+        return MassiveAblationResult(
+            **self.provenance(model, prompts),
+            mode=self.mode,
+            loss_clean=next_token_loss(logits, prompts),
+            loss_ablated=next_token_loss(ablated, prompts),
+            loss_random=next_token_loss(random, prompts),
+            n_entries=torch.tensor([sum(e[0] == b for e in found) for b in range(len(prompts))]),
+            channels=sorted({c for *_, c in found}),
+        )
+
+    def _entries(self, h: Tensor, prompts: Prompts) -> tuple[list[Entry], list[Entry]]:
+        """The massive entries of every prompt, and the random control of each."""
+        found, control = [], []
+        for b in range(len(prompts)):
+            offset = int(prompts.offsets[b])
+            mags = prompts.real(h, b).abs()  # [length, row, channel]
+            medians = mags.transpose(0, 1).flatten(1).median(1).values[None, :, None]
+            hits = torch.nonzero(is_massive(mags, medians, self.min_magnitude, self.min_ratio)).tolist()
+            entries = [(b, r, offset + p, c) for p, r, c in sorted(hits, key=lambda e: (e[1], e[0], e[2]))]
+            found += entries
+            control += _random_control(entries, h.shape[-1], _prompt_generator(self.seed, prompts[b]))
+        return found, control
+
+
+def next_token_loss(logits: Float[Tensor, "batch pos vocab"], prompts: Prompts) -> Float[Tensor, " batch"]:
+    """Each prompt's mean next-token cross-entropy over its real tokens."""
+    losses = []
+    for b in range(len(prompts)):
+        real = prompts.real(logits, b).float()
+        target = prompts.real(prompts.tokens, b).to(real.device)
+        losses.append(F.cross_entropy(real[:-1], target[1:]).cpu())
+    return torch.stack(losses)
+
+
+def _prompt_generator(seed: int, prompt: Prompts) -> torch.Generator:
+    """A generator seeded by ``seed`` and the prompt's tokens (the same prompt draws the same in any batch)."""
+    digest = hashlib.sha256(f"{seed}:{prompt.key()}".encode()).hexdigest()
+    return torch.Generator().manual_seed(int(digest[:15], 16))
 
 
 def _random_control(entries: list[Entry], n_channels: int, generator: torch.Generator) -> list[Entry]:
-    """As many entries as ``entries`` at the same (row, position) in channels not among them."""
-    taken = {(r, c) for r, _, c in entries}
+    """As many entries as ``entries`` at the same (prompt, row, position) in channels not among them."""
+    taken = {(r, c) for _, r, _, c in entries}
     out = []
-    for r, p, _ in entries:
+    for b, r, p, _ in entries:
         free = torch.tensor([c for c in range(n_channels) if (r, c) not in taken])
         c = int(free[torch.randint(len(free), (1,), generator=generator)])
         taken.add((r, c))
-        out.append((r, p, c))
+        out.append((b, r, p, c))
     return out
 
 
-def _channel_means(
-    found: list[list[Entry]], values: list[Float[Tensor, "row pos channel"]]
-) -> dict[tuple[int, int], float]:
+def _channel_means(entries: list[Entry], h: Float[Tensor, "batch pos row channel"]) -> dict[tuple[int, int], float]:
     """The mean value of each (row, channel) over its entries in every prompt."""
-    sums: dict[tuple[int, int], list[float]] = {}
-    for entries, h in zip(found, values):
-        for r, p, c in entries:
-            sums.setdefault((r, c), []).append(float(h[r, p, c]))
-    return {key: float(np.mean(v)) for key, v in sums.items()}
+    values: dict[tuple[int, int], list[float]] = {}
+    for b, r, p, c in entries:
+        values.setdefault((r, c), []).append(float(h[b, p, r, c]))
+    return {key: float(np.mean(v)) for key, v in values.items()}
 
 
-def _loss(
-    model: Any,
-    tokens: Int[Tensor, "1 pos"],
-    names: list[str],
-    entries: list[Entry],
-    means: dict[tuple[int, int], float],
-) -> float:
-    """Mean next-token cross-entropy with ``entries`` set to their mean (or zero)."""
-    by_row: dict[int, list[tuple[int, int, float]]] = {}
-    for r, p, c in entries:
-        by_row.setdefault(r, []).append((p, c, means.get((r, c), 0.0)))
+def _edited_logits(
+    model: Any, prompts: Prompts, hooks: list[str], entries: list[Entry], means: dict[tuple[int, int], float]
+) -> Float[Tensor, "batch pos vocab"]:
+    """The logits with each entry set to its (row, channel) mean, or zero."""
+    by_row: dict[int, list[tuple[int, int, int, float]]] = {}
+    for b, r, p, c in entries:
+        by_row.setdefault(r, []).append((b, p, c, means.get((r, c), 0.0)))
 
-    def replace(edits: list[tuple[int, int, float]]):
+    def replace(edits: list[tuple[int, int, int, float]]):
         def hook(h: Tensor, hook: Any) -> Tensor:
             h = h.clone()
-            for p, c, v in edits:
-                h[:, p, c] = v
+            for b, p, c, v in edits:
+                h[b, p, c] = v
             return h
 
         return hook
 
-    hooks = [(names[r], replace(edits)) for r, edits in by_row.items()]
-    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-    return F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:].to(logits.device)).item()
+    return model.run_with_hooks(prompts, fwd_hooks=[(hooks[r], replace(edits)) for r, edits in by_row.items()])

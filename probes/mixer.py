@@ -1,7 +1,7 @@
 """Sequence-mixing matrices: how much each position reads from each earlier one.
 
-One layer's mixer as ``[group, query, key]`` matrices, whatever the
-architecture:
+:class:`MixerMatrix` gives one layer's mixer as ``[batch, group, query, key]``
+matrices, whatever the architecture:
 
 - transformer: the attention pattern of each head (``attn.hook_pattern``);
 - Mamba: the materialised selective-SSM matrix ``M`` ("hidden attention",
@@ -11,43 +11,84 @@ architecture:
   (it only adds to the diagonal and would drown the mixing), with it
   ``y = M u`` exactly;
 - RNN: the linearised recurrence, Frobenius norms ``‖∂h_t/∂x_s‖`` of the
-  Jacobian of the layer's hidden sequence (``cell.hook_hidden``) with respect
-  to its input sequence (``hook_resid_pre``), by autograd.
+  Jacobian of the layer's hidden sequence with respect to its input sequence
+  (the cached ``hook_resid_pre``), by autograd through the cell's ``step``.
+
+Each architecture is one entry of :data:`MIXERS` (the hooks it reads, the
+matrices from them): a new architecture adds an entry.
+
+Examples
+--------
+>>> result = MixerMatrix(layer=1)(model, ["The cat sat", "A dog ran"])    # doctest: +SKIP
+>>> result.matrix(prompt=0).shape                                         # doctest: +SKIP
+torch.Size([4, 3, 3])
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar, NamedTuple
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.kernels import mixer_matrix
-from dynalens.models.base import TextOrTokens
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_index
+from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_labels
-from dynalens.models.surface import architecture_of, prompt_tokens, result_context
 from dynalens.probes.results import Result
 
 DEFAULT_CHANNEL_GROUPS = 8
 
 
+# --------------------------------------------------------------------------- padded layout
+def to_padded(prompts: Prompts, rows: Sequence[Tensor], dims: Sequence[int] = (0,), fill: float = 0.0) -> Tensor:
+    """Per-prompt tensors over real positions, stacked in the prompts' left-padded layout.
+
+    ``rows[i]`` has ``prompts.lengths[i]`` entries along each axis in ``dims``;
+    the result is ``[batch, ...]`` with those axes ``pos`` long, prompt ``i``'s
+    entries in their last ``lengths[i]`` places and ``fill`` before them.
+    """
+    width = prompts.tokens.shape[1]
+    shape = list(rows[0].shape)
+    for d in dims:
+        shape[d] = width
+    out = rows[0].new_full((len(rows), *shape), fill)
+    for i, row in enumerate(rows):
+        index = [slice(None)] * row.dim()
+        for d in dims:
+            index[d] = slice(width - row.shape[d], None)
+        out[i][tuple(index)] = row
+    return out
+
+
+def pair_mask(prompts: Prompts) -> Tensor:
+    """``[batch, 1, pos, pos]`` True where query and key are both real tokens."""
+    mask = prompts.mask
+    return (mask[:, :, None] & mask[:, None, :])[:, None]
+
+
+# --------------------------------------------------------------------------- result
 @dataclass(kw_only=True, eq=False)
-class MixerMatrices(Result):
-    """The sequence-mixing matrices of one layer, ``matrices[group, query, key]``.
+class MixerMatrixResult(Result):
+    """The sequence-mixing matrices of one layer, ``matrices[prompt, group, query, key]``.
 
     Attributes
     ----------
     layer
         The layer they belong to.
     matrices
-        ``[group, pos, pos]``, zero above the diagonal (causal).
+        ``[batch, group, pos, pos]`` in the prompts' left-padded layout, zero
+        above the diagonal (causal) and wherever query or key is a pad.
     group_labels
         One label per group: ``head 3``, ``channels 0-191``, ``channel 17`` or ``hidden``.
     value_name
@@ -57,50 +98,60 @@ class MixerMatrices(Result):
     """
 
     layer: int
-    matrices: Float[Tensor, "group q k"]
+    matrices: Float[Tensor, "batch group q k"]
     group_labels: list[str]
     value_name: str
     signed: bool
 
+    def matrix(self, prompt: int = 0) -> Float[Tensor, "group q k"]:
+        """One prompt's matrices over its real tokens, ``[group, n, n]``."""
+        n = len(self.str_tokens(prompt))
+        return self.matrices[prompt, :, -n:, -n:]
+
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` entries of largest magnitude over all groups, largest first."""
+        """The ``k`` entries of largest magnitude over all prompts and groups, largest first."""
         frame = self.to_frame()
         order = frame["value"].abs().sort_values(ascending=False, kind="stable").index[:k]
         return frame.loc[order].reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``group, query_position, query_token, key_position, key_token, value``.
+        """Columns ``prompt, group, query_position, query_token, key_position, key_token, value``.
 
-        Only causal entries (key ≤ query) are listed.
+        Only causal entries (key ≤ query) between real tokens are listed;
+        positions count each prompt's real tokens from 0.
         """
-        n_groups, pos, _ = self.matrices.shape
-        q, k = torch.tril_indices(pos, pos)
-        values = self.matrices[:, q, k]
-        return pd.DataFrame(
-            {
+        frames = []
+        for prompt in range(self.matrices.shape[0]):
+            tokens, m = self.str_tokens(prompt), self.matrix(prompt)
+            q, k = torch.tril_indices(len(tokens), len(tokens))
+            n_groups = m.shape[0]
+            frames.append(pd.DataFrame({
+                "prompt": prompt,
                 "group": [label for label in self.group_labels for _ in range(len(q))],
                 "query_position": q.repeat(n_groups).numpy(),
-                "query_token": [self.str_tokens[i] for i in q.tolist()] * n_groups,
+                "query_token": [tokens[i] for i in q.tolist()] * n_groups,
                 "key_position": k.repeat(n_groups).numpy(),
-                "key_token": [self.str_tokens[i] for i in k.tolist()] * n_groups,
-                "value": values.reshape(-1).double().numpy(),
-            }
-        )
+                "key_token": [tokens[i] for i in k.tolist()] * n_groups,
+                "value": m[:, q, k].reshape(-1).double().numpy(),
+            }))
+        return pd.concat(frames, ignore_index=True)
 
     def figure(
-        self, *, group: int = 0, log: bool = False, position: int | None = None
+        self, *, prompt: int = 0, group: int = 0, log: bool = False, position: int | None = None
     ) -> go.Figure:
-        """Heatmap query × key of one ``group``.
+        """Heatmap query × key of one ``group`` for one ``prompt``.
 
         ``log`` colours by log10 of the magnitude; ``position`` outlines a key column.
         """
-        group = check_index("group", group, self.matrices.shape[0])
-        values = self.matrices[group].double()
+        group = check_index("group", group, self.matrices.shape[1])
+        values = self.matrix(prompt)[group].double()
         value_name = self.value_name
         if log and self.signed:
             values, value_name = values.abs(), f"|{value_name}|"
         causal = torch.ones_like(values, dtype=torch.bool).tril()
-        labels = token_labels(self.str_tokens)
+        labels = token_labels(self.str_tokens(prompt))
+        offset = int(self._prompts().offsets[prompt])
+        highlight = None if position is None else self.position_index(position, prompt) - offset
         return heatmap(
             values.masked_fill(~causal, float("nan")).numpy(),
             x_labels=labels,
@@ -111,28 +162,148 @@ class MixerMatrices(Result):
             title=f"Layer {self.layer} mixer · {self.group_labels[group]} · {self.model_name}",
             log=log,
             signed=self.signed and not log,
-            highlight_x=None if position is None else self.position_index(position),
+            highlight_x=highlight,
             y_reversed=True,
         )
 
 
-def mixer_matrices(
-    model: Any,
-    input: TextOrTokens,
-    layer: int,
-    *,
-    channel_groups: int | None = None,
-    channels: Sequence[int] | None = None,
-    include_skip: bool = False,
-) -> MixerMatrices:
-    """The sequence-mixing matrices of one layer (attention, SSM matrix, RNN Jacobian).
+# --------------------------------------------------------------------------- one entry per architecture
+class Mixed(NamedTuple):
+    """What an architecture's mixer gives: ``[batch, group, pos, pos]`` matrices and how to read them."""
+
+    matrices: Tensor
+    labels: list[str]
+    value_name: str
+    signed: bool
+
+
+@dataclass(frozen=True)
+class MixerKind:
+    """One architecture's mixer: the hooks it reads and the matrices it rebuilds from them.
+
+    ``hooks(analysis, model)`` names the hooks (checking the analysis'
+    options against the model, before any forward); ``matrices(analysis, model,
+    cache, prompts)`` returns :class:`Mixed` (entries between real tokens;
+    :class:`MixerMatrix` zeroes the rest). ``channel_options``: whether the
+    Mamba options (``channel_groups``, ``channels``, ``include_skip``) apply.
+    """
+
+    hooks: Callable[[MixerMatrix, Any], list[str]]
+    matrices: Callable[[MixerMatrix, Any, Any, Prompts], Mixed]
+    channel_options: bool = False
+
+
+# --------------------------------------------------------------------------- transformer
+def _attention(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
+    pattern = cache[names.pattern(analysis.layer)]
+    return Mixed(pattern, [f"head {h}" for h in range(pattern.shape[1])], "attention", False)
+
+
+# --------------------------------------------------------------------------- Mamba
+_SSM_PARTS = ("delta", "B", "C")
+
+
+def _ssm_selection(analysis: MixerMatrix, d_inner: int) -> tuple[list[list[int]], list[str], bool]:
+    """The channels of each group, their labels, and whether each group is one signed channel."""
+    if analysis.channels is not None:
+        chosen = [check_index("channel", c, d_inner) for c in analysis.channels]
+        if not chosen:
+            raise ValueError("channels is empty: pass at least one channel index")
+        return [[c] for c in chosen], [f"channel {c}" for c in chosen], True
+    n_groups = analysis.channel_groups
+    if n_groups is None:
+        n_groups = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner)
+    is_int = isinstance(n_groups, int) and not isinstance(n_groups, bool)
+    if not is_int or not 1 <= n_groups <= d_inner or d_inner % n_groups:
+        raise ValueError(
+            f"channel_groups must divide d_inner = {d_inner} into equal groups, got {n_groups!r}"
+        )
+    size = d_inner // n_groups
+    spans = [list(range(g * size, (g + 1) * size)) for g in range(n_groups)]
+    return spans, [f"channels {s[0]}-{s[-1]}" for s in spans], False
+
+
+def _ssm_hooks(analysis: MixerMatrix, model: Any) -> list[str]:
+    _ssm_selection(analysis, model.cfg.d_inner)
+    return [names.mixer(analysis.layer, part) for part in _SSM_PARTS]
+
+
+def _ssm_matrix(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
+    layer = analysis.layer
+    # Pads read as the model treats them (Δ = 0: the state passes unchanged), whatever the cache holds there.
+    real = prompts.mask.to(cache[names.mixer(layer, "delta")].device)[:, None]
+    delta, B, C = (
+        torch.where(real, cache[names.mixer(layer, part)].transpose(1, 2), 0.0) for part in _SSM_PARTS
+    )  # [b, d | n, pos]
+    mixer = model.blocks[layer].mixer
+    groups, labels, signed = _ssm_selection(analysis, delta.shape[1])
+    D = mixer.D if analysis.include_skip else None
+    if signed:
+        channels = [group[0] for group in groups]
+        return Mixed(mixer_matrix(delta, mixer.A, B, C, D=D, channels=channels), labels, "M", True)
+    matrices = [mixer_matrix(delta, mixer.A, B, C, D=D, channels=group).abs().mean(1) for group in groups]
+    return Mixed(torch.stack(matrices, dim=1), labels, "mean |M|", False)
+
+
+# --------------------------------------------------------------------------- RNN
+def _hidden_sequence(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor, "pos d_hidden"]:
+    """The cell's hidden sequence from its zero state, by its pure ``step``."""
+    state = cell.initial_state(1, x)
+    out = []
+    for t in range(x.shape[0]):
+        state = cell.step(x[t][None], state)
+        out.append(state[0] if isinstance(state, tuple) else state)
+    return torch.cat(out)
+
+
+def _jacobian_rows(cell: Any, x: Float[Tensor, "pos d_in"]) -> Iterator[Float[Tensor, "d_hidden pos d_in"]]:
+    """``∂h_t/∂x`` for ``t = 0, 1, ...``: one batched backward per query position."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        hidden = _hidden_sequence(cell, x)
+        eye = torch.eye(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+        for t in range(hidden.shape[0]):
+            (row,) = torch.autograd.grad(hidden[t], x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
+            yield row
+
+
+def recurrence_jacobian(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor, "pos d_hidden pos d_in"]:
+    """The linearised RNN layer along one sequence: ``J[t, :, s, :] = ∂h_t/∂x_s`` (zero for ``s > t``).
 
     Parameters
     ----------
-    model
-        Any dynalens model (transformer, Mamba, RNN).
-    input
-        One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
+    cell
+        An RNN layer's cell (``model.blocks[layer].cell``), run from its zero state.
+    x
+        ``[pos, d_in]`` the layer's inputs (its ``hook_resid_pre`` at one prompt's real positions).
+    """
+    return torch.stack(list(_jacobian_rows(cell, x)))
+
+
+def _recurrence_norms(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
+    x = cache[names.resid_pre(analysis.layer)]
+    cell = model.blocks[analysis.layer].cell
+    rows = [
+        torch.stack([row.pow(2).sum(dim=(0, 2)).sqrt() for row in _jacobian_rows(cell, prompts.real(x, i))])
+        for i in range(len(prompts))
+    ]
+    return Mixed(to_padded(prompts, rows, dims=(0, 1))[:, None], ["hidden"], "‖∂h_t/∂x_s‖", False)
+
+
+MIXERS: dict[str, MixerKind] = {
+    "transformer": MixerKind(lambda analysis, model: [names.pattern(analysis.layer)], _attention),
+    "mamba": MixerKind(_ssm_hooks, _ssm_matrix, channel_options=True),
+    "rnn": MixerKind(lambda analysis, model: [names.resid_pre(analysis.layer)], _recurrence_norms),
+}
+"""The mixer of each architecture :class:`MixerMatrix` applies to, by ``architecture_of(model)``."""
+
+
+# --------------------------------------------------------------------------- analysis
+class MixerMatrix(Analysis):
+    """The sequence-mixing matrices of one layer (attention, SSM matrix, RNN Jacobian norms).
+
+    Parameters
+    ----------
     layer
         The layer, ``0 <= layer < cfg.n_layers``.
     channel_groups
@@ -147,106 +318,61 @@ def mixer_matrices(
 
     Returns
     -------
-    MixerMatrices
-        ``[group, pos, pos]``: heads, channel groups / channels, or one RNN group.
+    MixerMatrixResult
+        ``[batch, group, pos, pos]``: heads, channel groups / channels, or one RNN group.
     """
-    arch = architecture_of(model)
-    layer = check_index("layer", layer, model.cfg.n_layers)
-    if arch != "mamba" and (channel_groups is not None or channels is not None or include_skip):
-        raise ValueError(
-            f"channel_groups, channels and include_skip are for Mamba; this model is a {arch}"
+
+    architectures: ClassVar[tuple[str, ...]] = tuple(MIXERS)
+    requirement: ClassVar[str] = "a sequence mixer it can materialise"
+
+    def __init__(
+        self,
+        layer: int,
+        *,
+        channel_groups: int | None = None,
+        channels: Sequence[int] | None = None,
+        include_skip: bool = False,
+    ):
+        self.layer = layer
+        self.channel_groups = channel_groups
+        self.channels = channels
+        self.include_skip = include_skip
+
+    def _kind(self, model: Any) -> MixerKind:
+        self.check(model)
+        arch = architecture_of(model)
+        kind = MIXERS[arch]
+        options = self.channel_groups is not None or self.channels is not None or self.include_skip
+        if options and not kind.channel_options:
+            raise ValueError(
+                f"channel_groups, channels and include_skip are for Mamba; this model is a {arch}"
+            )
+        if self.channel_groups is not None and self.channels is not None:
+            raise ValueError("pass channel_groups or channels, not both")
+        check_index("layer", self.layer, model.cfg.n_layers)
+        return kind
+
+    def hooks(self, model: Any) -> list[str]:
+        return self._kind(model).hooks(self, model)
+
+    def _compute(self, cache: Any, prompts: Prompts) -> MixerMatrixResult:
+        model = cache.model
+        mixed = self._kind(model).matrices(self, model, cache, prompts)
+        matrices = torch.where(pair_mask(prompts).to(mixed.matrices.device), mixed.matrices.float(), 0.0)
+        return MixerMatrixResult(
+            **self.provenance(model, prompts),
+            layer=int(self.layer),
+            matrices=matrices.cpu(),
+            group_labels=mixed.labels,
+            value_name=mixed.value_name,
+            signed=mixed.signed,
         )
-    tokens = prompt_tokens(model, input)
-    if arch == "transformer":
-        matrices, labels, value_name, signed = _attention(model, tokens, layer)
-    elif arch == "mamba":
-        matrices, labels, value_name, signed = _ssm_matrix(
-            model, tokens, layer, channel_groups, channels, include_skip
-        )
-    else:
-        matrices, labels, value_name, signed = _recurrence_jacobian(model, tokens, layer)
-    return MixerMatrices(
-        **result_context(model, tokens),
-        layer=layer,
-        matrices=matrices.float().cpu(),
-        group_labels=labels,
-        value_name=value_name,
-        signed=signed,
-    )
 
 
-@torch.no_grad()
-def _attention(model: Any, tokens: Int[Tensor, "1 pos"], layer: int):
-    name = f"blocks.{layer}.attn.hook_pattern"
-    _, cache = model.run_with_cache(tokens, names_filter=[name])
-    pattern = cache[name][0]
-    return pattern, [f"head {h}" for h in range(pattern.shape[0])], "attention", False
+def mixer_matrices(model: Any, input: Any, layer: int, **options: Any) -> Any:
+    """Transitional, not exported: one prompt's ``[group, pos, pos]`` as ``.matrices``.
 
-
-@torch.no_grad()
-def _ssm_matrix(
-    model: Any,
-    tokens: Int[Tensor, "1 pos"],
-    layer: int,
-    channel_groups: int | None,
-    channels: Sequence[int] | None,
-    include_skip: bool,
-):
-    if channel_groups is not None and channels is not None:
-        raise ValueError("pass channel_groups or channels, not both")
-    prefix = f"blocks.{layer}.mixer"
-    names = [f"{prefix}.hook_delta", f"{prefix}.hook_B", f"{prefix}.hook_C"]
-    _, cache = model.run_with_cache(tokens, names_filter=names)
-    delta, B, C = (cache[name].transpose(1, 2) for name in names)  # [1, d_inner | d_state, pos]
-    mixer = model.blocks[layer].mixer
-    d_inner = delta.shape[1]
-
-    def materialise(chosen: list[int]) -> Float[Tensor, "c pos pos"]:
-        D = mixer.D if include_skip else None
-        return mixer_matrix(delta, mixer.A, B, C, D=D, channels=chosen)[0]
-
-    if channels is not None:
-        chosen = [check_index("channel", c, d_inner) for c in channels]
-        if not chosen:
-            raise ValueError("channels is empty: pass at least one channel index")
-        return materialise(chosen), [f"channel {c}" for c in chosen], "M", True
-    n_groups = channel_groups
-    if n_groups is None:
-        n_groups = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner)
-    is_int = isinstance(n_groups, int) and not isinstance(n_groups, bool)
-    if not is_int or not 1 <= n_groups <= d_inner or d_inner % n_groups:
-        raise ValueError(
-            f"channel_groups must divide d_inner = {d_inner} into equal groups, got {n_groups!r}"
-        )
-    size = d_inner // n_groups
-    spans = [range(g * size, (g + 1) * size) for g in range(n_groups)]
-    matrices = torch.stack([materialise(list(span)).abs().mean(0) for span in spans])
-    return matrices, [f"channels {s.start}-{s.stop - 1}" for s in spans], "mean |M|", False
-
-
-def _recurrence_jacobian(model: Any, tokens: Int[Tensor, "1 pos"], layer: int):
-    captured: dict[str, Tensor] = {}
-
-    def take_input(x: Tensor, hook: Any) -> Tensor:
-        captured["x"] = x.detach().requires_grad_(True)
-        return captured["x"]
-
-    def take_hidden(h: Tensor, hook: Any) -> None:
-        captured["h"] = h
-
-    fwd_hooks = [
-        (f"blocks.{layer}.hook_resid_pre", take_input),
-        (f"blocks.{layer}.cell.hook_hidden", take_hidden),
-    ]
-    with torch.enable_grad():
-        model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
-        x, hidden = captured["x"], captured["h"][0]  # [1, pos, d_in], [pos, d_hidden]
-        eye = torch.eye(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        rows = []
-        for t in range(hidden.shape[0]):
-            # one batched backward per query position: the d_hidden rows of ∂h_t/∂x
-            (jac,) = torch.autograd.grad(
-                hidden[t], x, grad_outputs=eye, is_grads_batched=True, retain_graph=True
-            )  # [d_hidden, 1, pos, d_in]
-            rows.append(jac[:, 0].pow(2).sum(dim=(0, 2)).sqrt())
-    return torch.stack(rows)[None], ["hidden"], "‖∂h_t/∂x_s‖", False
+    Kept only while ``circuits/heads.py`` imports it; use :class:`MixerMatrix`
+    (``MixerMatrix(layer, **options)(model, prompts).matrix(0)``) and delete this.
+    """
+    return SimpleNamespace(matrices=MixerMatrix(layer, **options)(model, input).matrix(0))

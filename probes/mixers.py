@@ -17,27 +17,35 @@ Delta_s B_s``, :func:`dynalens.kernels.mixer_matrix`) and, linearised, an RNN
 Linear attention is the selective SSM with ``A_t = I`` (``A = 0``, ``Delta = 1``),
 ``B_t = k_t``, ``C_t = q_t`` and each value channel as an SSM channel:
 :func:`linear_attention_ssm_gap` checks it.
+
+Analyses: :class:`MixerComparison` (one model's mixer with both numbers;
+:meth:`MixerComparisonResult.join` sets several models side by side) and
+:class:`RecurrenceJacobian` (the full ``∂h_t/∂x_s`` of an RNN layer). The
+tensor functions above stay plain functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from dynalens.kernels import mixer_matrix, selective_scan
-from dynalens.models.base import TextOrTokens
-from dynalens.models.validation import check_index
-from dynalens.probes.figures import SEQUENTIAL, TEMPLATE
-from dynalens.probes.mixer import mixer_matrices
-from dynalens.models.surface import architecture_of, prompt_tokens, result_context
-from dynalens.probes.results import Result
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
+
+from dynalens.kernels import mixer_matrix, selective_scan
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of, model_name_of
+from dynalens.models.validation import check_index
+from dynalens.probes.analysis import Analysis
+from dynalens.probes.figures import SEQUENTIAL, TEMPLATE, heatmap, token_labels
+from dynalens.probes.mixer import MIXERS, MixerMatrix, recurrence_jacobian, to_padded
+from dynalens.probes.results import Result
 
 
 # --------------------------------------------------------------------------- linear attention ↔ SSM
@@ -142,40 +150,112 @@ def offdiagonal_rank(
     return max(ranks, default=0)
 
 
-def rnn_input_output_map(model: Any, input: TextOrTokens, layer: int) -> Float[Tensor, "pos d_hidden pos d_in"]:
-    """The linearised RNN layer: ``J[t, :, s, :] = dh_t / dx_s`` along one prompt.
-
-    ``x`` is the layer's input (``blocks.{layer}.hook_resid_pre``) and ``h`` its
-    hidden sequence, re-run through the cell's pure ``step``; zero for ``s > t``.
-    """
-    if architecture_of(model) != "rnn":
-        raise TypeError(f"rnn_input_output_map linearises an RNN cell; got a {architecture_of(model)}")
-    layer = check_index("layer", layer, model.cfg.n_layers)
-    tokens = prompt_tokens(model, input)
-    name = f"blocks.{layer}.hook_resid_pre"
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[name])
-    x = cache[name][0].detach()
-    cell = model.blocks[layer].cell
-
-    def hidden_sequence(inputs: Tensor) -> Tensor:
-        state = cell.initial_state(1, inputs)
-        out = []
-        for t in range(inputs.shape[0]):
-            state = cell.step(inputs[t][None], state)
-            out.append(state[0] if isinstance(state, tuple) else state)
-        return torch.cat(out)  # [pos, d_hidden]
-
-    with torch.enable_grad():
-        return torch.autograd.functional.jacobian(hidden_sequence, x, vectorize=True)
-
-
-# --------------------------------------------------------------------------- comparison across models
+# --------------------------------------------------------------------------- the linearised RNN
 @dataclass(kw_only=True, eq=False)
-class MixerComparison(Result):
-    """One layer's mixer of several models on one prompt, with its structure.
+class RecurrenceJacobianResult(Result):
+    """One RNN layer linearised along each prompt: ``jacobian[b, t, :, s, :] = ∂h_t/∂x_s``.
 
-    ``model_name`` joins the names; ``architecture`` is ``"mixed"`` when they differ.
+    Attributes
+    ----------
+    layer
+        The layer.
+    jacobian
+        ``[batch, pos, d_hidden, pos, d_in]`` in the prompts' left-padded
+        layout (both position axes), zero for ``s > t`` and at pads.
+    """
+
+    layer: int
+    jacobian: Float[Tensor, "batch pos d_hidden pos d_in"]
+
+    @property
+    def norms(self) -> Float[Tensor, "batch pos pos"]:
+        """Frobenius norms ``‖∂h_t/∂x_s‖`` ``[batch, pos, pos]`` (what :class:`MixerMatrix` shows for an RNN)."""
+        return self.jacobian.pow(2).sum(dim=(2, 4)).sqrt()
+
+    def of(self, prompt: int = 0) -> Float[Tensor, "n d_hidden n d_in"]:
+        """One prompt's Jacobian over its real tokens."""
+        n = len(self.str_tokens(prompt))
+        return self.jacobian[prompt, -n:, :, -n:]
+
+    def blocks(self, prompt: int = 0) -> Float[Tensor, "n_d_hidden n_d_in"]:
+        """One prompt's Jacobian as one ``[n * d_hidden, n * d_in]`` matrix (for :func:`offdiagonal_rank`)."""
+        jac = self.of(prompt)
+        n, d_h, _, d_in = jac.shape
+        return jac.reshape(n * d_h, n * d_in)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` (query, key) pairs of largest norm over all prompts."""
+        return self.to_frame().nlargest(k, "norm").reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """Columns ``prompt, query_position, query_token, key_position, key_token, norm`` (key ≤ query)."""
+        frames = []
+        for prompt in range(self.jacobian.shape[0]):
+            tokens = self.str_tokens(prompt)
+            n = len(tokens)
+            q, k = torch.tril_indices(n, n)
+            frames.append(pd.DataFrame({
+                "prompt": prompt,
+                "query_position": q.numpy(), "query_token": [tokens[i] for i in q.tolist()],
+                "key_position": k.numpy(), "key_token": [tokens[i] for i in k.tolist()],
+                "norm": self.norms[prompt, -n:, -n:][q, k].double().numpy(),
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+    def figure(self, *, prompt: int = 0, log: bool = False) -> go.Figure:
+        """Heatmap query × key of ``‖∂h_t/∂x_s‖`` for one prompt."""
+        n = len(self.str_tokens(prompt))
+        values = self.norms[prompt, -n:, -n:].double()
+        labels = token_labels(self.str_tokens(prompt))
+        causal = torch.ones_like(values, dtype=torch.bool).tril()
+        return heatmap(
+            values.masked_fill(~causal, float("nan")).numpy(), x_labels=labels, y_labels=labels,
+            x_title="input x_s", y_title="hidden h_t", value_name="‖∂h_t/∂x_s‖",
+            title=f"Layer {self.layer} recurrence Jacobian · {self.model_name}", log=log, y_reversed=True,
+        )
+
+
+class RecurrenceJacobian(Analysis):
+    """The linearised RNN layer: ``∂h_t/∂x_s`` along each prompt, from the cached layer input.
+
+    ``x`` is the layer's input (``hook_resid_pre``) and ``h`` its hidden
+    sequence, re-run from the zero state through the cell's pure ``step``
+    (:func:`~dynalens.probes.mixer.recurrence_jacobian`).
+
+    Parameters
+    ----------
+    layer
+        The layer, ``0 <= layer < cfg.n_layers``.
+    """
+
+    architectures: ClassVar[tuple[str, ...]] = ("rnn",)
+    requirement: ClassVar[str] = "a recurrent cell to linearise"
+
+    def __init__(self, layer: int = 0):
+        self.layer = layer
+
+    def hooks(self, model: Any) -> list[str]:
+        return [names.resid_pre(check_index("layer", self.layer, model.cfg.n_layers))]
+
+    def _compute(self, cache: Any, prompts: Prompts) -> RecurrenceJacobianResult:
+        model = cache.model
+        (name,) = self.hooks(model)
+        cell = model.blocks[self.layer].cell
+        rows = [recurrence_jacobian(cell, prompts.real(cache[name], i)) for i in range(len(prompts))]
+        return RecurrenceJacobianResult(
+            **self.provenance(model, prompts), layer=int(self.layer),
+            jacobian=to_padded(prompts, rows, dims=(0, 2)).float().cpu(),
+        )
+
+
+# --------------------------------------------------------------------------- structure of one model's mixer
+@dataclass(kw_only=True, eq=False)
+class MixerComparisonResult(Result):
+    """One layer's mixer of one or several models on the same prompts, with its structure.
+
+    :meth:`join` puts the results of several models side by side; then
+    ``model_name`` joins their names and ``architecture`` is ``"mixed"`` when
+    they differ.
 
     Attributes
     ----------
@@ -184,104 +264,157 @@ class MixerComparison(Result):
     layer
         The layer compared.
     matrices
-        ``[model, pos, pos]``: mean ``|M|`` over the model's groups (heads, channels, the RNN's blocks).
+        ``[model, batch, pos, pos]``: mean ``|M|`` over the model's groups
+        (heads, channels; an RNN's ``‖∂h_t/∂x_s‖``), zero at pads.
     stats
-        One row per (model, group): ``effective_rank``, ``offdiagonal_rank`` and
-        the state-size ``bound`` of the latter (``None`` for softmax attention).
+        One row per (model, prompt, group): ``effective_rank``,
+        ``offdiagonal_rank`` and the state-size ``bound`` of the latter
+        (``None`` for softmax attention).
     """
 
     names: list[str]
     architectures: list[str]
     layer: int
-    matrices: Float[Tensor, "model q k"]
+    matrices: Float[Tensor, "model batch q k"]
     stats: list[dict[str, Any]]
+
+    COLUMNS: ClassVar[list[str]] = [
+        "model", "architecture", "prompt", "group", "effective_rank", "offdiagonal_rank", "bound",
+    ]
+
+    @classmethod
+    def join(cls, results: Mapping[str, MixerComparisonResult]) -> MixerComparisonResult:
+        """The results of several models on the same prompts as one, models named by the keys."""
+        if not results:
+            raise ValueError("results is empty: pass {name: MixerComparisonResult} with at least one result")
+        items = list(results.items())
+        first = items[0][1]
+        for name, result in items:
+            if not isinstance(result, MixerComparisonResult):
+                raise TypeError(f"results[{name!r}] is a {type(result).__name__}, not a MixerComparisonResult")
+            if result.prompts.key() != first.prompts.key():
+                raise ValueError(
+                    f"results[{name!r}] was computed on other token ids than results[{items[0][0]!r}]: "
+                    "the models tokenised the prompts differently; pass the same token ids to each"
+                )
+            if result.params != first.params:
+                raise ValueError(
+                    f"results[{name!r}] has parameters {result.params}, results[{items[0][0]!r}] {first.params}: "
+                    "compare one layer with one setting"
+                )
+        labels, archs, stats = [], [], []
+        for name, result in items:
+            renamed = [name] if len(result.names) == 1 else result.names
+            rename = dict(zip(result.names, renamed))
+            labels += renamed
+            archs += result.architectures
+            stats += [{**row, "model": rename[row["model"]]} for row in result.stats]
+        return cls(
+            model_name=" | ".join(labels), architecture=archs[0] if len(set(archs)) == 1 else "mixed",
+            params=first.params, prompts=first.prompts, version=first.version,
+            names=labels, architectures=archs, layer=first.layer,
+            matrices=torch.cat([result.matrices for _, result in items]), stats=stats,
+        )
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` groups of highest effective rank."""
-        return self.to_frame().sort_values("effective_rank", ascending=False, kind="stable").head(k).reset_index(drop=True)
+        frame = self.to_frame().sort_values("effective_rank", ascending=False, kind="stable")
+        return frame.head(k).reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``model, architecture, group, effective_rank, offdiagonal_rank, bound``."""
-        return pd.DataFrame(self.stats, columns=["model", "architecture", "group", "effective_rank", "offdiagonal_rank", "bound"])
+        """Columns ``model, architecture, prompt, group, effective_rank, offdiagonal_rank, bound``."""
+        return pd.DataFrame(self.stats, columns=self.COLUMNS)
 
-    def figure(self) -> go.Figure:
-        """The models' mean ``|M|`` side by side, each normalised to its largest entry."""
-        n = len(self.names)
-        fig = make_subplots(rows=1, cols=n, subplot_titles=[f"{a}: {m}" for m, a in zip(self.names, self.architectures)])
-        for i in range(n):
-            values = self.matrices[i].double()
+    def figure(self, *, prompt: int = 0) -> go.Figure:
+        """The models' mean ``|M|`` on one prompt side by side, each normalised to its largest entry."""
+        n_models, n = len(self.names), len(self.str_tokens(prompt))
+        titles = [f"{a}: {m}" for m, a in zip(self.names, self.architectures)]
+        fig = make_subplots(rows=1, cols=n_models, subplot_titles=titles)
+        for i in range(n_models):
+            values = self.matrices[i, prompt, -n:, -n:].double()
             values = values / values.max().clamp_min(torch.finfo(torch.float64).tiny)
             causal = torch.ones_like(values, dtype=torch.bool).tril()
             fig.add_trace(
                 go.Heatmap(
                     z=values.masked_fill(~causal, float("nan")).numpy(), colorscale=SEQUENTIAL,
-                    showscale=i == n - 1, zmin=0, zmax=1, hoverongaps=False,
+                    showscale=i == n_models - 1, zmin=0, zmax=1, hoverongaps=False,
                     hovertemplate="query %{y} · key %{x}<br>|M| / max: %{z:.3g}<extra></extra>",
                 ),
                 row=1, col=i + 1,
             )
             fig.update_yaxes(autorange="reversed", row=1, col=i + 1)
-        fig.update_layout(template=TEMPLATE, title=dict(text=f"Layer {self.layer} mixers on one prompt (DSF view)"))
+        fig.update_layout(template=TEMPLATE, title=dict(text=f"Layer {self.layer} mixers, prompt {prompt} (DSF view)"))
         return fig
 
 
-def compare_mixers(
-    models: Mapping[str, Any], input: TextOrTokens, layer: int = 0, *, channels: int = 4, rtol: float = 1e-6
-) -> MixerComparison:
-    """The mixer of ``layer`` in each model on the same prompt, with effective and off-diagonal ranks.
+class MixerComparison(Analysis):
+    """One layer's mixer with its effective and off-diagonal ranks, for comparing architectures.
+
+    Run it on each model with the same prompts (token ids every model
+    accepts), then :meth:`MixerComparisonResult.join` the results::
+
+        compare = MixerComparison(layer=0)
+        MixerComparisonResult.join({name: compare(model, ids) for name, model in models.items()})
 
     Parameters
     ----------
-    models
-        ``{name: model}``; any architectures, all accepting ``input``.
-    input
-        One prompt (text, or token ids valid for every model).
     layer
-        The layer compared (must exist in every model).
+        The layer compared.
     channels
         Mamba: the first ``channels`` channels enter the statistics (signed ``M`` each).
     rtol
         Rank tolerance, relative to the largest singular value.
-
-    Returns
-    -------
-    MixerComparison
     """
-    if not models:
-        raise ValueError("models is empty: pass {name: model} with at least one model")
-    matrices, stats, archs, first_tokens = [], [], [], None
-    for name, model in models.items():
+
+    architectures: ClassVar[tuple[str, ...]] = MixerMatrix.architectures
+    requirement: ClassVar[str] = MixerMatrix.requirement
+
+    def __init__(self, layer: int = 0, *, channels: int = 4, rtol: float = 1e-6):
+        self.layer = layer
+        self.channels = channels
+        self.rtol = rtol
+
+    def _mixer(self, model: Any) -> MixerMatrix | None:
+        """The :class:`MixerMatrix` read for ``model`` (``None`` for an RNN, linearised here in full)."""
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {self.channels!r}")
+        if not self.rtol > 0:
+            raise ValueError(f"rtol must be positive, got {self.rtol!r}")
         arch = architecture_of(model)
-        tokens = prompt_tokens(model, input)
-        first_tokens = first_tokens if first_tokens is not None else (model, tokens)
         if arch == "rnn":
-            jac = rnn_input_output_map(model, tokens, layer)
-            pos, d_h, _, d_in = jac.shape
-            state = 2 * d_h if model.cfg.cell == "lstm" else d_h
-            groups = [("hidden", jac.reshape(pos * d_h, pos * d_in), (d_h, d_in), state)]
-            shown = jac.pow(2).sum(dim=(1, 3)).sqrt()  # ‖dh_t/dx_s‖, as the Explorer shows it
+            return None
+        chosen = list(range(min(self.channels, model.cfg.d_inner))) if MIXERS[arch].channel_options else None
+        return MixerMatrix(self.layer, channels=chosen)
+
+    def hooks(self, model: Any) -> list[str]:
+        mixer = self._mixer(model)
+        return RecurrenceJacobian(self.layer).hooks(model) if mixer is None else mixer.hooks(model)
+
+    def _compute(self, cache: Any, prompts: Prompts) -> MixerComparisonResult:
+        model = cache.model
+        arch, name = architecture_of(model), model_name_of(model)
+        mixer = self._mixer(model)
+        stats, shown = [], []
+        if mixer is None:
+            jacobian = RecurrenceJacobian(self.layer)._compute(cache, prompts)
+            cell = model.blocks[self.layer].cell
+            bound = 2 * cell.d_hidden if cell.cell == "lstm" else cell.d_hidden
+            groups_of = lambda p: [("hidden", jacobian.blocks(p), tuple(jacobian.of(p).shape[1::2]), bound)]
+            shown = jacobian.norms
         else:
-            chosen = list(range(min(channels, model.cfg.d_inner))) if arch == "mamba" else None
-            result = mixer_matrices(model, tokens, layer, channels=chosen)
-            bound = model.cfg.d_state if arch == "mamba" else None
-            groups = [(label, m, (1, 1), bound) for label, m in zip(result.group_labels, result.matrices)]
-            shown = result.matrices.abs().mean(0)
-        for label, M, block, bound in groups:
-            stats.append({
-                "model": name, "architecture": arch, "group": label,
-                "effective_rank": float(effective_rank(M)),
-                "offdiagonal_rank": offdiagonal_rank(M, block=block, rtol=rtol),
-                "bound": bound,
-            })
-        matrices.append(shown)
-        archs.append(arch)
-    context = result_context(*first_tokens)
-    context["model_name"] = " | ".join(models)
-    context["architecture"] = archs[0] if len(set(archs)) == 1 else "mixed"
-    lengths = {m.shape[-1] for m in matrices}
-    if len(lengths) != 1:
-        raise ValueError(f"the models tokenised the prompt to different lengths {sorted(lengths)}; pass token ids")
-    return MixerComparison(
-        **context, names=list(models), architectures=archs, layer=layer,
-        matrices=torch.stack(matrices).float(), stats=stats,
-    )
+            result = mixer._compute(cache, prompts)
+            bound = model.cfg.d_state if MIXERS[arch].channel_options else None
+            groups_of = lambda p: [(g, m, (1, 1), bound) for g, m in zip(result.group_labels, result.matrix(p))]
+            shown = result.matrices.abs().mean(1)
+        for prompt in range(len(prompts)):
+            for label, M, block, bound in groups_of(prompt):
+                stats.append({
+                    "model": name, "architecture": arch, "prompt": prompt, "group": label,
+                    "effective_rank": float(effective_rank(M)),
+                    "offdiagonal_rank": offdiagonal_rank(M, block=block, rtol=self.rtol),
+                    "bound": bound,
+                })
+        return MixerComparisonResult(
+            **self.provenance(model, prompts), names=[name], architectures=[arch], layer=int(self.layer),
+            matrices=shown.float()[None].cpu(), stats=stats,
+        )

@@ -10,20 +10,26 @@ of its attention there, and *active* when it attends elsewhere; the same head
 can be dormant on one input domain and active on another (on Bigram-Backcopy:
 active where the query is a trigger token, dormant elsewhere).
 
-- :func:`sink_scores`: the mean attention each head puts on the sink position.
-- :func:`extreme_tokens`: sink scores with value-state and residual-state norms per token.
-- :func:`head_activity`: each head's sink score and active/dormant label per input domain.
+- :class:`SinkScores`: the mean attention each head puts on the sink position, per prompt.
+- :class:`ExtremeTokens`: sink scores with value-state and residual-state norms per token.
+- :class:`HeadActivity`: each head's sink score and active/dormant label per input domain
+  (a domain is a set of queries, given as a mask over the prompts).
 
-Attention patterns exist in transformers only (``blocks.{l}.attn.hook_pattern``);
-compare the residual-state peaks of Mamba and RNNs with
-:func:`dynalens.probes.residual_norms` and :func:`dynalens.probes.massive_activations`.
+The sink position counts each prompt's real tokens from 0, and a prompt's
+score averages its real queries after the sink (those a ``query_mask``
+keeps); batch-wide scores weight every query alike. Attention patterns exist
+in transformers only (``names.pattern(l)``); compare the residual-state peaks
+of Mamba and RNNs with :class:`~dynalens.probes.ResidualNorms` and
+:class:`~dynalens.probes.MassiveActivations`. The tensor functions
+(:func:`sink_query_mask`, :func:`sink_attention`, :func:`pooled_sink_scores`)
+score any attention-like pattern.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -31,298 +37,466 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from dynalens.models.base import TextOrTokens
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_labels
-from dynalens.models.surface import architecture_of, result_context
-from dynalens.probes.residual import resid_hook_names, resid_labels
+from dynalens.probes.residual import pad_fill, resid_labels, stream_rows
 from dynalens.probes.results import Result
 
 SINK_THRESHOLD = 0.5
 """Default sink score above which a head counts as dormant (a sink) on an input."""
 
-Domain = TextOrTokens | tuple[TextOrTokens, Tensor]
-
-
-def check_transformer(model: Any) -> None:
-    """Raise ``TypeError`` unless ``model`` is a transformer (has attention patterns)."""
-    arch = architecture_of(model)
-    if arch != "transformer":
-        raise TypeError(
-            f"attention sinks need attention patterns, which a {arch} model does not have; "
-            "use residual_norms or massive_activations to compare its residual-state peaks"
-        )
-
-
-def _check_threshold(threshold: float) -> None:
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a fraction of attention in [0, 1], got {threshold!r}")
-
-
-def sink_query_mask(
-    tokens: Int[Tensor, "batch pos"], query_mask: Bool[Tensor, "batch pos"] | None, sink_position: int
-) -> Bool[Tensor, "batch pos"]:
-    """The queries a sink score averages: ``query_mask`` (default all) after the sink position."""
-    batch, pos = tokens.shape
-    if not 0 <= sink_position < pos - 1:
-        raise ValueError(
-            f"sink_position {sink_position} leaves no later query in sequences of {pos} tokens: "
-            f"pass 0 <= sink_position < {pos - 1}"
-        )
-    mask = torch.ones(batch, pos, dtype=torch.bool)
-    if query_mask is not None:
-        query_mask = torch.as_tensor(query_mask, dtype=torch.bool).cpu()
-        if query_mask.shape != (batch, pos):
-            raise ValueError(f"query_mask must have the tokens' shape {(batch, pos)}, got {tuple(query_mask.shape)}")
-        mask &= query_mask
-    mask[:, : sink_position + 1] = False
-    if not mask.any():
-        raise ValueError("query_mask selects no query after the sink position: nothing to average")
-    return mask
-
 
 def pattern_hook_names(n_layers: int) -> list[str]:
-    """The attention-pattern hook names ``blocks.{l}.attn.hook_pattern`` of every layer."""
-    return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    """``names.pattern(l)`` of every layer."""
+    return [names.pattern(layer) for layer in range(n_layers)]
 
 
-def sink_scores_from_patterns(
-    patterns: list[Float[Tensor, "batch head q k"]], mask: Bool[Tensor, "batch q"], sink_position: int
-) -> Float[Tensor, "layer head"]:
-    """Mean over the masked queries of each head's attention on the sink key."""
-    weights = mask.float()
-    scores = [
-        torch.einsum("bhq,bq->h", p[..., sink_position].float().cpu(), weights) / weights.sum() for p in patterns
-    ]
-    return torch.stack(scores)
-
-
-@torch.no_grad()
-def sink_scores(
-    model: Any,
-    input: TextOrTokens,
-    *,
+# ------------------------------------------------------------ tensor functions
+def sink_query_mask(
+    prompts: Prompts | Int[Tensor, "batch pos"],
     query_mask: Bool[Tensor, "batch pos"] | None = None,
     sink_position: int = 0,
-) -> Float[Tensor, "layer head"]:
-    """Each head's mean attention weight on the sink position.
+) -> Bool[Tensor, "batch pos"]:
+    """The queries a sink score averages: each prompt's real tokens after its sink, kept by ``query_mask``.
 
     Parameters
     ----------
-    model
-        A transformer (``blocks.{l}.attn.hook_pattern``).
-    input
-        Prompts or token ids ``[batch, pos]`` (one batch, equal lengths).
+    prompts
+        The batch (left-padded), or token ids ``[batch, pos]`` whose every token is real.
     query_mask
-        Optional ``[batch, pos]`` booleans: average over these queries only
-        (an input *domain*, e.g. the queries that are trigger tokens).
+        Optional ``[batch, pos]`` booleans in the same layout: the queries to keep.
     sink_position
-        The key position taken as the sink (the first token by default).
-        Queries at or before it are never counted.
+        The sink key, counted in each prompt's real tokens from 0.
 
     Returns
     -------
-    Tensor ``[layer, head]`` in ``[0, 1]``.
+    Tensor ``[batch, pos]`` on the CPU.
     """
-    check_transformer(model)
-    tokens = model.to_tokens(input)
-    mask = sink_query_mask(tokens, query_mask, sink_position)
-    names = pattern_hook_names(model.cfg.n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=names)
-    return sink_scores_from_patterns([cache[n] for n in names], mask, sink_position)
+    if isinstance(prompts, Prompts):
+        real, offsets = prompts.mask.cpu(), prompts.offsets.cpu()
+    else:
+        real = torch.ones(tuple(prompts.shape), dtype=torch.bool)
+        offsets = torch.zeros(prompts.shape[0], dtype=torch.long)
+    batch, pos = real.shape
+    lengths = real.sum(-1)
+    if isinstance(sink_position, bool) or not isinstance(sink_position, int) or sink_position < 0:
+        raise ValueError(f"sink_position must be a non-negative integer, got {sink_position!r}")
+    short = [b for b in range(batch) if int(lengths[b]) < sink_position + 2]
+    if short:
+        n = int(lengths[short[0]])
+        raise ValueError(
+            f"sink_position {sink_position} leaves no later query in prompt {short[0]} of {n} tokens: "
+            f"pass 0 <= sink_position < {n - 1}, or longer prompts"
+        )
+    queries = real & (torch.arange(pos)[None, :] > (offsets + sink_position)[:, None])
+    if query_mask is not None:
+        query_mask = torch.as_tensor(query_mask).cpu()
+        if query_mask.shape != (batch, pos) or query_mask.dtype != torch.bool:
+            raise ValueError(
+                f"query_mask must be booleans of the tokens' shape {(batch, pos)} (the prompts' left-padded "
+                f"layout), got {query_mask.dtype} {tuple(query_mask.shape)}"
+            )
+        queries &= query_mask
+    if not queries.any():
+        raise ValueError("query_mask selects no query after the sink position: nothing to average")
+    return queries
+
+
+def sink_attention(
+    patterns: list[Float[Tensor, "batch head q k"]],
+    queries: Bool[Tensor, "batch q"],
+    sink_columns: Int[Tensor, " batch"],
+) -> tuple[Float[Tensor, "batch layer head"], Int[Tensor, " batch"]]:
+    """Each prompt's mean attention of each head on its sink key, over its ``queries``.
+
+    Parameters
+    ----------
+    patterns
+        One attention pattern per layer.
+    queries
+        The queries to average (:func:`sink_query_mask`).
+    sink_columns
+        Each prompt's sink key as a column of the padded batch.
+
+    Returns
+    -------
+    scores, n_queries
+        ``[batch, layer, head]`` (NaN for a prompt with no query) and ``[batch]``
+        how many queries each prompt's scores average.
+    """
+    queries = queries.cpu()
+    n_queries = queries.sum(-1).float()
+    scores = []
+    for p in patterns:
+        p = p.detach().float().cpu()
+        index = sink_columns.cpu().reshape(-1, 1, 1, 1).expand(*p.shape[:3], 1)
+        on_sink = p.gather(-1, index)[..., 0]  # [batch, head, q]
+        on_sink = torch.where(queries[:, None, :], on_sink, 0.0)  # what pad or left-out queries hold never leaks
+        scores.append(on_sink.sum(-1) / n_queries[:, None])
+    return torch.stack(scores, 1), n_queries.long()
+
+
+def pooled_sink_scores(
+    scores: Float[Tensor, "... batch layer head"], n_queries: Int[Tensor, "... batch"]
+) -> Float[Tensor, "... layer head"]:
+    """The batch's sink scores, every query weighted alike: ``Σ_b n_b s_b / Σ_b n_b``."""
+    weights = n_queries.to(scores.dtype)[..., None, None]
+    return (scores.nan_to_num() * weights).sum(-3) / weights.sum(-3)
+
+
+def _check_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a fraction of attention in [0, 1], got {threshold!r}")
+
+
+def _head_frame(scores: Float[Tensor, "batch layer head"], n_queries: Tensor, threshold: float) -> pd.DataFrame:
+    batch, layers, heads = scores.shape
+    b, layer, head = (i.reshape(-1) for i in torch.meshgrid(
+        torch.arange(batch), torch.arange(layers), torch.arange(heads), indexing="ij"
+    ))  # fmt: skip
+    flat = scores.reshape(-1).double()
+    return pd.DataFrame({
+        "prompt": b.numpy(), "layer": layer.numpy(), "head": head.numpy(), "sink_score": flat.numpy(),
+        "n_queries": n_queries[b].numpy(), "sink": (flat > threshold).numpy(),
+    })  # fmt: skip
+
+
+def _mean_frame(scores: Float[Tensor, "layer head"], column: str = "sink_score") -> pd.DataFrame:
+    """``layer, head, <column>`` per head."""
+    layers, heads = scores.shape
+    return pd.DataFrame({
+        "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
+        "head": torch.arange(heads).repeat(layers).numpy(),
+        column: scores.reshape(-1).double().numpy(),
+    })  # fmt: skip
+
+
+def _sink_heatmap(scores: Float[Tensor, "layer head"], title: str) -> go.Figure:
+    layers, heads = scores.shape
+    return heatmap(
+        scores.numpy(), x_labels=[f"H{h}" for h in range(heads)], y_labels=[f"L{layer}" for layer in range(layers)],
+        x_title="head", y_title="layer", value_name="sink score", title=title,
+        text=[[f"{v:.2f}" for v in row] for row in scores.tolist()], y_reversed=True,
+    )  # fmt: skip
+
+
+class _SinkAnalysis(Analysis):
+    """Attention-pattern analyses: transformers only."""
+
+    architectures: ClassVar[tuple[str, ...] | None] = ("transformer",)
+    requirement: ClassVar[str] = "attention patterns"
+
+    def hooks(self, model: Any) -> list[str]:
+        return pattern_hook_names(model.cfg.n_layers)
+
+    def _scores(
+        self, cache: Any, prompts: Prompts, query_mask: Tensor | None
+    ) -> tuple[Float[Tensor, "batch layer head"], Int[Tensor, " batch"]]:
+        queries = sink_query_mask(prompts, query_mask, self.sink_position)
+        patterns = [cache[name] for name in pattern_hook_names(cache.model.cfg.n_layers)]
+        return sink_attention(patterns, queries, prompts.offsets.cpu() + self.sink_position)
+
+
+# ------------------------------------------------------------------ sink scores
+@dataclass(kw_only=True, eq=False)
+class SinkScoresResult(Result):
+    """Each head's mean attention on the sink token, per prompt.
+
+    Attributes
+    ----------
+    scores
+        ``[batch, layer, head]`` each prompt's mean attention on its sink, in ``[0, 1]``.
+    n_queries
+        ``[batch]`` how many queries each prompt's scores average.
+    sink_position
+        The sink key, in each prompt's real tokens.
+    """
+
+    scores: Float[Tensor, "batch layer head"]
+    n_queries: Int[Tensor, " batch"]
+    sink_position: int = 0
+
+    @property
+    def mean(self) -> Float[Tensor, "layer head"]:
+        """The batch's scores, every query weighted alike."""
+        return pooled_sink_scores(self.scores, self.n_queries)
+
+    def metrics(self) -> dict[str, float]:
+        """``mean_sink_score`` over heads (batch-wide), ``n_sink_heads`` above 0.5."""
+        return {"mean_sink_score": float(self.mean.mean()), "n_sink_heads": float((self.mean > SINK_THRESHOLD).sum())}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt and head: ``prompt, layer, head, sink_score, n_queries, sink`` (score > 0.5)."""
+        return _head_frame(self.scores, self.n_queries, SINK_THRESHOLD)
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` heads with the highest batch-wide scores: ``layer, head, sink_score``."""
+        return _mean_frame(self.mean).nlargest(k, "sink_score").reset_index(drop=True)
+
+    def figure(self, *, prompt: int | None = None) -> go.Figure:
+        """Layer × head scores of the batch, or of one ``prompt``."""
+        scores = self.mean if prompt is None else self.scores[prompt]
+        return _sink_heatmap(scores, f"Attention on token {self.sink_position} · {self.model_name}")
+
+
+class SinkScores(_SinkAnalysis):
+    """Each head's mean attention weight on the sink position, per prompt.
+
+    Parameters
+    ----------
+    sink_position
+        The key taken as the sink, in each prompt's real tokens (the first by
+        default). Queries at or before it are never counted.
+    query_mask
+        Optional ``[batch, pos]`` booleans in the prompts' left-padded layout:
+        average over these queries only (an input *domain*, e.g. the queries
+        that are trigger tokens).
+
+    Examples
+    --------
+    >>> dl.probes.SinkScores()(model, ["The cat sat on the mat", "A dog ran"]).mean   # doctest: +SKIP
+    """
+
+    def __init__(self, sink_position: int = 0, query_mask: Bool[Tensor, "batch pos"] | None = None):
+        self.sink_position = sink_position
+        self.query_mask = query_mask
+
+    def _compute(self, cache: Any, prompts: Prompts) -> SinkScoresResult:
+        scores, n_queries = self._scores(cache, prompts, self.query_mask)
+        return SinkScoresResult(
+            **self.provenance(cache.model, prompts), scores=scores, n_queries=n_queries,
+            sink_position=self.sink_position,
+        )  # fmt: skip
 
 
 # -------------------------------------------------------------- extreme tokens
 @dataclass(kw_only=True, eq=False)
-class ExtremeTokens(Result):
+class ExtremeTokensResult(Result):
     """Sink scores per head with value-state and residual-state norms per token.
-
-    Token fields are means over the sequences of the batch at each position;
-    ``tokens`` / ``str_tokens`` show the first sequence.
 
     Attributes
     ----------
     sink_scores
-        ``[layer, head]`` mean attention on the sink position.
+        ``[batch, layer, head]`` each prompt's mean attention on its sink.
+    n_queries
+        ``[batch]`` how many queries each prompt's scores average.
     value_norms
-        ``[layer, kv_head, pos]`` L2 norm of the value state (``attn.hook_v``).
+        ``[batch, pos, layer, kv_head]`` L2 norm of the value state (``names.attn(l, "v")``),
+        NaN at pad positions.
     resid_norms
-        ``[layer + 1, pos]`` L2 norm of the residual stream (``blocks.0.hook_resid_pre``, then
-        each ``blocks.{l}.hook_resid_post``).
+        ``[batch, pos, row]`` L2 norm of the residual stream (``hook_names``), NaN at pad positions.
+    hook_names
+        The residual-stream hook of each row.
     sink_position, threshold
         The sink key, and the sink score above which a head counts as a sink.
-    n_sequences
-        How many sequences the means are over.
     """
 
-    sink_scores: Float[Tensor, "layer head"]
-    value_norms: Float[Tensor, "layer kv_head pos"]
-    resid_norms: Float[Tensor, "row pos"]
+    sink_scores: Float[Tensor, "batch layer head"]
+    n_queries: Int[Tensor, " batch"]
+    value_norms: Float[Tensor, "batch pos layer kv_head"]
+    resid_norms: Float[Tensor, "batch pos row"]
+    hook_names: list[str]
     sink_position: int = 0
     threshold: float = SINK_THRESHOLD
-    n_sequences: int = 1
+
+    @property
+    def mean_sink_scores(self) -> Float[Tensor, "layer head"]:
+        """The batch's sink scores, every query weighted alike."""
+        return pooled_sink_scores(self.sink_scores, self.n_queries)
 
     def sink_heads(self) -> list[tuple[int, int]]:
-        """``(layer, head)`` of every head whose sink score exceeds the threshold."""
-        return [tuple(x) for x in torch.nonzero(self.sink_scores > self.threshold).tolist()]
+        """``(layer, head)`` of every head whose batch-wide sink score exceeds the threshold."""
+        return [tuple(x) for x in torch.nonzero(self.mean_sink_scores > self.threshold).tolist()]
 
-    def value_drain(self) -> Float[Tensor, "layer kv_head"]:
-        """Value norm of the sink token over the mean value norm of the other tokens (< 1: a drain)."""
-        return _sink_over_others(self.value_norms, self.sink_position)
+    def value_drain(self, prompt: int | None = None) -> Float[Tensor, "layer kv_head"]:
+        """Value norm of the sink token over the mean value norm of the prompt's other tokens (< 1: a drain).
 
-    def resid_peak(self) -> Float[Tensor, " row"]:
-        """Residual norm of the sink token over the mean residual norm of the other tokens (> 1: a peak)."""
-        return _sink_over_others(self.resid_norms, self.sink_position)
+        Of one ``prompt``, or the mean over the prompts.
+        """
+        return self._sink_over_others(self.value_norms, prompt)
+
+    def resid_peak(self, prompt: int | None = None) -> Float[Tensor, " row"]:
+        """Residual norm of the sink token over the mean residual norm of the other tokens (> 1: a peak).
+
+        Of one ``prompt``, or the mean over the prompts.
+        """
+        return self._sink_over_others(self.resid_norms, prompt)
+
+    def _sink_over_others(self, norms: Float[Tensor, "batch pos ..."], prompt: int | None) -> Tensor:
+        prompts = self._prompts()
+        picked = range(len(prompts)) if prompt is None else [prompt]
+        ratios = []
+        for b in picked:
+            real = prompts.real(norms, b)  # [length, ...]
+            others = torch.cat([real[: self.sink_position], real[self.sink_position + 1 :]])
+            ratios.append(real[self.sink_position] / others.mean(0))
+        return torch.stack(ratios).mean(0)
+
+    def metrics(self) -> dict[str, float]:
+        """``mean_sink_score`` over heads (batch-wide), ``n_sink_heads``, ``value_drain`` and ``resid_peak`` (means)."""
+        return {
+            "mean_sink_score": float(self.mean_sink_scores.mean()),
+            "n_sink_heads": float(len(self.sink_heads())),
+            "value_drain": float(self.value_drain().mean()),
+            "resid_peak": float(self.resid_peak().mean()),
+        }
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per head: ``layer, head, sink_score, sink``."""
-        layers, heads = self.sink_scores.shape
-        scores = self.sink_scores.tolist()
-        return pd.DataFrame(
-            [(layer, head, scores[layer][head], scores[layer][head] > self.threshold)
-             for layer in range(layers) for head in range(heads)],
-            columns=["layer", "head", "sink_score", "sink"],
-        )  # fmt: skip
+        """One row per prompt and head: ``prompt, layer, head, sink_score, n_queries, sink``."""
+        return _head_frame(self.sink_scores, self.n_queries, self.threshold)
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` heads with the highest sink scores."""
-        return self.to_frame().nlargest(k, "sink_score").reset_index(drop=True)
+        """The ``k`` heads with the highest batch-wide sink scores: ``layer, head, sink_score, sink``."""
+        frame = _mean_frame(self.mean_sink_scores)
+        frame["sink"] = frame["sink_score"] > self.threshold
+        return frame.nlargest(k, "sink_score").reset_index(drop=True)
 
-    def figure(self, *, kind: str = "sinks") -> go.Figure:
-        """``"sinks"``: layer × head sink scores; ``"values"``: value norms (layer·head × token);
-        ``"resid"``: residual norms (layer × token, log colour)."""
-        layers, heads = self.sink_scores.shape
+    def figure(self, *, kind: str = "sinks", prompt: int | None = None) -> go.Figure:
+        """``"sinks"``: layer × head sink scores (the batch, or one ``prompt``);
+        ``"values"``: value norms (layer·head × token); ``"resid"``: residual
+        norms (layer × token, log colour), of ``prompt`` (default 0)."""
         if kind == "sinks":
-            text = [[f"{v:.2f}" for v in row] for row in self.sink_scores.tolist()]
-            return heatmap(
-                self.sink_scores.numpy(), x_labels=[f"H{h}" for h in range(heads)],
-                y_labels=[f"L{layer}" for layer in range(layers)], x_title="head", y_title="layer",
-                value_name="sink score", title=f"Attention on token {self.sink_position} · {self.model_name}",
-                text=text, y_reversed=True,
-            )  # fmt: skip
-        x_labels = token_labels(self.str_tokens)
+            scores = self.mean_sink_scores if prompt is None else self.sink_scores[prompt]
+            return _sink_heatmap(scores, f"Attention on token {self.sink_position} · {self.model_name}")
+        if kind not in ("values", "resid"):
+            raise ValueError(f"kind must be 'sinks', 'values' or 'resid', got {kind!r}")
+        prompt = 0 if prompt is None else prompt
+        x_labels = token_labels(self.str_tokens(prompt))
         if kind == "values":
-            kv = self.value_norms.shape[1]
+            values = self._prompts().real(self.value_norms, prompt)  # [length, layer, kv_head]
+            layers, kv = values.shape[1:]
             return heatmap(
-                self.value_norms.flatten(0, 1).numpy(), x_labels=x_labels,
+                values.flatten(1).T.numpy(), x_labels=x_labels,
                 y_labels=[f"L{layer} V{h}" for layer in range(layers) for h in range(kv)], x_title="token",
                 y_title="value head", value_name="‖v‖", title=f"Value-state norms · {self.model_name}",
                 y_reversed=True,
             )  # fmt: skip
-        if kind == "resid":
-            return heatmap(
-                self.resid_norms.numpy(), x_labels=x_labels,
-                y_labels=resid_labels(resid_hook_names(layers)), x_title="token", y_title="layer",
-                value_name="‖resid‖", title=f"Residual-state norms · {self.model_name}", log=True,
-            )  # fmt: skip
-        raise ValueError(f"kind must be 'sinks', 'values' or 'resid', got {kind!r}")
+        return heatmap(
+            self._prompts().real(self.resid_norms, prompt).T.numpy(), x_labels=x_labels,
+            y_labels=resid_labels(self.hook_names), x_title="token", y_title="layer",
+            value_name="‖resid‖", title=f"Residual-state norms · {self.model_name}", log=True,
+        )  # fmt: skip
 
 
-def _sink_over_others(norms: Float[Tensor, "... pos"], sink_position: int) -> Float[Tensor, "..."]:
-    """The norm at the sink position over the mean norm at every other position."""
-    others = torch.cat([norms[..., :sink_position], norms[..., sink_position + 1 :]], -1)
-    return norms[..., sink_position] / others.mean(-1)
+class ExtremeTokens(_SinkAnalysis):
+    """Attention sinks, value-state drains and residual-state peaks, from one cache.
 
-
-@torch.no_grad()
-def extreme_tokens(
-    model: Any,
-    input: TextOrTokens,
-    *,
-    query_mask: Bool[Tensor, "batch pos"] | None = None,
-    sink_position: int = 0,
-    threshold: float = SINK_THRESHOLD,
-) -> ExtremeTokens:
-    """Attention sinks, value-state drains and residual-state peaks in one forward pass.
+    Reads every layer's ``names.pattern(l)`` and ``names.attn(l, "v")`` and
+    the residual stream ``names.resid_stream(n_layers)``.
 
     Parameters
     ----------
-    model
-        A transformer.
-    input
-        Prompts or token ids ``[batch, pos]`` (equal lengths); token fields are
-        averaged over the batch position by position.
-    query_mask, sink_position
-        See :func:`sink_scores`.
+    sink_position, query_mask
+        See :class:`SinkScores`.
     threshold
         Sink score above which a head counts as a sink.
-
-    Returns
-    -------
-    ExtremeTokens
     """
-    check_transformer(model)
-    _check_threshold(threshold)
-    tokens = model.to_tokens(input)
-    mask = sink_query_mask(tokens, query_mask, sink_position)
-    n_layers = model.cfg.n_layers
-    patterns = pattern_hook_names(n_layers)
-    values = [f"blocks.{layer}.attn.hook_v" for layer in range(n_layers)]
-    resid = resid_hook_names(n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=patterns + values + resid)
-    return ExtremeTokens(
-        **result_context(model, tokens[:1]),
-        sink_scores=sink_scores_from_patterns([cache[n] for n in patterns], mask, sink_position),
-        value_norms=torch.stack([cache[n].float().norm(dim=-1).mean(0).T.cpu() for n in values]),
-        resid_norms=torch.stack([cache[n].float().norm(dim=-1).mean(0).cpu() for n in resid]),
-        sink_position=sink_position,
-        threshold=float(threshold),
-        n_sequences=tokens.shape[0],
-    )
+
+    def __init__(
+        self,
+        sink_position: int = 0,
+        threshold: float = SINK_THRESHOLD,
+        query_mask: Bool[Tensor, "batch pos"] | None = None,
+    ):
+        self.sink_position = sink_position
+        self.threshold = threshold
+        self.query_mask = query_mask
+
+    def hooks(self, model: Any) -> list[str]:
+        n_layers = model.cfg.n_layers
+        values = [names.attn(layer, "v") for layer in range(n_layers)]
+        return [*super().hooks(model), *values, *names.resid_stream(n_layers)]
+
+    def _compute(self, cache: Any, prompts: Prompts) -> ExtremeTokensResult:
+        _check_threshold(self.threshold)
+        model = cache.model
+        scores, n_queries = self._scores(cache, prompts, self.query_mask)
+        values = [cache[names.attn(layer, "v")] for layer in range(model.cfg.n_layers)]
+        value_norms = torch.stack([v.float().norm(dim=-1) for v in values], 2).cpu()  # [batch, pos, layer, kv]
+        hooks, rows = stream_rows(cache, model.cfg.n_layers)
+        resid_norms = torch.stack([r.float().norm(dim=-1) for r in rows], -1).cpu()
+        nan = float("nan")
+        return ExtremeTokensResult(
+            **self.provenance(model, prompts),
+            sink_scores=scores,
+            n_queries=n_queries,
+            value_norms=pad_fill(value_norms, prompts.mask, nan),
+            resid_norms=pad_fill(resid_norms, prompts.mask, nan),
+            hook_names=hooks,
+            sink_position=self.sink_position,
+            threshold=float(self.threshold),
+        )
 
 
 # ------------------------------------------------------------ active / dormant
 @dataclass(kw_only=True, eq=False)
-class HeadActivity(Result):
+class HeadActivityResult(Result):
     """Each head's sink score on each input domain, and whether it is dormant there.
-
-    ``tokens`` / ``str_tokens`` show the first sequence of the first domain.
 
     Attributes
     ----------
     domains
         The domain names.
     sink_scores
-        ``[domain, layer, head]`` mean attention on the sink position.
+        ``[domain, batch, layer, head]`` each prompt's mean attention on its sink
+        over the domain's queries (NaN where the prompt has none).
+    n_queries
+        ``[domain, batch]`` how many queries of each prompt each domain holds.
     threshold
-        A head is dormant on a domain when its sink score there exceeds this.
+        A head is dormant on a domain when its batch-wide sink score there exceeds this.
+    sink_position
+        The sink key, in each prompt's real tokens.
     """
 
     domains: list[str]
-    sink_scores: Float[Tensor, "domain layer head"]
+    sink_scores: Float[Tensor, "domain batch layer head"]
+    n_queries: Int[Tensor, "domain batch"]
     threshold: float = SINK_THRESHOLD
     sink_position: int = 0
 
     @property
+    def mean_sink_scores(self) -> Float[Tensor, "domain layer head"]:
+        """Each domain's sink scores over the batch, every query weighted alike."""
+        return pooled_sink_scores(self.sink_scores, self.n_queries)
+
+    @property
     def dormant(self) -> Bool[Tensor, "domain layer head"]:
         """Whether each head is dormant (a sink) on each domain."""
-        return self.sink_scores > self.threshold
+        return self.mean_sink_scores > self.threshold
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (domain, head): ``domain, layer, head, sink_score, state``."""
+        """One row per (domain, prompt, head): ``domain, prompt, layer, head, sink_score, n_queries, state``.
+
+        ``state`` is the prompt's own: ``dormant`` above the threshold, ``active``
+        below, ``none`` where the prompt has no query in the domain.
+        """
+        frames = []
+        for d, name in enumerate(self.domains):
+            frame = _head_frame(self.sink_scores[d], self.n_queries[d], self.threshold)
+            frame["state"] = ["none" if n == 0 else "dormant" if s else "active"
+                              for n, s in zip(frame["n_queries"], frame.pop("sink"))]  # fmt: skip
+            frame.insert(0, "domain", name)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def metrics(self) -> dict[str, float]:
+        """``n_switching`` heads (dormant on some domain, active on another), ``n_dormant`` (head, domain) pairs."""
         dormant = self.dormant
-        n_dom, layers, heads = self.sink_scores.shape
-        return pd.DataFrame(
-            [
-                (self.domains[d], layer, head, float(self.sink_scores[d, layer, head]),
-                 "dormant" if dormant[d, layer, head] else "active")
-                for d in range(n_dom)
-                for layer in range(layers)
-                for head in range(heads)
-            ],
-            columns=["domain", "layer", "head", "sink_score", "state"],
-        )  # fmt: skip
+        return {"n_switching": float((dormant.any(0) & (~dormant).any(0)).sum()), "n_dormant": float(dormant.sum())}
 
     def switching(self) -> pd.DataFrame:
-        """Heads dormant on some domain and active on another, with their score per domain.
+        """Heads dormant on some domain and active on another, with their batch-wide score per domain.
 
         Columns ``layer, head``, one ``sink_score`` column per domain, then
         ``dormant_on``, ``active_on`` and ``spread`` (largest minus smallest
         score), largest spread first.
         """
-        dormant = self.dormant
+        dormant, scores_all = self.dormant, self.mean_sink_scores
         rows = []
         for layer, head in torch.nonzero(dormant.any(0) & (~dormant).any(0)).tolist():
-            scores = self.sink_scores[:, layer, head]
+            scores = scores_all[:, layer, head]
             rows.append({
                 "layer": layer, "head": head,
                 **{f"sink_score[{name}]": float(s) for name, s in zip(self.domains, scores)},
@@ -335,19 +509,15 @@ class HeadActivity(Result):
         return frame.sort_values("spread", ascending=False).reset_index(drop=True)
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` heads whose sink score differs most between domains."""
-        spread = self.sink_scores.max(0).values - self.sink_scores.min(0).values
-        layers, heads = spread.shape
-        frame = pd.DataFrame(
-            [(layer, head, float(spread[layer, head])) for layer in range(layers) for head in range(heads)],
-            columns=["layer", "head", "spread"],
-        )
-        return frame.nlargest(k, "spread").reset_index(drop=True)
+        """The ``k`` heads whose batch-wide sink score differs most between domains."""
+        scores = self.mean_sink_scores
+        spread = scores.max(0).values - scores.min(0).values
+        return _mean_frame(spread, "spread").nlargest(k, "spread").reset_index(drop=True)
 
     def figure(self) -> go.Figure:
-        """Heatmap head × domain of sink scores, ``D`` marking dormant heads."""
-        n_dom, layers, heads = self.sink_scores.shape
-        values = self.sink_scores.flatten(1).T.numpy()
+        """Heatmap head × domain of batch-wide sink scores, ``D`` marking dormant heads."""
+        _, layers, heads = self.mean_sink_scores.shape
+        values = self.mean_sink_scores.flatten(1).T.numpy()
         dormant = self.dormant.flatten(1).T.tolist()
         text = [[f"{v:.2f}{' D' if d else ''}" for v, d in zip(row, drow)] for row, drow in zip(values, dormant)]
         return heatmap(
@@ -357,45 +527,45 @@ class HeadActivity(Result):
         )  # fmt: skip
 
 
-@torch.no_grad()
-def head_activity(
-    model: Any,
-    domains: Mapping[str, Domain],
-    *,
-    threshold: float = SINK_THRESHOLD,
-    sink_position: int = 0,
-) -> HeadActivity:
+class HeadActivity(_SinkAnalysis):
     """Sink scores of every head on each input domain, and active/dormant labels.
+
+    A domain is a set of queries of the prompts: ``{"trigger": is_trigger,
+    "other": ~is_trigger}`` with ``[batch, pos]`` masks in the prompts'
+    left-padded layout. Domains of different texts are prompts of one batch
+    with masks that keep each domain's prompts.
 
     Parameters
     ----------
-    model
-        A transformer.
     domains
-        ``{name: input}``; an input is prompts / token ids ``[batch, pos]``, or a
-        pair ``(input, query_mask)`` that averages only the masked queries (a
-        domain of query tokens inside shared sequences).
+        ``{name: query_mask}``; ``None``: one domain ``"all"`` of every query.
     threshold
-        Dormant when the sink score exceeds it.
+        Dormant when the batch-wide sink score exceeds it.
     sink_position
-        The sink key position.
-
-    Returns
-    -------
-    HeadActivity
+        The sink key position, in each prompt's real tokens.
     """
-    _check_threshold(threshold)
-    if not domains:
-        raise ValueError("domains is empty: pass {name: prompts or token ids or (tokens, query_mask)}")
-    scores, first = [], None
-    for name, domain in domains.items():
-        input, mask = domain if isinstance(domain, tuple) else (domain, None)
-        scores.append(sink_scores(model, input, query_mask=mask, sink_position=sink_position))
-        first = model.to_tokens(input)[:1] if first is None else first
-    return HeadActivity(
-        **result_context(model, first),
-        domains=[str(name) for name in domains],
-        sink_scores=torch.stack(scores),
-        threshold=float(threshold),
-        sink_position=sink_position,
-    )
+
+    def __init__(
+        self,
+        domains: Mapping[str, Bool[Tensor, "batch pos"]] | None = None,
+        threshold: float = SINK_THRESHOLD,
+        sink_position: int = 0,
+    ):
+        self.domains = domains
+        self.threshold = threshold
+        self.sink_position = sink_position
+
+    def _compute(self, cache: Any, prompts: Prompts) -> HeadActivityResult:
+        _check_threshold(self.threshold)
+        domains = {"all": None} if self.domains is None else dict(self.domains)
+        if not domains or not all(isinstance(name, str) for name in domains):
+            raise ValueError("domains must map names (str) to query masks [batch, pos], or be None for every query")
+        found = [self._scores(cache, prompts, mask) for mask in domains.values()]
+        return HeadActivityResult(
+            **self.provenance(cache.model, prompts),
+            domains=list(domains),
+            sink_scores=torch.stack([scores for scores, _ in found]),
+            n_queries=torch.stack([n for _, n in found]),
+            threshold=float(self.threshold),
+            sink_position=self.sink_position,
+        )

@@ -4,17 +4,21 @@ Halloran, Gulati & Roysdon (2024), "Mamba state-space models are
 Lyapunov-stable learners": Mamba's recurrence contracts, so perturbations
 (mixed precision among them) stay small, unlike a transformer's.
 
-- :func:`lyapunov_exponents`: Lyapunov exponents of one layer's state
-  recurrence ``s_t = F(x_t, s_{t-1})`` along a real input, by the QR method
-  (Benettin et al., 1980): push an orthonormal frame through the step
-  Jacobians ``J_t = dF/ds``, re-orthonormalise after every step, and average
-  ``log |diag R|``. Units: per token. For Mamba ``J_t = diag(exp(Delta_t A))``
-  over the ``d_inner * d_state`` states: diagonal products, whose exponents
-  the method converges to are the means of ``Delta_t A <= 0``, taken in
-  closed form; for an RNN ``J_t`` is the autograd Jacobian of the cell's
-  ``step`` (state ``h``, or ``(h, c)`` for an LSTM) and the QR method runs.
-- :func:`precision_drift`: per layer and token, the relative distance between
-  the residual stream of the model in float32 and of a copy in a lower dtype.
+- :class:`LyapunovExponents`: Lyapunov exponents of one layer's state
+  recurrence ``s_t = F(x_t, s_{t-1})`` along each prompt, by the QR method
+  (Benettin et al., 1980, :func:`lyapunov_qr`): push an orthonormal frame
+  through the step Jacobians ``J_t = dF/ds``, re-orthonormalise after every
+  step, and average ``log |diag R|``. Units: per token. For Mamba
+  ``J_t = diag(exp(Delta_t A))`` over the ``d_inner * d_state`` states:
+  diagonal products, whose exponents the method converges to are the means of
+  ``Delta_t A <= 0``, taken in closed form from the cached ``Delta``; for an
+  RNN ``J_t`` is the autograd Jacobian of the cell's ``step`` (state ``h``, or
+  ``(h, c)`` for an LSTM, :func:`rnn_step_jacobians`) along the cached layer
+  input, and the QR method runs. Each architecture is one entry of
+  :data:`RECURRENCES`.
+- :class:`PrecisionDrift`: per layer and token, the relative distance between
+  the residual stream of the model in float32 and of a copy in a lower dtype
+  (an experiment: two forwards).
 """
 
 from __future__ import annotations
@@ -22,20 +26,24 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from dynalens.models.base import TextOrTokens
-from dynalens.models.validation import check_index
-from dynalens.probes.figures import TEMPLATE, heatmap, token_labels
-from dynalens.models.surface import architecture_of, prompt_tokens, result_context
-from dynalens.probes.residual import resid_labels, resid_stream
-from dynalens.probes.results import Result
 from jaxtyping import Float
 from torch import Tensor
+
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.models.validation import check_index
+from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
+from dynalens.probes.figures import TEMPLATE, heatmap, token_labels
+from dynalens.probes.mixer import to_padded
+from dynalens.probes.results import Result
+from dynalens.probes.token_dynamics import stream_labels
 
 StepJacobian = Callable[[int, Tensor], Tensor]
 """``(t, Q) -> J_t @ Q`` for a ``[dim, k]`` frame ``Q``."""
@@ -78,36 +86,43 @@ def lyapunov_qr(
 
 
 @dataclass(kw_only=True, eq=False)
-class LyapunovExponents(Result):
-    """The largest Lyapunov exponents of one layer's recurrence along a prompt.
+class LyapunovExponentsResult(Result):
+    """The largest Lyapunov exponents of one layer's recurrence along each prompt.
 
     Attributes
     ----------
     layer
         The layer.
     exponents
-        ``[k]`` largest first, per token (< 0: perturbations of the state shrink).
+        ``[batch, k]`` largest first, per token (< 0: perturbations of the state shrink).
     running
-        ``[pos, k]`` the estimate after each token.
+        ``[batch, pos, k]`` the estimate after each real token (zero at pads).
     """
 
     layer: int
-    exponents: Float[Tensor, " k"]
-    running: Float[Tensor, "pos k"]
+    exponents: Float[Tensor, "batch k"]
+    running: Float[Tensor, "batch pos k"]
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` largest exponents."""
-        return self.to_frame().head(k)
+        """The ``k`` largest exponents over all prompts."""
+        return self.to_frame().nlargest(k, "exponent").reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``index, exponent``, largest first."""
-        return pd.DataFrame({"index": range(len(self.exponents)), "exponent": self.exponents.double().numpy()})
+        """Columns ``prompt, index, exponent``, each prompt's largest first."""
+        batch, k = self.exponents.shape
+        return pd.DataFrame({
+            "prompt": np.repeat(np.arange(batch), k),
+            "index": np.tile(np.arange(k), batch),
+            "exponent": self.exponents.double().reshape(-1).numpy(),
+        })
 
-    def figure(self) -> go.Figure:
-        """The running estimate of each exponent against the token position."""
+    def figure(self, *, prompt: int = 0) -> go.Figure:
+        """The running estimate of each exponent against the tokens seen, for one prompt."""
+        n = len(self.str_tokens(prompt))
+        running = self.running[prompt, -n:]
         fig = go.Figure()
-        for i in range(self.running.shape[1]):
-            fig.add_trace(go.Scatter(y=self.running[:, i].numpy(), mode="lines", name=f"λ{i + 1}"))
+        for i in range(running.shape[1]):
+            fig.add_trace(go.Scatter(x=list(range(1, n + 1)), y=running[:, i].numpy(), mode="lines", name=f"λ{i + 1}"))
         fig.add_hline(y=0, line=dict(color="#1f2933", width=1, dash="dot"))
         fig.update_layout(
             template=TEMPLATE, title=dict(text=f"Lyapunov exponents, layer {self.layer} · {self.model_name}"),
@@ -116,64 +131,123 @@ class LyapunovExponents(Result):
         return fig
 
 
-@torch.no_grad()
-def lyapunov_exponents(model: Any, input: TextOrTokens, layer: int, *, k: int = 1, seed: int = 0) -> LyapunovExponents:
-    """Lyapunov exponents of a Mamba or RNN layer's state recurrence along ``input``.
+@dataclass(frozen=True)
+class Recurrence:
+    """One architecture's state recurrence: the hooks it reads, the state size, the running exponents.
+
+    ``running(analysis, model, cache, prompts)`` returns ``[batch, pos, k]``
+    (largest first at each step; anything at pads, :class:`LyapunovExponents`
+    zeroes them).
+    """
+
+    hooks: Callable[[Any, int], list[str]]
+    state_size: Callable[[Any, int], int]
+    running: Callable[[LyapunovExponents, Any, Any, Prompts], Tensor]
+
+
+def _mamba_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts: Prompts) -> Tensor:
+    # Diagonal Jacobians: the tangent space splits into the d_inner * d_state
+    # states and the QR method converges to the mean log-decay of each, so
+    # the spectrum is exact in closed form: mean_t Delta_t[d] A[d, n].
+    delta = cache[names.mixer(analysis.layer, "delta")].double()
+    mask = prompts.mask.to(delta.device)
+    A = model.blocks[analysis.layer].mixer.A.double()
+    log_decay = torch.where(mask[..., None], (delta[..., None] * A).flatten(2), 0.0)  # [b, pos, d * n]
+    steps = mask.cumsum(1).clamp_min(1)[..., None]
+    return (log_decay.cumsum(1) / steps).topk(analysis.k, dim=2).values
+
+
+def _rnn_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts: Prompts) -> Tensor:
+    cell = model.blocks[analysis.layer].cell
+    x = cache[names.resid_pre(analysis.layer)]
+    rows = []
+    for i in range(len(prompts)):
+        jacobians = rnn_step_jacobians(cell, prompts.real(x, i))
+        exponents, running = lyapunov_qr(
+            lambda t, Q: jacobians[t] @ Q, jacobians.shape[1], jacobians.shape[0], analysis.k, seed=analysis.seed
+        )
+        rows.append(running[:, exponents.argsort(descending=True)])
+    return to_padded(prompts, rows)
+
+
+def _rnn_state_size(model: Any, layer: int) -> int:
+    cell = model.blocks[layer].cell
+    return 2 * cell.d_hidden if cell.cell == "lstm" else cell.d_hidden
+
+
+RECURRENCES: dict[str, Recurrence] = {
+    "mamba": Recurrence(
+        lambda model, layer: [names.mixer(layer, "delta")],
+        lambda model, layer: model.cfg.d_inner * model.cfg.d_state,
+        _mamba_running,
+    ),
+    "rnn": Recurrence(lambda model, layer: [names.resid_pre(layer)], _rnn_state_size, _rnn_running),
+}
+"""The state recurrence of each architecture :class:`LyapunovExponents` applies to."""
+
+
+class LyapunovExponents(Analysis):
+    """Lyapunov exponents of a Mamba or RNN layer's state recurrence along each prompt.
 
     Parameters
     ----------
-    model
-        A HookedMamba or HookedRNN (a transformer has no recurrence).
-    input
-        One prompt; its tokens drive the recurrence.
     layer
         The layer.
     k
-        How many exponents (largest first).
+        How many exponents (largest first), ``1 <= k <=`` the state size
+        (``d_inner * d_state`` for Mamba, ``d_hidden`` or ``2 * d_hidden`` for an LSTM).
     seed
-        Seed of the initial frame.
+        Seed of the QR method's initial frame (RNN).
 
     Returns
     -------
-    LyapunovExponents
+    LyapunovExponentsResult
     """
-    arch = architecture_of(model)
-    if arch == "transformer":
-        raise TypeError("a transformer layer has no state recurrence: pass a Mamba or an RNN")
-    layer = check_index("layer", layer, model.cfg.n_layers)
-    tokens = prompt_tokens(model, input)
-    if arch == "mamba":
-        # Diagonal Jacobians: the tangent space splits into the d_inner * d_state
-        # states and the QR method converges to the mean log-decay of each, so
-        # the spectrum is exact in closed form: mean_t Delta_t[d] A[d, n].
-        name = f"blocks.{layer}.mixer.hook_delta"
-        _, cache = model.run_with_cache(tokens, names_filter=[name])
-        log_decay = cache[name][0].double()[:, :, None] * model.blocks[layer].mixer.A.double()  # [pos, d, n]
-        steps = torch.arange(1, tokens.shape[1] + 1, dtype=torch.float64)[:, None]
-        running = (log_decay.reshape(tokens.shape[1], -1).cumsum(0) / steps.to(log_decay.device)).cpu()
-        if not 1 <= k <= running.shape[1]:
-            raise ValueError(f"k must lie in [1, d_inner * d_state = {running.shape[1]}], got {k!r}")
-        running = running.topk(k, dim=1).values
-        exponents = running[-1]
-    else:
-        jacobians = rnn_step_jacobians(model, tokens, layer)
-        exponents, running = lyapunov_qr(lambda t, Q: jacobians[t] @ Q, jacobians.shape[1], tokens.shape[1], k, seed=seed)
-        order = exponents.argsort(descending=True)
-        exponents, running = exponents[order], running[:, order]
-    return LyapunovExponents(
-        **result_context(model, tokens), layer=layer, exponents=exponents.float(), running=running.float()
-    )
+
+    architectures: ClassVar[tuple[str, ...]] = tuple(RECURRENCES)
+    requirement: ClassVar[str] = "a state recurrence"
+
+    def __init__(self, layer: int = 0, *, k: int = 1, seed: int = 0):
+        self.layer = layer
+        self.k = k
+        self.seed = seed
+
+    def _recurrence(self, model: Any) -> Recurrence:
+        self.check(model)
+        recurrence = RECURRENCES[architecture_of(model)]
+        check_index("layer", self.layer, model.cfg.n_layers)
+        size = recurrence.state_size(model, self.layer)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= size:
+            raise ValueError(f"k must lie in [1, state size = {size}], got {self.k!r}")
+        return recurrence
+
+    def hooks(self, model: Any) -> list[str]:
+        return self._recurrence(model).hooks(model, self.layer)
+
+    def _compute(self, cache: Any, prompts: Prompts) -> LyapunovExponentsResult:
+        model = cache.model
+        running = self._recurrence(model).running(self, model, cache, prompts).double().cpu()
+        running = torch.where(prompts.mask.cpu()[..., None], running, 0.0)
+        return LyapunovExponentsResult(
+            **self.provenance(model, prompts), layer=int(self.layer),
+            exponents=running[:, -1].float(), running=running.float(),
+        )
 
 
-def rnn_step_jacobians(model: Any, tokens: Tensor, layer: int) -> Float[Tensor, "pos state state"]:
-    """``dF(x_t, s)/ds`` at ``s = s_{t-1}`` for every step of an RNN layer (float64, on CPU).
+def rnn_step_jacobians(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor, "pos state state"]:
+    """``dF(x_t, s)/ds`` at ``s = s_{t-1}`` for every step of an RNN cell from its zero state (float64, CPU).
+
+    Parameters
+    ----------
+    cell
+        An RNN layer's cell (``model.blocks[layer].cell``); a float64 copy runs, the cell is left alone.
+    x
+        ``[pos, d_in]`` the layer's inputs (its ``hook_resid_pre`` at one prompt's real positions).
 
     The state ``s`` is ``h``, or ``[h, c]`` concatenated for an LSTM.
     """
-    name = f"blocks.{layer}.hook_resid_pre"
-    _, cache = model.run_with_cache(tokens, names_filter=[name])
-    cell = copy.deepcopy(model.blocks[layer].cell).double().cpu()  # float64 copy: the model is left alone
-    x = cache[name][0].double().cpu()
+    cell = copy.deepcopy(cell).double().cpu()
+    x = x.double().cpu()
     d = cell.d_hidden
     lstm = cell.cell == "lstm"
 
@@ -194,7 +268,7 @@ def rnn_step_jacobians(model: Any, tokens: Tensor, layer: int) -> Float[Tensor, 
 
 # --------------------------------------------------------------------------- precision drift
 @dataclass(kw_only=True, eq=False)
-class PrecisionDrift(Result):
+class PrecisionDriftResult(Result):
     """Relative distance between the residual stream in float32 and in a lower precision.
 
     Attributes
@@ -202,72 +276,90 @@ class PrecisionDrift(Result):
     dtype
         The lower precision (``"bfloat16"``).
     drift
-        ``[layer + 1, pos]``: ``|r_low - r_32| / |r_32|``; row 0 the stream entering layer 0.
+        ``[batch, pos, row]``: ``|r_low - r_32| / |r_32|``; row 0 the stream
+        entering layer 0, row ``l + 1`` after layer ``l``; zero at pads.
     hook_names
         The hook of each row.
     """
 
     dtype: str
-    drift: Float[Tensor, "row pos"]
+    drift: Float[Tensor, "batch pos row"]
     hook_names: list[str]
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` largest drifts (layer, token)."""
+        """The ``k`` largest drifts (prompt, token, layer)."""
         return self.to_frame().nlargest(k, "drift").reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``layer, position, token, drift``."""
-        labels = resid_labels(self.hook_names)
-        rows, pos = self.drift.shape
-        return pd.DataFrame(
-            [(labels[r], p, self.str_tokens[p], float(self.drift[r, p])) for r in range(rows) for p in range(pos)],
-            columns=["layer", "position", "token", "drift"],
-        )
+        """Columns ``prompt, position, token, layer, drift``: one row per real token and layer."""
+        labels = stream_labels(self.hook_names)
+        frames = []
+        for row, label in enumerate(labels):
+            frame = self.position_frame(drift=self.drift[..., row])
+            frame.insert(3, "layer", label)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True).sort_values(["prompt", "position"], kind="stable").reset_index(drop=True)
 
     def per_layer(self) -> pd.Series:
-        """Mean drift over tokens, indexed by layer label."""
-        return pd.Series(self.drift.double().mean(1).numpy(), index=resid_labels(self.hook_names), name="drift")
+        """Mean drift over the real tokens of every prompt, indexed by layer label."""
+        mean = self._prompts().flat(self.drift).double().mean(0)
+        return pd.Series(mean.numpy(), index=stream_labels(self.hook_names), name="drift")
 
-    def figure(self) -> go.Figure:
-        """Heatmap layer × token of the drift (log colour)."""
+    def figure(self, *, prompt: int = 0) -> go.Figure:
+        """Heatmap layer × token of one prompt's drift (log colour)."""
+        tokens = self.str_tokens(prompt)
         return heatmap(
-            self.drift.double().numpy(), x_labels=token_labels(self.str_tokens), y_labels=resid_labels(self.hook_names),
-            x_title="token", y_title="layer", value_name=f"float32 vs {self.dtype}",
-            title=f"Precision drift · {self.model_name}", log=True,
+            self.drift[prompt, -len(tokens):].T.double().numpy(), x_labels=token_labels(tokens),
+            y_labels=stream_labels(self.hook_names), x_title="token", y_title="layer",
+            value_name=f"float32 vs {self.dtype}", title=f"Precision drift · {self.model_name}", log=True,
         )
 
 
-@torch.no_grad()
-def precision_drift(model: Any, input: TextOrTokens, dtype: torch.dtype = torch.bfloat16) -> PrecisionDrift:
-    """Per-layer residual-stream drift between float32 and ``dtype`` for any model.
+LOW_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    The low-precision run uses a deep copy of the model cast to ``dtype``; the
-    model itself is not changed. Both runs see the same token ids.
+
+class PrecisionDrift(Experiment):
+    """Per-layer residual-stream drift between float32 and a lower precision, for any model.
+
+    Two forwards: the model as it is (float32), then a deep copy cast to
+    ``dtype``; the model itself is not changed, and both runs see the same
+    token ids.
 
     Parameters
     ----------
-    model
-        Any dynalens model in float32.
-    input
-        One prompt.
     dtype
-        ``torch.bfloat16`` or ``torch.float16``.
+        ``"bfloat16"`` or ``"float16"`` (or the torch dtype).
 
     Returns
     -------
-    PrecisionDrift
+    PrecisionDriftResult
     """
-    if dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-    tokens = prompt_tokens(model, input)
-    names, reference = resid_stream(model, tokens)
-    low = copy.deepcopy(model).to(dtype)
-    _, stream = resid_stream(low, tokens)
-    drift = torch.stack([
-        (b.double() - a.double()).norm(dim=-1) / a.double().norm(dim=-1).clamp_min(1e-30)
-        for a, b in zip(reference, stream)
-    ])
-    return PrecisionDrift(
-        **result_context(model, tokens), dtype=str(dtype).removeprefix("torch."),
-        drift=drift.float().cpu(), hook_names=names,
-    )
+
+    def __init__(self, dtype: str | torch.dtype = "bfloat16"):
+        self.dtype = dtype
+
+    def _low(self) -> torch.dtype:
+        name = str(self.dtype).removeprefix("torch.")
+        if name not in LOW_PRECISIONS:
+            raise ValueError(f"dtype must be 'bfloat16' or 'float16' (or the torch dtype), got {self.dtype!r}")
+        return LOW_PRECISIONS[name]
+
+    def run(self, model: Any, prompts: Prompts | None) -> PrecisionDriftResult:
+        self.check(model)
+        low_dtype = self._low()
+        if prompts is None:
+            raise AnalysisError("PrecisionDrift runs the model: pass prompts")
+        prompts = Prompts(model, prompts)
+        hooks = names.resid_stream(model.cfg.n_layers)
+        with torch.no_grad():
+            _, reference = model.run_with_cache(prompts, names_filter=hooks)
+            _, low = copy.deepcopy(model).to(low_dtype).run_with_cache(prompts, names_filter=hooks)
+        drift = torch.stack([
+            (low[name].double() - reference[name].double()).norm(dim=-1)
+            / reference[name].double().norm(dim=-1).clamp_min(1e-30)
+            for name in hooks
+        ], dim=-1).cpu()
+        return PrecisionDriftResult(
+            **self.provenance(model, prompts), dtype=str(low_dtype).removeprefix("torch."),
+            drift=torch.where(prompts.mask.cpu()[..., None], drift, 0.0).float(), hook_names=hooks,
+        )

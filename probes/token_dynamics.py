@@ -27,7 +27,7 @@ when ``S_Delta x(0) < 0``), never a mix; ``mu = 0`` leaves them in place. In
 Delta_d x_d^2``, so the eigenvalues of the symmetrised ``mu`` play the role of
 the scalar: all (non-zero) negative → convergent, a positive one → divergent
 (the paper's rule; it is a guarantee for every token only when the matrix is
-semi-definite, which :attr:`MambaRegimes.definite` reports). The paper
+semi-definite, which :attr:`MambaRegimesResult.definite` reports). The paper
 excludes the convergent case by making ``S_C^T S_B`` positive semi-definite
 (:func:`psd_bc_rows`), and reorders tokens by an importance score
 ``s_l = K^T (S_Delta x_l + b)`` with SoftSort (:func:`soft_sort`).
@@ -37,26 +37,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
-from dynalens.kernels import selective_scan
-from dynalens.models.base import TextOrTokens
-from dynalens.models.validation import check_finite, check_index
-from dynalens.probes.figures import TEMPLATE, token_labels
-from dynalens.models.surface import (
-    architecture_of,
-    model_name_of,
-    prompt_tokens,
-    result_context,
-)
-from dynalens.probes.residual import resid_hook_names, resid_labels, resid_stream
-from dynalens.probes.results import Result
 from jaxtyping import Float
 from torch import Tensor
+
+from dynalens.kernels import selective_scan
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.models.validation import check_finite, check_index
+from dynalens.probes.analysis import Analysis, Experiment
+from dynalens.probes.figures import TEMPLATE, token_labels
+from dynalens.probes.mixer import to_padded
+from dynalens.probes.results import Result
 
 
 # --------------------------------------------------------------------------- the limit system
@@ -291,8 +289,8 @@ def psd_bc_rows(
 
 # --------------------------------------------------------------------------- regimes of a model
 @dataclass(kw_only=True, eq=False)
-class MambaRegimes(Result):
-    """The regime of every layer of a Mamba, from its weights (no input: ``tokens`` is empty).
+class MambaRegimesResult(Result):
+    """The regime of every layer of a Mamba, from its weights (no prompts).
 
     Attributes
     ----------
@@ -356,47 +354,54 @@ class MambaRegimes(Result):
         return fig
 
 
-@torch.no_grad()
-def mamba_regimes(model: Any, rtol: float = 1e-9) -> MambaRegimes:
+class MambaRegimes(Experiment):
     """Classify every layer of a HookedMamba as convergent or divergent from its weights.
 
     The criterion is the paper's idealisation (see the module notes): it
     ignores the convolution, gate, norm and ``D`` skip, and a trained Mamba's
     ``A`` differs across states (S4D-real), so for tokens after the first the
     sign argument holds only approximately; the first token's is exact.
+    Weights only: prompts, if given, are not read.
 
     Parameters
     ----------
-    model
-        A :class:`~dynalens.models.mamba.HookedMamba`.
     rtol
         Eigenvalues within ``rtol * max|eigenvalue|`` of zero count as zero.
 
     Returns
     -------
-    MambaRegimes
+    MambaRegimesResult
     """
-    _require_mamba(model)
-    systems = [SelectiveSystem.from_mamba(model, layer) for layer in range(model.cfg.n_layers)]
-    sym = torch.stack([_sym_eigenvalues(s.mu)[0] for s in systems])  # [layer, d_inner]
-    spectra = torch.stack([torch.linalg.eigvals(s.S_B[0] @ s.S_C[0].T) for s in systems])
-    spectra = spectra[torch.arange(len(systems))[:, None], spectra.real.argsort(dim=1, descending=True)]
-    scale = sym.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(sym.dtype).tiny)
-    nonzero = sym.abs() > rtol * scale
-    return MambaRegimes(
-        model_name=model_name_of(model),
-        architecture="mamba",
-        tokens=torch.zeros(0, dtype=torch.long),
-        str_tokens=[],
-        regimes=[_regime(lam, rtol) for lam in sym],
-        sym_max=sym.amax(dim=1).float(),
-        sym_min=sym.amin(dim=1).float(),
-        eig_real=spectra.real.float(),
-        eig_imag=spectra.imag.float(),
-        channel_mu=torch.stack([s.mu[0].diagonal() for s in systems]).float(),
-        delta0=torch.stack([F.softplus(s.delta_bias[0]) for s in systems]).float(),
-        definite=[bool(((lam >= 0) | ~nz).all() or ((lam <= 0) | ~nz).all()) for lam, nz in zip(sym, nonzero)],
-    )
+
+    architectures: ClassVar[tuple[str, ...]] = ("mamba",)
+    requirement: ClassVar[str] = "a selective SSM's x_proj and dt_proj"
+
+    def __init__(self, rtol: float = 1e-9):
+        self.rtol = rtol
+
+    @torch.no_grad()
+    def run(self, model: Any, prompts: Prompts | None = None) -> MambaRegimesResult:
+        self.check(model)
+        if not self.rtol >= 0:
+            raise ValueError(f"rtol must be non-negative, got {self.rtol!r}")
+        rtol = self.rtol
+        systems = [SelectiveSystem.from_mamba(model, layer) for layer in range(model.cfg.n_layers)]
+        sym = torch.stack([_sym_eigenvalues(s.mu)[0] for s in systems])  # [layer, d_inner]
+        spectra = torch.stack([torch.linalg.eigvals(s.S_B[0] @ s.S_C[0].T) for s in systems])
+        spectra = spectra[torch.arange(len(systems))[:, None], spectra.real.argsort(dim=1, descending=True)]
+        scale = sym.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(sym.dtype).tiny)
+        nonzero = sym.abs() > rtol * scale
+        return MambaRegimesResult(
+            **self.provenance(model, None),
+            regimes=[_regime(lam, rtol) for lam in sym],
+            sym_max=sym.amax(dim=1).float(),
+            sym_min=sym.amin(dim=1).float(),
+            eig_real=spectra.real.float(),
+            eig_imag=spectra.imag.float(),
+            channel_mu=torch.stack([s.mu[0].diagonal() for s in systems]).float(),
+            delta0=torch.stack([F.softplus(s.delta_bias[0]) for s in systems]).float(),
+            definite=[bool(((lam >= 0) | ~nz).all() or ((lam <= 0) | ~nz).all()) for lam, nz in zip(sym, nonzero)],
+        )
 
 
 def _sym_eigenvalues(mu: Float[Tensor, "system dim dim"]) -> Float[Tensor, "system dim"]:
@@ -411,49 +416,54 @@ def _regime(eigenvalues: Float[Tensor, " dim"], rtol: float) -> str:
 
 
 # --------------------------------------------------------------------------- trajectories across layers
+def stream_labels(hook_names: list[str]) -> list[str]:
+    """Row labels of the residual stream ``names.resid_stream(n)``: ``embed``, then ``L{l}`` after layer ``l``."""
+    return ["embed" if name == names.resid_pre(0) else f"L{names.layer_of(name)}" for name in hook_names]
+
+
 @dataclass(kw_only=True, eq=False)
-class TokenTrajectories(Result):
+class TokenTrajectoriesResult(Result):
     """Each token's residual-stream norm across depth: the paper's ``|x_l(t)|`` with layers as time.
 
     Attributes
     ----------
     norms
-        ``[layer + 1, pos]``: row 0 the stream entering layer 0, row ``l + 1`` after layer ``l``.
+        ``[batch, pos, layer + 1]``: row 0 the stream entering layer 0, row
+        ``l + 1`` after layer ``l``; zero at pads.
     hook_names
         The hook each row was read from.
     growth
-        ``[pos]`` least-squares slope of ``log |x_l|`` against depth: > 0 growing, < 0 shrinking.
+        ``[batch, pos]`` least-squares slope of ``log |x_l|`` against depth:
+        > 0 growing, < 0 shrinking; zero at pads.
     """
 
-    norms: Float[Tensor, "row pos"]
+    norms: Float[Tensor, "batch pos row"]
     hook_names: list[str]
-    growth: Float[Tensor, " pos"]
+    growth: Float[Tensor, "batch pos"]
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` fastest-growing tokens."""
-        frame = pd.DataFrame({
-            "position": range(len(self.str_tokens)), "token": self.str_tokens,
-            "growth": self.growth.double().numpy(), "final_norm": self.norms[-1].double().numpy(),
-        })
+        """The ``k`` fastest-growing tokens over all prompts: ``prompt, position, token, growth, final_norm``."""
+        frame = self.position_frame(growth=self.growth, final_norm=self.norms[..., -1])
         return frame.sort_values("growth", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``layer, position, token, norm, growth``."""
-        labels = resid_labels(self.hook_names)
-        rows, pos = self.norms.shape
-        return pd.DataFrame(
-            [(labels[r], p, self.str_tokens[p], float(self.norms[r, p]), float(self.growth[p]))
-             for r in range(rows) for p in range(pos)],
-            columns=["layer", "position", "token", "norm", "growth"],
-        )
+        """Columns ``prompt, position, token, layer, norm, growth``: one row per real token and layer."""
+        frames = []
+        for row, label in enumerate(stream_labels(self.hook_names)):
+            frame = self.position_frame(norm=self.norms[..., row], growth=self.growth)
+            frame.insert(3, "layer", label)
+            frames.append(frame)
+        frame = pd.concat(frames, ignore_index=True)
+        return frame.sort_values(["prompt", "position"], kind="stable").reset_index(drop=True)
 
-    def figure(self, *, log: bool = True) -> go.Figure:
-        """One line per token: norm against layer (log scale by default)."""
-        labels, tokens = resid_labels(self.hook_names), token_labels(self.str_tokens)
+    def figure(self, *, prompt: int = 0, log: bool = True) -> go.Figure:
+        """One line per token of one prompt: norm against layer (log scale by default)."""
+        tokens = token_labels(self.str_tokens(prompt))
+        labels, norms = stream_labels(self.hook_names), self.norms[prompt, -len(tokens):]
         fig = go.Figure()
         for p, token in enumerate(tokens):
             fig.add_trace(go.Scatter(
-                x=labels, y=self.norms[:, p].numpy(), mode="lines+markers", name=f"{p}: {token}",
+                x=labels, y=norms[p].numpy(), mode="lines+markers", name=f"{p}: {token}",
                 hovertemplate=f"{token}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
             ))
         fig.update_layout(
@@ -463,46 +473,37 @@ class TokenTrajectories(Result):
         return fig
 
 
-@torch.no_grad()
-def token_trajectories(model: Any, input: TextOrTokens, *, cache: Any = None) -> TokenTrajectories:
-    """Per-token norm trajectories across layers, from a fresh run or from a ``cache``.
+class TokenTrajectories(Analysis):
+    """Per-token residual-stream norms across layers and their log-slope, on any architecture.
 
-    Parameters
-    ----------
-    model
-        Any dynalens model (transformer, Mamba, RNN).
-    input
-        One prompt: a string or token ids ``[pos]`` / ``[1, pos]``.
-    cache
-        An ``ActivationCache`` of this prompt holding ``blocks.0.hook_resid_pre`` and every
-        ``blocks.{l}.hook_resid_post``; the model is run when omitted.
+    Reads ``names.resid_stream(n_layers)``: the stream entering layer 0, then after each layer.
 
     Returns
     -------
-    TokenTrajectories
+    TokenTrajectoriesResult
     """
-    tokens = prompt_tokens(model, input)
-    if cache is None:
-        names, stream = resid_stream(model, tokens)
-    else:
-        names = resid_hook_names(model.cfg.n_layers)
-        missing = [name for name in names if name not in cache]
-        if missing:
-            raise KeyError(f"cache lacks {missing}; cache these hooks: {names}")
-        stream = [cache[name][0] for name in names]
-    norms = torch.stack([resid.double().norm(dim=-1) for resid in stream]).cpu()
-    depth = torch.arange(norms.shape[0], dtype=torch.float64)
-    centred = depth - depth.mean()
-    logs = norms.clamp_min(torch.finfo(torch.float64).tiny).log()
-    growth = (centred[:, None] * (logs - logs.mean(0))).sum(0) / centred.pow(2).sum()
-    return TokenTrajectories(
-        **result_context(model, tokens), norms=norms.float(), hook_names=names, growth=growth.float()
-    )
+
+    def hooks(self, model: Any) -> list[str]:
+        return names.resid_stream(model.cfg.n_layers)
+
+    def _compute(self, cache: Any, prompts: Prompts) -> TokenTrajectoriesResult:
+        model = cache.model
+        hooks = self.hooks(model)
+        norms = torch.stack([cache[name].double().norm(dim=-1) for name in hooks], dim=-1).cpu()  # [b, pos, row]
+        depth = torch.arange(norms.shape[-1], dtype=torch.float64)
+        centred = depth - depth.mean()
+        logs = norms.clamp_min(torch.finfo(torch.float64).tiny).log()
+        growth = (centred * (logs - logs.mean(-1, keepdim=True))).sum(-1) / centred.pow(2).sum()
+        mask = prompts.mask.cpu()
+        return TokenTrajectoriesResult(
+            **self.provenance(model, prompts), norms=torch.where(mask[..., None], norms, 0.0).float(), hook_names=hooks,
+            growth=torch.where(mask, growth, 0.0).float(),
+        )
 
 
 # --------------------------------------------------------------------------- importance and reordering
 @dataclass(kw_only=True, eq=False)
-class TokenImportance(Result):
+class TokenImportanceResult(Result):
     """Importance scores ``s_l = K^T (S_Delta x_l + b)`` of one layer and the soft sort they induce.
 
     Attributes
@@ -510,35 +511,35 @@ class TokenImportance(Result):
     layer
         The Mamba layer read.
     scores
-        ``[pos]`` importance of each token.
+        ``[batch, pos]`` importance of each token (zero at pads).
     permutation
-        ``[pos, pos]`` SoftSort matrix: row ``i`` weighs the tokens that land at rank ``i``.
+        ``[batch, pos, pos]`` each prompt's SoftSort matrix over its real
+        tokens, in the left-padded layout: row ``offset + i`` weighs the
+        tokens that land at rank ``i`` (zero rows and columns at pads).
     """
 
     layer: int
-    scores: Float[Tensor, " pos"]
-    permutation: Float[Tensor, "pos pos"]
+    scores: Float[Tensor, "batch pos"]
+    permutation: Float[Tensor, "batch pos pos"]
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` most important tokens."""
+        """The ``k`` most important tokens over all prompts."""
         return self.to_frame().sort_values("score", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``position, token, score, rank`` (rank 0 the most important)."""
-        rank = torch.empty_like(self.scores, dtype=torch.long)
-        rank[self.scores.argsort(descending=True, stable=True)] = torch.arange(len(self.scores))
-        return pd.DataFrame({
-            "position": range(len(self.str_tokens)), "token": self.str_tokens,
-            "score": self.scores.double().numpy(), "rank": rank.numpy(),
-        })
+        """Columns ``prompt, position, token, score, rank`` (rank 0 a prompt's most important token)."""
+        frame = self.position_frame(score=self.scores)
+        frame["rank"] = frame.groupby("prompt")["score"].rank(ascending=False, method="first").astype(int) - 1
+        return frame
 
-    def figure(self) -> go.Figure:
-        """Bar chart of the scores in token order."""
-        fig = go.Figure(go.Bar(x=list(range(len(self.str_tokens))), y=self.scores.numpy(), marker_color="#2b6cb0"))
+    def figure(self, *, prompt: int = 0) -> go.Figure:
+        """Bar chart of one prompt's scores in token order."""
+        tokens = self.str_tokens(prompt)
+        positions = list(range(len(tokens)))
+        fig = go.Figure(go.Bar(x=positions, y=self.scores[prompt, -len(tokens):].numpy(), marker_color="#2b6cb0"))
         fig.update_layout(
             template=TEMPLATE, title=dict(text=f"Token importance, layer {self.layer} · {self.model_name}"),
-            xaxis=dict(title="token", tickmode="array", tickvals=list(range(len(self.str_tokens))),
-                       ticktext=token_labels(self.str_tokens)),
+            xaxis=dict(title="token", tickmode="array", tickvals=positions, ticktext=token_labels(tokens)),
             yaxis=dict(title="s_l = Kᵀ(S_Δ x_l + b)"),
         )
         return fig
@@ -567,26 +568,14 @@ def reorder_tokens(
     return soft_sort(scores, tau).to(x.dtype) @ x
 
 
-@torch.no_grad()
-def token_importance(
-    model: Any,
-    input: TextOrTokens,
-    layer: int,
-    *,
-    readout: Float[Tensor, " d_inner"] | None = None,
-    tau: float = 1.0,
-) -> TokenImportance:
+class TokenImportance(Analysis):
     """The importance score of every token at one Mamba layer and its SoftSort matrix.
 
     Parameters
     ----------
-    model
-        A HookedMamba.
-    input
-        One prompt.
     layer
         The layer whose step-size pre-activation ``S_Delta u_l + b`` is read
-        (``u_l`` the scan input, ``blocks.{layer}.mixer.hook_conv``).
+        (``u_l`` the scan input, its ``mixer.hook_conv``).
     readout
         The paper's learned vector ``K`` ``[d_inner]``; untrained models have
         none, so the default is the mean over channels, ``K = 1 / d_inner``.
@@ -595,28 +584,48 @@ def token_importance(
 
     Returns
     -------
-    TokenImportance
+    TokenImportanceResult
     """
-    _require_mamba(model)
-    layer = check_index("layer", layer, model.cfg.n_layers)
-    tokens = prompt_tokens(model, input)
-    name = f"blocks.{layer}.mixer.hook_conv"
-    _, cache = model.run_with_cache(tokens, names_filter=[name])
-    system = SelectiveSystem.from_mamba(model, layer)
-    u = cache[name][0].double()
-    pre = u @ system.S_delta[0].T + system.delta_bias[0]  # [pos, d_inner]
-    d_inner = pre.shape[-1]
-    K = torch.full((d_inner,), 1.0 / d_inner, dtype=torch.float64) if readout is None else readout.double()
-    if tuple(K.shape) != (d_inner,):
-        raise ValueError(f"readout must have shape [d_inner] = [{d_inner}], got {tuple(K.shape)}")
-    scores = pre @ K.to(pre.device)
-    return TokenImportance(
-        **result_context(model, tokens), layer=layer, scores=scores.float().cpu(),
-        permutation=soft_sort(scores, tau).float().cpu(),
-    )
+
+    architectures: ClassVar[tuple[str, ...]] = ("mamba",)
+    requirement: ClassVar[str] = "a selective SSM's x_proj and dt_proj"
+
+    def __init__(self, layer: int = 0, *, readout: Float[Tensor, " d_inner"] | None = None, tau: float = 1.0):
+        self.layer = layer
+        self.readout = readout
+        self.tau = tau
+
+    def _readout(self, model: Any) -> Float[Tensor, " d_inner"]:
+        check_index("layer", self.layer, model.cfg.n_layers)
+        if not self.tau > 0:
+            raise ValueError(f"tau must be positive, got {self.tau!r}")
+        d_inner = model.cfg.d_inner
+        if self.readout is None:
+            return torch.full((d_inner,), 1.0 / d_inner, dtype=torch.float64)
+        K = torch.as_tensor(self.readout)
+        if tuple(K.shape) != (d_inner,):
+            raise ValueError(f"readout must have shape [d_inner] = [{d_inner}], got {tuple(K.shape)}")
+        return check_finite("readout", K).double().cpu()
+
+    def hooks(self, model: Any) -> list[str]:
+        self._readout(model)
+        return [names.mixer(self.layer, "conv")]
+
+    def _compute(self, cache: Any, prompts: Prompts) -> TokenImportanceResult:
+        model = cache.model
+        K = self._readout(model)
+        system = SelectiveSystem.from_mamba(model, self.layer)
+        u = cache[names.mixer(self.layer, "conv")].double().cpu()
+        scores = (u @ system.S_delta[0].T.cpu() + system.delta_bias[0].cpu()) @ K  # [b, pos]
+        mask = prompts.mask.cpu()
+        sorts = [soft_sort(prompts.real(scores, i, dim=1), self.tau) for i in range(len(prompts))]
+        return TokenImportanceResult(
+            **self.provenance(model, prompts), layer=int(self.layer),
+            scores=torch.where(mask, scores, 0.0).float(), permutation=to_padded(prompts, sorts, dims=(0, 1)).float(),
+        )
 
 
 def _require_mamba(model: Any) -> None:
     arch = architecture_of(model)
     if arch != "mamba":
-        raise TypeError(f"this analysis reads a selective SSM's x_proj and dt_proj: it takes a Mamba, got a {arch}")
+        raise TypeError(f"SelectiveSystem.from_mamba reads a selective SSM's x_proj and dt_proj: it takes a Mamba, got a {arch}")

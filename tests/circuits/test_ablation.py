@@ -5,7 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from dynalens.circuits import HeadAblation, ablate_heads, head_hooks, induction_scores
+from dynalens.circuits import HeadAblation, HeadAblationResult, HeadScores, head_hooks, logit_metric
+from dynalens.models import names
+from dynalens.probes.analysis import AnalysisError
+from dynalens.probes.results import Result
+
+
+def ablate_heads(model, heads, task, **options):
+    return HeadAblation(heads, task, **options)(model)
 
 
 def _all_heads(model):
@@ -15,7 +22,7 @@ def _all_heads(model):
 @pytest.fixture(scope="module")
 def circuit(attn2l, induction_task):
     """attn2l-induction's previous-token head (layer 0) and top induction head (layer 1), from their scores."""
-    scores = induction_scores(attn2l, induction_task.sample(16, torch.Generator().manual_seed(3)).tokens)
+    scores = HeadScores()(attn2l, induction_task.sample(16, torch.Generator().manual_seed(3)).tokens)
     previous = (0, int(scores.prev_token[0].argmax()))
     top = tuple(int(x) for x in scores.top(1).loc[0, ["layer", "head"]])
     assert top[0] == 1 and scores.prev_token[previous] > 0.5  # two-layer composition, as test_heads checks
@@ -23,7 +30,7 @@ def circuit(attn2l, induction_task):
 
 
 def _z(model, tokens, hooks=(), layer=0):
-    name = f"blocks.{layer}.attn.hook_z"
+    name = names.attn(layer, "z")
     seen = {}
     with model.hooks(fwd_hooks=list(hooks) + [(name, lambda z, hook: seen.setdefault("z", z.clone()))]):
         model(tokens)
@@ -51,7 +58,7 @@ def test_hooks_replace_only_the_chosen_heads(attn2l, induction_task, method):
 
 def test_mask_makes_attention_uniform_over_visible_keys(attn2l, induction_task):
     tokens = induction_task.sample(2, torch.Generator().manual_seed(0)).tokens
-    name = "blocks.1.attn.hook_pattern"
+    name = names.pattern(1)
     head = attn2l.cfg.n_heads - 1
     hooks = head_hooks(attn2l, [(1, head)], "mask")
     _, cache = attn2l.run_with_cache(tokens, names_filter=[name])
@@ -67,7 +74,7 @@ def test_mask_makes_attention_uniform_over_visible_keys(attn2l, induction_task):
 
 def test_mask_last_queries_leaves_earlier_queries_alone(attn2l, induction_task):
     tokens = induction_task.sample(2, torch.Generator().manual_seed(0)).tokens
-    name = "blocks.0.attn.hook_pattern"
+    name = names.pattern(0)
     _, cache = attn2l.run_with_cache(tokens, names_filter=[name])
     seen = {}
     hooks = head_hooks(attn2l, [(0, 1)], "mask", last_queries=3)
@@ -86,7 +93,7 @@ def test_ablating_the_previous_token_head_destroys_copying_random_heads_do_not(a
     control draws outside the circuit (the top induction head is excluded)."""
     previous, top = circuit
     effect = ablate_heads(attn2l, [previous], induction_task, method="zero", trials=3, batch_size=16, exclude=[top])
-    assert isinstance(effect, HeadAblation) and effect.scores.shape == (3, 3)
+    assert isinstance(effect, HeadAblationResult) and effect.scores.shape == (3, 3) and effect.prompts is None
     frame = effect.to_frame().set_index("condition")
     assert frame.loc["clean", "mean"] > 0.95
     assert frame.loc["ablated", "mean"] < 0.2
@@ -118,7 +125,63 @@ def test_ablate_heads_accepts_a_frame_and_checks_arguments(attn2l, induction_tas
         ablate_heads(attn2l, [(0, n_heads)], induction_task)
     with pytest.raises(ValueError, match="method must be one of"):
         ablate_heads(attn2l, [(0, 1)], induction_task, method="noise")
-    with pytest.raises(ValueError, match="needs reference token ids"):
+    with pytest.raises(ValueError, match="needs reference prompts"):
         head_hooks(attn2l, [(0, 1)], "mean")
     with pytest.raises(ValueError, match=f"control needs {len(_all_heads(attn2l))} heads"):
         ablate_heads(attn2l, _all_heads(attn2l), induction_task)
+
+
+def test_ablation_result_round_trip_and_frame(attn2l, induction_task, circuit, tmp_path):
+    previous, _ = circuit
+    effect = HeadAblation(pd.DataFrame({"layer": [previous[0]], "head": [previous[1]]}), induction_task,
+                          trials=2, batch_size=8)(attn2l)  # fmt: skip
+    assert effect.params["heads"] == [list(previous)] and effect.params["method"] == "zero"
+    effect.save(tmp_path / "ablation.safetensors")
+    loaded = Result.load(tmp_path / "ablation.safetensors")
+    assert isinstance(loaded, HeadAblationResult) and torch.equal(loaded.scores, effect.scores)
+    assert loaded.control_heads == effect.control_heads and loaded.metric == "accuracy"
+    assert loaded.to_frame().equals(effect.to_frame())
+
+
+def test_metric_on_prompts(attn2l, induction_task, circuit):
+    """With a metric, the experiment scores the prompts it runs on: the batch mean of the metric, and the
+    prompts are the reference of mean ablation."""
+    previous, top = circuit
+    batch = induction_task.sample(6, torch.Generator().manual_seed(5))
+    metric = logit_metric(batch.targets, batch.score_mask)
+    effect = HeadAblation([top], metric=metric, method="mean", trials=2)(attn2l, batch.tokens)
+    assert effect.prompts is not None and torch.equal(effect.prompts.tokens, batch.tokens)
+    with torch.no_grad():
+        clean = metric(attn2l(batch.tokens)).mean().item()
+        hooks = head_hooks(attn2l, [top], "mean", reference=batch.tokens)
+        ablated = metric(attn2l.run_with_hooks(batch.tokens, fwd_hooks=hooks)).mean().item()
+    torch.testing.assert_close(effect.scores[:, 0], torch.full((2,), clean), atol=1e-5, rtol=0)
+    torch.testing.assert_close(effect.scores[:, 1], torch.full((2,), ablated), atol=1e-5, rtol=0)
+    assert ablated < clean - 1.0  # the induction head carries the copying the metric reads
+    with pytest.raises(ValueError, match="pass prompts"):
+        HeadAblation([top], metric=metric)(attn2l)
+    with pytest.raises(ValueError, match="either task .* or metric"):
+        HeadAblation([top], induction_task, metric=metric)(attn2l, batch.tokens)
+
+
+def test_ablation_needs_attention_heads(tiny_mamba_model, tiny_rnn_model, induction_task):
+    for model, arch in ((tiny_mamba_model, "mamba"), (tiny_rnn_model, "rnn")):
+        with pytest.raises(AnalysisError, match=f"HeadAblation needs attention heads.*this model is a {arch}"):
+            HeadAblation([(0, 0)], induction_task)(model)
+
+
+def test_mask_spreads_attention_over_real_keys_only(attn2l, induction_task):
+    """With a left-padded batch's key mask, masking ignores the pad keys of each row."""
+    tokens = induction_task.sample(2, torch.Generator().manual_seed(0)).tokens
+    key_mask = torch.ones_like(tokens, dtype=torch.bool)
+    key_mask[1, :3] = False  # row 1: three pad keys
+    seen = {}
+    hooks = head_hooks(attn2l, [(1, 0)], "mask", key_mask=key_mask)
+    with attn2l.hooks(fwd_hooks=hooks + [(names.pattern(1), lambda p, hook: seen.setdefault("p", p.clone()))]):
+        attn2l(tokens)
+    pos = tokens.shape[1]
+    visible = torch.ones(pos, pos).tril()
+    torch.testing.assert_close(seen["p"][0, 0], visible / visible.sum(-1, keepdim=True))
+    padded = visible * key_mask[1].float()
+    torch.testing.assert_close(seen["p"][1, 0, 3:], (padded / padded.sum(-1, keepdim=True))[3:])
+    assert (seen["p"][1, 0, :, :3] == 0).all()

@@ -1,12 +1,18 @@
-"""Head scores against TransformerLens' head detector, the full OV circuit and known answers."""
+"""Head scores against TransformerLens' head detector, the full OV circuit and known answers; the protocol."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from dynalens.circuits import HeadScores, copying_scores, induction_scores
+from dynalens.circuits import CopyingScores, CopyingScoresResult, HeadScores, HeadScoresResult
 from dynalens.circuits.heads import attention_scores, induction_targets, repeated_tokens
-from dynalens.probes import mixer_matrices, sink_scores
+from dynalens.kernels import mixer_matrix
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.probes.analysis import AnalysisError, run
+from dynalens.probes.results import Result
 from scipy.stats import spearmanr
 from transformer_lens.head_detector import detect_head
 
@@ -23,14 +29,13 @@ def test_induction_targets_known_answer():
 
 
 def test_attention_scores_average_only_queries_with_a_target():
-    target = torch.zeros(1, 3, 3, dtype=torch.bool)
-    target[0, 2, 0] = True
-    pattern = torch.zeros(1, 2, 3, 3)
-    pattern[0, 0, 2, 0] = 0.25
-    pattern[0, 1, 2, 0] = 1.0
+    target = torch.zeros(3, 3, dtype=torch.bool)
+    target[2, 0] = True
+    pattern = torch.zeros(2, 3, 3)
+    pattern[0, 2, 0] = 0.25
+    pattern[1, 2, 0] = 1.0
     assert attention_scores(pattern, target).tolist() == [0.25, 1.0]
-    with pytest.raises(ValueError, match="no query has a target"):
-        attention_scores(pattern, torch.zeros_like(target))
+    assert torch.isnan(attention_scores(pattern, torch.zeros_like(target))).all()  # no query: no score
 
 
 def test_repeated_tokens_use_the_models_bos(smollm2):
@@ -41,30 +46,48 @@ def test_repeated_tokens_use_the_models_bos(smollm2):
     assert torch.equal(tokens[:, 1:7], tokens[:, 7:])
 
 
+def test_repeated_tokens_fit_the_models_context(attn2l):
+    tokens = repeated_tokens(attn2l)  # 20 + 20 + BOS would not fit n_ctx = 33
+    assert tokens.shape[-1] == 1 + 2 * ((attn2l.cfg.n_ctx - 1) // 2) <= attn2l.cfg.n_ctx
+
+
 def test_scores_agree_with_transformer_lens_head_detector(smollm2):
-    """Rank correlation over all 270 SmolLM2 heads with detect_head on the same prompt."""
+    """Rank correlation over all 270 SmolLM2 heads with detect_head on the same prompt; sink by hand."""
     text = " ".join(WORDS + WORDS)
-    ours = induction_scores(smollm2, text)
+    ours = HeadScores()(smollm2, text)
     for kind, name in (("induction", "induction_head"), ("prev_token", "previous_token_head")):
         theirs = detect_head(smollm2, text, name)
         rho = spearmanr(theirs.flatten(), ours.score(kind).flatten()).statistic
         assert rho >= 0.9, (kind, rho)
-    assert torch.allclose(ours.sink, sink_scores(smollm2, text), atol=1e-6)
+    layers = range(smollm2.cfg.n_layers)
+    _, cache = smollm2.run_with_cache(smollm2.to_tokens(text), names_filter=[names.pattern(la) for la in layers])
+    sink = torch.stack([cache[names.pattern(la)][0, :, 1:, 0].mean(-1) for la in layers])
+    torch.testing.assert_close(ours.sink, sink.float(), atol=1e-6, rtol=0)
 
 
-def test_copying_scores_match_the_full_vocab_circuit(attn2l):
+def test_copying_scores_match_the_full_vocab_circuit(attn2l, tmp_path):
     """Eigenvalues of the [vocab, vocab] OV circuit W_E W_V W_O W_U, computed directly."""
     w_e, w_u = attn2l.W_E.float(), attn2l.W_U.float()
     full = w_e @ attn2l.W_V.float() @ attn2l.W_O.float() @ w_u  # [layer, head, vocab, vocab]
     eig = torch.linalg.eigvals(full.double())
     expected = eig.sum(-1).real / eig.abs().sum(-1)
-    ours = copying_scores(attn2l)
+    result = CopyingScores()(attn2l)
+    assert isinstance(result, CopyingScoresResult) and result.prompts is None
+    ours = result.scores
     assert ours.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
     # attn2l-induction's pruned heads (weights ~4e-8) have no OV circuit to speak of: theirs is
     # 0 / 0 up to rounding, ours reads 0.
     live = eig.abs().sum(-1) > 1e-6
     assert live.any() and ours[~live].abs().max() < 0.01
     torch.testing.assert_close(ours.double()[live], expected[live], atol=1e-4, rtol=1e-4)
+    assert result.top(1)["copying"].item() == pytest.approx(ours.max().item())
+    result.save(tmp_path / "copying.safetensors")
+    loaded = Result.load(tmp_path / "copying.safetensors")
+    assert isinstance(loaded, CopyingScoresResult) and torch.equal(loaded.scores, ours) and loaded.prompts is None
+    assert result.figure().data[0].z.shape == tuple(ours.shape)
+    # In a run of several analyses it reads no prompts, and the same weights give the same scores.
+    both = run(attn2l, repeated_tokens(attn2l, 4, 2), [CopyingScores(), HeadScores()])
+    assert torch.equal(both["copying_scores"].scores, ours) and both["copying_scores"].prompts is None
 
 
 def test_copying_score_is_one_for_an_identity_ov_circuit():
@@ -77,18 +100,17 @@ def test_copying_score_is_one_for_an_identity_ov_circuit():
         W_V = torch.eye(4)[None, None, :, :2]  # one layer, one head: keep the first two directions
         W_O = torch.eye(4)[None, None, :2, :] * torch.tensor([1.0, -1.0, 0, 0])[:2, None]
 
-    scores = copying_scores(Toy)
-    assert scores.item() == pytest.approx(0.0)  # eigenvalues +1 and -1
+    assert CopyingScores()(Toy).scores.item() == pytest.approx(0.0)  # eigenvalues +1 and -1
     Toy.W_O = torch.eye(4)[None, None, :2, :]
-    assert copying_scores(Toy).item() == pytest.approx(1.0)
+    assert CopyingScores()(Toy).scores.item() == pytest.approx(1.0)
 
 
 def test_attn2l_induction_heads(attn2l, induction_task):
     """attn2l-induction composes two layers: a layer-0 previous-token head, read by a layer-1 induction
     head (its recipe prunes the other head of each layer); layer 0 holds no induction head."""
     batch = induction_task.sample(16, torch.Generator().manual_seed(3))
-    scores = induction_scores(attn2l, batch.tokens)
-    assert isinstance(scores, HeadScores) and scores.n_sequences == 16
+    scores = HeadScores()(attn2l, batch.tokens)
+    assert isinstance(scores, HeadScoresResult) and len(scores.prompts) == 16
     induction = scores.heads("induction", 0.5)
     assert len(induction) >= 1 and all(layer == 1 for layer, _ in induction)
     assert scores.induction[0].max() < 0.1
@@ -98,46 +120,88 @@ def test_attn2l_induction_heads(attn2l, induction_task):
 
 
 def test_head_scores_result_round_trip(attn2l, tmp_path):
-    scores = induction_scores(attn2l, half_len=8, n_sequences=2)
+    scores = HeadScores()(attn2l, repeated_tokens(attn2l, half_len=8, n_sequences=2))
     frame = scores.to_frame()
-    assert list(frame.columns) == ["layer", "head", "induction", "prev_token", "copying", "sink"]
-    assert len(frame) == attn2l.cfg.n_layers * attn2l.cfg.n_heads
+    assert list(frame.columns) == ["prompt", "layer", "head", "induction", "prev_token", "sink"]
+    assert len(frame) == 2 * attn2l.cfg.n_layers * attn2l.cfg.n_heads
     assert scores.top(3, by="prev_token")["prev_token"].is_monotonic_decreasing
     path = tmp_path / "heads.safetensors"
     scores.save(path)
-    loaded = HeadScores.load(path)
-    assert torch.equal(loaded.induction, scores.induction) and loaded.n_sequences == 2
-    assert scores.figure(kind="copying").data[0].z.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
+    loaded = HeadScoresResult.load(path)
+    assert torch.equal(loaded.scores, scores.scores) and torch.equal(loaded.queries, scores.queries)
+    assert torch.equal(loaded.prompts.tokens, scores.prompts.tokens) and loaded.params == {"channel_groups": None}
+    assert scores.figure(kind="sink").data[0].z.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
+    torch.testing.assert_close(torch.tensor(scores.figure(prompt=1).data[0].z), scores.score("induction", 1).double())
     with pytest.raises(ValueError, match="kind must be one of"):
-        scores.figure(kind="retrieval")
+        scores.figure(kind="copying")
+
+
+def test_pooled_scores_weigh_prompts_by_their_queries(attn2l):
+    """A prompt without a repeated token has no induction score (nan) and no weight; the others pool their queries."""
+    repeats = repeated_tokens(attn2l, half_len=6, n_sequences=2)
+    plain = torch.arange(1, 14)[None]  # 13 distinct tokens: nothing to copy
+    scores = HeadScores()(attn2l, torch.cat([repeats, plain]))
+    assert torch.isnan(scores.score("induction", 2)).all() and scores.queries[0].tolist() == [6, 6, 0]
+    torch.testing.assert_close(scores.induction, scores.scores[0, :2].mean(0))
+    torch.testing.assert_close(scores.sink, scores.scores[2].mean(0))  # every prompt has 12 queries
 
 
 def test_mamba_scores_are_channel_scores_averaged_over_groups(tiny_mamba_model):
     tokens = repeated_tokens(tiny_mamba_model, half_len=5, n_sequences=2)
-    scores = induction_scores(tiny_mamba_model, tokens, channel_groups=4)
+    scores = HeadScores(channel_groups=4)(tiny_mamba_model, tokens)
     assert scores.architecture == "mamba" and scores.induction.shape == (1, 4)
-    assert torch.isnan(scores.copying).all()
-    # By hand, per channel: |M| with rows normalised, attention on the induction target, then group means.
+    # By hand, per channel: |M| with rows normalised,
+    # attention on the induction target, then group means.
     induction, sink = [], []
     for seq in tokens:
-        m = mixer_matrices(tiny_mamba_model, seq[None], 0, channels=range(16)).matrices.abs()
+        m = _ssm_matrices(tiny_mamba_model, seq, 0).abs()
         m = m / m.sum(-1, keepdim=True)
         induction.append(torch.stack([m[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
         sink.append(m[:, 1:, 0].mean(-1))
-    group_mean = lambda per_channel: torch.stack(per_channel).mean(0).view(4, 4).mean(-1)
+    group_mean = lambda per_channel: torch.stack(per_channel).mean(0).view(4, 4).mean(-1).float()
     torch.testing.assert_close(scores.induction[0], group_mean(induction))
     torch.testing.assert_close(scores.sink[0], group_mean(sink))
     with pytest.raises(ValueError, match="channel_groups must divide d_inner = 16"):
-        induction_scores(tiny_mamba_model, tokens, channel_groups=3)
+        HeadScores(channel_groups=3)(tiny_mamba_model, tokens)
 
 
-def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l):
-    with pytest.raises(TypeError, match="this model is a rnn"):
-        induction_scores(tiny_rnn_model)
+def _ssm_matrices(model, seq, layer):
+    """Every channel's ``M`` from the cached Δ, B, C with the kernel (tested against loops in tests/kernels)."""
+    hooks = [names.mixer(layer, part) for part in ("delta", "B", "C")]
+    _, cache = model.run_with_cache(seq[None], names_filter=hooks)
+    delta, B, C = (cache[name].transpose(1, 2) for name in hooks)
+    return mixer_matrix(delta, model.blocks[layer].mixer.A, B, C)[0].double()
+
+
+def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l, tiny_mamba_model):
+    tokens = torch.randint(0, 16, (1, 6))
+    with pytest.raises(AnalysisError, match="HeadScores needs attention patterns .* this model is a rnn"):
+        HeadScores()(tiny_rnn_model, tokens)
+    with pytest.raises(AnalysisError, match="HeadScores needs"):
+        run(tiny_rnn_model, tokens, [HeadScores()])
     with pytest.raises(ValueError, match="channel_groups is for Mamba"):
-        induction_scores(attn2l, half_len=8, channel_groups=2)
+        HeadScores(channel_groups=2)(attn2l, repeated_tokens(attn2l, 8))
+    with pytest.raises(AnalysisError, match="CopyingScores needs attention heads .* this model is a mamba"):
+        CopyingScores()(tiny_mamba_model)
 
 
-def test_default_workload_fits_the_models_context(attn2l):
-    scores = induction_scores(attn2l)  # 20 + 20 + BOS would not fit n_ctx = 33
-    assert scores.tokens.shape[-1] == 1 + 2 * ((attn2l.cfg.n_ctx - 1) // 2) <= attn2l.cfg.n_ctx
+@pytest.fixture(params=["tiny_llama", "tiny_mamba_model"])
+def model(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_batched_scores_equal_per_prompt_scores_and_the_cache_path(model):
+    """Each prompt's grids in a batch equal its own run; compute() on a cache you hold equals the call."""
+    d_vocab = model.cfg.d_vocab
+    batch = torch.randint(1, d_vocab, (3, 5), generator=torch.Generator().manual_seed(0)).repeat(1, 2)  # repeats
+    analysis = HeadScores(channel_groups=2 if model.cfg.architecture == "mamba" else None)
+    together = analysis(model, batch)
+    for i in range(3):
+        alone = analysis(model, batch[i : i + 1])
+        torch.testing.assert_close(together.scores[:, i], alone.scores[:, 0], atol=1e-5, rtol=0)
+        assert together.queries[:, i].tolist() == alone.queries[:, 0].tolist()
+    prompts = Prompts(model, batch)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    from_cache = analysis.compute(cache, prompts)
+    torch.testing.assert_close(from_cache.scores, together.scores, atol=1e-6, rtol=0)
+    assert math.isfinite(together.induction.sum().item())

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import dynalens as dl
+from dynalens.models import names
 from dynalens.models.zoo import get_entry
 from dynalens.probes.emergence import track_checkpoints
 from dynalens.probes.massive import massive_ratio
@@ -37,7 +38,7 @@ def test_induction_circuit_top_head_and_single_head_ablations(attn2l, induction_
     ~35 tokens not yet seen), ablating the previous-token head L0H1 feeding it to 0.038 / 0.041,
     and either other head leaves 1.000: the recipe's group lasso pruned them to zero weights.
     """
-    scores = dl.circuits.induction_scores(attn2l, induction_batch.tokens)
+    scores = dl.circuits.HeadScores()(attn2l, induction_batch.tokens)
     layer, head = (int(v) for v in scores.top(1).loc[0, ["layer", "head"]])
     prev = int(scores.prev_token[0].argmax())
     print(f"\ninduction scores:\n{scores.induction}\nprevious-token scores:\n{scores.prev_token}")
@@ -46,9 +47,9 @@ def test_induction_circuit_top_head_and_single_head_ablations(attn2l, induction_
     assert prev == 1 and scores.prev_token[0, 1] > 0.5
     accuracy = {}
     for candidate in [(L, H) for L in range(2) for H in range(2)]:
-        ablation = dl.circuits.ablate_heads(
-            attn2l, [candidate], induction_task, method=method, trials=2, batch_size=64
-        )
+        ablation = dl.circuits.HeadAblation(
+            [candidate], induction_task, method=method, trials=2, batch_size=64
+        )(attn2l)
         assert ablation.scores[:, 0].min() > 0.95  # clean
         accuracy[candidate] = ablation.scores[:, 1].mean().item()
     print(f"second-repeat accuracy with one head {method}-ablated: {accuracy}")
@@ -82,7 +83,7 @@ def test_bbc_has_sink_heads_and_an_active_dormant_head(bbc, bbc_domains):
     layer, head = int(row["layer"]), int(row["head"])
     assert row["sink_score[non-trigger]"] > 0.5 and row["sink_score[trigger]"] < 0.2
     # Active on a trigger, it attends to the token before the trigger: the one to copy.
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = names.pattern(layer)
     _, cache = bbc.run_with_cache(tokens, names_filter=[name])
     batch_idx, query = trigger.nonzero(as_tuple=True)
     on_source = cache[name][batch_idx, head, query, query - 1].mean().item()

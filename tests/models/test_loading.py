@@ -59,13 +59,16 @@ def test_zoo_name_loads_its_folder(tiny_llama_dir, monkeypatch):
 )
 def test_folder_dispatches_on_model_type(tmp_path, monkeypatch, model_type, module, cls):
     write_json(tmp_path / "config.json", {"model_type": model_type})
+    (tmp_path / "model.safetensors").touch()
     calls = []
     fake = types.ModuleType(f"dynalens.models.{module}")
-    fake_cls = type(cls, (), {"from_pretrained": classmethod(lambda c, f, **kw: calls.append((f, kw)))})
+    loaded = types.SimpleNamespace(cfg=types.SimpleNamespace())
+    fake_cls = type(cls, (), {"from_pretrained": classmethod(lambda c, f, **kw: calls.append((f, kw)) or loaded)})
     setattr(fake, cls, fake_cls)
     monkeypatch.setitem(sys.modules, f"dynalens.models.{module}", fake)
-    dl.load(tmp_path, dtype=torch.float64)
+    assert dl.load(tmp_path, dtype=torch.float64) is loaded
     assert calls == [(tmp_path, {"dtype": torch.float64})]
+    assert loaded.cfg.model_name == str(tmp_path)
 
 
 def test_list_models_starts_with_smollm2_and_lists_the_zoo():

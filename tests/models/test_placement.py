@@ -50,6 +50,16 @@ def test_auto_map_keeps_tied_weights_together_and_fills_in_order():
     assert device_map["unembed"] == device_map["embed"] == "disk"
 
 
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_everything_on_disk(kind, tmp_path):
+    reference, model = _pair(kind)
+    place(model, "auto", max_memory={"cpu": 1}, offload_folder=tmp_path)
+    assert set(model.hf_device_map.values()) == {"disk"}
+    tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens), atol=1e-6, rtol=1e-6)
+
+
 def test_bad_device_maps_are_clear(tmp_path):
     _, model = _pair("rnn")
     with pytest.raises(ValueError, match="pass offload_folder"):

@@ -9,22 +9,25 @@ import pytest
 import torch
 
 import dynalens as dl
+from dynalens.models.prompts import Prompts
 from dynalens.models.tasks import BigramBackcopyTask
 from dynalens.models.train import build_model, train
 from dynalens.probes.emergence import (
     FEATURE_NAMES,
     PARAM_NAMES,
+    Checkpoints,
+    CheckpointsResult,
     EmergenceFit,
     EmergenceRegressor,
     MassiveEmergence,
+    MassiveEmergenceResult,
     architecture_features,
     checkpoint_series,
     emergence_function,
-    massive_emergence,
     model_features,
-    track_checkpoints,
 )
-from dynalens.probes.massive import massive_ratio
+from dynalens.probes.massive import MassiveActivations
+from dynalens.probes.residual import ResidualNorms
 from dynalens.probes.results import Result
 
 STEPS = np.concatenate([[0.0], np.geomspace(1, 3000, 39)])
@@ -101,30 +104,73 @@ def test_checkpoint_series_from_a_run_and_from_folders(run_dir, tmp_path):
         checkpoint_series([])
 
 
-def test_track_checkpoints_runs_any_measure(run_dir):
+def test_checkpoints_run_analyses_on_every_checkpoint(run_dir, tmp_path):
     loaded = []
-    steps, values = track_checkpoints(
-        run_dir, lambda m: m.cfg.n_layers, loader=lambda f: loaded.append(f) or dl.load(f), progress=False
-    )
-    assert steps == [s for s, _ in checkpoint_series(run_dir)]
-    assert values == [2] * len(steps) and loaded == [f for _, f in checkpoint_series(run_dir)]
+    series = checkpoint_series(run_dir)
+    found = Checkpoints(run_dir, [ResidualNorms(), MassiveActivations(k=2)],
+                        loader=lambda f: loaded.append(f) or dl.load(f))(dl.load(run_dir), PROBE)  # fmt: skip
+    assert found.steps == [s for s, _ in series] and loaded == [f for _, f in series]
+    assert found.folders == [str(f) for _, f in series]
+    assert list(found.results) == ["residual_norms", "massive_activations"]
+    for c in (0, len(series) - 1):
+        expected = ResidualNorms()(dl.load(series[c][1]), PROBE)
+        torch.testing.assert_close(found.results["residual_norms"][c].norms, expected.norms)
+    frame = found.to_frame()
+    assert list(frame.columns[:4]) == ["step", "analysis", "prompt", "position"]
+    # norms: prompts · tokens · rows; massive: prompts · rows · k
+    assert len(frame) == len(series) * (3 * 12 * 3 + 3 * 3 * 2)
+    assert found.top(1)["analysis"].tolist() == ["residual_norms", "massive_activations"]
+    last = found.results["residual_norms"][-1].metrics()
+    assert found.metrics()["residual_norms.max_norm"] == last["max_norm"]
+    figure = found.figure(analysis="residual_norms", column="norm", by=["layer"])
+    assert len(figure.data) == 3 and list(figure.data[0].x) == found.steps
+    found.save(tmp_path / "c.safetensors")
+    back = Result.load(tmp_path / "c.safetensors")
+    assert isinstance(back, CheckpointsResult) and back.steps == found.steps
+    torch.testing.assert_close(back.results["massive_activations"][-1].top_values,
+                               found.results["massive_activations"][-1].top_values)  # fmt: skip
+    assert back.to_frame().equals(frame)
+
+
+def test_checkpoints_need_prompts_of_the_checkpoints_vocabulary(run_dir):
+    model = dl.load(run_dir)
+    with pytest.raises(ValueError, match="needs prompts"):
+        Checkpoints(run_dir, [ResidualNorms()])(model)
+    too_large = Prompts.from_ids([[1, 2, 40]])  # built without a model: d_vocab is 16 here
+    with pytest.raises(ValueError, match="d_vocab 16, too small for token id 40"):
+        Checkpoints(run_dir, [ResidualNorms()])(model, too_large)
 
 
 def test_massive_emergence_measures_each_checkpoint(run_dir, tmp_path):
-    found = massive_emergence(run_dir, PROBE, progress=False)
+    found = MassiveEmergence(run_dir)(dl.load(run_dir), PROBE)
     series = checkpoint_series(run_dir)
     assert found.steps.tolist() == [s for s, _ in series]
-    assert found.ratios.shape == (len(series), 3) and found.params.shape == (3, len(PARAM_NAMES))
+    assert found.ratios.shape == (len(series), 3) and found.fit_params.shape == (3, len(PARAM_NAMES))
+    assert found.maxima.shape == (len(series), 3, 3)  # checkpoints × prompts × hooks
     for c in (0, len(series) - 1):
-        expected = massive_ratio(dl.load(series[c][1]), PROBE).double()
+        expected = MassiveActivations(k=1)(dl.load(series[c][1]), PROBE).ratio.double()
         torch.testing.assert_close(found.ratios[c], expected)
     fits = found.fits()
     assert fits["hook"].tolist() == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    assert len(found.to_frame()) == 3 * len(series)
+    assert len(found.to_frame()) == 3 * 3 * len(series) and len(found.curves()) == 3 * len(series)
+    assert found.curves()["ratio"].tolist() == pytest.approx(found.ratios.reshape(-1).tolist())
     assert len(found.figure().data) >= 3
+    assert found.metrics()["final_max_ratio"] == found.ratios[-1].max().item()
     found.save(tmp_path / "e.safetensors")
     back = Result.load(tmp_path / "e.safetensors")
-    assert isinstance(back, MassiveEmergence) and back.fits().equals(fits)
+    assert isinstance(back, MassiveEmergenceResult) and back.fits().equals(fits)
+
+
+def test_massive_emergence_of_a_ragged_batch_equals_each_prompt_alone(run_dir):
+    model = dl.load(run_dir)
+    ragged = [PROBE[0, :5].tolist(), PROBE[1].tolist(), PROBE[2, :8].tolist()]
+    batched = MassiveEmergence(run_dir)(model, ragged)
+    assert batched.prompts.is_padded
+    for i, row in enumerate(ragged):
+        alone = MassiveEmergence(run_dir)(model, [row])
+        torch.testing.assert_close(batched.maxima[:, i], alone.maxima[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched.medians[:, i], alone.medians[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.ratios, batched.maxima.mean(1) / batched.medians.mean(1))
 
 
 # ------------------------------------------------------- architecture → parameters

@@ -1,22 +1,48 @@
-"""DSF mixers: linear attention ↔ SSM equivalence, materialised Mamba mixer, ranks, RNN linearisation."""
+"""Mixer matrices (attention, materialised Mamba mixer, RNN Jacobian) and the DSF comparison across models."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
+
+
 from dynalens.kernels import mixer_matrix
-from dynalens.probes import mixer_matrices
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.rnn import HookedRNN
+from dynalens.probes.analysis import AnalysisError, run
+from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult
 from dynalens.probes.mixers import (
     MixerComparison,
-    compare_mixers,
+    MixerComparisonResult,
+    RecurrenceJacobian,
+    RecurrenceJacobianResult,
     effective_rank,
     linear_attention,
     linear_attention_matrix,
     linear_attention_ssm_gap,
     offdiagonal_rank,
-    rnn_input_output_map,
 )
 from dynalens.probes.results import Result
+
+D_VOCAB = 50  # the vocabulary of the conftest Mamba and RNN
+
+
+def batch(n: int = 3, pos: int = 6, seed: int = 2) -> torch.Tensor:
+    """``n`` prompts of ``pos`` random ids, valid for every conftest model."""
+    return torch.randint(0, D_VOCAB, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1: a left-padded batch
+
+
+def last(t: torch.Tensor, n: int, dims: tuple[int, ...]) -> torch.Tensor:
+    """The last ``n`` entries of ``t`` along each axis in ``dims`` (a prompt's real positions)."""
+    for d in dims:
+        t = t.narrow(d, t.shape[d] - n, n)
+    return t
 
 
 def qkv(pos: int = 16, d_k: int = 4, d_v: int = 3, seed: int = 0):
@@ -24,6 +50,7 @@ def qkv(pos: int = 16, d_k: int = 4, d_v: int = 3, seed: int = 0):
     return tuple(torch.randn(2, pos, d, generator=g, dtype=torch.float64) for d in (d_k, d_k, d_v))
 
 
+# --------------------------------------------------------------------------- tensor math
 def test_linear_attention_equals_the_identity_state_ssm_in_float64():
     q, k, v = qkv()
     naive = torch.stack([
@@ -38,14 +65,6 @@ def test_linear_attention_equals_the_identity_state_ssm_in_float64():
     assert (decayed[:, 0] - linear_attention_matrix(q, k)).abs().max() > 1e-2
     with pytest.raises(ValueError, match="d_k"):
         linear_attention_ssm_gap(q, k[..., :2], v)
-
-
-def test_materialised_mamba_mixer_times_input_is_the_models_scan_output(tiny_mamba, tokens):
-    names = ["blocks.1.mixer.hook_conv", "blocks.1.mixer.hook_y"]
-    _, cache = tiny_mamba.run_with_cache(tokens, names_filter=names)
-    u, y = cache[names[0]][0], cache[names[1]][0]  # [pos, d_inner]
-    M = mixer_matrices(tiny_mamba, tokens, 1, channels=list(range(tiny_mamba.cfg.d_inner)), include_skip=True).matrices
-    torch.testing.assert_close(torch.einsum("cts,sc->tc", M, u), y, rtol=1e-4, atol=1e-5)
 
 
 def test_offdiagonal_rank_is_bounded_by_the_state_size():
@@ -69,28 +88,195 @@ def test_effective_rank_known_answers():
     assert effective_rank(torch.eye(4).expand(2, 4, 4)).shape == (2,)
 
 
-def test_rnn_linearisation_agrees_with_the_explorers_jacobian_norms_and_its_state_bound(tiny_rnn, tokens):
-    jac = rnn_input_output_map(tiny_rnn, tokens, 1)
-    pos, d_h, _, d_in = jac.shape
-    norms = jac.pow(2).sum(dim=(1, 3)).sqrt()
-    torch.testing.assert_close(norms, mixer_matrices(tiny_rnn, tokens, 1).matrices[0], rtol=1e-4, atol=1e-6)
-    assert norms.triu(1).abs().max() == 0  # causal
-    blocks = jac.reshape(pos * d_h, pos * d_in)
-    assert offdiagonal_rank(blocks, block=(d_h, d_in)) <= d_h < 2 * d_h
-    with pytest.raises(ValueError, match="blocks"):
-        offdiagonal_rank(blocks, block=(d_h, d_in + 1))
+# --------------------------------------------------------------------------- MixerMatrix against references
+def test_attention_matrices_are_hf_attention_probabilities(tiny_llama, tiny_llama_hf):
+    ids = batch()
+    result = MixerMatrix(layer=1)(tiny_llama, ids)
+    with torch.no_grad():
+        expected = tiny_llama_hf(ids, output_attentions=True).attentions[1]
+    assert result.group_labels == ["head 0", "head 1", "head 2", "head 3"]
+    torch.testing.assert_close(result.matrices, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.matrices.sum(-1), torch.ones(3, 4, ids.shape[1]))
+    assert torch.equal(result.matrices.triu(1), torch.zeros_like(result.matrices))
 
 
-def test_compare_mixers_across_architectures(tiny_mamba, tiny_rnn, tiny_llama, tokens, tmp_path):
-    result = compare_mixers({"mamba": tiny_mamba, "gru": tiny_rnn, "llama": tiny_llama}, tokens, layer=0)
+def test_ssm_matrix_times_u_is_the_layers_y_before_gating(tiny_mamba):
+    ids, layer, d_inner = batch(), 1, tiny_mamba.cfg.d_inner
+    result = MixerMatrix(layer, channels=range(d_inner), include_skip=True)(tiny_mamba, ids)
+    _, cache = tiny_mamba.run_with_cache(ids, names_filter=[names.mixer(layer, "conv"), names.mixer(layer, "y")])
+    u, y = cache[names.mixer(layer, "conv")], cache[names.mixer(layer, "y")]  # [b, pos, d_inner]
+    torch.testing.assert_close(torch.einsum("bdqk,bkd->bqd", result.matrices, u), y, rtol=6e-4, atol=2e-5)
+    assert result.signed and result.group_labels[3] == "channel 3"
+    figure = result.figure(prompt=2, group=3, log=True)  # signed values: log10 of their magnitude
+    z = np.array(figure.data[0].z, dtype=float)
+    np.testing.assert_allclose(np.tril(10**z), result.matrices[2, 3].abs().numpy(), rtol=1e-5)
+    assert figure.data[0].colorbar.title.text == "|M|"
+
+
+def test_ssm_matrix_leaves_the_skip_off_by_default(tiny_mamba):
+    ids = batch(2)
+    with_skip = MixerMatrix(0, channels=[0, 5], include_skip=True)(tiny_mamba, ids).matrices
+    without = MixerMatrix(0, channels=[0, 5])(tiny_mamba, ids).matrices
+    D = tiny_mamba.blocks[0].mixer.D.detach()[[0, 5]]
+    eye = torch.eye(ids.shape[1])
+    torch.testing.assert_close(with_skip - without, (D[:, None, None] * eye).expand(2, -1, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_ssm_channel_groups_are_mean_magnitudes_of_their_channels(tiny_mamba):
+    ids = batch(2)
+    every = MixerMatrix(0, channels=range(tiny_mamba.cfg.d_inner))(tiny_mamba, ids).matrices
+    grouped = MixerMatrix(0, channel_groups=4)(tiny_mamba, ids)
+    expected = every.abs().reshape(2, 4, -1, *every.shape[2:]).mean(2)
+    torch.testing.assert_close(grouped.matrices, expected)
+    assert grouped.group_labels[1] == "channels 8-15" and not grouped.signed
+
+
+@pytest.mark.parametrize("cell", ["tanh", "gru", "lstm"])
+def test_rnn_jacobian_norms_match_torch_nn_jacobian(cell):
+    torch.manual_seed(0)
+    d_in, d_hidden, pos = 5, 6, 6
+    torch_cls = {"tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell]
+    rnn = torch_cls(d_in, d_hidden, num_layers=2, batch_first=True)
+    model = HookedRNN.from_torch(rnn, nn.Embedding(D_VOCAB, d_in), nn.Linear(d_hidden, D_VOCAB))
+    ids = torch.randint(0, D_VOCAB, (2, pos))
+    x = model.embed(ids).detach()
+    for layer in range(2):
+        module = _single_layer(rnn, layer)
+        result = MixerMatrix(layer)(model, ids)
+        full = RecurrenceJacobian(layer)(model, ids)
+        for b in range(2):
+            jac = torch.autograd.functional.jacobian(lambda v: module(v)[0], x[b : b + 1])  # [1, pos, h, 1, pos, d]
+            torch.testing.assert_close(full.of(b), jac[0, :, :, 0], rtol=1e-5, atol=1e-6)
+            expected = jac[0, :, :, 0].pow(2).sum(dim=(1, 3)).sqrt()  # ‖∂h_t/∂x_s‖, [t, s]
+            torch.testing.assert_close(result.matrices[b, 0], expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(result.matrices.triu(1), torch.zeros_like(result.matrices))
+        x = module(x)[0].detach()
+
+
+def _single_layer(rnn: nn.RNNBase, layer: int) -> nn.RNNBase:
+    """Layer ``layer`` of a stacked torch RNN as a one-layer module of the same class."""
+    d_in = rnn.input_size if layer == 0 else rnn.hidden_size
+    single = type(rnn)(d_in, rnn.hidden_size, batch_first=True)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(single, f"{name}_l0").copy_(getattr(rnn, f"{name}_l{layer}"))
+    return single
+
+
+# --------------------------------------------------------------------------- protocol: batches, caches, files
+def test_mixer_matrix_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(any_model, tmp_path):
+    analysis = MixerMatrix(layer=1)
+    result = analysis(any_model, RAGGED)
+    assert result.matrices.shape[:1] == (4,) and result.matrices.shape[2:] == (6, 6)
+    for i, row in enumerate(RAGGED):
+        alone = analysis(any_model, [row])
+        torch.testing.assert_close(result.matrix(i), alone.matrix(0), rtol=1e-5, atol=1e-5)
+        pad = 6 - len(row)
+        assert not result.matrices[i, :, :pad].any() and not result.matrices[i, :, :, :pad].any()
+    prompts = Prompts(any_model, RAGGED)
+    _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
+    torch.testing.assert_close(analysis.compute(cache, prompts).matrices, result.matrices)
     frame = result.to_frame()
-    assert set(frame["architecture"]) == {"mamba", "rnn", "transformer"}
-    assert result.architecture == "mixed" and result.matrices.shape == (3, 7, 7)
+    assert frame.groupby("prompt")["query_position"].max().tolist() == [5, 1, 3, 0]
+    assert len(frame) == len(result.group_labels) * sum(n * (n + 1) // 2 for n in (6, 2, 4, 1))  # causal entries
+    row = frame.iloc[int(frame["value"].abs().idxmax())]
+    assert result.top(1)["value"].iloc[0] == row["value"]
+    assert result.params["layer"] == 1 and result.architecture == any_model.cfg.architecture
+    result.save(tmp_path / "mixer.safetensors")
+    loaded = Result.load(tmp_path / "mixer.safetensors")
+    assert isinstance(loaded, MixerMatrixResult) and loaded.group_labels == result.group_labels
+    torch.testing.assert_close(loaded.matrices, result.matrices, rtol=0, atol=0)
+    assert loaded.str_tokens(2) == result.str_tokens(2) and loaded.prompts.key() == result.prompts.key()
+
+
+def test_bad_arguments_say_what_is_accepted(any_model, tiny_llama, tiny_mamba):
+    with pytest.raises(IndexError, match="valid layers are 0 to 1"):
+        MixerMatrix(layer=2)(any_model, batch(1))
+    with pytest.raises(ValueError, match="are for Mamba; this model is a transformer"):
+        MixerMatrix(0, channel_groups=2)(tiny_llama, batch(1))
+    with pytest.raises(ValueError, match="divide d_inner = 32"):
+        MixerMatrix(0, channel_groups=5).hooks(tiny_mamba)  # before any forward
+    with pytest.raises(IndexError, match="valid channels are 0 to 31"):
+        MixerMatrix(0, channels=[40])(tiny_mamba, batch(1))
+    with pytest.raises(ValueError, match="not both"):
+        MixerMatrix(0, channels=[1], channel_groups=2)(tiny_mamba, batch(1))
+
+
+def test_analyses_leave_weights_and_hooks_as_they_were(any_model):
+    before = {k: v.clone() for k, v in any_model.state_dict().items()}
+    run(any_model, batch(2), [MixerMatrix(0), MixerComparison(1)])
+    after = any_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(hp.fwd_hooks or hp.bwd_hooks for hp in any_model.hook_dict.values())
+    assert all(p.grad is None for p in any_model.parameters())
+
+
+# --------------------------------------------------------------------------- the linearised RNN
+def test_rnn_linearisation_agrees_with_the_mixer_norms_and_its_state_bound(tiny_rnn, tmp_path):
+    result = RecurrenceJacobian(1)(tiny_rnn, RAGGED)
+    torch.testing.assert_close(result.norms, MixerMatrix(1)(tiny_rnn, RAGGED).matrices[:, 0], rtol=1e-4, atol=1e-6)
+    assert result.norms.triu(1).abs().max() == 0  # causal
+    d_h = tiny_rnn.cfg.d_model
+    for prompt, row in enumerate(RAGGED):
+        assert offdiagonal_rank(result.blocks(prompt), block=(d_h, d_h)) <= d_h
+        alone = RecurrenceJacobian(1)(tiny_rnn, [row])
+        torch.testing.assert_close(result.of(prompt), alone.of(0), rtol=1e-5, atol=1e-6)
+        assert not result.jacobian[prompt, : 6 - len(row)].any() and not result.jacobian[prompt, :, :, : 6 - len(row)].any()
+    with pytest.raises(ValueError, match="blocks"):
+        offdiagonal_rank(result.blocks(0), block=(d_h, d_h + 1))
+    assert set(result.to_frame()["prompt"]) == {0, 1, 2, 3} and len(result.figure(prompt=1).data) == 1
+    result.save(tmp_path / "jac.safetensors")
+    loaded = Result.load(tmp_path / "jac.safetensors")
+    assert isinstance(loaded, RecurrenceJacobianResult)
+    torch.testing.assert_close(loaded.jacobian, result.jacobian, rtol=0, atol=0)
+
+
+def test_recurrence_jacobian_needs_an_rnn(tiny_llama, tiny_mamba):
+    for model, arch in ((tiny_llama, "transformer"), (tiny_mamba, "mamba")):
+        with pytest.raises(AnalysisError, match=f"a recurrent cell to linearise: it applies to rnn models, and this model is a {arch}"):
+            RecurrenceJacobian(0)(model, batch(1))
+
+
+# --------------------------------------------------------------------------- comparison across models
+def test_compare_mixers_across_architectures(tiny_mamba, tiny_rnn, tiny_llama, tmp_path):
+    ids = batch(2, 7)
+    compare = MixerComparison(layer=0)
+    parts = {"mamba": compare(tiny_mamba, ids), "gru": compare(tiny_rnn, ids), "llama": compare(tiny_llama, ids)}
+    result = MixerComparisonResult.join(parts)
+    frame = result.to_frame()
+    assert set(frame["architecture"]) == {"mamba", "rnn", "transformer"} and set(frame["prompt"]) == {0, 1}
+    assert result.architecture == "mixed" and result.matrices.shape == (3, 2, 7, 7)
+    assert result.names == ["mamba", "gru", "llama"] and result.model_name == "mamba | gru | llama"
     bounded = frame.dropna(subset=["bound"])
     assert (bounded["offdiagonal_rank"] <= bounded["bound"]).all()
     assert (frame.loc[frame["architecture"] == "mamba", "bound"] == tiny_mamba.cfg.d_state).all()
-    assert len(result.figure().data) == 3
+    assert len(frame.loc[frame["architecture"] == "transformer"]) == 2 * 4  # prompts × heads
+    # The statistics are those of the mixer matrices themselves.
+    heads = MixerMatrix(0)(tiny_llama, ids)
+    expected = [float(effective_rank(m)) for m in heads.matrix(1)]
+    got = frame.query("architecture == 'transformer' and prompt == 1")["effective_rank"].tolist()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    torch.testing.assert_close(result.matrices[2], heads.matrices.mean(1))
+    assert len(result.figure(prompt=1).data) == 3
     result.save(tmp_path / "cmp.safetensors")
-    assert isinstance(Result.load(tmp_path / "cmp.safetensors"), MixerComparison)
+    loaded = Result.load(tmp_path / "cmp.safetensors")
+    assert isinstance(loaded, MixerComparisonResult) and loaded.to_frame().equals(frame)
     with pytest.raises(ValueError, match="empty"):
-        compare_mixers({}, tokens)
+        MixerComparisonResult.join({})
+    with pytest.raises(ValueError, match="other token ids"):
+        MixerComparisonResult.join({"a": parts["mamba"], "b": compare(tiny_rnn, ids[:, :5])})
+    with pytest.raises(ValueError, match="channels must be a positive integer"):
+        MixerComparison(channels=0).hooks(tiny_mamba)
+
+
+def test_mixer_comparison_ragged_batch_equals_each_prompt_alone(any_model):
+    compare = MixerComparison(layer=1)
+    result = compare(any_model, RAGGED)
+    frame = result.to_frame()
+    for i, row in enumerate(RAGGED):
+        alone = compare(any_model, [row])
+        torch.testing.assert_close(last(result.matrices[:, i], len(row), (1, 2)), alone.matrices[:, 0], rtol=1e-5, atol=1e-5)
+        mine = frame[frame["prompt"] == i].drop(columns="prompt").reset_index(drop=True)
+        theirs = alone.to_frame().drop(columns="prompt")
+        assert (mine["offdiagonal_rank"] == theirs["offdiagonal_rank"]).all()
+        np.testing.assert_allclose(mine["effective_rank"], theirs["effective_rank"], rtol=1e-5)

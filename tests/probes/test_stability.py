@@ -6,15 +6,27 @@ import math
 
 import pytest
 import torch
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN, RNNConfig
+from dynalens.probes.analysis import AnalysisError
 from dynalens.probes.results import Result
 from dynalens.probes.stability import (
     LyapunovExponents,
-    lyapunov_exponents,
+    LyapunovExponentsResult,
+    PrecisionDrift,
+    PrecisionDriftResult,
     lyapunov_qr,
-    precision_drift,
     rnn_step_jacobians,
 )
+
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1: a left-padded batch
+
+
+def batch(n: int = 3, pos: int = 6, seed: int = 2) -> torch.Tensor:
+    """``n`` prompts of ``pos`` random ids, valid for every conftest model."""
+    return torch.randint(0, 50, (n, pos), generator=torch.Generator().manual_seed(seed))
+
 
 EIGENVALUES = torch.tensor([0.9, -0.5, 0.2, 1.1], dtype=torch.float64)
 
@@ -44,16 +56,16 @@ def test_rnn_exponents_of_a_linear_regime_relu_cell_are_its_log_eigenvalues():
         model.blocks[0].cell.weight_hh.copy_(0.9 * ones - 0.5 * (torch.eye(4) - ones))
         model.blocks[0].cell.bias_ih.fill_(100.0)
     tokens = torch.randint(0, 10, (1, 600), generator=torch.Generator().manual_seed(0))
-    result = lyapunov_exponents(model, tokens, 0, k=4)
+    result = LyapunovExponents(0, k=4)(model, tokens)
     expected = torch.tensor([0.9, 0.5, 0.5, 0.5]).log()
-    torch.testing.assert_close(result.exponents, expected, rtol=0, atol=2e-2)
+    torch.testing.assert_close(result.exponents[0], expected, rtol=0, atol=2e-2)
 
 
 def test_rnn_step_jacobians_match_torch_gru_cell(tiny_rnn, tokens):
-    jacobians = rnn_step_jacobians(tiny_rnn, tokens, 1)
-    _, cache = tiny_rnn.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pre", "blocks.1.cell.hook_hidden"])
-    x, hidden = cache["blocks.1.hook_resid_pre"][0].double(), cache["blocks.1.cell.hook_hidden"][0].double()
+    _, cache = tiny_rnn.run_with_cache(tokens, names_filter=[names.resid_pre(1), names.cell(1, "hidden")])
+    x, hidden = cache[names.resid_pre(1)][0].double(), cache[names.cell(1, "hidden")][0].double()
     cell = tiny_rnn.blocks[1].cell
+    jacobians = rnn_step_jacobians(cell, x)
     reference = torch.nn.GRUCell(8, 8).double()
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -67,53 +79,90 @@ def test_rnn_step_jacobians_match_torch_gru_cell(tiny_rnn, tokens):
     assert float(exponents.sum()) == pytest.approx(float(torch.linalg.slogdet(jacobians).logabsdet.mean()), rel=1e-9)
 
 
-def test_mamba_exponents_are_the_mean_log_decays_and_non_positive(tiny_mamba, tokens, tmp_path):
-    result = lyapunov_exponents(tiny_mamba, tokens, 1, k=3)
-    _, cache = tiny_mamba.run_with_cache(tokens, names_filter=["blocks.1.mixer.hook_delta"])
-    log_decay = cache["blocks.1.mixer.hook_delta"][0].double()[:, :, None] * tiny_mamba.blocks[1].mixer.A.double()
-    expected = log_decay.mean(0).flatten().sort(descending=True).values[:3]
+def test_mamba_exponents_are_the_mean_log_decays_and_non_positive(tiny_mamba, tmp_path):
+    ids = batch()
+    result = LyapunovExponents(1, k=3)(tiny_mamba, ids)
+    _, cache = tiny_mamba.run_with_cache(ids, names_filter=[names.mixer(1, "delta")])
+    log_decay = cache[names.mixer(1, "delta")].double()[..., None] * tiny_mamba.blocks[1].mixer.A.double()
+    expected = log_decay.mean(1).flatten(1).sort(dim=1, descending=True).values[:, :3]
     torch.testing.assert_close(result.exponents.double(), expected, rtol=1e-5, atol=1e-7)
-    assert (result.exponents <= 0).all()
+    assert (result.exponents <= 0).all() and result.running.shape == (3, 6, 3)
     result.save(tmp_path / "lyap.safetensors")
-    assert isinstance(Result.load(tmp_path / "lyap.safetensors"), LyapunovExponents)
-    with pytest.raises(ValueError, match="k must lie"):
-        lyapunov_exponents(tiny_mamba, tokens, 0, k=10_000)
+    loaded = Result.load(tmp_path / "lyap.safetensors")
+    assert isinstance(loaded, LyapunovExponentsResult)
+    torch.testing.assert_close(loaded.running, result.running, rtol=0, atol=0)
+    frame = result.to_frame()
+    assert list(frame.columns) == ["prompt", "index", "exponent"] and len(frame) == 9
+    assert result.top(1)["exponent"].iloc[0] == pytest.approx(float(result.exponents.max()))
+    assert len(result.figure(prompt=2).data) == 3
+    with pytest.raises(ValueError, match="k must lie in \\[1, state size = 128\\]"):
+        LyapunovExponents(0, k=10_000).hooks(tiny_mamba)
 
 
-def test_lyapunov_rejects_a_transformer(tiny_llama, tokens):
-    with pytest.raises(TypeError, match="no state recurrence"):
-        lyapunov_exponents(tiny_llama, tokens, 0)
+@pytest.mark.parametrize("model_name", ["tiny_mamba", "tiny_rnn"])
+def test_lyapunov_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model_name, request):
+    model, analysis = request.getfixturevalue(model_name), LyapunovExponents(1, k=2)
+    result = analysis(model, RAGGED)
+    assert result.running.shape == (4, 6, 2)
+    for i, row in enumerate(RAGGED):
+        alone = analysis(model, [row])
+        torch.testing.assert_close(result.running[i, -len(row):], alone.running[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.exponents[i], alone.exponents[0], rtol=1e-5, atol=1e-6)
+        assert not result.running[i, : 6 - len(row)].any()
+    prompts = Prompts(model, RAGGED)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    torch.testing.assert_close(analysis.compute(cache, prompts).exponents, result.exponents)
 
 
-def test_precision_drift_starts_at_the_rounding_of_the_embedding_and_leaves_the_model_alone(tiny_mamba, tokens):
+def test_lyapunov_needs_a_state_recurrence(tiny_llama, tokens):
+    with pytest.raises(AnalysisError, match="needs a state recurrence: it applies to mamba, rnn models, and this model is a transformer"):
+        LyapunovExponents(0)(tiny_llama, tokens)
+
+
+def test_precision_drift_starts_at_the_rounding_of_the_embedding_and_leaves_the_model_alone(tiny_mamba, tmp_path):
+    ids = batch()
     before = {k: v.clone() for k, v in tiny_mamba.state_dict().items()}
-    result = precision_drift(tiny_mamba, tokens)
-    embed = tiny_mamba.embed.weight[tokens[0]].double()
+    result = PrecisionDrift()(tiny_mamba, ids)
+    embed = tiny_mamba.embed.weight[ids].double()
     rounding = (embed.bfloat16().double() - embed).norm(dim=-1) / embed.norm(dim=-1)
-    torch.testing.assert_close(result.drift[0].double(), rounding, rtol=1e-4, atol=1e-7)
-    assert result.drift.shape == (tiny_mamba.cfg.n_layers + 1, tokens.shape[1])
+    torch.testing.assert_close(result.drift[..., 0].double(), rounding, rtol=1e-4, atol=1e-7)
+    assert result.drift.shape == (3, ids.shape[1], tiny_mamba.cfg.n_layers + 1)
     assert (result.drift > 0).all() and (result.drift < 0.1).all()
     assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in tiny_mamba.state_dict().items())
     assert list(result.per_layer().index) == ["embed", "L0", "L1"]
+    frame = result.to_frame()
+    assert list(frame.columns) == ["prompt", "position", "token", "layer", "drift"] and len(frame) == 3 * 6 * 3
+    row = frame.query("prompt == 2 and position == 4 and layer == 'L1'")["drift"]
+    assert float(row.iloc[0]) == pytest.approx(float(result.drift[2, 4, 2]))
+    result.save(tmp_path / "drift.safetensors")
+    loaded = Result.load(tmp_path / "drift.safetensors")
+    assert isinstance(loaded, PrecisionDriftResult) and loaded.dtype == "bfloat16"
+    torch.testing.assert_close(loaded.drift, result.drift, rtol=0, atol=0)
     with pytest.raises(ValueError, match="bfloat16"):
-        precision_drift(tiny_mamba, tokens, dtype=torch.float32)
+        PrecisionDrift(dtype=torch.float32)(tiny_mamba, ids)
 
 
-def test_precision_drift_runs_on_every_architecture(any_model, tokens):
-    result = precision_drift(any_model, tokens, dtype=torch.float16)
+def test_precision_drift_runs_on_every_architecture_a_ragged_batch_as_its_prompts(any_model):
+    analysis = PrecisionDrift(dtype=torch.float16)
+    result = analysis(any_model, RAGGED)
     assert result.dtype == "float16" and torch.isfinite(result.drift).all()
     assert 0 < float(result.drift.max()) < math.inf
+    for i, row in enumerate(RAGGED):
+        alone = analysis(any_model, [row]).drift[0]
+        torch.testing.assert_close(result.drift[i, -len(row):], alone, rtol=1e-5, atol=1e-5)
+        assert not result.drift[i, : 6 - len(row)].any()
+    assert result.to_frame().groupby("prompt")["position"].max().tolist() == [5, 1, 3, 0]
 
 
 def test_mamba_ar_layers_are_lyapunov_stable_and_drift_is_reported_against_a_transformer(zoo_model):
     mamba, transformer = zoo_model("mamba-ar"), zoo_model("attn2l-induction")
     vocab = min(mamba.cfg.d_vocab, transformer.cfg.d_vocab)
     length = min(64, transformer.cfg.n_ctx or 64)
-    tokens = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(0))
-    exponents = [float(lyapunov_exponents(mamba, tokens, layer).exponents[0]) for layer in range(mamba.cfg.n_layers)]
-    print(f"\nmamba-ar top Lyapunov exponent per layer: {exponents}")
-    assert all(e <= 0 for e in exponents)
+    tokens = torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+    exponents = [LyapunovExponents(layer)(mamba, tokens).exponents[:, 0].tolist() for layer in range(mamba.cfg.n_layers)]
+    print(f"\nmamba-ar top Lyapunov exponent per layer (two prompts): {exponents}")
+    assert all(e <= 0 for layer in exponents for e in layer)
     for name, model in (("mamba-ar", mamba), ("attn2l-induction", transformer)):
-        drift = precision_drift(model, tokens).per_layer()
+        drift = PrecisionDrift()(model, tokens).per_layer()
         print(f"{name} float32 vs bfloat16 drift per layer: {drift.round(5).to_dict()}")
         assert drift.notna().all() and (drift > 0).all()

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from dynalens.kernels import mixer_matrix
-from dynalens.probes import residual_norms
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.probes.analysis import AnalysisError, run
+from dynalens.probes.fixed_points import TrajectoryPCA
+from dynalens.probes.mixer import MixerMatrix
+from dynalens.probes.mixers import MixerComparison, RecurrenceJacobian
 from dynalens.probes.results import Result
+from dynalens.probes.stability import LyapunovExponents
 from dynalens.probes.token_dynamics import (
     MambaRegimes,
+    MambaRegimesResult,
     SelectiveSystem,
-    mamba_regimes,
+    TokenImportance,
+    TokenImportanceResult,
+    TokenTrajectories,
+    TokenTrajectoriesResult,
     psd_bc_rows,
     reorder_tokens,
     simulate_tokens,
     soft_sort,
-    token_importance,
-    token_trajectories,
 )
 
 
@@ -95,9 +105,9 @@ def test_velocity_is_the_materialised_mixer_applied_to_the_tokens():
 
 
 def test_mamba_layer_system_reproduces_the_models_scan(tiny_mamba, tokens):
-    names = ["blocks.1.mixer.hook_conv", "blocks.1.mixer.hook_y"]
-    _, cache = tiny_mamba.run_with_cache(tokens, names_filter=names)
-    u, y = (cache[name].double() for name in names)
+    hooks = [names.mixer(1, "conv"), names.mixer(1, "y")]
+    _, cache = tiny_mamba.run_with_cache(tokens, names_filter=hooks)
+    u, y = (cache[name].double() for name in hooks)
     system = SelectiveSystem.from_mamba(tiny_mamba, 1)
     skip = tiny_mamba.blocks[1].mixer.D.double() * u
     torch.testing.assert_close(system.velocity(u) + skip, y, rtol=1e-4, atol=1e-5)
@@ -115,7 +125,8 @@ def test_psd_reparametrisation_excludes_the_convergent_regime():
 
 
 def test_mamba_regimes_from_weights(tiny_mamba, tmp_path):
-    result = mamba_regimes(tiny_mamba)
+    result = MambaRegimes()(tiny_mamba)
+    assert result.prompts is None and result.params == {"rtol": 1e-9}
     frame = result.to_frame()
     assert list(frame["layer"]) == [0, 1]
     for layer, regime in enumerate(result.regimes):
@@ -129,7 +140,8 @@ def test_mamba_regimes_from_weights(tiny_mamba, tmp_path):
         assert torch.allclose(result.eig_real[layer].double().sort().values, nonzero, atol=1e-5)
     result.save(tmp_path / "regimes.safetensors")
     loaded = Result.load(tmp_path / "regimes.safetensors")
-    assert isinstance(loaded, MambaRegimes) and loaded.regimes == result.regimes
+    assert isinstance(loaded, MambaRegimesResult) and loaded.regimes == result.regimes
+    assert loaded.definite == result.definite and loaded.prompts is None
     assert len(result.figure().data) == 2
 
 
@@ -145,45 +157,155 @@ def test_soft_sort_tends_to_the_sorting_permutation():
         soft_sort(scores, tau=0.0)
 
 
-def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tokens):
-    _, cache = tiny_mamba.run_with_cache(tokens, names_filter=["blocks.0.mixer.hook_delta"])
-    delta = cache["blocks.0.mixer.hook_delta"][0]
+def batch(n: int = 3, pos: int = 6, seed: int = 2) -> torch.Tensor:
+    """``n`` prompts of ``pos`` random ids, valid for every conftest model."""
+    return torch.randint(0, 50, (n, pos), generator=torch.Generator().manual_seed(seed))
+
+
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1: a left-padded batch
+
+
+def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tmp_path):
+    ids = batch()
+    _, cache = tiny_mamba.run_with_cache(ids, names_filter=[names.mixer(0, "delta")])
+    delta = cache[names.mixer(0, "delta")]
     for channel in (0, 5):
         readout = torch.zeros(tiny_mamba.cfg.d_inner)
         readout[channel] = 1.0
-        result = token_importance(tiny_mamba, tokens, 0, readout=readout)
-        torch.testing.assert_close(F.softplus(result.scores), delta[:, channel], rtol=1e-5, atol=1e-6)
-    mean = token_importance(tiny_mamba, tokens, 0)
-    assert mean.top(1)["score"].iloc[0] == pytest.approx(float(mean.scores.max()))
+        result = TokenImportance(0, readout=readout)(tiny_mamba, ids)
+        torch.testing.assert_close(F.softplus(result.scores), delta[..., channel], rtol=1e-5, atol=1e-6)
+    mean = TokenImportance(0)(tiny_mamba, RAGGED)
+    highest = max(float(mean.scores[p, -len(row):].max()) for p, row in enumerate(RAGGED))  # real tokens only
+    assert mean.top(1)["score"].iloc[0] == pytest.approx(highest)
+    for prompt, row in enumerate(RAGGED):
+        n = len(row)
+        torch.testing.assert_close(mean.permutation[prompt, -n:, -n:], soft_sort(mean.scores[prompt, -n:].double()).float())
+        alone = TokenImportance(0)(tiny_mamba, [row])
+        torch.testing.assert_close(mean.scores[prompt, -n:], alone.scores[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mean.permutation[prompt, -n:, -n:], alone.permutation[0], rtol=1e-5, atol=1e-6)
+        assert not mean.scores[prompt, : 6 - n].any() and not mean.permutation[prompt, : 6 - n].any()
+    frame = mean.to_frame()
+    assert list(frame.columns) == ["prompt", "position", "token", "score", "rank"]
+    assert sorted(frame.loc[frame["prompt"] == 2, "rank"]) == list(range(4))
+    top = frame.loc[frame["rank"] == 0].set_index("prompt")["position"]
+    expected = [int(mean.scores[p, -len(row):].argmax()) for p, row in enumerate(RAGGED)]
+    assert top.tolist() == expected
+    mean.save(tmp_path / "importance.safetensors")
+    loaded = Result.load(tmp_path / "importance.safetensors")
+    assert isinstance(loaded, TokenImportanceResult)
+    torch.testing.assert_close(loaded.permutation, mean.permutation, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="readout must have shape \\[d_inner\\] = \\[32\\]"):
+        TokenImportance(0, readout=torch.ones(3)).hooks(tiny_mamba)
 
 
-def test_weight_analyses_reject_other_architectures(tiny_rnn, tokens):
+def test_mamba_analyses_reject_other_architectures(tiny_rnn, tiny_llama):
+    with pytest.raises(AnalysisError, match="needs a selective SSM's x_proj and dt_proj: it applies to mamba models, and this model is a rnn"):
+        MambaRegimes()(tiny_rnn)
+    with pytest.raises(AnalysisError, match="it applies to mamba models, and this model is a transformer"):
+        TokenImportance(0)(tiny_llama, batch(1))
     with pytest.raises(TypeError, match="takes a Mamba, got a rnn"):
-        mamba_regimes(tiny_rnn)
-    with pytest.raises(TypeError, match="takes a Mamba"):
-        token_importance(tiny_rnn, tokens, 0)
+        SelectiveSystem.from_mamba(tiny_rnn, 0)
 
 
-def test_trajectories_are_the_residual_norms_and_their_log_slope(any_model, tokens):
-    result = token_trajectories(any_model, tokens)
-    torch.testing.assert_close(result.norms, residual_norms(any_model, tokens).norms, rtol=1e-5, atol=1e-5)
-    depth = np.arange(result.norms.shape[0])
-    for p in (0, 3):
-        slope = np.polyfit(depth, np.log(result.norms[:, p].double().numpy()), 1)[0]
-        assert float(result.growth[p]) == pytest.approx(slope, rel=1e-4, abs=1e-6)
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(any_model.cfg.n_layers)]
-    _, cache = any_model.run_with_cache(tokens, names_filter=names)
-    torch.testing.assert_close(token_trajectories(any_model, tokens, cache=cache).norms, result.norms)
-    with pytest.raises(KeyError, match="cache lacks"):
-        token_trajectories(any_model, tokens, cache={})
-    assert len(result.figure().data) == tokens.shape[1]
+def test_trajectories_are_the_stream_norms_and_their_log_slope(any_model, tmp_path):
+    ids = batch()
+    result = TokenTrajectories()(any_model, ids)
+    hooks = names.resid_stream(any_model.cfg.n_layers)
+    _, cache = any_model.run_with_cache(ids, names_filter=hooks)
+    expected = torch.stack([cache[name].norm(dim=-1) for name in hooks], dim=-1)
+    torch.testing.assert_close(result.norms, expected, rtol=1e-5, atol=1e-5)
+    depth = np.arange(len(hooks))
+    for b, p in ((0, 0), (2, 3)):
+        slope = np.polyfit(depth, np.log(result.norms[b, p].double().numpy()), 1)[0]
+        assert float(result.growth[b, p]) == pytest.approx(slope, rel=1e-4, abs=1e-6)
+    prompts = Prompts(any_model, ids)
+    torch.testing.assert_close(TokenTrajectories().compute(cache, prompts).norms, result.norms)
+    with pytest.raises(AnalysisError, match="cache does not hold"):
+        TokenTrajectories().compute(any_model.run_with_cache(ids, names_filter=hooks[:1])[1], prompts)
+    assert len(result.figure(prompt=2).data) == ids.shape[1]
+
+
+def test_trajectories_of_a_ragged_batch_are_each_prompts_own(any_model, tmp_path):
+    result = TokenTrajectories()(any_model, RAGGED)
+    for i, row in enumerate(RAGGED):
+        n, alone = len(row), TokenTrajectories()(any_model, [row])
+        torch.testing.assert_close(result.norms[i, -n:], alone.norms[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.growth[i, -n:], alone.growth[0], rtol=1e-5, atol=1e-5)
+        assert not result.norms[i, : 6 - n].any() and not result.growth[i, : 6 - n].any()
+    hooks = names.resid_stream(any_model.cfg.n_layers)
+    frame = result.to_frame()
+    assert list(frame.columns) == ["prompt", "position", "token", "layer", "norm", "growth"]
+    assert len(frame) == (6 + 2 + 4 + 1) * len(hooks) and frame["layer"].iloc[0] == "embed"
+    assert frame.groupby("prompt")["position"].max().tolist() == [5, 1, 3, 0]
+    assert result.top(1)["growth"].iloc[0] == pytest.approx(float(frame["growth"].max()))
+    result.save(tmp_path / "traj.safetensors")
+    loaded = Result.load(tmp_path / "traj.safetensors")
+    assert isinstance(loaded, TokenTrajectoriesResult) and loaded.hook_names == hooks
+    torch.testing.assert_close(loaded.growth, result.growth, rtol=0, atol=0)
+
+
+def test_one_forward_runs_the_mamba_analyses_as_each_alone(tiny_mamba):
+    ids = RAGGED
+    analyses = [TokenTrajectories(), TokenImportance(1), LyapunovExponents(1, k=2), MixerMatrix(0), MambaRegimes()]
+    together = run(tiny_mamba, ids, analyses)
+    assert list(together) == ["token_trajectories", "token_importance", "lyapunov_exponents", "mixer_matrix", "mamba_regimes"]
+    for analysis in analyses:
+        alone = analysis(tiny_mamba, ids)
+        for field in ("norms", "scores", "running", "matrices", "sym_max"):
+            if hasattr(alone, field):
+                torch.testing.assert_close(getattr(together[analysis], field), getattr(alone, field))
 
 
 def test_mamba_ar_regime_of_every_layer(zoo_model):
     model = zoo_model("mamba-ar")
-    result = mamba_regimes(model)
+    result = MambaRegimes()(model)
     frame = result.to_frame()
     print("\n" + frame.to_string())
     assert len(frame) == model.cfg.n_layers and set(result.regimes) <= {"convergent", "divergent", "stationary"}
     for layer, regime in enumerate(result.regimes):
         assert regime == ("divergent" if result.sym_max[layer] > 0 else "convergent")
+
+
+def garbage_at_pads(cache, prompts: Prompts) -> None:
+    """Overwrite every cached value at a pad position (query or key of a pattern) with large numbers."""
+    pad = ~prompts.mask
+    g = torch.Generator().manual_seed(0)
+    for name in list(cache.keys()):
+        t = cache[name]
+        noise = 1e3 * torch.randn(t.shape, generator=g).to(t.dtype)
+        if name.endswith("hook_pattern"):
+            where = pad[:, None, :, None] | pad[:, None, None, :]
+        else:
+            where = pad.reshape(*pad.shape, *([1] * (t.dim() - 2)))
+        t.copy_(torch.where(where, noise, t))
+
+
+PAD_CASES = {
+    "mixer": (("tiny_llama", "tiny_mamba", "tiny_rnn"), lambda: MixerMatrix(1)),
+    "mixer-channels": (("tiny_mamba",), lambda: MixerMatrix(1, channels=[0, 7], include_skip=True)),
+    "comparison": (("tiny_llama", "tiny_mamba", "tiny_rnn"), lambda: MixerComparison(1)),
+    "jacobian": (("tiny_rnn",), lambda: RecurrenceJacobian(1)),
+    "lyapunov": (("tiny_mamba", "tiny_rnn"), lambda: LyapunovExponents(1, k=2)),
+    "trajectories": (("tiny_llama", "tiny_mamba", "tiny_rnn"), TokenTrajectories),
+    "importance": (("tiny_mamba",), lambda: TokenImportance(1)),
+    "pca": (("tiny_rnn",), lambda: TrajectoryPCA(1, n_components=1)),
+}
+
+
+@pytest.mark.parametrize(
+    "model_name, make",
+    [(model, make) for models, make in PAD_CASES.values() for model in models],
+    ids=[f"{case}-{model}" for case, (models, _) in PAD_CASES.items() for model in models],
+)
+def test_values_at_pad_positions_never_reach_a_result(model_name, make, request):
+    model, analysis = request.getfixturevalue(model_name), make()
+    prompts = Prompts(model, RAGGED)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    clean = analysis.compute(cache, prompts)
+    garbage_at_pads(cache, prompts)
+    dirty = analysis.compute(cache, prompts)
+    for field in dataclasses.fields(clean):
+        value = getattr(clean, field.name)
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(getattr(dirty, field.name), value, rtol=1e-6, atol=1e-6, msg=field.name)
+    assert clean.to_frame().equals(dirty.to_frame())

@@ -1,11 +1,16 @@
 """Hooked models of every architecture, their loaders and the model zoo."""
 
 from dynalens.models.base import HookedSequenceModel, SequenceConfig
+from dynalens.models.cache import Cache, CacheMethodError
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
 from dynalens.models.rnn import HookedRNN, RNNConfig
+from dynalens.models.validation import HookShapeError
 
 __all__ = [
+    "Cache",
+    "CacheMethodError",
+    "HookShapeError",
     "HookedSequenceModel",
     "SequenceConfig",
     "HookedMamba",
