@@ -16,7 +16,8 @@ state-major, ``(n, r·p)`` per group (its ``r`` heads side by side), so that
 small one per head. Every step is differentiable by autograd. States are formed only when asked: at
 chosen positions from their chunk's ``H`` (one ``(n, T) @ (T, r·p)`` product
 each), or at every position by a step-by-step pass inside the chunks, all
-chunks at once.
+chunks at once. Decays below ``exp(-80)`` are taken as exactly 0, so that
+large steps never drive the arithmetic into float32's (slow) subnormal range.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ from torch import Tensor
 from dynalens.kernels.ssd_ref import discretise_dt, skip_weight
 
 CHUNK = 32  # the fastest of {16, 32, 64, 128} at the Mamba-2-130m shape on the 2-core CPU (benchmarks/ssd.py)
+# Decays exp(x) below exp(UNDERFLOW) are taken as 0: their products with the states would otherwise pass
+# through float32's subnormal range, where CPU arithmetic is many times slower, for a change below 1e-34.
+UNDERFLOW = -80.0
+
+
+def _decay(x: Tensor) -> Tensor:
+    """``exp(x)``, exactly 0 where ``x < UNDERFLOW``."""
+    return torch.exp(x.masked_fill(x < UNDERFLOW, -torch.inf))
 
 
 def ssd_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: int) -> dict[str, Tensor]:
@@ -52,7 +61,7 @@ def ssd_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: in
         x=(x * dt[..., None]).view(b, nc, chunk, g, h // g, p),
         a=a,
         S=S,
-        decay=torch.exp(S),
+        decay=_decay(S),
         B=B.view(b, nc, chunk, g, n).transpose(2, 3),
         C=C.view(b, nc, chunk, g, n).transpose(2, 3),
     )
@@ -82,7 +91,7 @@ def _causal(T: int, device: torch.device) -> Tensor:
 def chunk_end_states(ch: dict[str, Tensor]) -> Tensor:
     """Each chunk's end state from a zero start, ``(b, c, g, n, r·p)``."""
     S = ch["S"]
-    w = torch.exp(S[:, :, -1:] - S)  # (b, c, T, g, r)
+    w = _decay(S[:, :, -1:] - S)  # (b, c, T, g, r)
     return ch["B"].transpose(-1, -2) @ _wide(ch["x"] * w[..., None])
 
 
@@ -111,7 +120,8 @@ def chunk_outputs(ch: dict[str, Tensor], read: Tensor) -> Tensor:
     x, S = ch["x"], ch["S"]
     b, nc, T, g, r, p = x.shape
     Sh = S.permute(0, 1, 3, 4, 2)  # (b, c, g, r, T)
-    gap = (Sh[..., :, None] - Sh[..., None, :]).masked_fill(~_causal(T, S.device), -torch.inf)
+    gap = Sh[..., :, None] - Sh[..., None, :]
+    gap = gap.masked_fill(~_causal(T, S.device) | (gap < UNDERFLOW), -torch.inf)
     scores = ch["C"] @ ch["B"].transpose(-1, -2)  # (b, c, g, T, T): C_t · B_s, per group
     y_diag = (scores[:, :, :, None] * torch.exp(gap)) @ x.permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, T, p)
     y_off = read.view(b, nc, g, T, r, p) * ch["decay"].transpose(2, 3)[..., None]
@@ -127,9 +137,9 @@ def states_at(ch: dict[str, Tensor], H: dict[int, Tensor], idx: Tensor) -> Tenso
     S = ch["S"][rows, c]  # (b, k, T, g, r)
     Sj = S.gather(2, j[:, :, None, None, None].expand(b, k, 1, g, r))  # (b, k, 1, g, r)
     later = (torch.arange(T, device=idx.device) > j[..., None])[..., None, None]  # (b, k, T, 1, 1)
-    w = torch.exp((Sj - S).masked_fill(later, -torch.inf))
+    w = _decay((Sj - S).masked_fill(later, -torch.inf))
     states = ch["B"][rows, c].transpose(-1, -2) @ _wide(ch["x"][rows, c] * w[..., None])  # (b, k, g, n, r·p)
-    start = torch.exp(Sj[:, :, 0]).repeat_interleave(p, dim=-1)[:, :, :, None, :]  # (b, k, g, 1, r·p)
+    start = _decay(Sj[:, :, 0]).repeat_interleave(p, dim=-1)[:, :, :, None, :]  # (b, k, g, 1, r·p)
     entering = torch.stack([H[chunk][row] for row, chunks in enumerate(c.tolist()) for chunk in chunks])
     return head_major(states.addcmul_(start, entering.view(states.shape)), p)
 
@@ -148,7 +158,7 @@ def all_states(ch: dict[str, Tensor], h0: Tensor | None) -> tuple[Tensor, Tensor
     x, B = ch["x"], ch["B"][:, :, :, None]  # (b, c, T, g, r, p), (b, c, g, 1, T, n)
     b, nc, T, g, r, p = x.shape
     n = B.shape[-1]
-    step, decay = torch.exp(ch["a"])[..., None, None], ch["decay"][..., None, None]  # (b, c, T, g, r, 1, 1)
+    step, decay = _decay(ch["a"])[..., None, None], ch["decay"][..., None, None]  # (b, c, T, g, r, 1, 1)
     in_place = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, B, step, h0)))
     out = x.new_empty(b, nc, T, g, r, p, n) if in_place else None
     locals_: list[Tensor] = []

@@ -120,6 +120,20 @@ def test_result_does_not_depend_on_the_chunk_size(chunk_size):
         close(o, r, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_steps_whose_decays_underflow_match_the_reference(backend, dtype):
+    """dt·|A| of tens per step: decays below exp(-80) are taken as 0 (no subnormal arithmetic), a change
+    far below the tolerance, and a decay of exactly 1 (dt = 0) still keeps the state."""
+    x = make(**SIZE, dtype=dtype)
+    args = args_of(x, **ALL)
+    args["A"] = args["A"] * 20
+    args["dt"] = x["dt"] + 3.0
+    flags = dict(return_final_state=True, return_states=True)
+    for name, o, r in zip(("y", "final", "states"), run(backend, **args, **flags), ssd_scan_ref(**args, **flags)):
+        assert torch.isfinite(o).all()
+        close(o, r, dtype, name)
+
+
 def test_matches_transformers_chunked_scan():
     from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
