@@ -347,8 +347,8 @@ class Cache(ActivationCache):
             if mixers:
                 parts.append(self[names.attn_out(l) if transformer else names.mixer_out(l)])
                 labels.append(f"{l}_attn_out" if transformer else f"{l}_mixer_out")
-            if mlps:
-                parts.append(self[names.mlp_out(l)])
+            if mlps or (mode == "all" and self.architecture == "hybrid" and names.resid_mid(l) in self.model.hook_dict):
+                parts.append(self[names.mlp_out(l)])  # hybrids: the layers with an MLP after the mixer
                 labels.append(f"{l}_mlp_out")
         if mlp_input and mixers:
             parts.append(self[names.attn_out(layer)])

@@ -280,3 +280,13 @@ def test_a_config_it_cannot_open_loads_through_the_bridge_with_a_warning(tokens,
     logits, cache = model.run_with_cache(tokens, names_filter=hooks)
     assert all(cache[name].shape[:2] == tokens.shape or name == hooks[-1] for name in hooks)
     assert (logits - hf_run(hf, tokens).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_decompose_resid_sums_to_the_stream(arch, tokens):
+    _, model = pair(arch)
+    _, cache = model.run_with_cache(tokens)
+    stack, labels = cache.decompose_resid(return_labels=True)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    torch.testing.assert_close(stack.sum(0), final, atol=1e-5, rtol=1e-5)
+    assert labels[0] == "embed" and all(f"{l}_mixer_out" in labels for l in range(model.cfg.n_layers))
