@@ -8,9 +8,6 @@ PORT   ?= 8050
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-# The repo root holds a folder named `kernels/`; never let the working
-# directory shadow installed packages (HuggingFace probes for `kernels`).
-export PYTHONSAFEPATH := 1
 
 .PHONY: install test test-slow test-gpu dashboard browser bench docs notebooks clean
 

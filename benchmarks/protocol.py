@@ -212,9 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("dashboard pages (server side of a new prompt: analyses + results cache writes)")
     pages = [
         ("Explorer (SmolLM2)", "smollm2-135m", smollm2, explorer.analyses(smollm2.cfg.n_layers - 1)),
-        ("Activations (SmolLM2)", "smollm2-135m", smollm2, activations.analyses("resid")),
-        ("Dynamics (SmolLM2)", "smollm2-135m", smollm2, dynamics.analyses(smollm2)),
-        (f"Dynamics ({args.rnn})", args.rnn, rnn, dynamics.analyses(rnn)),
+        ("Activations (SmolLM2)", "smollm2-135m", smollm2, activations.analyses("resid", args.tokens)),
+        ("Dynamics (SmolLM2)", "smollm2-135m", smollm2, dynamics.analyses(smollm2, 0, args.tokens)),
+        (f"Dynamics ({args.rnn})", args.rnn, rnn, dynamics.analyses(rnn, 0, args.tokens)),
         ("Heads: pattern on the prompt (SmolLM2)", "smollm2-135m", smollm2, heads.analyses(smollm2.cfg.n_layers - 1)),
     ]  # fmt: skip
     for label, name, model, analyses in pages:

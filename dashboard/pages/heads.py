@@ -1,7 +1,8 @@
 """Heads: every head's induction, previous-token, copying and sink score; a clicked head's pattern on the prompt.
 
 The score grid is the ``.figure()`` of the ``HeadScores`` Result on repeated
-random tokens (the standard workload, one forward); the pattern is the
+random tokens (the standard workload, one forward), or of the weight-only
+``CopyingScores`` (OV circuits, transformers); the pattern is the
 ``.figure()`` of the ``MixerMatrix`` Result of the clicked head's layer
 (channel group on Mamba) on the prompt (:func:`analyses`, one forward per
 new prompt and layer). Both come through ``backend.page_results``. While the
@@ -47,7 +48,7 @@ HALF_LEN = 20
 """Length of each repeat of the random-token workload (shorter when the model's context is)."""
 
 KINDS = ("induction", "prev_token", "copying", "sink")
-"""The scores the grid can show (columns of the HeadScores Result)."""
+"""The scores the grid can show: ``copying`` from ``CopyingScores``, the others from ``HeadScores``."""
 
 SCORES_PROGRESS = ProgressBar(GRID)
 
@@ -93,6 +94,11 @@ def _scores(request: dict, model: Any, report: backend.ProgressReport | None = N
     return backend.page_results(request["model"], model, prompts, [dl.circuits.HeadScores()], report)["head_scores"]
 
 
+def _copying(request: dict, model: Any) -> Result:
+    """The OV copying scores (weights only)."""
+    return backend.page_results(request["model"], model, None, [dl.circuits.CopyingScores()])["copying_scores"]
+
+
 @callback(
     Output(GRID, "figure"),
     Output(status_id("heads"), "children"),
@@ -109,10 +115,16 @@ def scores_panel(request, kind, progress_key):
     if architecture_of(model) == "rnn":
         return _EMPTY, status, hint("Head scores need attention heads or a materialised mixer (Mamba).")
     with backend.reporting(progress_key) as report:
-        scores = _scores(request, model, report)
-    best = scores.top(1, by=kind).iloc[0]
+        if kind == "copying":
+            report.step("Copying scores from the OV circuits")
+            scores = _copying(request, model)
+            best = scores.top(1).iloc[0]
+        else:
+            scores = _scores(request, model, report)
+            best = scores.top(1, by=kind).iloc[0]
+    figure = scores.figure() if kind == "copying" else scores.figure(kind=kind)
     text = f"Top {kind.replace('_', '-')} head: L{int(best['layer'])}H{int(best['head'])} ({best[kind]:.2f}). Click a cell."
-    return scores.figure(kind=kind), status, hint(text)
+    return figure, status, hint(text)
 
 
 @callback(
@@ -126,7 +138,7 @@ def pattern_panel(request, click):
     model, prompts = requested(request)
     if architecture_of(model) == "rnn":
         return _EMPTY, hint("This model has no heads.")
-    if click and click.get("points"):
+    if click and click.get("points"):  # the grid's cells sit at integer x (head) and y (layer)
         layer, head = int(click["points"][0]["y"]), int(click["points"][0]["x"])
     else:  # the top induction head until a cell is clicked
         best = _scores(request, model).top(1).iloc[0]

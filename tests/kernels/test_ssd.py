@@ -120,6 +120,20 @@ def test_result_does_not_depend_on_the_chunk_size(chunk_size):
         close(o, r, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_steps_whose_decays_underflow_match_the_reference(backend, dtype):
+    """dt·|A| of tens per step: decays below exp(-80) are taken as 0 (no subnormal arithmetic), a change
+    far below the tolerance, and a decay of exactly 1 (dt = 0) still keeps the state."""
+    x = make(**SIZE, dtype=dtype)
+    args = args_of(x, **ALL)
+    args["A"] = args["A"] * 20
+    args["dt"] = x["dt"] + 3.0
+    flags = dict(return_final_state=True, return_states=True)
+    for name, o, r in zip(("y", "final", "states"), run(backend, **args, **flags), ssd_scan_ref(**args, **flags)):
+        assert torch.isfinite(o).all()
+        close(o, r, dtype, name)
+
+
 def test_matches_transformers_chunked_scan():
     from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
@@ -174,10 +188,11 @@ def test_gradient_through_the_final_state_alone(backend):
         close(o, r, torch.float64, "final-state gradient")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("path", ["ref", "torch"])
-def test_zero_dt_repeats_the_state_exactly(path):
-    """dt = 0 (after bias and softplus) at scattered positions, chunk boundaries included."""
-    x = make(**SIZE, dtype=torch.float32)
+def test_zero_dt_repeats_the_state_exactly(path, grad):
+    """dt = 0 (after bias and softplus) at scattered positions, chunk boundaries included (with and without autograd)."""
+    x = {k: v.requires_grad_(grad) for k, v in make(**SIZE, dtype=torch.float32).items()}
     zero = torch.zeros(2, SIZE["l"], 4, dtype=torch.bool)
     zero[0, [1, 2, 8, 16, 17, 19]] = True  # 8, 16: first steps of chunks; 19: the last step
     zero[1, [5, 15, 18], 1:3] = True  # 15: the last step of a chunk; some heads only
