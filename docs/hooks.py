@@ -23,6 +23,7 @@ import shutil
 import tomllib
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.utils import get_relative_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,26 +41,34 @@ def package_dirs(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, Path]:
 
 
 def lay_out_sources(target: Path = API_SOURCES) -> Path:
-    """Hard-link every package's ``.py`` files under ``target`` as the import path names them."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Hard-link every package's ``.py`` files under ``target`` as the import path names them.
+
+    Griffe follows symbolic links back to the real folder, hence hard links
+    (a copy where the file system refuses them). The tree is updated in place,
+    one atomic rename per changed file, so builds running at the same time
+    (the test suite's workers) never see it half made.
+    """
+    wanted = set()
     for package, folder in package_dirs().items():
-        out = tmp.joinpath(*package.split("."))
+        out = target.joinpath(*package.split("."))
         out.mkdir(parents=True, exist_ok=True)
         for source in sorted(folder.glob("*.py")):
-            name = "__init__.py" if source.name == "_init.py" else source.name
+            link = out / ("__init__.py" if source.name == "_init.py" else source.name)
+            wanted.add(link)
+            if link.exists() and os.path.samefile(source, link):
+                continue
+            tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
             try:
-                os.link(source, out / name)  # griffe follows symlinks back to the real folder
+                os.link(source, tmp)
             except OSError:
-                shutil.copyfile(source, out / name)
-    shutil.rmtree(target, ignore_errors=True)
-    try:
-        tmp.rename(target)
-    except OSError:  # another build laid the same links out at the same moment
-        shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copyfile(source, tmp)
+            os.replace(tmp, link)
+    for stale in [p for p in target.rglob("*.py") if p not in wanted]:  # modules since removed
+        stale.unlink(missing_ok=True)
     return target
 
 
+@event_priority(100)  # before mkdocstrings' on_config, which creates the python handler
 def on_config(config):
     lay_out_sources()
     return config
