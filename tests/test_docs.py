@@ -45,8 +45,9 @@ def test_site_builds_strict_and_offline(tmp_path: Path):
     api = (site / "api" / "probes" / "index.html").read_text()
     assert "LogitLensResult" in api and "How many tokens to keep per layer" in api  # from the docstring
     assert (site / "javascripts" / "plotly.min.js").is_file()
-    fetched = [p.relative_to(site) for p in site.rglob("*.html") if re.search(r"<script[^>]*src=\"https?://", p.read_text())]
-    assert not fetched, f"pages load scripts from the network: {fetched}"
+    remote = re.compile(r"<script[^>]*\bsrc=\"https?://|<link[^>]*\bhref=\"https?://|import\(\"https?://")
+    fetched = [p.relative_to(site) for p in site.rglob("*.html") if remote.search(p.read_text())]
+    assert not fetched, f"pages load scripts or styles from the network: {fetched}"
 
 
 def test_strict_build_fails_on_a_broken_link_and_a_missing_reference(tmp_path: Path):
