@@ -7,6 +7,7 @@ nothing; the second test shows that this configuration does fail on them.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -68,6 +69,19 @@ def test_strict_build_fails_on_a_broken_link_and_a_missing_reference(tmp_path: P
         done = mkdocs_build(tmp_path / page / "mkdocs.yml", tmp_path / page / "site")
         assert done.returncode != 0, f"a {page} that is broken built: {done.stderr}"
         assert expected in done.stdout + done.stderr
+
+
+def test_every_public_name_has_an_api_reference():
+    """Each class and function of ``dl``, ``dl.models``, ``dl.probes``, ``dl.circuits``, ``dl.kernels``."""
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    documented = {ref.rsplit(".", 1)[-1] for ref in re.findall(r"^::: ([\w.]+)", pages, re.M)}
+    missing = [
+        f"{module.__name__}.{name}"
+        for module in (dl, dl.models, dl.probes, dl.circuits, dl.kernels)
+        for name in module.__all__
+        if not (name.isupper() or name.startswith("_") or name in documented or inspect.ismodule(getattr(module, name)))
+    ]
+    assert not missing, f"add a ::: directive to a page of docs/api/ for {missing}"
 
 
 def python_blocks(path: Path) -> list[str]:
