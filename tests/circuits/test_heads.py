@@ -210,3 +210,22 @@ def test_batched_scores_equal_per_prompt_scores_and_the_cache_path(model):
     assert math.isfinite(together.induction.sum().item())
     frame = together.to_frame()
     assert frame.groupby("prompt").size().tolist() == [together.scores[0, 0].numel()] * 4
+
+
+def test_pad_positions_of_the_cache_are_never_read(model):
+    """Garbage at every pad position of a ragged cache (pad queries and pad keys) leaves the result unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    rows = [(torch.randperm(model.cfg.d_vocab - 1, generator=gen)[:n] + 1).repeat(2).tolist() for n in (2, 5, 3)]
+    analysis = HeadScores(channel_groups=2 if model.cfg.architecture == "mamba" else None)
+    prompts = Prompts(model, rows)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    clean = analysis.compute(cache, prompts)
+    pad = ~prompts.mask
+    for name in analysis.hooks(model):
+        value = cache.cache_dict[name].clone()
+        if value.ndim == 4 and value.shape[-1] == value.shape[-2] == pad.shape[1]:  # a pattern [batch, head, q, k]
+            value.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 7.0)
+        else:  # [batch, pos, ...]
+            value[pad] = 1e4
+        cache.cache_dict[name] = value
+    torch.testing.assert_close(analysis.compute(cache, prompts).scores, clean.scores, atol=0, rtol=0)
