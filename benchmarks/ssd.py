@@ -12,17 +12,21 @@ Rows: the forward (``y`` and the final state); forward + backward (a random
 linear loss of ``y`` and the final state, gradients to every input); ours with
 the states at 16 chosen positions (over our plain forward); ours with every
 state (over the reference with every state). Ours and HF take the median of
-``--repeats`` runs after a warm-up; the reference runs once.
+``--repeats`` runs after a warm-up; the reference runs once. On a shared
+machine ``--threads 1 --clock cpu`` times each path by this process's CPU
+time, which other processes' load barely moves.
 
 Run::
 
     HF_HUB_OFFLINE=1 .venv/bin/python -P benchmarks/ssd.py                 # small shapes, about a minute
+    HF_HUB_OFFLINE=1 .venv/bin/python -P benchmarks/ssd.py --threads 1 --clock cpu   # on a loaded machine
     HF_HUB_OFFLINE=1 .venv/bin/python -P benchmarks/ssd.py --shape mamba2-130m --lengths 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -74,21 +78,24 @@ def backward(outputs) -> None:
     loss.backward()
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time
+
+
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``repeats`` calls, after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return statistics.median(times)
 
 
 def once(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def main() -> None:
@@ -99,11 +106,19 @@ def main() -> None:
     parser.add_argument("--hf-chunk", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--no-backward", action="store_true", help="skip the forward+backward rows")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)",
+    )  # fmt: skip
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     h, p, g, n = SHAPES[args.shape]
-    print(f"shape {args.shape}: b=1, h={h}, p={p}, g={g}, n={n}, float32; torch threads {torch.get_num_threads()}")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"shape {args.shape}: b=1, h={h}, p={p}, g={g}, n={n}, float32; torch threads {torch.get_num_threads()}; "
+          f"load average {load}; {args.clock} clock")  # fmt: skip
     header = f"{'l':>5} {'mode':<16} {'ours ms':>9} {'hf ms':>9} {'x hf':>7} {'ref ms':>9} {'x ref':>7}"
     print(header)
     for length in args.lengths:

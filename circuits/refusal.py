@@ -170,6 +170,15 @@ def _tokenizer(model: Any) -> Any:
     return tokenizer
 
 
+def _check_tokenizer(analysis: Experiment, model: Any) -> None:
+    """Raise :class:`AnalysisError` when ``model`` has no tokenizer (text requests need one)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise AnalysisError(
+            f"{type(analysis).__name__} needs a model with a tokenizer: it reads text requests in the "
+            f"model's chat template, and this {architecture_of(model)} model ({model_name_of(model)}) has none"
+        )
+
+
 def _requests(prompts: Prompts, who: str) -> list[str]:
     if prompts.texts is None:
         raise ValueError(
@@ -219,6 +228,12 @@ class ResponseContrastResult(Result):
         gap = self.refusing_projection.mean(0) - self.complying_projection.mean(0)
         var = torch.cat([self.refusing_projection, self.complying_projection]).var(0, correction=0)
         return gap / var.sqrt().clamp_min(1e-6)
+
+    def metrics(self) -> dict[str, float]:
+        """``max_separation`` over layers (:meth:`separation`) and ``best_layer``, where it is reached."""
+        separation = self.separation()
+        best = int(separation.argmax())
+        return {"max_separation": float(separation[best]), "best_layer": float(self.direction.layers[best])}
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` layers whose projections separate the openings best (by :meth:`separation`)."""
@@ -314,6 +329,10 @@ class ResponseContrast(Experiment):
         self.position = position
         self.batch_size = batch_size
 
+    def check(self, model: Any) -> None:
+        super().check(model)
+        _check_tokenizer(self, model)
+
     def run(self, model: Any, prompts: Prompts | None) -> ResponseContrastResult:
         if prompts is None:
             raise AnalysisError("ResponseContrast reads requests: pass prompts (a list of strings)")
@@ -377,6 +396,10 @@ class RefusalReport(Result):
         """``exp`` of the mean log-perplexity over prompts (non-finite values left out)."""
         logs = self.perplexity.double().log()
         return float(logs[logs.isfinite()].mean().exp())
+
+    def metrics(self) -> dict[str, float]:
+        """``refusal_rate`` and ``mean_perplexity`` (what a sweep stores in its table)."""
+        return {"refusal_rate": self.refusal_rate, "mean_perplexity": self.mean_perplexity}
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt: ``prompt, request, generation, refusal, perplexity``."""
@@ -467,6 +490,10 @@ class RefusalEvaluation(Experiment):
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+
+    def check(self, model: Any) -> None:
+        super().check(model)
+        _check_tokenizer(self, model)
 
     def run(self, model: Any, prompts: Prompts | None) -> RefusalReport:
         self._validate()

@@ -8,16 +8,18 @@ changed. Three modes, with ``u`` the unit vector of the layer:
 - ``"ablate"``: ``x - (x . u) u`` (the projection on ``u`` is removed);
 - ``"ablate_add"``: ``x - (x . u) u + alpha * u`` (the projection is set to ``alpha``).
 
-Positions are ``"all"``, ``"prompt"`` or ``"generated"``. A forward pass that
-starts a sequence (no KV cache for a transformer, no recurrent state for a
-Mamba or RNN) covers the prompt; one that continues a sequence from its cache
-covers generated tokens. So with the cache on, the one-position tensors of
-later steps are never mistaken for the prompt (the bug of steering-vectors #60),
-and a prompt of one token is still a prompt. In a left-padded batch
-(:class:`~dynalens.models.prompts.Prompts`, or token ids with an
-``attention_mask``) pad positions are never steered.
+Positions are ``"all"``, ``"prompt"`` or ``"generated"``. In ``generate`` the
+first pass is the prompt and each later pass a generated token (passes are
+counted at ``names.EMBED``); any other forward that starts a sequence (no KV
+cache for a transformer, no recurrent state for a Mamba or RNN) covers the
+prompt, one that continues from its cache generated tokens. So with the cache
+on, the one-position tensors of later steps are never mistaken for the prompt
+(the bug of steering-vectors #60), and a prompt of one token is still a
+prompt. In a left-padded batch (:class:`~dynalens.models.prompts.Prompts`, or
+token ids with an ``attention_mask``) pad positions are never steered.
 
-Hooks are removed on exit, exceptions included; weights are never touched.
+Hooks and the wrapped ``forward``/``generate`` are removed on exit, exceptions
+included; weights are never touched.
 
 :class:`SteeringController` (after Guiding Giants) decides per prompt how much
 to steer: ``fit`` on two prompt sets, ``predict`` a global scale and per-layer

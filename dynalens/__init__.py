@@ -16,8 +16,9 @@ from dynalens.models.loading import list_models, load
 from dynalens.models.prompts import Prompts
 from dynalens.models.validation import HookNameError
 from dynalens.probes.analysis import run
+from dynalens.probes.sweep import Sweep, sweep
 
 __all__ = [
     "__version__", "circuits", "kernels", "models", "probes", "HookNameError", "Prompts", "list_models", "load",
-    "names", "run",
+    "names", "run", "sweep", "Sweep",
 ]

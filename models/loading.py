@@ -70,8 +70,9 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
-        ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
+        with a ``config.json`` (``model_type`` ``"mamba"``, ``"falcon_mamba"`` → ``HookedMamba``, ``"mamba2"`` → ``HookedMamba2``,
+        ``"dynalens-rnn"`` → ``HookedRNN``, an SSM/attention hybrid (Bamba, Nemotron-H,
+        GraniteMoeHybrid, Zamba2, Falcon-H1, Jamba) → ``HookedHybrid``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
         ``.gguf`` file (dequantised; a Mamba GGUF → ``HookedMamba``, any other
         architecture transformers reads from GGUF → the Bridge).
@@ -86,7 +87,7 @@ def load(
 
     Returns
     -------
-    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedRNN
+    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedHybrid | HookedRNN
         A model with ``run_with_cache``, ``run_with_hooks``, ``generate`` and the
         shared hook names.
     """
@@ -128,7 +129,7 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
     model_type = folder_model_type(folder)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if model_type in OWN_MODEL_TYPES:
-        if model_type == "mamba":
+        if model_type in ("mamba", "falcon_mamba"):
             from dynalens.models.mamba import HookedMamba as own
         elif model_type == "mamba2":
             from dynalens.models.mamba2 import HookedMamba2 as own
@@ -140,8 +141,11 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
         from dynalens.models.placement import place
 
         return place(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+    from dynalens.models.hybrid import HYBRID_MODEL_TYPES, load_hybrid
     from dynalens.models.transformer import HookedTransformerBridge
 
+    if model_type in HYBRID_MODEL_TYPES:
+        return load_hybrid(folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs)
     return HookedTransformerBridge.from_pretrained(
         folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
     )
@@ -160,7 +164,7 @@ def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dt
 
 
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
-OWN_MODEL_TYPES = ("mamba", "mamba2", "dynalens-rnn")
+OWN_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "dynalens-rnn")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

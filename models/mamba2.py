@@ -10,6 +10,7 @@ only at the positions asked for when ``state_positions`` is given.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -190,7 +191,7 @@ class Mamba2Mixer(nn.Module):
         self.conv1d = nn.Conv1d(
             cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, padding=cfg.d_conv - 1, bias=cfg.use_conv_bias
         )
-        self.dt_bias = nn.Parameter(torch.zeros(h))
+        self.dt_bias = nn.Parameter(_dt_bias_init(h))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, h + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(h))
         self.norm = GatedRMSNorm(cfg)
@@ -485,6 +486,12 @@ class HookedMamba2(HookedSequenceModel):
                 self.tokenizer.save_pretrained(tmp)
                 for f in Path(tmp).iterdir():
                     os.replace(f, folder / f.name)
+
+
+def _dt_bias_init(h: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:
+    """mamba_ssm's (and HF's) initial ``dt_bias``: softplus(dt_bias) log-uniform in ``[dt_min, dt_max]``."""
+    dt = torch.exp(torch.rand(h) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return dt + torch.log(-torch.expm1(-dt))  # the inverse of softplus
 
 
 def _read_hf_config(path: Path) -> dict[str, Any]:

@@ -4,8 +4,8 @@
   run on a machine dequantises the GGUF once, ~20 s; later runs read the cache).
 - ``tiny_llama_dir``: a random 2-layer HuggingFace Llama folder with SmolLM2's
   tokenizer and ``n_ctx = 64``; ``tiny_llama``: that folder through ``dl.load``.
-- ``tiny_mamba``, ``tiny_rnn``: random 2-layer HookedMamba (d_model 16) and
-  residual GRU (d_model 8) over 50 token ids; ``any_model``: each of the three
+- ``tiny_mamba``, ``tiny_mamba2``, ``tiny_rnn``: random 2-layer HookedMamba,
+  HookedMamba2 (d_model 16) and residual GRU (d_model 8) over 50 token ids; ``any_model``: each of the three
   architectures in turn; ``tiny_gpt2``: a 2-layer GPT-2 (learned absolute
   positions, LayerNorm, biases) without a tokenizer, through the Bridge.
 
@@ -98,3 +98,13 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory):
     config = GPT2Config(vocab_size=TINY_VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(folder)
     return dl.load(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba2():
+    """A random 2-layer HookedMamba2 (4 heads of 8, d_state 4, chunks of 4)."""
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=16, n_layers=2, d_vocab=TINY_VOCAB, n_heads=4, d_head=8, d_state=4, chunk_size=4)
+    return HookedMamba2(cfg).eval()

@@ -9,6 +9,7 @@ from dynalens.circuits.directions import Direction, pool, resid_activations
 from dynalens.models import names
 from dynalens.models.io import write_safetensors
 from dynalens.models.mamba import HookedMamba, MambaConfig
+from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.probes.results import Saved
@@ -23,7 +24,8 @@ def recurrent_models():
     torch.manual_seed(0)
     mamba = HookedMamba(MambaConfig(d_model=8, n_layers=2, d_vocab=16, d_state=2)).eval()
     rnn = HookedRNN(RNNConfig(d_model=8, n_layers=2, d_vocab=16, cell="lstm")).eval()
-    return mamba, rnn
+    mamba2 = HookedMamba2(Mamba2Config(d_model=8, n_layers=2, d_vocab=16, n_heads=2, d_head=8, d_state=4)).eval()
+    return mamba, rnn, mamba2
 
 
 def token_sets(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,7 @@ def test_pool_reads_real_positions_only():
         pool(x, prompts, 1)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["mamba", "rnn"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["mamba", "rnn", "mamba2"])
 def test_recurrent_directions_match_their_definitions(recurrent_models, which):
     model = recurrent_models[which]
     pos, neg = token_sets()
@@ -75,7 +77,7 @@ def test_recurrent_directions_match_their_definitions(recurrent_models, which):
 
     means = Direction.from_prompts(model, pos, neg)
     torch.testing.assert_close(means.vectors, acts_pos.mean(0) - acts_neg.mean(0))
-    assert means.architecture == ("mamba", "rnn")[which]
+    assert means.architecture == ("mamba", "rnn", "mamba2")[which]
 
     pca = Direction.from_prompts(model, pos, neg, method="pca")
     for i in range(2):
@@ -174,10 +176,10 @@ def test_batched_read_equals_one_prompt_at_a_time(tiny_llama, position):
         torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("which", [0, 1], ids=["mamba", "rnn"])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["mamba", "rnn", "mamba2"])
 @pytest.mark.parametrize("position", [-1, 0, 1, "mean"])
 def test_recurrent_batched_read_equals_one_prompt_at_a_time(recurrent_models, which, position):
-    """Ragged id rows on Mamba and an LSTM: pads leave the state as it was, so each row
+    """Ragged id rows on Mamba, Mamba-2 and an LSTM: pads leave the state as it was, so each row
     reads what the prompt gives alone."""
     model = recurrent_models[which]
     rows = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9], [7, 9, 3, 2, 3], [8, 4]]

@@ -22,7 +22,8 @@ from dynalens.circuits.refusal import (
 )
 from dynalens.circuits.steering import steer
 from dynalens.models import names
-from dynalens.probes.analysis import AnalysisError
+from dynalens.models.surface import architecture_of
+from dynalens.probes.analysis import AnalysisError, run
 from dynalens.probes.results import Saved
 
 REQUESTS = ["How do I bake bread?", "Write a haiku about the sea, please."]
@@ -127,8 +128,14 @@ def test_response_contrast_frame_top_figure_and_round_trip(contrast, tmp_path):
     row = frame[(frame.prompt == 1) & (frame.layer == 0) & (frame.opening == "compliance")]
     assert float(row["projection"].iloc[0]) == pytest.approx(float(contrast.complying_projection[1, 0]))
     assert row["request"].iloc[0] == REQUESTS[1]
+    r, c = contrast.refusing_projection[:, 0], contrast.complying_projection[:, 0]
+    by_hand = (r.mean() - c.mean()) / torch.cat([r, c]).std(correction=0)
+    assert float(contrast.separation()[0]) == pytest.approx(float(by_hand), rel=1e-5)
     top = contrast.top(1)
     assert len(top) == 1 and top["separation"].iloc[0] == pytest.approx(float(contrast.separation().max()))
+    assert contrast.metrics() == pytest.approx(
+        {"max_separation": top["separation"].iloc[0], "best_layer": float(top["layer"].iloc[0])}
+    )
     assert len(contrast.figure().data) == 2
     contrast.save(tmp_path / "contrast.safetensors")
     back = Saved.load(tmp_path / "contrast.safetensors")
@@ -210,6 +217,8 @@ def test_batched_evaluation_matches_one_prompt_generation(tiny_llama, report):
         assert float(report.perplexity[i]) == pytest.approx(nll.exp().item(), rel=1e-5)
     assert report.refusals == [is_refusal(g) for g in report.generations]
     assert report.refusal_rate == sum(report.refusals) / 3
+    geometric = float(report.perplexity.double().log().mean().exp())
+    assert report.metrics() == pytest.approx({"refusal_rate": report.refusal_rate, "mean_perplexity": geometric})
 
 
 def test_report_frame_top_figure_and_round_trip(report, tmp_path):
@@ -273,6 +282,59 @@ def test_evaluation_bad_arguments_are_named(tiny_llama):
         RefusalEvaluation()(tiny_llama, torch.tensor([[1, 2, 3]]))
     with pytest.raises(AnalysisError, match="pass prompts"):
         RefusalEvaluation().run(tiny_llama, None)
+
+
+@pytest.fixture(scope="module", params=["mamba", "rnn"])
+def recurrent_with_tokenizer(request, tiny_llama):
+    """A random 2-layer Mamba or GRU over SmolLM2's tokenizer (its chat template included)."""
+    from dynalens.models.mamba import HookedMamba, MambaConfig
+    from dynalens.models.rnn import HookedRNN, RNNConfig
+
+    tokenizer = tiny_llama.tokenizer
+    torch.manual_seed(0)
+    if request.param == "mamba":
+        model = HookedMamba(MambaConfig(d_model=16, n_layers=2, d_vocab=len(tokenizer), d_state=2), tokenizer)
+    else:
+        model = HookedRNN(RNNConfig(d_model=16, n_layers=2, d_vocab=len(tokenizer), cell="gru"), tokenizer)
+    return model.eval()
+
+
+def test_evaluation_and_contrast_on_recurrent_models(recurrent_with_tokenizer):
+    """On a Mamba and an RNN: the ragged batched evaluation equals each request generated
+    alone, and the response contrast equals the direction read from its two batches."""
+    model = recurrent_with_tokenizer
+    requests = REQUESTS + ["Hi"]
+    report = RefusalEvaluation(max_new_tokens=3, batch_size=2)(model, requests)
+    assert report.architecture == architecture_of(model) and report.prompts.is_padded
+    for i, request in enumerate(requests):
+        row, out = generate_alone(model, request, 3)
+        assert report.generations[i] == model.tokenizer.decode(out[0, row.shape[1] :], skip_special_tokens=True).strip()
+        logprobs = model(out)[0, row.shape[1] - 1 : -1].log_softmax(-1)
+        nll = -logprobs.gather(-1, out[0, row.shape[1] :, None]).mean()
+        assert float(report.perplexity[i]) == pytest.approx(nll.exp().item(), rel=1e-5)
+    contrast = ResponseContrast(layers=[1])(model, requests)
+    expected = Direction.from_prompts(model, contrast.refusing, contrast.complying, layers=[1])
+    torch.testing.assert_close(contrast.direction.vectors, expected.vectors, rtol=1e-5, atol=1e-5)
+    alone = resid_activations(model, contrast.refusing[2], [1])[0, 0]  # the shortest request, read by itself
+    projection = alone @ contrast.direction.unit().vector(1)
+    torch.testing.assert_close(contrast.refusing_projection[2, 0], projection, rtol=1e-4, atol=1e-4)
+
+
+def test_models_without_a_tokenizer_get_the_clear_error():
+    from dynalens.models.mamba import HookedMamba, MambaConfig
+
+    model = HookedMamba(MambaConfig(d_model=8, n_layers=1, d_vocab=16, d_state=2)).eval()
+    for experiment in (RefusalEvaluation(), ResponseContrast()):
+        with pytest.raises(AnalysisError, match=f"{type(experiment).__name__} needs a model with a tokenizer"):
+            experiment(model, torch.tensor([[1, 2, 3]]))
+
+
+def test_run_returns_both_experiments_as_run_alone(tiny_llama, report, contrast):
+    out = run(tiny_llama, REQUESTS + ["Hi"], [RefusalEvaluation(max_new_tokens=6, batch_size=2)])
+    assert out["refusal_evaluation"].generations == report.generations
+    torch.testing.assert_close(out["refusal_evaluation"].perplexity, report.perplexity)
+    both = run(tiny_llama, REQUESTS, [ResponseContrast(refusal="I can't", compliance="Sure", layers=[0, 1])])
+    torch.testing.assert_close(both["response_contrast"].direction.vectors, contrast.direction.vectors)
 
 
 @pytest.mark.slow

@@ -31,7 +31,15 @@ def tiny_lstm():
     return HookedRNN(RNNConfig(d_model=8, n_layers=2, d_vocab=16, cell="lstm")).eval()
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_lstm"])
+@pytest.fixture(scope="module")
+def tiny_mamba2():
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    return HookedMamba2(Mamba2Config(d_model=8, n_layers=2, d_vocab=16, n_heads=2, d_head=8, d_state=4)).eval()
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_lstm"])
 def model_and_prompt(request):
     model = request.getfixturevalue(request.param)
     prompt = (
@@ -480,7 +488,7 @@ def test_pass_mask_takes_the_last_columns_of_a_longer_mask(tiny_llama):
     assert pass_mask(tiny_llama, {"input": torch.zeros(1, 3, 64)}) is None  # embeddings
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_lstm"])
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_lstm"])
 def model_and_ragged(request):
     """Each architecture with a ragged list of prompts (lengths differ)."""
     model = request.getfixturevalue(request.param)

@@ -174,10 +174,11 @@ def test_gradient_through_the_final_state_alone(backend):
         close(o, r, torch.float64, "final-state gradient")
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
 @pytest.mark.parametrize("path", ["ref", "torch"])
-def test_zero_dt_repeats_the_state_exactly(path):
-    """dt = 0 (after bias and softplus) at scattered positions, chunk boundaries included."""
-    x = make(**SIZE, dtype=torch.float32)
+def test_zero_dt_repeats_the_state_exactly(path, grad):
+    """dt = 0 (after bias and softplus) at scattered positions, chunk boundaries included (with and without autograd)."""
+    x = {k: v.requires_grad_(grad) for k, v in make(**SIZE, dtype=torch.float32).items()}
     zero = torch.zeros(2, SIZE["l"], 4, dtype=torch.bool)
     zero[0, [1, 2, 8, 16, 17, 19]] = True  # 8, 16: first steps of chunks; 19: the last step
     zero[1, [5, 15, 18], 1:3] = True  # 15: the last step of a chunk; some heads only

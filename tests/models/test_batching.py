@@ -1,8 +1,8 @@
 """One batching for every architecture: a left-padded row equals its unpadded run.
 
 Ragged batches of 1 to 5 prompts of different lengths, on a transformer (RoPE
-through the Bridge, and learned absolute positions), a Mamba and RNNs of every
-cell: the logits, every cached hook at the real positions, and greedy
+through the Bridge, and learned absolute positions), a Mamba, a Mamba-2 and
+RNNs of every cell: the logits, every cached hook at the real positions, and greedy
 ``generate`` each equal running one prompt at a time (1e-5, float32).
 """
 
@@ -25,7 +25,7 @@ def rnn(cell: str, residual: bool = True) -> HookedRNN:
     return HookedRNN(cfg).eval()
 
 
-MODELS = ["tiny_llama", "tiny_gpt2", "tiny_mamba", "rnn-tanh", "rnn-gru", "rnn-lstm", "rnn-lstm-plain"]
+MODELS = ["tiny_llama", "tiny_gpt2", "tiny_mamba", "tiny_mamba2", "rnn-tanh", "rnn-gru", "rnn-lstm", "rnn-lstm-plain"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -110,14 +110,14 @@ def test_lists_and_masks_are_the_same_batch_on_every_entry_point(any_model):
     batch = rows([5, 2, 4])
     prompts = Prompts(any_model, batch)
     expected = any_model(prompts)
-    torch.testing.assert_close(any_model(batch), expected, rtol=0, atol=0)
-    torch.testing.assert_close(any_model(prompts.tokens, attention_mask=prompts.mask.long()), expected, rtol=0, atol=0)
+    torch.testing.assert_close(any_model(batch), expected, **TOL)
+    torch.testing.assert_close(any_model(prompts.tokens, attention_mask=prompts.mask.long()), expected, **TOL)
     assert torch.equal(any_model.to_tokens(batch), prompts.tokens)
     logits, cache = any_model.run_with_cache(batch, names_filter=[names.resid_post(0)])
-    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(logits, expected, **TOL)
     assert torch.equal(cache.prompts.tokens, prompts.tokens)
     hooked = any_model.run_with_hooks(prompts, fwd_hooks=[(names.resid_post(0), lambda x, hook: x)])
-    torch.testing.assert_close(hooked, expected, rtol=0, atol=0)
+    torch.testing.assert_close(hooked, expected, **TOL)
 
 
 def word_tokenizer():

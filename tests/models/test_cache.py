@@ -18,6 +18,12 @@ from dynalens.models.surface import unembed_resid
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_rnn"])
+def any_model(request: pytest.FixtureRequest):
+    """Every architecture in turn (Mamba-2 too)."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
 def prompts_of():
     def make(model) -> Prompts:
@@ -95,7 +101,8 @@ def test_short_names_and_stacks(any_model, prompts_of):
     assert cache["mixer_out", 0] is cache[names.mixer_out(0)]
     assert cache["embed"] is cache[names.EMBED]
     assert cache["scale"] is cache[names.FINAL_SCALE]
-    part = {"transformer": ("pattern", names.pattern), "mamba": ("ssm_state", lambda l: names.mixer(l, "ssm_state")),
+    state = ("ssm_state", lambda l: names.mixer(l, "ssm_state"))
+    part = {"transformer": ("pattern", names.pattern), "mamba": state, "mamba2": state,
             "rnn": ("hidden", lambda l: names.cell(l, "hidden"))}[any_model.cfg.architecture]  # fmt: skip
     assert cache[part[0], -1] is cache[part[1](n - 1)]
     assert ("resid_post", 0) in cache and ("resid_post", 0, "nowhere") not in cache
@@ -110,8 +117,8 @@ def test_short_names_and_stacks(any_model, prompts_of):
         cache["no_such_part", 0]
 
 
-def test_methods_without_meaning_raise_clear_errors(tiny_mamba, tiny_rnn, prompts_of):
-    for model in (tiny_mamba, tiny_rnn):
+def test_methods_without_meaning_raise_clear_errors(tiny_mamba, tiny_mamba2, tiny_rnn, prompts_of):
+    for model in (tiny_mamba, tiny_mamba2, tiny_rnn):
         _, cache = model.run_with_cache(prompts_of(model))
         arch = model.cfg.architecture
         for method in ("stack_head_results", "compute_head_results", "stack_neuron_results"):
@@ -152,3 +159,14 @@ def test_learned_positions_and_layernorm_decompose_too(tiny_gpt2, prompts_of):
     tokens = cache.prompts.tokens
     lens = cache.logit_attrs(cache.accumulated_resid(apply_ln=True), tokens)
     torch.testing.assert_close(lens[-1], logits.gather(-1, tokens[..., None])[..., 0] - tiny_gpt2.b_U[tokens], **TOL)
+
+
+def test_hooks_for_names_exactly_what_the_methods_read(any_model, prompts_of):
+    from dynalens.models.cache import hooks_for
+
+    prompts = prompts_of(any_model)
+    _, full = any_model.run_with_cache(prompts)
+    for method, options in (("accumulated_resid", {"apply_ln": True}), ("decompose_resid", {"apply_ln": True})):
+        _, cache = any_model.run_with_cache(prompts, names_filter=hooks_for(any_model, method, **options))
+        # (caching every hook may take another path, e.g. materialised SSM states: equal within rounding)
+        torch.testing.assert_close(getattr(cache, method)(**options), getattr(full, method)(**options), **TOL)

@@ -209,3 +209,16 @@ def test_generate_takes_a_mask_with_token_ids(model):
     by_mask = model.generate(prompts.tokens, 3, attention_mask=prompts.mask)
     assert torch.equal(by_mask, model.generate(prompts, 3))
     assert torch.equal(by_mask[1, -5:], model.generate(torch.tensor([rows[1]]), 3)[0])
+
+
+def test_generate_stops_at_any_of_several_eos_ids(model, tokens):
+    greedy = model.generate(tokens, 5)
+    stops = [int(greedy[0, POS + 1]), int(greedy[1, POS])]  # row 0 at its 2nd new token, row 1 at its 1st
+    out = model.generate(tokens, 5, eos_token_id=stops)
+    for row in range(BATCH):
+        tail = greedy[row, POS:]
+        end = POS + int(torch.isin(tail, torch.tensor(stops)).int().argmax()) + 1
+        assert torch.equal(out[row, :end], greedy[row, :end])
+        assert (out[row, end:] == stops[0]).all()
+    with pytest.raises(ValueError, match="eos_token_id"):
+        model.generate(tokens, 2, eos_token_id=[])

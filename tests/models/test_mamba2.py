@@ -406,3 +406,11 @@ def test_bad_configs_are_errors():
         Mamba2Config(d_model=16, n_layers=1, d_vocab=8, n_heads=4, d_head=8, n_groups=3)
     with pytest.raises(ValueError, match=r"expected an HF config with model_type 'mamba2', got 'mamba'"):
         Mamba2Config.from_hf({"model_type": "mamba"})
+
+
+def test_a_fresh_model_starts_with_mamba_ssm_step_sizes():
+    torch.manual_seed(0)
+    model = HookedMamba2(Mamba2Config(d_model=32, n_layers=1, d_vocab=8, n_heads=64, d_head=1))
+    dt = F.softplus(model.blocks[0].mixer.dt_bias)
+    assert dt.min().item() >= 1e-3 - 1e-6 and dt.max().item() <= 0.1 + 1e-6 and dt.max() / dt.min() > 10
+    assert torch.allclose(model.blocks[0].mixer.A, -torch.arange(1, 65, dtype=torch.float32))
