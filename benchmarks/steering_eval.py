@@ -5,11 +5,11 @@ The must-show of issue 9, on the shipped prompt sets (``dl.circuits.prompt_set``
 1. the refusal direction: difference of means at the last token between
    train prompts (24 harmful + 24 harmless) in the chat template followed by
    a refusal opening ("I'm sorry, but I can't") and by a compliance one
-   ("Sure, here is") — ``refusal.response_contrast``. (The prompt contrast of
+   ("Sure, here is") — ``dl.circuits.ResponseContrast``. (The prompt contrast of
    Arditi et al., harmful vs harmless at the last prompt token, made
    SmolLM2-135M refuse nothing at any alpha tried; see RESULTS.md.)
 2. a :class:`SteeringController` fitted on the train split (harmful: steer,
-   harmless: do not), reading ``blocks.12.hook_resid_post`` at the last prompt
+   harmless: do not), reading ``names.resid_post(12)`` at the last prompt
    token; its ``alpha`` is chosen on the train split: the smallest swept alpha
    reaching the best harmful-train refusal under constant steering.
 3. on the test split (44 + 44 requests): refusal rate (phrase rules on greedy
@@ -20,8 +20,9 @@ The must-show of issue 9, on the shipped prompt sets (``dl.circuits.prompt_set``
    the train-sweep generations labelled by the phrase rules, and its agreement
    with the phrase rules on every test generation.
 
-Everything is cached in ``--cache`` (default: the user cache dir), so a rerun
-only prints the table.
+Everything is cached in ``--cache`` (default: the user cache dir) as record
+files (``Saved``), so a rerun only prints the table. ``--check`` only builds
+every stage's objects on two prompts with one new token (seconds, nothing cached).
 
     HF_HUB_OFFLINE=1 .venv/bin/python -P benchmarks/steering_eval.py
 """
@@ -29,20 +30,24 @@ only prints the table.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from functools import partial
+
 from dynalens.circuits import (
     Direction,
     RefusalClassifier,
+    RefusalEvaluation,
     RefusalReport,
+    ResponseContrast,
     SteeringController,
-    evaluate,
     steer,
 )
-from dynalens.circuits.refusal import chat_tokens, prompt_set, response_contrast
+from dynalens.circuits.refusal import chat_prompts, prompt_set
 from dynalens.models.io import cache_dir
 
 import dynalens as dl
@@ -70,31 +75,34 @@ def run_all(
     max_new_tokens: int = 8,
     sweep_size: int = 16,
     batch_size: int = 44,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Every stage, cached in ``cache``; returns the reports, AUC and controller alpha."""
+    """Every stage, cached in ``cache``; returns the reports, AUC and controller alpha.
+
+    ``limit`` keeps the first ``limit`` prompts of each split and set (``None``: all).
+    """
     cache.mkdir(parents=True, exist_ok=True)
     model = dl.load("smollm2-135m")
 
     def run(prompts: list[str], steering=None) -> Callable[[], RefusalReport]:
-        return lambda: evaluate(
-            model, prompts, steering=steering, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
+        evaluation = RefusalEvaluation(steering=steering, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return lambda: evaluation(model, prompts)
 
-    train = {kind: prompt_set(kind, "train") for kind in ("harmful", "harmless")}
-    test = {kind: prompt_set(kind, "test") for kind in ("harmful", "harmless")}
+    train = {kind: prompt_set(kind, "train")[:limit] for kind in ("harmful", "harmless")}
+    test = {kind: prompt_set(kind, "test")[:limit] for kind in ("harmful", "harmless")}
 
     path = cache / "direction.safetensors"
     if not path.is_file():
         read = train["harmful"][:N_DIRECTION] + train["harmless"][:N_DIRECTION]
-        Direction.diff_in_means(model, *response_contrast(model, read)).save(path)
+        ResponseContrast()(model, read).direction.save(path)
     direction = Direction.load(path)
 
     def constant(alpha: float):
-        return lambda: steer(model, direction, layers=STEER_LAYERS, alpha=alpha)
+        return partial(steer, direction=direction, layers=STEER_LAYERS, alpha=alpha)
 
     sweep = {
         alpha: cached_report(
-            cache / f"train_harmful_alpha{alpha:g}.json",
+            cache / f"train_harmful_alpha{alpha:g}.safetensors",
             run(train["harmful"][:sweep_size], constant(alpha)),
         )
         for alpha in alphas
@@ -104,21 +112,21 @@ def run_all(
 
     path = cache / "controller.safetensors"
     if not path.is_file():
-        rows = {kind: chat_tokens(model, prompts) for kind, prompts in train.items()}
+        rows = {kind: chat_prompts(model, prompts) for kind, prompts in train.items()}
         SteeringController(
             direction, read_layer=READ_LAYER, layers=STEER_LAYERS, alpha=ctrl_alpha
         ).fit(model, rows["harmful"], rows["harmless"]).save(path)
     ctrl = SteeringController.load(path)
-    test_rows = {kind: chat_tokens(model, prompts) for kind, prompts in test.items()}
+    test_rows = {kind: chat_prompts(model, prompts) for kind, prompts in test.items()}
     auc = ctrl.score(model, test_rows["harmful"], test_rows["harmless"])
 
     conditions: dict[str, Callable | None] = {"unsteered": None}
     conditions.update({f"alpha={a:g}": constant(a) for a in alphas})
-    conditions["controller"] = lambda: ctrl.attach(model)
+    conditions["controller"] = ctrl.attach
     table = {
         name: {
             kind: cached_report(
-                cache / f"test_{kind}_{name.replace('=', '')}.json", run(prompts, steering)
+                cache / f"test_{kind}_{name.replace('=', '')}.safetensors", run(prompts, steering)
             )
             for kind, prompts in test.items()
         }
@@ -167,8 +175,16 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--sweep-size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=44)
+    parser.add_argument("--check", action="store_true",
+                        help="build every stage on 4 prompts per set, 2 new tokens, in a temporary cache")
     args = parser.parse_args()
     start = time.perf_counter()
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = run_all(Path(tmp), [3.0], max_new_tokens=2, sweep_size=4, batch_size=8, limit=4)
+        print(f"check: every stage ran in {time.perf_counter() - start:.0f} s; "
+              f"sweep {out['sweep']}, AUC {out['auc']:.2f}, conditions {list(out['table'])}")
+        return
     out = run_all(args.cache, args.alphas, args.max_new_tokens, args.sweep_size, args.batch_size)
     table = out["table"]
     base = table["unsteered"]

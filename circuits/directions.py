@@ -1,55 +1,53 @@
 """Directions in the residual stream, one vector per layer, read from two prompt sets.
 
 A :class:`Direction` holds one vector per covered layer, read at the shared
-``blocks.{l}.hook_resid_post`` hooks, so the same constructors work for a
+``names.resid_post(layer)`` hooks, so the same constructors work for a
 transformer, a :class:`HookedMamba` and a :class:`HookedRNN`. Each vector
 points from the ``negative`` set towards the ``positive`` set:
 
-- :meth:`Direction.diff_in_means`: ``mean(positive) - mean(negative)``;
-- :meth:`Direction.pca`: the first principal axis of the paired differences
+- ``method="diff_in_means"``: ``mean(positive) - mean(negative)``;
+- ``method="pca"``: the first principal axis of the paired differences
   ``positive[i] - negative[i]`` (uncentred, so a shared shift is kept);
-- :meth:`Direction.probe`: the weight of a logistic regression (scikit-learn)
+- ``method="probe"``: the weight of a logistic regression (scikit-learn)
   separating the two sets.
 
-All three are :meth:`Direction.from_prompts` with ``method`` set.
+:meth:`Direction.from_prompts` reads both sets (any input
+:class:`~dynalens.models.prompts.Prompts` takes: strings, token ids, ragged id
+lists; one left-padded batch with its mask, pads never read) and
+:meth:`Direction.from_activations` fits activations you already hold.
+:func:`resid_activations` is the reader both use.
 
-Vectors are stored raw; :meth:`Direction.unit` gives unit vectors. Saving
-writes one safetensors file with the rest as JSON metadata (no pickle).
+Vectors are stored raw; :meth:`Direction.unit` gives unit vectors. A direction
+saves as one record file (:class:`~dynalens.probes.results.Saved`).
 
 Examples
 --------
->>> d = Direction.diff_in_means(model, harmful, harmless, layers=[4, 8])   # doctest: +SKIP
+>>> d = Direction.from_prompts(model, harmful, harmless, layers=[4, 8])   # doctest: +SKIP
 >>> d.cosine_similarity()                                                 # doctest: +SKIP
 >>> d.save("refusal.safetensors"); Direction.load("refusal.safetensors")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
 import torch
-from dynalens.models.io import write_safetensors
-from dynalens.models.validation import check_finite, check_index
-from jaxtyping import Float, Int
-from safetensors import safe_open
+from jaxtyping import Float
 from torch import Tensor
 
-Prompts = Sequence[str] | Tensor
+from dynalens._version import __version__
+from dynalens.models import names
+from dynalens.models.prompts import PromptInput, Prompts
+from dynalens.models.surface import architecture_of, model_name_of
+from dynalens.models.validation import check_finite, check_index
+from dynalens.probes.results import Saved
+
 Layers = Literal["all"] | Sequence[int]
 Position = int | Literal["mean"]
 Method = Literal["diff_in_means", "pca", "probe"]
-
-_METADATA_KEY = "dynalens.direction"
-
-
-def resid_name(layer: int) -> str:
-    """The shared hook name of the residual stream after block ``layer``."""
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def resolve_layers(model: Any, layers: Layers) -> list[int]:
@@ -57,9 +55,7 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
     n_layers = model.cfg.n_layers
     if isinstance(layers, str):
         if layers != "all":
-            raise ValueError(
-                f"layers must be 'all' or a list of block indices, got {layers!r}"
-            )
+            raise ValueError(f"layers must be 'all' or a list of block indices, got {layers!r}")
         return list(range(n_layers))
     chosen = sorted({check_index("layer", layer, n_layers) for layer in layers})
     if not chosen:
@@ -67,93 +63,74 @@ def resolve_layers(model: Any, layers: Layers) -> list[int]:
     return chosen
 
 
+def check_position(position: Position, prompts: Prompts) -> None:
+    """Raise if ``position`` is not ``"mean"`` nor a real position of every prompt."""
+    if position == "mean":
+        return
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise ValueError(f"position must be an int or 'mean', got {position!r}")
+    for prompt in range(len(prompts)):
+        prompts.position_index(position, prompt)  # IndexError naming the prompt's range
+
+
+def pool(
+    x: Float[Tensor, "batch pos *rest"], prompts: Prompts, position: Position
+) -> Float[Tensor, "batch *rest"]:
+    """Each prompt's row of ``x`` at its real position ``position``, or the mean over its real positions.
+
+    ``x`` keeps the prompts' left-padded layout; pad positions are never read.
+    """
+    mask = prompts.mask.to(x.device)
+    if position == "mean":
+        where = mask.reshape(*mask.shape, *([1] * (x.ndim - 2)))
+        total = torch.where(where, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+        return total / prompts.lengths.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 2)))
+    columns = [prompts.position_index(position, i) for i in range(len(prompts))]
+    return x[torch.arange(len(prompts), device=x.device), torch.tensor(columns, device=x.device)]
+
+
 def resid_activations(
     model: Any,
-    prompts: Prompts,
+    prompts: PromptInput,
     layers: Sequence[int],
     position: Position = -1,
-    batch_size: int = 16,
+    batch_size: int = 32,
 ) -> Float[Tensor, "prompt layer d_model"]:
-    """The residual stream after each of ``layers`` at ``position`` of every prompt.
+    """The residual stream after each of ``layers`` at ``position`` of every prompt (float32, CPU).
 
     Parameters
     ----------
     model
-        A dynalens model (``dl.load``).
+        A dynalens model (``dl.load``): transformer, HookedMamba or HookedRNN.
     prompts
-        A list of strings or of token rows ``[1, pos]``, or token ids
-        ``[prompt, pos]``. A transformer reads a list ``batch_size`` prompts at a
-        time, padded on the left with an attention mask (the padding is never
-        attended to nor read); a recurrent model reads a list one prompt at a time.
+        A :class:`Prompts` or what builds one: strings, token ids ``[prompt, pos]``,
+        ragged id lists. Read ``batch_size`` prompts per forward, left-padded
+        with their mask (pads are never read).
     layers
-        Block indices.
+        Block indices, read at ``names.resid_post(layer)``.
     position
-        The token index read in each prompt (negative counts from its end), or
-        ``"mean"`` to average over its tokens.
+        Each prompt's real token read (negative counts from its end), or
+        ``"mean"`` to average over its real tokens.
     batch_size
-        Prompts per forward pass for a transformer.
+        Prompts per forward pass.
     """
-    names = [resid_name(layer) for layer in layers]
-    if isinstance(prompts, str):
-        raise TypeError(
-            "prompts must be a list of strings or token ids [prompt, pos], not one string"
-        )
-    if not (isinstance(position, int) or position == "mean") or isinstance(position, bool):
-        raise ValueError(f"position must be an int or 'mean', got {position!r}")
-    if isinstance(prompts, Tensor):
-        batches = [(prompts, None)]
-    else:
-        rows = [model.to_tokens(p) if isinstance(p, str) else p for p in prompts]
-        if getattr(model, "architecture", "transformer") == "transformer":
-            batches = [
-                left_padded(model, rows[i : i + batch_size])
-                for i in range(0, len(rows), batch_size)
-            ]
-        else:
-            batches = [(row, None) for row in rows]
-    if not batches or batches[0][0].shape[0] == 0:
-        raise ValueError("prompts is empty: pass at least one prompt")
+    prompts = Prompts(model, prompts)
+    check_position(position, prompts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    hooks = [names.resid_post(check_index("layer", layer, model.cfg.n_layers)) for layer in layers]
     out = []
     with torch.no_grad():
-        for tokens, mask in batches:
-            extra = {} if mask is None else {"attention_mask": mask}
-            _, cache = model.run_with_cache(tokens, names_filter=names, **extra)
-            resid = torch.stack([cache[name] for name in names], dim=1)  # [batch, layer, pos, d]
-            n_pads = [0] * len(tokens) if mask is None else (mask == 0).sum(-1).tolist()
-            out += [_read(resid[i, :, n_pad:], position) for i, n_pad in enumerate(n_pads)]
-    return torch.stack(out).float()
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts if len(prompts) <= batch_size else prompts[start : start + batch_size]
+            _, cache = model.run_with_cache(batch, names_filter=hooks)
+            resid = torch.stack([cache[name] for name in hooks], dim=2)  # [batch, pos, layer, d]
+            out.append(pool(resid, batch, position).float().cpu())
+    return torch.cat(out)
 
 
-def _read(resid: Float[Tensor, "layer pos d_model"], position: Position) -> Tensor:
-    if position == "mean":
-        return resid.mean(dim=1)
-    n_pos = resid.shape[1]
-    if not -n_pos <= position < n_pos:
-        raise IndexError(
-            f"position {position} is out of range for a prompt of {n_pos} tokens: "
-            f"valid positions are -{n_pos} to {n_pos - 1}, or 'mean'"
-        )
-    return resid[:, position]
-
-
-def left_padded(
-    model: Any, rows: Sequence[Int[Tensor, "1 pos"]]
-) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Stack token rows ``[1, pos]``, padded on the left, and their attention mask."""
-    tokenizer = getattr(model, "tokenizer", None)
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = 0 if pad is None else pad
-    width = max(row.shape[-1] for row in rows)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, width - row.shape[-1] :] = row.reshape(-1)
-        mask[i, width - row.shape[-1] :] = 1
-    return tokens, mask
-
-
-@dataclass(eq=False)
-class Direction:
+@dataclass(eq=False, repr=False)
+class Direction(Saved):
     """One vector per layer in the residual stream, and how it was made.
 
     Attributes
@@ -170,6 +147,8 @@ class Direction:
         How many prompts of each set it was read from.
     model_name, architecture
         The model it was read from.
+    version
+        The dynalens version that made it.
     """
 
     vectors: Float[Tensor, "layer d_model"]
@@ -180,6 +159,7 @@ class Direction:
     n_negative: int = 0
     model_name: str = ""
     architecture: str = ""
+    version: str = field(default=__version__)
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or self.vectors.shape[0] != len(self.layers):
@@ -188,23 +168,28 @@ class Direction:
                 f"got {tuple(self.vectors.shape)}"
             )
         if list(self.layers) != sorted(set(self.layers)):
-            raise ValueError(
-                f"layers must be distinct and ascending, got {self.layers}"
-            )
+            raise ValueError(f"layers must be distinct and ascending, got {self.layers}")
         check_finite("direction vectors", self.vectors)
         self.layers = [int(layer) for layer in self.layers]
+
+    def __repr__(self) -> str:
+        return (
+            f"Direction(layers={self.layers}, d_model={self.d_model}, method={self.method!r}, "
+            f"position={self.position!r}, model_name={self.model_name!r})"
+        )
 
     # ---------------------------------------------------------- constructors
     @classmethod
     def from_prompts(
         cls,
         model: Any,
-        positive: Prompts,
-        negative: Prompts,
+        positive: PromptInput,
+        negative: PromptInput,
         method: Method = "diff_in_means",
         layers: Layers = "all",
         position: Position = -1,
         C: float = 1.0,
+        batch_size: int = 32,
     ) -> Direction:
         """Read both prompt sets at ``layers`` and turn them into one vector per layer.
 
@@ -213,64 +198,68 @@ class Direction:
         model
             A dynalens model (``dl.load``): transformer, HookedMamba or HookedRNN.
         positive, negative
-            Prompts the direction points towards and away from: lists of strings
-            or of token ids (each run alone), or one tensor ``[prompt, pos]``.
+            Prompts the direction points towards and away from: a :class:`Prompts`
+            or what builds one (strings, token ids, ragged id lists).
         method
-            ``"diff_in_means"``, ``"pca"`` or ``"probe"`` (see :meth:`diff_in_means`,
-            :meth:`pca`, :meth:`probe`).
+            ``"diff_in_means"``, ``"pca"`` or ``"probe"`` (see the module doc).
         layers
             ``"all"`` or a list of block indices.
         position
-            The token index read (negative counts from the end), or ``"mean"``.
+            Each prompt's real token read (negative counts from its end), or ``"mean"``.
         C
             The probe's inverse regularisation strength (``"probe"`` only).
+        batch_size
+            Prompts per forward pass.
         """
-        if method not in _METHODS:
-            raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
-        fit = partial(_probe_weight, C=C) if method == "probe" else _METHODS[method]
+        _check_method(method)
         chosen = resolve_layers(model, layers)
-        pos = resid_activations(model, positive, chosen, position)
-        neg = resid_activations(model, negative, chosen, position)
+        pos = resid_activations(model, positive, chosen, position, batch_size)
+        neg = resid_activations(model, negative, chosen, position, batch_size)
+        return cls.from_activations(
+            pos, neg, chosen, method, C=C, position=position,
+            model_name=model_name_of(model), architecture=architecture_of(model),
+        )  # fmt: skip
+
+    @classmethod
+    def from_activations(
+        cls,
+        positive: Float[Tensor, "n_positive layer d_model"],
+        negative: Float[Tensor, "n_negative layer d_model"],
+        layers: Sequence[int],
+        method: Method = "diff_in_means",
+        *,
+        C: float = 1.0,
+        position: Position = -1,
+        model_name: str = "",
+        architecture: str = "",
+    ) -> Direction:
+        """The direction of ``method`` from activations already read (:func:`resid_activations`).
+
+        ``positive``/``negative`` hold one row per prompt and one column per
+        entry of ``layers``; ``position``, ``model_name`` and ``architecture``
+        are recorded as given.
+        """
+        _check_method(method)
+        if positive.ndim != 3 or negative.ndim != 3 or positive.shape[1:] != negative.shape[1:]:
+            raise ValueError(
+                "positive and negative must be [prompt, layer, d_model] with the same layers and "
+                f"d_model, got {tuple(positive.shape)} and {tuple(negative.shape)}"
+            )
+        if positive.shape[1] != len(layers):
+            raise ValueError(f"activations cover {positive.shape[1]} layers but layers lists {len(layers)}")
+        if len(positive) == 0 or len(negative) == 0:
+            raise ValueError("both prompt sets need at least one prompt")
+        fit = partial(_probe_weight, C=C) if method == "probe" else _METHODS[method]
         return cls(
-            vectors=fit(pos, neg).float().cpu(),
-            layers=chosen,
+            vectors=fit(positive.float().cpu(), negative.float().cpu()).float(),
+            layers=list(layers),
             method=method,
             position=position,
-            n_positive=int(pos.shape[0]),
-            n_negative=int(neg.shape[0]),
-            model_name=str(getattr(model.cfg, "model_name", "") or type(model).__name__),
-            architecture=str(getattr(model, "architecture", "transformer")),
+            n_positive=int(positive.shape[0]),
+            n_negative=int(negative.shape[0]),
+            model_name=model_name,
+            architecture=architecture,
         )
-
-    @classmethod
-    def diff_in_means(
-        cls, model: Any, positive: Prompts, negative: Prompts, **options: Any
-    ) -> Direction:
-        """``mean(positive) - mean(negative)`` of the residual stream at each layer.
-
-        ``options``: ``layers``, ``position`` as in :meth:`from_prompts`.
-        """
-        return cls.from_prompts(model, positive, negative, "diff_in_means", **options)
-
-    @classmethod
-    def pca(cls, model: Any, positive: Prompts, negative: Prompts, **options: Any) -> Direction:
-        """The first principal axis of the paired differences ``positive[i] - negative[i]``.
-
-        The differences are not centred, so an axis shared by every pair is kept;
-        the sign makes the mean difference project positively. Vectors are unit.
-        ``options``: ``layers``, ``position`` as in :meth:`from_prompts`.
-        """
-        return cls.from_prompts(model, positive, negative, "pca", **options)
-
-    @classmethod
-    def probe(cls, model: Any, positive: Prompts, negative: Prompts, **options: Any) -> Direction:
-        """The weight of a logistic regression (positive = 1) on each layer's activations.
-
-        Features are not standardised, so the weight lives in the residual
-        stream's own basis. ``options``: ``layers``, ``position``, ``C`` (scikit-learn's
-        inverse regularisation strength) as in :meth:`from_prompts`.
-        """
-        return cls.from_prompts(model, positive, negative, "probe", **options)
 
     # --------------------------------------------------------------- reading
     @property
@@ -281,20 +270,14 @@ class Direction:
         """The same direction with every vector scaled to norm 1."""
         norms = self.vectors.norm(dim=-1, keepdim=True)
         if bool((norms == 0).any()):
-            zero = [
-                self.layers[i] for i in torch.nonzero(norms[:, 0] == 0)[:, 0].tolist()
-            ]
-            raise ValueError(
-                f"the vectors of layers {zero} are zero and have no unit direction"
-            )
+            zero = [self.layers[i] for i in torch.nonzero(norms[:, 0] == 0)[:, 0].tolist()]
+            raise ValueError(f"the vectors of layers {zero} are zero and have no unit direction")
         return Direction(**{**self._fields(), "vectors": self.vectors / norms})
 
     def vector(self, layer: int) -> Float[Tensor, " d_model"]:
         """The raw vector of ``layer``; a ``KeyError`` lists the covered layers."""
         if layer not in self.layers:
-            raise KeyError(
-                f"this direction covers layers {self.layers}, not layer {layer}"
-            )
+            raise KeyError(f"this direction covers layers {self.layers}, not layer {layer}")
         return self.vectors[self.layers.index(layer)]
 
     def cosine_similarity(self) -> Float[Tensor, "layer layer"]:
@@ -302,9 +285,7 @@ class Direction:
         unit = torch.nn.functional.normalize(self.vectors, dim=-1)
         return unit @ unit.T
 
-    def project(
-        self, resid: Float[Tensor, "... d_model"], layer: int
-    ) -> Float[Tensor, ...]:
+    def project(self, resid: Float[Tensor, "... d_model"], layer: int) -> Float[Tensor, "..."]:
         """The scalar projection of ``resid`` on the unit vector of ``layer``."""
         u = torch.nn.functional.normalize(self.vector(layer), dim=0)
         return resid.float() @ u.to(resid.device)
@@ -320,40 +301,17 @@ class Direction:
             "n_negative": self.n_negative,
             "model_name": self.model_name,
             "architecture": self.architecture,
+            "version": self.version,
         }
 
-    def metadata(self) -> dict[str, Any]:
-        """Every field but the vectors, as plain JSON values."""
-        return {k: v for k, v in self._fields().items() if k != "vectors"}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the vectors to a safetensors file, the rest as JSON metadata, atomically."""
-        write_safetensors(
-            path,
-            {"vectors": self.vectors},
-            metadata={_METADATA_KEY: json.dumps(self.metadata())},
-        )
-
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Direction:
-        """Read a direction written by :meth:`save`."""
-        tensors, plain = read_tagged(path, _METADATA_KEY, "direction")
-        return cls(vectors=tensors["vectors"], **plain)
+    def _from_fields(cls, fields: dict[str, Any]) -> Direction:
+        return cls(**fields)
 
 
-def read_tagged(
-    path: str | os.PathLike, key: str, what: str
-) -> tuple[dict[str, Tensor], Any]:
-    """The tensors of a safetensors file and the JSON stored under metadata ``key``.
-
-    Raises ``ValueError`` naming ``what`` the file should hold when ``key`` is missing.
-    """
-    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        if key not in metadata:
-            raise ValueError(f"{os.fspath(path)!r} is not a dynalens {what} file")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    return tensors, json.loads(metadata[key])
+def _check_method(method: str) -> None:
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {tuple(_METHODS)}, got {method!r}")
 
 
 def _mean_difference(pos: Tensor, neg: Tensor) -> Tensor:
@@ -379,9 +337,7 @@ def _probe_weight(pos: Tensor, neg: Tensor, C: float) -> Tensor:
     y = [1] * pos.shape[0] + [0] * neg.shape[0]
     return torch.stack(
         [
-            torch.from_numpy(
-                LogisticRegression(C=C, max_iter=1000).fit(x[:, i], y).coef_[0]
-            )
+            torch.from_numpy(LogisticRegression(C=C, max_iter=1000).fit(x[:, i], y).coef_[0])
             for i in range(pos.shape[1])
         ]
     )

@@ -8,47 +8,63 @@
 - :func:`is_refusal`: phrase rules. A text is a refusal when it contains one of
   :data:`REFUSAL_PHRASES` (case-insensitive, curly apostrophes read as straight).
 - :class:`RefusalClassifier`: a logistic regression on the model's own
-  activations — the mean over a text's tokens of ``blocks.{layer}.hook_resid_post``
+  activations — the mean over a text's real tokens of ``names.resid_post(layer)``
   — trained on texts labelled, for instance, by :func:`is_refusal`.
-- :func:`chat` / :func:`chat_tokens`: a request wrapped in the model's chat
-  template (when its tokenizer has one), as an instruct model expects it;
-  :func:`response_contrast`: the same followed by a refusal or a compliance
-  opening, to read a direction that makes the reply refuse.
-- :func:`evaluate`: greedy, batched (left padding with an attention mask)
-  generation with optional steering, refusal flags and rate, and a fluency
-  proxy: the perplexity of each continuation under the unsteered model.
+- :func:`chat` / :func:`chat_prompts`: requests wrapped in the model's chat
+  template (when its tokenizer has one), as an instruct model expects them.
+- :class:`ResponseContrast` (an Experiment): each request in the chat template
+  followed by a refusal or a compliance opening, read at the last token: the
+  direction that makes the reply refuse, in a :class:`ResponseContrastResult`.
+- :class:`RefusalEvaluation` (an Experiment): greedy, batched generation
+  (left-padded with a mask) under optional steering; its
+  :class:`RefusalReport` holds the generations, refusal flags and rate, and a
+  fluency proxy: the perplexity of each continuation under the unsteered model.
 - :func:`shipped_controller`: the refusal :class:`SteeringController` fitted
   for ``smollm2-135m`` by ``benchmarks/steering_eval.py``.
 
 Examples
 --------
->>> harmful = prompt_set("harmful", "test")                             # doctest: +SKIP
->>> base = evaluate(model, harmful)                                     # doctest: +SKIP
->>> steered = evaluate(model, harmful, steering=lambda: steer(model, d, layers=[8, 10], alpha=6.0))  # doctest: +SKIP
->>> steered.refusal_rate - base.refusal_rate                            # doctest: +SKIP
+>>> harmful = prompt_set("harmful", "test")                                     # doctest: +SKIP
+>>> base = RefusalEvaluation()(model, harmful)                                   # doctest: +SKIP
+>>> pushed = RefusalEvaluation(steering=partial(steer, direction=d, layers=[8, 10], alpha=6.0))(model, harmful)  # doctest: +SKIP
+>>> pushed.refusal_rate - base.refusal_rate                                      # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
+import pandas as pd
+import plotly.graph_objects as go
 import torch
-from dynalens.circuits.directions import left_padded, read_tagged, resid_activations
-from dynalens.circuits.steering import SteeringController
-from dynalens.models.io import read_json, write_json, write_safetensors
-from dynalens.models.validation import check_index
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from dynalens.circuits.directions import (
+    Direction,
+    Layers,
+    Method,
+    Position,
+    resid_activations,
+    resolve_layers,
+)
+from dynalens.circuits.steering import SteeringController
+from dynalens.models.prompts import PromptInput, Prompts
+from dynalens.models.surface import architecture_of, model_name_of
+from dynalens.models.validation import check_index
+from dynalens.probes.analysis import AnalysisError, Experiment
+from dynalens.probes.figures import TEMPLATE
+from dynalens.probes.results import Result, Saved
 
 Kind = Literal["harmful", "harmless"]
 Split = Literal["train", "test", "all"]
-Steering = Callable[[], AbstractContextManager]
+Steering = Callable[[Any], AbstractContextManager]
 
 KINDS = ("harmful", "harmless")
 SPLITS = ("train", "test", "all")
@@ -80,8 +96,6 @@ REFUSAL_PHRASES = (
     "not something i can",
 )
 """Lower-case phrases whose presence marks a refusal (after Arditi et al., 2024)."""
-
-_CLASSIFIER_KEY = "dynalens.refusal_classifier"
 
 
 # ------------------------------------------------------------------ prompt sets
@@ -127,49 +141,26 @@ def chat(model: Any, prompt: str) -> str:
     )
 
 
-def chat_tokens(model: Any, prompts: Sequence[str]) -> list[Int[Tensor, "1 pos"]]:
-    """The token ids of :func:`chat` for each prompt, one ``[1, pos]`` tensor each.
+def chat_prompts(model: Any, requests: str | Sequence[str], suffix: str = "") -> Prompts:
+    """The requests in the model's chat template, then ``suffix``, as one left-padded batch.
 
     A templated text is tokenised as written (its own special tokens, no extra
-    BOS); without a template the model's ``to_tokens`` is used. The list can be
-    passed wherever dynalens takes prompts (``Direction.diff_in_means``,
-    ``SteeringController.fit``), each prompt then running alone.
+    BOS); without a template the model's ``to_tokens`` reads ``request + suffix``.
+    ``texts`` of the batch are the full texts. Pass it wherever dynalens takes
+    prompts (``Direction.from_prompts``, ``SteeringController.fit``, ``generate``).
     """
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of strings, not one string")
+    requests = [requests] if isinstance(requests, str) else list(requests)
+    if not requests or not all(isinstance(r, str) for r in requests):
+        raise TypeError("requests must be a string or a non-empty list of strings")
     tokenizer = _tokenizer(model)
-    if not getattr(tokenizer, "chat_template", None):
-        return [model.to_tokens(p) for p in prompts]
-    return [
-        torch.tensor([tokenizer(chat(model, p), add_special_tokens=False)["input_ids"]])
-        for p in prompts
-    ]
-
-
-def response_contrast(
-    model: Any,
-    prompts: Sequence[str],
-    refusal: str = "I'm sorry, but I can't",
-    compliance: str = "Sure, here is",
-) -> tuple[list[Int[Tensor, "1 pos"]], list[Int[Tensor, "1 pos"]]]:
-    """Each prompt in the chat template followed by a refusal opening, and by a compliance one.
-
-    Read at the last token, the two lists give a direction that turns the
-    reply towards refusing (contrastive activation addition, Rimsky et al.
-    2024): ``Direction.diff_in_means(model, *response_contrast(model, prompts))``.
-    On a small model whose harmful and harmless prompts barely differ in how
-    they are answered, this steers towards refusal where the prompt contrast
-    does not.
-    """
-    tokenizer = _tokenizer(model)
-
-    def rows(opening: str) -> list[Tensor]:
-        return [
-            torch.tensor([tokenizer(chat(model, p) + opening, add_special_tokens=False)["input_ids"]])
-            for p in prompts
-        ]
-
-    return rows(refusal), rows(compliance)
+    texts = [chat(model, r) + suffix for r in requests]
+    if getattr(tokenizer, "chat_template", None):
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    else:
+        rows = [model.to_tokens(text)[0].cpu() for text in texts]
+    prompts = Prompts(model, rows)
+    prompts.texts = texts
+    return prompts
 
 
 def _tokenizer(model: Any) -> Any:
@@ -179,30 +170,221 @@ def _tokenizer(model: Any) -> Any:
     return tokenizer
 
 
-# ------------------------------------------------------------------ harness
-@dataclass
-class RefusalReport:
-    """Generations for a list of prompts, their refusal flags and fluency.
+def _check_tokenizer(analysis: Experiment, model: Any) -> None:
+    """Raise :class:`AnalysisError` when ``model`` has no tokenizer (text requests need one).
+
+    Called by ``run`` before any pass: the architecture check (``check``) passes
+    on every architecture, and a model of any of them may carry a tokenizer.
+    """
+    if getattr(model, "tokenizer", None) is None:
+        raise AnalysisError(
+            f"{type(analysis).__name__} needs a model with a tokenizer: it reads text requests in the "
+            f"model's chat template, and this {architecture_of(model)} model ({model_name_of(model)}) has none"
+        )
+
+
+def _requests(prompts: Prompts, who: str) -> list[str]:
+    if prompts.texts is None:
+        raise ValueError(
+            f"{who} wraps text requests in the chat template; these prompts were given as token "
+            "ids: pass the requests as strings"
+        )
+    return list(prompts.texts)
+
+
+def _prompts_fields(prompts: Prompts) -> dict[str, Any]:
+    tensors, plain = prompts.to("cpu").state()
+    return {**tensors, **plain}
+
+
+def _prompts_from(fields: dict[str, Any]) -> Prompts:
+    return Prompts.from_parts(
+        fields["tokens"], fields["mask"], fields["str_tokens"], texts=fields["texts"], pad_id=fields["pad_id"]
+    )
+
+
+# ----------------------------------------------------------- response contrast
+@dataclass(kw_only=True, eq=False)
+class ResponseContrastResult(Result):
+    """The refusal direction read from refusal vs compliance openings, and each prompt's projection.
+
+    ``prompts`` are the requests as given; ``refusing`` and ``complying`` are
+    the batches read (chat template + opening).
 
     Attributes
     ----------
-    prompts
-        The requests, as given (before the chat template).
+    refusing, complying
+        Each request in the chat template followed by the refusal opening, and by the compliance one.
+    direction
+        Per layer, ``method`` of the refusing vs complying activations at ``position``.
+    refusing_projection, complying_projection
+        ``[prompt, layer]``: each prompt's activation projected on the unit direction of each layer.
+    """
+
+    refusing: Prompts
+    complying: Prompts
+    direction: Direction
+    refusing_projection: Float[Tensor, "prompt layer"]
+    complying_projection: Float[Tensor, "prompt layer"]
+
+    def separation(self) -> Float[Tensor, " layer"]:
+        """Per layer, the mean projection gap (refusing - complying) over their pooled standard deviation."""
+        gap = self.refusing_projection.mean(0) - self.complying_projection.mean(0)
+        var = torch.cat([self.refusing_projection, self.complying_projection]).var(0, correction=0)
+        return gap / var.sqrt().clamp_min(1e-6)
+
+    def metrics(self) -> dict[str, float]:
+        """``max_separation`` over layers (:meth:`separation`) and ``best_layer``, where it is reached."""
+        separation = self.separation()
+        best = int(separation.argmax())
+        return {"max_separation": float(separation[best]), "best_layer": float(self.direction.layers[best])}
+
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """The ``k`` layers whose projections separate the openings best (by :meth:`separation`)."""
+        frame = pd.DataFrame(
+            {
+                "layer": self.direction.layers,
+                "separation": self.separation().double().numpy(),
+                "norm": self.direction.vectors.norm(dim=-1).double().numpy(),
+            }
+        )
+        return frame.sort_values("separation", ascending=False).head(k).reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt, layer and opening: ``prompt, request, layer, opening, projection``."""
+        rows = []
+        requests = self.prompts.texts if self.prompts is not None and self.prompts.texts else None
+        for opening, values in (("refusal", self.refusing_projection), ("compliance", self.complying_projection)):
+            for prompt in range(values.shape[0]):
+                for j, layer in enumerate(self.direction.layers):
+                    rows.append(
+                        (prompt, None if requests is None else requests[prompt], layer, opening, float(values[prompt, j]))
+                    )
+        return pd.DataFrame(rows, columns=["prompt", "request", "layer", "opening", "projection"])
+
+    def figure(self, **options: Any) -> go.Figure:
+        """Mean projection per layer of the refusing and complying reads (bars: one standard deviation)."""
+        fig = go.Figure()
+        for name, values in (("refusal opening", self.refusing_projection), ("compliance opening", self.complying_projection)):
+            fig.add_scatter(
+                x=self.direction.layers,
+                y=values.mean(0).tolist(),
+                error_y=dict(array=values.std(0, correction=0).tolist()),
+                mode="lines+markers",
+                name=name,
+            )
+        fig.update_layout(
+            template=TEMPLATE,
+            title=f"Response contrast: projection on the refusal direction ({self.model_name})",
+            xaxis_title="layer",
+            yaxis_title="projection",
+            **options,
+        )
+        return fig
+
+    def _fields(self) -> dict[str, Any]:
+        fields = super()._fields()
+        fields["refusing"] = _prompts_fields(self.refusing)
+        fields["complying"] = _prompts_fields(self.complying)
+        fields["direction"] = self.direction._fields()
+        return fields
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> ResponseContrastResult:
+        fields["refusing"] = _prompts_from(fields["refusing"])
+        fields["complying"] = _prompts_from(fields["complying"])
+        fields["direction"] = Direction._from_fields(fields["direction"])
+        return super()._from_fields(fields)
+
+
+class ResponseContrast(Experiment):
+    """The direction that turns a reply towards refusing (contrastive activation addition).
+
+    Each request, in the chat template, is read twice: followed by a refusal
+    opening and by a compliance one (Rimsky et al. 2024). ``method`` of the
+    two reads at ``position`` (the last token by default) gives one vector per
+    layer. On a small model whose harmful and harmless prompts barely differ
+    in how they are answered, this steers towards refusal where the prompt
+    contrast does not. Takes text requests.
+
+    Parameters
+    ----------
+    refusal, compliance
+        The two openings appended after the chat template.
+    method, layers, position
+        As in :meth:`Direction.from_prompts`.
+    batch_size
+        Prompts per forward pass.
+    """
+
+    def __init__(
+        self,
+        refusal: str = "I'm sorry, but I can't",
+        compliance: str = "Sure, here is",
+        method: Method = "diff_in_means",
+        layers: Layers = "all",
+        position: Position = -1,
+        batch_size: int = 32,
+    ):
+        self.refusal = refusal
+        self.compliance = compliance
+        self.method = method
+        self.layers = layers
+        self.position = position
+        self.batch_size = batch_size
+
+    def run(self, model: Any, prompts: Prompts | None) -> ResponseContrastResult:
+        if prompts is None:
+            raise AnalysisError("ResponseContrast reads requests: pass prompts (a list of strings)")
+        _check_tokenizer(self, model)
+        requests = _requests(prompts, "ResponseContrast")
+        refusing = chat_prompts(model, requests, self.refusal)
+        complying = chat_prompts(model, requests, self.compliance)
+        chosen = resolve_layers(model, self.layers)
+        pos = resid_activations(model, refusing, chosen, self.position, self.batch_size)
+        neg = resid_activations(model, complying, chosen, self.position, self.batch_size)
+        direction = Direction.from_activations(
+            pos, neg, chosen, self.method, position=self.position,
+            model_name=model_name_of(model), architecture=architecture_of(model),
+        )  # fmt: skip
+        unit = direction.unit().vectors  # [layer, d_model]
+        return ResponseContrastResult(
+            **self.provenance(model, prompts),
+            refusing=refusing.to("cpu"),
+            complying=complying.to("cpu"),
+            direction=direction,
+            refusing_projection=(pos * unit).sum(-1),
+            complying_projection=(neg * unit).sum(-1),
+        )
+
+
+# ------------------------------------------------------------------ harness
+@dataclass(kw_only=True, eq=False)
+class RefusalReport(Result):
+    """Generations for a batch of requests, their refusal flags and fluency.
+
+    ``prompts`` are the batch the model continued (the chat-templated requests
+    unless the evaluation ran with ``chat=False``).
+
+    Attributes
+    ----------
+    requests
+        The requests as given (before the chat template).
     generations
-        The greedy continuation of each (special tokens dropped).
+        The greedy continuation of each (special tokens dropped, stripped).
     refusals
         :func:`is_refusal` of each generation.
     perplexity
-        Per prompt, the perplexity of its continuation under the unsteered model
-        (a fluency proxy: steering that breaks the language raises it).
+        ``[prompt]``: the perplexity of each continuation under the unsteered
+        model (a fluency proxy: steering that breaks the language raises it).
     max_new_tokens
         How many tokens were generated.
     """
 
-    prompts: list[str]
+    requests: list[str]
     generations: list[str]
     refusals: list[bool]
-    perplexity: list[float]
+    perplexity: Float[Tensor, " prompt"]
     max_new_tokens: int
 
     @property
@@ -212,113 +394,149 @@ class RefusalReport:
 
     @property
     def mean_perplexity(self) -> float:
-        """``exp`` of the mean log-perplexity over prompts."""
-        logs = torch.tensor(self.perplexity).log()
+        """``exp`` of the mean log-perplexity over prompts (non-finite values left out)."""
+        logs = self.perplexity.double().log()
         return float(logs[logs.isfinite()].mean().exp())
 
-    def to_frame(self) -> Any:
-        """One row per prompt: prompt, generation, refusal, perplexity (pandas)."""
-        import pandas as pd
+    def metrics(self) -> dict[str, float]:
+        """``refusal_rate`` and ``mean_perplexity`` (what a sweep stores in its table)."""
+        return {"refusal_rate": self.refusal_rate, "mean_perplexity": self.mean_perplexity}
 
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt: ``prompt, request, generation, refusal, perplexity``."""
         return pd.DataFrame(
             {
-                "prompt": self.prompts,
+                "prompt": range(len(self.requests)),
+                "request": self.requests,
                 "generation": self.generations,
                 "refusal": self.refusals,
-                "perplexity": self.perplexity,
+                "perplexity": self.perplexity.double().numpy(),
             }
         )
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the report as JSON, atomically."""
-        write_json(path, asdict(self))
+    def top(self, k: int = 10) -> pd.DataFrame:
+        """``k`` rows of :meth:`to_frame`: the refusals first, then the others, each in prompt order."""
+        frame = self.to_frame()
+        return frame.sort_values("refusal", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> RefusalReport:
-        """Read a report written by :meth:`save`."""
-        return cls(**read_json(path))
+    def figure(self, **options: Any) -> go.Figure:
+        """Each prompt's continuation perplexity, refusals and compliances in two colours."""
+        frame = self.to_frame()
+        fig = go.Figure()
+        for refused, name in ((True, "refusal"), (False, "compliance")):
+            part = frame[frame["refusal"] == refused]
+            fig.add_bar(
+                x=part["prompt"], y=part["perplexity"], name=name,
+                customdata=list(zip(part["request"], part["generation"], strict=True)),
+                hovertemplate="%{customdata[0]}<br>→ %{customdata[1]}<br>perplexity %{y:.2f}<extra></extra>",
+            )  # fmt: skip
+        fig.update_layout(
+            template=TEMPLATE,
+            title=f"Refusal rate {self.refusal_rate:.0%} ({self.model_name}, {self.max_new_tokens} new tokens)",
+            xaxis_title="prompt",
+            yaxis_title="continuation perplexity",
+            **options,
+        )
+        return fig
 
 
-def evaluate(
-    model: Any,
-    prompts: Sequence[str],
-    *,
-    steering: Steering | None = None,
-    max_new_tokens: int = 16,
-    batch_size: int = 16,
-) -> RefusalReport:
-    """Generate greedily for each prompt in the chat template and flag refusals.
+class RefusalEvaluation(Experiment):
+    """Generate greedily for each request (in the chat template) and flag refusals.
+
+    One generation pass per batch of ``batch_size`` requests (left-padded with
+    their mask, each row continued from its own last token), under
+    ``steering`` when given, then one unsteered pass for the perplexity of
+    each continuation. Needs a model with a tokenizer.
 
     Parameters
     ----------
-    model
-        A dynalens transformer with a tokenizer (``dl.load("smollm2-135m")``).
-    prompts
-        Requests as plain text; each is wrapped by :func:`chat`.
     steering
-        ``None`` (unsteered) or a function of no arguments returning a context
-        manager under which generation runs, for instance
-        ``lambda: steer(model, d, layers=[8], alpha=6.0)`` or
-        ``lambda: controller.attach(model)``.
+        ``None`` (unsteered), or a function of the model returning a context
+        manager under which generation runs:
+        ``functools.partial(steer, direction=d, layers=[8], alpha=6.0)`` or a
+        fitted controller's ``attach``.
     max_new_tokens
         Tokens generated per prompt; a refusal shows in its first dozen.
     batch_size
-        Prompts generated together (left padding with an attention mask).
+        Prompts generated together.
+    chat
+        Wrap each text request in the chat template (:func:`chat_prompts`);
+        ``False``: continue the prompts as given (strings or token ids).
 
-    Returns
-    -------
-    RefusalReport
+    Examples
+    --------
+    >>> report = RefusalEvaluation(max_new_tokens=8)(model, prompt_set("harmful", "test"))  # doctest: +SKIP
+    >>> report.refusal_rate, report.to_frame()                                               # doctest: +SKIP
     """
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("prompts is empty: pass at least one request")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    tokenizer = _tokenizer(model)
-    rows = chat_tokens(model, prompts)
-    generations: list[str] = []
-    perplexity: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            tokens, mask = left_padded(model, rows[start : start + batch_size])
-            with steering() if steering is not None else nullcontext():
-                out = model.generate(
-                    tokens,
-                    max_new_tokens=max_new_tokens,
-                    attention_mask=mask,
-                    return_type="tokens",
-                )
-            new = out[:, tokens.shape[1] :]
-            generations += tokenizer.batch_decode(new, skip_special_tokens=True)
-            perplexity += continuation_perplexity(model, out, mask, tokens.shape[1]).tolist()
-    return RefusalReport(
-        prompts=prompts,
-        generations=[g.strip() for g in generations],
-        refusals=[is_refusal(g) for g in generations],
-        perplexity=perplexity,
-        max_new_tokens=max_new_tokens,
-    )
+
+    def __init__(
+        self,
+        steering: Steering | None = None,
+        max_new_tokens: int = 16,
+        batch_size: int = 16,
+        chat: bool = True,
+    ):
+        self.steering = steering
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.chat = chat
+
+    def _validate(self) -> None:
+        if self.steering is not None and not callable(self.steering):
+            raise ValueError(
+                "steering must be None or a function of the model returning a context manager "
+                f"(functools.partial(steer, direction=d, ...) or controller.attach), got {self.steering!r}"
+            )
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+
+    def run(self, model: Any, prompts: Prompts | None) -> RefusalReport:
+        self._validate()
+        if prompts is None:
+            raise AnalysisError("RefusalEvaluation generates from requests: pass prompts (a list of strings)")
+        _check_tokenizer(self, model)
+        tokenizer = model.tokenizer
+        if self.chat:
+            requests = _requests(prompts, "RefusalEvaluation(chat=True)")
+            inputs = chat_prompts(model, requests)
+        else:
+            inputs = prompts
+            requests = list(prompts.texts) if prompts.texts else ["".join(t) for t in prompts.str_tokens]
+        generations: list[str] = []
+        perplexity: list[Tensor] = []
+        with torch.no_grad():
+            for start in range(0, len(inputs), self.batch_size):
+                batch = inputs if len(inputs) <= self.batch_size else inputs[start : start + self.batch_size]
+                with self.steering(model) if self.steering is not None else nullcontext():
+                    out = model.generate(batch, max_new_tokens=self.max_new_tokens, return_type="tokens")
+                generations += tokenizer.batch_decode(out[:, batch.tokens.shape[1] :], skip_special_tokens=True)
+                perplexity.append(continuation_perplexity(model, out, batch.mask))
+        generations = [g.strip() for g in generations]
+        return RefusalReport(
+            **self.provenance(model, inputs),
+            requests=requests,
+            generations=generations,
+            refusals=[is_refusal(g) for g in generations],
+            perplexity=torch.cat(perplexity),
+            max_new_tokens=self.max_new_tokens,
+        )
 
 
 def continuation_perplexity(
-    model: Any,
-    tokens: Int[Tensor, "batch pos"],
-    prompt_mask: Int[Tensor, "batch prompt_pos"],
-    n_prompt: int,
+    model: Any, tokens: Int[Tensor, "batch pos"], prompt_mask: Bool[Tensor, "batch prompt_pos"]
 ) -> Float[Tensor, " batch"]:
-    """Perplexity of ``tokens[:, n_prompt:]`` given what precedes it, under ``model`` as is.
+    """Perplexity of ``tokens`` past the prompt columns given what precedes it, under ``model`` as is.
 
-    ``prompt_mask`` marks the real (not padding) prompt tokens; every generated
-    token counts.
+    ``tokens`` are a left-padded prompt batch (real tokens where ``prompt_mask``)
+    followed by the same number of generated tokens in every row.
     """
-    mask = torch.cat(
-        [prompt_mask, torch.ones_like(tokens[:, n_prompt:])], dim=1
-    ).to(tokens.device)
-    logits = model(tokens, attention_mask=mask).float()
+    n_prompt = prompt_mask.shape[1]
+    new = torch.ones_like(tokens[:, n_prompt:], dtype=torch.bool)
+    logits = model(tokens, attention_mask=torch.cat([prompt_mask.to(tokens.device).bool(), new], 1)).float()
     logprobs = logits[:, n_prompt - 1 : -1].log_softmax(-1)
-    nll = -logprobs.gather(-1, tokens[:, n_prompt:, None])[..., 0]
+    nll = -logprobs.gather(-1, tokens[:, n_prompt:, None].to(logprobs.device))[..., 0]
     return nll.mean(-1).exp().cpu()
 
 
@@ -330,8 +548,8 @@ def shipped_controller(name: str = "smollm2-135m") -> SteeringController:
     """The refusal controller fitted by ``benchmarks/steering_eval.py`` for a built-in model.
 
     For ``smollm2-135m``: the response-contrast refusal direction, read at
-    ``blocks.12.hook_resid_post``, steering blocks 8-15 with ``alpha = 6``;
-    feed it :func:`chat_tokens` prompts.
+    ``names.resid_post(12)``, steering blocks 8-15 with ``alpha = 6``;
+    feed it :func:`chat_prompts`.
     """
     if name not in SHIPPED_CONTROLLERS:
         raise KeyError(f"no shipped controller for {name!r}; there is one for: {', '.join(SHIPPED_CONTROLLERS)}")
@@ -341,28 +559,22 @@ def shipped_controller(name: str = "smollm2-135m") -> SteeringController:
 
 
 # --------------------------------------------------------------- classifier
-def pooled_resid(
-    model: Any, texts: Sequence[str], layer: int
-) -> Float[Tensor, "text d_model"]:
-    """The mean over each text's tokens of ``blocks.{layer}.hook_resid_post``."""
-    check_index("layer", layer, model.cfg.n_layers)
-    return resid_activations(model, texts, [layer], "mean")[:, 0]
-
-
-class RefusalClassifier:
+class RefusalClassifier(Saved):
     """Tells refusals from compliance by the model's own activations.
 
     A logistic regression (scikit-learn, fitted on standardised features) on
-    :func:`pooled_resid`: the residual stream after block ``layer``, averaged
-    over the tokens of a response. Labels usually come from :func:`is_refusal`
-    on the model's own generations (or from written refusal and compliance
-    openings), so the classifier carries the phrase rules over to responses
-    that word a refusal differently. ``__init__`` only stores its arguments.
+    the residual stream after block ``layer``, averaged over the real tokens of
+    a response (``resid_activations(model, texts, [layer], "mean")``). Labels
+    usually come from :func:`is_refusal` on the model's own generations (or
+    from written refusal and compliance openings), so the classifier carries
+    the phrase rules over to responses that word a refusal differently.
+    ``__init__`` only stores its arguments; ``save``/``load`` write and read
+    one record file, fitted or not.
 
     Parameters
     ----------
     layer
-        The block whose ``hook_resid_post`` is read.
+        The block whose ``names.resid_post`` is read.
     C
         scikit-learn's inverse regularisation strength.
     """
@@ -371,14 +583,23 @@ class RefusalClassifier:
         self.layer = layer
         self.C = C
 
-    def fit(self, model: Any, texts: Sequence[str], labels: Sequence[bool]) -> RefusalClassifier:
-        """Fit on ``texts`` (responses) with ``labels`` (True: refusal)."""
-        return self.fit_activations(pooled_resid(model, texts, self.layer), labels)
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments by name (scikit-learn's ``get_params``)."""
+        return {name: getattr(self, name) for name in inspect.signature(type(self).__init__).parameters if name != "self"}
 
-    def fit_activations(
-        self, x: Float[Tensor, "text d_model"], labels: Sequence[bool]
-    ) -> RefusalClassifier:
-        """Fit on pooled activations already read (see :func:`pooled_resid`)."""
+    def __repr__(self) -> str:
+        return f"RefusalClassifier({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
+    def _features(self, model: Any, texts: PromptInput) -> Float[Tensor, "text d_model"]:
+        check_index("layer", self.layer, model.cfg.n_layers)
+        return resid_activations(model, texts, [self.layer], "mean")[:, 0]
+
+    def fit(self, model: Any, texts: PromptInput, labels: Sequence[bool]) -> RefusalClassifier:
+        """Fit on ``texts`` (responses: strings or a :class:`Prompts`) with ``labels`` (True: refusal)."""
+        return self.fit_activations(self._features(model, texts), labels)
+
+    def fit_activations(self, x: Float[Tensor, "text d_model"], labels: Sequence[bool]) -> RefusalClassifier:
+        """Fit on pooled activations already read (``resid_activations(..., "mean")[:, 0]``)."""
         from sklearn.linear_model import LogisticRegression
 
         y = [bool(label) for label in labels]
@@ -388,51 +609,40 @@ class RefusalClassifier:
             raise ValueError("labels must contain both refusals (True) and compliance (False)")
         self.mean_ = x.float().mean(0)
         self.std_ = x.float().std(0).clamp_min(1e-6)
-        fit = LogisticRegression(C=self.C, max_iter=1000).fit(
-            ((x.float() - self.mean_) / self.std_).double().numpy(), y
-        )
+        fit = LogisticRegression(C=self.C, max_iter=1000).fit(((x.float() - self.mean_) / self.std_).double().numpy(), y)
         self.coef_ = torch.from_numpy(fit.coef_[0]).float()
         self.intercept_ = float(fit.intercept_[0])
         return self
 
-    def predict_proba(self, model: Any, texts: Sequence[str]) -> Float[Tensor, " text"]:
+    def predict_proba(self, model: Any, texts: PromptInput) -> Float[Tensor, " text"]:
         """The probability that each text is a refusal."""
-        return self.proba_activations(pooled_resid(model, texts, self.layer))
+        return self.proba_activations(self._features(model, texts))
 
     def proba_activations(self, x: Float[Tensor, "text d_model"]) -> Float[Tensor, " text"]:
         """:meth:`predict_proba` on pooled activations already read."""
         if not hasattr(self, "coef_"):
-            raise RuntimeError(
-                "this RefusalClassifier is not fitted yet: call fit(model, texts, labels)"
-            )
+            raise RuntimeError("this RefusalClassifier is not fitted yet: call fit(model, texts, labels)")
         z = ((x.float().cpu() - self.mean_) / self.std_) @ self.coef_ + self.intercept_
         return torch.sigmoid(z)
 
-    def predict(self, model: Any, texts: Sequence[str]) -> list[bool]:
+    def predict(self, model: Any, texts: PromptInput) -> list[bool]:
         """Whether each text is a refusal (probability above one half)."""
         return (self.predict_proba(model, texts) > 0.5).tolist()
 
-    def score(self, model: Any, texts: Sequence[str], labels: Sequence[bool]) -> float:
+    def score(self, model: Any, texts: PromptInput, labels: Sequence[bool]) -> float:
         """Accuracy on ``texts`` against ``labels``."""
         predicted = self.predict(model, texts)
         return sum(p == bool(y) for p, y in zip(predicted, labels, strict=True)) / len(predicted)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted classifier to a safetensors file, atomically."""
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("this RefusalClassifier is not fitted yet: nothing to save")
-        plain = {"layer": self.layer, "C": self.C, "intercept_": self.intercept_}
-        write_safetensors(
-            path,
-            {"coef": self.coef_, "mean": self.mean_, "std": self.std_},
-            metadata={_CLASSIFIER_KEY: json.dumps(plain)},
-        )
+    def _fields(self) -> dict[str, Any]:
+        fitted = None
+        if hasattr(self, "coef_"):
+            fitted = {"coef_": self.coef_, "intercept_": self.intercept_, "mean_": self.mean_, "std_": self.std_}
+        return {"params": self.get_params(), "fitted": fitted}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> RefusalClassifier:
-        """Read a classifier written by :meth:`save`."""
-        tensors, plain = read_tagged(path, _CLASSIFIER_KEY, "refusal classifier")
-        clf = cls(layer=plain["layer"], C=plain["C"])
-        clf.intercept_ = plain["intercept_"]
-        clf.coef_, clf.mean_, clf.std_ = tensors["coef"], tensors["mean"], tensors["std"]
+    def _from_fields(cls, fields: dict[str, Any]) -> RefusalClassifier:
+        clf = cls(**fields["params"])
+        for name, value in (fields["fitted"] or {}).items():
+            setattr(clf, name, value)
         return clf

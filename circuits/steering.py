@@ -1,30 +1,35 @@
 """Steering: move the residual stream along a :class:`Direction` while the model runs.
 
 :func:`steer` is a context manager: inside it every forward pass of the model,
-``model.generate`` included, has the chosen layers' ``blocks.{l}.hook_resid_post``
+``model.generate`` included, has the chosen layers' ``names.resid_post(layer)``
 changed. Three modes, with ``u`` the unit vector of the layer:
 
 - ``"add"``: ``x + alpha * u``;
 - ``"ablate"``: ``x - (x . u) u`` (the projection on ``u`` is removed);
 - ``"ablate_add"``: ``x - (x . u) u + alpha * u`` (the projection is set to ``alpha``).
 
-Positions are ``"all"``, ``"prompt"`` or ``"generated"``. A forward pass that
-starts a sequence (no KV cache for a transformer, no recurrent state for a
-Mamba or RNN) covers the prompt; one that continues a sequence from its cache
-covers generated tokens. So with the cache on, the one-position tensors of
-later steps are never mistaken for the prompt (the bug of steering-vectors #60),
-and a prompt of one token is still a prompt.
+Positions are ``"all"``, ``"prompt"`` or ``"generated"``. In ``generate`` the
+first pass is the prompt and each later pass a generated token (passes are
+counted at ``names.EMBED``); any other forward that starts a sequence (no KV
+cache for a transformer, no recurrent state for a Mamba or RNN) covers the
+prompt, one that continues from its cache generated tokens. So with the cache
+on, the one-position tensors of later steps are never mistaken for the prompt
+(the bug of steering-vectors #60), and a prompt of one token is still a
+prompt. In a left-padded batch (:class:`~dynalens.models.prompts.Prompts`, or
+token ids with an ``attention_mask``) pad positions are never steered.
 
-Hooks are removed on exit, exceptions included; weights are never touched.
+Hooks and the wrapped ``forward``/``generate`` are removed on exit, exceptions
+included; weights are never touched.
 
 :class:`SteeringController` (after Guiding Giants) decides per prompt how much
 to steer: ``fit`` on two prompt sets, ``predict`` a global scale and per-layer
 weights, ``score`` (ROC AUC of the scale), ``attach(model)`` to steer each
-generation as predicted for its own prompt, ``save``/``load``.
+generation as predicted for its own prompt; it saves as one record file
+(:class:`~dynalens.probes.results.Saved`).
 
 Examples
 --------
->>> d = Direction.diff_in_means(model, harmful, harmless)        # doctest: +SKIP
+>>> d = Direction.from_prompts(model, harmful, harmless)          # doctest: +SKIP
 >>> with steer(model, d, layers=[10, 12], alpha=4.0):            # doctest: +SKIP
 ...     model.generate("How do I pick a lock?")
 """
@@ -32,29 +37,29 @@ Examples
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
-import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+
 from dynalens.circuits.directions import (
     Direction,
     Layers,
     Position,
-    Prompts,
-    read_tagged,
     resid_activations,
-    resid_name,
     resolve_layers,
 )
-from dynalens.models.io import write_safetensors
+from dynalens.models import names
+from dynalens.models.base import as_batch
+from dynalens.models.prompts import PromptInput, Prompts
 from dynalens.models.validation import check_index
-from jaxtyping import Float
-from torch import Tensor, nn
+from dynalens.probes.results import Saved
 
 Mode = Literal["add", "ablate", "ablate_add"]
 Positions = Literal["all", "prompt", "generated"]
@@ -69,29 +74,35 @@ def steered(
     unit: Float[Tensor, " d_model"],
     alpha: float | Float[Tensor, " batch"],
     mode: Mode,
+    mask: Bool[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_model"]:
     """``resid`` moved along the unit vector ``unit`` as ``mode`` says (see the module doc).
 
-    ``alpha`` is a number or one value per sequence ``[batch]``.
+    ``alpha`` is a number or one value per sequence ``[batch]``; where
+    ``mask`` is False (pad positions) ``resid`` is returned unchanged.
     """
     u = unit.to(device=resid.device, dtype=resid.dtype)
     if isinstance(alpha, Tensor):
         alpha = alpha.to(device=resid.device, dtype=resid.dtype).reshape(-1, 1, 1)
     if mode == "add":
-        return resid + alpha * u
-    projected = resid - (resid @ u).unsqueeze(-1) * u
-    return projected if mode == "ablate" else projected + alpha * u
+        out = resid + alpha * u
+    else:
+        projected = resid - (resid @ u).unsqueeze(-1) * u
+        out = projected if mode == "ablate" else projected + alpha * u
+    if mask is None:
+        return out
+    return torch.where(mask.to(resid.device).unsqueeze(-1), out, resid)
 
 
 # What a forward call continues from: transformers >= 5.24 passes `cache`, earlier
-# versions (and TransformerLens' own generate loop) `past_key_values`, HF Mamba
-# `cache_params`, our recurrent models `state`.
+# versions and the Bridge `past_key_values`, HF Mamba `cache_params`, our recurrent
+# models `state`.
 CACHE_ARGUMENTS = ("cache", "past_key_values", "cache_params", "state")
 
 
 def _call_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments of a call to ``module.forward`` by parameter name (``**kwargs`` merged in)."""
-    signature = inspect.signature(module.forward)
+    signature = inspect.signature(type(module).forward.__get__(module))
     bound = signature.bind_partial(*args, **kwargs).arguments
     for name, parameter in signature.parameters.items():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
@@ -110,9 +121,7 @@ def continues_sequence(arguments: dict[str, Any]) -> bool:
     """
     for name in CACHE_ARGUMENTS:
         cache = arguments.get(name)
-        if cache is not None and (
-            not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0
-        ):
+        if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
             return True
     position = arguments.get("cache_position")
     if isinstance(position, Tensor) and position.numel() > 0 and int(position.min()) > 0:
@@ -126,38 +135,117 @@ def continues_sequence(arguments: dict[str, Any]) -> bool:
     )
 
 
-class SequencePhase:
-    """Whether the forward pass now running reads the prompt or generated tokens.
+def pass_mask(model: Any, arguments: dict[str, Any]) -> Bool[Tensor, "batch pos"] | None:
+    """The real positions of the pass a forward call runs; ``None`` when every position is real.
 
-    A forward pre-hook on the model (``with_kwargs=True``): a call that
-    :func:`continues_sequence` runs generated tokens; any other call starts a
-    sequence, so its positions are the prompt. ``on_prompt(tokens,
-    attention_mask)``, when given, runs at the start of every sequence (the mask
-    is ``None`` when the call passes none); passes it makes itself are never steered.
+    The input's mask as the model reads it (:func:`~dynalens.models.base.as_batch`:
+    a :class:`Prompts` brings its own, a list of prompts becomes one, token ids
+    take their ``attention_mask``); a mask longer than the input (a continuing
+    pass) gives its last ``pos`` columns. ``None`` for embeddings.
+    """
+    tokens, mask = arguments.get("input"), arguments.get("attention_mask")
+    if isinstance(tokens, Tensor):
+        if tokens.is_floating_point():
+            return None
+        if isinstance(mask, Tensor) and mask.shape[-1] > tokens.shape[-1]:
+            return mask[..., -tokens.shape[-1] :].bool()
+    return as_batch(model, tokens, mask if isinstance(tokens, Tensor) else None)[1]
+
+
+def call_prompts(model: Any, input: Any, attention_mask: Tensor | None = None) -> Prompts | None:
+    """The prompts a sequence-starting call reads, as a :class:`Prompts` (pads dropped); ``None`` for embeddings."""
+    if isinstance(input, Prompts):
+        return input
+    if not isinstance(input, Tensor):
+        return Prompts(model, input)
+    if input.is_floating_point():
+        return None
+    tokens, mask = as_batch(model, input, attention_mask)
+    if mask is None:
+        return Prompts(model, tokens)
+    return Prompts(model, [row[keep] for row, keep in zip(tokens, mask, strict=True)])
+
+
+class SequencePhase:
+    """Whether the forward pass now running reads the prompt or generated tokens, and its mask.
+
+    Inside ``generate`` (:meth:`generation`), the first pass is the prompt and
+    each later one a generated token; passes are counted at the embedding
+    (:meth:`on_embed`), whatever way the model runs them. Outside it, each
+    outermost forward call (see :func:`watch_forward`) that
+    :func:`continues_sequence` runs generated tokens, any other the prompt.
+    ``mask`` is the real positions of the running pass (``None``: all real).
+    ``on_prompt(prompts)``, when given, runs before every sequence starts with
+    its :class:`Prompts` (``None`` for embeddings); passes it makes itself are
+    never steered.
     """
 
-    def __init__(self, on_prompt: Callable[[Tensor, Tensor | None], None] | None = None) -> None:
+    def __init__(self, on_prompt: Callable[[Prompts | None], None] | None = None) -> None:
         self.generating = False
         self.reading = False
+        self.mask: Tensor | None = None
         self.on_prompt = on_prompt
+        self._prompt_mask: Tensor | None = None
+        self._passes: int | None = None  # passes seen in the generate now running; None outside
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.reading:
+        """An outermost forward call outside ``generate``, with its arguments."""
+        if self.reading or self._passes is not None:
             return
         arguments = _call_arguments(module, args, kwargs)
         self.generating = continues_sequence(arguments)
-        if not self.generating and self.on_prompt is not None:
-            self.reading = True
-            try:
-                self.on_prompt(arguments["input"], arguments.get("attention_mask"))
-            finally:
-                self.reading = False
+        self.mask = pass_mask(module, arguments)
+        if not self.generating:
+            self._read(lambda: call_prompts(module, arguments.get("input"), arguments.get("attention_mask")))
+
+    @contextmanager
+    def generation(self, model: Any, input: Any) -> Iterator[None]:
+        """``model.generate(input, ...)`` runs in the block: its prompt pass, then one pass per new token."""
+        if self.reading or self._passes is not None:
+            yield
+            return
+        mask = as_batch(model, input)[1]
+        self._read(lambda: call_prompts(model, input))
+        self._prompt_mask, self._passes = mask, 0
+        try:
+            yield
+        finally:
+            self._prompt_mask, self._passes = None, None
+
+    def on_embed(self, embedding: Tensor, hook: Any) -> None:
+        """A hook on ``names.EMBED``: a pass begins (counted inside ``generate``)."""
+        if self._passes is None or self.reading:
+            return
+        self.generating = self._passes > 0
+        self.mask = None if self.generating else self._prompt_mask
+        self._passes += 1
+
+    def _read(self, prompts: Callable[[], Prompts | None]) -> None:
+        if self.on_prompt is None:
+            return
+        read = prompts()
+        self.reading = True
+        try:
+            self.on_prompt(read)
+        finally:
+            self.reading = False
 
     def steers(self, positions: Positions) -> bool:
         """Whether positions of the current pass are steered under ``positions``."""
         if self.reading:
             return False
         return positions == "all" or (positions == "generated") == self.generating
+
+    def mask_for(self, resid: Tensor, name: str) -> Tensor | None:
+        """The pass mask for ``resid [batch, pos, ...]`` read at hook ``name`` (``None``: all real)."""
+        if self.mask is None:
+            return None
+        if tuple(self.mask.shape) != tuple(resid.shape[:2]):
+            raise ValueError(
+                f"{name} holds [batch, pos] = {tuple(resid.shape[:2])} but the pass's mask of real "
+                f"positions is {tuple(self.mask.shape)}: steering cannot tell pads apart"
+            )
+        return self.mask
 
 
 @contextmanager
@@ -186,7 +274,8 @@ def steer(
         ``"add"``, ``"ablate"`` or ``"ablate_add"`` (see the module doc).
     positions
         ``"all"``, ``"prompt"`` (the tokens of the first pass) or ``"generated"``
-        (every later pass that continues from the model's cache).
+        (every later pass that continues from the model's cache). Pad
+        positions of a left-padded batch are never steered.
 
     Raises
     ------
@@ -201,9 +290,7 @@ def steer(
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     if direction.d_model != model.cfg.d_model:
-        raise ValueError(
-            f"direction has d_model {direction.d_model} but the model has {model.cfg.d_model}"
-        )
+        raise ValueError(f"direction has d_model {direction.d_model} but the model has {model.cfg.d_model}")
     chosen = direction.layers if layers is None else resolve_layers(model, layers)
     per_layer = _per_layer_alpha(alpha, len(chosen))
     with steering_hooks(model, direction, chosen, lambda: per_layer, mode, positions):
@@ -218,13 +305,12 @@ def steering_hooks(
     alphas: Callable[[], Sequence[Any]],
     mode: Mode,
     positions: Positions,
-    on_prompt: Callable[[Tensor, Tensor | None], None] | None = None,
+    on_prompt: Callable[[Prompts | None], None] | None = None,
 ) -> Iterator[None]:
     """Hooks steering ``layers``, each with ``alphas()[i]`` read at every pass; removed on exit.
 
     The engine of :func:`steer` and of :meth:`SteeringController.attach`:
-    ``on_prompt(tokens, attention_mask)`` runs when a sequence starts (see
-    :class:`SequencePhase`).
+    ``on_prompt(prompts)`` runs when a sequence starts (see :class:`SequencePhase`).
     """
     unit = direction.unit()
     phase = SequencePhase(on_prompt)
@@ -233,24 +319,79 @@ def steering_hooks(
         def hook(resid: Tensor, hook: Any) -> Tensor:
             if not phase.steers(positions):
                 return resid
-            return steered(resid, vector, alphas()[i], mode)
+            return steered(resid, vector, alphas()[i], mode, phase.mask_for(resid, hook.name))
 
         return hook
 
-    fwd_hooks = [
-        (resid_name(layer), hook_for(i, unit.vector(layer)))
-        for i, layer in enumerate(layers)
-    ]
+    fwd_hooks = [(names.resid_post(layer), hook_for(i, unit.vector(layer))) for i, layer in enumerate(layers)]
     model.check_hook_names([name for name, _ in fwd_hooks])
     with ExitStack() as stack:
-        handle = model.register_forward_pre_hook(phase, with_kwargs=True)
-        stack.callback(handle.remove)
-        for name, fn in fwd_hooks:
+        stack.enter_context(watch_forward(model, phase))
+        stack.enter_context(watch_generate(model, phase))
+        for name, fn in [(names.EMBED, phase.on_embed), *fwd_hooks]:
             # Permanent, so a nested `model.hooks()` (as in generate) leaves it on; removed on exit.
             hook_point = model.hook_dict[name]
             lens_handle = hook_point.add_hook(fn, dir="fwd", is_permanent=True)
             stack.callback(_remove_handle, hook_point, lens_handle)
         yield
+
+
+@contextmanager
+def watch_forward(model: nn.Module, phase: Callable[[nn.Module, tuple, dict], None]) -> Iterator[None]:
+    """Call ``phase(model, args, kwargs)`` before every outermost forward of ``model`` in the block.
+
+    ``model.forward`` is wrapped for the block's duration, so calls through
+    ``model(...)`` and direct ``model.forward(...)`` calls (TransformerLens'
+    Bridge runs ``run_with_cache`` that way, past module pre-hooks) are both
+    seen; forwards nested in a forward are not. Restored on exit, exceptions included.
+    """
+    depth = 0
+
+    def wrap(original: Callable) -> Callable:
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            nonlocal depth
+            if depth == 0:
+                phase(model, args, kwargs)
+            depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                depth -= 1
+
+        return watched
+
+    with _wrapped_method(model, "forward", wrap):
+        yield
+
+
+@contextmanager
+def watch_generate(model: Any, phase: SequencePhase) -> Iterator[None]:
+    """Run every ``model.generate`` call of the block inside ``phase.generation``."""
+
+    def wrap(original: Callable) -> Callable:
+        def watched(input: Any, *args: Any, **kwargs: Any) -> Any:
+            with phase.generation(model, input):
+                return original(input, *args, **kwargs)
+
+        return watched
+
+    with _wrapped_method(model, "generate", wrap):
+        yield
+
+
+@contextmanager
+def _wrapped_method(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """``obj.name`` replaced by ``wrap(obj.name)`` (an instance attribute) while the block runs."""
+    original = getattr(obj, name)
+    own = vars(obj).get(name)
+    setattr(obj, name, functools.wraps(original)(wrap(original)))
+    try:
+        yield
+    finally:
+        if own is None:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, own)
 
 
 def _per_layer_alpha(alpha: Alpha, n_layers: int) -> list[Any]:
@@ -267,9 +408,7 @@ def _per_layer_alpha(alpha: Alpha, n_layers: int) -> list[Any]:
         return [float(alpha)] * n_layers
     values = [float(a) for a in alpha]
     if len(values) != n_layers:
-        raise ValueError(
-            f"alpha has {len(values)} values but {n_layers} layers are steered"
-        )
+        raise ValueError(f"alpha has {len(values)} values but {n_layers} layers are steered")
     return values
 
 
@@ -277,23 +416,6 @@ def _remove_handle(hook_point: Any, lens_handle: Any) -> None:
     """Remove one hook from ``hook_point``, leaving every other hook in place."""
     lens_handle.hook.remove()
     hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not lens_handle]
-
-
-_CONTROLLER_KEY = "dynalens.steering_controller"
-_CONTROLLER_PARAMS = (
-    "read_layer",
-    "layers",
-    "alpha",
-    "position",
-    "hidden",
-    "lr",
-    "weight_penalty",
-    "max_epochs",
-    "patience",
-    "validation_fraction",
-    "random_state",
-    "mode",
-)
 
 
 @dataclass
@@ -321,16 +443,14 @@ class ControllerNet(nn.Module):
 
     def __init__(self, d_in: int, n_layers: int, hidden: int):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1 + n_layers)
-        )
+        self.body = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, 1 + n_layers))
 
     def forward(self, x: Float[Tensor, "batch d_in"]) -> tuple[Tensor, Tensor]:
         out = self.body(x)
         return out[:, 0], torch.sigmoid(out[:, 1:])
 
 
-class SteeringController:
+class SteeringController(Saved):
     """A light controller that decides, per prompt, how much to steer (Guiding Giants).
 
     It reads one layer's pooled residual stream, standardised, and predicts a
@@ -341,20 +461,21 @@ class SteeringController:
     only through its own head; the paper's weights are trained the same way.
     Steering then adds ``alpha * scale * weight_l`` times the unit direction at
     each layer ``l``. Training is full-batch AdamW with early stopping on the
-    held-out loss. ``__init__`` only stores its arguments (scikit-learn style).
+    held-out loss. ``__init__`` only stores its arguments (scikit-learn style);
+    ``save``/``load`` write and read one record file, fitted or not.
 
     Parameters
     ----------
     direction
         The direction steered along.
     read_layer
-        The block whose ``hook_resid_post`` the controller reads.
+        The block whose ``names.resid_post`` the controller reads.
     layers
         Blocks steered; ``None``: every layer of ``direction``.
     alpha
         Strength at scale 1 and weight 1 (residual-stream units).
     position
-        Where the read layer is pooled: a token index or ``"mean"``.
+        Where the read layer is pooled: a real token index or ``"mean"``.
     hidden, lr, weight_penalty, max_epochs, patience, validation_fraction, random_state
         MLP width, AdamW learning rate, L1 weight on the layer weights, epoch cap,
         epochs without held-out improvement before stopping, held-out share, seed.
@@ -392,43 +513,51 @@ class SteeringController:
         self.random_state = random_state
         self.mode = mode
 
+    # ------------------------------------------------------------ parameters
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments by name (scikit-learn's ``get_params``)."""
+        signature = inspect.signature(type(self).__init__)
+        return {name: getattr(self, name) for name in signature.parameters if name != "self"}
+
+    def set_params(self, **params: Any) -> SteeringController:
+        """Set constructor arguments by name; unknown names are an error. Returns ``self``."""
+        valid = self.get_params()
+        for name, value in params.items():
+            if name not in valid:
+                raise ValueError(f"SteeringController has no parameter {name!r}; its parameters: {sorted(valid)}")
+            setattr(self, name, value)
+        return self
+
+    def __repr__(self) -> str:
+        return f"SteeringController({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
+
     # --------------------------------------------------------------- fitting
     @torch.enable_grad()
-    def fit(
-        self, model: Any, positive: Prompts, negative: Prompts
-    ) -> SteeringController:
+    def fit(self, model: Any, positive: PromptInput, negative: PromptInput) -> SteeringController:
         """Train on the two prompt sets (steer on ``positive``, not on ``negative``).
 
-        Gradients are switched on for the controller's own training, so ``fit``
-        works inside ``torch.no_grad()``; the model is only read.
+        Both are a :class:`Prompts` or what builds one. Gradients are switched
+        on for the controller's own training, so ``fit`` works inside
+        ``torch.no_grad()``; the model is only read.
         """
         if self.mode not in ("add", "ablate_add"):
             raise ValueError(f"mode must be 'add' or 'ablate_add', got {self.mode!r}")
         if not 0 < self.validation_fraction < 1:
-            raise ValueError(
-                f"validation_fraction must lie in (0, 1), got {self.validation_fraction}"
-            )
+            raise ValueError(f"validation_fraction must lie in (0, 1), got {self.validation_fraction}")
         check_index("read_layer", self.read_layer, model.cfg.n_layers)
-        self.layers_ = list(
-            self.direction.layers
-            if self.layers is None
-            else resolve_layers(model, self.layers)
-        )
-        self.direction.unit().vector(
-            self.layers_[0]
-        )  # a layer the direction lacks fails here
+        layers = list(self.direction.layers if self.layers is None else resolve_layers(model, self.layers))
+        for layer in layers:
+            self.direction.vector(layer)  # a layer the direction lacks fails here
         pos = resid_activations(model, positive, [self.read_layer], self.position)[:, 0]
         neg = resid_activations(model, negative, [self.read_layer], self.position)[:, 0]
-        x, y = (
-            torch.cat([pos, neg]),
-            torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]),
-        )
+        x, y = torch.cat([pos, neg]), torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))])
         g = torch.Generator().manual_seed(self.random_state)
         order = torch.randperm(len(x), generator=g)
         n_val = max(1, round(self.validation_fraction * len(x)))
         if len(x) - n_val < 2:
             raise ValueError(f"fit needs at least 3 prompts in all, got {len(x)}")
         val, train = order[:n_val], order[n_val:]
+        self.layers_ = layers
         self.mean_ = x[train].mean(0)
         self.std_ = x[train].std(0).clamp_min(1e-6)
         x = (x - self.mean_) / self.std_
@@ -460,82 +589,59 @@ class SteeringController:
     def _loss(self, net: ControllerNet, x: Tensor, y: Tensor) -> Tensor:
         logit, weights = net(x)
         bce = nn.functional.binary_cross_entropy_with_logits
-        gates = nn.functional.binary_cross_entropy(
-            weights, y[:, None].expand_as(weights)
-        )
+        gates = nn.functional.binary_cross_entropy(weights, y[:, None].expand_as(weights))
         return bce(logit, y) + gates + self.weight_penalty * weights.mean()
 
     # ------------------------------------------------------------ predicting
-    def predict(self, model: Any, prompts: Prompts) -> ControllerOutput:
-        """The scale and per-layer weights for each prompt."""
-        return self._predict_activations(
-            resid_activations(model, prompts, [self.read_layer], self.position)[:, 0]
-        )
+    def predict(self, model: Any, prompts: PromptInput) -> ControllerOutput:
+        """The scale and per-layer weights for each prompt (one left-padded batch, pads unread)."""
+        return self.predict_activations(resid_activations(model, prompts, [self.read_layer], self.position)[:, 0])
 
-    def _predict_activations(
-        self, x: Float[Tensor, "prompt d_model"]
-    ) -> ControllerOutput:
+    def predict_activations(self, x: Float[Tensor, "prompt d_model"]) -> ControllerOutput:
+        """:meth:`predict` from the pooled read-layer activations (:func:`resid_activations`)."""
         if not hasattr(self, "net_"):
-            raise RuntimeError(
-                "this SteeringController is not fitted yet: call fit(model, positive, negative)"
-            )
+            raise RuntimeError("this SteeringController is not fitted yet: call fit(model, positive, negative)")
         with torch.no_grad():
             logit, weights = self.net_((x.float().cpu() - self.mean_) / self.std_)
         return ControllerOutput(scale=torch.sigmoid(logit), weights=weights)
 
-    def score(self, model: Any, positive: Prompts, negative: Prompts) -> float:
+    def score(self, model: Any, positive: PromptInput, negative: PromptInput) -> float:
         """ROC AUC of the predicted scale for telling ``positive`` from ``negative``."""
         from sklearn.metrics import roc_auc_score
 
-        pos, neg = (
-            self.predict(model, positive).scale,
-            self.predict(model, negative).scale,
-        )
+        pos, neg = self.predict(model, positive).scale, self.predict(model, negative).scale
         labels = [1] * len(pos) + [0] * len(neg)
         return float(roc_auc_score(labels, torch.cat([pos, neg]).numpy()))
 
     # ----------------------------------------------------------- persistence
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments but ``direction`` (scikit-learn style)."""
-        return {name: getattr(self, name) for name in _CONTROLLER_PARAMS}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the fitted controller and its direction to one safetensors file, atomically."""
-        if not hasattr(self, "net_"):
-            raise RuntimeError(
-                "this SteeringController is not fitted yet: nothing to save"
-            )
-        tensors = {f"net.{k}": v for k, v in self.net_.state_dict().items()}
-        tensors.update(mean=self.mean_, std=self.std_, direction=self.direction.vectors)
-        fitted = {
-            "layers_": self.layers_,
-            "n_epochs_": self.n_epochs_,
-            "validation_loss_": self.validation_loss_,
-        }
-        params = self.get_params()
+    def _fields(self) -> dict[str, Any]:
+        params = {k: v for k, v in self.get_params().items() if k != "direction"}
         if params["layers"] is not None:  # any sequence (a range) is stored as a list
             params["layers"] = [int(layer) for layer in params["layers"]]
-        plain = {
-            "params": params,
-            "direction": self.direction.metadata(),
-            "fitted": fitted,
-        }
-        write_safetensors(path, tensors, metadata={_CONTROLLER_KEY: json.dumps(plain)})
+        fitted = None
+        if hasattr(self, "net_"):
+            fitted = {
+                "layers_": self.layers_,
+                "n_epochs_": self.n_epochs_,
+                "validation_loss_": self.validation_loss_,
+                "mean_": self.mean_,
+                "std_": self.std_,
+                "net_": dict(self.net_.state_dict()),
+            }
+        return {"params": params, "direction": self.direction._fields(), "fitted": fitted}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SteeringController:
-        """Read a controller written by :meth:`save`, ready to ``predict`` and ``attach``."""
-        tensors, plain = read_tagged(path, _CONTROLLER_KEY, "steering controller")
-        direction = Direction(vectors=tensors["direction"], **plain["direction"])
-        ctrl = cls(direction, **plain["params"])
-        for name, value in plain["fitted"].items():
-            setattr(ctrl, name, value)
-        ctrl.mean_, ctrl.std_ = tensors["mean"], tensors["std"]
-        ctrl.net_ = ControllerNet(ctrl.mean_.shape[0], len(ctrl.layers_), ctrl.hidden)
-        ctrl.net_.load_state_dict(
-            {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
-        )
-        ctrl.net_.eval()
+    def _from_fields(cls, fields: dict[str, Any]) -> SteeringController:
+        ctrl = cls(Direction._from_fields(fields["direction"]), **fields["params"])
+        fitted = fields["fitted"]
+        if fitted is not None:
+            ctrl.layers_ = [int(layer) for layer in fitted["layers_"]]
+            ctrl.n_epochs_ = fitted["n_epochs_"]
+            ctrl.validation_loss_ = fitted["validation_loss_"]
+            ctrl.mean_, ctrl.std_ = fitted["mean_"], fitted["std_"]
+            ctrl.net_ = ControllerNet(ctrl.mean_.shape[0], len(ctrl.layers_), ctrl.hidden)
+            ctrl.net_.load_state_dict(fitted["net_"])
+            ctrl.net_.eval()
         return ctrl
 
     # ------------------------------------------------------------- steering
@@ -544,25 +650,20 @@ class SteeringController:
         """Steer ``model`` as the controller predicts for each prompt, while the block runs.
 
         When a sequence starts (the prompt pass of ``generate``, or any call
-        without a cache), the controller reads that prompt without steering,
-        predicts its scale and weights, then steers the prompt and every
-        generated token with ``alpha * scale * weight_l`` at each layer.
-        A padded batch passed with its ``attention_mask`` (as ``generate`` does)
-        is read one prompt at a time without its padding. The read is one
-        extra forward pass, which other hooks on the model also see.
+        without a cache), the controller reads that batch without steering
+        (one left-padded batch, pads unread), predicts each prompt's scale and
+        weights, then steers each prompt and every token generated after it
+        with ``alpha * scale * weight_l`` at each layer; pads are never steered.
+        The read is one extra forward pass, which other hooks on the model also see.
         """
+        if not hasattr(self, "net_"):
+            raise RuntimeError("this SteeringController is not fitted yet: call fit(model, positive, negative)")
         alphas: list[Tensor] = []
 
-        def plan(tokens: Tensor, attention_mask: Tensor | None) -> None:
-            prompts: Prompts = tokens
-            if attention_mask is not None and not bool(attention_mask.all()):
-                prompts = [row[keep.bool()][None] for row, keep in zip(tokens, attention_mask)]
-            out = self._predict_activations(
-                resid_activations(model, prompts, [self.read_layer], self.position)[:, 0]
-            )
-            alphas[:] = list(out.alphas(self.alpha))
+        def plan(prompts: Prompts | None) -> None:
+            if prompts is None:
+                raise ValueError("the controller reads token prompts; this forward call passed embeddings")
+            alphas[:] = list(self.predict(model, prompts).alphas(self.alpha))
 
-        with steering_hooks(
-            model, self.direction, self.layers_, lambda: alphas, self.mode, "all", plan
-        ):
+        with steering_hooks(model, self.direction, self.layers_, lambda: alphas, self.mode, "all", plan):
             yield

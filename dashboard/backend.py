@@ -1,4 +1,4 @@
-"""The one small interface the pages draw from: models, prompts and cached results.
+"""The one small interface the pages draw from: models, prompts and the Results of their analyses.
 
 Models are held in a **process-level cache** keyed by the name or path the
 user typed (at most ``MAX_MODELS``, least recently used dropped first): loading
@@ -6,6 +6,14 @@ SmolLM2 takes seconds, and every browser tab may share the same weights
 because analyses never change them. Everything else a page needs (the chosen
 model, prompt, position, layer) lives in the browser (``dcc.Store``), so two
 tabs never see each other's work.
+
+A page asks for **all the analyses of its panels that share a prompt** with
+:func:`page_results`: what the results cache (``dashboard/cache.py``) does not
+hold is computed with ONE ``dl.run(model, prompts, [...])`` (one forward for
+every cache-reading analysis), stored, and each panel draws its Result. Every
+callback of a page passes the same list, so whichever runs first pays the
+forward and the others read its Results. Other saved objects (a steering
+direction, a fitted controller) go through :func:`cached`.
 
 Errors meant for the user are :class:`DashboardError`; :func:`user_message`
 turns any exception into one readable line, never a traceback.
@@ -24,7 +32,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +40,15 @@ from typing import Any, TypeVar
 
 import flask
 import torch
-from jaxtyping import Int
 from torch import Tensor
 
 import dynalens
-from dynalens.circuits.directions import resid_name
-from dynalens.dashboard.cache import ResultsCache, SavableResult
+from dynalens.dashboard.cache import ResultsCache, analysis_key, request_key
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.models.zoo import ZOO
+from dynalens.probes.analysis import Analysis, Experiment, run
+from dynalens.probes.results import Result, Saved
 
 log = logging.getLogger("dynalens.dashboard")
 
@@ -50,7 +61,7 @@ MAX_PROMPT_TOKENS = 256
 CACHE_CONFIG_KEY = "DYNALENS_RESULTS_CACHE"
 """Where ``create_app`` puts the app's :class:`ResultsCache` in the Flask config."""
 
-R = TypeVar("R", bound=SavableResult)
+S = TypeVar("S", bound=Saved)
 T = TypeVar("T")
 
 
@@ -62,7 +73,7 @@ _models: OrderedDict[str, Any] = OrderedDict()
 _models_lock = threading.Lock()
 # One analysis at a time in the whole server: hooks are model state, not per call,
 # and the same model can be reached under several names (picker, path, preload).
-_run_lock = threading.Lock()
+_run_lock = threading.RLock()
 
 
 def load_model(name_or_path: str) -> Any:
@@ -96,20 +107,21 @@ def load_model(name_or_path: str) -> Any:
 def model_id(name_or_path: str) -> str:
     """A string that changes when the weights behind ``name_or_path`` may have changed.
 
-    A local path is identified by its resolved location and the size and
-    modification time of its top-level files; a built-in name by the name and
-    the dynalens version (built-in weights ship with the package).
+    A local path or a zoo model is identified by its resolved folder and the
+    size and modification time of its top-level files; a built-in name by the
+    name and the dynalens version (built-in weights ship with the package).
     """
-    path = Path(name_or_path.strip()).expanduser()
+    name = name_or_path.strip()
+    path = ZOO[name].path if name in ZOO else Path(name).expanduser()
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
         stamp = ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
         return f"path:{path.resolve()}:{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
-    return f"name:{name_or_path.strip()}:{dynalens.__version__}"
+    return f"name:{name}:{dynalens.__version__}"
 
 
-def encode_prompt(model: Any, prompt: str) -> Int[Tensor, "1 pos"]:
-    """The prompt's token ids ``[1, pos]``, checked against the model and the dashboard.
+def encode_prompt(model: Any, prompt: str) -> Prompts:
+    """The typed prompt as a one-prompt :class:`Prompts`, checked against the model and the dashboard.
 
     A model without a tokenizer (the synthetic-task zoo models) takes token ids
     typed as integers separated by spaces or commas.
@@ -118,19 +130,24 @@ def encode_prompt(model: Any, prompt: str) -> Int[Tensor, "1 pos"]:
         raise DashboardError("The prompt is empty: type some text to analyse.")
     try:
         if getattr(model, "tokenizer", None) is None:
-            tokens = model.to_tokens(torch.tensor([_parse_ids(prompt)]))
+            prompts = Prompts(model, torch.tensor([_parse_ids(prompt)]))
         else:
-            tokens = model.to_tokens(prompt)
+            prompts = Prompts(model, prompt)
     except DashboardError:
         raise
     except Exception as exc:
         raise DashboardError(user_message(exc)) from exc
-    if tokens.shape[-1] > MAX_PROMPT_TOKENS:
+    if prompts.tokens.shape[-1] > MAX_PROMPT_TOKENS:
         raise DashboardError(
-            f"The prompt is {tokens.shape[-1]} tokens long; the dashboard analyses at most "
+            f"The prompt is {prompts.tokens.shape[-1]} tokens long; the dashboard analyses at most "
             f"{MAX_PROMPT_TOKENS} tokens. Shorten the prompt."
         )
-    return tokens[:1]
+    return prompts
+
+
+def prompts_of(model: Any, ids: Sequence[int]) -> Prompts:
+    """One prompt from the token ids a page stored (``prompt["tokens"]``)."""
+    return Prompts(model, torch.tensor([list(ids)], dtype=torch.long))
 
 
 def _parse_ids(prompt: str) -> list[int]:
@@ -143,31 +160,150 @@ def _parse_ids(prompt: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def cached_result(
-    result_type: type[R],
-    name_or_path: str,
-    tokens: list[int],
-    analysis: str,
-    params: Mapping[str, Any],
-    compute: Callable[[], R],
-) -> R:
-    """The result of ``compute()`` through the app's results cache (see ``create_app``).
+def model_and_prompts(request: Mapping[str, Any]) -> tuple[Any, Prompts]:
+    """The model and the prompt of a page request ``{"model": ..., "prompt": ...}``."""
+    model = load_model(request["model"])
+    return model, encode_prompt(model, request["prompt"])
 
-    ``compute`` runs while no other analysis uses the same model: the Flask
-    server answers callbacks in threads, and a forward pass with hooks
-    (``run_with_cache``) adds them to the shared model, so two at once would
-    see each other's hooks.
+
+# ------------------------------------------------------------------- results
+def results_cache() -> ResultsCache:
+    """The app's results cache (see ``create_app``)."""
+    return flask.current_app.config[CACHE_CONFIG_KEY]
+
+
+class PageResults(Mapping[str, Result]):
+    """The Results of one page's analyses on one batch, by analysis name (``run[analysis]`` works too).
+
+    Results computed by this request are held; the others are read from the
+    results cache when a panel asks for them. An analysis that does not apply
+    to the model raises :class:`DashboardError` with its message when asked for.
+
+    Attributes
+    ----------
+    computed : list of str
+        The analyses this request computed (with one ``dl.run``); empty when all were cached.
     """
-    cache: ResultsCache = flask.current_app.config[CACHE_CONFIG_KEY]
+
+    def __init__(
+        self, cache: ResultsCache, keys: dict[str, str], held: dict[str, Result], unavailable: dict[str, str]
+    ) -> None:
+        self._cache, self._keys, self._held, self._unavailable = cache, keys, dict(held), unavailable
+        self.computed = list(held)
+
+    def __getitem__(self, key: str | Analysis) -> Result:
+        name = key.name if isinstance(key, Analysis) else key
+        if name in self._unavailable:
+            raise DashboardError(self._unavailable[name])
+        if name not in self._held:
+            self._held[name] = self._cache.load(self._keys[name])  # KeyError for a name the page never asked
+        return self._held[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._keys, *self._unavailable])
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._unavailable)
+
+    def applies(self, key: str | Analysis) -> bool:
+        """Whether the analysis applies to the model (else asking for it raises its message)."""
+        return (key.name if isinstance(key, Analysis) else key) in self._keys
+
+
+def page_results(
+    name_or_path: str,
+    model: Any,
+    prompts: Prompts | None,
+    analyses: Sequence[Analysis],
+    report: ProgressReport | None = None,
+) -> PageResults:
+    """The Results of ``analyses`` on ``prompts``: cached ones read back, the rest from ONE ``dl.run``.
+
+    Parameters
+    ----------
+    name_or_path : str
+        The model as the user picked it (its :func:`model_id` is part of every key).
+    model
+        The loaded model.
+    prompts : Prompts or None
+        The batch the page's panels share; ``None`` when every analysis is a
+        weight-only :class:`~dynalens.probes.analysis.Experiment`.
+    analyses : sequence of Analysis
+        Every analysis of the page's panels on these prompts; each callback of a
+        page passes the same list, so the first one computes what is missing
+        for all of them in one forward.
+    report : ProgressReport, optional
+        Advanced by one unit per sequence the model reads (:func:`counting_sequences`).
+
+    Raises
+    ------
+    DashboardError
+        When the run fails (the message names the analyses and the cause).
+    """
+    cache = results_cache()
+    identity = model_id(name_or_path)
+    keys, unavailable = {}, {}
+    for analysis in analyses:
+        try:
+            analysis.check(model)
+        except Exception as exc:  # AnalysisError, or a parameter the model cannot take (a site, a layer)
+            unavailable[analysis.name] = user_message(exc)
+        else:
+            keys[analysis.name] = analysis_key(identity, prompts, analysis)
+    held: dict[str, Result] = {}
+    if any(key not in cache for key in keys.values()):
+        with _run_lock:  # a callback that started first may have computed them meanwhile
+            missing = [a for a in analyses if a.name in keys and keys[a.name] not in cache]
+            if missing:
+                held = _run(model, prompts, missing, report)
+                for name, result in held.items():
+                    cache.store(keys[name], result)
+    return PageResults(cache, keys, held, unavailable)
+
+
+def _run(model: Any, prompts: Prompts | None, analyses: list[Analysis], report: ProgressReport | None) -> dict:
+    """``dl.run`` of ``analyses`` (each weight-only Experiment on its own when there are no prompts)."""
+
+    def compute() -> dict[str, Result]:
+        if prompts is None:
+            if not all(isinstance(a, Experiment) for a in analyses):
+                raise TypeError("only weight-only experiments run without prompts")
+            return {a.name: a(model) for a in analyses}
+        return dict(run(model, prompts, analyses))
+
     try:
-        return cache.get_or_compute(
-            result_type, model_id(name_or_path), tokens, analysis, params, lambda: run_alone(compute)
-        )
+        return (compute if report is None else counting_sequences(model, report, compute))()
     except DashboardError:
         raise
     except Exception as exc:
-        log.exception("analysis %s failed", analysis)
-        raise DashboardError(f"{analysis.replace('_', ' ')} failed: {user_message(exc)}") from exc
+        what = ", ".join(a.name.replace("_", " ") for a in analyses)
+        log.exception("analyses %s failed", what)
+        raise DashboardError(f"{what} failed: {user_message(exc)}") from exc
+
+
+def cached(
+    name_or_path: str,
+    prompts: Prompts | None,
+    what: str,
+    params: Mapping[str, Any],
+    compute: Callable[[], S],
+) -> S:
+    """A saved object (a direction, a fitted controller) through the results cache.
+
+    The key covers the model, ``prompts`` (or ``None``), ``what`` and
+    ``params`` (everything the object depends on that is not in the
+    prompts) and the code version; ``compute`` runs while no other analysis
+    uses a model (hooks are model state).
+    """
+    cache = results_cache()
+    key = request_key(model_id(name_or_path), None if prompts is None else prompts.key(), what, params)
+    try:
+        return cache.get_or_compute(key, lambda: run_alone(compute))
+    except DashboardError:
+        raise
+    except Exception as exc:
+        log.exception("%s failed", what)
+        raise DashboardError(f"{what.replace('_', ' ')} failed: {user_message(exc)}") from exc
 
 
 def run_alone(compute: Callable[[], T]) -> T:
@@ -183,12 +319,6 @@ def user_message(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     text = str(text).strip().splitlines()[0] if str(text).strip() else ""
     return text or type(exc).__name__
-
-
-def model_and_tokens(request: Mapping[str, Any]) -> tuple[Any, Int[Tensor, "1 pos"]]:
-    """The model and the prompt's token ids of a page request ``{"model": ..., "prompt": ...}``."""
-    model = load_model(request["model"])
-    return model, encode_prompt(model, request["prompt"])
 
 
 # ------------------------------------------------------------------ progress
@@ -270,9 +400,9 @@ def counting_sequences(model: Any, report: ProgressReport, compute: Callable[[],
     """``compute`` wrapped so that each sequence ``model`` reads advances ``report`` by one unit.
 
     A forward pass over ``b`` sequences advances it by ``b``, a share after
-    each block (hooks ``blocks.{l}.hook_resid_post``), so the bar moves within
+    each block (hooks ``names.resid_post(l)``), so the bar moves within
     a pass; one generated token is one sequence read. Run the wrapped function
-    under :func:`run_alone` (:func:`cached_result` does): hooks are model state.
+    under :func:`run_alone` (:func:`page_results` and :func:`cached` do): hooks are model state.
     """
     n_layers = model.cfg.n_layers
 
@@ -280,7 +410,7 @@ def counting_sequences(model: Any, report: ProgressReport, compute: Callable[[],
         report.advance(act.shape[0] / n_layers)
 
     def counted() -> T:
-        with model.hooks(fwd_hooks=[(resid_name(layer), tick) for layer in range(n_layers)]):
+        with model.hooks(fwd_hooks=[(names.resid_post(layer), tick) for layer in range(n_layers)]):
             return compute()
 
     return counted

@@ -18,9 +18,8 @@ import dash
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
-from dynalens.dashboard.backend import DashboardError, Progress, model_and_tokens, read_progress, user_message
-from jaxtyping import Int
-from torch import Tensor
+from dynalens.dashboard.backend import DashboardError, Progress, model_and_prompts, read_progress, user_message
+from dynalens.models.prompts import Prompts
 
 log = logging.getLogger("dynalens.dashboard")
 
@@ -69,11 +68,11 @@ def labelled(label: str, control: Any, label_id: str | None = None) -> html.Div:
     return html.Div([span, control], className="inline-control")
 
 
-def requested(request: Mapping[str, Any] | None) -> tuple[Any, Int[Tensor, "1 pos"]]:
-    """The model and prompt token ids of the header's request; no update before the first one."""
+def requested(request: Mapping[str, Any] | None) -> tuple[Any, Prompts]:
+    """The model and the prompt (one-prompt :class:`Prompts`) of the header's request; no update before the first one."""
     if not request:
         raise PreventUpdate
-    return model_and_tokens(request)
+    return model_and_prompts(request)
 
 
 def card(title: str, *children: Any, controls: Sequence[Any] = (), class_name: str = "") -> html.Section:

@@ -5,6 +5,10 @@
 >>> logits, cache = model.run_with_cache("Hello", names_filter=lambda n: "resid" in n)  # doctest: +SKIP
 """
 
+from dynalens import _layout
+
+_layout.install()  # a checkout: dynalens.<name> from the top-level folder <name>/
+
 from dynalens import circuits, kernels, models, probes
 from dynalens._version import __version__
 from dynalens.models import names
@@ -12,8 +16,9 @@ from dynalens.models.loading import list_models, load
 from dynalens.models.prompts import Prompts
 from dynalens.models.validation import HookNameError
 from dynalens.probes.analysis import run
+from dynalens.probes.sweep import Sweep, sweep
 
 __all__ = [
     "__version__", "circuits", "kernels", "models", "probes", "HookNameError", "Prompts", "list_models", "load",
-    "names", "run",
+    "names", "run", "sweep", "Sweep",
 ]

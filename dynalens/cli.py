@@ -64,6 +64,25 @@ def run_train(args: argparse.Namespace) -> int:
     return train_main(args.passthrough)
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    """Run a sweep file's grid on Ray (or here with --local), streaming into its store."""
+    from dynalens.probes.sweep import Sweep, read_sweep_file, sweep
+
+    spec = read_sweep_file(args.file)
+    finished = len(Sweep(spec["store"]).finished())
+    if finished and not args.resume:
+        print(
+            f"{spec['store']} already holds {finished} finished cells: pass --resume to skip them "
+            "and run the rest, or name another store",
+            file=sys.stderr,
+        )
+        return 2
+    done = sweep(**spec, ray=not args.local, address=args.address, workers=args.workers)
+    counts = done.frame()["status"].value_counts().to_dict()
+    print(f"{spec['store']}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return 0 if counts.get("failed", 0) == 0 else 1
+
+
 def add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the built-in and zoo models")
     p.set_defaults(func=run_models)
@@ -89,11 +108,22 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train, passthrough=[])  # main hands it every later argument
 
 
+def add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a grid of models x prompt sets x analyses from a TOML file")
+    p.add_argument("file", metavar="FILE", help="the sweep file (see dynalens.probes.sweep.read_sweep_file)")
+    p.add_argument("--address", default=None, help="a running Ray cluster ('auto', 'ray://host:port')")
+    p.add_argument("--workers", type=int, default=None, help="local Ray workers (default: one per core)")
+    p.add_argument("--resume", action="store_true", help="skip the cells the store already holds")
+    p.add_argument("--local", action="store_true", help="run the cells in this process, without Ray")
+    p.set_defaults(func=run_sweep)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_models,
     add_hooks,
     add_dashboard,
     add_train,
+    add_sweep,
 ]
 
 

@@ -1,11 +1,19 @@
 """The surface every dynalens model shares, whatever its architecture.
 
-``HookedSequenceModel`` is the base of our own models (``HookedRNN``,
-``HookedMamba``): a TransformerLens ``HookedRootModule`` whose hook calls
-check their names, whose inputs are strings or token tensors, and whose
-``generate`` carries a recurrent state so one new token costs O(1).
-The transformer adapter (``models/transformer.py``) offers the same surface
-over a TransformerBridge.
+- :func:`as_batch`: every input (a string, a list of strings or id rows, ids
+  with an optional left-padded ``attention_mask``, a ``Prompts``) becomes
+  token ids and a mask.
+- :class:`CheckedHooks`: the one hook-adding path (names checked, hook
+  outputs shape-checked, hooks removed on exit) and ``run_with_cache``
+  returning the one :class:`~dynalens.models.cache.Cache`.
+- :class:`Generates`: ``generate`` with the same arguments everywhere; each
+  row of a ragged batch continues from its own last real token.
+- :class:`HookedSequenceModel`: the base of our own models (``HookedRNN``,
+  ``HookedMamba``), a TransformerLens ``HookedRootModule`` whose ``generate``
+  carries a recurrent state so one new token costs O(1).
+
+The transformer adapter (``models/transformer.py``) takes the first three over
+a TransformerBridge.
 """
 
 from __future__ import annotations
@@ -190,11 +198,12 @@ class Generates:
         input: TextOrTokens,
         max_new_tokens: int = 20,
         *,
+        attention_mask: Tensor | None = None,
         fwd_hooks: Sequence[tuple[Any, Callable]] = (),
         temperature: float = 0.0,
         do_sample: bool | None = None,
         top_k: int | None = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         return_type: str = "auto",
         generator: torch.Generator | None = None,
         **unknown: Any,
@@ -208,6 +217,8 @@ class Generates:
             its own last real token.
         max_new_tokens : int
             Tokens to add (``>= 0``).
+        attention_mask : Tensor ``[batch, pos]``, optional
+            With a token tensor: True/1 at real tokens, pads on the left (as ``forward``).
         fwd_hooks : list of (name, fn)
             On for the prompt and every new token (each step after the prompt
             runs one position).
@@ -219,9 +230,11 @@ class Generates:
             ``None`` samples exactly when ``temperature > 0``.
         top_k : int, optional
             When sampling, only from the ``top_k`` most likely tokens.
-        eos_token_id : int, optional
-            A row that emits it is finished: its later positions hold
-            ``eos_token_id``; generation stops when every row has finished.
+        eos_token_id : int or list of int, optional
+            A row that emits it (any of them, for a list: e.g. every token that
+            holds a newline) is finished: its later positions hold
+            ``eos_token_id`` (the first of the list); generation stops when
+            every row has finished.
         return_type : {"auto", "str", "tokens"}
             ``"auto"``: strings for text input (a str for a str), else ids.
             Strings are each prompt's real tokens and its new tokens up to and
@@ -239,14 +252,14 @@ class Generates:
         if unknown:
             raise TypeError(
                 f"generate() got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
-                "max_new_tokens, fwd_hooks, temperature, do_sample, top_k, eos_token_id, "
-                "return_type and generator, on every architecture"
+                "max_new_tokens, attention_mask, fwd_hooks, temperature, do_sample, top_k, "
+                "eos_token_id, return_type and generator, on every architecture"
             )
         check_generate_args(
             max_new_tokens, return_type, temperature=temperature, do_sample=do_sample,
             top_k=top_k, eos_token_id=eos_token_id,
         )  # fmt: skip
-        tokens, mask = as_batch(self, input)
+        tokens, mask = as_batch(self, input, attention_mask)
         limit = self._max_positions()
         if limit is not None and tokens.shape[1] + max_new_tokens > limit:
             raise ValueError(
@@ -256,15 +269,16 @@ class Generates:
         sample = temperature > 0 if do_sample is None else do_sample
         temperature = temperature if temperature > 0 else 1.0
         finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        stops = None if eos_token_id is None else torch.tensor(eos_token_id, device=tokens.device).reshape(-1)
         new: list[Tensor] = []
         with self.hooks(fwd_hooks=fwd_hooks):
             if max_new_tokens > 0:
                 logits, state = self._generation_start(tokens, mask)
             for step in range(max_new_tokens):
                 nxt = _next_tokens(logits[:, -1], sample, temperature, top_k, generator).to(tokens.device)
-                if eos_token_id is not None:
-                    nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
-                    finished |= nxt == eos_token_id
+                if stops is not None:
+                    nxt = torch.where(finished, stops[0], nxt)
+                    finished |= torch.isin(nxt, stops)
                 new.append(nxt)
                 if step + 1 == max_new_tokens or bool(finished.all()):
                     break
@@ -272,11 +286,11 @@ class Generates:
         result = torch.cat([tokens, torch.stack(new, dim=1) if new else tokens[:, :0]], dim=1)
         if not _wants_text(input, return_type):
             return result
-        texts = self._decode_generated(result, mask, tokens.shape[1], eos_token_id)
+        texts = self._decode_generated(result, mask, tokens.shape[1], stops)
         return texts[0] if isinstance(input, str) else texts
 
     def _decode_generated(
-        self, result: Tensor, mask: Tensor | None, n_prompt: int, eos_token_id: int | None
+        self, result: Tensor, mask: Tensor | None, n_prompt: int, stops: Tensor | None
     ) -> list[str]:
         """Each row's real prompt tokens and new tokens up to its EOS, decoded."""
         if getattr(self, "tokenizer", None) is None:
@@ -287,8 +301,9 @@ class Generates:
         for i, row in enumerate(result):
             prompt = row[:n_prompt] if mask is None else row[:n_prompt][mask[i]]
             tail = row[n_prompt:]
-            if eos_token_id is not None and bool((tail == eos_token_id).any()):
-                tail = tail[: int((tail == eos_token_id).nonzero()[0]) + 1]
+            ended = torch.isin(tail, stops) if stops is not None else None
+            if ended is not None and bool(ended.any()):
+                tail = tail[: int(ended.nonzero()[0]) + 1]
             ids = torch.cat([prompt, tail]).tolist()
             texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return texts

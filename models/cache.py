@@ -226,9 +226,11 @@ class Cache(ActivationCache):
         Parameters
         ----------
         layer : int, optional
-            Stack ``resid_pre`` of layers ``0 .. layer``; ``None``, ``-1`` or
-            ``n_layers`` (the default) also appends the last ``resid_post``
-            (label ``"final_post"``): ``n_layers + 1`` components.
+            Stack ``resid_pre`` of layers ``0 .. layer`` (read from ``resid_post``
+            of the layer before where only that is cached, as with
+            ``names.resid_stream``); ``None``, ``-1`` or ``n_layers`` (the
+            default) also appends the last ``resid_post`` (label
+            ``"final_post"``): ``n_layers + 1`` components.
         incl_mid, mlp_input : bool
             Also ``resid_mid`` (transformers only: the stream between attention and MLP).
         apply_ln : bool
@@ -258,7 +260,7 @@ class Cache(ActivationCache):
                 parts.append(self[names.resid_post(n - 1)])
                 labels.append("final_post")
                 continue
-            parts.append(self[names.resid_pre(l)])
+            parts.append(self._stream_into(l))
             labels.append(f"{l}_pre")
             if (incl_mid and l < layer) or (mlp_input and l == layer):
                 parts.append(self[names.resid_mid(l)])
@@ -345,8 +347,8 @@ class Cache(ActivationCache):
             if mixers:
                 parts.append(self[names.attn_out(l) if transformer else names.mixer_out(l)])
                 labels.append(f"{l}_attn_out" if transformer else f"{l}_mixer_out")
-            if mlps:
-                parts.append(self[names.mlp_out(l)])
+            if mlps or (mode == "all" and self.architecture == "hybrid" and names.resid_mid(l) in self.model.hook_dict):
+                parts.append(self[names.mlp_out(l)])  # hybrids: the layers with an MLP after the mixer
                 labels.append(f"{l}_mlp_out")
         if mlp_input and mixers:
             parts.append(self[names.attn_out(layer)])
@@ -460,6 +462,12 @@ class Cache(ActivationCache):
                 f"applies to {', '.join(architectures)} models only"
             )
 
+    def _stream_into(self, layer: int) -> Tensor:
+        """``resid_pre`` of ``layer``, or the equal ``resid_post`` of the layer before when only that is cached."""
+        if names.resid_pre(layer) not in self.cache_dict and layer > 0 and names.resid_post(layer - 1) in self.cache_dict:
+            return self.cache_dict[names.resid_post(layer - 1)]
+        return self[names.resid_pre(layer)]
+
     def _final_norm(self, x: Float[Tensor, "*batch_and_pos d_model"]) -> Tensor:
         """The model's final norm of each vector of ``x``, recomputed for that vector."""
         norm = getattr(self.model, "ln_final", None)
@@ -506,6 +514,32 @@ class Cache(ActivationCache):
             raise TypeError(f"tokens must be integer ids, got dtype {ids.dtype}")
         W_U = self.model.W_U
         return W_U[:, ids.to(W_U.device)].movedim(0, -1)
+
+
+def hooks_for(model: Any, method: str, *, apply_ln: bool = False, incl_mid: bool = False, mode: str = "all") -> list[str]:
+    """The hooks a :class:`Cache` method reads on ``model``: what ``names_filter`` must hold.
+
+    ``method`` is ``"accumulated_resid"`` or ``"decompose_resid"`` (whole
+    stream, ``layer=None``); the options are theirs.
+
+    >>> from dynalens.models import HookedMamba, MambaConfig
+    >>> hooks_for(HookedMamba(MambaConfig(d_model=16, n_layers=2, d_vocab=50)), "decompose_resid")
+    ['hook_embed', 'blocks.0.hook_mixer_out', 'blocks.1.hook_mixer_out']
+    """
+    n = model.cfg.n_layers
+    transformer = getattr(model.cfg, "architecture", None) in TRANSFORMERS
+    if method == "accumulated_resid":
+        mids = [names.resid_mid(l) for l in range(n)] if incl_mid else []
+        return names.resid_stream(n) + mids
+    if method == "decompose_resid":
+        found = [names.EMBED] + ([names.POS_EMBED] if transformer and _learned_positions(model) else [])
+        for l in range(n):
+            if mode != "mlp":
+                found.append(names.attn_out(l) if transformer else names.mixer_out(l))
+            if transformer and mode in ("all", "mlp"):
+                found.append(names.mlp_out(l))
+        return found + ([names.FINAL_SCALE] if apply_ln else [])
+    raise ValueError(f"method must be 'accumulated_resid' or 'decompose_resid', got {method!r}")
 
 
 def _learned_positions(model: Any) -> bool:

@@ -30,7 +30,7 @@ class ModelRow:
     """One line of :func:`list_models`."""
 
     name: str
-    architecture: str  # "transformer" | "mamba" | "rnn"
+    architecture: str  # "transformer" | "mamba" | "mamba2" | "rnn"
     parameters: int | None  # None when the weights are not on disk yet
     description: str
 
@@ -70,10 +70,13 @@ def load(
     ----------
     name_or_path
         ``"smollm2-135m"``; a zoo name (``dynalens models`` lists them); a folder
-        with a ``config.json`` (``model_type`` ``"mamba"`` → ``HookedMamba``,
-        ``"dynalens-rnn"`` → ``HookedRNN``, anything else → a HuggingFace causal LM
+        with a ``config.json`` (``model_type`` ``"mamba"``, ``"falcon_mamba"`` → ``HookedMamba``,
+        ``"mamba2"`` → ``HookedMamba2``,
+        ``"dynalens-rnn"`` → ``HookedRNN``, an SSM/attention hybrid (Bamba, Nemotron-H,
+        GraniteMoeHybrid, Zamba2, Falcon-H1, Jamba) → ``HookedHybrid``, anything else → a HuggingFace causal LM
         behind :class:`~dynalens.models.transformer.HookedTransformerBridge`); or a
-        ``.gguf`` file (a transformer, dequantised).
+        ``.gguf`` file (dequantised; a Mamba GGUF → ``HookedMamba``, any other
+        architecture transformers reads from GGUF → the Bridge).
     device, dtype
         Where and in what precision to put the weights (default: CPU, float32).
     device_map, max_memory, offload_folder
@@ -85,7 +88,7 @@ def load(
 
     Returns
     -------
-    HookedTransformerBridge | HookedMamba | HookedRNN
+    HookedTransformerBridge | HookedMamba | HookedMamba2 | HookedHybrid | HookedRNN
         A model with ``run_with_cache``, ``run_with_hooks``, ``generate`` and the
         shared hook names.
     """
@@ -105,7 +108,7 @@ def load(
     if path.is_file() and path.suffix == ".gguf":
         if device_map is not None:
             raise ValueError("device_map applies to model folders: a GGUF file is dequantised in memory")
-        return _named(HookedTransformerBridge.from_gguf(check_gguf(path), device=device, dtype=dtype), key)
+        return _named(_load_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
         return _named(_load_folder(path, device=device, dtype=dtype, **placement), key)
     names = [row.name for row in list_models()]
@@ -127,8 +130,10 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
     model_type = folder_model_type(folder)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if model_type in OWN_MODEL_TYPES:
-        if model_type == "mamba":
+        if model_type in ("mamba", "falcon_mamba"):
             from dynalens.models.mamba import HookedMamba as own
+        elif model_type == "mamba2":
+            from dynalens.models.mamba2 import HookedMamba2 as own
         else:
             from dynalens.models.rnn import HookedRNN as own
         model = own.from_pretrained(folder, **kwargs)
@@ -137,15 +142,31 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
         from dynalens.models.placement import place
 
         return place(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
+    from dynalens.models.hybrid import HYBRID_MODEL_TYPES, load_hybrid
     from dynalens.models.transformer import HookedTransformerBridge
 
+    if model_type in HYBRID_MODEL_TYPES:
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+        return load_hybrid(folder, **placement, **kwargs)
     return HookedTransformerBridge.from_pretrained(
         folder, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder, **kwargs
     )
 
 
+def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
+    """A GGUF file of any architecture transformers reads: Mamba → ``HookedMamba``, else the Bridge."""
+    from dynalens.models.transformer import HookedTransformerBridge, hf_from_gguf
+
+    hf_model, tokenizer = hf_from_gguf(path, dtype=dtype or torch.float32)
+    if hf_model.config.model_type == "mamba":
+        from dynalens.models.mamba import HookedMamba
+
+        return HookedMamba.from_hf(hf_model, tokenizer, dtype=dtype or torch.float32).to(device or "cpu")
+    return HookedTransformerBridge.from_hf(hf_model.to(device or "cpu"), tokenizer, name=str(path))
+
+
 #: ``model_type`` values dynalens opens with its own classes; any other must be a transformers type.
-OWN_MODEL_TYPES = ("mamba", "dynalens-rnn")
+OWN_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2", "dynalens-rnn")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 

@@ -61,6 +61,10 @@ class MambaConfig(SequenceConfig):
     [conv_kernel], ``use_bias``, ``use_conv_bias``, ``eps``
     [layer_norm_epsilon], ``tie_embeddings`` [tie_word_embeddings],
     ``residual_in_fp32``. ``d_inner = expand * d_model`` [intermediate_size].
+
+    ``bcdt_norm`` (Falcon-Mamba, Jamba's Mamba layers): the mixer RMS-normalises
+    the low-rank ``dt`` input of ``dt_proj`` and ``B``, ``C`` before the scan
+    (``eps = bcdt_eps`` [mixer_rms_eps]); an HF ``FalconMambaConfig`` sets it.
     """
 
     architecture: ClassVar[str] = "mamba"
@@ -74,6 +78,8 @@ class MambaConfig(SequenceConfig):
     eps: float = 1e-5
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
+    bcdt_norm: bool = False
+    bcdt_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.dt_rank is None:
@@ -92,20 +98,28 @@ class MambaConfig(SequenceConfig):
     def from_hf(cls, hf_config: Any) -> MambaConfig:
         """Build from a ``transformers.MambaConfig`` (or its ``to_dict()``)."""
         d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
-        if d.get("model_type") != "mamba":
-            raise ValueError(f"expected an HF config with model_type 'mamba', got {d.get('model_type')!r}")
+        if d.get("model_type") not in ("mamba", "falcon_mamba"):
+            raise ValueError(
+                f"expected an HF config with model_type 'mamba' or 'falcon_mamba', got {d.get('model_type')!r}"
+            )
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"HookedMamba supports hidden_act 'silu' only, got {d['hidden_act']!r}")
         kwargs = {ours: d[hf] for ours, hf in _HF_FIELDS.items() if hf in d}
         if kwargs.get("dt_rank") == "auto":
             kwargs["dt_rank"] = None
+        if d["model_type"] == "falcon_mamba":
+            kwargs.update(bcdt_norm=True, bcdt_eps=d.get("mixer_rms_eps", 1e-6))
         return cls(**kwargs)
 
     def to_hf(self) -> Any:
-        """The equivalent ``transformers.MambaConfig``."""
+        """The equivalent ``transformers.MambaConfig`` (``FalconMambaConfig`` with ``bcdt_norm``)."""
+        from transformers import FalconMambaConfig
         from transformers import MambaConfig as HFMambaConfig
 
-        return HFMambaConfig(**{hf: getattr(self, ours) for ours, hf in _HF_FIELDS.items()})
+        fields = {hf: getattr(self, ours) for ours, hf in _HF_FIELDS.items()}
+        if self.bcdt_norm:
+            return FalconMambaConfig(**fields, mixer_rms_eps=self.bcdt_eps)
+        return HFMambaConfig(**fields)
 
 
 @dataclass
@@ -154,6 +168,10 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(d))
         self.out_proj = nn.Linear(d, cfg.d_model, bias=cfg.use_bias)
         self._init_dt()
+        if cfg.bcdt_norm:  # Falcon-Mamba / Jamba: RMS norms on dt (before dt_proj), B and C
+            self.dt_layernorm = RMSNorm(cfg.dt_rank, cfg.bcdt_eps)
+            self.b_layernorm = RMSNorm(n, cfg.bcdt_eps)
+            self.c_layernorm = RMSNorm(n, cfg.bcdt_eps)
 
         self.hook_in_proj = HookPoint()  # [batch, pos, 2 * d_inner]
         self.hook_conv = HookPoint()  # [batch, pos, d_inner]
@@ -209,6 +227,8 @@ class MambaMixer(nn.Module):
         u = self.hook_conv(F.silu(conv).transpose(1, 2))
 
         dt, B, C = self.hook_x_proj(self.x_proj(u)).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
+        if cfg.bcdt_norm:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         delta = F.softplus(self.dt_proj(dt))
         if mask is not None:  # Δ = 0 at pads: exp(ΔA) = 1 and ΔBu = 0 keep the state exactly
             delta = delta * mask[..., None].to(delta.dtype)
@@ -297,6 +317,12 @@ class HookedMamba(HookedSequenceModel):
     ``ln_final.hook_scale``                ``[batch, pos, 1]``                     RMS before the unembedding
     ``ln_final.hook_normalized``           ``[batch, pos, d_model]``               normalised final residual
     =====================================  ======================================  =========================================
+
+    With ``cfg.bcdt_norm`` (Falcon-Mamba) the mixer also has RMS norms, each with
+    ``hook_scale`` ``[batch, pos, 1]`` and ``hook_normalized``:
+    ``mixer.dt_layernorm`` on ``dt`` ``[batch, pos, dt_rank]`` before ``dt_proj``,
+    ``mixer.b_layernorm`` and ``mixer.c_layernorm`` on ``B``, ``C`` ``[batch, pos, d_state]``;
+    ``hook_B``/``hook_C`` then hold the normalised matrices the scan reads.
 
     ``hook_in_proj``, ``hook_x_proj``, ``hook_ssm_out`` and the shared names
     agree with TransformerBridge's Mamba aliases (the Bridge's
@@ -427,6 +453,10 @@ class HookedMamba(HookedSequenceModel):
         sd = {_rename(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
         if cfg.tie_embeddings:
             sd["unembed.weight"] = sd["embed.weight"]
+        if cfg.bcdt_norm:  # Falcon-Mamba's B, C, dt norms have no weights: ones
+            for i in range(cfg.n_layers):
+                for name, size in _bcdt_norms(cfg):
+                    sd.setdefault(f"blocks.{i}.mixer.{name}.weight", torch.ones(size, dtype=sd["embed.weight"].dtype))
         with torch.device("meta"):  # no initialisation: every parameter comes from sd
             model = cls(cfg, tokenizer)
         model.load_state_dict(sd, strict=True, assign=True)
@@ -435,14 +465,17 @@ class HookedMamba(HookedSequenceModel):
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write an HF ``MambaForCausalLM`` folder: ``config.json``, ``model.safetensors``, tokenizer."""
+        """Write an HF ``MambaForCausalLM`` (``FalconMambaForCausalLM``) folder: config, safetensors, tokenizer."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         sd = {_rename(k, to_hf=True): v for k, v in self.state_dict().items()}
         if self.cfg.tie_embeddings:
             del sd["lm_head.weight"]
+        if self.cfg.bcdt_norm:  # weightless in Falcon-Mamba
+            norms = tuple(f"{name}.weight" for name, _ in _bcdt_norms(self.cfg))
+            sd = {k: v for k, v in sd.items() if not k.endswith(norms)}
         hf_config = self.cfg.to_hf()
-        hf_config.architectures = ["MambaForCausalLM"]
+        hf_config.architectures = ["FalconMambaForCausalLM" if self.cfg.bcdt_norm else "MambaForCausalLM"]
         hf_config.dtype = str(self.embed.weight.dtype).removeprefix("torch.")
         write_safetensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
         write_json(folder / "config.json", hf_config.to_dict())
@@ -451,6 +484,11 @@ class HookedMamba(HookedSequenceModel):
                 self.tokenizer.save_pretrained(tmp)
                 for f in Path(tmp).iterdir():
                     os.replace(f, folder / f.name)
+
+
+def _bcdt_norms(cfg: MambaConfig) -> tuple[tuple[str, int], ...]:
+    """The mixer's ``bcdt_norm`` modules and their widths."""
+    return (("dt_layernorm", cfg.dt_rank), ("b_layernorm", cfg.d_state), ("c_layernorm", cfg.d_state))
 
 
 def _causal_conv1d(

@@ -185,6 +185,10 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
                     "stream goes in with start_at_layer=...)"
                 )
             return super().forward(input, *args, attention_mask=attention_mask, **kwargs)
+        if kwargs.get("past_key_values") is not None and isinstance(input, Tensor):
+            # a continuation: the mask covers the cached positions as well as these tokens
+            input = check_tokens(input, self.cfg.d_vocab, self.cfg.n_ctx)
+            return super().forward(input, *args, attention_mask=attention_mask, **kwargs)
         if isinstance(input, (Tensor, Prompts, list, tuple)):
             input, mask = as_batch(self, input, attention_mask)
             attention_mask = None if mask is None else mask.long()
@@ -194,18 +198,14 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
     def _generation_start(self, tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Any]:
         """The prompt's forward with the KV cache on; the state is the cache and the mask so far."""
         mask = torch.ones_like(tokens) if mask is None else mask.long()
-        logits, kv = TransformerBridge.forward(
-            self, tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True
-        )
+        logits, kv = self(tokens, attention_mask=mask, return_type="logits_and_cache", use_cache=True)
         return logits, (kv, mask)
 
     def _generation_step(self, new: Tensor, state: tuple[Any, Tensor]) -> tuple[Tensor, Any]:
         """One new position through the KV cache, the mask extended by it (positions from the mask)."""
         kv, mask = state
         mask = torch.cat([mask, torch.ones_like(new)], dim=1)
-        logits, kv = TransformerBridge.forward(
-            self, new, attention_mask=mask, past_key_values=kv, return_type="logits_and_cache"
-        )
+        logits, kv = self(new, attention_mask=mask, past_key_values=kv, return_type="logits_and_cache")
         return logits, (kv, mask)
 
     # ------------------------------------------------------------------ saving
@@ -244,7 +244,9 @@ def hf_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     """Dequantise a GGUF file into a plain HuggingFace model and its tokenizer.
 
     The returned model has no quantisation left (``quantization_config`` and
-    ``hf_quantizer`` dropped), so ``save_pretrained`` writes ordinary safetensors.
+    ``hf_quantizer`` dropped), so ``save_pretrained`` writes ordinary safetensors,
+    and its config names its class in ``architectures`` (transformers leaves that
+    empty for a GGUF; TransformerBridge picks its adapter by it).
     """
     path = Path(path)
     if path.suffix != ".gguf" or not path.is_file():
@@ -255,5 +257,6 @@ def hf_from_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     if hasattr(hf_model.config, "quantization_config"):
         del hf_model.config.quantization_config
     hf_model.hf_quantizer = None
+    hf_model.config.architectures = [type(hf_model).__name__]
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return hf_model, tokenizer

@@ -175,7 +175,7 @@ def check_generate_args(
     temperature: float = 0.0,
     do_sample: bool | None = None,
     top_k: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: Any = None,
     minimum: int = 0,
 ) -> None:
     """Check ``generate``'s shared arguments, each error naming the argument and what is accepted."""
@@ -189,5 +189,11 @@ def check_generate_args(
         raise ValueError(f"do_sample must be True, False or None, got {do_sample!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)):
-        raise ValueError(f"eos_token_id must be an int token id or None, got {eos_token_id!r}")
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        if (
+            not isinstance(ids, (list, tuple))
+            or not ids
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in ids)
+        ):
+            raise ValueError(f"eos_token_id must be an int token id, a non-empty list of them, or None, got {eos_token_id!r}")

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dynalens._version import __version__
+from dynalens.models import names
 from dynalens.models.io import atomic_dir
 from dynalens.models.prompts import PromptInput, Prompts
 from dynalens.models.surface import architecture_of, model_name_of
@@ -264,26 +265,40 @@ def run(
 def check_finite_at_real(name: str, value: Tensor, prompts: Prompts) -> None:
     """Raise :class:`AnalysisError` naming ``name`` and the first prompt and position holding NaN or inf.
 
-    Tensors ``[batch, pos, ...]`` are checked at real positions only.
+    Only real positions are checked: the position axis is 1 (``[batch, pos, ...]``),
+    or the query and key axes 2 and 3 of attention patterns and scores
+    (``[batch, head, q, k]``).
     """
     if not isinstance(value, Tensor) or not value.is_floating_point():
         return
     bad = ~torch.isfinite(value)
-    by_position = value.shape[:2] == prompts.mask.shape
-    if by_position:
-        bad = bad & prompts.mask.to(bad.device).reshape(*prompts.mask.shape, *([1] * (value.ndim - 2)))
+    mask = prompts.mask.to(bad.device)
+    batch, width = mask.shape
+    square = names.short(name) in _QUERY_KEY_HOOKS
+    if square and value.ndim == 4 and value.shape[0] == batch and value.shape[2:] == (width, width):
+        bad = bad & mask[:, None, :, None] & mask[:, None, None, :]
+        position_axis = 2
+    elif not square and value.ndim >= 2 and value.shape[:2] == (batch, width):
+        bad = bad & mask.reshape(batch, width, *([1] * (value.ndim - 2)))
+        position_axis = 1
+    else:
+        position_axis = None
     if not bool(bad.any()):
         return
     where = [int(i) for i in bad.nonzero()[0]]
-    if by_position:
-        prompt, column = where[0], where[1]
-        at = f"prompt {prompt}, position {column - int(prompts.offsets[prompt])}"
-    else:
+    if position_axis is None:
         at = f"index {tuple(where)}"
+    else:
+        prompt = where[0]
+        at = f"prompt {prompt}, position {where[position_axis] - int(prompts.offsets[prompt])}"
     raise AnalysisError(
         f"the cache holds {int(bad.sum())} non-finite values (NaN or inf) at {name!r}, first at {at}; "
         "an analysis reads finite activations only"
     )
+
+
+#: Hooks whose axes 2 and 3 are query and key positions.
+_QUERY_KEY_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")
 
 
 def _plain(value: Any) -> Any:

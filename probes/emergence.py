@@ -276,6 +276,10 @@ class CheckpointsResult(Result):
     folders: list[str]
     results: dict[str, list[Result]]
 
+    def metrics(self) -> dict[str, float]:
+        """Each analysis' metrics at the last checkpoint, as ``{analysis}.{metric}``."""
+        return {f"{name}.{k}": v for name, series in self.results.items() for k, v in series[-1].metrics().items()}
+
     def to_frame(self) -> pd.DataFrame:
         """Every result's ``to_frame()`` with ``step`` and ``analysis`` columns in front."""
         frames = []
@@ -413,6 +417,14 @@ class MassiveEmergenceResult(Result):
     def ratios(self) -> Float[Tensor, "checkpoint row"]:
         """``r = mean_x max|h| / mean_x median|h|`` per checkpoint and hook, over the prompts ``x``."""
         return self.maxima.mean(1) / self.medians.mean(1)
+
+    def metrics(self) -> dict[str, float]:
+        """``final_max_ratio`` (the last checkpoint's largest ratio), ``mean_r2`` of the fits that worked."""
+        r2 = self.r2[~self.r2.isnan()]
+        return {
+            "final_max_ratio": float(self.ratios[-1].max()),
+            "mean_r2": float(r2.mean()) if len(r2) else float("nan"),
+        }
 
     def fits(self) -> pd.DataFrame:
         """One row per hook: ``layer, hook, r2`` and the five parameters."""

@@ -68,6 +68,16 @@ class LogitLensResult(Result):
         at = (frame["prompt"] == prompt % len(self._prompts())) & (frame["position"] == real)
         return frame[at & (frame["rank"] < k)].reset_index(drop=True)
 
+    def metrics(self) -> dict[str, float]:
+        """``top1_prob``: the model's own top-1 probability, mean over real tokens;
+        ``agree_with_final``: the share of (token, layer) whose top-1 is the final top-1."""
+        prompts = self._prompts()
+        ids, probs = prompts.flat(self.top_ids)[..., 0], prompts.flat(self.top_probs)[..., 0]  # [n_real, row]
+        return {
+            "top1_prob": float(probs[:, -1].mean()),
+            "agree_with_final": float((ids == ids[:, -1:]).float().mean()),
+        }
+
     def to_frame(self) -> pd.DataFrame:
         """Columns ``prompt, position, input_token, layer, hook, rank, token, token_id, prob``.
 

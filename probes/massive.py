@@ -181,6 +181,14 @@ class MassiveActivationsResult(Result):
         """
         return self.top_values[..., 0].mean(0) / self.medians.mean(0)
 
+    def metrics(self) -> dict[str, float]:
+        """``n_massive`` entries among the tops, ``max_magnitude``, ``max_ratio`` (the largest :attr:`ratio`)."""
+        return {
+            "n_massive": float(self.massive.sum()),
+            "max_magnitude": float(self.top_values[..., 0].max()),
+            "max_ratio": float(self.ratio.max()),
+        }
+
     def to_frame(self) -> pd.DataFrame:
         """Columns ``prompt, layer, hook, rank, position, token, channel, magnitude, median, ratio, massive``."""
         labels = site_labels(self.hook_names)
@@ -429,6 +437,10 @@ class MassiveAblationResult(Result):
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` prompts whose loss the ablation raised most."""
         return self.to_frame().nlargest(k, "delta_ablated").reset_index(drop=True)
+
+    def metrics(self) -> dict[str, float]:
+        """The mean losses (``clean``, ``ablated``, ``random``) and ``n_entries`` replaced."""
+        return {**self.mean_losses(), "n_entries": float(self.n_entries.sum())}
 
     def mean_losses(self) -> dict[str, float]:
         """Mean loss over the prompts: ``clean``, ``ablated``, ``random``."""

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.models import names
@@ -32,24 +32,6 @@ from dynalens.probes.results import Result
 def resid_labels(hook_names: Sequence[str]) -> list[str]:
     """Row labels of residual-stream hooks: ``embed`` for the stream entering layer 0, ``L{l}`` after layer ``l``."""
     return ["embed" if name == names.resid_pre(0) else f"L{names.layer_of(name)}" for name in hook_names]
-
-
-def resid_hook_names(n_layers: int) -> list[str]:
-    """``names.resid_stream(n_layers)``; kept for ``token_dynamics`` and ``stability`` until they read caches."""
-    return names.resid_stream(n_layers)
-
-
-def resid_stream(
-    model: Any, tokens: Int[Tensor, "1 pos"]
-) -> tuple[list[str], list[Float[Tensor, "pos d_model"]]]:
-    """The stream of one prompt after the embedding and each layer, and its hook names.
-
-    Kept for ``token_dynamics`` and ``stability`` until they read caches; the
-    analyses here read :func:`stream_rows` of a cache instead.
-    """
-    hooks = names.resid_stream(model.cfg.n_layers)
-    _, cache = model.run_with_cache(tokens, names_filter=hooks)
-    return hooks, [cache[name][0] for name in hooks]
 
 
 def stream_rows(
@@ -110,6 +92,11 @@ class ResidualNormsResult(Result):
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` largest norms (prompt, layer, position), largest first."""
         return self.to_frame().nlargest(k, "norm").reset_index(drop=True)
+
+    def metrics(self) -> dict[str, float]:
+        """``max_norm`` over every real token and layer, ``final_norm``: the last row's mean."""
+        real = self._prompts().flat(self.norms)  # [n_real, row]
+        return {"max_norm": float(real.max()), "final_norm": float(real[:, -1].mean())}
 
     def to_frame(self) -> pd.DataFrame:
         """Columns ``prompt, position, token, layer, hook, norm``, one row per real token and layer."""

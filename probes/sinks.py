@@ -21,8 +21,8 @@ keeps); batch-wide scores weight every query alike. Attention patterns exist
 in transformers only (``names.pattern(l)``); compare the residual-state peaks
 of Mamba and RNNs with :class:`~dynalens.probes.ResidualNorms` and
 :class:`~dynalens.probes.MassiveActivations`. The tensor functions
-(:func:`sink_query_mask`, :func:`sink_attention`, :func:`sink_scores_from_patterns`)
-also score other attention-like patterns (``circuits.heads`` uses them).
+(:func:`sink_query_mask`, :func:`sink_attention`, :func:`pooled_sink_scores`)
+score any attention-like pattern.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from torch import Tensor
 
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
-from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_labels
 from dynalens.probes.residual import pad_fill, resid_labels, stream_rows
@@ -47,20 +46,6 @@ from dynalens.probes.results import Result
 
 SINK_THRESHOLD = 0.5
 """Default sink score above which a head counts as dormant (a sink) on an input."""
-
-
-def check_transformer(model: Any) -> None:
-    """Raise ``TypeError`` unless ``model`` is a transformer (has attention patterns).
-
-    Kept for ``circuits/`` until its analyses declare ``architectures``; the
-    analyses here do (``Analysis.check``).
-    """
-    arch = architecture_of(model)
-    if arch != "transformer":
-        raise TypeError(
-            f"attention sinks need attention patterns, which a {arch} model does not have; "
-            "use ResidualNorms or MassiveActivations to compare its residual-state peaks"
-        )
 
 
 def pattern_hook_names(n_layers: int) -> list[str]:
@@ -141,14 +126,15 @@ def sink_attention(
         ``[batch, layer, head]`` (NaN for a prompt with no query) and ``[batch]``
         how many queries each prompt's scores average.
     """
-    weights = queries.float().cpu()
-    n_queries = weights.sum(-1)
+    queries = queries.cpu()
+    n_queries = queries.sum(-1).float()
     scores = []
     for p in patterns:
         p = p.detach().float().cpu()
         index = sink_columns.cpu().reshape(-1, 1, 1, 1).expand(*p.shape[:3], 1)
         on_sink = p.gather(-1, index)[..., 0]  # [batch, head, q]
-        scores.append(torch.einsum("bhq,bq->bh", on_sink, weights) / n_queries[:, None])
+        on_sink = torch.where(queries[:, None, :], on_sink, 0.0)  # what pad or left-out queries hold never leaks
+        scores.append(on_sink.sum(-1) / n_queries[:, None])
     return torch.stack(scores, 1), n_queries.long()
 
 
@@ -158,17 +144,6 @@ def pooled_sink_scores(
     """The batch's sink scores, every query weighted alike: ``Σ_b n_b s_b / Σ_b n_b``."""
     weights = n_queries.to(scores.dtype)[..., None, None]
     return (scores.nan_to_num() * weights).sum(-3) / weights.sum(-3)
-
-
-def sink_scores_from_patterns(
-    patterns: list[Float[Tensor, "batch head q k"]], mask: Bool[Tensor, "batch q"], sink_position: int
-) -> Float[Tensor, "layer head"]:
-    """Mean over the masked queries of the whole batch of each head's attention on key ``sink_position``.
-
-    For patterns of unpadded sequences (every row's sink at column ``sink_position``).
-    """
-    columns = torch.full((mask.shape[0],), sink_position, dtype=torch.long)
-    return pooled_sink_scores(*sink_attention(patterns, mask, columns))
 
 
 def _check_threshold(threshold: float) -> None:
@@ -185,6 +160,16 @@ def _head_frame(scores: Float[Tensor, "batch layer head"], n_queries: Tensor, th
     return pd.DataFrame({
         "prompt": b.numpy(), "layer": layer.numpy(), "head": head.numpy(), "sink_score": flat.numpy(),
         "n_queries": n_queries[b].numpy(), "sink": (flat > threshold).numpy(),
+    })  # fmt: skip
+
+
+def _mean_frame(scores: Float[Tensor, "layer head"], column: str = "sink_score") -> pd.DataFrame:
+    """``layer, head, <column>`` per head."""
+    layers, heads = scores.shape
+    return pd.DataFrame({
+        "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
+        "head": torch.arange(heads).repeat(layers).numpy(),
+        column: scores.reshape(-1).double().numpy(),
     })  # fmt: skip
 
 
@@ -238,18 +223,17 @@ class SinkScoresResult(Result):
         """The batch's scores, every query weighted alike."""
         return pooled_sink_scores(self.scores, self.n_queries)
 
+    def metrics(self) -> dict[str, float]:
+        """``mean_sink_score`` over heads (batch-wide), ``n_sink_heads`` above 0.5."""
+        return {"mean_sink_score": float(self.mean.mean()), "n_sink_heads": float((self.mean > SINK_THRESHOLD).sum())}
+
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and head: ``prompt, layer, head, sink_score, n_queries, sink`` (score > 0.5)."""
         return _head_frame(self.scores, self.n_queries, SINK_THRESHOLD)
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads with the highest batch-wide scores: ``layer, head, sink_score``."""
-        mean = self.mean
-        frame = pd.DataFrame(
-            [(layer, head, float(mean[layer, head])) for layer in range(mean.shape[0]) for head in range(mean.shape[1])],
-            columns=["layer", "head", "sink_score"],
-        )
-        return frame.nlargest(k, "sink_score").reset_index(drop=True)
+        return _mean_frame(self.mean).nlargest(k, "sink_score").reset_index(drop=True)
 
     def figure(self, *, prompt: int | None = None) -> go.Figure:
         """Layer × head scores of the batch, or of one ``prompt``."""
@@ -350,18 +334,22 @@ class ExtremeTokensResult(Result):
             ratios.append(real[self.sink_position] / others.mean(0))
         return torch.stack(ratios).mean(0)
 
+    def metrics(self) -> dict[str, float]:
+        """``mean_sink_score`` over heads (batch-wide), ``n_sink_heads``, ``value_drain`` and ``resid_peak`` (means)."""
+        return {
+            "mean_sink_score": float(self.mean_sink_scores.mean()),
+            "n_sink_heads": float(len(self.sink_heads())),
+            "value_drain": float(self.value_drain().mean()),
+            "resid_peak": float(self.resid_peak().mean()),
+        }
+
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and head: ``prompt, layer, head, sink_score, n_queries, sink``."""
         return _head_frame(self.sink_scores, self.n_queries, self.threshold)
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` heads with the highest batch-wide sink scores: ``layer, head, sink_score, sink``."""
-        mean = self.mean_sink_scores
-        layers, heads = mean.shape
-        frame = pd.DataFrame(
-            [(layer, head, float(mean[layer, head])) for layer in range(layers) for head in range(heads)],
-            columns=["layer", "head", "sink_score"],
-        )
+        frame = _mean_frame(self.mean_sink_scores)
         frame["sink"] = frame["sink_score"] > self.threshold
         return frame.nlargest(k, "sink_score").reset_index(drop=True)
 
@@ -493,6 +481,11 @@ class HeadActivityResult(Result):
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
+    def metrics(self) -> dict[str, float]:
+        """``n_switching`` heads (dormant on some domain, active on another), ``n_dormant`` (head, domain) pairs."""
+        dormant = self.dormant
+        return {"n_switching": float((dormant.any(0) & (~dormant).any(0)).sum()), "n_dormant": float(dormant.sum())}
+
     def switching(self) -> pd.DataFrame:
         """Heads dormant on some domain and active on another, with their batch-wide score per domain.
 
@@ -519,12 +512,7 @@ class HeadActivityResult(Result):
         """The ``k`` heads whose batch-wide sink score differs most between domains."""
         scores = self.mean_sink_scores
         spread = scores.max(0).values - scores.min(0).values
-        layers, heads = spread.shape
-        frame = pd.DataFrame(
-            [(layer, head, float(spread[layer, head])) for layer in range(layers) for head in range(heads)],
-            columns=["layer", "head", "spread"],
-        )
-        return frame.nlargest(k, "spread").reset_index(drop=True)
+        return _mean_frame(spread, "spread").nlargest(k, "spread").reset_index(drop=True)
 
     def figure(self) -> go.Figure:
         """Heatmap head × domain of batch-wide sink scores, ``D`` marking dormant heads."""

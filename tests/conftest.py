@@ -4,6 +4,10 @@
   run on a machine dequantises the GGUF once, ~20 s; later runs read the cache).
 - ``tiny_llama_dir``: a random 2-layer HuggingFace Llama folder with SmolLM2's
   tokenizer and ``n_ctx = 64``; ``tiny_llama``: that folder through ``dl.load``.
+- ``tiny_mamba``, ``tiny_mamba2``, ``tiny_rnn``: random 2-layer HookedMamba,
+  HookedMamba2 (d_model 16) and residual GRU (d_model 8) over 50 token ids; ``any_model``: each of the three
+  architectures in turn; ``tiny_gpt2``: a 2-layer GPT-2 (learned absolute
+  positions, LayerNorm, biases) without a tokenizer, through the Bridge.
 
 Session-scoped models are shared: tests must leave no hooks behind (use the
 context managers) and never change weights.
@@ -13,17 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# dynalens first: under `python -m pytest` the repository root is on sys.path, so
-# transformers' probe for the `kernels` package would import our `kernels/` folder
-# before `dynalens` exists, a circular import.
-import dynalens as dl  # isort: skip
+import dynalens as dl
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig
 from dynalens.models import smollm2 as smollm2_builtin
 
 TINY_N_CTX = 64
+TINY_VOCAB = 50
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +65,46 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_llama_dir: Path):
     return dl.load(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba() -> HookedMamba:
+    """A random 2-layer HookedMamba (d_inner 32, d_state 4)."""
+    torch.manual_seed(0)
+    return HookedMamba(MambaConfig(d_model=16, n_layers=2, d_vocab=TINY_VOCAB, d_state=4)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_rnn() -> HookedRNN:
+    """A random 2-layer residual GRU with a final LayerNorm."""
+    torch.manual_seed(0)
+    cfg = RNNConfig(d_model=8, n_layers=2, d_vocab=TINY_VOCAB, cell="gru", residual=True, final_norm="layernorm")
+    return HookedRNN(cfg).eval()
+
+
+@pytest.fixture(scope="session", params=["tiny_llama", "tiny_mamba", "tiny_rnn"])
+def any_model(request: pytest.FixtureRequest):
+    """Each of the three architectures in turn."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory):
+    """A random 2-layer GPT-2 over 50 token ids (n_ctx 32), through the Bridge, without a tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    config = GPT2Config(vocab_size=TINY_VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return dl.load(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_mamba2():
+    """A random 2-layer HookedMamba2 (4 heads of 8, d_state 4, chunks of 4)."""
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=16, n_layers=2, d_vocab=TINY_VOCAB, n_heads=4, d_head=8, d_state=4, chunk_size=4)
+    return HookedMamba2(cfg).eval()

@@ -1,11 +1,12 @@
 """Activations: massive activations per layer and channel, attention sinks per head, their emergence over training.
 
-Every figure is the ``.figure()`` of a result from ``dynalens.probes``
-(:class:`~dynalens.probes.massive.MassiveActivations`,
-:class:`~dynalens.probes.sinks.ExtremeTokens`,
-:class:`~dynalens.probes.emergence.MassiveEmergence`), fetched through the
-results cache; this page only lays them out. While the emergence loads and
-measures each checkpoint, its panel shows a progress bar (one unit per checkpoint).
+Every figure is the ``.figure()`` of a Result: the massive-activation map and
+the sink scores come from :func:`analyses` (``MassiveActivations`` and
+``ExtremeTokens``), computed with one ``dl.run`` per new prompt (one forward)
+through ``backend.page_results``; the emergence is the ``MassiveEmergence``
+experiment over a checkpoint series. This page only lays them out. While the
+emergence loads and measures each checkpoint, its panel shows a progress bar
+(one unit per checkpoint).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import dash
-from dash import Input, Output, callback, dcc, html
+from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
@@ -32,9 +33,10 @@ from dynalens.dashboard.components import (
     status_row,
 )
 from dynalens.dashboard.layout import REQUEST
-from dynalens.probes.emergence import MassiveEmergence, checkpoint_series
-from dynalens.probes.massive import MassiveActivations
-from dynalens.probes.sinks import ExtremeTokens
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.probes.analysis import Analysis
+from dynalens.probes.emergence import checkpoint_series
 
 import dynalens as dl
 
@@ -81,6 +83,18 @@ def layout(**_: Any) -> html.Div:
     )
 
 
+def analyses(site: str, n_tokens: int) -> list[Analysis]:
+    """The page's analyses of one prompt: massive activations at ``site``; sinks and extreme tokens from 2 tokens."""
+    return [dl.probes.MassiveActivations(site=site), *([dl.probes.ExtremeTokens()] if n_tokens >= 2 else [])]
+
+
+def _results(request: dict, site: str | None) -> tuple[Any, Prompts, backend.PageResults]:
+    """The model, the prompt and the Results of :func:`analyses` (one forward for those not cached yet)."""
+    model, prompts = requested(request)
+    found = analyses(site or "resid", int(prompts.lengths[0]))
+    return model, prompts, backend.page_results(request["model"], model, prompts, found)
+
+
 @callback(
     Output(MAP, "figure"),
     Output(status_id("activations"), "children"),
@@ -91,12 +105,9 @@ def layout(**_: Any) -> html.Div:
 )
 @show_errors(_EMPTY, None)
 def massive_panel(request, view, site):
-    model, tokens = requested(request)
-    found = backend.cached_result(
-        MassiveActivations, request["model"], tokens[0].tolist(), "massive_activations", {"site": site},
-        lambda: dl.probes.massive_activations(model, tokens, site=site),
-    )  # fmt: skip
-    status = status_row(request["model"], found.architecture, len(found.str_tokens), model.cfg.n_layers)
+    model, prompts, results = _results(request, site)
+    status = status_row(request["model"], architecture_of(model), int(prompts.lengths[0]), model.cfg.n_layers)
+    found = results["massive_activations"]
     carriers = found.carriers()
     if carriers.empty:
         text = (f"No massive activation (|h| > {found.min_magnitude:g} and ≥ {found.min_ratio:g}× the median); "
@@ -115,19 +126,17 @@ def massive_panel(request, view, site):
     Output(SINKS, "figure"),
     Output(message_id(SINKS), "children"),
     Input(REQUEST, "data"),
+    State(SITE, "value"),
 )
 @show_errors(_EMPTY)
-def sinks_panel(request):
-    model, tokens = requested(request)
-    if model.cfg.architecture != "transformer":
+def sinks_panel(request, site):
+    model, prompts, results = _results(request, site)
+    if int(prompts.lengths[0]) < 2:
+        return _EMPTY, hint("Sink scores need at least two tokens.")
+    if not results.applies("extreme_tokens"):
         return _EMPTY, hint("Attention sinks need attention heads: this model has none. "
                              "Its residual-state peaks show in the panel above.")  # fmt: skip
-    if tokens.shape[1] < 2:
-        return _EMPTY, hint("Sink scores need at least two tokens.")
-    found = backend.cached_result(
-        ExtremeTokens, request["model"], tokens[0].tolist(), "extreme_tokens", {},
-        lambda: dl.probes.extreme_tokens(model, tokens),
-    )
+    found = results["extreme_tokens"]
     heads = ", ".join(f"L{layer}H{head}" for layer, head in found.sink_heads()) or "none"
     return found.figure(kind="sinks"), hint(f"Sink heads (score > {found.threshold:g}): {heads}.")
 
@@ -146,16 +155,19 @@ def emergence_panel(request, series, progress_key):
         raise PreventUpdate
     source = (series or "").strip() or request["model"]
     try:
-        steps = [step for step, _ in checkpoint_series(source)]
+        series = checkpoint_series(source)
     except (FileNotFoundError, KeyError):
         return _EMPTY, hint(f"{source!r} has no checkpoint series: type the folder of a training run "
                              "(with checkpoints/step_*) or pick a zoo model.")  # fmt: skip
-    _, tokens = requested(request)
+    model, prompts = requested(request)
+    steps, checkpoints = [step for step, _ in series], [backend.model_id(str(folder)) for _, folder in series]
     with backend.reporting(progress_key) as report:
         report.step("Massive ratios over the checkpoints", size=len(steps))
-        found = backend.cached_result(
-            MassiveEmergence, source, tokens[0].tolist(), "massive_emergence", {"steps": steps},
-            lambda: dl.probes.massive_emergence(source, tokens, loader=_counting_loads(report, steps), progress=False),
+        emergence = dl.probes.MassiveEmergence(source, loader=_counting_loads(report, steps))
+        params = {k: v for k, v in emergence.get_params().items() if k not in ("loader", "progress")}
+        found = backend.cached(  # the key names every checkpoint's files; the loader only counts them
+            request["model"], prompts, "massive_emergence", {**params, "checkpoints": checkpoints},
+            lambda: emergence(model, prompts),
         )  # fmt: skip
     best = found.fits().dropna().sort_values("r2", ascending=False)
     text = (f"{len(steps)} checkpoints; best fit {best.iloc[0]['layer']} R² = {best.iloc[0]['r2']:.3f}"

@@ -1,15 +1,16 @@
 """Circuit: the attribution graph between heads and MLPs for a clean/corrupt prompt pair.
 
-The graph is :func:`dynalens.circuits.attribution_graph` (edge attribution
-patching, one backward pass) under the logit difference of two tokens at the
-last position (:func:`dynalens.circuits.logit_diff_metric`), drawn with
-dash-cytoscape: node size by the node's own attribution, edge width and
-colour by the edge's attribution (blue helps the clean answer, red hurts it),
-pruned by the slider. Clicking a node lists the tokens its output promotes
-(:func:`dynalens.circuits.node_top_tokens`). The defaults follow the model:
-an IOI pair for a model with a tokenizer, a repeated-sequence pair for the
-synthetic-task zoo models. While the graph is built, a progress bar counts
-its two forward passes (the backward pass is the last unit).
+The graph is the Result of the :class:`~dynalens.circuits.AttributionGraph`
+experiment (edge attribution patching, one backward pass) under the logit
+difference of two tokens at the last position
+(:func:`dynalens.circuits.logit_diff_metric`), through the results cache,
+drawn with dash-cytoscape: node size by the node's own attribution, edge width
+and colour by the edge's attribution (blue helps the clean answer, red hurts
+it), pruned by the slider. Clicking a node lists the tokens its output
+promotes, which the Result holds per node (no further pass). The defaults
+follow the model: an IOI pair for a model with a tokenizer, a repeated-sequence
+pair for the synthetic-task zoo models. While the graph is built, a progress
+bar counts its two forward passes (the backward pass is the last unit).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ HALF_LEN = 16
 
 KEEP = 0.01
 """Edges below this fraction of the largest |weight| are dropped before the graph reaches the browser."""
+
+TOP_TOKENS = 10
+"""Promoted tokens listed for a clicked node."""
 
 IOI = (
     "When Mary and John went to the store, John gave a drink to",
@@ -131,7 +135,7 @@ def _model(request: dict | None) -> Any:
 def _one_token(model: Any, text: str, what: str) -> int:
     if not text:
         raise DashboardError(f"The {what} token is empty: type one token.")
-    ids = backend.encode_prompt(model, text)[0].tolist()
+    ids = backend.encode_prompt(model, text).tokens[0].tolist()
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     ids = [i for i in ids if i != bos] if len(ids) > 1 else ids
     if len(ids) != 1:
@@ -176,24 +180,30 @@ def build(_, defaults_for, request, clean, corrupt, correct, wrong, progress_key
     model = _model(request)
     if model.cfg.architecture != "transformer":
         raise DashboardError("The attribution graph needs attention heads: pick a transformer.")
-    clean_tokens = backend.encode_prompt(model, clean or "")
-    corrupt_tokens = backend.encode_prompt(model, corrupt or "")
-    if clean_tokens.shape != corrupt_tokens.shape:
+    clean_prompts = backend.encode_prompt(model, clean or "")
+    corrupt_prompts = backend.encode_prompt(model, corrupt or "")
+    n_clean, n_corrupt = int(clean_prompts.lengths[0]), int(corrupt_prompts.lengths[0])
+    if n_clean != n_corrupt:
         raise DashboardError(
-            f"The clean prompt is {clean_tokens.shape[1]} tokens and the corrupt one {corrupt_tokens.shape[1]}: "
+            f"The clean prompt is {n_clean} tokens and the corrupt one {n_corrupt}: "
             "patching needs prompts of the same length."
         )
-    metric = dl.circuits.logit_diff_metric(_one_token(model, correct, "answer"), _one_token(model, wrong, "other"))
-    attribute = lambda: dl.circuits.attribution_graph(model, clean_tokens, corrupt_tokens, metric, threshold=KEEP)
+    correct_id, wrong_id = _one_token(model, correct, "answer"), _one_token(model, wrong, "other")
+    metric = dl.circuits.logit_diff_metric(correct_id, wrong_id)
+    analysis = dl.circuits.AttributionGraph(corrupt_prompts, metric, threshold=KEEP, k=TOP_TOKENS)
+    params = {**analysis.get_params(), "metric": ["logit_diff", correct_id, wrong_id, -1]}  # the metric by value
     with backend.reporting(progress_key) as report:
         report.step("Attribution graph: clean and corrupt forward passes, then one backward pass",
-                    size=2 * clean_tokens.shape[0] + 1)  # fmt: skip
-        graph = backend.run_alone(backend.counting_sequences(model, report, attribute))
-    status = status_row(request["model"], model.cfg.architecture, clean_tokens.shape[1], model.cfg.n_layers)
-    clean_value, corrupt_value = graph.graph["clean_metric"], graph.graph["corrupt_metric"]
-    text = (f"Logit difference {clean_value:.2f} (clean) vs {corrupt_value:.2f} (corrupt); "
-            f"{graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges above {KEEP:.0%}.")  # fmt: skip
-    return dl.circuits.graph_to_json(graph), status, hint(text)
+                    size=2 * len(clean_prompts) + 1)  # fmt: skip
+        found = backend.cached(
+            request["model"], clean_prompts, "attribution_graph", params,
+            backend.counting_sequences(model, report, lambda: analysis(model, clean_prompts)),
+        )  # fmt: skip
+    status = status_row(request["model"], model.cfg.architecture, n_clean, model.cfg.n_layers)
+    graph = found.graph
+    text = (f"Logit difference {graph.graph['clean_metric']:.2f} (clean) vs {graph.graph['corrupt_metric']:.2f} "
+            f"(corrupt); {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges above {KEEP:.0%}.")  # fmt: skip
+    return nx.node_link_data(graph, edges="edges"), status, hint(text)
 
 
 def elements(graph: nx.DiGraph, n_heads: int) -> list[dict[str, Any]]:
@@ -230,25 +240,30 @@ def draw(data, threshold, request):
     if not data:
         return []
     model = _model(request)
-    graph = dl.circuits.prune(dl.circuits.graph_from_json(data), float(threshold or 0.0))
+    graph = dl.circuits.prune(_graph(data), float(threshold or 0.0))
     return elements(graph, model.cfg.n_heads)
+
+
+def _graph(data: dict) -> nx.DiGraph:
+    """The attribution graph that :func:`build` stored as node-link JSON."""
+    return nx.node_link_graph(data, directed=True, edges="edges")
 
 
 @callback(
     Output(NODE, "children"),
     Input(GRAPH, "tapNodeData"),
-    State(REQUEST, "data"),
-    State(CLEAN, "value"),
+    State(GRAPH_DATA, "data"),
 )
 @show_errors()
-def node_tokens(node, request, clean):
-    """The tokens the clicked node's output promotes at the last clean position."""
-    if not node:
+def node_tokens(node, data):
+    """The tokens the clicked node's output promotes at the last clean position (held by the graph)."""
+    if not node or not data:
         raise PreventUpdate
-    model = _model(request)
-    tokens = backend.encode_prompt(model, clean or "")
-    top = backend.run_alone(lambda: dl.circuits.node_top_tokens(model, tokens, node["id"], k=10))
-    rows = [html.Tr([html.Td(repr(t)), html.Td(f"{v:.2f}")]) for t, v in zip(top["token"], top["logit"])]
+    graph = _graph(data)
+    if node["id"] not in graph:
+        raise PreventUpdate  # a node of a graph built before
+    top = graph.nodes[node["id"]]["top_tokens"]  # [token_id, token, logit] rows, largest first
+    rows = [html.Tr([html.Td(repr(token)), html.Td(f"{logit:.2f}")]) for _, token, logit in top]
     return html.Div([
         hint(f"{node['id']} (attribution {node.get('effect', 0.0):+.3f}): top promoted tokens at the last position"),
         html.Table([html.Thead(html.Tr([html.Th("token"), html.Th("logit")])), html.Tbody(rows)],

@@ -1,11 +1,12 @@
 """Dynamics: token norms across depth, Mamba regimes, mixers across architectures, the RNN phase portrait.
 
-Every figure is the ``.figure()`` of a result from ``dynalens.probes``
-(:class:`~dynalens.probes.token_dynamics.TokenTrajectories`,
-:class:`~dynalens.probes.token_dynamics.MambaRegimes`,
-:class:`~dynalens.probes.mixers.MixerComparison`,
-:class:`~dynalens.probes.fixed_points.TrajectoryPCA`), fetched through the
-results cache; this page only lays them out.
+Every figure is the ``.figure()`` of a Result: the analyses of the prompt
+(:func:`analyses`: ``TokenTrajectories``, ``MixerComparison`` of the chosen
+layer, and on an RNN ``TrajectoryPCA``) come from one ``dl.run`` per new prompt
+(one forward) through ``backend.page_results``; the weight-only ones
+(``MambaRegimes``, ``FixedPoints``) are computed once per model; each compared
+model runs its own ``MixerComparison`` on the same token ids, joined with
+``MixerComparisonResult.join``. This page only lays them out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, callback, dcc, html
+from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
@@ -30,9 +31,9 @@ from dynalens.dashboard.components import (
     status_row,
 )
 from dynalens.dashboard.layout import REQUEST
-from dynalens.probes.fixed_points import FixedPoints, TrajectoryPCA
-from dynalens.probes.mixers import MixerComparison
-from dynalens.probes.token_dynamics import MambaRegimes, TokenTrajectories
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.probes.analysis import Analysis
 
 import dynalens as dl
 
@@ -74,22 +75,43 @@ def layout(**_: Any) -> html.Div:
     )
 
 
+def analyses(model: Any, layer: int = 0, n_tokens: int = 2) -> list[Analysis]:
+    """The page's analyses of one prompt on ``model``: trajectories, the mixer of ``layer``, and on an RNN
+    the phase portrait of its last layer (from 2 tokens: two principal components)."""
+    found = [dl.probes.TokenTrajectories(), dl.probes.MixerComparison(layer=layer)]
+    if architecture_of(model) == "rnn" and n_tokens >= 2:
+        found.append(dl.probes.TrajectoryPCA(layer=model.cfg.n_layers - 1, fixed_points=fixed_points(model)))
+    return found
+
+
+def fixed_points(model: Any) -> Analysis:
+    """The fixed points of an RNN's last layer under zero input (weights only)."""
+    return dl.probes.FixedPoints(layer=model.cfg.n_layers - 1, n_starts=16)
+
+
+def _results(request: dict, layer: Any) -> tuple[Any, Prompts, backend.PageResults]:
+    """The model, the prompt and the Results of :func:`analyses` (one forward for those not cached yet)."""
+    model, prompts = requested(request)
+    layer = int(layer) if isinstance(layer, (int, float)) and 0 <= layer < model.cfg.n_layers else 0
+    found = analyses(model, layer, int(prompts.lengths[0]))
+    return model, prompts, backend.page_results(request["model"], model, prompts, found)
+
+
 @callback(
     Output(TRAJECTORIES, "figure"),
     Output(status_id("dynamics"), "children"),
     Output(message_id(TRAJECTORIES), "children"),
     Input(REQUEST, "data"),
+    State(MIXER_LAYER, "value"),
 )
 @show_errors(_EMPTY, None)
-def trajectories_panel(request):
-    model, tokens = requested(request)
-    found = backend.cached_result(
-        TokenTrajectories, request["model"], tokens[0].tolist(), "token_trajectories", {},
-        lambda: dl.probes.token_trajectories(model, tokens),
-    )
-    status = status_row(request["model"], found.architecture, len(found.str_tokens))
-    growing = int((found.growth > 0).sum())
-    text = f"{growing} of {len(found.str_tokens)} tokens grow across depth (slope of log-norm > 0)."
+def trajectories_panel(request, layer):
+    model, prompts, results = _results(request, layer)
+    found = results["token_trajectories"]
+    n = int(prompts.lengths[0])
+    status = status_row(request["model"], architecture_of(model), n)
+    growing = int((found.growth[0][-n:] > 0).sum())
+    text = f"{growing} of {n} tokens grow across depth (slope of log-norm > 0)."
     return found.figure(), status, hint(text)
 
 
@@ -103,11 +125,9 @@ def regimes_panel(request):
     if not request:
         raise PreventUpdate
     model = backend.load_model(request["model"])
-    if model.cfg.architecture != "mamba":
+    if architecture_of(model) != "mamba":
         return _EMPTY, hint("The regime criterion reads a selective SSM's x_proj: pick a Mamba model.")
-    found = backend.cached_result(
-        MambaRegimes, request["model"], [], "mamba_regimes", {}, lambda: dl.probes.mamba_regimes(model)
-    )
+    found = backend.page_results(request["model"], model, None, [dl.probes.MambaRegimes()])["mamba_regimes"]
     frame = found.to_frame()
     columns = ["layer", "regime", "sym_max", "sym_min", "convergent_channels", "mean_delta0"]
     table = html.Table(
@@ -135,16 +155,19 @@ def mixers_panel(request, compare, layer):
         raise PreventUpdate
     names = [request["model"]] + [n.strip() for n in (compare or "").split(",") if n.strip()]
     models = {name: backend.load_model(name) for name in dict.fromkeys(names)}
-    _, tokens = requested(request)
+    _, prompts = requested(request)
     layer = int(layer or 0)
     shallowest = min(m.cfg.n_layers for m in models.values())
     if not 0 <= layer < shallowest:
         return _EMPTY, hint(f"Layer {layer} does not exist in every model: pick 0 to {shallowest - 1}.")
-    found = backend.cached_result(
-        MixerComparison, request["model"], tokens[0].tolist(), "compare_mixers",
-        {"models": list(models), "layer": layer},
-        lambda: dl.probes.compare_mixers(models, tokens, layer),
-    )  # fmt: skip
+    ids, n = prompts.tokens.cpu(), int(prompts.lengths[0])  # every model reads the same token ids
+    compare = dl.probes.MixerComparison(layer=layer)
+    each = {  # the header's model: the page's run; each compared model: its own run of the comparison
+        name: backend.page_results(name, model, Prompts(model, ids),
+                                   analyses(model, layer, n) if name == names[0] else [compare])[compare]
+        for name, model in models.items()
+    }  # fmt: skip
+    found = dl.probes.MixerComparisonResult.join(each)
     frame = found.to_frame().groupby("model", sort=False).agg(
         effective_rank=("effective_rank", "mean"), offdiagonal_rank=("offdiagonal_rank", "max"), bound=("bound", "max")
     )
@@ -160,23 +183,18 @@ def mixers_panel(request, compare, layer):
     Output(PHASE, "figure"),
     Output(message_id(PHASE), "children"),
     Input(REQUEST, "data"),
+    State(MIXER_LAYER, "value"),
 )
 @show_errors(_EMPTY)
-def phase_panel(request):
-    model, tokens = requested(request)
-    if model.cfg.architecture != "rnn":
+def phase_panel(request, mixer_layer):
+    model, prompts = requested(request)
+    if architecture_of(model) != "rnn":
         return _EMPTY, hint("The phase portrait iterates an RNN cell: pick an RNN model (lstm-hmm, gru-hmm).")
-    if tokens.shape[1] < 2:
+    if int(prompts.lengths[0]) < 2:
         return _EMPTY, hint("The phase portrait needs at least two tokens.")
     layer = model.cfg.n_layers - 1
-    points = backend.cached_result(
-        FixedPoints, request["model"], [], "find_fixed_points", {"layer": layer},
-        lambda: dl.probes.find_fixed_points(model, layer, n_starts=16),
-    )
-    found = backend.cached_result(
-        TrajectoryPCA, request["model"], tokens[0].tolist(), "trajectory_pca", {"layer": layer},
-        lambda: dl.probes.trajectory_pca(model, tokens, layer, fixed_points=points),
-    )
+    points = backend.page_results(request["model"], model, None, [fixed_points(model)])["fixed_points"]
+    found = _results(request, mixer_layer)[2]["trajectory_pca"]
     stable = int((points.spectral_radius < 1).sum())
     text = (f"Layer {layer}: {len(points.kinds)} fixed/slow point(s) under zero input, {stable} stable "
             f"(Jacobian eigenvalues inside the unit circle); PCs explain {float(found.explained.sum()):.0%}.")

@@ -1,9 +1,11 @@
 """Explorer: a prompt's tokens, one layer's mixer matrix, residual norms, the logit lens.
 
 Selecting a token (a click on the token strip or on a heatmap column) moves
-the logit lens to that position and outlines it in every heatmap. All figures
-come from the result objects of ``dynalens.probes``; this page only asks for
-them (through the results cache) and lays them out.
+the logit lens to that position and outlines it in every heatmap. The three
+panels are the Results of :func:`analyses` (``ResidualNorms``, ``LogitLens``,
+``MixerMatrix``), computed with one ``dl.run`` per new prompt (one forward)
+through ``backend.page_results``; this page only draws them. A layer change
+computes the new layer's mixer matrix alone.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-import torch
 from dash import ALL, Input, Output, State, callback, ctx, dcc, html
 from dash.exceptions import PreventUpdate
 
@@ -28,9 +29,8 @@ from dynalens.dashboard.components import (
     token_strip,
 )
 from dynalens.dashboard.layout import REQUEST
-from dynalens.probes.logit_lens import LogitLens
-from dynalens.probes.mixer import MixerMatrices
-from dynalens.probes.residual import ResidualNorms
+from dynalens.models.surface import architecture_of
+from dynalens.probes.analysis import Analysis
 
 dash.register_page(__name__, path="/", name="Explorer", title="dynalens · Explorer", order=0)
 
@@ -129,8 +129,15 @@ def _log_toggle(id: str, on: bool = False) -> dcc.Checklist:
                          value=["log"] if on else [], className="inline-check")
 
 
-def _model_and_tokens(prompt: dict):
-    return backend.load_model(prompt["model"]), torch.tensor([prompt["tokens"]])
+def analyses(layer: int) -> list[Analysis]:
+    """The page's analyses of one prompt: residual norms, the logit lens, ``layer``'s mixer matrix."""
+    return [dl.probes.ResidualNorms(), dl.probes.LogitLens(k=TOP_K), dl.probes.MixerMatrix(layer=layer)]
+
+
+def _results(prompt: dict, layer: int) -> backend.PageResults:
+    """The Results of :func:`analyses` on the stored prompt (one forward for those not cached yet)."""
+    model = backend.load_model(prompt["model"])
+    return backend.page_results(prompt["model"], model, backend.prompts_of(model, prompt["tokens"]), analyses(layer))
 
 
 # ----------------------------------------------------------------- callbacks
@@ -146,29 +153,29 @@ def _model_and_tokens(prompt: dict):
 )
 @show_errors(None, [], [], None, "Head")
 def prepare(request: dict | None, layer: int | None):
-    """Load the model and tokenise the prompt; everything else listens to the store."""
+    """Load the model, tokenise the prompt and run the page's analyses; the panels listen to the store."""
     if not request:
         raise PreventUpdate
-    model, tokens = backend.model_and_tokens(request)
-    ids = tokens[0].tolist()
-    norms = backend.cached_result(
-        ResidualNorms, request["model"], ids, "residual_norms", {},
-        lambda: dl.probes.residual_norms(model, tokens),
-    )
+    model, prompts = backend.model_and_prompts(request)
     n_layers = model.cfg.n_layers
     layer = layer if isinstance(layer, int) and 0 <= layer < n_layers else n_layers - 1
+    try:  # the one forward of this prompt; the panels read its Results
+        backend.page_results(request["model"], model, prompts, analyses(layer))
+    except backend.DashboardError:
+        pass  # each panel shows the error where its figure would be
+    ids, str_tokens, architecture = prompts.tokens[0].tolist(), prompts.str_tokens[0], architecture_of(model)
     prompt = {
         "model": request["model"],
         "tokens": ids,
-        "str_tokens": norms.str_tokens,
-        "architecture": norms.architecture,
+        "str_tokens": str_tokens,
+        "architecture": architecture,
         "n_layers": n_layers,
         "run": request.get("run"),
     }
-    status = status_row(request["model"], norms.architecture, len(ids), n_layers)
+    status = status_row(request["model"], architecture, len(ids), n_layers)
     options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
-    strip = token_strip(norms.str_tokens, len(ids) - 1, TOKEN)
-    return prompt, strip, options, layer, GROUP_NAMES[norms.architecture], status
+    strip = token_strip(str_tokens, len(ids) - 1, TOKEN)
+    return prompt, strip, options, layer, GROUP_NAMES[architecture], status
 
 
 @callback(
@@ -215,15 +222,13 @@ def mark_selected_token(position, ids):
     Input(PROMPT_STORE, "data"),
     Input(POSITION, "data"),
     Input(RESID_LOG, "value"),
+    State(LAYER, "value"),
 )
 @show_errors(_EMPTY)
-def residual_panel(prompt, position, log_colour):
-    if not prompt:
+def residual_panel(prompt, position, log_colour, layer):
+    if not prompt or layer is None:
         return _EMPTY, None
-    norms = backend.cached_result(
-        ResidualNorms, prompt["model"], prompt["tokens"], "residual_norms", {},
-        lambda: dl.probes.residual_norms(*_model_and_tokens(prompt)),
-    )
+    norms = _results(prompt, layer)["residual_norms"]
     return norms.figure(log="log" in (log_colour or []), position=position), None
 
 
@@ -233,15 +238,13 @@ def residual_panel(prompt, position, log_colour):
     Input(PROMPT_STORE, "data"),
     Input(POSITION, "data"),
     Input(LENS_VIEW, "value"),
+    State(LAYER, "value"),
 )
 @show_errors(_EMPTY)
-def logit_lens_panel(prompt, position, view):
-    if not prompt or position is None:
+def logit_lens_panel(prompt, position, view, layer):
+    if not prompt or position is None or layer is None:
         return _EMPTY, None
-    lens = backend.cached_result(
-        LogitLens, prompt["model"], prompt["tokens"], "logit_lens", {"k": TOP_K},
-        lambda: dl.probes.logit_lens(*_model_and_tokens(prompt), k=TOP_K),
-    )
+    lens = _results(prompt, layer)["logit_lens"]
     return lens.figure(position=position if view == "position" else None), None
 
 
@@ -260,10 +263,7 @@ def logit_lens_panel(prompt, position, view):
 def mixer_panel(prompt, layer, group, position, log_colour):
     if not prompt or layer is None:
         return _EMPTY, [], None, None
-    mixer = backend.cached_result(
-        MixerMatrices, prompt["model"], prompt["tokens"], "mixer_matrices", {"layer": layer},
-        lambda: dl.probes.mixer_matrices(*_model_and_tokens(prompt), layer=layer),
-    )
+    mixer = _results(prompt, layer)["mixer_matrix"]
     labels = mixer.group_labels
     group = group if isinstance(group, int) and 0 <= group < len(labels) else 0
     options = [{"label": label, "value": i} for i, label in enumerate(labels)]

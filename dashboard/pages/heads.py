@@ -1,10 +1,12 @@
 """Heads: every head's induction, previous-token, copying and sink score; a clicked head's pattern on the prompt.
 
-The score grid is the ``.figure()`` of :class:`~dynalens.circuits.HeadScores`
-(on repeated random tokens, the standard workload); the pattern is the
-``.figure()`` of :class:`~dynalens.probes.mixer.MixerMatrices` for the clicked
-head (channel group on Mamba) on the prompt. Both come through the results cache.
-While the scores are computed, a progress bar counts the sequences read.
+The score grid is the ``.figure()`` of the ``HeadScores`` Result on repeated
+random tokens (the standard workload, one forward), or of the weight-only
+``CopyingScores`` (OV circuits, transformers); the pattern is the
+``.figure()`` of the ``MixerMatrix`` Result of the clicked head's layer
+(channel group on Mamba) on the prompt (:func:`analyses`, one forward per
+new prompt and layer). Both come through ``backend.page_results``. While the
+scores are computed, a progress bar counts the sequences read.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from typing import Any
 
 import dash
 from dash import Input, Output, callback, html
-from dynalens.circuits import HeadScores
-from dynalens.circuits.heads import SCORES
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
     ProgressBar,
@@ -30,7 +30,10 @@ from dynalens.dashboard.components import (
     status_row,
 )
 from dynalens.dashboard.layout import REQUEST
-from dynalens.probes.mixer import MixerMatrices
+from dynalens.models.prompts import Prompts
+from dynalens.models.surface import architecture_of
+from dynalens.probes.analysis import Analysis
+from dynalens.probes.results import Result
 
 import dynalens as dl
 
@@ -43,6 +46,9 @@ PATTERN = "heads-pattern"
 
 HALF_LEN = 20
 """Length of each repeat of the random-token workload (shorter when the model's context is)."""
+
+KINDS = ("induction", "prev_token", "copying", "sink")
+"""The scores the grid can show: ``copying`` from ``CopyingScores``, the others from ``HeadScores``."""
 
 SCORES_PROGRESS = ProgressBar(GRID)
 
@@ -58,7 +64,7 @@ def layout(**_: Any) -> html.Div:
             children=[
                 panel(
                     "Head scores", GRID, height=520,
-                    controls=[choice(KIND, {k: k.replace("_", "-") for k in SCORES}, "induction")],
+                    controls=[choice(KIND, {k: k.replace("_", "-") for k in KINDS}, "induction")],
                     progress=SCORES_PROGRESS,
                 ),
                 panel("Pattern on the prompt", PATTERN, height=520),
@@ -67,22 +73,30 @@ def layout(**_: Any) -> html.Div:
     )
 
 
-def _scores(request: dict, model: Any, report: backend.ProgressReport | None = None) -> HeadScores:
-    """The head scores on the random-token workload; ``report`` counts the sequences read while they are computed."""
+def analyses(layer: int) -> list[Analysis]:
+    """The page's analyses of the prompt: the mixer matrix of the shown head's layer."""
+    return [dl.probes.MixerMatrix(layer=layer)]
+
+
+def workload(model: Any) -> Prompts:
+    """The head-score workload: repeated random tokens (``HALF_LEN`` per repeat, fewer for a short context)."""
     half_len = min(HALF_LEN, ((model.cfg.n_ctx or 2 * HALF_LEN + 1) - 1) // 2)
-    tokens = dl.circuits.repeated_tokens(model, half_len=half_len)
-    compute = lambda: dl.circuits.induction_scores(model, tokens)
+    return Prompts(model, dl.circuits.repeated_tokens(model, half_len=half_len))
+
+
+def _scores(request: dict, model: Any, report: backend.ProgressReport | None = None) -> Result:
+    """The head scores on the workload; ``report`` counts the sequences read while they are computed."""
+    prompts = workload(model)
     if report is not None:
-        n = tokens.shape[0]
-        if model.cfg.architecture == "mamba":  # one pass per sequence and layer to materialise its mixer
-            report.step(f"Mixer matrices of {n} repeated sequences × {model.cfg.n_layers} layers",
-                        size=n * model.cfg.n_layers)  # fmt: skip
-        else:
-            report.step(f"Attention patterns of {n} repeated sequences", size=n)
-        compute = backend.counting_sequences(model, report, compute)
-    return backend.cached_result(
-        HeadScores, request["model"], tokens[0].tolist(), "head_scores", {"n": tokens.shape[0]}, compute
-    )
+        n = len(prompts)
+        report.step(f"{'Mixer matrices' if architecture_of(model) == 'mamba' else 'Attention patterns'} "
+                    f"of {n} repeated sequences", size=n)  # fmt: skip
+    return backend.page_results(request["model"], model, prompts, [dl.circuits.HeadScores()], report)["head_scores"]
+
+
+def _copying(request: dict, model: Any) -> Result:
+    """The OV copying scores (weights only)."""
+    return backend.page_results(request["model"], model, None, [dl.circuits.CopyingScores()])["copying_scores"]
 
 
 @callback(
@@ -96,15 +110,21 @@ def _scores(request: dict, model: Any, report: backend.ProgressReport | None = N
 )
 @show_errors(_EMPTY, None)
 def scores_panel(request, kind, progress_key):
-    model, tokens = requested(request)
-    status = status_row(request["model"], model.cfg.architecture, tokens.shape[1], model.cfg.n_layers)
-    if model.cfg.architecture == "rnn":
+    model, prompts = requested(request)
+    status = status_row(request["model"], architecture_of(model), int(prompts.lengths[0]), model.cfg.n_layers)
+    if architecture_of(model) == "rnn":
         return _EMPTY, status, hint("Head scores need attention heads or a materialised mixer (Mamba).")
     with backend.reporting(progress_key) as report:
-        scores = _scores(request, model, report)
-    best = scores.top(1, by=kind).iloc[0]
+        if kind == "copying":
+            report.step("Copying scores from the OV circuits")
+            scores = _copying(request, model)
+            best = scores.top(1).iloc[0]
+        else:
+            scores = _scores(request, model, report)
+            best = scores.top(1, by=kind).iloc[0]
+    figure = scores.figure() if kind == "copying" else scores.figure(kind=kind)
     text = f"Top {kind.replace('_', '-')} head: L{int(best['layer'])}H{int(best['head'])} ({best[kind]:.2f}). Click a cell."
-    return scores.figure(kind=kind), status, hint(text)
+    return figure, status, hint(text)
 
 
 @callback(
@@ -115,17 +135,14 @@ def scores_panel(request, kind, progress_key):
 )
 @show_errors(_EMPTY)
 def pattern_panel(request, click):
-    model, tokens = requested(request)
-    if model.cfg.architecture == "rnn":
+    model, prompts = requested(request)
+    if architecture_of(model) == "rnn":
         return _EMPTY, hint("This model has no heads.")
-    if click and click.get("points"):
+    if click and click.get("points"):  # the grid's cells sit at integer x (head) and y (layer)
         layer, head = int(click["points"][0]["y"]), int(click["points"][0]["x"])
     else:  # the top induction head until a cell is clicked
         best = _scores(request, model).top(1).iloc[0]
         layer, head = int(best["layer"]), int(best["head"])
-    mixer = backend.cached_result(
-        MixerMatrices, request["model"], tokens[0].tolist(), "mixer_matrices", {"layer": layer},
-        lambda: dl.probes.mixer_matrices(model, tokens, layer=layer),
-    )
-    head = min(head, mixer.matrices.shape[0] - 1)
+    mixer = backend.page_results(request["model"], model, prompts, analyses(layer))["mixer_matrix"]
+    head = min(head, len(mixer.group_labels) - 1)
     return mixer.figure(group=head), hint(f"L{layer} {mixer.group_labels[head]} on the prompt.")

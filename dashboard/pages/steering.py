@@ -2,10 +2,11 @@
 
 The direction (:class:`~dynalens.circuits.Direction`, by difference of means,
 PCA of paired differences or a logistic probe, on every layer) is read from two
-prompt sets on the chosen model: for a chat model the shipped harmful and
-harmless train prompts of :mod:`dynalens.circuits.refusal` in its chat template
-followed by a refusal vs a compliance opening (the typed prompt is wrapped in
-the template too); for a model without a tokenizer (the zoo's Mamba and RNNs)
+prompt sets (:class:`~dynalens.models.prompts.Prompts` batches) on the chosen
+model: for a chat model the shipped harmful and harmless train prompts of
+:mod:`dynalens.circuits.refusal` in its chat template followed by the refusal
+vs the compliance opening of :class:`~dynalens.circuits.ResponseContrast`
+(the typed prompt is wrapped in the template too); for a model without a tokenizer (the zoo's Mamba and RNNs)
 samples of its own task whose last token is ``a`` against the same samples
 ending in ``b``. The steering is either a constant ``alpha`` on the chosen
 layers (:func:`~dynalens.circuits.steer`) or a
@@ -21,7 +22,6 @@ and the tokens generated.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Any, NamedTuple
 
@@ -29,8 +29,7 @@ import dash
 import plotly.graph_objects as go
 import torch
 from dash import Input, Output, State, callback, dcc, html
-from dynalens.circuits import Direction, SteeringController, refusal, steer
-from dynalens.circuits.directions import Prompts
+from dynalens.circuits import Direction, ResponseContrast, SteeringController, refusal, steer
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
     ProgressBar,
@@ -48,6 +47,7 @@ from dynalens.dashboard.components import (
     status_row,
 )
 from dynalens.dashboard.layout import REQUEST
+from dynalens.models.prompts import Prompts
 from dynalens.models.zoo import ZOO
 from jaxtyping import Int
 from torch import Tensor
@@ -148,20 +148,23 @@ def contrast_sets(model: Any, name: str, token_a: int = 0, token_b: int = 1) -> 
 
     A model with a tokenizer: the direction is the response contrast of the
     shipped harmful and harmless train prompts (each in the chat template
-    followed by a refusal vs a compliance opening, ``refusal.response_contrast``:
-    the plain prompt contrast does not steer SmolLM2-135M, see RESULTS.md), and
-    the controller learns harmful (steer) vs harmless (do not). A model without
+    followed by ``ResponseContrast``'s refusal vs compliance opening: the plain
+    prompt contrast does not steer SmolLM2-135M, see RESULTS.md), and the
+    controller learns harmful (steer) vs harmless (do not). A model without
     one: ``ZOO_SET_SIZE`` samples of its zoo task (random tokens for other
     models), cut to ``ZOO_BODY_LEN`` tokens and ended by ``token_a`` vs
     ``token_b``, for both.
     """
     if getattr(model, "tokenizer", None) is not None:
         harmful, harmless = (refusal.prompt_set(kind, "train") for kind in ("harmful", "harmless"))
+        openings = ResponseContrast()
+        requests = harmful + harmless
         return ContrastSets(
-            direction=refusal.response_contrast(model, harmful + harmless),
-            controller=(refusal.chat_tokens(model, harmful), refusal.chat_tokens(model, harmless)),
+            direction=(refusal.chat_prompts(model, requests, openings.refusal),
+                       refusal.chat_prompts(model, requests, openings.compliance)),
+            controller=(refusal.chat_prompts(model, harmful), refusal.chat_prompts(model, harmless)),
             about=f"{len(harmful)} harmful + {len(harmless)} harmless train prompts",
-        )
+        )  # fmt: skip
     d_vocab = model.cfg.d_vocab
     for token in (token_a, token_b):
         if not isinstance(token, int) or not 0 <= token < d_vocab:
@@ -172,15 +175,14 @@ def contrast_sets(model: Any, name: str, token_a: int = 0, token_b: int = 1) -> 
     else:
         bodies = torch.randint(0, d_vocab, (ZOO_SET_SIZE, ZOO_BODY_LEN), generator=g)
     ends = torch.ones(len(bodies), 1, dtype=torch.long)
-    sets = (torch.cat([bodies, token_a * ends], 1), torch.cat([bodies, token_b * ends], 1))
+    sets = tuple(Prompts(model, torch.cat([bodies, token * ends], 1)) for token in (token_a, token_b))
     kind = "task samples" if name in ZOO else "random sequences"
     return ContrastSets(sets, sets, f"{len(bodies)} {kind} ending in {token_a} vs {token_b}")
 
 
 def _sets_id(*sets: Prompts) -> str:
-    """A short hash of the sets' token ids (a cache key part)."""
-    plain = [[row.tolist() for row in rows] for rows in sets]
-    return hashlib.sha256(json.dumps(plain).encode()).hexdigest()[:16]
+    """A short hash of the sets' token ids and masks (a cache key part)."""
+    return hashlib.sha256("".join(prompts.key() for prompts in sets).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------- callbacks
@@ -199,7 +201,7 @@ def _sets_id(*sets: Prompts) -> str:
 @show_errors(None, [], [], [], None, {"display": "none"})
 def setup(request, layers, read_layer):
     """Load the model and check the prompt; the layer pickers follow the model."""
-    model, tokens = requested(request)
+    model, prompts = requested(request)
     n_layers = model.cfg.n_layers
     options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
     if not (layers and all(isinstance(i, int) and 0 <= i < n_layers for i in layers)):
@@ -207,7 +209,7 @@ def setup(request, layers, read_layer):
     if not (isinstance(read_layer, int) and 0 <= read_layer < n_layers):
         read_layer = 2 * n_layers // 5
     has_tokenizer = getattr(model, "tokenizer", None) is not None
-    status = status_row(request["model"], model.cfg.architecture, tokens.shape[1], n_layers)
+    status = status_row(request["model"], model.cfg.architecture, int(prompts.lengths[0]), n_layers)
     return (
         {"model": request["model"], "prompt": request["prompt"], "run": request.get("run")},
         options, layers, options, read_layer,
@@ -242,16 +244,16 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
         raise backend.DashboardError("No layer chosen: pick at least one layer to steer.")
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
         raise backend.DashboardError(f"alpha must be a number from {-MAX_ALPHA:g} to {MAX_ALPHA:g}, got {alpha!r}.")
-    model, tokens = requested(setup)
+    model, typed = requested(setup)
     name = setup["model"]
     contrast = contrast_sets(model, name, token_a, token_b)
     sets = _sets_id(*contrast.direction, *contrast.controller)
-    prompt = _chat_prompt(model, setup["prompt"], tokens)
+    prompt = _chat_prompt(model, setup["prompt"], typed)
     new_tokens = _new_tokens(model, prompt)
     with backend.reporting(progress_key, steps=4 if control == "controller" else 3) as report:
         report.step(f"Direction: reading {_count(contrast.direction)} prompts", size=_count(contrast.direction))
-        direction = backend.cached_result(
-            Direction, name, [], "steering_direction", {"method": method, "sets": sets},
+        direction = backend.cached(
+            name, None, "steering_direction", {"method": method, "sets": sets},
             backend.counting_sequences(model, report,
                                        lambda: Direction.from_prompts(model, *contrast.direction, method=method)),
         )  # fmt: skip
@@ -260,8 +262,8 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
                         size=_count(contrast.controller))  # fmt: skip
             unfitted = SteeringController(direction, read_layer=read_layer, layers=layers)
             fit = lambda: unfitted.fit(model, *contrast.controller)
-            controller = backend.cached_result(
-                SteeringController, name, [], "steering_controller",
+            controller = backend.cached(
+                name, None, "steering_controller",
                 {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},
                 backend.counting_sequences(model, report, fit),
             )  # fmt: skip
@@ -284,7 +286,7 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
 
         plain, steered = backend.run_alone(backend.counting_sequences(model, report, both))
     message = hint(f"{METHODS[method]} direction from {contrast.about}; {new_tokens} greedy tokens per panel.")
-    n_prompt = prompt.shape[1]
+    n_prompt = prompt.tokens.shape[1]
     return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, line, message
 
 
@@ -293,18 +295,18 @@ def _count(sets: tuple[Prompts, Prompts]) -> int:
     return sum(len(prompts) for prompts in sets)
 
 
-def _chat_prompt(model: Any, prompt: str, tokens: Int[Tensor, "1 pos"]) -> Int[Tensor, "1 pos"]:
-    """What ``generate`` reads: the prompt's ids in the chat template, or as typed without a tokenizer."""
+def _chat_prompt(model: Any, prompt: str, typed: Prompts) -> Prompts:
+    """What ``generate`` reads: the prompt in the chat template, or as typed without a tokenizer."""
     if getattr(model, "tokenizer", None) is None:
-        return tokens
-    return refusal.chat_tokens(model, [prompt])[0]
+        return typed
+    return refusal.chat_prompts(model, prompt)
 
 
-def _new_tokens(model: Any, prompt: Int[Tensor, "1 pos"]) -> int:
+def _new_tokens(model: Any, prompt: Prompts) -> int:
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx is None or model.cfg.architecture != "transformer":
         return NEW_TOKENS
-    room = n_ctx - prompt.shape[-1]
+    room = n_ctx - prompt.tokens.shape[-1]
     if room < 1:
         raise backend.DashboardError(f"The prompt fills the model's context of {n_ctx} tokens: shorten it.")
     return min(NEW_TOKENS, room)

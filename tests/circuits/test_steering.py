@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from dynalens.circuits.directions import Direction
-from dynalens.circuits.steering import SteeringController, steer
+from dynalens.circuits.steering import SteeringController, pass_mask, steer
+from dynalens.models import names
+from dynalens.models.prompts import Prompts
+from dynalens.probes.results import Saved
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.models.zoo import get_entry
@@ -28,7 +31,15 @@ def tiny_lstm():
     return HookedRNN(RNNConfig(d_model=8, n_layers=2, d_vocab=16, cell="lstm")).eval()
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_lstm"])
+@pytest.fixture(scope="module")
+def tiny_mamba2():
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    return HookedMamba2(Mamba2Config(d_model=8, n_layers=2, d_vocab=16, n_heads=2, d_head=8, d_state=4)).eval()
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_lstm"])
 def model_and_prompt(request):
     model = request.getfixturevalue(request.param)
     prompt = (
@@ -46,10 +57,8 @@ def random_direction(model, layers=None) -> Direction:
 
 
 def resid_at(model, prompt, layer: int) -> torch.Tensor:
-    _, cache = model.run_with_cache(
-        prompt, names_filter=f"blocks.{layer}.hook_resid_post"
-    )
-    return cache[f"blocks.{layer}.hook_resid_post"]
+    _, cache = model.run_with_cache(prompt, names_filter=[names.resid_post(layer)])
+    return cache[names.resid_post(layer)]
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -57,8 +66,12 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def n_hooks(model) -> int:
-    return sum(len(hp.fwd_hooks) for hp in model.hook_dict.values()) + len(
-        model._forward_pre_hooks
+    """Hooks on the model's hook points, module pre-hooks, and a wrapped ``forward`` or ``generate``."""
+    return (
+        sum(len(hp.fwd_hooks) for hp in model.hook_dict.values())
+        + len(model._forward_pre_hooks)
+        + int("forward" in vars(model))
+        + int("generate" in vars(model))
     )
 
 
@@ -108,7 +121,7 @@ def test_positions_step_by_step_during_generate(model_and_prompt, positions):
     """Ablate-then-add sets the projection to alpha exactly at the steered positions, pass by pass."""
     model, prompt = model_and_prompt
     d = random_direction(model)
-    name = "blocks.1.hook_resid_post"
+    name = names.resid_post(1)
     passes: list[torch.Tensor] = []
 
     def record(resid, hook):
@@ -161,7 +174,7 @@ def test_one_token_prompt_is_still_a_prompt(tiny_mamba):
             2,
             fwd_hooks=[
                 (
-                    "blocks.1.hook_resid_post",
+                    names.resid_post(1),
                     lambda r, hook: passes.append(d.project(r, 1)),
                 )
             ],
@@ -182,7 +195,7 @@ def test_weights_identical_and_hooks_removed_after_steering_and_errors(
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"), steer(model, d, alpha=5.0):
-        model.generate(prompt, 3, fwd_hooks=[("blocks.0.hook_resid_post", explode)])
+        model.generate(prompt, 3, fwd_hooks=[(names.resid_post(0), explode)])
     with pytest.raises(RuntimeError, match="boom"), steer(model, d, mode="ablate"):
         raise RuntimeError("boom")
     after = snapshot(model)
@@ -217,7 +230,7 @@ def test_zoo_direction_steers_towards_the_positive_set(name):
     added to the negative prompts, moves their next-token distribution towards the positives'."""
     model = dl.load(name)
     positive, negative = zoo_prompt_sets(name)
-    d = Direction.diff_in_means(model, positive, negative)
+    d = Direction.from_prompts(model, positive, negative)
     target = model(positive)[:, -1].log_softmax(-1)
 
     def distance(logits):
@@ -276,7 +289,7 @@ def separable_sets(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fitted(tiny_mamba):
     pos, neg = separable_sets(24, seed=1)
-    d = Direction.diff_in_means(tiny_mamba, pos, neg, position="mean")
+    d = Direction.from_prompts(tiny_mamba, pos, neg, position="mean")
     before = snapshot(tiny_mamba)
     ctrl = SteeringController(d, read_layer=0, position="mean", alpha=6.0).fit(
         tiny_mamba, pos, neg
@@ -300,14 +313,14 @@ def test_controller_separates_held_out_sets_and_leaves_weights(tiny_mamba, fitte
 def generate_recording(
     model, prompt, context
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Generate 5 tokens inside ``context``, recording ``blocks.1.hook_resid_post`` at every pass."""
+    """Generate 5 tokens inside ``context``, recording ``names.resid_post(1)`` at every pass."""
     seen: list[torch.Tensor] = []
     with context:
         tokens = model.generate(
             prompt,
             5,
             fwd_hooks=[
-                ("blocks.1.hook_resid_post", lambda r, hook: seen.append(r.clone()))
+                (names.resid_post(1), lambda r, hook: seen.append(r.clone()))
             ],
         )
     return tokens, seen
@@ -330,10 +343,8 @@ def test_attach_equals_steering_with_the_predicted_alphas(tiny_mamba, fitted):
             steer(tiny_mamba, ctrl.direction, layers=ctrl.layers_, alpha=alphas),
         )
         assert torch.equal(closed, reference)
-        read = closed_resid.pop(0)  # attach reads the prompt unsteered first
-        assert read.shape == closed_resid[0].shape and not torch.allclose(
-            read, closed_resid[0]
-        )
+        # attach reads the prompt before generate runs, so generate's own hooks see only its passes
+        assert [r.shape[1] for r in closed_resid] == [prompt.shape[1], 1, 1, 1, 1]
         for a, b in zip(closed_resid, reference_resid, strict=True):
             torch.testing.assert_close(a, b)
     assert n_hooks(tiny_mamba) == 0
@@ -353,16 +364,40 @@ def test_controller_bad_input(tiny_mamba):
 def test_controller_save_load_round_trip(tiny_mamba, fitted, tmp_path):
     ctrl, _ = fitted
     ctrl.save(tmp_path / "ctrl.safetensors")
-    back = SteeringController.load(tmp_path / "ctrl.safetensors")
-    assert back.get_params() == ctrl.get_params() and back.layers_ == ctrl.layers_
-    assert torch.equal(back.direction.vectors, ctrl.direction.vectors)
-    pos, neg = separable_sets(4, seed=5)
-    prompts = torch.cat([pos, neg])
-    a, b = ctrl.predict(tiny_mamba, prompts), back.predict(tiny_mamba, prompts)
-    assert torch.equal(a.scale, b.scale) and torch.equal(a.weights, b.weights)
+    for back in (SteeringController.load(tmp_path / "ctrl.safetensors"), Saved.load(tmp_path / "ctrl.safetensors")):
+        assert isinstance(back, SteeringController)
+        params = {k: v for k, v in ctrl.get_params().items() if k != "direction"}
+        assert {k: v for k, v in back.get_params().items() if k != "direction"} == params
+        assert (back.layers_, back.n_epochs_, back.validation_loss_) == (ctrl.layers_, ctrl.n_epochs_, ctrl.validation_loss_)
+        assert torch.equal(back.direction.vectors, ctrl.direction.vectors)
+        assert back.direction.position == "mean" and back.direction.architecture == "mamba"
+        pos, neg = separable_sets(4, seed=5)
+        prompts = torch.cat([pos, neg])
+        a, b = ctrl.predict(tiny_mamba, prompts), back.predict(tiny_mamba, prompts)
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.weights, b.weights)
     Direction(torch.ones(1, 8), layers=[0]).save(tmp_path / "d.safetensors")
-    with pytest.raises(ValueError, match="not a dynalens steering controller file"):
+    with pytest.raises(TypeError, match="holds a Direction, not a SteeringController"):
         SteeringController.load(tmp_path / "d.safetensors")
+
+
+def test_unfitted_controller_round_trips_unfitted(tmp_path):
+    d = Direction(torch.ones(2, 8), layers=[0, 1])
+    SteeringController(d, read_layer=1, layers=range(2), alpha=2.5, position="mean").save(tmp_path / "c.safetensors")
+    back = SteeringController.load(tmp_path / "c.safetensors")
+    assert (back.read_layer, back.layers, back.alpha, back.position) == (1, [0, 1], 2.5, "mean")
+    assert not hasattr(back, "net_")
+    with pytest.raises(RuntimeError, match="not fitted"):
+        back.predict_activations(torch.zeros(1, 8))
+
+
+def test_controller_params_are_scikit_learn_style():
+    d = Direction(torch.ones(1, 8), layers=[0])
+    ctrl = SteeringController(d, read_layer=0)
+    assert ctrl.get_params()["direction"] is d and ctrl.get_params()["alpha"] == 4.0
+    assert ctrl.set_params(alpha=2.0, hidden=8) is ctrl and (ctrl.alpha, ctrl.hidden) == (2.0, 8)
+    assert repr(ctrl).startswith("SteeringController(direction=Direction(layers=[0], d_model=8")
+    with pytest.raises(ValueError, match="no parameter 'alfa'"):
+        ctrl.set_params(alfa=1.0)
 
 
 class TakesState(torch.nn.Module):
@@ -429,7 +464,7 @@ def test_generate_under_steer_equals_steering_the_whole_sequence(tiny_llama, pos
     expected = tokens
     for _ in range(6):
         logits = tiny_llama.run_with_hooks(
-            expected, fwd_hooks=[("blocks.0.hook_resid_post", add_at_positions)]
+            expected, fwd_hooks=[(names.resid_post(0), add_at_positions)]
         )
         expected = torch.cat([expected, logits[:, -1:].argmax(-1)], dim=1)
     with steer(tiny_llama, d, alpha=alpha, positions=positions):
@@ -438,42 +473,161 @@ def test_generate_under_steer_equals_steering_the_whole_sequence(tiny_llama, pos
     assert not torch.equal(generated, tiny_llama.generate(tokens, 6, return_type="tokens"))
 
 
-def test_attach_reads_a_padded_batch_one_prompt_at_a_time(tiny_llama):
-    """generate on a left-padded batch with its attention mask, under attach, gives each
-    prompt the tokens it gets alone: the controller never reads the padding."""
-    from dynalens.circuits.directions import left_padded
+RAGGED = ["I love the sea and the hills", "Rain fell", "We love the sunny sea on a Sunday"]
 
-    positive = ["I love cats and dogs", "We love the sunny sea", "They love green hills"]
-    negative = ["The tax form is due", "Rain fell on the roof", "A train left at noon"]
-    d = Direction.diff_in_means(tiny_llama, positive, negative)
-    ctrl = SteeringController(d, read_layer=0, alpha=20.0, max_epochs=30).fit(
-        tiny_llama, positive, negative
+
+def test_pass_mask_takes_the_last_columns_of_a_longer_mask(tiny_llama):
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert torch.equal(
+        pass_mask(tiny_llama, {"input": torch.zeros(2, 1, dtype=torch.long), "attention_mask": mask}),
+        torch.ones(2, 1, dtype=torch.bool),
     )
-    rows = [tiny_llama.to_tokens(p) for p in ["I love the sea and the hills", "Rain fell"]]
-    tokens, mask = left_padded(tiny_llama, rows)
-    with ctrl.attach(tiny_llama):
-        batched = tiny_llama.generate(tokens, 4, attention_mask=mask, return_type="tokens")
-        alone = [tiny_llama.generate(row, 4, return_type="tokens") for row in rows]
-    for new, single in zip(batched[:, tokens.shape[1] :], alone, strict=True):
-        assert torch.equal(new, single[0, -4:])
+    assert torch.equal(pass_mask(tiny_llama, {"input": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}), mask.bool())
+    prompts = Prompts.from_ids([[1, 2], [3]])
+    assert pass_mask(tiny_llama, {"input": prompts}) is prompts.mask
+    assert pass_mask(tiny_llama, {"input": torch.zeros(1, 3, 64)}) is None  # embeddings
+
+
+@pytest.fixture(scope="module")
+def tiny_hybrid():
+    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid."""
+    import transformers
+    from dynalens.models.hybrid import HookedHybrid
+
+    torch.manual_seed(0)
+    config = transformers.BambaConfig(
+        vocab_size=16, hidden_size=32, pad_token_id=0, bos_token_id=None, eos_token_id=None, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, mamba_n_heads=4, mamba_d_head=16,
+        mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8, attn_layer_indices=[1],
+    )  # fmt: skip
+    hf = transformers.BambaForCausalLM(config).eval()
+    hf.set_attn_implementation("eager")
+    return HookedHybrid.from_hf(hf).eval()
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_lstm", "tiny_hybrid"])
+def model_and_ragged(request):
+    """Each architecture with a ragged list of prompts (lengths differ)."""
+    model = request.getfixturevalue(request.param)
+    if request.param == "tiny_llama":
+        return model, RAGGED
+    return model, [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8]]
+
+
+@pytest.mark.parametrize("mode", ["add", "ablate", "ablate_add"])
+def test_steer_never_touches_pads_and_a_padded_row_equals_its_run_alone(model_and_ragged, mode):
+    """A ragged batch under steer: each prompt's real positions and logits equal that prompt
+    steered alone (1e-5), and the steered layer's pad positions keep their unsteered values."""
+    model, ragged = model_and_ragged
+    d = random_direction(model)
+    prompts = Prompts(model, ragged)
+    hooks = [names.resid_post(0), names.resid_post(1)]
+    _, base = model.run_with_cache(prompts, names_filter=hooks)
+    with steer(model, d, alpha=3.0, mode=mode):
+        logits, cache = model.run_with_cache(prompts, names_filter=hooks)
+        alone = [model.run_with_cache(p, names_filter=hooks) for p in prompts]
+    for i, (single_logits, single) in enumerate(alone):
+        torch.testing.assert_close(prompts.real(logits, i), single_logits[0], rtol=1e-5, atol=1e-5)
+        for layer, name in enumerate(hooks):
+            real = prompts.real(cache[name], i)
+            torch.testing.assert_close(real, single[name][0], rtol=1e-5, atol=1e-5)
+            if mode != "add":
+                expected = torch.full((real.shape[0],), 0.0 if mode == "ablate" else 3.0)
+                torch.testing.assert_close(d.project(real, layer), expected, rtol=1e-4, atol=1e-4)
+    # Steering the last layer alone: its input is unchanged, so pads must come out unchanged.
+    with steer(model, d, layers=[1], alpha=3.0, mode=mode):
+        _, cache = model.run_with_cache(prompts, names_filter=hooks)
+    pads = ~prompts.mask
+    assert bool(pads.any())
+    torch.testing.assert_close(cache[hooks[1]][pads], base[hooks[1]][pads], rtol=0, atol=0, equal_nan=True)
+    assert not torch.allclose(cache[hooks[1]][prompts.mask], base[hooks[1]][prompts.mask])
+
+
+@pytest.mark.parametrize("positions", ["prompt", "generated", "all"])
+def test_ragged_generate_under_steer_equals_one_prompt_at_a_time(model_and_ragged, positions):
+    model, ragged = model_and_ragged
+    d = random_direction(model)
+    prompts = Prompts(model, ragged)
+    with steer(model, d, alpha=20.0, positions=positions):
+        batched = model.generate(prompts, 5, return_type="tokens")[:, prompts.tokens.shape[1] :]
+        alone = [model.generate(p, 5, return_type="tokens")[0, -5:] for p in prompts]
+    plain = model.generate(prompts, 5, return_type="tokens")[:, prompts.tokens.shape[1] :]
+    assert torch.equal(batched, torch.stack(alone))
+    assert not torch.equal(batched, plain)
+
+
+def test_run_with_cache_after_generate_is_a_new_prompt(tiny_llama):
+    """The Bridge's run_with_cache calls forward directly: it still starts a sequence, so
+    under positions="generated" it is not steered, even right after a generate."""
+    d = random_direction(tiny_llama)
+    prompts = Prompts(tiny_llama, RAGGED)
+    base = resid_at(tiny_llama, PROMPT, 1)
+    with steer(tiny_llama, d, alpha=10.0, positions="generated"):
+        tiny_llama.generate(prompts, 3)
+        torch.testing.assert_close(resid_at(tiny_llama, PROMPT, 1), base, rtol=0, atol=0)
+    with steer(tiny_llama, d, alpha=10.0, positions="prompt"):
+        tiny_llama.generate(prompts, 3)
+        assert not torch.allclose(resid_at(tiny_llama, PROMPT, 1), base)
     assert n_hooks(tiny_llama) == 0
+
+
+def fitted_on(model, positive, negative, **options) -> SteeringController:
+    d = Direction.from_prompts(model, positive, negative)
+    return SteeringController(d, read_layer=1, **options).fit(model, positive, negative)
+
+
+def sets_for(model) -> tuple[list, list]:
+    """Two small ragged prompt sets for ``model`` (text for the transformer, ids otherwise)."""
+    if model.tokenizer is not None:
+        return (
+            ["I love cats and dogs", "We love the sunny sea", "They love green hills", "Love it"],
+            ["The tax form is due", "Rain fell on the roof", "A train left at noon today", "Taxes"],
+        )
+    return ([[1, 2, 3, 1], [2, 3], [1, 1, 2, 3, 2], [3, 1, 2]], [[9, 10, 11], [12, 9, 10, 11], [14], [10, 13, 9]])
+
+
+def test_controller_predicts_a_ragged_batch_as_one_prompt_at_a_time(model_and_ragged):
+    model, ragged = model_and_ragged
+    ctrl = fitted_on(model, *sets_for(model), max_epochs=20)
+    batched = ctrl.predict(model, ragged)
+    for i, prompt in enumerate(ragged):
+        single = ctrl.predict(model, [prompt])
+        torch.testing.assert_close(batched.scale[i : i + 1], single.scale, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched.weights[i : i + 1], single.weights, rtol=1e-5, atol=1e-5)
+
+
+def test_attach_reads_a_padded_batch_without_its_padding(model_and_ragged):
+    """generate on a left-padded batch under attach gives each prompt the tokens it gets
+    alone: the controller never reads the padding, pads are never steered."""
+    model, ragged = model_and_ragged
+    ctrl = fitted_on(model, *sets_for(model), alpha=20.0, max_epochs=30)
+    prompts = Prompts(model, ragged)
+    before = snapshot(model)
+    with ctrl.attach(model):
+        batched = model.generate(prompts, 4, return_type="tokens")
+        alone = [model.generate(p, 4, return_type="tokens") for p in prompts]
+        steered_logits = model(prompts)
+        alone_logits = [model(p)[0] for p in prompts]
+    for i, single in enumerate(alone):
+        assert torch.equal(batched[i, prompts.tokens.shape[1] :], single[0, -4:])
+        torch.testing.assert_close(prompts.real(steered_logits, i), alone_logits[i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steered_logits, model(prompts))
+    assert n_hooks(model) == 0
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_controller_fits_inside_no_grad(tiny_mamba):
     pos, neg = separable_sets(12, seed=4)
-    d = Direction.diff_in_means(tiny_mamba, pos, neg, position="mean")
+    d = Direction.from_prompts(tiny_mamba, pos, neg, position="mean")
     with torch.no_grad():
-        ctrl = SteeringController(d, read_layer=0, position="mean", max_epochs=40).fit(
-            tiny_mamba, pos, neg
-        )
+        ctrl = SteeringController(d, read_layer=0, position="mean", max_epochs=40).fit(tiny_mamba, pos, neg)
     assert ctrl.n_epochs_ > 1 and ctrl.score(tiny_mamba, pos, neg) > 0.9
 
 
 def test_controller_with_a_range_of_layers_saves(tiny_mamba, tmp_path):
     pos, neg = separable_sets(8, seed=6)
-    d = Direction.diff_in_means(tiny_mamba, pos, neg, position="mean")
-    ctrl = SteeringController(d, read_layer=0, layers=range(2), max_epochs=5).fit(
-        tiny_mamba, pos, neg
-    )
+    d = Direction.from_prompts(tiny_mamba, pos, neg, position="mean")
+    ctrl = SteeringController(d, read_layer=0, layers=range(2), max_epochs=5).fit(tiny_mamba, pos, neg)
     ctrl.save(tmp_path / "ctrl.safetensors")
     assert SteeringController.load(tmp_path / "ctrl.safetensors").layers == [0, 1]

@@ -12,6 +12,7 @@ from dash.testing.wait import until
 from selenium.webdriver.common.keys import Keys
 
 import dynalens as dl
+from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app
 from dynalens.models.tasks import BigramBackcopyTask
 from dynalens.models.train import build_model, train
@@ -45,21 +46,26 @@ def open_page(dash_duo, model: str, cache_dir: Path) -> None:
 
 
 def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, screenshot, wait_title):
+    served = backend.load_model(str(run_dir))  # the server's copy: count its forward passes
+    forwards: list[int] = []
+    handle = served.hook_dict[dl.names.EMBED].register_forward_hook(lambda mod, args, out: forwards.append(1))
     open_page(dash_duo, str(run_dir), tmp_path)
     model, tokens = dl.load(run_dir), torch.tensor([[int(t) for t in PROMPT.split()]])
 
     fig = wait_title("activations-map", "Largest magnitude per channel")
-    expected = dl.probes.massive_activations(model, tokens)
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max.double().numpy()),
+    expected = dl.probes.MassiveActivations()(model, tokens)
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max[0].double().numpy()),
                                rtol=1e-5)  # fmt: skip
     dash_duo.wait_for_contains_text("#activations-map-message", "No massive activation", timeout=TIMEOUT)
 
     fig = wait_title("activations-sinks", "Attention on token 0")
-    sinks = dl.probes.extreme_tokens(model, tokens).sink_scores
+    sinks = dl.probes.ExtremeTokens()(model, tokens).sink_scores[0]  # [layer, head]
     np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), sinks.double().numpy(), rtol=1e-5, atol=1e-7)
+    handle.remove()
+    assert forwards == [1]  # the map and the sinks of a new prompt share one forward
 
     fig = wait_title("activations-emergence", "Emergence of massive activations")
-    emergence = dl.probes.massive_emergence(run_dir, tokens, progress=False)
+    emergence = dl.probes.MassiveEmergence(run_dir)(model, tokens)
     markers = [t for t in fig["traces"] if not (t["name"] or "").endswith(")")]  # fits are "... (R²=...)"
     assert [t["name"] for t in markers] == ["embed", "L0", "L1"]
     for row, trace in enumerate(markers):
@@ -69,7 +75,7 @@ def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, 
 
     dash_duo.find_elements("#activations-map-view input")[1].click()
     fig = wait_title("activations-map", "Top magnitudes per layer")
-    np.testing.assert_allclose(fig["traces"][0]["y"], expected.top_values[:, 0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(fig["traces"][0]["y"], expected.top_values[0, :, 0].numpy(), rtol=1e-5)
     assert dash_duo.get_logs() in ([], None)
     screenshot("activations-bbc")
 
@@ -82,18 +88,18 @@ def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot
     dash_duo.find_elements("#activations-site input")[1].click()
     fig = wait_title("activations-map", "Largest magnitude per channel")
     model, tokens = dl.load(tiny_mamba_dir), torch.tensor([[int(t) for t in PROMPT.split()]])
-    expected = dl.probes.massive_activations(model, tokens, site="state")
-    until(lambda: len(figure_in("activations-map")["traces"][0]["z"][0]) == expected.channel_max.shape[1],
+    expected = dl.probes.MassiveActivations(site="state")(model, tokens)
+    until(lambda: len(figure_in("activations-map")["traces"][0]["z"][0]) == expected.channel_max.shape[2],
           timeout=TIMEOUT, msg="the state map never showed d_inner × d_state channels")  # fmt: skip
     fig = figure_in("activations-map")
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max.double().numpy()),
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max[0].double().numpy()),
                                rtol=1e-5)  # fmt: skip
     screenshot("activations-mamba-state")
 
 
 def broken_series(tmp_path: Path, broken: int) -> Path:
     """attn3l-bbc's 16 checkpoints twice over (steps 0-15, then 1000-1015) with checkpoint ``broken`` unreadable."""
-    from dynalens.probes.emergence import checkpoint_series
+    from dynalens.probes import checkpoint_series
 
     run = tmp_path / "broken-run"
     series = [folder for _, folder in checkpoint_series("attn3l-bbc")]
@@ -124,8 +130,8 @@ def test_emergence_shows_its_progress_then_the_result_or_the_error(dash_duo, tmp
     part_way = part_way_then_hidden()
     assert part_way, f"no part-way progress among {progress.states()}"
     assert any("Checkpoint" in s["label"] and "of 16" in s["label"] for s in part_way)
-    emergence = dl.probes.massive_emergence("attn3l-bbc", torch.tensor([[int(t) for t in PROMPT.split()]]),
-                                            progress=False)  # fmt: skip
+    emergence = dl.probes.MassiveEmergence("attn3l-bbc")(dl.load("attn3l-bbc"),
+                                                         torch.tensor([[int(t) for t in PROMPT.split()]]))
     assert fig["traces"][0]["x"] == emergence.steps.tolist()
     dash_duo.wait_for_contains_text("#activations-emergence-message", "16 checkpoints", timeout=TIMEOUT)
 

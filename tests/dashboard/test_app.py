@@ -50,9 +50,10 @@ def test_bad_model_path_is_a_readable_error():
 
 def test_prompts_are_checked_with_messages(tiny_mamba_dir):
     model = backend.load_model(str(tiny_mamba_dir))  # no tokenizer: prompts are token ids
-    torch.testing.assert_close(
-        backend.encode_prompt(model, "3, 1 4\n1 5"), torch.tensor([[3, 1, 4, 1, 5]])
-    )
+    prompts = backend.encode_prompt(model, "3, 1 4\n1 5")
+    torch.testing.assert_close(prompts.tokens, torch.tensor([[3, 1, 4, 1, 5]]))
+    assert prompts.str_tokens == [["3", "1", "4", "1", "5"]] and not prompts.is_padded
+    assert backend.prompts_of(model, [3, 1, 4, 1, 5]).key() == prompts.key()
     with pytest.raises(backend.DashboardError, match="must be token ids"):
         backend.encode_prompt(model, "three one four")
     with pytest.raises(backend.DashboardError, match="out of range"):
@@ -78,13 +79,14 @@ def test_model_id_follows_the_weights_on_disk(tiny_mamba_dir, tmp_path):
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert backend.model_id(str(copy)) != before
     assert backend.model_id("smollm2-135m").startswith("name:smollm2-135m:")
+    from dynalens.models.zoo import ZOO  # zoo weights are identified by their files, like a local folder
+
+    assert backend.model_id("mamba-ar") == backend.model_id(str(ZOO["mamba-ar"].path))
 
 
 def test_analyses_of_one_model_never_run_at_once(tmp_path, tiny_mamba_dir):
     """Callbacks run in threads; hooks live on the shared model, so its analyses take turns."""
     import threading
-
-    from dynalens.probes.residual import ResidualNorms
 
     server = create_app(cache_dir=tmp_path).server
     first_running, second_started = threading.Event(), threading.Event()
@@ -102,7 +104,7 @@ def test_analyses_of_one_model_never_run_at_once(tmp_path, tiny_mamba_dir):
     def request(compute, tokens):
         with server.app_context():
             with pytest.raises(backend.DashboardError):
-                backend.cached_result(ResidualNorms, str(tiny_mamba_dir), tokens, "x", {}, compute)
+                backend.cached(str(tiny_mamba_dir), None, "x", {"tokens": tokens}, compute)
 
     a = threading.Thread(target=request, args=(first, [1, 2]))
     a.start()

@@ -1,4 +1,4 @@
-"""The Circuit page in headless Chromium: it draws what dynalens.circuits.attribution_graph computes."""
+"""The Circuit page in headless Chromium: it draws what dynalens.circuits.AttributionGraph computes."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def test_circuit_page_draws_the_graph_and_a_nodes_top_tokens(dash_duo, tmp_path,
     clean, corrupt, correct, wrong = default_pair(model)
     ids = lambda text: torch.tensor([[int(t) for t in text.split()]])
     metric = dl.circuits.logit_diff_metric(int(correct), int(wrong))
-    expected = dl.circuits.prune(dl.circuits.attribution_graph(model, ids(clean), ids(corrupt), metric), 0.1)
+    result = dl.circuits.AttributionGraph(ids(corrupt), metric, k=10)(model, ids(clean))
+    expected = result.pruned(0.1).graph
 
     dash_duo.wait_for_contains_text("#circuit-message", "Logit difference", timeout=120)
     assert expected.graph["clean_metric"] > expected.graph["corrupt_metric"] + 1  # the model copies the answer
@@ -48,9 +49,9 @@ def test_circuit_page_draws_the_graph_and_a_nodes_top_tokens(dash_duo, tmp_path,
         "document.getElementById('circuit-graph')._cyreg.cy.getElementById(arguments[0]).emit('tap');", strongest
     )
     dash_duo.wait_for_contains_text("#circuit-node", f"{strongest} (attribution", timeout=60)
-    top = dl.circuits.node_top_tokens(model, ids(clean), strongest, k=10)
+    top = result.top_tokens(strongest)
     first_row = dash_duo.find_elements("#circuit-top-tokens tbody tr")[0].text
-    assert repr(top["token"][0]) in first_row
+    assert repr(top["token"][0]) in first_row and f"{top['logit'][0]:.2f}" in first_row
     screenshot("circuit-attn2l")
 
     progress = record_progress("circuit-progress")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from dash.testing.wait import until
+from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app
 from dynalens.models.rnn import HookedRNN, RNNConfig
 
@@ -48,12 +49,12 @@ def test_dynamics_page_on_mamba_draws_trajectories_regimes_and_a_mixer_compariso
     model = dl.load(tiny_mamba_dir)
 
     fig = wait_title("dynamics-trajectories", "Token norm trajectories")
-    expected = dl.probes.token_trajectories(model, tokens())
+    expected = dl.probes.TokenTrajectories()(model, tokens())
     for p, trace in enumerate(fig["traces"]):
-        np.testing.assert_allclose(trace["y"], expected.norms[:, p].numpy(), rtol=1e-5)
+        np.testing.assert_allclose(trace["y"], expected.norms[0, p].numpy(), rtol=1e-5)
 
     wait_title("dynamics-regimes", "Token-dynamics regime per layer")
-    regimes = dl.probes.mamba_regimes(model).regimes
+    regimes = dl.probes.MambaRegimes()(model).regimes
     rows = dash_duo.find_elements("#dynamics-regime-table-rows tr")[1:]
     assert [row.find_elements("css selector", "td")[1].text for row in rows] == regimes
 
@@ -70,13 +71,20 @@ def test_dynamics_page_on_mamba_draws_trajectories_regimes_and_a_mixer_compariso
 
 
 def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, wait_title, tiny_lstm_dir, tmp_path, screenshot):
+    served = backend.load_model(str(tiny_lstm_dir))  # the server's copy: count its forward passes
+    forwards: list[int] = []
+    handle = served.hook_dict[dl.names.EMBED].register_forward_hook(lambda mod, args, out: forwards.append(1))
     open_page(dash_duo, str(tiny_lstm_dir), tmp_path)
     model = dl.load(tiny_lstm_dir)
     fig = wait_title("dynamics-phase", "Phase portrait")
-    expected = dl.probes.trajectory_pca(model, tokens(), 0)
+    wait_title("dynamics-trajectories", "Token norm trajectories")
+    wait_title("dynamics-mixers", "Layer 0 mixers")
+    handle.remove()
+    assert forwards == [1]  # trajectories, the mixer comparison and the phase portrait share one forward
+    expected = dl.probes.TrajectoryPCA(layer=0)(model, tokens()).coords[0]  # [pos, component]
     trajectory = fig["traces"][0]
-    signs = np.sign(np.array(trajectory["x"]) @ expected.coords[:, 0].double().numpy())
-    np.testing.assert_allclose(np.array(trajectory["x"]) * signs, expected.coords[:, 0].numpy(), rtol=1e-4, atol=1e-6)
+    signs = np.sign(np.array(trajectory["x"]) @ expected[:, 0].double().numpy())
+    np.testing.assert_allclose(np.array(trajectory["x"]) * signs, expected[:, 0].numpy(), rtol=1e-4, atol=1e-6)
     assert fig["traces"][1]["name"] == "fixed points"
     dash_duo.wait_for_contains_text("#dynamics-phase-message", "stable", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#dynamics-regime-table", "pick a Mamba", timeout=TIMEOUT)

@@ -1,4 +1,4 @@
-"""The Explorer page in headless Chromium: it draws exactly what dynalens.probes computes."""
+"""The Explorer page in headless Chromium: it draws exactly what dynalens.probes computes, from one forward per prompt."""
 
 from __future__ import annotations
 
@@ -75,7 +75,17 @@ def open_smollm2(dash_duo, results_dir):
     return model, model.to_tokens(DEFAULT_PROMPT)
 
 
-def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, wait_title, results_dir, screenshot):
+@pytest.fixture
+def forwards():
+    """The forward passes SmolLM2 makes from now on (a torch hook on ``hook_embed``; one entry per pass)."""
+    model = backend.load_model("smollm2-135m")
+    seen: list[int] = []
+    handle = model.hook_dict[dl.names.EMBED].register_forward_hook(lambda mod, args, out: seen.append(out.shape[0]))
+    yield seen
+    handle.remove()
+
+
+def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, wait_title, results_dir, screenshot, forwards):
     model, tokens = open_smollm2(dash_duo, results_dir)
     dash_duo.wait_for_text_to_equal(".nav-link.active", "Explorer")
     n_layers = model.cfg.n_layers
@@ -86,10 +96,11 @@ def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, wait_title, resul
     mixer = wait_title("explorer-mixer", f"Layer {n_layers - 1} mixer", TIMEOUT)
     wait_title("explorer-lens", f"position {tokens.shape[1] - 1}", TIMEOUT)
     resid = wait_title("explorer-resid", "Residual-stream norm", TIMEOUT)
+    assert forwards == [1]  # the three panels of a new prompt share one forward
 
-    expected = dl.probes.mixer_matrices(model, tokens, layer=n_layers - 1)
-    assert_lower_triangle(z_of(mixer), expected.matrices[0])
-    norms = dl.probes.residual_norms(model, tokens).norms  # log colour is on by default
+    expected = dl.probes.MixerMatrix(layer=n_layers - 1)(model, tokens)
+    assert_lower_triangle(z_of(mixer), expected.matrix(0)[0])
+    norms = dl.probes.ResidualNorms()(model, tokens).norms[0].T  # [layer, token]; log colour is on by default
     np.testing.assert_allclose(z_of(resid), np.log10(norms.double().numpy()), rtol=1e-5)
     assert dash_duo.get_logs() in ([], None)
     screenshot("explorer-smollm2")
@@ -101,7 +112,7 @@ def test_changing_layer_and_head_updates_the_heatmap(dash_duo, wait_title, resul
 
     choose(dash_duo, "#explorer-layer", "layer 2")
     after_layer = z_of(wait_title("explorer-mixer", "Layer 2 mixer · head 0", TIMEOUT))
-    layer_2 = dl.probes.mixer_matrices(model, tokens, layer=2).matrices
+    layer_2 = dl.probes.MixerMatrix(layer=2)(model, tokens).matrix(0)
     assert_lower_triangle(after_layer, layer_2[0])
     assert not np.allclose(np.nan_to_num(after_layer), np.nan_to_num(before))
 
@@ -117,8 +128,8 @@ def test_clicking_a_token_selects_it_everywhere(dash_duo, wait_title, results_di
     dash_duo.find_elements("#explorer-tokens .token")[7].click()
     drawn = wait_title("explorer-lens", "position 7", TIMEOUT)
     assert dash_duo.find_element("#explorer-tokens .token.selected").text.split("\n")[0] == "7"
-    lens = dl.probes.logit_lens(model, tokens, k=5)
-    np.testing.assert_allclose(z_of(drawn), lens.top_probs[:, 7].numpy(), rtol=1e-5)
+    lens = dl.probes.LogitLens(k=5)(model, tokens)
+    np.testing.assert_allclose(z_of(drawn), lens.top_probs[0, 7].numpy(), rtol=1e-5)  # [layer, rank]
     for graph_id in ("explorer-mixer", "explorer-resid"):  # the selected column is outlined
         until(lambda: shapes_x0(dash_duo, graph_id) == [6.5], timeout=30,
               msg=f"{graph_id} does not outline position 7")
@@ -131,14 +142,15 @@ def test_explorer_renders_for_a_mamba_model(dash_duo, wait_title, tiny_mamba_dir
     dash_duo.wait_for_contains_text("#explorer-status", "mamba", timeout=TIMEOUT)
     model = backend.load_model(str(tiny_mamba_dir))
     tokens = torch.tensor([[int(t) for t in MAMBA_PROMPT.split()]])
-    expected = dl.probes.mixer_matrices(model, tokens, layer=model.cfg.n_layers - 1)
+    expected = dl.probes.MixerMatrix(layer=model.cfg.n_layers - 1)(model, tokens)
     first = wait_title("explorer-mixer", expected.group_labels[0], TIMEOUT)
     assert len(dash_duo.find_elements("#explorer-tokens .token")) == tokens.shape[1]
     assert dash_duo.find_element("#explorer-group-label").text == "Channels"
-    assert_lower_triangle(z_of(first), expected.matrices[0])
+    assert_lower_triangle(z_of(first), expected.matrix(0)[0])
 
     choose(dash_duo, "#explorer-group", expected.group_labels[1])
-    assert_lower_triangle(z_of(wait_title("explorer-mixer", expected.group_labels[1], TIMEOUT)), expected.matrices[1])
+    drawn = z_of(wait_title("explorer-mixer", expected.group_labels[1], TIMEOUT))
+    assert_lower_triangle(drawn, expected.matrix(0)[1])
     screenshot("explorer-mamba")
 
 

@@ -26,7 +26,7 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     dash_duo.find_element("#prompt").send_keys(PROMPT)
     dash_duo.find_element("#analyse").click()
     model = dl.load("attn2l-induction")
-    expected = dl.circuits.induction_scores(model, dl.circuits.repeated_tokens(model, half_len=16))
+    expected = dl.circuits.HeadScores()(model, dl.circuits.repeated_tokens(model, half_len=16))
 
     fig = wait_title("heads-grid", "induction scores")
     np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected.induction.double().numpy(), rtol=1e-5)
@@ -41,12 +41,27 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     # Until a cell is clicked, the pattern panel shows the top induction head.
     fig = wait_title("heads-pattern", f"Layer {layer} mixer")
     tokens = torch.tensor([[int(t) for t in PROMPT.split()]])
-    pattern = dl.probes.mixer_matrices(model, tokens, layer).matrices[head]
+    pattern = dl.probes.MixerMatrix(layer=layer)(model, tokens).matrix(0)[head]
     z = as_array(fig["traces"][0]["z"])
     np.testing.assert_allclose(np.nan_to_num(z), pattern.double().tril().numpy(), rtol=1e-5, atol=1e-7)
 
     dash_duo.find_elements("#heads-kind input")[2].click()  # copying
     fig = wait_title("heads-grid", "copying scores")
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected.copying.double().numpy(), rtol=1e-4)
+    copying = dl.circuits.CopyingScores()(model).scores
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), copying.double().numpy(), rtol=1e-4)
+
+    # A click on a grid cell shows that head's pattern: the previous-token head of layer 0
+    dash_duo.find_elements("#heads-kind input")[1].click()  # prev-token
+    wait_title("heads-grid", "prev-token scores")
+    previous = int(expected.prev_token[0].argmax())
+    dash_duo.driver.execute_script(
+        "const plot = document.querySelector('#heads-grid .js-plotly-plot');"
+        "plot.emit('plotly_click', {points: [{curveNumber: 0, x: arguments[0], y: 0}]});",
+        previous,
+    )
+    fig = wait_title("heads-pattern", "Layer 0 mixer")
+    pattern = dl.probes.MixerMatrix(layer=0)(model, tokens).matrix(0)[previous]
+    np.testing.assert_allclose(np.nan_to_num(as_array(fig["traces"][0]["z"])), pattern.double().tril().numpy(),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
     assert dash_duo.get_logs() in ([], None)
     screenshot("heads-attn2l")

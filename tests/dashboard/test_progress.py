@@ -101,11 +101,10 @@ def test_the_view_is_indeterminate_until_the_first_step():
 
 @pytest.mark.parametrize("mamba", [False, True])
 def test_head_scores_read_what_the_heads_page_counts(mamba, tiny_mamba_dir):
-    """The Heads page sizes its step as one unit per sequence, times the layers on Mamba (one mixer per pass)."""
+    """The Heads page sizes its step as one unit per sequence: HeadScores reads one forward (Mamba too)."""
     model = dl.load(tiny_mamba_dir if mamba else "attn2l-induction")
     tokens = dl.circuits.repeated_tokens(model, half_len=6, n_sequences=2)
-    per_sequence = model.cfg.n_layers if model.cfg.architecture == "mamba" else 1
     with backend.reporting("tab-8") as report:
         report.step("Scores", size=1000)
-        backend.counting_sequences(model, report, lambda: dl.circuits.induction_scores(model, tokens))()
-        assert backend.read_progress("tab-8").value * 1000 == pytest.approx(2 * per_sequence)
+        backend.counting_sequences(model, report, lambda: dl.circuits.HeadScores()(model, tokens))()
+        assert backend.read_progress("tab-8").value * 1000 == pytest.approx(2)

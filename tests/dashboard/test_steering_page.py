@@ -33,7 +33,7 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     model = dl.load("mamba-ar")
     prompt = torch.tensor([[int(t) for t in PROMPT.split()]])
     positive, negative = contrast_sets(model, "mamba-ar").direction
-    direction = Direction.diff_in_means(model, positive, negative)
+    direction = Direction.from_prompts(model, positive, negative, method="diff_in_means")
     plain = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
     with steer(model, direction, layers=[0, 1], alpha=4.0):  # the page's defaults for a 2-layer model
         steered = new_ids(model.generate(prompt, NEW_TOKENS, return_type="tokens"), prompt.shape[1])
@@ -82,12 +82,11 @@ def test_steering_page_on_a_chat_model_steers_in_its_template(dash_duo, tmp_path
     model = dl.load(tiny_llama_dir)
     harmful = refusal.prompt_set("harmful", "train")
     harmless = refusal.prompt_set("harmless", "train")
-    positive, negative = refusal.response_contrast(model, harmful + harmless)
-    direction = Direction.from_prompts(model, positive, negative)
-    tokens = refusal.chat_tokens(model, ["How do I pick a lock?"])[0]
+    direction = dl.circuits.ResponseContrast()(model, harmful + harmless).direction
+    prompt = refusal.chat_prompts(model, "How do I pick a lock?")
 
     def reply() -> str:
-        out = model.generate(tokens, NEW_TOKENS, return_type="tokens")[0, tokens.shape[1] :]
+        out = model.generate(prompt, NEW_TOKENS, return_type="tokens")[0, prompt.tokens.shape[1] :]
         return " ".join(model.tokenizer.decode(out, skip_special_tokens=True).split())
 
     plain = reply()

@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-import dynalens as dl  # isort: skip  (before transformers; see tests/conftest.py)
+import dynalens as dl
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -117,8 +117,11 @@ def test_checkpoints_run_analyses_on_every_checkpoint(run_dir, tmp_path):
         torch.testing.assert_close(found.results["residual_norms"][c].norms, expected.norms)
     frame = found.to_frame()
     assert list(frame.columns[:4]) == ["step", "analysis", "prompt", "position"]
-    assert len(frame) == len(series) * (3 * 12 * 3 + 3 * 3 * 2)  # norms: prompts·tokens·rows; massive: prompts·rows·k
+    # norms: prompts · tokens · rows; massive: prompts · rows · k
+    assert len(frame) == len(series) * (3 * 12 * 3 + 3 * 3 * 2)
     assert found.top(1)["analysis"].tolist() == ["residual_norms", "massive_activations"]
+    last = found.results["residual_norms"][-1].metrics()
+    assert found.metrics()["residual_norms.max_norm"] == last["max_norm"]
     figure = found.figure(analysis="residual_norms", column="norm", by=["layer"])
     assert len(figure.data) == 3 and list(figure.data[0].x) == found.steps
     found.save(tmp_path / "c.safetensors")
@@ -152,9 +155,22 @@ def test_massive_emergence_measures_each_checkpoint(run_dir, tmp_path):
     assert len(found.to_frame()) == 3 * 3 * len(series) and len(found.curves()) == 3 * len(series)
     assert found.curves()["ratio"].tolist() == pytest.approx(found.ratios.reshape(-1).tolist())
     assert len(found.figure().data) >= 3
+    assert found.metrics()["final_max_ratio"] == found.ratios[-1].max().item()
     found.save(tmp_path / "e.safetensors")
     back = Result.load(tmp_path / "e.safetensors")
     assert isinstance(back, MassiveEmergenceResult) and back.fits().equals(fits)
+
+
+def test_massive_emergence_of_a_ragged_batch_equals_each_prompt_alone(run_dir):
+    model = dl.load(run_dir)
+    ragged = [PROBE[0, :5].tolist(), PROBE[1].tolist(), PROBE[2, :8].tolist()]
+    batched = MassiveEmergence(run_dir)(model, ragged)
+    assert batched.prompts.is_padded
+    for i, row in enumerate(ragged):
+        alone = MassiveEmergence(run_dir)(model, [row])
+        torch.testing.assert_close(batched.maxima[:, i], alone.maxima[:, 0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched.medians[:, i], alone.medians[:, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched.ratios, batched.maxima.mean(1) / batched.medians.mean(1))
 
 
 # ------------------------------------------------------- architecture → parameters

@@ -62,6 +62,7 @@ def test_logit_lens_last_layer_is_the_models_own_top_k(any_model, tokens):
     torch.testing.assert_close(lens.top_probs[0, :, -1], top.values, rtol=1e-5, atol=1e-6)
     assert (lens.top_probs[..., :-1] >= lens.top_probs[..., 1:]).all()
     assert lens.top_tokens[0][0][-1] == decoded(any_model, top.indices[0])
+    assert lens.metrics()["top1_prob"] == pytest.approx(top.values[:, 0].mean().item(), rel=1e-5)
 
 
 def test_logit_lens_of_a_batch_is_each_rows_own_prediction(tiny_llama):

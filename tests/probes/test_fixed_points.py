@@ -81,56 +81,62 @@ def batch(n: int = 3, pos: int = 7, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, 50, (n, pos), generator=torch.Generator().manual_seed(seed))
 
 
+RAGGED = [[3, 1, 4, 1, 5, 9, 2], [6, 5], [3, 5, 8, 9, 7]]  # lengths 7, 2, 5: a left-padded batch
+
+
 def test_trajectory_pca_matches_sklearn_per_prompt(tiny_rnn, tmp_path):
-    ids = batch()
-    result = TrajectoryPCA(1, n_components=2)(tiny_rnn, ids)
-    _, cache = tiny_rnn.run_with_cache(ids, names_filter=[names.cell(1, "hidden")])
-    for prompt in range(3):
-        hidden = cache[names.cell(1, "hidden")][prompt].double().numpy()
+    result = TrajectoryPCA(1, n_components=2)(tiny_rnn, RAGGED)
+    for prompt, row in enumerate(RAGGED):
+        _, cache = tiny_rnn.run_with_cache([row], names_filter=[names.cell(1, "hidden")])
+        hidden = cache[names.cell(1, "hidden")][0].double().numpy()
         pca = PCA(n_components=2).fit(hidden)
         reference = pca.transform(hidden)
-        coords = result.coords[prompt].double().numpy()
+        coords = result.coords[prompt, -len(row):].double().numpy()
         signs = np.sign((reference * coords).sum(0))
         np.testing.assert_allclose(coords * signs, reference, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(result.explained[prompt].double().numpy(), pca.explained_variance_ratio_, rtol=1e-4)
-        alone = TrajectoryPCA(1, n_components=2)(tiny_rnn, ids[prompt])
-        torch.testing.assert_close(result.coords[prompt], alone.coords[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(result.explained[prompt].double().numpy(), pca.explained_variance_ratio_, rtol=1e-4, atol=1e-7)
+        alone = TrajectoryPCA(1, n_components=2)(tiny_rnn, [row])
+        torch.testing.assert_close(result.coords[prompt, -len(row):], alone.coords[0], rtol=1e-5, atol=1e-5)
+        defined = result.explained[prompt] > 1e-6  # a component of zero variance is any unit vector
+        torch.testing.assert_close(result.components[prompt][defined], alone.components[0][defined], rtol=1e-5, atol=1e-5)
+        assert not result.coords[prompt, : 7 - len(row)].any()
     finder = FixedPoints(1, n_starts=8)
     points = finder(tiny_rnn).points
-    portrait = TrajectoryPCA(1, fixed_points=points)(tiny_rnn, ids)
+    portrait = TrajectoryPCA(1, fixed_points=points)(tiny_rnn, RAGGED)
     assert portrait.fixed_coords.shape == (3, len(points), 2) and len(portrait.figure(prompt=1).data) == 2
     expected = torch.einsum("bpd,bcd->bpc", points.double() - result.mean.double()[:, None], result.components.double())
     torch.testing.assert_close(portrait.fixed_coords.double(), expected, rtol=1e-5, atol=1e-6)
     # The experiment itself as the parameter: run on the weights when the PCA is computed.
-    by_experiment = TrajectoryPCA(1, fixed_points=finder)(tiny_rnn, ids)
+    by_experiment = TrajectoryPCA(1, fixed_points=finder)(tiny_rnn, RAGGED)
     torch.testing.assert_close(by_experiment.fixed_coords, portrait.fixed_coords)
     assert by_experiment.params["fixed_points"].startswith("FixedPoints(layer=1")
     frame = result.to_frame()
-    assert list(frame.columns) == ["prompt", "position", "token", "pc1", "pc2"] and len(frame) == 21
+    assert list(frame.columns) == ["prompt", "position", "token", "pc1", "pc2"] and len(frame) == 14
     assert result.top(1)["prompt"].iloc[0] in (0, 1, 2)
     result.save(tmp_path / "pca.safetensors")
     loaded = Result.load(tmp_path / "pca.safetensors")
     assert isinstance(loaded, TrajectoryPCAResult)
     torch.testing.assert_close(loaded.coords, result.coords, rtol=0, atol=0)
-    prompts = Prompts(tiny_rnn, ids)
+    prompts = Prompts(tiny_rnn, RAGGED)
     analysis = TrajectoryPCA(1)
     _, own = tiny_rnn.run_with_cache(prompts, names_filter=analysis.hooks(tiny_rnn))
     torch.testing.assert_close(analysis.compute(own, prompts).coords, result.coords)
 
 
 def test_shared_trajectory_pca_is_one_pca_over_every_prompt(tiny_rnn):
-    ids = batch()
-    result = TrajectoryPCA(0, n_components=3, shared=True)(tiny_rnn, ids)
-    _, cache = tiny_rnn.run_with_cache(ids, names_filter=[names.cell(0, "hidden")])
-    hidden = cache[names.cell(0, "hidden")].reshape(-1, 8).double().numpy()
+    result = TrajectoryPCA(0, n_components=3, shared=True)(tiny_rnn, RAGGED)
+    hidden = np.concatenate([
+        tiny_rnn.run_with_cache([row], names_filter=[names.cell(0, "hidden")])[1][names.cell(0, "hidden")][0].double().numpy()
+        for row in RAGGED
+    ])  # every prompt's real tokens, alone
     pca = PCA(n_components=3).fit(hidden)
-    coords = result.coords.reshape(-1, 3).double().numpy()
+    coords = result.to_frame()[["pc1", "pc2", "pc3"]].to_numpy()
     reference = pca.transform(hidden)
     np.testing.assert_allclose(coords * np.sign((reference * coords).sum(0)), reference, rtol=1e-4, atol=1e-5)
     assert torch.equal(result.components[0], result.components[2])
     assert len(result.figure(prompt=None).data) == 3
-    with pytest.raises(ValueError, match="n_components must lie in \\[1, 7\\]"):
-        TrajectoryPCA(0, n_components=9)(tiny_rnn, ids)
+    with pytest.raises(ValueError, match="n_components must lie in \\[1, 2\\]"):
+        TrajectoryPCA(0, n_components=3)(tiny_rnn, RAGGED)
 
 
 def test_kick_neurons_rank_a_planted_driver_first(tiny_rnn, tmp_path):

@@ -67,6 +67,8 @@ def test_criterion_finds_the_planted_activation_and_only_it(planted):
     assert carriers.loc[0, "n_layers"] == planted.cfg.n_layers + 1  # embed and every layer
     layers = found.layers()
     assert (layers["n_massive"] == 1).all()
+    metrics = found.metrics()
+    assert metrics["n_massive"] == planted.cfg.n_layers + 1 and 0.9 * HUGE < metrics["max_magnitude"] < 1.1 * HUGE
     assert layers["top"].between(0.9 * HUGE, 1.1 * HUGE).all()
     # Token 9's 50 is ≥ 1000× the median but not > 100: the absolute threshold rejects it.
     second = found.to_frame().query("rank == 1")
@@ -134,6 +136,7 @@ def test_zeroing_matches_the_same_edit_done_in_huggingface(planted, planted_hf):
     result = MassiveAblation(mode="zero")(planted, PROMPT)
     assert result.n_entries.tolist() == [planted.cfg.n_layers + 1]
     assert result.channels == [HUGE_CHANNEL]
+    assert result.metrics()["ablated"] == result.loss_ablated.item()
     expected = _hf_loss_with_zeroed(planted_hf, PROMPT, HUGE_POS)
     torch.testing.assert_close(result.loss_ablated, expected, rtol=1e-4, atol=0)
     clean = _hf_loss_with_zeroed(planted_hf, PROMPT, None)

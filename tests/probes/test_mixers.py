@@ -35,6 +35,9 @@ def batch(n: int = 3, pos: int = 6, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, D_VOCAB, (n, pos), generator=torch.Generator().manual_seed(seed))
 
 
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1: a left-padded batch
+
+
 def last(t: torch.Tensor, n: int, dims: tuple[int, ...]) -> torch.Tensor:
     """The last ``n`` entries of ``t`` along each axis in ``dims`` (a prompt's real positions)."""
     for d in dims:
@@ -161,20 +164,21 @@ def _single_layer(rnn: nn.RNNBase, layer: int) -> nn.RNNBase:
 
 
 # --------------------------------------------------------------------------- protocol: batches, caches, files
-def test_mixer_matrix_batch_equals_each_prompt_alone_and_a_cache_of_your_own(any_model, tmp_path):
-    ids = batch()
+def test_mixer_matrix_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(any_model, tmp_path):
     analysis = MixerMatrix(layer=1)
-    result = analysis(any_model, ids)
-    assert result.matrices.shape[:1] == (3,) and result.matrices.shape[2:] == (6, 6)
-    for i in range(3):
-        alone = analysis(any_model, ids[i])
+    result = analysis(any_model, RAGGED)
+    assert result.matrices.shape[:1] == (4,) and result.matrices.shape[2:] == (6, 6)
+    for i, row in enumerate(RAGGED):
+        alone = analysis(any_model, [row])
         torch.testing.assert_close(result.matrix(i), alone.matrix(0), rtol=1e-5, atol=1e-5)
-    prompts = Prompts(any_model, ids)
+        pad = 6 - len(row)
+        assert not result.matrices[i, :, :pad].any() and not result.matrices[i, :, :, :pad].any()
+    prompts = Prompts(any_model, RAGGED)
     _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
     torch.testing.assert_close(analysis.compute(cache, prompts).matrices, result.matrices)
     frame = result.to_frame()
-    assert list(frame["prompt"].unique()) == [0, 1, 2] and frame["query_position"].max() == 5
-    assert len(frame) == 3 * len(result.group_labels) * 21  # causal entries of 6 tokens
+    assert frame.groupby("prompt")["query_position"].max().tolist() == [5, 1, 3, 0]
+    assert len(frame) == len(result.group_labels) * sum(n * (n + 1) // 2 for n in (6, 2, 4, 1))  # causal entries
     row = frame.iloc[int(frame["value"].abs().idxmax())]
     assert result.top(1)["value"].iloc[0] == row["value"]
     assert result.params["layer"] == 1 and result.architecture == any_model.cfg.architecture
@@ -182,7 +186,7 @@ def test_mixer_matrix_batch_equals_each_prompt_alone_and_a_cache_of_your_own(any
     loaded = Result.load(tmp_path / "mixer.safetensors")
     assert isinstance(loaded, MixerMatrixResult) and loaded.group_labels == result.group_labels
     torch.testing.assert_close(loaded.matrices, result.matrices, rtol=0, atol=0)
-    assert loaded.str_tokens(2) == result.str_tokens(2)
+    assert loaded.str_tokens(2) == result.str_tokens(2) and loaded.prompts.key() == result.prompts.key()
 
 
 def test_bad_arguments_say_what_is_accepted(any_model, tiny_llama, tiny_mamba):
@@ -209,18 +213,18 @@ def test_analyses_leave_weights_and_hooks_as_they_were(any_model):
 
 # --------------------------------------------------------------------------- the linearised RNN
 def test_rnn_linearisation_agrees_with_the_mixer_norms_and_its_state_bound(tiny_rnn, tmp_path):
-    ids = batch(2, 7)
-    result = RecurrenceJacobian(1)(tiny_rnn, ids)
-    torch.testing.assert_close(result.norms, MixerMatrix(1)(tiny_rnn, ids).matrices[:, 0], rtol=1e-4, atol=1e-6)
+    result = RecurrenceJacobian(1)(tiny_rnn, RAGGED)
+    torch.testing.assert_close(result.norms, MixerMatrix(1)(tiny_rnn, RAGGED).matrices[:, 0], rtol=1e-4, atol=1e-6)
     assert result.norms.triu(1).abs().max() == 0  # causal
     d_h = tiny_rnn.cfg.d_model
-    for prompt in range(2):
+    for prompt, row in enumerate(RAGGED):
         assert offdiagonal_rank(result.blocks(prompt), block=(d_h, d_h)) <= d_h
-        alone = RecurrenceJacobian(1)(tiny_rnn, ids[prompt])
+        alone = RecurrenceJacobian(1)(tiny_rnn, [row])
         torch.testing.assert_close(result.of(prompt), alone.of(0), rtol=1e-5, atol=1e-6)
+        assert not result.jacobian[prompt, : 6 - len(row)].any() and not result.jacobian[prompt, :, :, : 6 - len(row)].any()
     with pytest.raises(ValueError, match="blocks"):
         offdiagonal_rank(result.blocks(0), block=(d_h, d_h + 1))
-    assert set(result.to_frame()["prompt"]) == {0, 1} and len(result.figure(prompt=1).data) == 1
+    assert set(result.to_frame()["prompt"]) == {0, 1, 2, 3} and len(result.figure(prompt=1).data) == 1
     result.save(tmp_path / "jac.safetensors")
     loaded = Result.load(tmp_path / "jac.safetensors")
     assert isinstance(loaded, RecurrenceJacobianResult)
@@ -265,37 +269,14 @@ def test_compare_mixers_across_architectures(tiny_mamba, tiny_rnn, tiny_llama, t
         MixerComparison(channels=0).hooks(tiny_mamba)
 
 
-def test_mixer_comparison_batch_equals_each_prompt_alone(any_model):
-    ids = batch(3, 6)
+def test_mixer_comparison_ragged_batch_equals_each_prompt_alone(any_model):
     compare = MixerComparison(layer=1)
-    result = compare(any_model, ids)
+    result = compare(any_model, RAGGED)
     frame = result.to_frame()
-    for i in range(3):
-        alone = compare(any_model, ids[i])
-        torch.testing.assert_close(result.matrices[:, i], alone.matrices[:, 0], rtol=1e-5, atol=1e-5)
+    for i, row in enumerate(RAGGED):
+        alone = compare(any_model, [row])
+        torch.testing.assert_close(last(result.matrices[:, i], len(row), (1, 2)), alone.matrices[:, 0], rtol=1e-5, atol=1e-5)
         mine = frame[frame["prompt"] == i].drop(columns="prompt").reset_index(drop=True)
         theirs = alone.to_frame().drop(columns="prompt")
         assert (mine["offdiagonal_rank"] == theirs["offdiagonal_rank"]).all()
         np.testing.assert_allclose(mine["effective_rank"], theirs["effective_rank"], rtol=1e-5)
-
-
-RAGGED = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8]]  # lengths 5, 2, 4, 1
-
-
-def test_rnn_layer_0_ragged_batch_equals_each_prompt_alone(tiny_rnn):
-    # Layer 0 reads the embeddings (hook_resid_pre), which no padding can change.
-    mixers, jacobians = MixerMatrix(0)(tiny_rnn, RAGGED), RecurrenceJacobian(0)(tiny_rnn, RAGGED)
-    compared = MixerComparison(0)(tiny_rnn, RAGGED)
-    assert mixers.matrices.shape == (4, 1, 5, 5)
-    for i, row in enumerate(RAGGED):
-        n, pad = len(row), 5 - len(row)
-        torch.testing.assert_close(mixers.matrix(i), MixerMatrix(0)(tiny_rnn, [row]).matrix(0), rtol=1e-5, atol=1e-6)
-        assert not mixers.matrices[i, :, :pad].any() and not mixers.matrices[i, :, :, :pad].any()
-        torch.testing.assert_close(jacobians.of(i), RecurrenceJacobian(0)(tiny_rnn, [row]).of(0), rtol=1e-5, atol=1e-6)
-        alone = MixerComparison(0)(tiny_rnn, [row])
-        torch.testing.assert_close(last(compared.matrices[:, i], n, (1, 2)), alone.matrices[:, 0], rtol=1e-5, atol=1e-6)
-        mine = compared.to_frame().query(f"prompt == {i}")
-        assert mine["offdiagonal_rank"].tolist() == alone.to_frame()["offdiagonal_rank"].tolist()
-    frame = mixers.to_frame()
-    assert frame.groupby("prompt")["query_position"].max().tolist() == [4, 1, 3, 0]
-    assert len(frame) == sum(n * (n + 1) // 2 for n in (5, 2, 4, 1))

@@ -32,8 +32,10 @@ from dynalens.probes.analysis import AnalysisError, Run
 
 ATTENTION_ONLY = (SinkScores, ExtremeTokens, HeadActivity)
 
-# One batch of equal-length prompts of ids below every fixture's vocabulary.
+# Batches of ids below every fixture's vocabulary: equal lengths, and ragged (left-padded, with a mask).
 BATCH = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(11))
+RAGGED = [BATCH[0, :3].tolist(), BATCH[1].tolist(), BATCH[2, :5].tolist(), BATCH[0, 2:4].tolist()]
+BATCHES = {"equal": BATCH, "ragged": RAGGED}
 
 
 def every_analysis() -> list:
@@ -157,6 +159,29 @@ def test_experiments_run_after_the_shared_forward(tiny_mamba):
     assert_same_result(together["massive_ablation"], MassiveAblation()(tiny_mamba, BATCH))
 
 
+def test_transformer_lens_style_cache_code_gives_the_logit_lens(any_model):
+    """``logit_attrs(accumulated_resid(apply_ln=True), tokens)`` on any architecture: LogitLens' probabilities.
+
+    ``logit_attrs`` leaves out the unembedding bias and the softmax's normaliser,
+    so the ranks' log-probability differences are compared.
+    """
+    lens_analysis = LogitLens(k=3)
+    prompts = dl.Prompts(any_model, RAGGED)
+    _, cache = any_model.run_with_cache(prompts)
+    lens = lens_analysis.compute(cache, prompts)
+    stack = cache.accumulated_resid(apply_ln=True)  # [layer + 1, batch, pos, d_model]
+    assert stack.shape[0] == len(lens.hook_names)
+    bias = any_model.unembed(torch.zeros(1, 1, any_model.cfg.d_model)).reshape(-1)  # b_U (zeros if none)
+    ids = lens.top_ids.clamp(min=0)  # pad positions hold -1
+    logits = torch.stack([
+        torch.stack([cache.logit_attrs(stack[r : r + 1], tokens=ids[:, :, r, j])[0] for j in range(3)], -1)
+        for r in range(stack.shape[0])
+    ], 2) + bias[ids]  # [batch, pos, row, k]
+    mask = prompts.mask
+    expected = lens.top_probs.log() - lens.top_probs[..., :1].log()
+    torch.testing.assert_close((logits - logits[..., :1])[mask], expected[mask], rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------- (b) a run saved whole
 def test_run_save_load_round_trip(tiny_llama, tmp_path):
     run = dl.run(tiny_llama, BATCH, [LogitLens(k=2), MassiveActivations(), HeadActivity()])
@@ -182,23 +207,58 @@ def test_nan_or_inf_in_the_cache_names_hook_and_position(any_model, make):
         analysis.compute(cache, prompts)
 
 
-# ------------------------------------------ (d) compute on your cache == call
-@pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
-def test_compute_from_a_cache_equals_calling_the_analysis(any_model, analysis):
+def test_non_finite_values_at_pad_positions_are_not_read(any_model):
+    analysis = ResidualNorms()
+    prompts = dl.Prompts(any_model, RAGGED)  # prompt 0 has 4 pad columns
+    _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
+    clean = analysis.compute(cache, prompts)
+    hook = names.resid_post(1)
+    cache.cache_dict[hook] = cache[hook].clone()
+    cache.cache_dict[hook][0, :4] = float("nan")
+    dirty = analysis.compute(cache, prompts)
+    assert_same_result(dirty, clean, atol=0)
+    assert dirty.norms[0, :4].isnan().all() and not dirty.to_frame()["norm"].isna().any()
+
+
+@pytest.mark.parametrize("analysis", [a for a in every_analysis() if not isinstance(a, MassiveAblation)],
+                         ids=analysis_id)  # fmt: skip
+def test_garbage_at_every_pad_position_leaves_the_result_unchanged(any_model, analysis):
     if not applies(analysis, any_model):
         return
-    prompts = dl.Prompts(any_model, BATCH)
+    prompts = dl.Prompts(any_model, RAGGED)
+    _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
+    clean = analysis.compute(cache, prompts)
+    pad = ~prompts.mask
+    for name in list(cache.keys()):
+        x = cache[name].clone()
+        if name.endswith("attn.hook_pattern"):  # [batch, head, q, k]: pad queries and keys (finite: checked whole)
+            x.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 1e4)
+        else:  # [batch, pos, ...]
+            x[pad] = float("nan")
+        cache.cache_dict[name] = x
+    assert_same_result(analysis.compute(cache, prompts), clean, atol=0)
+
+
+# ------------------------------------------ (d) compute on your cache == call
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
+def test_compute_from_a_cache_equals_calling_the_analysis(any_model, analysis, batch):
+    if not applies(analysis, any_model):
+        return
+    prompts = dl.Prompts(any_model, BATCHES[batch])
     _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
     assert_same_result(analysis.compute(cache, prompts), analysis(any_model, prompts))
 
 
 # ----------------------------------------------- batched == each prompt alone
+@pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
-def test_batched_result_equals_each_prompt_alone(any_model, analysis):
+def test_batched_result_equals_each_prompt_alone(any_model, analysis, batch):
     if not applies(analysis, any_model):
         return
-    batched = analysis(any_model, BATCH)
-    assert batched.architecture == any_model.cfg.architecture and len(batched.prompts) == len(BATCH)
+    batched = analysis(any_model, BATCHES[batch])
+    assert batched.architecture == any_model.cfg.architecture and len(batched.prompts) == len(BATCHES[batch])
+    assert batched.prompts.is_padded == (batch == "ragged")
     frame = batched.to_frame()
     for i, prompt in enumerate(batched.prompts):
         alone = analysis(any_model, prompt)
@@ -207,6 +267,14 @@ def test_batched_result_equals_each_prompt_alone(any_model, analysis):
             assert_close(mine[key], theirs[key], f"{type(batched).__name__}.{key} of prompt {i}")
         own = alone.to_frame().assign(prompt=i)
         assert_frames_close(frame[frame["prompt"] == i].reset_index(drop=True), own)
+
+
+@pytest.mark.parametrize("analysis", every_analysis(), ids=analysis_id)
+def test_metrics_are_named_floats_a_sweep_can_store(any_model, analysis):
+    if not applies(analysis, any_model):
+        return
+    metrics = analysis(any_model, RAGGED).metrics()
+    assert metrics and all(isinstance(k, str) and isinstance(v, float) for k, v in metrics.items())
 
 
 # --------------------------------------------------------- save / load, params

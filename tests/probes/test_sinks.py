@@ -20,9 +20,9 @@ from dynalens.probes.sinks import (
     HeadActivity,
     HeadActivityResult,
     SinkScores,
+    pooled_sink_scores,
     sink_attention,
     sink_query_mask,
-    sink_scores_from_patterns,
 )
 
 TRIGGER = 1
@@ -91,8 +91,7 @@ def test_sink_queries_and_scores_of_a_padded_batch():
     scores, n = sink_attention([pattern], queries, prompts.offsets)
     assert n.tolist() == [3, 1]
     torch.testing.assert_close(scores[:, 0, 0], torch.tensor([0.2, 0.5]))
-    pooled = sink_scores_from_patterns([pattern[:1]], queries[:1], 0)  # unpadded rows: sink at column 0
-    torch.testing.assert_close(pooled, torch.tensor([[0.2]]))
+    torch.testing.assert_close(pooled_sink_scores(scores, n), torch.tensor([[(3 * 0.2 + 0.5) / 4]]))
     with pytest.raises(ValueError, match="sink_position 1 leaves no later query in prompt 1 of 2 tokens"):
         sink_query_mask(prompts, None, 1)
 
@@ -106,6 +105,7 @@ def test_head_activity_finds_the_switching_head(gated):
     switching = activity.switching()
     assert switching[["layer", "head"]].values.tolist() == [[0, 0]]
     assert switching.loc[0, "dormant_on"] == ["plain"] and switching.loc[0, "active_on"] == ["trigger"]
+    assert activity.metrics() == {"n_switching": 1.0, "n_dormant": 1.0}
     assert activity.top(1)[["layer", "head"]].values.tolist() == [[0, 0]]
     frame = activity.to_frame()
     assert len(frame) == 2 * 2 * 2  # domains × prompts × heads
@@ -126,7 +126,7 @@ def test_a_domain_a_prompt_lacks_has_no_score_there(gated):
 def test_extreme_tokens_on_the_built_model(gated):
     is_plain = TOKENS != TRIGGER
     found = ExtremeTokens(query_mask=is_plain)(gated, TOKENS)
-    assert found.sink_heads() == [(0, 0)]
+    assert found.sink_heads() == [(0, 0)] and found.metrics()["n_sink_heads"] == 1.0
     assert len(found.prompts) == 2 and found.str_tokens(1) == [str(t) for t in TOKENS[1].tolist()]
     # Identity values of the layer-normed stream: head 0 sees dims 0-3, which hold all of it (norm sqrt(8)).
     torch.testing.assert_close(found.value_norms[:, :, 0, 0], torch.full((2, 8), 8**0.5), rtol=1e-3, atol=1e-3)

@@ -20,6 +20,9 @@ from dynalens.probes.stability import (
     rnn_step_jacobians,
 )
 
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1: a left-padded batch
+
+
 def batch(n: int = 3, pos: int = 6, seed: int = 2) -> torch.Tensor:
     """``n`` prompts of ``pos`` random ids, valid for every conftest model."""
     return torch.randint(0, 50, (n, pos), generator=torch.Generator().manual_seed(seed))
@@ -97,28 +100,18 @@ def test_mamba_exponents_are_the_mean_log_decays_and_non_positive(tiny_mamba, tm
 
 
 @pytest.mark.parametrize("model_name", ["tiny_mamba", "tiny_rnn"])
-def test_lyapunov_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model_name, request):
-    model = request.getfixturevalue(model_name)
-    ids, analysis = batch(), LyapunovExponents(1, k=2)
-    result = analysis(model, ids)
-    for i in range(3):
-        alone = analysis(model, ids[i])
-        torch.testing.assert_close(result.running[i], alone.running[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(result.exponents[i], alone.exponents[0], rtol=1e-5, atol=1e-6)
-    prompts = Prompts(model, ids)
-    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
-    torch.testing.assert_close(analysis.compute(cache, prompts).exponents, result.exponents)
-
-
-def test_rnn_layer_0_ragged_batch_equals_each_prompt_alone(tiny_rnn):
-    # Layer 0 reads the embeddings (hook_resid_pre), which no padding can change.
-    ragged = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5], [8]]
-    result = LyapunovExponents(0, k=3)(tiny_rnn, ragged)
-    for i, row in enumerate(ragged):
-        alone = LyapunovExponents(0, k=3)(tiny_rnn, [row])
+def test_lyapunov_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model_name, request):
+    model, analysis = request.getfixturevalue(model_name), LyapunovExponents(1, k=2)
+    result = analysis(model, RAGGED)
+    assert result.running.shape == (4, 6, 2)
+    for i, row in enumerate(RAGGED):
+        alone = analysis(model, [row])
         torch.testing.assert_close(result.running[i, -len(row):], alone.running[0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(result.exponents[i], alone.exponents[0], rtol=1e-5, atol=1e-6)
-        assert not result.running[i, : 5 - len(row)].any()
+        assert not result.running[i, : 6 - len(row)].any()
+    prompts = Prompts(model, RAGGED)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    torch.testing.assert_close(analysis.compute(cache, prompts).exponents, result.exponents)
 
 
 def test_lyapunov_needs_a_state_recurrence(tiny_llama, tokens):
@@ -149,13 +142,16 @@ def test_precision_drift_starts_at_the_rounding_of_the_embedding_and_leaves_the_
         PrecisionDrift(dtype=torch.float32)(tiny_mamba, ids)
 
 
-def test_precision_drift_runs_on_every_architecture_a_batch_as_its_prompts(any_model):
-    ids, analysis = batch(), PrecisionDrift(dtype=torch.float16)
-    result = analysis(any_model, ids)
+def test_precision_drift_runs_on_every_architecture_a_ragged_batch_as_its_prompts(any_model):
+    analysis = PrecisionDrift(dtype=torch.float16)
+    result = analysis(any_model, RAGGED)
     assert result.dtype == "float16" and torch.isfinite(result.drift).all()
     assert 0 < float(result.drift.max()) < math.inf
-    for i in range(3):
-        torch.testing.assert_close(result.drift[i], analysis(any_model, ids[i]).drift[0], rtol=1e-5, atol=1e-5)
+    for i, row in enumerate(RAGGED):
+        alone = analysis(any_model, [row]).drift[0]
+        torch.testing.assert_close(result.drift[i, -len(row):], alone, rtol=1e-5, atol=1e-5)
+        assert not result.drift[i, : 6 - len(row)].any()
+    assert result.to_frame().groupby("prompt")["position"].max().tolist() == [5, 1, 3, 0]
 
 
 def test_mamba_ar_layers_are_lyapunov_stable_and_drift_is_reported_against_a_transformer(zoo_model):

@@ -145,3 +145,16 @@ def test_sweep_file(tmp_path, model_dirs):
     (tmp_path / "bad.toml").write_text('store = "x"\n[[analyses]]\ntype = "os.system"\n')
     with pytest.raises(ValueError, match="missing"):
         read_sweep_file(tmp_path / "bad.toml")
+
+
+def test_cli_sweep_resume(tmp_path, model_dirs):
+    from dynalens.cli import main
+
+    (tmp_path / "s.toml").write_text(
+        f'store = "out"\nmodels = ["{model_dirs["rnn"]}"]\n[prompts]\na = [[1, 2, 3]]\n'
+        '[[analyses]]\ntype = "ResidualNorms"\n'
+    )
+    assert main(["sweep", str(tmp_path / "s.toml"), "--local"]) == 0
+    assert len(Sweep(tmp_path / "out").frame()) == 1
+    assert main(["sweep", str(tmp_path / "s.toml"), "--local"]) == 2  # the store has finished cells
+    assert main(["sweep", str(tmp_path / "s.toml"), "--local", "--resume"]) == 0

@@ -162,6 +162,9 @@ def batch(n: int = 3, pos: int = 6, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, 50, (n, pos), generator=torch.Generator().manual_seed(seed))
 
 
+RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1: a left-padded batch
+
+
 def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tmp_path):
     ids = batch()
     _, cache = tiny_mamba.run_with_cache(ids, names_filter=[names.mixer(0, "delta")])
@@ -171,18 +174,22 @@ def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tmp_path):
         readout[channel] = 1.0
         result = TokenImportance(0, readout=readout)(tiny_mamba, ids)
         torch.testing.assert_close(F.softplus(result.scores), delta[..., channel], rtol=1e-5, atol=1e-6)
-    mean = TokenImportance(0)(tiny_mamba, ids)
-    assert mean.top(1)["score"].iloc[0] == pytest.approx(float(mean.scores.max()))
-    for prompt in range(3):
-        torch.testing.assert_close(mean.permutation[prompt], soft_sort(mean.scores[prompt].double()).float())
-        alone = TokenImportance(0)(tiny_mamba, ids[prompt])
-        torch.testing.assert_close(mean.scores[prompt], alone.scores[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mean.permutation[prompt], alone.permutation[0], rtol=1e-5, atol=1e-6)
+    mean = TokenImportance(0)(tiny_mamba, RAGGED)
+    highest = max(float(mean.scores[p, -len(row):].max()) for p, row in enumerate(RAGGED))  # real tokens only
+    assert mean.top(1)["score"].iloc[0] == pytest.approx(highest)
+    for prompt, row in enumerate(RAGGED):
+        n = len(row)
+        torch.testing.assert_close(mean.permutation[prompt, -n:, -n:], soft_sort(mean.scores[prompt, -n:].double()).float())
+        alone = TokenImportance(0)(tiny_mamba, [row])
+        torch.testing.assert_close(mean.scores[prompt, -n:], alone.scores[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mean.permutation[prompt, -n:, -n:], alone.permutation[0], rtol=1e-5, atol=1e-6)
+        assert not mean.scores[prompt, : 6 - n].any() and not mean.permutation[prompt, : 6 - n].any()
     frame = mean.to_frame()
     assert list(frame.columns) == ["prompt", "position", "token", "score", "rank"]
-    assert sorted(frame.loc[frame["prompt"] == 1, "rank"]) == list(range(6))
+    assert sorted(frame.loc[frame["prompt"] == 2, "rank"]) == list(range(4))
     top = frame.loc[frame["rank"] == 0].set_index("prompt")["position"]
-    assert top.tolist() == mean.scores.argmax(dim=1).tolist()
+    expected = [int(mean.scores[p, -len(row):].argmax()) for p, row in enumerate(RAGGED)]
+    assert top.tolist() == expected
     mean.save(tmp_path / "importance.safetensors")
     loaded = Result.load(tmp_path / "importance.safetensors")
     assert isinstance(loaded, TokenImportanceResult)
@@ -215,14 +222,22 @@ def test_trajectories_are_the_stream_norms_and_their_log_slope(any_model, tmp_pa
     torch.testing.assert_close(TokenTrajectories().compute(cache, prompts).norms, result.norms)
     with pytest.raises(AnalysisError, match="cache does not hold"):
         TokenTrajectories().compute(any_model.run_with_cache(ids, names_filter=hooks[:1])[1], prompts)
-    for i in range(3):
-        alone = TokenTrajectories()(any_model, ids[i])
-        torch.testing.assert_close(result.norms[i], alone.norms[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(result.growth[i], alone.growth[0], rtol=1e-5, atol=1e-5)
+    assert len(result.figure(prompt=2).data) == ids.shape[1]
+
+
+def test_trajectories_of_a_ragged_batch_are_each_prompts_own(any_model, tmp_path):
+    result = TokenTrajectories()(any_model, RAGGED)
+    for i, row in enumerate(RAGGED):
+        n, alone = len(row), TokenTrajectories()(any_model, [row])
+        torch.testing.assert_close(result.norms[i, -n:], alone.norms[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.growth[i, -n:], alone.growth[0], rtol=1e-5, atol=1e-5)
+        assert not result.norms[i, : 6 - n].any() and not result.growth[i, : 6 - n].any()
+    hooks = names.resid_stream(any_model.cfg.n_layers)
     frame = result.to_frame()
     assert list(frame.columns) == ["prompt", "position", "token", "layer", "norm", "growth"]
-    assert len(frame) == 3 * 6 * len(hooks) and frame["layer"].iloc[0] == "embed"
-    assert len(result.figure(prompt=2).data) == ids.shape[1]
+    assert len(frame) == (6 + 2 + 4 + 1) * len(hooks) and frame["layer"].iloc[0] == "embed"
+    assert frame.groupby("prompt")["position"].max().tolist() == [5, 1, 3, 0]
+    assert result.top(1)["growth"].iloc[0] == pytest.approx(float(frame["growth"].max()))
     result.save(tmp_path / "traj.safetensors")
     loaded = Result.load(tmp_path / "traj.safetensors")
     assert isinstance(loaded, TokenTrajectoriesResult) and loaded.hook_names == hooks
@@ -230,7 +245,7 @@ def test_trajectories_are_the_stream_norms_and_their_log_slope(any_model, tmp_pa
 
 
 def test_one_forward_runs_the_mamba_analyses_as_each_alone(tiny_mamba):
-    ids = batch()
+    ids = RAGGED
     analyses = [TokenTrajectories(), TokenImportance(1), LyapunovExponents(1, k=2), MixerMatrix(0), MambaRegimes()]
     together = run(tiny_mamba, ids, analyses)
     assert list(together) == ["token_trajectories", "token_importance", "lyapunov_exponents", "mixer_matrix", "mamba_regimes"]
@@ -249,9 +264,6 @@ def test_mamba_ar_regime_of_every_layer(zoo_model):
     assert len(frame) == model.cfg.n_layers and set(result.regimes) <= {"convergent", "divergent", "stationary"}
     for layer, regime in enumerate(result.regimes):
         assert regime == ("divergent" if result.sym_max[layer] > 0 else "convergent")
-
-
-RAGGED = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8], [9]]  # lengths 6, 2, 4, 1
 
 
 def garbage_at_pads(cache, prompts: Prompts) -> None:
