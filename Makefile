@@ -31,14 +31,14 @@ browser:
 	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: install browser
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 test-slow: install
 	$(PY) -m pytest -m slow
 
 # The Triton kernels on a CUDA GPU (fails, not skips, without one).
 test-gpu: install
-	$(PY) -m pytest -m gpu tests/kernels/test_triton_gpu.py
+	$(PY) -m pytest -m gpu tests/kernels
 
 dashboard: install
 	$(VENV)/bin/dynalens dashboard --port $(PORT)

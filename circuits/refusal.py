@@ -171,7 +171,11 @@ def _tokenizer(model: Any) -> Any:
 
 
 def _check_tokenizer(analysis: Experiment, model: Any) -> None:
-    """Raise :class:`AnalysisError` when ``model`` has no tokenizer (text requests need one)."""
+    """Raise :class:`AnalysisError` when ``model`` has no tokenizer (text requests need one).
+
+    Called by ``run`` before any pass: the architecture check (``check``) passes
+    on every architecture, and a model of any of them may carry a tokenizer.
+    """
     if getattr(model, "tokenizer", None) is None:
         raise AnalysisError(
             f"{type(analysis).__name__} needs a model with a tokenizer: it reads text requests in the "
@@ -329,13 +333,10 @@ class ResponseContrast(Experiment):
         self.position = position
         self.batch_size = batch_size
 
-    def check(self, model: Any) -> None:
-        super().check(model)
-        _check_tokenizer(self, model)
-
     def run(self, model: Any, prompts: Prompts | None) -> ResponseContrastResult:
         if prompts is None:
             raise AnalysisError("ResponseContrast reads requests: pass prompts (a list of strings)")
+        _check_tokenizer(self, model)
         requests = _requests(prompts, "ResponseContrast")
         refusing = chat_prompts(model, requests, self.refusal)
         complying = chat_prompts(model, requests, self.compliance)
@@ -491,15 +492,12 @@ class RefusalEvaluation(Experiment):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
 
-    def check(self, model: Any) -> None:
-        super().check(model)
-        _check_tokenizer(self, model)
-
     def run(self, model: Any, prompts: Prompts | None) -> RefusalReport:
         self._validate()
         if prompts is None:
             raise AnalysisError("RefusalEvaluation generates from requests: pass prompts (a list of strings)")
-        tokenizer = _tokenizer(model)
+        _check_tokenizer(self, model)
+        tokenizer = model.tokenizer
         if self.chat:
             requests = _requests(prompts, "RefusalEvaluation(chat=True)")
             inputs = chat_prompts(model, requests)

@@ -32,7 +32,9 @@ does (lower-cased alphanumeric words) but without its Porter stemmer.
 The decoding steps are read while ``model.generate`` runs with the KV cache:
 the prompt pass's last row is the first step's query (the code's prefill stops
 one token earlier and feeds the last prompt token as the first step), then one
-query per generated token.
+query per generated token. ``generate`` runs its 50 steps (or to the
+end-of-sequence token) and the answer is cut where decoding ends; greedy
+steps after that are not read.
 
 Masking (:class:`NeedleScorer` with :class:`~dynalens.circuits.HeadAblation`,
 ``method="mask"``, ``last_queries=1``) makes the chosen heads attend uniformly
@@ -70,7 +72,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria
 
 from dynalens.circuits.heads import grid_figure, grid_frame, channel_group_count, channel_patterns
 from dynalens.models import names
@@ -249,16 +250,15 @@ def rouge1_recall(reference: str, response: str) -> float:
     return sum((ref & hyp).values()) / total if total else 0.0
 
 
-class _EndOfLine(StoppingCriteria):
-    """Stop once a generated token holds a newline after the answer has begun."""
-
-    def __init__(self, tokenizer: Any, n_prompt: int) -> None:
-        self.tokenizer, self.n_prompt = tokenizer, n_prompt
-
-    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
-        new = input_ids[0, self.n_prompt :].tolist()
-        done = "\n" in self.tokenizer.decode(new[-1:]) and self.tokenizer.decode(new[:-1]).strip() != ""
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+def answer_end(tokenizer: Any, generated: Sequence[int], eos_token_id: int | None = None) -> int:
+    """How many generated tokens the answer takes: up to the first token holding a newline once the
+    answer has begun, or the end-of-sequence token (both included); all of them when neither comes."""
+    for step, token in enumerate(generated):
+        if token == eos_token_id:
+            return step + 1
+        if "\n" in tokenizer.decode([token]) and tokenizer.decode(list(generated[:step])).strip() != "":
+            return step + 1
+    return len(generated)
 
 
 class _Decoding(NamedTuple):
@@ -279,12 +279,10 @@ def _decode(model: Any, haystack: Haystack, fwd_hooks: Sequence = (), *, read_he
     if read_heads:
         hooks += [(names.pattern(layer), partial(record, layer=layer)) for layer in range(n_layers)]
     max_new = min(MAX_NEW_TOKENS, model.cfg.n_ctx - n_prompt)
-    out = model.generate(
-        haystack.tokens[None], max_new, fwd_hooks=hooks, return_type="tokens",
-        eos_token_id=model.tokenizer.eos_token_id,
-        stopping_criteria=[_EndOfLine(model.tokenizer, n_prompt)],
-    )  # fmt: skip
+    eos = model.tokenizer.eos_token_id
+    out = model.generate(haystack.tokens[None], max_new, fwd_hooks=hooks, return_type="tokens", eos_token_id=eos)
     generated = out[0, n_prompt:].cpu()
+    generated = generated[: answer_end(model.tokenizer, generated.tolist(), eos)]
     top_keys = torch.stack([torch.stack(s[: len(generated)], -1) for s in steps]) if read_heads else None
     return _Decoding(generated, top_keys)
 

@@ -2,6 +2,7 @@
 
 from dynalens.models.base import HookedSequenceModel, SequenceConfig
 from dynalens.models.cache import Cache, CacheMethodError
+from dynalens.models.hybrid import HookedHybrid, HybridConfig
 from dynalens.models.mamba import HookedMamba, MambaConfig
 from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
 from dynalens.models.rnn import HookedRNN, RNNConfig
@@ -17,6 +18,8 @@ __all__ = [
     "MambaConfig",
     "HookedMamba2",
     "Mamba2Config",
+    "HookedHybrid",
+    "HybridConfig",
     "HookedRNN",
     "RNNConfig",
 ]

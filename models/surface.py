@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 
-from dynalens.models.base import TextOrTokens
 
 ARCHITECTURES = ("transformer", "mamba", "mamba2", "hybrid", "rnn")
 
@@ -32,27 +31,6 @@ def architecture_of(model: Any) -> str:
 def model_name_of(model: Any) -> str:
     """The name or path a model was loaded from, else its class name."""
     return str(getattr(model.cfg, "model_name", None) or type(model).__name__)
-
-
-def prompt_tokens(model: Any, input: TextOrTokens) -> Int[Tensor, "1 pos"]:
-    """The ``[1, pos]`` token ids of one prompt (text or ids), validated by the model."""
-    tokens = model.to_tokens(input)
-    if tokens.shape[0] != 1:
-        raise ValueError(
-            f"this analysis takes one sequence, got a batch of {tokens.shape[0]}: "
-            "pass a single string or token ids of shape [pos] or [1, pos]"
-        )
-    return tokens
-
-
-def result_context(model: Any, tokens: Int[Tensor, "1 pos"]) -> dict[str, Any]:
-    """The fields every :class:`~dynalens.probes.results.Result` shares, for one prompt."""
-    return {
-        "model_name": model_name_of(model),
-        "architecture": architecture_of(model),
-        "tokens": tokens[0].cpu(),
-        "str_tokens": decode_tokens(model, tokens[0]),
-    }
 
 
 def decode_tokens(model: Any, ids: Tensor) -> list[str]:

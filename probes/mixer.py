@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, ClassVar, NamedTuple
 
 import pandas as pd
@@ -368,11 +367,3 @@ class MixerMatrix(Analysis):
             signed=mixed.signed,
         )
 
-
-def mixer_matrices(model: Any, input: Any, layer: int, **options: Any) -> Any:
-    """Transitional, not exported: one prompt's ``[group, pos, pos]`` as ``.matrices``.
-
-    Kept only while ``circuits/heads.py`` imports it; use :class:`MixerMatrix`
-    (``MixerMatrix(layer, **options)(model, prompts).matrix(0)``) and delete this.
-    """
-    return SimpleNamespace(matrices=MixerMatrix(layer, **options)(model, input).matrix(0))

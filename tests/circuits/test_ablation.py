@@ -185,3 +185,22 @@ def test_mask_spreads_attention_over_real_keys_only(attn2l, induction_task):
     padded = visible * key_mask[1].float()
     torch.testing.assert_close(seen["p"][1, 0, 3:], (padded / padded.sum(-1, keepdim=True))[3:])
     assert (seen["p"][1, 0, :, :3] == 0).all()
+
+
+def test_metric_on_a_ragged_batch_is_the_mean_of_its_prompts(tiny_llama):
+    """Zero, mean and mask ablation on left-padded prompts: with a per-prompt metric, the batch's score is the
+    mean of each prompt's own (pads neither read nor averaged: mean ablation draws from real positions)."""
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.randint(100, 1000, (n,), generator=gen).tolist() for n in (6, 3, 9)]
+    metric = lambda logits: logits[:, -1].float().log_softmax(-1)[:, 42]
+    heads = [(0, 0), (0, 1), (0, 2), (1, 2)]
+    for method in ("zero", "mask"):
+        together = HeadAblation(heads, metric=metric, method=method, trials=1)(tiny_llama, rows)
+        alone = [HeadAblation(heads, metric=metric, method=method, trials=1)(tiny_llama, [row]) for row in rows]
+        expected = torch.stack([a.scores[0, :2] for a in alone]).mean(0)
+        torch.testing.assert_close(together.scores[0, :2], expected, atol=1e-5, rtol=1e-5)
+        assert (together.scores[0, 1] - together.scores[0, 0]).abs() > 1e-4  # the ablation changed the metric (random model: little)
+    mean_of_real = head_hooks(tiny_llama, heads, "mean", reference=rows)
+    by_hand = torch.cat([_z(tiny_llama, torch.tensor([row]), layer=1)[0, :, 2] for row in rows]).mean(0)
+    z = _z(tiny_llama, torch.tensor([rows[0]]), mean_of_real, layer=1)
+    torch.testing.assert_close(z[0, :, 2], by_hand.expand(6, -1), atol=1e-5, rtol=1e-5)

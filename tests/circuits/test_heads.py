@@ -191,17 +191,41 @@ def model(request):
 
 
 def test_batched_scores_equal_per_prompt_scores_and_the_cache_path(model):
-    """Each prompt's grids in a batch equal its own run; compute() on a cache you hold equals the call."""
-    d_vocab = model.cfg.d_vocab
-    batch = torch.randint(1, d_vocab, (3, 5), generator=torch.Generator().manual_seed(0)).repeat(1, 2)  # repeats
+    """Each prompt's grids in a ragged batch equal its own run; compute() on a cache you hold equals the call."""
+    gen = torch.Generator().manual_seed(0)
+    halves = [torch.randperm(model.cfg.d_vocab - 1, generator=gen)[:n] + 1 for n in (2, 5, 3, 4)]  # distinct
+    rows = [half.repeat(2).tolist() for half in halves]  # lengths 4, 10, 6, 8: each half repeated
     analysis = HeadScores(channel_groups=2 if model.cfg.architecture == "mamba" else None)
-    together = analysis(model, batch)
-    for i in range(3):
-        alone = analysis(model, batch[i : i + 1])
+    together = analysis(model, rows)
+    assert together.prompts.lengths.tolist() == [4, 10, 6, 8] and together.prompts.is_padded
+    for i, row in enumerate(rows):
+        alone = analysis(model, [row])
         torch.testing.assert_close(together.scores[:, i], alone.scores[:, 0], atol=1e-5, rtol=0)
-        assert together.queries[:, i].tolist() == alone.queries[:, 0].tolist()
-    prompts = Prompts(model, batch)
+        n = len(row)
+        assert together.queries[:, i].tolist() == alone.queries[:, 0].tolist() == [n // 2, n - 1, n - 1]
+    prompts = Prompts(model, rows)
     _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
     from_cache = analysis.compute(cache, prompts)
     torch.testing.assert_close(from_cache.scores, together.scores, atol=1e-6, rtol=0)
     assert math.isfinite(together.induction.sum().item())
+    frame = together.to_frame()
+    assert frame.groupby("prompt").size().tolist() == [together.scores[0, 0].numel()] * 4
+
+
+def test_pad_positions_of_the_cache_are_never_read(model):
+    """Garbage at every pad position of a ragged cache (pad queries and pad keys) leaves the result unchanged."""
+    gen = torch.Generator().manual_seed(1)
+    rows = [(torch.randperm(model.cfg.d_vocab - 1, generator=gen)[:n] + 1).repeat(2).tolist() for n in (2, 5, 3)]
+    analysis = HeadScores(channel_groups=2 if model.cfg.architecture == "mamba" else None)
+    prompts = Prompts(model, rows)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    clean = analysis.compute(cache, prompts)
+    pad = ~prompts.mask
+    for name in analysis.hooks(model):
+        value = cache.cache_dict[name].clone()
+        if value.ndim == 4 and value.shape[-1] == value.shape[-2] == pad.shape[1]:  # a pattern [batch, head, q, k]
+            value.masked_fill_(pad[:, None, :, None] | pad[:, None, None, :], 7.0)
+        else:  # [batch, pos, ...]
+            value[pad] = 1e4
+        cache.cache_dict[name] = value
+    torch.testing.assert_close(analysis.compute(cache, prompts).scores, clean.scores, atol=0, rtol=0)

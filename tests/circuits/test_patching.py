@@ -213,61 +213,89 @@ def model(request):
     return request.getfixturevalue(request.param)
 
 
+def _ragged_pair(d_vocab, lengths, seed, at=1):
+    """Clean rows of the given lengths and corrupt rows with the token at ``at`` changed."""
+    gen = torch.Generator().manual_seed(seed)
+    clean = [torch.randint(1, d_vocab, (n,), generator=gen).tolist() for n in lengths]
+    corrupt = [row[:at] + [(row[at] + 1) % d_vocab] + row[at + 1 :] for row in clean]
+    return clean, corrupt
+
+
 def test_residual_patching_on_every_architecture_per_prompt(model, tmp_path):
     """On every architecture: patching a layer's whole clean input gives the clean run (effect 1), and each
-    prompt's row of a batched result equals that prompt run alone; the result round-trips."""
-    d_vocab = model.cfg.d_vocab
-    clean = torch.randint(1, d_vocab, (3, 6), generator=torch.Generator().manual_seed(0))
-    corrupt = clean.clone()
-    corrupt[:, 1] = (clean[:, 1] + 1) % d_vocab
+    prompt's row of a ragged batch equals that prompt run alone; the result round-trips."""
+    clean, corrupt = _ragged_pair(model.cfg.d_vocab, (4, 7, 5), seed=0)
     metric = logit_diff_metric(1, 2)
     together = ActivationPatching(corrupt, metric)(model, clean)
-    assert together.architecture == model.cfg.architecture
-    # At the last position of layer 0 the corruption has reached the residual only through mixing; patching
-    # position 1 (where it happened) at layer 0 undoes it entirely.
-    torch.testing.assert_close(together.prompt_effects[:, 0, 1], torch.ones(3), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(together.prompt_effects[:, :, 0], torch.zeros(3, model.cfg.n_layers), atol=1e-5, rtol=0)
+    assert together.architecture == model.cfg.architecture and together.prompts.is_padded
+    prompts = together.prompts
     for i in range(3):
-        alone = ActivationPatching(corrupt[i : i + 1], metric)(model, clean[i : i + 1])
-        torch.testing.assert_close(together.values[i], alone.values[0], atol=1e-5, rtol=1e-5)
+        # Patching position 1 (where the corruption is) at layer 0 undoes it entirely; position 0 was never
+        # corrupted, at any layer.
+        first, where = prompts.position_index(0, i), prompts.position_index(1, i)
+        assert together.prompt_effects[i, 0, where].item() == pytest.approx(1.0, abs=1e-4)
+        torch.testing.assert_close(together.prompt_effects[i, :, first], torch.zeros(model.cfg.n_layers), atol=1e-5, rtol=0)
+        alone = ActivationPatching([corrupt[i]], metric)(model, [clean[i]])
+        torch.testing.assert_close(together.values[i, :, first:], alone.values[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(together.clean_metric[i], alone.clean_metric[0], atol=1e-5, rtol=1e-5)
+        # a column that is padding in this prompt patches nothing there: the corrupt run's value
+        torch.testing.assert_close(
+            together.values[i, :, :first], together.corrupt_metric[i].expand(model.cfg.n_layers, first)
+        )
+    frame = together.to_frame()
+    assert frame.groupby("prompt").size().tolist() == [model.cfg.n_layers * n for n in (4, 7, 5)]
     together.save(tmp_path / "patching.safetensors")
     loaded = Result.load(tmp_path / "patching.safetensors")
     assert isinstance(loaded, ActivationPatchingResult) and torch.equal(loaded.values, together.values)
-    assert torch.equal(loaded.corrupt.tokens, corrupt) and loaded.params["site"] == "resid"
+    assert loaded.corrupt.str_tokens == together.corrupt.str_tokens and loaded.params["site"] == "resid"
+    assert loaded.to_frame().equals(frame)
+
+
+def test_head_patching_of_a_ragged_batch_equals_each_prompt(tiny_llama):
+    clean, corrupt = _ragged_pair(1000, (5, 9, 6), seed=3, at=2)
+    metric = logit_diff_metric(42, 43)
+    together = ActivationPatching(corrupt, metric, site="heads")(tiny_llama, clean)
+    for i in range(3):
+        alone = ActivationPatching([corrupt[i]], metric, site="heads")(tiny_llama, [clean[i]])
+        torch.testing.assert_close(together.values[i], alone.values[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(together.prompt_effects[i], alone.prompt_effects[0], atol=1e-4, rtol=1e-4)
 
 
 def test_edge_patching_per_prompt_and_round_trip(tiny_llama, tmp_path):
-    clean = torch.randint(100, 1000, (3, 8), generator=torch.Generator().manual_seed(1))
-    corrupt = clean.clone()
-    corrupt[:, 2] = 7
+    clean, corrupt = _ragged_pair(1000, (8, 5, 6), seed=1, at=2)
     metric = logit_diff_metric(42, 43)
     edges = [("embed", "L1H2"), ("L0H1", "logits"), ("L0.mlp", "L1.mlp")]
     together = EdgePatching(corrupt, metric, edges)(tiny_llama, clean)
     assert isinstance(together, EdgePatchingResult) and together.values.shape == (3, 3)
     for i in range(3):
-        alone = EdgePatching(corrupt[i : i + 1], metric, edges)(tiny_llama, clean[i : i + 1])
+        alone = EdgePatching([corrupt[i]], metric, edges)(tiny_llama, [clean[i]])
         torch.testing.assert_close(together.values[i], alone.values[0], atol=1e-5, rtol=1e-5)
     frame = together.to_frame()
     assert list(frame.columns) == ["prompt", "sender", "receiver", "effect"] and len(frame) == 9
     together.save(tmp_path / "edges.safetensors")
     loaded = Result.load(tmp_path / "edges.safetensors")
     assert loaded.edges == [list(e) for e in edges] and torch.equal(loaded.values, together.values)
+    assert loaded.params["edges"] == [list(e) for e in edges]
     assert len(together.figure().data[0].y) == 3
 
 
 def test_attribution_graph_of_a_batch_equals_the_mean_of_its_prompts(tiny_llama):
-    """Attributions are linear in the metric: the batch graph of the mean metric is the mean of per-prompt graphs."""
-    clean = torch.randint(100, 1000, (2, 8), generator=torch.Generator().manual_seed(2))
-    corrupt = clean.clone()
-    corrupt[:, 3] = 9
+    """Attributions are linear in the metric: the ragged batch's graph of the mean metric is the mean of
+    per-prompt graphs, and so are the promoted tokens' logits."""
+    clean, corrupt = _ragged_pair(1000, (8, 5), seed=2, at=3)
     metric = logit_diff_metric(42, 43)
-    together = AttributionGraph(corrupt, metric)(tiny_llama, clean).graph
-    alone = [AttributionGraph(corrupt[i : i + 1], metric)(tiny_llama, clean[i : i + 1]).graph for i in range(2)]
-    for u, v, w in together.edges(data="weight"):
-        assert w == pytest.approx(sum(g.edges[u, v]["weight"] for g in alone) / 2, rel=1e-4, abs=1e-6)
-    for node, effect in together.nodes(data="effect"):
-        assert effect == pytest.approx(sum(g.nodes[node]["effect"] for g in alone) / 2, rel=1e-4, abs=1e-6)
+    together = AttributionGraph(corrupt, metric, k=tiny_llama.cfg.d_vocab)(tiny_llama, clean)
+    alone = [AttributionGraph([corrupt[i]], metric, k=tiny_llama.cfg.d_vocab)(tiny_llama, [clean[i]]) for i in range(2)]
+    for u, v, w in together.graph.edges(data="weight"):
+        assert w == pytest.approx(sum(g.graph.edges[u, v]["weight"] for g in alone) / 2, rel=1e-4, abs=1e-6)
+    for node, effect in together.graph.nodes(data="effect"):
+        assert effect == pytest.approx(sum(g.graph.nodes[node]["effect"] for g in alone) / 2, rel=1e-4, abs=1e-6)
+    for node in ("L1H3", "L0.mlp", "logits"):
+        logits = [g.top_tokens(node).set_index("token_id")["logit"] for g in (together, *alone)]
+        torch.testing.assert_close(
+            torch.tensor(logits[0].sort_index().to_numpy()),
+            torch.tensor(((logits[1] + logits[2]) / 2).sort_index().to_numpy()), atol=1e-4, rtol=1e-4,
+        )
 
 
 def test_node_top_tokens(attn2l, pair):

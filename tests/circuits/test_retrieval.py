@@ -162,6 +162,23 @@ def test_haystacks_the_model_does_not_retrieve_are_left_out(smollm2):
         RetrievalScores([good], min_recall=1.0)(smollm2)
 
 
+def test_haystacks_of_different_lengths_are_ragged_prompts(tiny_llama, tmp_path):
+    """The result's prompts are the haystacks, left-padded; each haystack's scores equal its run alone."""
+    hays = make_haystacks(tiny_llama, 2, context_tokens=[4, 12])  # two needles: 52 and 51 tokens
+    ret = RetrievalScores(hays)(tiny_llama)
+    assert ret.prompt_tokens == [len(h.tokens) for h in hays] and ret.prompts.is_padded
+    assert ret.haystack_scores.shape == (2, 2, 4) and len(ret.responses) == 2
+    for i, hay in enumerate(hays):
+        alone = RetrievalScores([hay])(tiny_llama)
+        torch.testing.assert_close(ret.haystack_scores[i], alone.haystack_scores[0])
+        assert ret.responses[i] == alone.responses[0]
+    ret.save(tmp_path / "ret.safetensors")
+    loaded = Result.load(tmp_path / "ret.safetensors")
+    for a, b in zip(loaded.haystacks(), hays, strict=True):
+        assert torch.equal(a.tokens, b.tokens) and a.needle_span == b.needle_span and a.answer == b.answer
+    assert loaded.to_frame().equals(ret.to_frame())
+
+
 def test_retrieval_scores_need_attention_heads(tiny_mamba_model, tiny_rnn_model):
     for model, arch in ((tiny_mamba_model, "mamba"), (tiny_rnn_model, "rnn")):
         with pytest.raises(AnalysisError, match=f"RetrievalScores needs attention heads.*this model is a {arch}"):
@@ -175,8 +192,10 @@ def test_decoding_only_masking_equals_zeroed_queries_in_huggingface(tiny_llama, 
     prompt = torch.randint(5, 1000, (12,), generator=torch.Generator().manual_seed(0))
 
     def our_logits(fwd_hooks):
-        out = tiny_llama.generate(prompt[None], 6, fwd_hooks=fwd_hooks, return_type="tokens", output_logits=True)
-        return out.sequences[0, 12:], torch.stack([step[0] for step in out.logits])
+        steps = []  # each forward's last-row logits: the prompt pass, then one per new token
+        keep = ("unembed.hook_out", lambda logits, hook: steps.append(logits[0, -1].clone()))
+        out = tiny_llama.generate(prompt[None], 6, fwd_hooks=[*fwd_hooks, keep], return_type="tokens")
+        return out[0, 12:], torch.stack(steps)
 
     ours, masked = our_logits(head_hooks(tiny_llama, heads, "mask", last_queries=1))
     hf = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -294,19 +313,25 @@ def test_mamba_scores_on_the_zoo_associative_recall_model(tiny_llama):
 
 @torch.no_grad()
 def test_mixer_retrieval_batch_equals_per_prompt_and_round_trips(tiny_mamba_model, tiny_rnn_model, tmp_path):
-    """Each prompt's scores in a batch equal its own run (its rows of the masks); the cache path and
+    """Each prompt's scores in a ragged batch equal its own run (its rows of the masks); the cache path and
     save/load give the same result."""
-    tokens = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(3))
-    score_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    score_mask[:, 6:] = True
-    source_mask = ~score_mask
+    gen = torch.Generator().manual_seed(3)
+    starts = [torch.randint(3, 16, (n,), generator=gen).tolist() for n in (6, 3, 5)]
+    out = tiny_mamba_model.generate(starts, 8, return_type="tokens")  # greedy: each row from its own end
+    rows = [start + out[i, -8:].tolist() for i, start in enumerate(starts)]
+    prompts = Prompts(tiny_mamba_model, rows)
+    score_mask = torch.zeros_like(prompts.mask)
+    score_mask[:, -9:-1] = True  # the greedy steps (a padded layout, like the prompts): the top-1 is the next token
+    source_mask = prompts.mask.clone()  # anywhere in the prompt (the greedy run repeats tokens)
+    source_mask[:, -1] = False
     analysis = MixerRetrievalScores(score_mask, source_mask, channel_groups=4)
-    together = analysis(tiny_mamba_model, tokens)
-    assert isinstance(together, MixerRetrievalScoresResult) and together.steps.tolist() == [5, 5, 5]
-    for i in range(3):
-        alone = MixerRetrievalScores(score_mask[i : i + 1], source_mask[i : i + 1], channel_groups=4)
-        torch.testing.assert_close(together.prompt_scores[i], alone(tiny_mamba_model, tokens[i : i + 1]).prompt_scores[0])
-    prompts = Prompts(tiny_mamba_model, tokens)
+    together = analysis(tiny_mamba_model, rows)
+    assert isinstance(together, MixerRetrievalScoresResult) and together.steps.tolist() == [8, 8, 8]
+    assert together.scores.max() > 0  # some channel copies an earlier token
+    for i, row in enumerate(rows):
+        real = prompts.real(score_mask, i)[None], prompts.real(source_mask, i)[None]
+        alone = MixerRetrievalScores(*real, channel_groups=4)(tiny_mamba_model, [row])
+        torch.testing.assert_close(together.prompt_scores[i], alone.prompt_scores[0])
     _, cache = tiny_mamba_model.run_with_cache(prompts, names_filter=analysis.hooks(tiny_mamba_model))
     torch.testing.assert_close(analysis.compute(cache, prompts).prompt_scores, together.prompt_scores)
     together.save(tmp_path / "mixer.safetensors")
@@ -315,7 +340,7 @@ def test_mixer_retrieval_batch_equals_per_prompt_and_round_trips(tiny_mamba_mode
     frame = together.to_frame()
     assert list(frame.columns) == ["prompt", "layer", "group", "score"] and len(frame) == 3 * 4
     with pytest.raises(AnalysisError, match="MixerRetrievalScores needs SSM mixer matrices.*rnn"):
-        MixerRetrievalScores()(tiny_rnn_model, tokens)
+        MixerRetrievalScores()(tiny_rnn_model, rows)
 
 
 @pytest.mark.slow

@@ -488,7 +488,24 @@ def test_pass_mask_takes_the_last_columns_of_a_longer_mask(tiny_llama):
     assert pass_mask(tiny_llama, {"input": torch.zeros(1, 3, 64)}) is None  # embeddings
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_lstm"])
+@pytest.fixture(scope="module")
+def tiny_hybrid():
+    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid."""
+    import transformers
+    from dynalens.models.hybrid import HookedHybrid
+
+    torch.manual_seed(0)
+    config = transformers.BambaConfig(
+        vocab_size=16, hidden_size=32, pad_token_id=0, bos_token_id=None, eos_token_id=None, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, mamba_n_heads=4, mamba_d_head=16,
+        mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8, attn_layer_indices=[1],
+    )  # fmt: skip
+    hf = transformers.BambaForCausalLM(config).eval()
+    hf.set_attn_implementation("eager")
+    return HookedHybrid.from_hf(hf).eval()
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_lstm", "tiny_hybrid"])
 def model_and_ragged(request):
     """Each architecture with a ragged list of prompts (lengths differ)."""
     model = request.getfixturevalue(request.param)

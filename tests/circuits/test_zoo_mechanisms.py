@@ -18,8 +18,6 @@ import torch
 import dynalens as dl
 from dynalens.models import names
 from dynalens.models.zoo import get_entry
-from dynalens.probes.emergence import track_checkpoints
-from dynalens.probes.massive import massive_ratio
 
 SEED = 2024  # neither the training seed (0) nor the trainer's held-out seed
 
@@ -74,9 +72,9 @@ def bbc_domains():
 
 def test_bbc_has_sink_heads_and_an_active_dormant_head(bbc, bbc_domains):
     tokens, trigger = bbc_domains
-    activity = dl.probes.head_activity(bbc, {"non-trigger": (tokens, ~trigger), "trigger": (tokens, trigger)})
+    activity = dl.probes.HeadActivity({"non-trigger": ~trigger, "trigger": trigger})(bbc, tokens)
     print(f"\n{activity.to_frame()}")
-    plain = activity.sink_scores[0]
+    plain = activity.mean_sink_scores[0]
     assert (plain > 0.5).sum() >= 2  # several sink heads on ordinary bigram positions
     switching = activity.switching()
     row = switching[switching["dormant_on"].apply(lambda d: d == ["non-trigger"])].iloc[0]
@@ -91,25 +89,23 @@ def test_bbc_has_sink_heads_and_an_active_dormant_head(bbc, bbc_domains):
     assert on_source > 0.7
 
 
-def test_bbc_checkpoints_show_the_emergence_fit(bbc_domains):
+def test_bbc_checkpoints_show_the_emergence_fit(bbc, bbc_domains):
     """Massive activation (residual-state peak) and sink score over the 16 checkpoints, both fitted.
 
-    One pass over the checkpoints measures the massive ratio after layer 0 (what
-    ``massive_emergence`` tracks) and the mean sink score of the layer-0 heads on non-trigger
+    One forward per checkpoint measures the massive ratio after layer 0 (what
+    ``MassiveEmergence`` tracks) and the mean sink score of the layer-0 heads on non-trigger
     queries. Measured: the ratio grows from ~6 to ~280 (R² 0.9997), the sink score from 0.10
     to ~0.8 (R² 0.987).
     """
     tokens, trigger = bbc_domains
-
-    def measure(model):
-        ratio = massive_ratio(model, tokens[:16], site="resid")[1]  # blocks.0.hook_resid_post
-        return ratio.item(), dl.probes.sink_scores(model, tokens, query_mask=~trigger)[0].mean().item()
-
-    steps, values = track_checkpoints("attn3l-bbc", measure, progress=False)
-    for name, series in zip(("massive ratio after layer 0", "layer-0 sink score"), zip(*values)):
-        fit = dl.probes.EmergenceFit().fit(steps, series)
-        print(f"\n{name} per checkpoint: {np.round(series, 2)}; emergence fit R^2 = {fit.r2_:.4f}")
+    analyses = [dl.probes.MassiveActivations(k=1), dl.probes.SinkScores(query_mask=~trigger)]
+    series = dl.probes.Checkpoints("attn3l-bbc", analyses)(bbc, tokens)
+    steps = series.steps
+    ratios = [r.ratio[1].item() for r in series.results["massive_activations"]]  # blocks.0.hook_resid_post
+    sinks = [r.mean[0].mean().item() for r in series.results["sink_scores"]]
+    for name, values in (("massive ratio after layer 0", ratios), ("layer-0 sink score", sinks)):
+        fit = dl.probes.EmergenceFit().fit(steps, values)
+        print(f"\n{name} per checkpoint: {np.round(values, 2)}; emergence fit R^2 = {fit.r2_:.4f}")
         assert fit.r2_ > 0.95
-    ratios, sinks = zip(*values)
     assert ratios[-1] > 20 * ratios[0]  # a massive activation emerged
     assert sinks[0] < 0.15 and sinks[-1] > 0.6  # and the sinks with it
