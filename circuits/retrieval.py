@@ -250,15 +250,20 @@ def rouge1_recall(reference: str, response: str) -> float:
     return sum((ref & hyp).values()) / total if total else 0.0
 
 
+def ends_answer(tokenizer: Any, generated: Sequence[int], eos_token_id: int | None = None) -> bool:
+    """Whether the last generated token ends the answer: the end-of-sequence token, or a token
+    holding a newline once the answer has begun (the paper's stop)."""
+    last = generated[-1]
+    if last == eos_token_id:
+        return True
+    return "\n" in tokenizer.decode([last]) and tokenizer.decode(list(generated[:-1])).strip() != ""
+
+
 def answer_end(tokenizer: Any, generated: Sequence[int], eos_token_id: int | None = None) -> int:
-    """How many generated tokens the answer takes: up to the first token holding a newline once the
-    answer has begun, or the end-of-sequence token (both included); all of them when neither comes."""
-    for step, token in enumerate(generated):
-        if token == eos_token_id:
-            return step + 1
-        if "\n" in tokenizer.decode([token]) and tokenizer.decode(list(generated[:step])).strip() != "":
-            return step + 1
-    return len(generated)
+    """How many generated tokens the answer takes, its stop token included (:func:`ends_answer`);
+    all of them when none stops it."""
+    stops = (n for n in range(1, len(generated) + 1) if ends_answer(tokenizer, generated[:n], eos_token_id))
+    return next(stops, len(generated))
 
 
 class _Decoding(NamedTuple):
@@ -280,7 +285,12 @@ def _decode(model: Any, haystack: Haystack, fwd_hooks: Sequence = (), *, read_he
         hooks += [(names.pattern(layer), partial(record, layer=layer)) for layer in range(n_layers)]
     max_new = min(MAX_NEW_TOKENS, model.cfg.n_ctx - n_prompt)
     eos = model.tokenizer.eos_token_id
-    out = model.generate(haystack.tokens[None], max_new, fwd_hooks=hooks, return_type="tokens", eos_token_id=eos)
+    def stop(new: Int[Tensor, "1 n"]) -> Tensor:
+        return torch.tensor([ends_answer(model.tokenizer, new[0].tolist(), eos)])
+
+    out = model.generate(
+        haystack.tokens[None], max_new, fwd_hooks=hooks, return_type="tokens", eos_token_id=eos, stop_when=stop
+    )
     generated = out[0, n_prompt:].cpu()
     generated = generated[: answer_end(model.tokenizer, generated.tolist(), eos)]
     top_keys = torch.stack([torch.stack(s[: len(generated)], -1) for s in steps]) if read_heads else None

@@ -204,6 +204,7 @@ class Generates:
         do_sample: bool | None = None,
         top_k: int | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        stop_when: Callable[[Tensor], Tensor] | None = None,
         return_type: str = "auto",
         generator: torch.Generator | None = None,
         **unknown: Any,
@@ -235,6 +236,11 @@ class Generates:
             holds a newline) is finished: its later positions hold
             ``eos_token_id`` (the first of the list); generation stops when
             every row has finished.
+        stop_when : callable, optional
+            Called after each step with the new tokens so far ``[batch, n_new]``;
+            returns ``[batch]`` bools: a row for which it says True is finished
+            (generation stops when every row has finished). A stopping rule
+            that depends on what came before, e.g. a newline once the answer began.
         return_type : {"auto", "str", "tokens"}
             ``"auto"``: strings for text input (a str for a str), else ids.
             Strings are each prompt's real tokens and its new tokens up to and
@@ -253,7 +259,7 @@ class Generates:
             raise TypeError(
                 f"generate() got unexpected keyword argument(s) {sorted(unknown)}; it accepts "
                 "max_new_tokens, attention_mask, fwd_hooks, temperature, do_sample, top_k, "
-                "eos_token_id, return_type and generator, on every architecture"
+                "eos_token_id, stop_when, return_type and generator, on every architecture"
             )
         check_generate_args(
             max_new_tokens, return_type, temperature=temperature, do_sample=do_sample,
@@ -280,6 +286,8 @@ class Generates:
                     nxt = torch.where(finished, stops[0], nxt)
                     finished |= torch.isin(nxt, stops)
                 new.append(nxt)
+                if stop_when is not None:
+                    finished |= stop_when(torch.stack(new, dim=1)).to(finished.device)
                 if step + 1 == max_new_tokens or bool(finished.all()):
                     break
                 logits, state = self._generation_step(nxt[:, None], state)
