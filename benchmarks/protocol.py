@@ -187,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="prompt length in tokens (BOS included)")
     parser.add_argument("--batch", type=int, default=8, help="prompts in the batch case (0: skip it)")
     parser.add_argument("--rnn", default="lstm-hmm", help="the RNN for the Dynamics page's phase portrait")
+    parser.add_argument("--pages", default="explorer,activations,dynamics,dynamics-rnn,heads",
+                        help="comma-separated pages to measure (empty: none)")
+    parser.add_argument("--no-analyses", action="store_true", help="skip the five analyses")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     rng = random.Random(0)
@@ -203,25 +206,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for _ in range(3):
             run(model, warm, [dl.probes.ResidualNorms(), dl.probes.LogitLens(k=5)])
 
-    print(f"# benchmarks/protocol.py --repeats {args.repeats} --tokens {args.tokens} --batch {args.batch}")
+    print(f"# benchmarks/protocol.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"# {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")  # fmt: skip
     print(f"# median of {args.repeats} new prompts of {args.tokens} tokens; fwd = forward passes counted\n")
     print(HEADER)
 
     print("dashboard pages (server side of a new prompt: analyses + results cache writes)")
-    pages = [
-        ("Explorer (SmolLM2)", "smollm2-135m", smollm2, explorer.analyses(smollm2.cfg.n_layers - 1)),
-        ("Activations (SmolLM2)", "smollm2-135m", smollm2, activations.analyses("resid", args.tokens)),
-        ("Dynamics (SmolLM2)", "smollm2-135m", smollm2, dynamics.analyses(smollm2, 0, args.tokens)),
-        (f"Dynamics ({args.rnn})", args.rnn, rnn, dynamics.analyses(rnn, 0, args.tokens)),
-        ("Heads: pattern on the prompt (SmolLM2)", "smollm2-135m", smollm2, heads.analyses(smollm2.cfg.n_layers - 1)),
-    ]  # fmt: skip
-    for label, name, model, analyses in pages:
+    pages = {
+        "explorer": ("Explorer (SmolLM2)", "smollm2-135m", smollm2, explorer.analyses(smollm2.cfg.n_layers - 1)),
+        "activations": ("Activations (SmolLM2)", "smollm2-135m", smollm2, activations.analyses("resid", args.tokens)),
+        "dynamics": ("Dynamics (SmolLM2)", "smollm2-135m", smollm2, dynamics.analyses(smollm2, 0, args.tokens)),
+        "dynamics-rnn": (f"Dynamics ({args.rnn})", args.rnn, rnn, dynamics.analyses(rnn, 0, args.tokens)),
+        "heads": ("Heads: pattern on the prompt (SmolLM2)", "smollm2-135m", smollm2,
+                  heads.analyses(smollm2.cfg.n_layers - 1)),
+    }  # fmt: skip
+    chosen = [pages[p.strip()] for p in args.pages.split(",") if p.strip()]
+    for label, name, model, analyses in chosen:
         before, after = page_paths(name, model, app)
         make = lambda model=model: random_prompts(model, args.tokens, 1, rng)
         compare(Row(label), model, make, before(analyses), after(analyses), args.repeats)
     print("Circuit, Steering: experiments with their own passes (attribution graph, generation): unchanged")
+    if args.no_analyses:
+        return 0
 
     five = [dl.probes.LogitLens(k=5), dl.probes.MassiveActivations(), dl.circuits.HeadScores(),
             dl.probes.ResidualNorms(), dl.probes.SinkScores()]  # fmt: skip
