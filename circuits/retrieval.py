@@ -73,7 +73,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dynalens.circuits.heads import grid_figure, grid_frame, channel_group_count, channel_patterns
+from dynalens.circuits.heads import channel_group_count, channel_patterns, grid_figure, grid_frame
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import unembed_resid
