@@ -1,4 +1,12 @@
-"""Scan kernels: selective, linear and SSD scans, and mixer-matrix materialisation."""
+"""Scan kernels: selective, linear and SSD scans, and mixer-matrix materialisation.
+
+Imported whole, unlike the other subpackages (``dynalens/_lazy.py``): three of
+its functions share their module's name (``selective_scan``, ``linear_scan``,
+``mixer_matrix``), and importing such a module binds the module to that name
+on the package, so a lazily bound function could be read back as its module.
+The package costs torch alone: numba and Triton load with their first kernel
+(``kernels/paths.py``), and ``import dynalens`` does not import it.
+"""
 
 from dynalens.kernels.linear_scan import linear_scan
 from dynalens.kernels.mixer_matrix import mixer_matrix

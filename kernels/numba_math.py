@@ -19,7 +19,8 @@ numba.
 The codegen helpers give a kernel what numba does not expose: 512-bit vectors,
 arrays on the stack (which LLVM can prove alias nothing, so it keeps them in
 registers and needs no runtime overlap checks), a 16 × 16 transpose done with
-vector shuffles instead of gathers, and cache prefetches.
+vector shuffles instead of gathers, and cache prefetches. What they take
+from numba's and llvmlite's internals comes through ``kernels/compat_numba.py``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
+
+from dynalens.kernels.compat_numba import (
+    add_string_attribute,
+    alloca_once,
+    get_item_pointer2,
+    get_or_insert_function,
+    unpack_tuple,
+)
 
 MATH_FASTMATH = {"contract"}
 
@@ -92,7 +100,7 @@ def _rint(typingctx, x):
 
     def codegen(context, builder, signature, args):
         fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType()])
-        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.rint.f32"), args)
+        return builder.call(get_or_insert_function(builder.module, fnty, "llvm.rint.f32"), args)
 
     return types.float32(types.float32), codegen
 
@@ -103,7 +111,7 @@ def _ldexp(typingctx, x, e):
 
     def codegen(context, builder, signature, args):
         fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.IntType(32)])
-        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.ldexp.f32.i32"), args)
+        return builder.call(get_or_insert_function(builder.module, fnty, "llvm.ldexp.f32.i32"), args)
 
     return types.float32(types.float32, types.int32), codegen
 
@@ -120,8 +128,7 @@ def prefer_512_bit_vectors(typingctx):
     """
 
     def codegen(context, builder, signature, args):
-        # A string attribute: llvmlite's FunctionAttributes.add accepts only enum attributes.
-        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        add_string_attribute(builder.function, '"prefer-vector-width"="512"')
         return context.get_dummy_value()
 
     return types.none(), codegen
@@ -253,7 +260,7 @@ def stack_buffer(typingctx, size, dtype):
 
     def codegen(context, builder, signature, args):
         elem = context.get_value_type(dtype.dtype)
-        buf = cgutils.alloca_once(builder, ir.ArrayType(elem, size.literal_value))
+        buf = alloca_once(builder, ir.ArrayType(elem, size.literal_value))
         return builder.bitcast(buf, elem.as_pointer())
 
     return types.CPointer(dtype.dtype)(size, dtype), codegen
@@ -301,10 +308,10 @@ def transpose_block(typingctx, src, src_row, src_col, dst, dst_row, dst_col):
 
         def row_pointers(ary_type, value, row, col):
             ary = context.make_array(ary_type)(context, builder, value)
-            shape, strides = (cgutils.unpack_tuple(builder, x, 2) for x in (ary.shape, ary.strides))
+            shape, strides = (unpack_tuple(builder, x, 2) for x in (ary.shape, ary.strides))
             return [
                 builder.bitcast(
-                    cgutils.get_item_pointer2(context, builder, ary.data, shape, strides, "C", [builder.add(row, row.type(r)), col]),
+                    get_item_pointer2(context, builder, ary.data, shape, strides, "C", [builder.add(row, row.type(r)), col]),
                     vec_ptr,
                 )
                 for r in range(BLOCK)
@@ -330,11 +337,11 @@ def prefetch(typingctx, ary, i, write):
 
     def codegen(context, builder, signature, args):
         a = context.make_array(ary)(context, builder, args[0])
-        shape, strides = (cgutils.unpack_tuple(builder, x, 1) for x in (a.shape, a.strides))
-        ptr = cgutils.get_item_pointer2(context, builder, a.data, shape, strides, ary.layout, [args[1]])
+        shape, strides = (unpack_tuple(builder, x, 1) for x in (a.shape, a.strides))
+        ptr = get_item_pointer2(context, builder, a.data, shape, strides, ary.layout, [args[1]])
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        fn = get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
         builder.call(fn, [ptr, rw, i32(3), i32(1)])  # keep in all cache levels; a data access
         return context.get_dummy_value()
 

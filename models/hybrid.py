@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
+from dynalens.models.compat_transformer_lens import alias_block_hooks
 from dynalens.models.hybrid_attention import AttentionContext, HookedAttention
 from dynalens.models.mamba import MambaMixer, RMSNorm, _at_least_fp32, _own_copy
 from dynalens.models.mamba2 import Mamba2Mixer, _state_columns
@@ -378,20 +379,16 @@ class HybridBridge(HookedTransformerBridge):
         return list(self.cfg.layer_types)
 
     def _add_mixer_aliases(self) -> None:
-        for i, block in enumerate(self.blocks):
-            aliases = dict(block.hook_aliases)
-            if "attn" in block._modules:
-                aliases["hook_mixer_out"] = aliases.get("hook_attn_out", "hook_attn_out")
-            elif "mixer" in block._modules:
-                aliases["hook_mixer_out"] = "mixer.hook_out"
+        targets = []
+        for block in self.blocks:
+            children = {name for name, _ in block.named_children()}
+            if "attn" in children:
+                targets.append(block.hook_aliases.get("hook_attn_out", "hook_attn_out"))
             else:
-                aliases["hook_mixer_out"] = "hook_out"
-            block.hook_aliases = aliases
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # aliases of sub-modules a block lacks
-                block._register_aliases()
-            self._hook_registry[f"blocks.{i}.hook_mixer_out"] = getattr(block, "hook_mixer_out")
-        self._block_alias_cache = None
+                targets.append("mixer.hook_out" if "mixer" in children else "hook_out")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # aliases of sub-modules a block lacks
+            alias_block_hooks(self, [{"hook_mixer_out": target} for target in targets])
 
 
 def load_hybrid(

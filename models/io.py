@@ -14,10 +14,10 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch loads with the first tensor: reading JSON (`dynalens models`) needs none
+    import torch
 
 
 def _umask() -> int:
@@ -94,6 +94,8 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Write tensors as safetensors, atomically (tied tensors are copied apart)."""
+    from safetensors.torch import save_file
+
     flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
@@ -101,6 +103,8 @@ def write_safetensors(
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Read a safetensors file into a dict of tensors."""
+    from safetensors.torch import load_file
+
     return load_file(str(path), device=device)
 
 
@@ -150,6 +154,8 @@ def write_record(path: str | os.PathLike, kind: str, fields: dict[str, Any]) -> 
     ``curves.0``, ``weights.layer_3``) and the JSON names that path. Nothing
     is pickled. :func:`read_record` returns ``(kind, fields)``.
     """
+    import torch
+
     tensors: dict[str, torch.Tensor] = {}
 
     def encode(value: Any, where: str) -> Any:

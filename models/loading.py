@@ -12,17 +12,18 @@ Weights are read from safetensors or GGUF only; nothing is unpickled.
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import safe_open
+from typing import TYPE_CHECKING, Any
 
 from dynalens.models import smollm2
 from dynalens.models.io import read_json
-from dynalens.models.validation import closest_names
+
+if TYPE_CHECKING:  # torch loads with the first model: `dynalens models` needs none
+    import torch
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ def load(
         return _named(_load_gguf(check_gguf(path), device=device, dtype=dtype), key)
     if path.is_dir():
         return _named(_load_folder(path, device=device, dtype=dtype, **placement), key)
+    from dynalens.models.validation import closest_names
+
     names = [row.name for row in list_models()]
     close = closest_names(key, names)
     ordered = close + [n for n in names if n not in close]
@@ -155,6 +158,8 @@ def _load_folder(folder: Path, *, device_map: Any, max_memory: Any, offload_fold
 
 def _load_gguf(path: Path, *, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
     """A GGUF file of any architecture transformers reads: Mamba → ``HookedMamba``, else the Bridge."""
+    import torch
+
     from dynalens.models.transformer import HookedTransformerBridge, hf_from_gguf
 
     hf_model, tokenizer = hf_from_gguf(path, dtype=dtype or torch.float32)
@@ -192,6 +197,8 @@ def folder_model_type(folder: Path) -> str:
         raise ValueError(f"{config_path} has no \"model_type\": it must name the architecture (e.g. \"llama\", \"mamba\")")
     if model_type not in OWN_MODEL_TYPES:
         from transformers import CONFIG_MAPPING
+
+        from dynalens.models.validation import closest_names
 
         if model_type not in CONFIG_MAPPING:
             close = closest_names(model_type, [*OWN_MODEL_TYPES, *CONFIG_MAPPING.keys()])
@@ -235,6 +242,13 @@ def _zoo() -> dict[str, Any]:
 
 
 def _count_parameters(safetensors_file: Path) -> int:
-    """Number of weights in a safetensors file, read from its header only."""
-    with safe_open(str(safetensors_file), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    """Number of weights in a safetensors file, read from its header only (no tensor library loads).
+
+    The format: 8 bytes, little-endian, the header's length; the header, JSON
+    mapping each tensor's name to its ``dtype``, ``shape`` and ``data_offsets``
+    (and ``__metadata__`` to strings).
+    """
+    with open(safetensors_file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")

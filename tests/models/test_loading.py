@@ -111,7 +111,7 @@ def test_smollm2_cache_is_built_once_with_a_message(tiny_llama_dir, tmp_path, mo
             tiny_llama_dir
         )
 
-    monkeypatch.setattr(smollm2_builtin, "hf_from_gguf", fake_dequantise)
+    monkeypatch.setattr("dynalens.models.transformer.hf_from_gguf", fake_dequantise)  # smollm2 imports it on use
     folder = smollm2_builtin.cached_folder()
     assert folder == tmp_path / "smollm2-135m"
     assert calls == [(smollm2_builtin.gguf_path(), torch.float32)]
