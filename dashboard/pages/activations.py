@@ -4,7 +4,8 @@ Every figure is the ``.figure()`` of a Result: the massive-activation map and
 the sink scores come from :func:`analyses` (``MassiveActivations`` and
 ``ExtremeTokens``), computed with one ``dl.run`` per new prompt (one forward)
 through ``backend.page_results``; the emergence is the ``MassiveEmergence``
-experiment over a checkpoint series. This page only lays them out. While the
+experiment over a checkpoint series, or the metrics a ``dl.sweep`` store holds
+per checkpoint (``sweep_view``, read without recomputing). This page only lays them out. While the
 emergence loads and measures each checkpoint, its panel shows a progress bar
 (one unit per checkpoint).
 """
@@ -18,7 +19,8 @@ from typing import Any
 import dash
 from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
-from dynalens.dashboard import backend
+from dynalens.dashboard import backend, sweep_view
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
     ProgressBar,
     choice,
@@ -54,7 +56,14 @@ EMERGENCE_PROGRESS = ProgressBar(EMERGENCE)
 
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Massive activations", selections={MAP_VIEW: "map", SITE: "resid", SERIES: ""},
+    analysis=lambda model, chosen: dl.probes.MassiveActivations(site=chosen[SITE]),
+    figure=lambda found, chosen: found.figure(kind=chosen[MAP_VIEW]),
+)
 
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return page(
@@ -74,7 +83,7 @@ def layout(**_: Any) -> html.Div:
                     "Emergence over training", EMERGENCE,
                     controls=[
                         dcc.Input(id=SERIES, type="text", debounce=True, style={"width": "300px"},
-                                  placeholder="checkpoints: the model's own, or a run folder")
+                                  placeholder="checkpoints: the model's own, a run folder or a sweep store")
                     ],
                     progress=EMERGENCE_PROGRESS,
                 ),
@@ -153,7 +162,13 @@ def sinks_panel(request, site):
 def emergence_panel(request, series, progress_key):
     if not request:
         raise PreventUpdate
-    source = (series or "").strip() or request["model"]
+    source = (series or "").strip() or request.get("name", request["model"])
+    if sweep_view.is_store(source):  # a dl.sweep store: its stored metrics, nothing recomputed
+        stored = sweep_view.metric_frame(source)
+        if stored.empty:
+            return _EMPTY, hint(f"The sweep store {source!r} has no finished cell with summary metrics yet.")
+        text = f"{stored['model'].nunique()} checkpoints from the sweep store, {stored['metric'].nunique()} metrics."
+        return sweep_view.figure(stored), hint(text)
     try:
         series = checkpoint_series(source)
     except (FileNotFoundError, KeyError):

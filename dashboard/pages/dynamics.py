@@ -17,6 +17,7 @@ import dash
 from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
     card,
     graph,
@@ -50,7 +51,14 @@ PHASE = "dynamics-phase"
 
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Token norm trajectories", selections={MIXER_LAYER: 0, COMPARE: ""},
+    analysis=lambda model, chosen: dl.probes.TokenTrajectories(),
+    figure=lambda found, chosen: found.figure(),
+)
 
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return page(

@@ -18,6 +18,7 @@ from dash.exceptions import PreventUpdate
 
 import dynalens as dl
 from dynalens.dashboard import backend
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
     card,
     clicked_column,
@@ -60,7 +61,15 @@ GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "rnn": "Group"}
 
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Logit lens (top 1 at every token)",
+    selections={LAYER: None, LENS_VIEW: "position", MIXER_LOG: [], RESID_LOG: ["log"]},
+    analysis=lambda model, chosen: dl.probes.LogitLens(k=TOP_K),
+    figure=lambda lens, chosen: lens.figure(position=None),
+)
 
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return html.Div(

@@ -16,6 +16,7 @@ from typing import Any
 import dash
 from dash import Input, Output, callback, html
 from dynalens.dashboard import backend
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
     ProgressBar,
     choice,
@@ -54,7 +55,15 @@ SCORES_PROGRESS = ProgressBar(GRID)
 
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Head scores", selections={KIND: "induction"},
+    analysis=lambda model, chosen: dl.circuits.CopyingScores() if chosen[KIND] == "copying" else dl.circuits.HeadScores(),
+    prompts=lambda model, chosen: None if chosen[KIND] == "copying" else workload(model),
+    figure=lambda scores, chosen: scores.figure() if chosen[KIND] == "copying" else scores.figure(kind=chosen[KIND]),
+)  # fmt: skip
 
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return page(

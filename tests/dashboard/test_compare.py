@@ -1,0 +1,73 @@
+"""The side-by-side view in headless Chromium: each column draws what dynalens computes for its model."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import numpy as np
+import pytest
+from dash.testing.wait import until
+from dynalens.dashboard.app import create_app
+
+import dynalens as dl
+
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
+
+PROMPT = "0 5 9 1 5 7 12 2 7 4 5 9"
+TIMEOUT = 120
+
+
+def as_array(rows: list) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def workload(model) -> "dl.Prompts":
+    """The Heads page's workload: repeated random tokens, 20 per repeat or fewer for a short context."""
+    half_len = min(20, ((model.cfg.n_ctx or 41) - 1) // 2)
+    return dl.Prompts(model, dl.circuits.repeated_tokens(model, half_len=half_len))
+
+
+def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, tiny_mamba_dir, wait_title, screenshot):
+    dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
+    query = urlencode([("model", "attn2l-induction"), ("compare", str(tiny_mamba_dir)), ("compare", "lstm-hmm"),
+                       ("prompt", PROMPT)])  # fmt: skip
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads?{query}")
+
+    for column, source in enumerate(["attn2l-induction", tiny_mamba_dir]):
+        model = dl.load(source)
+        expected = dl.circuits.HeadScores()(model, workload(model)).induction.double().numpy()
+        fig = wait_title(f"heads-side-by-side-graph-{column}", "induction scores", timeout=TIMEOUT)
+        np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected, rtol=1e-5, atol=1e-7)
+    # The RNN has no heads: its column gives the analysis' own reason, not an empty frame.
+    dash_duo.wait_for_contains_text("#heads-side-by-side-reason-2", "HeadScores needs attention patterns", timeout=TIMEOUT)
+    assert "rnn" in dash_duo.find_element("#heads-side-by-side-reason-2").text
+    assert not dash_duo.find_elements("#heads-side-by-side-graph-2")
+    # The page's own grid (the header's model) equals the first column.
+    page = wait_title("heads-grid", "induction scores", timeout=TIMEOUT)
+    first = wait_title("heads-side-by-side-graph-0", "induction scores")
+    np.testing.assert_allclose(as_array(page["traces"][0]["z"]), as_array(first["traces"][0]["z"]), rtol=0, atol=0)
+
+    dash_duo.find_elements("#heads-kind input")[1].click()  # prev-token: every column follows the page's selection
+    model = dl.load(tiny_mamba_dir)
+    fig = wait_title("heads-side-by-side-graph-1", "prev-token scores", timeout=TIMEOUT)
+    expected = dl.circuits.HeadScores()(model, workload(model)).prev_token.double().numpy()
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected, rtol=1e-5, atol=1e-7)
+    screenshot("compare-heads")
+    assert dash_duo.get_logs() in ([], None)
+
+
+def test_two_checkpoints_side_by_side_and_a_page_without_one(dash_duo, tmp_path, wait_title):
+    early = dl.models.zoo.checkpoints("attn2l-induction")[2][1]
+    dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
+    query = urlencode([("model", "attn2l-induction"), ("compare", str(early)), ("prompt", PROMPT)])
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/dynamics?{query}")
+    tokens = [[int(t) for t in PROMPT.split()]]
+    for column, source in enumerate(["attn2l-induction", early]):
+        fig = wait_title(f"dynamics-side-by-side-graph-{column}", "Token norm trajectories", timeout=TIMEOUT)
+        expected = dl.probes.TokenTrajectories()(dl.load(source), tokens).norms[0]
+        for p, trace in enumerate(fig["traces"]):
+            np.testing.assert_allclose(trace["y"], expected[p].numpy(), rtol=1e-5)
+    assert "step 2" in dash_duo.find_element("#dynamics-side-by-side").text
+    dash_duo.find_element("a.nav-link[href^='/circuit']").click()
+    dash_duo.wait_for_contains_text("#compare-note", "no side-by-side view", timeout=TIMEOUT)
+    until(lambda: "compare=" in dash_duo.driver.current_url, timeout=10, msg="the link dropped the compared model")
