@@ -139,7 +139,7 @@ def header(default_model: str) -> html.Header:
                     html.Label("Checkpoint (training step)", htmlFor=CHECKPOINT),
                     html.Div(
                         dcc.Slider(id=CHECKPOINT, min=0, max=0, step=1, value=0, marks={},
-                                   updatemode="drag", included=False),
+                                   updatemode="drag", included=False, allow_direct_input=False),
                         style={"flex": "1"},
                     ),
                 ],

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+import torch
 from dash.testing.wait import until
 from dynalens.dashboard.app import create_app
+from dynalens.models.mamba import HookedMamba, MambaConfig
 
 import dynalens as dl
 
@@ -27,17 +30,28 @@ def workload(model) -> "dl.Prompts":
     return dl.Prompts(model, dl.circuits.repeated_tokens(model, half_len=half_len))
 
 
-def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, tiny_mamba_dir, wait_title, screenshot):
+@pytest.fixture(scope="module")
+def small_mamba_dir(tmp_path_factory) -> Path:
+    """A random 2-layer HookedMamba with 16 SSM channels (its head scores are quick to compute twice)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("small-mamba")
+    HookedMamba(MambaConfig(d_model=8, n_layers=2, d_vocab=32, d_state=4)).save_pretrained(folder)
+    return folder
+
+
+def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, small_mamba_dir, wait_title, screenshot):
     dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
-    query = urlencode([("model", "attn2l-induction"), ("compare", str(tiny_mamba_dir)), ("compare", "lstm-hmm"),
+    query = urlencode([("model", "attn2l-induction"), ("compare", str(small_mamba_dir)), ("compare", "lstm-hmm"),
                        ("prompt", PROMPT)])  # fmt: skip
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads?{query}")
 
-    for column, source in enumerate(["attn2l-induction", tiny_mamba_dir]):
+    expected = {}
+    for column, source in enumerate(["attn2l-induction", small_mamba_dir]):
         model = dl.load(source)
-        expected = dl.circuits.HeadScores()(model, workload(model)).induction.double().numpy()
+        expected[column] = dl.circuits.HeadScores()(model, workload(model))
         fig = wait_title(f"heads-side-by-side-graph-{column}", "induction scores", timeout=TIMEOUT)
-        np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected[column].induction.double().numpy(),
+                                   rtol=1e-5, atol=1e-7)  # fmt: skip
     # The RNN has no heads: its column gives the analysis' own reason, not an empty frame.
     dash_duo.wait_for_contains_text("#heads-side-by-side-reason-2", "HeadScores needs attention patterns", timeout=TIMEOUT)
     assert "rnn" in dash_duo.find_element("#heads-side-by-side-reason-2").text
@@ -48,10 +62,9 @@ def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, tin
     np.testing.assert_allclose(as_array(page["traces"][0]["z"]), as_array(first["traces"][0]["z"]), rtol=0, atol=0)
 
     dash_duo.find_elements("#heads-kind input")[1].click()  # prev-token: every column follows the page's selection
-    model = dl.load(tiny_mamba_dir)
     fig = wait_title("heads-side-by-side-graph-1", "prev-token scores", timeout=TIMEOUT)
-    expected = dl.circuits.HeadScores()(model, workload(model)).prev_token.double().numpy()
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected[1].prev_token.double().numpy(),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
     screenshot("compare-heads")
     assert dash_duo.get_logs() in ([], None)
 
@@ -71,3 +84,26 @@ def test_two_checkpoints_side_by_side_and_a_page_without_one(dash_duo, tmp_path,
     dash_duo.find_element("a.nav-link[href^='/circuit']").click()
     dash_duo.wait_for_contains_text("#compare-note", "no side-by-side view", timeout=TIMEOUT)
     until(lambda: "compare=" in dash_duo.driver.current_url, timeout=10, msg="the link dropped the compared model")
+
+
+def test_checkpoint_slider_shows_that_checkpoints_result(dash_duo, tmp_path, wait_title):
+    from selenium.webdriver.common.keys import Keys
+
+    series = dl.models.zoo.checkpoints("attn2l-induction")
+    dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads?{urlencode({'model': 'attn2l-induction', 'prompt': PROMPT})}")
+    final = wait_title("heads-grid", "induction scores", timeout=TIMEOUT)
+    handle = dash_duo.find_element("#checkpoint-box [role='slider']")
+    assert int(handle.get_attribute("aria-valuenow")) == len(series)  # the model itself ("final")
+    handle.send_keys(Keys.HOME)  # the first checkpoint: no induction head yet
+    for index in (0, 14):
+        step, folder = series[index]
+        expected = dl.circuits.HeadScores()(dl.load(folder), workload(dl.load(folder))).induction.double().numpy()
+        until(lambda: f"checkpoint={step}" in dash_duo.driver.current_url, timeout=TIMEOUT,
+              msg=f"the URL never named checkpoint {step}")  # fmt: skip
+        until(lambda: np.allclose(as_array(wait_title("heads-grid", "induction scores")["traces"][0]["z"]), expected,
+                                  rtol=1e-5, atol=1e-7), timeout=TIMEOUT, msg=f"the grid never showed step {step}")  # fmt: skip
+        handle.send_keys(*[Keys.ARROW_RIGHT] * 14)
+    assert not np.allclose(as_array(final["traces"][0]["z"]), expected, atol=1e-3)  # the checkpoints differ
+    handle.send_keys(Keys.END)
+    until(lambda: "checkpoint=" not in dash_duo.driver.current_url, timeout=TIMEOUT, msg="END never showed the model")
