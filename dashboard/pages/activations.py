@@ -5,9 +5,9 @@ the sink scores come from :func:`analyses` (``MassiveActivations`` and
 ``ExtremeTokens``), computed with one ``dl.run`` per new prompt (one forward)
 through ``backend.page_results``; the emergence is the ``MassiveEmergence``
 experiment over a checkpoint series, or the metrics a ``dl.sweep`` store holds
-per checkpoint (``sweep_view``, read without recomputing). This page only lays them out. While the
-emergence loads and measures each checkpoint, its panel shows a progress bar
-(one unit per checkpoint).
+per checkpoint (``sweep_view``, read without recomputing). This page only lays
+them out. While the emergence loads and measures each checkpoint, its panel
+shows a progress bar (one unit per checkpoint).
 """
 
 from __future__ import annotations
