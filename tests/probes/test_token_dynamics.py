@@ -405,3 +405,30 @@ def test_one_forward_runs_the_ssd_analyses_as_each_alone(model_name, layer, requ
         for field in ("norms", "scores", "running", "sym_max"):
             if hasattr(alone, field):
                 torch.testing.assert_close(getattr(together[analysis], field), getattr(alone, field))
+
+
+def test_a_hybrids_mamba_layers_are_read_as_mamba_layers():
+    """Jamba interleaves Mamba-1 (S6) layers with attention: the S6 criterion and closed form apply to them."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    from dynalens.models.hybrid import HookedHybrid
+
+    torch.manual_seed(0)
+    config = JambaConfig(
+        vocab_size=50, hidden_size=32, pad_token_id=0, bos_token_id=None, eos_token_id=None, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+    )  # fmt: skip
+    model = HookedHybrid.from_hf(JambaForCausalLM(config).eval())
+    regimes = MambaRegimes()(model)
+    assert regimes.layers == [0, 2] and regimes.layer_types == ["mamba", "mamba"]
+    system = SelectiveSystem.from_mixer(model.blocks[2].mixer)
+    sym = torch.linalg.eigvalsh((system.mu[0] + system.mu[0].T) / 2)
+    assert float(regimes.sym_max[1]) == pytest.approx(float(sym.max()), rel=1e-5)
+    ids = batch(2, 5)
+    result = LyapunovExponents(2, k=3)(model, ids)
+    _, cache = model.run_with_cache(ids, names_filter=[names.mixer(2, "delta")])
+    log_decay = cache[names.mixer(2, "delta")].double()[..., None] * model.blocks[2].mixer.A.double()
+    expected = log_decay.mean(1).flatten(1).sort(dim=1, descending=True).values[:, :3]
+    torch.testing.assert_close(result.exponents.double(), expected, rtol=1e-5, atol=1e-7)
+    assert result.layer_type == "mamba" and TokenImportance(0)(model, ids).layer_type == "mamba"
