@@ -48,7 +48,7 @@ statements:
    the sum of squares exists because ``c_lj`` is one scalar per head. With
    ``mu`` negative definite, ``-x^T mu x`` is a norm that falls along every
    token (the ``j = l`` term alone gives ``d(-V)/dt <= -2 Δ V^2``, so
-   ``|x_l| -> 0`` like ``t^(-1/2)``); with ``mu`` positive definite every token
+   ``|x_l| -> 0``, at least like ``t^(-1/2)``); with ``mu`` positive definite every token
    diverges. So "all converge or all diverge, never a mix" holds for every
    token in any dimension ``P`` — the paper's theorem needs ``D = 1`` — and
    the paper's reparametrisation ``mu = U^T diag(e^s) U``
@@ -63,9 +63,14 @@ The criterion (:meth:`SSDSystem.regimes`) is Mamba-1's rule applied per group:
 a group is ``convergent`` when ``sym(mu_g)`` has no positive eigenvalue,
 ``divergent`` when it has one (``stationary`` when ``mu_g = 0``), and a layer
 is divergent when one of its groups is, convergent when all non-stationary
-groups are. It is exact in the cases above; with several heads per group
-their different ``Δ_h`` rescale the blocks unequally and the sign of
-``q_g`` may change along a token, as in Mamba-1's rule beyond one dimension.
+groups are. It is a theorem in case 2, and for the first token whenever
+every ``sym(mu_g)`` is definite of one sign (statement 1: ``q_g`` then keeps
+that sign). With several heads per group and definite symmetric ``mu_g``,
+later tokens have no sum of squares, yet random layers converge or diverge
+as the criterion says in simulation (``tests/probes/test_ssd_dynamics.py``).
+With an indefinite ``mu_g`` the rule is a heuristic, as Mamba-1's is beyond
+one dimension: a first token's fate is the sign of its own ``q(x_1(0))``
+(one head), which either sign can take.
 
 The ``D`` skip, left out here as for Mamba-1, adds ``D_h x^(h)`` to the
 velocity: a linear term that dominates near the origin, so with ``D_h > 0``

@@ -35,8 +35,9 @@ excludes the convergent case by making ``S_C^T S_B`` positive semi-definite
 Mamba-2 (SSD) layers decay by one scalar per head; their limit system
 (:class:`~dynalens.probes.ssd_dynamics.SSDSystem`) and criterion, derived in
 :mod:`dynalens.probes.ssd_dynamics`, put one ``mu_g`` per group of heads in
-the place of ``mu`` and hold for every token, in any dimension, when a head
-has its group to itself and ``mu_g`` is symmetric and definite.
+the place of ``mu`` and hold for every token, in any dimension, for one
+head with a symmetric definite ``mu`` (one weight per past token for all of a
+head's channels and states makes ``x^T mu x`` a Lyapunov function).
 :class:`MambaRegimes` and :class:`TokenImportance` read Mamba, Mamba-2 and the
 SSM layers of hybrids; :class:`TokenTrajectories` reads any model.
 """
@@ -393,8 +394,9 @@ class MambaRegimes(Experiment):
     uses: ``mu_g = S_C^gT S_B^g`` per group of heads, with
     ``S = W W_x^+`` from the rows of ``in_proj``; each group's regime is the
     sign rule on ``sym(mu_g)``, a layer is divergent when one group is. With
-    one head per group and a symmetric definite ``mu_g`` it holds for every
-    token (``x^T mu x`` is then a Lyapunov function).
+    one head and a symmetric definite ``mu`` (or one head per group, each
+    group's ``B``/``C`` reading only its head) it holds for every token:
+    ``x^T mu x`` is then a Lyapunov function.
     Weights only: prompts, if given, are not read.
 
     Parameters
