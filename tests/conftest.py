@@ -5,9 +5,7 @@
 - ``tiny_llama_dir``: a random 2-layer HuggingFace Llama folder with SmolLM2's
   tokenizer and ``n_ctx = 64``; ``tiny_llama``: that folder through ``dl.load``.
 - ``tiny_mamba``, ``tiny_mamba2``, ``tiny_rnn``: random 2-layer HookedMamba,
-  HookedMamba2 (d_model 16) and residual GRU (d_model 8) over 50 token ids;
-  ``tiny_hybrid``: a random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a
-  HookedHybrid over the same ids; ``any_model``: each of the three
+  HookedMamba2 (d_model 16) and residual GRU (d_model 8) over 50 token ids; ``any_model``: each of the three
   architectures in turn; ``tiny_gpt2``: a 2-layer GPT-2 (learned absolute
   positions, LayerNorm, biases) without a tokenizer, through the Bridge.
 
@@ -114,17 +112,17 @@ def tiny_mamba2():
 
 @pytest.fixture(scope="session")
 def tiny_hybrid():
-    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2; 4 heads of 16 in 2 groups, d_state 8) as a HookedHybrid."""
+    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid (eager attention)."""
     from transformers import BambaConfig, BambaForCausalLM
 
     from dynalens.models.hybrid import HookedHybrid
 
-    torch.manual_seed(0)
     config = BambaConfig(
         vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
         mamba_chunk_size=8, attn_layer_indices=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
+    torch.manual_seed(0)
     hf = BambaForCausalLM(config).eval()
     hf.set_attn_implementation("eager")
-    return HookedHybrid.from_hf(hf).eval()
+    return HookedHybrid.from_hf(hf)
