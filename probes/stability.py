@@ -46,9 +46,9 @@ from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_index
 from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, heatmap, token_labels
+from dynalens.probes.layers import layer_types, ssm_layer
 from dynalens.probes.mixer import to_padded
 from dynalens.probes.results import Result
-from dynalens.probes.layers import layer_types, ssm_layer
 from dynalens.probes.token_dynamics import stream_frame, stream_labels
 
 StepJacobian = Callable[[int, Tensor], Tensor]
@@ -157,8 +157,8 @@ def _mamba_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts:
     # states and the QR method converges to the mean log-decay of each, so
     # the spectrum is exact in closed form: mean_t Delta_t[d] A[d, n].
     delta = cache[names.mixer(analysis.layer, "delta")].double()
-    A = model.blocks[analysis.layer].mixer.A.double()
-    return _running_mean(prompts, (delta[..., None] * A).flatten(2)).topk(analysis.k, dim=2).values  # [b, pos, d * n]
+    log_decay = (delta[..., None] * model.blocks[analysis.layer].mixer.A.double()).flatten(2)  # [b, pos, d * n]
+    return _running_mean(prompts, log_decay).topk(analysis.k, dim=2).values
 
 
 def _mamba2_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts: Prompts) -> Tensor:

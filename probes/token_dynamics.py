@@ -62,9 +62,9 @@ from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_finite, check_index
 from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, token_labels
+from dynalens.probes.layers import layer_types, ssm_layer, ssm_layers
 from dynalens.probes.mixer import to_padded
 from dynalens.probes.results import Result
-from dynalens.probes.layers import layer_types, ssm_layer, ssm_layers
 from dynalens.probes.ssd_dynamics import LimitSystem, SSDSystem, layer_regime, sign_regime
 
 
