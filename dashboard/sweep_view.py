@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from dynalens.probes.figures import TEMPLATE
 from dynalens.probes.sweep import STATUS_OK, Sweep
 
 MAX_METRICS = 6
@@ -71,5 +72,6 @@ def figure(frame: pd.DataFrame, title: str = "Sweep store: stored metrics per ch
             )  # fmt: skip
     fig.update_xaxes(type="category", categoryorder="array", categoryarray=[ticks[m] for m in order])
     fig.update_xaxes(title_text="checkpoint (training step)", row=len(metrics), col=1)
-    fig.update_layout(title=title, legend_title_text="prompts", margin={"l": 60, "r": 20, "t": 70, "b": 50})
+    fig.update_layout(title=title, template=TEMPLATE, legend_title_text="prompts",
+                      margin={"l": 60, "r": 20, "t": 70, "b": 50})  # fmt: skip
     return fig
