@@ -137,7 +137,10 @@ class HeadScoresResult(Result):
     def metrics(self) -> dict[str, float]:
         """``max_{kind}`` for each score of :data:`SCORES`: the best head's pooled score (what a sweep stores)."""
         grids = {kind: self.score(kind) for kind in SCORES}
-        return {f"max_{kind}": float(g[~g.isnan()].max()) if (~g.isnan()).any() else float("nan") for kind, g in grids.items()}
+        return {
+            f"max_{kind}": float(grid[~grid.isnan()].max()) if (~grid.isnan()).any() else float("nan")
+            for kind, grid in grids.items()
+        }
 
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and head: ``prompt, layer, head`` and every score."""

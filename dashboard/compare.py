@@ -93,7 +93,8 @@ class MainPanel:
         self.page = module.rsplit(".", 1)[-1]
         self.title, self.analysis, self.prompts, self.figure = title, analysis, prompts, figure
         self.selections = dict(selections or {})
-        self.section_id, self.body_id, self.url_id = (f"{self.page}-side-by-side{part}" for part in ("", "-body", "-url"))
+        parts = ("", "-body", "-url")
+        self.section_id, self.body_id, self.url_id = (f"{self.page}-side-by-side{part}" for part in parts)
         dash.page_registry[module]["main_panel"] = title  # the shell's compare note reads it
         ids = list(self.selections)
         dash.callback(

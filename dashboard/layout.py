@@ -184,7 +184,7 @@ def series_of(name: str) -> list[tuple[int, Path]]:
 
 
 def make_request(name: str, checkpoint: int | None, compare: list[str], prompt: str, run: int) -> dict[str, Any]:
-    """The request for ``name`` at training step ``checkpoint`` (None, or a step it has no checkpoint of: the model itself)."""
+    """The request for ``name`` at ``checkpoint`` (a step; None or an unknown step: the model itself)."""
     folder = dict(series_of(name)).get(checkpoint) if checkpoint is not None else None
     return {
         "model": str(folder) if folder is not None else name,
@@ -213,7 +213,7 @@ def compare_options(request: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def slider_of(request: Mapping[str, Any]) -> tuple[int, int, dict[int, str], dict[str, str]]:
-    """The checkpoint slider for ``request``: value, max, marks (positions 0..n-1 the checkpoints, n the model), style."""
+    """The checkpoint slider for ``request``: value, max, marks (0..n-1 the checkpoints, n the model), style."""
     steps = [step for step, _ in series_of(request["name"])]
     if not steps:
         return 0, 0, {}, _HIDDEN
@@ -229,7 +229,7 @@ def same_view(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
 
 
 def register(app: dash.Dash) -> None:
-    """The shell's callbacks: the request (from the controls and the URL), the URL writer, the nav links, the compare note."""
+    """The shell's callbacks: the request (from the controls or the URL), the URL writer, nav links, compare note."""
 
     @app.callback(
         Output(REQUEST, "data"),

@@ -1,4 +1,4 @@
-"""A sweep store (``dl.sweep``) drawn per checkpoint: the summary metrics its cells stored, read back without recomputing.
+"""A sweep store (``dl.sweep``) drawn per checkpoint: the summary metrics its cells stored, nothing recomputed.
 
 The emergence panel opens a store folder with :func:`is_store` and draws
 :func:`figure` of :func:`metric_frame`: one row of the figure per metric, one

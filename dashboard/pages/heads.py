@@ -57,7 +57,8 @@ _EMPTY = placeholder_figure()
 
 MAIN = MainPanel(
     __name__, "Head scores", selections={KIND: "induction"},
-    analysis=lambda model, chosen: dl.circuits.CopyingScores() if chosen[KIND] == "copying" else dl.circuits.HeadScores(),
+    analysis=lambda model, chosen: dl.circuits.CopyingScores() if chosen[KIND] == "copying"
+    else dl.circuits.HeadScores(),
     prompts=lambda model, chosen: None if chosen[KIND] == "copying" else workload(model),
     figure=lambda scores, chosen: scores.figure() if chosen[KIND] == "copying" else scores.figure(kind=chosen[KIND]),
 )  # fmt: skip

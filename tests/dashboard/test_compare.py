@@ -53,7 +53,8 @@ def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, sma
         np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected[column].induction.double().numpy(),
                                    rtol=1e-5, atol=1e-7)  # fmt: skip
     # The RNN has no heads: its column gives the analysis' own reason, not an empty frame.
-    dash_duo.wait_for_contains_text("#heads-side-by-side-reason-2", "HeadScores needs attention patterns", timeout=TIMEOUT)
+    reason = "HeadScores needs attention patterns"
+    dash_duo.wait_for_contains_text("#heads-side-by-side-reason-2", reason, timeout=TIMEOUT)
     assert "rnn" in dash_duo.find_element("#heads-side-by-side-reason-2").text
     assert not dash_duo.find_elements("#heads-side-by-side-graph-2")
     # The page's own grid (the header's model) equals the first column.
@@ -91,7 +92,8 @@ def test_checkpoint_slider_shows_that_checkpoints_result(dash_duo, tmp_path, wai
 
     series = dl.models.zoo.checkpoints("attn2l-induction")
     dash_duo.start_server(create_app(default_model="attn2l-induction", cache_dir=tmp_path))
-    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads?{urlencode({'model': 'attn2l-induction', 'prompt': PROMPT})}")
+    query = urlencode({"model": "attn2l-induction", "prompt": PROMPT})
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/heads?{query}")
     final = wait_title("heads-grid", "induction scores", timeout=TIMEOUT)
     handle = dash_duo.find_element("#checkpoint-box [role='slider']")
     assert int(handle.get_attribute("aria-valuenow")) == len(series)  # the model itself ("final")
@@ -101,8 +103,9 @@ def test_checkpoint_slider_shows_that_checkpoints_result(dash_duo, tmp_path, wai
         expected = dl.circuits.HeadScores()(dl.load(folder), workload(dl.load(folder))).induction.double().numpy()
         until(lambda: f"checkpoint={step}" in dash_duo.driver.current_url, timeout=TIMEOUT,
               msg=f"the URL never named checkpoint {step}")  # fmt: skip
-        until(lambda: np.allclose(as_array(wait_title("heads-grid", "induction scores")["traces"][0]["z"]), expected,
-                                  rtol=1e-5, atol=1e-7), timeout=TIMEOUT, msg=f"the grid never showed step {step}")  # fmt: skip
+        shown = lambda: as_array(wait_title("heads-grid", "induction scores")["traces"][0]["z"])  # noqa: E731
+        until(lambda: np.allclose(shown(), expected, rtol=1e-5, atol=1e-7), timeout=TIMEOUT,
+              msg=f"the grid never showed step {step}")  # fmt: skip
         handle.send_keys(*[Keys.ARROW_RIGHT] * 14)
     assert not np.allclose(as_array(final["traces"][0]["z"]), expected, atol=1e-3)  # the checkpoints differ
     handle.send_keys(Keys.END)

@@ -87,5 +87,6 @@ def test_a_pasted_link_shows_the_same_view(dash_duo, tmp_path, figure_in):
     np.testing.assert_allclose(grid, dl.circuits.CopyingScores()(model).scores.double().numpy(), rtol=1e-4)
     assert dash_duo.find_elements("#heads-kind input")[2].is_selected()
     assert dash_duo.find_element("#prompt").get_attribute("value") == PROMPT
-    assert f"checkpoint={step}" in dash_duo.driver.current_url and "model=attn2l-induction" in dash_duo.driver.current_url
+    assert f"checkpoint={step}" in dash_duo.driver.current_url
+    assert "model=attn2l-induction" in dash_duo.driver.current_url
     assert dash_duo.get_logs() in ([], None)
