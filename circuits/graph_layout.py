@@ -40,6 +40,9 @@ from dynalens.probes.figures import TEMPLATE, token_label
 POSITIVE, NEGATIVE, NEUTRAL = "#c0392b", "#2e6db4", "#6b7280"
 """Colours of a positive (helps the clean answer) and a negative weight or effect, and of the logits."""
 
+ROW_HEIGHT = 34
+"""Pixels per row of the figure (plus room for the title and the token labels)."""
+
 WIDTH_LEVELS = 6
 """Edge widths are drawn in this many steps of ``|weight|`` (one plotly trace per step and sign)."""
 
@@ -288,13 +291,13 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
     fig.add_trace(go.Scatter(
         x=[(at[u].x + at[v].x) / 2 for u, v, _ in placed.edges], y=[(at[u].y + at[v].y) / 2 for u, v, _ in placed.edges],
         mode="markers", name="edge hover", marker={"size": 6, "opacity": 0}, showlegend=False, hoverinfo="text",
-        hovertext=[f"{html.escape(at[u].label)} → {html.escape(at[v].label)}<br>weight {w:+.3g}" for u, v, w in placed.edges],
+        hovertext=[f"{html.escape(at[u].label, quote=False)} → {html.escape(at[v].label, quote=False)}<br>weight {w:+.3g}" for u, v, w in placed.edges],
     ))  # fmt: skip
     effects = [abs(n.effect) for n in placed.nodes if n.kind != "logits"]
     top = max(effects, default=0.0) or 1.0
     fig.add_trace(go.Scatter(
         x=[n.x for n in placed.nodes], y=[n.y for n in placed.nodes], mode="markers+text", name="nodes",
-        text=[html.escape(n.label) for n in placed.nodes], textposition="top center", textfont={"size": 10},
+        text=[html.escape(n.label, quote=False) for n in placed.nodes], textposition="top center", textfont={"size": 10},
         customdata=[n.id for n in placed.nodes], hoverinfo="text",
         hovertext=[_hover(n, placed.columns) for n in placed.nodes], showlegend=False,
         marker={
@@ -304,7 +307,7 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
         },
     ))  # fmt: skip
     fig.update_layout(
-        template=TEMPLATE, title=title, hovermode="closest", dragmode="pan",
+        template=TEMPLATE, title=title, hovermode="closest", dragmode="pan", height=ROW_HEIGHT * len(placed.rows) + 170,
         margin={"l": 80, "r": 20, "t": 60, "b": 90},
         xaxis={"tickvals": [x for x, _ in placed.columns], "ticktext": [t for _, t in placed.columns],
                "title": "token position", "range": [-0.2, placed.width + 0.2], "showgrid": True, "gridcolor": "#f1f3f5"},
@@ -316,7 +319,7 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
 
 def _hover(node: PlacedNode, columns: Sequence[tuple[float, str]]) -> str:
     """The node's label, effect, the columns it writes at most and (from the last position) its promoted tokens."""
-    lines = [f"<b>{html.escape(node.label)}</b>", f"effect {node.effect:+.3g}"]
+    lines = [f"<b>{html.escape(node.label, quote=False)}</b>", f"effect {node.effect:+.3g}"]
     where = sorted(((abs(v), c, v) for c, v in enumerate(node.positions) if v), reverse=True)[:3]
     if where and node.kind != "logits":
         lines.append("writes at " + ", ".join(f"{columns[c][1]} ({v:+.2g})" for _, c, v in where))

@@ -148,8 +148,11 @@ class Figure:
             prevent_initial_call=True,
         )(self._download)
 
-    def layout(self, height: int = 420) -> html.Div:
-        """The graph (hidden while empty, ``empty`` shown instead), its download buttons and their store."""
+    def layout(self, height: int | None = 420) -> html.Div:
+        """The graph (hidden while empty, ``empty`` shown instead), its download buttons and their store.
+
+        ``height`` in pixels; None: the figure's own.
+        """
         buttons = html.Div(
             className="downloads",
             children=[
@@ -197,15 +200,15 @@ class Figure:
         return dcc.send_file(str(cache.path(source["key"])), filename=f"{source['name']}.safetensors"), None
 
 
-def graph(id: str, height: int = 420) -> dcc.Loading:
-    """A graph with a spinner (see ``SPINNER``); its modebar saves the picture as SVG."""
+def graph(id: str, height: int | None = 420) -> dcc.Loading:
+    """A graph with a spinner (see ``SPINNER``) ``height`` pixels high (None: the figure's); its modebar saves SVG."""
     return dcc.Loading(
         dcc.Graph(
             id=id,
             figure=placeholder_figure(),
             config={"displaylogo": False, "displayModeBar": "hover",
                     "toImageButtonOptions": {"format": "svg"}},
-            style={"height": f"{height}px"},
+            style={} if height is None else {"height": f"{height}px"},
         ),
         **SPINNER,
     )

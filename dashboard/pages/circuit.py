@@ -122,7 +122,7 @@ def layout(**_: Any) -> html.Div:
         "circuit",
         card(
             "Attribution graph (layer × token position)", controls, slider,
-            html.Div(id=MESSAGE, className="panel-message"), PROGRESS.layout(), GRAPH_FIGURE.layout(height=760),
+            html.Div(id=MESSAGE, className="panel-message"), PROGRESS.layout(), GRAPH_FIGURE.layout(height=None),
             controls=[export],
         ),  # fmt: skip
         card("Node", html.Div(hint("Click a node to see the tokens its output promotes."), id=NODE)),
@@ -243,8 +243,9 @@ def draw(data, max_edges):
     if not data:
         return _EMPTY
     placed = placed_graph(data, max_edges)
-    title = (f"{len(placed.edges)} strongest of {placed.n_edges} edges (|weight| > {placed.threshold:.1%} of the "
-             f"largest), {len(placed.nodes)} nodes · {data['model']}")  # fmt: skip
+    shown = (f"{len(placed.edges)} strongest of {placed.n_edges} edges (|weight| > {placed.threshold:.1%} of the "
+             "largest)" if placed.threshold else f"all {placed.n_edges} edges")  # fmt: skip
+    title = f"{shown}, {len(placed.nodes)} nodes · {data['model']}"
     return graph_figure(placed, title=title)
 
 
