@@ -40,8 +40,8 @@ from dynalens.probes.figures import TEMPLATE, token_label
 POSITIVE, NEGATIVE, NEUTRAL = "#c0392b", "#2e6db4", "#6b7280"
 """Colours of a positive (helps the clean answer) and a negative weight or effect, and of the logits."""
 
-ROW_HEIGHT = 34
-"""Pixels per row of the figure (plus room for the title and the token labels)."""
+ROW_HEIGHT, MIN_HEIGHT = 40, 420
+"""Pixels per row of the figure (plus room for the title and the token labels), and the least height."""
 
 WIDTH_LEVELS = 6
 """Edge widths are drawn in this many steps of ``|weight|`` (one plotly trace per step and sign)."""
@@ -297,7 +297,8 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
     top = max(effects, default=0.0) or 1.0
     fig.add_trace(go.Scatter(
         x=[n.x for n in placed.nodes], y=[n.y for n in placed.nodes], mode="markers+text", name="nodes",
-        text=[html.escape(n.label, quote=False) for n in placed.nodes], textposition="top center", textfont={"size": 10},
+        text=[html.escape(n.label, quote=False) for n in placed.nodes], textfont={"size": 10},
+        textposition=_text_positions(placed.nodes),
         customdata=[n.id for n in placed.nodes], hoverinfo="text",
         hovertext=[_hover(n, placed.columns) for n in placed.nodes], showlegend=False,
         marker={
@@ -307,7 +308,8 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
         },
     ))  # fmt: skip
     fig.update_layout(
-        template=TEMPLATE, title=title, hovermode="closest", dragmode="pan", height=ROW_HEIGHT * len(placed.rows) + 170,
+        template=TEMPLATE, title=title, hovermode="closest", dragmode="pan",
+        height=max(MIN_HEIGHT, ROW_HEIGHT * len(placed.rows) + 170),
         margin={"l": 80, "r": 20, "t": 60, "b": 90},
         xaxis={"tickvals": [x for x, _ in placed.columns], "ticktext": [t for _, t in placed.columns],
                "title": "token position", "range": [-0.2, placed.width + 0.2], "showgrid": True, "gridcolor": "#f1f3f5"},
@@ -315,6 +317,17 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
                "range": [-0.7, len(placed.rows) - 0.1], "showgrid": True, "gridcolor": "#f1f3f5", "tickangle": 0},
     )  # fmt: skip
     return fig
+
+
+def _text_positions(nodes: Sequence[PlacedNode]) -> list[str]:
+    """Label above the node, or below where the previous node of its row sits one step to the left."""
+    found, last = [], {}
+    for node in nodes:  # by row, then x
+        before = last.get(node.row)
+        below = before is not None and node.x - before[0] < 1.5 and before[1] == "top center"
+        found.append("bottom center" if below else "top center")
+        last[node.row] = (node.x, found[-1])
+    return found
 
 
 def _hover(node: PlacedNode, columns: Sequence[tuple[float, str]]) -> str:
