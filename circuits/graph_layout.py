@@ -288,16 +288,17 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
             showlegend=False, line={"width": 0.6 + 1.6 * level, "color": POSITIVE if positive else NEGATIVE},
             opacity=0.35 + 0.1 * level,
         ))  # fmt: skip
+    label = lambda id: html.escape(at[id].label, quote=False)
     fig.add_trace(go.Scatter(
         x=[(at[u].x + at[v].x) / 2 for u, v, _ in placed.edges], y=[(at[u].y + at[v].y) / 2 for u, v, _ in placed.edges],
         mode="markers", name="edge hover", marker={"size": 6, "opacity": 0}, showlegend=False, hoverinfo="text",
-        hovertext=[f"{html.escape(at[u].label, quote=False)} → {html.escape(at[v].label, quote=False)}<br>weight {w:+.3g}" for u, v, w in placed.edges],
+        hovertext=[f"{label(u)} → {label(v)}<br>weight {w:+.3g}" for u, v, w in placed.edges],
     ))  # fmt: skip
     effects = [abs(n.effect) for n in placed.nodes if n.kind != "logits"]
     top = max(effects, default=0.0) or 1.0
     fig.add_trace(go.Scatter(
         x=[n.x for n in placed.nodes], y=[n.y for n in placed.nodes], mode="markers+text", name="nodes",
-        text=[html.escape(n.label, quote=False) for n in placed.nodes], textfont={"size": 10},
+        text=[label(n.id) for n in placed.nodes], textfont={"size": 10},
         textposition=_text_positions(placed.nodes),
         customdata=[n.id for n in placed.nodes], hoverinfo="text",
         hovertext=[_hover(n, placed.columns) for n in placed.nodes], showlegend=False,
@@ -312,7 +313,8 @@ def graph_figure(placed: GraphLayout, title: str = "Attribution graph") -> go.Fi
         height=max(MIN_HEIGHT, ROW_HEIGHT * len(placed.rows) + 170),
         margin={"l": 80, "r": 20, "t": 60, "b": 90},
         xaxis={"tickvals": [x for x, _ in placed.columns], "ticktext": [t for _, t in placed.columns],
-               "title": "token position", "range": [-0.2, placed.width + 0.2], "showgrid": True, "gridcolor": "#f1f3f5"},
+               "title": "token position", "range": [-0.2, placed.width + 0.2], "showgrid": True,
+               "gridcolor": "#f1f3f5"},
         yaxis={"tickvals": [y for y, _ in placed.rows], "ticktext": [t for _, t in placed.rows], "title": "layer",
                "range": [-0.7, len(placed.rows) - 0.1], "showgrid": True, "gridcolor": "#f1f3f5", "tickangle": 0},
     )  # fmt: skip

@@ -62,7 +62,8 @@ _EMPTY = placeholder_figure()
 
 MIXER_FIGURE = Figure(MIXER, "The chosen layer's mixer matrix appears here once a prompt is analysed.")
 LENS_FIGURE = Figure(LENS, "The logit lens at the selected token appears here once a prompt is analysed.")
-RESID_FIGURE = Figure(RESID, "The residual-stream norm of every token and layer appears here once a prompt is analysed.")
+RESID_FIGURE = Figure(RESID, "The residual-stream norm of every token and layer appears here once a prompt is "
+                             "analysed.")
 
 
 def layout(**_: Any) -> html.Div:

@@ -130,7 +130,8 @@ def scores_panel(request, kind, progress_key):
             results = _scores(request, model, report)
             best = results[name].top(1, by=kind).iloc[0]
     figure = results[name].figure() if kind == "copying" else results[name].figure(kind=kind)
-    text = f"Top {kind.replace('_', '-')} head: L{int(best['layer'])}H{int(best['head'])} ({best[kind]:.2f}). Click a cell."
+    head = f"L{int(best['layer'])}H{int(best['head'])}"
+    text = f"Top {kind.replace('_', '-')} head: {head} ({best[kind]:.2f}). Click a cell."
     return figure, GRID_FIGURE.offer(results.key(name), name), status, hint(text)
 
 

@@ -1,4 +1,4 @@
-"""The Circuit page in headless Chromium: it draws what dynalens.circuits.AttributionGraph computes, by layer and token."""
+"""The Circuit page in headless Chromium: AttributionGraph's graph drawn by layer and token position."""
 
 from __future__ import annotations
 
@@ -78,6 +78,10 @@ def test_circuit_page_draws_the_graph_by_layer_and_position(dash_duo, tmp_path, 
     assert [n["id"] for n in exported["nodes"]] == [n.id for n in expected.nodes]
     assert [n["label"] for n in exported["nodes"]] == [n.label for n in expected.nodes]
     assert len(exported["edges"]) == len(expected.edges)
+    dash_duo.find_element("#circuit-export-svg").click()  # the picture, through plotly's image export
+    until(lambda: (tmp_path / "attribution_graph.svg").is_file(), timeout=30, msg="no SVG download")
+    svg = (tmp_path / "attribution_graph.svg").read_text().replace("&#39;", "'").replace("&#x27;", "'")
+    assert svg.startswith("<svg") and all(f">{n.label}<" in svg for n in expected.nodes)
 
     progress = record_progress("circuit-progress")
     dash_duo.find_element("#circuit-build").click()  # the same pair again: built again, bar shown, then hidden
@@ -106,3 +110,19 @@ def test_default_pairs_follow_the_model(smollm2, tmp_path):
     assert correct == clean_ids[half] and wrong not in clean_ids
     text_clean, text_corrupt, _, _ = default_pair(smollm2)
     assert smollm2.to_tokens(text_clean).shape == smollm2.to_tokens(text_corrupt).shape
+
+
+@pytest.mark.slow
+def test_smollm2_ioi_graph_is_drawn_readably(dash_duo, tmp_path, screenshot):
+    """SmolLM2's IOI graph (about 180 nodes, 1270 edges above 1%): 60 labelled edges on rows of layers."""
+    dash_duo.start_server(create_app(default_model="smollm2-135m", cache_dir=tmp_path / "cache"))
+    dash_duo.wait_for_page(url=f"{dash_duo.server_url}/circuit")
+    dash_duo.wait_for_contains_text("#circuit-message", "Logit difference", timeout=600)
+    until(lambda: _nodes(dash_duo), timeout=60, msg="the graph was never drawn")
+    drawn = _nodes(dash_duo)
+    assert "60 strongest of" in drawn["title"] and len(drawn["ids"]) <= 60
+    assert "embed 'John'" in drawn["text"] and "logits" in drawn["text"]  # the corrupted token's embedding
+    assert drawn["ticks"][0] == "embed" and drawn["ticks"][-1] == "logits"
+    height = dash_duo.driver.execute_script("return document.documentElement.scrollHeight;")
+    dash_duo.driver.set_window_size(1440, min(int(height), 2400))
+    screenshot("circuit-smollm2-ioi")

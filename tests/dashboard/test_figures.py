@@ -122,6 +122,6 @@ def test_downloads_equal_the_library(dash_duo, tmp_path, wait_title, figure_in):
     dash_duo.find_element("#activations-map-csv").click()  # every panel offers its own Result
     until(lambda: (tmp_path / "massive_activations.csv").is_file(), timeout=30, msg="no CSV of the map")
     massive = dl.probes.MassiveActivations()(model, tokens).to_frame()
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "massive_activations.csv", dtype={"token": str}), massive, check_dtype=False,
-                                  rtol=1e-5)  # fmt: skip
+    frame = pd.read_csv(tmp_path / "massive_activations.csv", dtype={"token": str})
+    pd.testing.assert_frame_equal(frame, massive, check_dtype=False, rtol=1e-5)
     assert dash_duo.get_logs() in ([], None)
