@@ -66,8 +66,9 @@ def test_no_page_shows_an_empty_plot_frame(dash_duo, tmp_path, screenshot):
     """Each page, fresh and once its analyses ran: a shown graph has traces; a hidden one is explained."""
     dash_duo.start_server(create_app(default_model=MODEL, cache_dir=tmp_path / "cache"))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/steering")
+    until(lambda: dash_duo.driver.execute_script(GRAPHS), timeout=TIMEOUT, msg="the page never drew its graphs")
     fresh = dash_duo.driver.execute_script(GRAPHS)  # before the default prompt is read (English: no tokenizer)
-    assert fresh and all(not g["visible"] for g in fresh if not g["traces"])
+    assert all(not g["visible"] for g in fresh if not g["traces"])
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#prompt").send_keys(PROMPT)
     dash_duo.find_element("#analyse").click()
