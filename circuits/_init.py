@@ -14,6 +14,7 @@ if TYPE_CHECKING:
         head_hooks,
     )
     from dynalens.circuits.directions import Direction
+    from dynalens.circuits.graph_layout import GraphLayout, PlacedNode, graph_figure, layout_graph, split_embedding
     from dynalens.circuits.heads import (
         CopyingScores,
         CopyingScoresResult,
@@ -99,6 +100,11 @@ __all__ = [
     "logit_metric",
     "prune",
     "split_qkv_inputs",
+    "GraphLayout",
+    "PlacedNode",
+    "graph_figure",
+    "layout_graph",
+    "split_embedding",
     "MixerRetrievalScores",
     "MixerRetrievalScoresResult",
     "RetrievalScores",

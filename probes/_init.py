@@ -57,6 +57,7 @@ if TYPE_CHECKING:
         PrecisionDrift,
         PrecisionDriftResult,
     )
+    from dynalens.probes.ssd_dynamics import SSDSystem
     from dynalens.probes.token_dynamics import (
         MambaRegimes,
         MambaRegimesResult,
@@ -113,6 +114,7 @@ __all__ = [
     "PrecisionDriftResult",
     "RecurrenceJacobian",
     "RecurrenceJacobianResult",
+    "SSDSystem",
     "SelectiveSystem",
     "TokenFlow",
     "TokenImportance",
