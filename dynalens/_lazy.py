@@ -42,6 +42,13 @@ def submodules(paths: list[str]) -> set[str]:
     return found
 
 
+def import_submodules(name: str) -> None:
+    """Import the package ``name`` and every public module in its folders (what a registry of classes needs)."""
+    package = importlib.import_module(name)
+    for module in sorted(submodules(getattr(package, "__path__", []))):
+        importlib.import_module(f"{name}.{module}")
+
+
 def attach(name: str, file: str) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """``__getattr__`` and ``__dir__`` for the package ``name`` whose init file is ``file``.
 

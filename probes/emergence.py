@@ -332,7 +332,7 @@ class CheckpointsResult(Result):
     @classmethod
     def _from_fields(cls, fields: dict[str, Any]) -> CheckpointsResult:
         fields["results"] = {
-            name: [Saved._registry[r["type"]]._from_fields(r["fields"]) for r in series]
+            name: [Saved.registered(r["type"])._from_fields(r["fields"]) for r in series]
             for name, series in fields["results"].items()
         }
         return super()._from_fields(fields)

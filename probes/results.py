@@ -54,6 +54,21 @@ class Saved(ABC):
         super().__init_subclass__(**kwargs)
         Saved._registry[cls.__name__] = cls
 
+    @staticmethod
+    def registered(kind: str) -> type[Saved] | None:
+        """The subclass named ``kind``, or ``None``.
+
+        ``dl.probes`` and ``dl.circuits`` import their modules on first use, so a
+        file may name a class whose module has not been imported yet: on a miss
+        their modules are imported (registering every class they define) first.
+        """
+        if kind not in Saved._registry:
+            from dynalens._lazy import import_submodules
+
+            import_submodules("dynalens.probes")
+            import_submodules("dynalens.circuits")
+        return Saved._registry.get(kind)
+
     @abstractmethod
     def _fields(self) -> dict[str, Any]:
         """The fields to save: tensors, plain JSON values, lists and dicts of them."""
@@ -71,7 +86,7 @@ class Saved(ABC):
     def load(cls: type[S], path: str | os.PathLike) -> S:
         """Read what :meth:`save` wrote; ``cls`` checks the file holds that type (or a subclass)."""
         kind, fields = read_record(path)
-        saved = Saved._registry.get(kind)
+        saved = Saved.registered(kind)
         if saved is None or not issubclass(saved, cls):
             raise TypeError(f"{os.fspath(path)!r} holds a {kind}, not a {cls.__name__}")
         return saved._from_fields(fields)

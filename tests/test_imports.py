@@ -86,3 +86,13 @@ def test_type_checking_imports_reads_only_that_block() -> None:
     assert _lazy.type_checking_imports(source) == {"X": ("a.b", "X"), "Z": ("a.b", "Y"), "c": ("a", "c")}
     with pytest.raises(ImportError, match="from package.module import name"):
         _lazy.type_checking_imports("if TYPE_CHECKING:\n    import torch\n")
+
+
+def test_a_saved_result_loads_in_a_process_that_imported_only_dynalens(tmp_path: Path, tiny_rnn) -> None:
+    """``Result.load`` finds the class a file names although its module loads on first use."""
+    path = tmp_path / "norms.safetensors"
+    dl.probes.ResidualNorms()(tiny_rnn, [[1, 2, 3]]).save(path)
+    code = "import sys, dynalens as dl\nprint(type(dl.probes.Result.load(sys.argv[1])).__name__)"
+    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0 and done.stdout.split() == ["ResidualNormsResult"], done.stderr[-3000:]
