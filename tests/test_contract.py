@@ -91,34 +91,17 @@ def test_every_public_analysis_is_listed():
     assert _public_analyses() == set(ANALYSES) | set(CHECK_ONLY)
 
 
-def _tiny_bamba() -> Any:
-    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid."""
-    from transformers import BambaConfig, BambaForCausalLM
-
-    from dynalens.models.hybrid import HookedHybrid
-
-    config = BambaConfig(
-        vocab_size=D_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
-        mamba_chunk_size=8, attn_layer_indices=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = BambaForCausalLM(config).eval()
-    hf.set_attn_implementation("eager")
-    return HookedHybrid.from_hf(hf)
-
-
 ARCHITECTURES = ["transformer", "mamba", "mamba2", "hybrid", "rnn"]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama) -> dict[str, Any]:
+def models(tiny_llama, tiny_hybrid) -> dict[str, Any]:
     torch.manual_seed(0)
     mamba = dl.models.HookedMamba(dl.models.MambaConfig(d_model=16, n_layers=2, d_vocab=D_VOCAB, d_state=4))
     mamba2 = dl.models.HookedMamba2(dl.models.Mamba2Config(
         d_model=16, n_layers=2, d_vocab=D_VOCAB, n_heads=4, d_head=8, d_state=4, chunk_size=4))  # fmt: skip
     rnn = dl.models.HookedRNN(dl.models.RNNConfig(d_model=8, n_layers=2, d_vocab=D_VOCAB, cell="gru"))
-    return {"transformer": tiny_llama, "mamba": mamba.eval(), "mamba2": mamba2.eval(), "hybrid": _tiny_bamba(),
+    return {"transformer": tiny_llama, "mamba": mamba.eval(), "mamba2": mamba2.eval(), "hybrid": tiny_hybrid,
             "rnn": rnn.eval()}  # fmt: skip
 
 

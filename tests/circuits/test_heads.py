@@ -122,7 +122,8 @@ def test_attn2l_induction_heads(attn2l, induction_task):
 def test_head_scores_result_round_trip(attn2l, tmp_path):
     scores = HeadScores()(attn2l, repeated_tokens(attn2l, half_len=8, n_sequences=2))
     frame = scores.to_frame()
-    assert list(frame.columns) == ["prompt", "layer", "head", "induction", "prev_token", "sink"]
+    assert list(frame.columns) == ["prompt", "layer", "head", "mixer", "induction", "prev_token", "sink"]
+    assert set(frame["mixer"]) == {"attention"}
     assert len(frame) == 2 * attn2l.cfg.n_layers * attn2l.cfg.n_heads
     assert scores.top(3, by="prev_token")["prev_token"].is_monotonic_decreasing
     path = tmp_path / "heads.safetensors"

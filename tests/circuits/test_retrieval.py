@@ -338,7 +338,7 @@ def test_mixer_retrieval_batch_equals_per_prompt_and_round_trips(tiny_mamba_mode
     loaded = Result.load(tmp_path / "mixer.safetensors")
     assert torch.equal(loaded.prompt_scores, together.prompt_scores) and loaded.params["score_mask"] == score_mask.int().tolist()
     frame = together.to_frame()
-    assert list(frame.columns) == ["prompt", "layer", "group", "score"] and len(frame) == 3 * 4
+    assert list(frame.columns) == ["prompt", "layer", "group", "mixer", "score"] and len(frame) == 3 * 4
     with pytest.raises(AnalysisError, match="MixerRetrievalScores needs SSM mixer matrices.*rnn"):
         MixerRetrievalScores()(tiny_rnn_model, rows)
 
