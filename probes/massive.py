@@ -45,7 +45,7 @@ from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, heatmap
-from dynalens.probes.mixer import layer_mixers
+from dynalens.probes.mixer import ssm_layers
 from dynalens.probes.residual import stream_rows
 from dynalens.probes.results import Result
 
@@ -100,9 +100,9 @@ def site_hook_names(model: Any, site: str | Sequence[str] = "resid") -> list[str
     if arch == "rnn":
         part = "cell" if getattr(model.cfg, "cell", None) == "lstm" else "hidden"
         return [names.cell(layer, part) for layer in range(n_layers)]
-    ssm = [layer for layer in range(n_layers) if {"mamba", "mamba2"} & set(layer_mixers(model, layer))]
-    if ssm:
-        return [names.mixer(layer, "ssm_state") for layer in ssm]
+    layers = ssm_layers(model)
+    if layers:
+        return [names.mixer(layer, "ssm_state") for layer in layers]
     raise AnalysisError(
         f"site='state' reads a recurrent state, which a {arch} model does not have: "
         "use site='resid' or name hooks explicitly"

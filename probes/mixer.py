@@ -219,6 +219,11 @@ def layer_mixers(model: Any, layer: int) -> tuple[str, ...]:
     return tuple(part for part in model.layer_types[layer].split("+") if part in MIXERS)
 
 
+def ssm_layers(model: Any) -> list[int]:
+    """The layers of ``model`` with an SSM mixer (Mamba or Mamba-2), which have a recurrent state."""
+    return [layer for layer in range(model.cfg.n_layers) if {"mamba", "mamba2"} & set(layer_mixers(model, layer))]
+
+
 def real_positions(value: Tensor, prompts: Prompts) -> Tensor:
     """``value [batch, pos, ...]`` with every pad position zeroed (the model reads pads as zero steps)."""
     mask = prompts.mask.to(value.device)
