@@ -49,7 +49,7 @@ from dynalens.models import names
 from dynalens.models.prompts import PromptInput, Prompts
 from dynalens.models.surface import architecture_of, model_name_of
 from dynalens.models.validation import check_finite, check_index
-from dynalens.probes.mixer import ssm_layers
+from dynalens.probes.layers import ssm_layers
 from dynalens.probes.results import Saved
 
 Layers = Literal["all"] | Sequence[int]
@@ -70,7 +70,7 @@ def site_hook(model: Any, layer: int, site: Site) -> str:
         return names.resid_post(layer)
     if site != "state":
         raise ValueError(f"site must be one of {SITES}, got {site!r}")
-    with_state = ssm_layers(model)
+    with_state = sorted(ssm_layers(model))
     if layer not in with_state:
         raise ValueError(
             f"site='state' reads an SSM layer's recurrent state, and layer {layer} of this "

@@ -65,6 +65,7 @@ from dynalens.models.surface import architecture_of
 from dynalens.models.tasks import BOS, InductionTask
 from dynalens.probes.analysis import Analysis, Experiment
 from dynalens.probes.figures import heatmap
+from dynalens.probes.layers import ssm_layers
 from dynalens.probes.mixer import layer_mixers
 from dynalens.probes.results import Result
 
@@ -360,14 +361,9 @@ def head_patterns(
     return mixers, torch.cat(patterns) if patterns else torch.zeros(0, n, n)
 
 
-def mamba_layers(model: Any) -> list[int]:
-    """The layers of ``model`` that have a Mamba (selective-SSM, channel) mixer."""
-    return [layer for layer in range(model.cfg.n_layers) if "mamba" in layer_mixers(model, layer)]
-
-
 def check_channel_groups(model: Any, channel_groups: int | None) -> None:
     """Raise if ``channel_groups`` does not divide every Mamba layer's ``d_inner``, or the model has none."""
-    layers = mamba_layers(model)
+    layers = [layer for layer, kind in ssm_layers(model).items() if kind == "mamba"]
     if channel_groups is not None and not layers:
         raise ValueError(
             f"channel_groups is for Mamba layers; this {architecture_of(model)} has none: leave channel_groups=None"

@@ -45,7 +45,7 @@ from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, heatmap
-from dynalens.probes.mixer import ssm_layers
+from dynalens.probes.layers import ssm_layers
 from dynalens.probes.residual import stream_rows
 from dynalens.probes.results import Result
 
@@ -102,7 +102,7 @@ def site_hook_names(model: Any, site: str | Sequence[str] = "resid") -> list[str
         return [names.cell(layer, part) for layer in range(n_layers)]
     layers = ssm_layers(model)
     if layers:
-        return [names.mixer(layer, "ssm_state") for layer in layers]
+        return [names.mixer(layer, "ssm_state") for layer in sorted(layers)]
     raise AnalysisError(
         f"site='state' reads a recurrent state, which a {arch} model does not have: "
         "use site='resid' or name hooks explicitly"

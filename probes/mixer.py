@@ -51,6 +51,7 @@ from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_index
 from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_labels
+from dynalens.probes.layers import layer_types
 from dynalens.probes.results import Result
 
 DEFAULT_CHANNEL_GROUPS = 8
@@ -208,20 +209,11 @@ def layer_mixers(model: Any, layer: int) -> tuple[str, ...]:
     """The sequence mixers of block ``layer``, as keys of :data:`MIXERS`.
 
     One per block (``"attention"`` for a transformer, ``"mamba"``, ``"mamba2"``,
-    ``"rnn"``), except on a hybrid, where ``model.layer_types[layer]`` decides:
-    ``"attention+mamba2"`` has both, an MLP-only layer (``"mlp"``, ``"moe"``) none.
+    ``"rnn"``), except on a hybrid, where its layer type decides
+    (:func:`~dynalens.probes.layers.layer_types`): ``"attention+mamba2"`` has
+    both, an MLP-only layer (``"mlp"``, ``"moe"``) none.
     """
-    arch = architecture_of(model)
-    if arch == "transformer":
-        return ("attention",)
-    if arch != "hybrid":
-        return (arch,)
-    return tuple(part for part in model.layer_types[layer].split("+") if part in MIXERS)
-
-
-def ssm_layers(model: Any) -> list[int]:
-    """The layers of ``model`` with an SSM mixer (Mamba or Mamba-2), which have a recurrent state."""
-    return [layer for layer in range(model.cfg.n_layers) if {"mamba", "mamba2"} & set(layer_mixers(model, layer))]
+    return tuple(part for part in layer_types(model)[layer].split("+") if part in MIXERS)
 
 
 def real_positions(value: Tensor, prompts: Prompts) -> Tensor:

@@ -21,6 +21,7 @@ import torch
 import dynalens as dl
 from dynalens.circuits import patching
 from dynalens.probes.analysis import Analysis, AnalysisError
+from dynalens.probes.layers import ssm_layers
 
 D_VOCAB = 50
 RAGGED = [[3, 9, 4, 3, 9, 4, 7], [5, 6, 7, 5], [8, 2, 11, 8, 2]]
@@ -28,6 +29,11 @@ RAGGED = [[3, 9, 4, 3, 9, 4, 7], [5, 6, 7, 5], [8, 2, 11, 8, 2]]
 
 def _corrupt(model: Any) -> list[list[int]]:
     return [[(t + 1) % model.cfg.d_vocab for t in row] for row in RAGGED]
+
+
+def _recurrent_layer(model: Any) -> int:
+    """The first layer with a state recurrence: a hybrid's first SSM layer, else layer 0."""
+    return min(ssm_layers(model), default=0)
 
 
 METRIC = patching.logit_diff_metric(1, 2)
@@ -47,14 +53,14 @@ ANALYSES: dict[str, Callable[[Any], Analysis]] = {
     "MixerMatrix": lambda m: dl.probes.MixerMatrix(layer=0),
     "MixerComparison": lambda m: dl.probes.MixerComparison(layer=0),
     "RecurrenceJacobian": lambda m: dl.probes.RecurrenceJacobian(layer=0),
-    "LyapunovExponents": lambda m: dl.probes.LyapunovExponents(layer=0),
+    "LyapunovExponents": lambda m: dl.probes.LyapunovExponents(layer=_recurrent_layer(m)),
     "PrecisionDrift": lambda m: dl.probes.PrecisionDrift(),
     "FixedPoints": lambda m: dl.probes.FixedPoints(layer=0, n_starts=4, max_iter=20),
     "KickNeurons": lambda m: dl.probes.KickNeurons(layer=0),
     "TrajectoryPCA": lambda m: dl.probes.TrajectoryPCA(layer=0),
     "MambaRegimes": lambda m: dl.probes.MambaRegimes(),
     "TokenTrajectories": lambda m: dl.probes.TokenTrajectories(),
-    "TokenImportance": lambda m: dl.probes.TokenImportance(layer=0),
+    "TokenImportance": lambda m: dl.probes.TokenImportance(layer=_recurrent_layer(m)),
     "HeadScores": lambda m: dl.circuits.HeadScores(),
     "CopyingScores": lambda m: dl.circuits.CopyingScores(),
     "MixerRetrievalScores": lambda m: dl.circuits.MixerRetrievalScores(),
@@ -170,6 +176,16 @@ def test_analysis_applies_to_mamba2_and_hybrids(name, arch, models):
         assert state.hooks(model) == [dl.names.mixer(layer, "ssm_state") for layer in range(model.cfg.n_layers)
                                       if model.cfg.architecture == "mamba2" or model.layer_types[layer] != "attention"]
         _frames_equal(state(model, RAGGED).to_frame(), state(model, [RAGGED[1]]).to_frame(), 1)
+
+
+#: Analyses of an SSM's state or weights: they apply to every architecture with one.
+SSM_ANALYSES = ("LyapunovExponents", "MambaRegimes", "TokenImportance")
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "hybrid"])
+def test_ssm_analyses_apply_to_every_architecture_with_an_ssm(arch, models):
+    model = models[arch]
+    assert all(_applies(ANALYSES[name](model), model) for name in SSM_ANALYSES)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
