@@ -190,7 +190,9 @@ class HeadScoresResult(Result):
 
 
 class HeadScores(Analysis):
-    """Induction, previous-token and sink scores of every head (Mamba: channel group; Mamba-2: SSD head), from one forward.
+    """Induction, previous-token and sink scores of every head, from one forward.
+
+    A Mamba layer's "heads" are channel groups, a Mamba-2 layer's its SSD heads.
 
     Parameters
     ----------

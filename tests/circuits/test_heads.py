@@ -307,7 +307,8 @@ def test_hybrid_scores_attention_from_hf_patterns_and_ssd_layers_from_their_matr
                 pattern = m / m.sum(-1, keepdim=True)
             for kind, expected in zip(("induction", "prev_token", "sink"), _scores_by_hand(pattern, seq)):
                 n_heads = len(scores.mixers[layer])
-                torch.testing.assert_close(scores.score(kind, b)[layer, :n_heads], expected.float(), rtol=1e-4, atol=1e-6)
+                got = scores.score(kind, b)[layer, :n_heads]
+                torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
     frame = scores.to_frame()
     assert frame.groupby("mixer").size().to_dict() == {"attention": 2 * 4, "mamba2": 2 * 16}
     with pytest.raises(ValueError, match="channel_groups is for Mamba layers; this hybrid has none"):

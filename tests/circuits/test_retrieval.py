@@ -339,7 +339,8 @@ def test_mixer_retrieval_batch_equals_per_prompt_and_round_trips(fixture, tiny_r
     torch.testing.assert_close(analysis.compute(cache, prompts).prompt_scores, together.prompt_scores, equal_nan=True)
     together.save(tmp_path / "mixer.safetensors")
     loaded = Result.load(tmp_path / "mixer.safetensors")
-    assert loaded.mixers == together.mixers and loaded.to_frame().equals(together.to_frame()) and loaded.params["score_mask"] == score_mask.int().tolist()
+    assert loaded.mixers == together.mixers and loaded.to_frame().equals(together.to_frame())
+    assert loaded.params["score_mask"] == score_mask.int().tolist()
     frame = together.to_frame()
     assert list(frame.columns) == ["prompt", "layer", "group", "mixer", "score"]
     assert len(frame) == 3 * sum(map(len, together.mixers)) and not frame["score"].isna().any()
