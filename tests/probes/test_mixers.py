@@ -13,7 +13,7 @@ from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN
 from dynalens.probes.analysis import AnalysisError, run
-from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult
+from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult, pair_mask
 from dynalens.probes.mixers import (
     MixerComparison,
     MixerComparisonResult,
@@ -196,6 +196,35 @@ def test_hybrid_attention_layer_shows_hf_attention_probabilities(tiny_hybrid, ti
     torch.testing.assert_close(result.matrices, expected, rtol=1e-5, atol=1e-6)
     compare = MixerComparison(layer=1)(tiny_hybrid, ids).to_frame()
     assert compare["bound"].isna().all() and len(compare) == 2 * 4  # softmax attention has no state bound
+
+
+def test_a_layer_with_attention_and_an_ssm_shows_both():
+    """Falcon-H1's parallel mixers: the attention heads' patterns first, then each SSD head's ``M`` (``M x = y``)."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from dynalens.models.hybrid import HookedHybrid
+
+    torch.manual_seed(0)
+    config = FalconH1Config(
+        vocab_size=D_VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, mamba_d_ssm=48, mamba_n_heads=4, mamba_d_head=12, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=8, ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.3], ssm_in_multiplier=0.7,
+    )  # fmt: skip
+    hf = FalconH1ForCausalLM(config).eval()
+    hf.set_attn_implementation("eager")
+    model = HookedHybrid.from_hf(hf)
+    assert model.layer_types == ["attention+mamba2"]
+    prompts = Prompts(model, RAGGED)
+    result = MixerMatrix(0, include_skip=True)(model, prompts)
+    assert result.group_labels == [f"attention head {h}" for h in range(4)] + [f"mamba2 head {h}" for h in range(4)]
+    assert result.value_name == "attention | M" and result.signed
+    hooks = [names.pattern(0), names.mixer(0, "x"), names.mixer(0, "y")]
+    _, cache = model.run_with_cache(prompts, names_filter=hooks)
+    torch.testing.assert_close(result.matrices[:, :4], cache[hooks[0]] * pair_mask(prompts))
+    mixed = torch.einsum("bhqk,bkhp->bqhp", result.matrices[:, 4:], cache[hooks[1]])
+    torch.testing.assert_close(mixed[prompts.mask], cache[hooks[2]][prompts.mask], rtol=6e-4, atol=1e-5)
+    bounds = MixerComparison(0)(model, prompts).to_frame().groupby("group")["bound"].first()
+    assert bounds.isna().sum() == 4 and (bounds.dropna() == 8).all()
 
 
 def test_mixer_comparison_of_ssd_heads_is_bounded_by_d_state(tiny_mamba2, tiny_hybrid):
