@@ -74,7 +74,7 @@ def test_no_page_shows_an_empty_plot_frame(dash_duo, tmp_path, screenshot):
     dash_duo.find_element("#analyse").click()
     seen = {}
     for name, path in PAGES.items():
-        dash_duo.find_element(f".nav-link[href='{path}']").click()
+        dash_duo.find_element(f".nav-link[href='{path}'], .nav-link[href^='{path}?']").click()
         dash_duo.wait_for_contains_text(".status", MODEL, timeout=TIMEOUT)
         settle(dash_duo)
         graphs = dash_duo.driver.execute_script(GRAPHS)
