@@ -56,7 +56,7 @@ LENS = "explorer-lens"
 LENS_VIEW = "explorer-lens-view"
 LENS_MESSAGE = "explorer-lens-message"
 
-GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "rnn": "Group"}
+GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "mamba2": "Head", "hybrid": "Head", "rnn": "Group"}
 """What one mixer matrix of a layer is, per architecture (the group dropdown's label)."""
 
 _EMPTY = placeholder_figure()

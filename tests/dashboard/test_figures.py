@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from dash.testing.wait import until
+from selenium.common.exceptions import StaleElementReferenceException
 from dynalens.dashboard.app import create_app
 from dynalens.probes.results import Result
 
@@ -45,6 +46,20 @@ def settle(dash_duo) -> None:
     until(lambda: not dash_duo.redux_state_is_loading, timeout=TIMEOUT, msg="callbacks never settled")
 
 
+def click_nav(dash_duo, path: str) -> None:
+    """Click the top bar's link to ``path`` (its query string carries the request; the bar re-renders meanwhile)."""
+    selector = f".nav-link[href='{path}'], .nav-link[href^='{path}?']"
+
+    def clicked() -> bool:
+        try:
+            dash_duo.find_element(selector).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+
+    until(clicked, timeout=TIMEOUT, msg=f"the link to {path} never held still")
+
+
 def full_page_screenshot(dash_duo, screenshot, name: str) -> None:
     """The whole page (the window made as tall as the document) as ``dashboard-page-<name>.png``."""
     height = dash_duo.driver.execute_script("return document.documentElement.scrollHeight;")
@@ -74,7 +89,7 @@ def test_no_page_shows_an_empty_plot_frame(dash_duo, tmp_path, screenshot):
     dash_duo.find_element("#analyse").click()
     seen = {}
     for name, path in PAGES.items():
-        dash_duo.find_element(f".nav-link[href='{path}']").click()
+        click_nav(dash_duo, path)
         dash_duo.wait_for_contains_text(".status", MODEL, timeout=TIMEOUT)
         settle(dash_duo)
         graphs = dash_duo.driver.execute_script(GRAPHS)
