@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -22,6 +21,7 @@ import dynalens as dl
 from dynalens.circuits import patching
 from dynalens.probes.analysis import Analysis, AnalysisError
 from dynalens.probes.layers import ssm_layers
+from tests.tolerances import assert_close
 
 D_VOCAB = 50
 RAGGED = [[3, 9, 4, 3, 9, 4, 7], [5, 6, 7, 5], [8, 2, 11, 8, 2]]
@@ -136,8 +136,7 @@ def _frames_equal(batched: pd.DataFrame, alone: pd.DataFrame, prompt: int) -> No
     for column in alone.columns:
         a, b = rows[column], alone[column]
         if a.dtype.kind == "f" or b.dtype.kind == "f":
-            np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), atol=1e-5, rtol=1e-5,
-                                       err_msg=f"column {column!r}, prompt {prompt}")  # fmt: skip
+            assert_close(a.to_numpy(float), b.to_numpy(float), msg=f"column {column!r}, prompt {prompt}")  # fmt: skip
         else:
             assert a.tolist() == b.tolist(), f"column {column!r}, prompt {prompt}"
 

@@ -9,6 +9,7 @@ from dynalens.circuits import HeadAblation, HeadAblationResult, HeadScores, head
 from dynalens.models import names
 from dynalens.probes.analysis import AnalysisError
 from dynalens.probes.results import Result
+from tests.tolerances import assert_close
 
 
 def ablate_heads(model, heads, task, **options):
@@ -155,8 +156,8 @@ def test_metric_on_prompts(attn2l, induction_task, circuit):
         clean = metric(attn2l(batch.tokens)).mean().item()
         hooks = head_hooks(attn2l, [top], "mean", reference=batch.tokens)
         ablated = metric(attn2l.run_with_hooks(batch.tokens, fwd_hooks=hooks)).mean().item()
-    torch.testing.assert_close(effect.scores[:, 0], torch.full((2,), clean), atol=1e-5, rtol=0)
-    torch.testing.assert_close(effect.scores[:, 1], torch.full((2,), ablated), atol=1e-5, rtol=0)
+    assert_close(effect.scores[:, 0], torch.full((2,), clean))
+    assert_close(effect.scores[:, 1], torch.full((2,), ablated))
     assert ablated < clean - 1.0  # the induction head carries the copying the metric reads
     with pytest.raises(ValueError, match="pass prompts"):
         HeadAblation([top], metric=metric)(attn2l)
@@ -198,9 +199,9 @@ def test_metric_on_a_ragged_batch_is_the_mean_of_its_prompts(tiny_llama):
         together = HeadAblation(heads, metric=metric, method=method, trials=1)(tiny_llama, rows)
         alone = [HeadAblation(heads, metric=metric, method=method, trials=1)(tiny_llama, [row]) for row in rows]
         expected = torch.stack([a.scores[0, :2] for a in alone]).mean(0)
-        torch.testing.assert_close(together.scores[0, :2], expected, atol=1e-5, rtol=1e-5)
+        assert_close(together.scores[0, :2], expected)
         assert (together.scores[0, 1] - together.scores[0, 0]).abs() > 1e-4  # the ablation changed the metric (random model: little)
     mean_of_real = head_hooks(tiny_llama, heads, "mean", reference=rows)
     by_hand = torch.cat([_z(tiny_llama, torch.tensor([row]), layer=1)[0, :, 2] for row in rows]).mean(0)
     z = _z(tiny_llama, torch.tensor([rows[0]]), mean_of_real, layer=1)
-    torch.testing.assert_close(z[0, :, 2], by_hand.expand(6, -1), atol=1e-5, rtol=1e-5)
+    assert_close(z[0, :, 2], by_hand.expand(6, -1))

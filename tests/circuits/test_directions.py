@@ -14,6 +14,7 @@ from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.probes.results import Saved
 from sklearn.linear_model import LogisticRegression
+from tests.tolerances import assert_close
 
 POSITIVE = ["The cat sat on the mat", "A dog ran in the park", "Birds sing at dawn"]
 NEGATIVE = ["Stock prices fell sharply", "The bond market rallied", "Inflation rose again"]
@@ -47,7 +48,7 @@ def test_diff_in_means_equals_hand_computation(tiny_llama):
         expected = torch.stack([alone(tiny_llama, p, layer)[-1] for p in POSITIVE]).mean(0) - torch.stack(
             [alone(tiny_llama, p, layer)[-1] for p in NEGATIVE]
         ).mean(0)
-        torch.testing.assert_close(d.vector(layer), expected, rtol=1e-5, atol=1e-5)
+        assert_close(d.vector(layer), expected)
 
 
 def test_mean_position_averages_every_real_token(tiny_llama):
@@ -83,7 +84,7 @@ def test_recurrent_directions_match_their_definitions(recurrent_models, which):
     for i in range(2):
         diffs = (acts_pos - acts_neg)[:, i].double()
         top = torch.linalg.eigh(diffs.T @ diffs).eigenvectors[:, -1].float()  # largest eigenvalue
-        assert abs(float(pca.vectors[i] @ top)) == pytest.approx(1.0, abs=1e-4)
+        assert_close(abs(float(pca.vectors[i] @ top)), 1.0)
         assert float(pca.vectors[i] @ diffs.float().mean(0)) > 0  # points towards positive
 
     probe = Direction.from_prompts(model, pos, neg, method="probe", layers=[1])
@@ -173,7 +174,7 @@ def test_batched_read_equals_one_prompt_at_a_time(tiny_llama, position):
     for i, prompt in enumerate(RAGGED):
         resid = torch.stack([alone(tiny_llama, prompt, layer) for layer in (0, 1)])
         expected = resid.mean(1) if position == "mean" else resid[:, position]
-        torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
+        assert_close(batched[i], expected)
 
 
 @pytest.mark.parametrize("which", [0, 1, 2], ids=["mamba", "rnn", "mamba2"])
@@ -187,4 +188,4 @@ def test_recurrent_batched_read_equals_one_prompt_at_a_time(recurrent_models, wh
     for i, row in enumerate(rows):
         resid = torch.stack([alone(model, torch.tensor([row]), layer) for layer in (0, 1)])
         expected = resid.mean(1) if position == "mean" else resid[:, position]
-        torch.testing.assert_close(batched[i], expected, rtol=1e-5, atol=1e-5)
+        assert_close(batched[i], expected)

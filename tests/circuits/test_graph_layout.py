@@ -10,6 +10,7 @@ import torch
 from dynalens.circuits import AttributionGraph, prune
 from dynalens.circuits.graph_layout import graph_figure, layout_graph, split_embedding, strongest
 from dynalens.probes.figures import token_labels
+from tests.tolerances import assert_close
 
 CORRUPTED = 3
 """The one position where the corrupt prompts differ from the clean ones."""
@@ -28,12 +29,12 @@ def test_positions_split_effects_and_embedding_edges(result):
     graph = result.graph
     for name, data in graph.nodes(data=True):
         assert len(data["positions"]) == 12
-        assert sum(data["positions"]) == pytest.approx(data["effect"], rel=1e-4, abs=1e-6)
+        assert_close(sum(data["positions"]), data["effect"])
         if data["kind"] != "logits":  # nothing before the corrupted token differs between the runs
             assert all(v == 0.0 for v in data["positions"][:CORRUPTED]), name
     assert graph.nodes["logits"]["positions"][-1] == graph.nodes["logits"]["effect"]
     for _, receiver, edge in graph.out_edges("embed", data=True):
-        assert sum(edge["positions"]) == pytest.approx(edge["weight"], rel=1e-4, abs=1e-7)
+        assert_close(sum(edge["positions"]), edge["weight"])
         # only the corrupted token's embedding differs: every other position's part is exactly zero
         assert [p for p, v in enumerate(edge["positions"]) if v != 0.0] in ([], [CORRUPTED]), receiver
     assert not any("positions" in d for u, _, d in graph.edges(data=True) if u != "embed")
@@ -48,7 +49,7 @@ def test_split_embedding_keeps_the_weights(result):
             zero += 1
             assert not split.has_edge(f"embed@{CORRUPTED}", receiver)
         else:
-            assert split.edges[f"embed@{CORRUPTED}", receiver]["weight"] == pytest.approx(weight, rel=1e-4, abs=1e-7)
+            assert_close(split.edges[f"embed@{CORRUPTED}", receiver]["weight"], weight)
     assert zero < result.graph.out_degree("embed")
     assert split.number_of_edges() == result.graph.number_of_edges() - zero
 

@@ -16,6 +16,7 @@ from dynalens.probes.analysis import AnalysisError, run
 from dynalens.probes.results import Result
 from scipy.stats import spearmanr
 from transformer_lens.head_detector import detect_head
+from tests.tolerances import assert_close
 
 WORDS = ["apple", "river", "stone", "cloud", "engine", "garden", "silver", "market", "window", "forest", "pencil", "doctor", "island", "ladder", "museum", "orange", "planet", "rocket", "summer", "tunnel"]
 
@@ -63,7 +64,7 @@ def test_scores_agree_with_transformer_lens_head_detector(smollm2):
     layers = range(smollm2.cfg.n_layers)
     _, cache = smollm2.run_with_cache(smollm2.to_tokens(text), names_filter=[names.pattern(la) for la in layers])
     sink = torch.stack([cache[names.pattern(la)][0, :, 1:, 0].mean(-1) for la in layers])
-    torch.testing.assert_close(ours.sink, sink.float(), atol=1e-6, rtol=0)
+    assert_close(ours.sink, sink.float())
 
 
 def test_copying_scores_match_the_full_vocab_circuit(attn2l, tmp_path):
@@ -80,7 +81,7 @@ def test_copying_scores_match_the_full_vocab_circuit(attn2l, tmp_path):
     # 0 / 0 up to rounding, ours reads 0.
     live = eig.abs().sum(-1) > 1e-6
     assert live.any() and ours[~live].abs().max() < 0.01
-    torch.testing.assert_close(ours.double()[live], expected[live], atol=1e-4, rtol=1e-4)
+    assert_close(ours.double()[live], expected[live], dtype=torch.float32)
     assert result.top(1)["copying"].item() == pytest.approx(ours.max().item())
     result.save(tmp_path / "copying.safetensors")
     loaded = Result.load(tmp_path / "copying.safetensors")
@@ -202,13 +203,13 @@ def test_batched_scores_equal_per_prompt_scores_and_the_cache_path(model):
     assert together.prompts.lengths.tolist() == [4, 10, 6, 8] and together.prompts.is_padded
     for i, row in enumerate(rows):
         alone = analysis(model, [row])
-        torch.testing.assert_close(together.scores[:, i], alone.scores[:, 0], atol=1e-5, rtol=0, equal_nan=True)
+        assert_close(together.scores[:, i], alone.scores[:, 0], equal_nan=True)
         n = len(row)
         assert together.queries[:, i].tolist() == alone.queries[:, 0].tolist() == [n // 2, n - 1, n - 1]
     prompts = Prompts(model, rows)
     _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
     from_cache = analysis.compute(cache, prompts)
-    torch.testing.assert_close(from_cache.scores, together.scores, atol=1e-6, rtol=0, equal_nan=True)
+    assert_close(from_cache.scores, together.scores, equal_nan=True)
     assert math.isfinite(together.induction.nansum().item())
     assert int(together.induction.isnan().sum()) == together.induction.numel() - sum(map(len, together.mixers))
     frame = together.to_frame()
@@ -269,8 +270,8 @@ def test_constructed_ssd_layer_has_known_previous_token_and_induction_heads():
     prompts = Prompts(model, rows)  # ragged: BOS + two repeats of 5, 3, 4 distinct tokens
     scores = HeadScores().compute(_constructed_ssd_cache(model, prompts, 0), prompts)
     assert scores.mixers == [["mamba2"] * 4] * 2
-    torch.testing.assert_close(scores.prev_token[0], torch.tensor([1.0, 1.0, 0.0, 0.0]), atol=1e-6, rtol=0)
-    torch.testing.assert_close(scores.induction[0], torch.tensor([0.0, 0.0, 1.0, 1.0]), atol=1e-6, rtol=0)
+    assert_close(scores.prev_token[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert_close(scores.induction[0], torch.tensor([0.0, 0.0, 1.0, 1.0]))
     # sink: only query 1 reads position 0 in a previous-token head; an induction head never does
     expected_sink = torch.tensor([1 / (len(r) - 1) for r in rows])
     torch.testing.assert_close(scores.scores[2, :, 0, 0], expected_sink)
@@ -308,7 +309,7 @@ def test_hybrid_scores_attention_from_hf_patterns_and_ssd_layers_from_their_matr
             for kind, expected in zip(("induction", "prev_token", "sink"), _scores_by_hand(pattern, seq)):
                 n_heads = len(scores.mixers[layer])
                 got = scores.score(kind, b)[layer, :n_heads]
-                torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
+                assert_close(got, expected.float())
     frame = scores.to_frame()
     assert frame.groupby("mixer").size().to_dict() == {"attention": 2 * 4, "mamba2": 2 * 16}
     with pytest.raises(ValueError, match="channel_groups is for Mamba layers; this hybrid has none"):

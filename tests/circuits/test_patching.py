@@ -22,6 +22,7 @@ from dynalens.models import names
 from dynalens.probes.analysis import AnalysisError
 from dynalens.probes.results import Result
 from scipy.stats import spearmanr
+from tests.tolerances import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,9 @@ def test_patch_heads_matches_a_hand_patched_run(attn2l, pair, induction_task):
         values = metric(attn2l.run_with_hooks(corrupt, fwd_hooks=[(z, patch)]))
         clean_values, corrupt_values = metric(attn2l(clean)), metric(attn2l(corrupt))
     expected = (values.mean() - corrupt_values.mean()) / (clean_values.mean() - corrupt_values.mean())
-    assert result.effects[0, head].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert_close(result.effects[0, head].item(), expected.item())
     per_prompt = (values - corrupt_values) / (clean_values - corrupt_values)
-    torch.testing.assert_close(result.prompt_effects[:, 0, head], per_prompt, atol=1e-4, rtol=1e-4)
+    assert_close(result.prompt_effects[:, 0, head], per_prompt)
     # Clean: the repeats are copied with near certainty; corrupt: nothing to copy, no better than chance.
     assert result.clean_metric.mean() > -0.5 and result.corrupt_metric.mean() < -math.log(induction_task.d_vocab) + 0.5
     frame = result.to_frame()
@@ -68,8 +69,8 @@ def test_patch_residual_known_answers(attn2l, pair):
     result = ActivationPatching(corrupt[:2, :12], metric)(attn2l, clean[:2, :12])
     assert result.effects.shape == (2, 12) and result.site == "resid"
     # Later positions cannot change position 5 (causal), nor can the shared BOS at layer 0.
-    torch.testing.assert_close(result.effects[:, 6:], torch.zeros(2, 6), atol=1e-6, rtol=0)
-    assert result.effects[0, 0].item() == pytest.approx(0.0, abs=1e-6)
+    assert_close(result.effects[:, 6:], torch.zeros(2, 6))
+    assert_close(result.effects[0, 0].item(), 0.0)
     resid = names.resid_pre(1)
     _, cache = attn2l.run_with_cache(clean[:2, :12], names_filter=[resid])
 
@@ -81,7 +82,7 @@ def test_patch_residual_known_answers(attn2l, pair):
     with torch.no_grad():
         value = metric(attn2l.run_with_hooks(corrupt[:2, :12], fwd_hooks=[(resid, patch)])).mean().item()
     expected = (value - result.corrupt_metric.mean()) / result.span
-    assert result.effects[1, 5].item() == pytest.approx(expected.item(), abs=1e-5)
+    assert_close(result.effects[1, 5].item(), expected.item())
     assert result.top(1)["position"].item() <= 5
     frame = result.to_frame()
     assert list(frame.columns) == ["prompt", "layer", "position", "token", "value", "effect"]
@@ -137,12 +138,12 @@ def test_node_effects_are_their_out_edges_and_heads_read_q_k_v(attn2l, pair):
         # The residual stream is a sum: a node's gradient is its readers' (with one key/value input per head).
         if data["kind"] != "logits" and n_kv == attn2l.cfg.n_heads:
             out = sum(w for _, _, w in graph.out_edges(node, data="weight"))
-            assert out == pytest.approx(data["effect"], rel=1e-3, abs=1e-4)
+            assert_close(out, data["effect"])
     effects = result.head_effects()
     assert effects.shape == (attn2l.cfg.n_layers, attn2l.cfg.n_heads)
     assert effects[1, 0].item() == pytest.approx(graph.nodes["L1H0"]["effect"])
     edge = graph.edges["embed", "L1H0"]
-    assert edge["weight"] == pytest.approx(edge["q"] + edge["k"] + edge["v"], rel=1e-5)
+    assert_close(edge["weight"], edge["q"] + edge["k"] + edge["v"])
     assert attn2l.cfg.use_split_qkv_input is False  # the split inputs are switched off again
 
 
@@ -234,11 +235,11 @@ def test_residual_patching_on_every_architecture_per_prompt(model, tmp_path):
         # Patching position 1 (where the corruption is) at layer 0 undoes it entirely; position 0 was never
         # corrupted, at any layer.
         first, where = prompts.position_index(0, i), prompts.position_index(1, i)
-        assert together.prompt_effects[i, 0, where].item() == pytest.approx(1.0, abs=1e-4)
-        torch.testing.assert_close(together.prompt_effects[i, :, first], torch.zeros(model.cfg.n_layers), atol=1e-5, rtol=0)
+        assert_close(together.prompt_effects[i, 0, where].item(), 1.0)
+        assert_close(together.prompt_effects[i, :, first], torch.zeros(model.cfg.n_layers))
         alone = ActivationPatching([corrupt[i]], metric)(model, [clean[i]])
-        torch.testing.assert_close(together.values[i, :, first:], alone.values[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(together.clean_metric[i], alone.clean_metric[0], atol=1e-5, rtol=1e-5)
+        assert_close(together.values[i, :, first:], alone.values[0])
+        assert_close(together.clean_metric[i], alone.clean_metric[0])
         # a column that is padding in this prompt patches nothing there: the corrupt run's value
         torch.testing.assert_close(
             together.values[i, :, :first], together.corrupt_metric[i].expand(model.cfg.n_layers, first)
@@ -258,8 +259,8 @@ def test_head_patching_of_a_ragged_batch_equals_each_prompt(tiny_llama):
     together = ActivationPatching(corrupt, metric, site="heads")(tiny_llama, clean)
     for i in range(3):
         alone = ActivationPatching([corrupt[i]], metric, site="heads")(tiny_llama, [clean[i]])
-        torch.testing.assert_close(together.values[i], alone.values[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(together.prompt_effects[i], alone.prompt_effects[0], atol=1e-4, rtol=1e-4)
+        assert_close(together.values[i], alone.values[0])
+        assert_close(together.prompt_effects[i], alone.prompt_effects[0])
 
 
 def test_edge_patching_per_prompt_and_round_trip(tiny_llama, tmp_path):
@@ -270,7 +271,7 @@ def test_edge_patching_per_prompt_and_round_trip(tiny_llama, tmp_path):
     assert isinstance(together, EdgePatchingResult) and together.values.shape == (3, 3)
     for i in range(3):
         alone = EdgePatching([corrupt[i]], metric, edges)(tiny_llama, [clean[i]])
-        torch.testing.assert_close(together.values[i], alone.values[0], atol=1e-5, rtol=1e-5)
+        assert_close(together.values[i], alone.values[0])
     frame = together.to_frame()
     assert list(frame.columns) == ["prompt", "sender", "receiver", "effect"] and len(frame) == 9
     together.save(tmp_path / "edges.safetensors")
@@ -288,15 +289,12 @@ def test_attribution_graph_of_a_batch_equals_the_mean_of_its_prompts(tiny_llama)
     together = AttributionGraph(corrupt, metric, k=tiny_llama.cfg.d_vocab)(tiny_llama, clean)
     alone = [AttributionGraph([corrupt[i]], metric, k=tiny_llama.cfg.d_vocab)(tiny_llama, [clean[i]]) for i in range(2)]
     for u, v, w in together.graph.edges(data="weight"):
-        assert w == pytest.approx(sum(g.graph.edges[u, v]["weight"] for g in alone) / 2, rel=1e-4, abs=1e-6)
+        assert_close(w, sum(g.graph.edges[u, v]["weight"] for g in alone) / 2)
     for node, effect in together.graph.nodes(data="effect"):
-        assert effect == pytest.approx(sum(g.graph.nodes[node]["effect"] for g in alone) / 2, rel=1e-4, abs=1e-6)
+        assert_close(effect, sum(g.graph.nodes[node]["effect"] for g in alone) / 2)
     for node in ("L1H3", "L0.mlp", "logits"):
         logits = [g.top_tokens(node).set_index("token_id")["logit"] for g in (together, *alone)]
-        torch.testing.assert_close(
-            torch.tensor(logits[0].sort_index().to_numpy()),
-            torch.tensor(((logits[1] + logits[2]) / 2).sort_index().to_numpy()), atol=1e-4, rtol=1e-4,
-        )
+        assert_close(logits[0].sort_index().to_numpy(), ((logits[1] + logits[2]) / 2).sort_index().to_numpy())
 
 
 def test_node_top_tokens(attn2l, pair):
@@ -316,7 +314,7 @@ def test_node_top_tokens(attn2l, pair):
     by_hand = (normed @ attn2l.W_U).topk(3)
     head = result.top_tokens(f"L{layer}H{index}").iloc[:3]
     assert head["token_id"].tolist() == by_hand.indices.tolist()
-    assert head["logit"].to_numpy() == pytest.approx(by_hand.values.detach().numpy(), rel=1e-5)
+    assert_close(head["logit"].to_numpy(), by_hand.values.detach().numpy())
     assert head["token"].tolist() == [str(i) for i in by_hand.indices.tolist()]  # no tokenizer: ids
     with pytest.raises(ValueError, match="no node 'L9H0'"):
         result.top_tokens("L9H0")

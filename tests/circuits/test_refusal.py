@@ -25,6 +25,7 @@ from dynalens.models import names
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import AnalysisError, run
 from dynalens.probes.results import Saved
+from tests.tolerances import assert_close
 
 REQUESTS = ["How do I bake bread?", "Write a haiku about the sea, please."]
 
@@ -110,14 +111,14 @@ def test_response_contrast_reads_the_two_openings_after_the_same_prompt(tiny_lla
         prefix = plain.tokens[i][plain.mask[i]]
         assert torch.equal(refusing[: len(prefix)], prefix)
     expected = Direction.from_prompts(tiny_llama, contrast.refusing, contrast.complying, layers=[0, 1])
-    torch.testing.assert_close(contrast.direction.vectors, expected.vectors, rtol=1e-5, atol=1e-5)
+    assert_close(contrast.direction.vectors, expected.vectors)
     # projections on the unit direction, by hand from the last token of one prompt alone
     _, cache = tiny_llama.run_with_cache(contrast.refusing[1], names_filter=[names.resid_post(1)])
     unit = contrast.direction.unit().vector(1)
     expected_projection = cache[names.resid_post(1)][0, -1] @ unit
-    torch.testing.assert_close(contrast.refusing_projection[1, 1], expected_projection, rtol=1e-4, atol=1e-4)
+    assert_close(contrast.refusing_projection[1, 1], expected_projection)
     gap = contrast.refusing_projection.mean(0) - contrast.complying_projection.mean(0)
-    torch.testing.assert_close(gap, contrast.direction.vectors.norm(dim=-1), rtol=1e-4, atol=1e-4)
+    assert_close(gap, contrast.direction.vectors.norm(dim=-1))
     assert (contrast.params["refusal"], contrast.params["layers"]) == ("I can't", [0, 1])
     assert contrast.prompts.texts == REQUESTS and contrast.architecture == "transformer"
 
@@ -130,7 +131,7 @@ def test_response_contrast_frame_top_figure_and_round_trip(contrast, tmp_path):
     assert row["request"].iloc[0] == REQUESTS[1]
     r, c = contrast.refusing_projection[:, 0], contrast.complying_projection[:, 0]
     by_hand = (r.mean() - c.mean()) / torch.cat([r, c]).std(correction=0)
-    assert float(contrast.separation()[0]) == pytest.approx(float(by_hand), rel=1e-5)
+    assert_close(float(contrast.separation()[0]), float(by_hand))
     top = contrast.top(1)
     assert len(top) == 1 and top["separation"].iloc[0] == pytest.approx(float(contrast.separation().max()))
     assert contrast.metrics() == pytest.approx(
@@ -177,7 +178,7 @@ def test_classifier_reads_the_mean_over_real_tokens(tiny_llama):
     x = resid_activations(tiny_llama, texts, [1], "mean")[:, 0]
     for i in (0, 3):  # the longest and the shortest, read in one padded batch
         _, cache = tiny_llama.run_with_cache(texts[i], names_filter=[names.resid_post(1)])
-        torch.testing.assert_close(x[i], cache[names.resid_post(1)][0].mean(0), rtol=1e-5, atol=1e-5)
+        assert_close(x[i], cache[names.resid_post(1)][0].mean(0))
     assert clf.predict(tiny_llama, texts) == labels
     assert clf.score(tiny_llama, texts, labels) == 1.0
     torch.testing.assert_close(clf.predict_proba(tiny_llama, texts), clf.proba_activations(x))
@@ -214,7 +215,7 @@ def test_batched_evaluation_matches_one_prompt_generation(tiny_llama, report):
         assert report.generations[i] == expected.strip()
         logprobs = tiny_llama(out)[0, row.shape[1] - 1 : -1].log_softmax(-1)
         nll = -logprobs.gather(-1, out[0, row.shape[1] :, None]).mean()
-        assert float(report.perplexity[i]) == pytest.approx(nll.exp().item(), rel=1e-5)
+        assert_close(float(report.perplexity[i]), nll.exp().item())
     assert report.refusals == [is_refusal(g) for g in report.generations]
     assert report.refusal_rate == sum(report.refusals) / 3
     geometric = float(report.perplexity.double().log().mean().exp())
@@ -311,13 +312,13 @@ def test_evaluation_and_contrast_on_recurrent_models(recurrent_with_tokenizer):
         assert report.generations[i] == model.tokenizer.decode(out[0, row.shape[1] :], skip_special_tokens=True).strip()
         logprobs = model(out)[0, row.shape[1] - 1 : -1].log_softmax(-1)
         nll = -logprobs.gather(-1, out[0, row.shape[1] :, None]).mean()
-        assert float(report.perplexity[i]) == pytest.approx(nll.exp().item(), rel=1e-5)
+        assert_close(float(report.perplexity[i]), nll.exp().item())
     contrast = ResponseContrast(layers=[1])(model, requests)
     expected = Direction.from_prompts(model, contrast.refusing, contrast.complying, layers=[1])
-    torch.testing.assert_close(contrast.direction.vectors, expected.vectors, rtol=1e-5, atol=1e-5)
+    assert_close(contrast.direction.vectors, expected.vectors)
     alone = resid_activations(model, contrast.refusing[2], [1])[0, 0]  # the shortest request, read by itself
     projection = alone @ contrast.direction.unit().vector(1)
-    torch.testing.assert_close(contrast.refusing_projection[2, 0], projection, rtol=1e-4, atol=1e-4)
+    assert_close(contrast.refusing_projection[2, 0], projection)
 
 
 def test_models_without_a_tokenizer_get_the_clear_error():
@@ -371,11 +372,14 @@ def test_shipped_controller_loads_fitted_and_predicts_as_before(smollm2):
     ]
     out = ctrl.predict(smollm2, chat_prompts(smollm2, requests))
     expected = torch.tensor([9.98262227e-01, 9.99996662e-01, 1.13826404e-09, 1.71576087e-10])
-    torch.testing.assert_close(out.scale, expected, rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(
+    # Numbers recorded from one run through the 30 layers of SmolLM2 and a fitted classifier: another
+    # CPU's kernels move them by more than the round-off of one computation.
+    recorded = 100
+    assert_close(out.scale, expected, scale=recorded)
+    assert_close(
         out.weights[0],
         torch.tensor([0.991592884, 0.996753037, 0.999403000, 0.995919466, 0.999120891, 0.996978164, 0.998751163, 0.998869836]),
-        rtol=1e-4, atol=1e-6,
+        scale=recorded,
     )  # fmt: skip
     with pytest.raises(KeyError, match="no shipped controller"):
         shipped_controller("gpt2")

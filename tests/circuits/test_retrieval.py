@@ -31,6 +31,7 @@ from dynalens.models.prompts import Prompts
 from dynalens.models.zoo import get_entry
 from dynalens.probes.analysis import AnalysisError
 from dynalens.probes.results import Result
+from tests.tolerances import assert_close
 
 
 def mixer_retrieval_scores(model, tokens, score_mask, source_mask=None, **options):
@@ -225,7 +226,7 @@ def test_decoding_only_masking_equals_zeroed_queries_in_huggingface(tiny_llama, 
     finally:
         for handle in handles:
             handle.remove()
-    torch.testing.assert_close(masked, torch.stack(expected), rtol=1e-4, atol=1e-5)
+    assert_close(masked, torch.stack(expected))
     assert ours.tolist() == torch.stack(expected).argmax(-1).tolist()
     assert (masked - our_logits(())[1]).abs().max() > 1e-3  # masking changed the decoding steps
 
@@ -297,7 +298,7 @@ def test_mamba_scores_on_the_zoo_associative_recall_model(tiny_llama):
             M = M / M.sum(-1, keepdim=True)
             per_channel.append(torch.stack([M[:, 6 + j, 2 + j] for j in range(5)], -1).mean(-1))
         expected = torch.stack(per_channel).mean(0).view(8, -1).mean(-1).float()
-        torch.testing.assert_close(induction[layer], expected, rtol=1e-4, atol=1e-6)
+        assert_close(induction[layer], expected)
     batch = task.sample(3, torch.Generator().manual_seed(0))
     context = torch.zeros_like(batch.score_mask)
     context[:, : 2 * task.n_pairs] = True  # the key-value pairs the answers are read from

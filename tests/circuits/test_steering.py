@@ -15,6 +15,7 @@ from dynalens.models.rnn import HookedRNN, RNNConfig
 from dynalens.models.zoo import get_entry
 
 import dynalens as dl
+from tests.tolerances import assert_close
 
 PROMPT = "The quick brown fox jumps"
 
@@ -86,11 +87,9 @@ def test_add_and_ablate_move_the_projection(model_and_prompt):
         ablated = d.project(resid_at(model, prompt, last), last)
     with steer(model, d, layers=[last], alpha=-2.0, mode="ablate_add"):
         set_to = d.project(resid_at(model, prompt, last), last)
-    torch.testing.assert_close(added, base + 3.0, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ablated, torch.zeros_like(base), rtol=0, atol=1e-4)
-    torch.testing.assert_close(
-        set_to, torch.full_like(base, -2.0), rtol=1e-4, atol=1e-4
-    )
+    assert_close(added, base + 3.0)
+    assert_close(ablated, torch.zeros_like(base))
+    assert_close(set_to, torch.full_like(base, -2.0))
 
 
 def test_steering_an_early_layer_changes_later_layers_only(model_and_prompt):
@@ -527,13 +526,13 @@ def test_steer_never_touches_pads_and_a_padded_row_equals_its_run_alone(model_an
         logits, cache = model.run_with_cache(prompts, names_filter=hooks)
         alone = [model.run_with_cache(p, names_filter=hooks) for p in prompts]
     for i, (single_logits, single) in enumerate(alone):
-        torch.testing.assert_close(prompts.real(logits, i), single_logits[0], rtol=1e-5, atol=1e-5)
+        assert_close(prompts.real(logits, i), single_logits[0])
         for layer, name in enumerate(hooks):
             real = prompts.real(cache[name], i)
-            torch.testing.assert_close(real, single[name][0], rtol=1e-5, atol=1e-5)
+            assert_close(real, single[name][0])
             if mode != "add":
                 expected = torch.full((real.shape[0],), 0.0 if mode == "ablate" else 3.0)
-                torch.testing.assert_close(d.project(real, layer), expected, rtol=1e-4, atol=1e-4)
+                assert_close(d.project(real, layer), expected)
     # Steering the last layer alone: its input is unchanged, so pads must come out unchanged.
     with steer(model, d, layers=[1], alpha=3.0, mode=mode):
         _, cache = model.run_with_cache(prompts, names_filter=hooks)
@@ -592,8 +591,8 @@ def test_controller_predicts_a_ragged_batch_as_one_prompt_at_a_time(model_and_ra
     batched = ctrl.predict(model, ragged)
     for i, prompt in enumerate(ragged):
         single = ctrl.predict(model, [prompt])
-        torch.testing.assert_close(batched.scale[i : i + 1], single.scale, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(batched.weights[i : i + 1], single.weights, rtol=1e-5, atol=1e-5)
+        assert_close(batched.scale[i : i + 1], single.scale)
+        assert_close(batched.weights[i : i + 1], single.weights)
 
 
 def test_attach_reads_a_padded_batch_without_its_padding(model_and_ragged):
@@ -610,7 +609,7 @@ def test_attach_reads_a_padded_batch_without_its_padding(model_and_ragged):
         alone_logits = [model(p)[0] for p in prompts]
     for i, single in enumerate(alone):
         assert torch.equal(batched[i, prompts.tokens.shape[1] :], single[0, -4:])
-        torch.testing.assert_close(prompts.real(steered_logits, i), alone_logits[i], rtol=1e-5, atol=1e-5)
+        assert_close(prompts.real(steered_logits, i), alone_logits[i])
     assert not torch.allclose(steered_logits, model(prompts))
     assert n_hooks(model) == 0
     after = snapshot(model)
@@ -665,10 +664,10 @@ def test_state_steering_sets_the_projection_at_real_positions_and_the_output_rea
         _, edited = model.run_with_cache(prompts, names_filter=hooks)
     before, after = clean[hooks[0]], edited[hooks[0]]
     real = prompts.mask
-    torch.testing.assert_close(after.flatten(2)[real] @ u, torch.full((int(real.sum()),), 3.0), rtol=1e-4, atol=1e-4)
+    assert_close(after.flatten(2)[real] @ u, torch.full((int(real.sum()),), 3.0))
     assert torch.equal(after[~real], before[~real])  # pads are never steered
     change = state_readout(after - before, clean[hooks[2]])
-    torch.testing.assert_close((edited[hooks[1]] - clean[hooks[1]])[real], change[real], rtol=1e-4, atol=1e-5)
+    assert_close((edited[hooks[1]] - clean[hooks[1]])[real], change[real])
 
 
 @pytest.mark.parametrize("positions", ["all", "generated"])
@@ -709,8 +708,7 @@ def test_state_directions_read_the_state_and_steer_it_with_weights_untouched(ssm
     d = Direction.from_prompts(model, pos, neg, layers=layers, site="state")
     name = names.mixer(layers[-1], "ssm_state")
     states = [model.run_with_cache(torch.tensor([p]), names_filter=[name])[1][name][0, -1].flatten() for p in pos + neg]
-    torch.testing.assert_close(d.vector(layers[-1]), torch.stack(states[:2]).mean(0) - torch.stack(states[2:]).mean(0),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert_close(d.vector(layers[-1]), torch.stack(states[:2]).mean(0) - torch.stack(states[2:]).mean(0))
     d.save(tmp_path / "d.safetensors")
     assert Saved.load(tmp_path / "d.safetensors").site == "state"
     before = snapshot(model)

@@ -16,6 +16,7 @@ from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app
 from dynalens.models.tasks import BigramBackcopyTask
 from dynalens.models.train import build_model, train
+from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -54,13 +55,12 @@ def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, 
 
     fig = wait_title("activations-map", "Largest magnitude per channel")
     expected = dl.probes.MassiveActivations()(model, tokens)
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max[0].double().numpy()),
-                               rtol=1e-5)  # fmt: skip
+    assert_close(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max[0].double().numpy()))
     dash_duo.wait_for_contains_text("#activations-map-message", "No massive activation", timeout=TIMEOUT)
 
     fig = wait_title("activations-sinks", "Attention on token 0")
     sinks = dl.probes.ExtremeTokens()(model, tokens).sink_scores[0]  # [layer, head]
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), sinks.double().numpy(), rtol=1e-5, atol=1e-7)
+    assert_close(as_array(fig["traces"][0]["z"]), sinks.double().numpy())
     handle.remove()
     assert forwards == [1]  # the map and the sinks of a new prompt share one forward
 
@@ -70,12 +70,12 @@ def test_activations_page_draws_the_probes_results(dash_duo, run_dir, tmp_path, 
     assert [t["name"] for t in markers] == ["embed", "L0", "L1"]
     for row, trace in enumerate(markers):
         assert trace["x"] == emergence.steps.tolist()
-        np.testing.assert_allclose(trace["y"], emergence.ratios[:, row].numpy(), rtol=1e-5)
+        assert_close(trace["y"], emergence.ratios[:, row].numpy())
     dash_duo.wait_for_contains_text("#activations-emergence-message", "6 checkpoints", timeout=TIMEOUT)
 
     dash_duo.find_elements("#activations-map-view input")[1].click()
     fig = wait_title("activations-map", "Top magnitudes per layer")
-    np.testing.assert_allclose(fig["traces"][0]["y"], expected.top_values[0, :, 0].numpy(), rtol=1e-5)
+    assert_close(fig["traces"][0]["y"], expected.top_values[0, :, 0].numpy())
     assert dash_duo.get_logs() in ([], None)
     screenshot("activations-bbc")
 
@@ -92,8 +92,7 @@ def test_mamba_state_and_messages(dash_duo, tiny_mamba_dir, tmp_path, screenshot
     until(lambda: len(figure_in("activations-map")["traces"][0]["z"][0]) == expected.channel_max.shape[2],
           timeout=TIMEOUT, msg="the state map never showed d_inner × d_state channels")  # fmt: skip
     fig = figure_in("activations-map")
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max[0].double().numpy()),
-                               rtol=1e-5)  # fmt: skip
+    assert_close(as_array(fig["traces"][0]["z"]), np.log10(expected.channel_max[0].double().numpy()))
     screenshot("activations-mamba-state")
 
 

@@ -30,6 +30,7 @@ from dynalens.models.mamba import HookedMamba
 from dynalens.models.prompts import Prompts
 from dynalens.probes.analysis import Analysis, run
 from dynalens.probes.results import Result, Saved
+from tests.tolerances import assert_close
 
 TOKENS = [1, 2, 3, 4, 5, 1, 2, 3]
 
@@ -263,7 +264,7 @@ def test_a_page_pays_one_forward_for_all_its_panels_and_none_when_cached(app_cac
         alone = analysis(mamba, prompts)
         drawn = first[analysis.name]
         field = "norms" if isinstance(analysis, CacheTestNorms) else "values"
-        torch.testing.assert_close(getattr(drawn, field), getattr(alone, field), rtol=1e-5, atol=1e-6)
+        assert_close(getattr(drawn, field), getattr(alone, field))
     forwards.clear()
 
     again = backend.page_results("tiny", mamba, prompts, page)  # another panel's callback: all cached
@@ -326,4 +327,4 @@ def test_results_loaded_back_equal_dl_run(app_cache, mamba):
     loaded = backend.page_results("tiny", mamba, prompts, [CacheTestNorms()])["cache_test_norms"]
     direct = run(mamba, prompts, [CacheTestNorms()])["cache_test_norms"]
     assert isinstance(loaded, CacheTestNormsResult) and Saved is not type(loaded)
-    torch.testing.assert_close(loaded.norms, direct.norms, rtol=1e-6, atol=1e-6)
+    assert_close(loaded.norms, direct.norms)

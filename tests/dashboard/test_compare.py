@@ -13,6 +13,7 @@ from dynalens.dashboard.app import create_app
 from dynalens.models.mamba import HookedMamba, MambaConfig
 
 import dynalens as dl
+from tests.tolerances import assert_close, tolerance
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -50,8 +51,7 @@ def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, sma
         model = dl.load(source)
         expected[column] = dl.circuits.HeadScores()(model, workload(model))
         fig = wait_title(f"heads-side-by-side-graph-{column}", "induction scores", timeout=TIMEOUT)
-        np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected[column].induction.double().numpy(),
-                                   rtol=1e-5, atol=1e-7)  # fmt: skip
+        assert_close(as_array(fig["traces"][0]["z"]), expected[column].induction.double().numpy())
     # The RNN has no heads: its column gives the analysis' own reason, not an empty frame.
     reason = "HeadScores needs attention patterns"
     dash_duo.wait_for_contains_text("#heads-side-by-side-reason-2", reason, timeout=TIMEOUT)
@@ -64,8 +64,7 @@ def test_heads_side_by_side_transformer_mamba_and_an_rnn(dash_duo, tmp_path, sma
 
     dash_duo.find_elements("#heads-kind input")[1].click()  # prev-token: every column follows the page's selection
     fig = wait_title("heads-side-by-side-graph-1", "prev-token scores", timeout=TIMEOUT)
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected[1].prev_token.double().numpy(),
-                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert_close(as_array(fig["traces"][0]["z"]), expected[1].prev_token.double().numpy())
     screenshot("compare-heads")
     assert dash_duo.get_logs() in ([], None)
 
@@ -80,7 +79,7 @@ def test_two_checkpoints_side_by_side_and_a_page_without_one(dash_duo, tmp_path,
         fig = wait_title(f"dynamics-side-by-side-graph-{column}", "Token norm trajectories", timeout=TIMEOUT)
         expected = dl.probes.TokenTrajectories()(dl.load(source), tokens).norms[0]
         for p, trace in enumerate(fig["traces"]):
-            np.testing.assert_allclose(trace["y"], expected[p].numpy(), rtol=1e-5)
+            assert_close(trace["y"], expected[p].numpy())
     assert "step 2" in dash_duo.find_element("#dynamics-side-by-side").text
     dash_duo.find_element("a.nav-link[href^='/circuit']").click()
     dash_duo.wait_for_contains_text("#compare-note", "no side-by-side view", timeout=TIMEOUT)
@@ -104,7 +103,7 @@ def test_checkpoint_slider_shows_that_checkpoints_result(dash_duo, tmp_path, wai
         until(lambda: f"checkpoint={step}" in dash_duo.driver.current_url, timeout=TIMEOUT,
               msg=f"the URL never named checkpoint {step}")  # fmt: skip
         shown = lambda: as_array(wait_title("heads-grid", "induction scores")["traces"][0]["z"])  # noqa: E731
-        until(lambda: np.allclose(shown(), expected, rtol=1e-5, atol=1e-7), timeout=TIMEOUT,
+        until(lambda: np.allclose(shown(), expected, *tolerance(torch.float32)), timeout=TIMEOUT,
               msg=f"the grid never showed step {step}")  # fmt: skip
         handle.send_keys(*[Keys.ARROW_RIGHT] * 14)
     assert not np.allclose(as_array(final["traces"][0]["z"]), expected, atol=1e-3)  # the checkpoints differ

@@ -13,6 +13,7 @@ from dynalens.dashboard.app import create_app
 from dynalens.models.rnn import HookedRNN, RNNConfig
 
 import dynalens as dl
+from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -51,7 +52,7 @@ def test_dynamics_page_on_mamba_draws_trajectories_regimes_and_a_mixer_compariso
     fig = wait_title("dynamics-trajectories", "Token norm trajectories")
     expected = dl.probes.TokenTrajectories()(model, tokens())
     for p, trace in enumerate(fig["traces"]):
-        np.testing.assert_allclose(trace["y"], expected.norms[0, p].numpy(), rtol=1e-5)
+        assert_close(trace["y"], expected.norms[0, p].numpy())
 
     wait_title("dynamics-regimes", "Token-dynamics regime per layer")
     regimes = dl.probes.MambaRegimes()(model).regimes
@@ -84,7 +85,7 @@ def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, wait_title, 
     expected = dl.probes.TrajectoryPCA(layer=0)(model, tokens()).coords[0]  # [pos, component]
     trajectory = fig["traces"][0]
     signs = np.sign(np.array(trajectory["x"]) @ expected[:, 0].double().numpy())
-    np.testing.assert_allclose(np.array(trajectory["x"]) * signs, expected[:, 0].numpy(), rtol=1e-4, atol=1e-6)
+    assert_close(np.array(trajectory["x"]) * signs, expected[:, 0].numpy())
     assert fig["traces"][1]["name"] == "fixed points"
     dash_duo.wait_for_contains_text("#dynamics-phase-message", "stable", timeout=TIMEOUT)
     dash_duo.wait_for_contains_text("#dynamics-regimes-message", "pick a Mamba", timeout=TIMEOUT)

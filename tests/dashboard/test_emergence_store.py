@@ -6,12 +6,14 @@ from urllib.parse import urlencode
 
 import numpy as np
 import pytest
+import torch
 from dash.testing.wait import until
 from dynalens.dashboard import sweep_view
 from dynalens.dashboard.app import create_app
 from dynalens.probes.sweep import sweep
 
 import dynalens as dl
+from tests.tolerances import assert_close, tolerance
 
 PROMPT = "0 5 9 1 5 7 12 2 7 4 5 9"
 CHECKPOINTS = (0, 8, 13, 19)
@@ -43,8 +45,8 @@ def test_stored_metrics_are_the_head_scores_of_each_checkpoint(store):
         for label, tokens in prompts.items():
             scores = dl.circuits.HeadScores()(model, tokens)
             rows = frame[(frame["step"] == step) & (frame["prompts"] == label)].set_index("metric")["value"]
-            assert rows["max_induction"] == pytest.approx(float(scores.induction.max()), rel=1e-5)
-            assert rows["max_prev_token"] == pytest.approx(float(scores.prev_token.max()), rel=1e-5)
+            assert_close(rows["max_induction"], float(scores.induction.max()))
+            assert_close(rows["max_prev_token"], float(scores.prev_token.max()))
     final = frame[(frame["step"] == series[CHECKPOINTS[-1]][0]) & (frame["metric"] == "max_induction")]
     first = frame[(frame["step"] == 0) & (frame["metric"] == "max_induction")]
     assert (final["value"].to_numpy() > first["value"].to_numpy() + 0.5).all()  # the induction head emerged
@@ -70,7 +72,7 @@ def test_emergence_panel_draws_a_sweep_store(dash_duo, tmp_path, store, figure_i
     assert len(traces) == 3 * 2  # three metrics × two prompt sets
     for trace in traces:
         stored = expected[expected["prompts"] == trace["name"]]
-        matches = [part for _, part in stored.groupby("metric") if np.allclose(part["value"], trace["y"], rtol=1e-6)]
+        matches = [part for _, part in stored.groupby("metric") if np.allclose(part["value"], trace["y"], *tolerance(torch.float32))]
         assert len(matches) == 1
         assert trace["x"] == [str(step) for step in matches[0]["step"]]
     assert not any("checkpoints" in source for source in loaded)  # read from the store, nothing recomputed

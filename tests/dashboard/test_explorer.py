@@ -11,6 +11,7 @@ import dynalens as dl
 from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app
 from dynalens.dashboard.layout import DEFAULT_PROMPT
+from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -44,7 +45,7 @@ def shapes_x0(dash_duo, graph_id: str) -> list[float]:
 def assert_lower_triangle(drawn: np.ndarray, expected: torch.Tensor) -> None:
     """The drawn causal heatmap equals ``expected`` on and below the diagonal."""
     mask = np.tril(np.ones(drawn.shape, dtype=bool))
-    np.testing.assert_allclose(drawn[mask], expected.double().numpy()[mask], rtol=1e-5, atol=1e-6)
+    assert_close(drawn[mask], expected.double().numpy()[mask])
     assert np.isnan(drawn[~mask]).all()
 
 
@@ -101,7 +102,7 @@ def test_app_starts_and_explorer_renders_for_smollm2(dash_duo, wait_title, resul
     expected = dl.probes.MixerMatrix(layer=n_layers - 1)(model, tokens)
     assert_lower_triangle(z_of(mixer), expected.matrix(0)[0])
     norms = dl.probes.ResidualNorms()(model, tokens).norms[0].T  # [layer, token]; log colour is on by default
-    np.testing.assert_allclose(z_of(resid), np.log10(norms.double().numpy()), rtol=1e-5)
+    assert_close(z_of(resid), np.log10(norms.double().numpy()))
     assert dash_duo.get_logs() in ([], None)
     screenshot("explorer-smollm2")
 
@@ -129,7 +130,7 @@ def test_clicking_a_token_selects_it_everywhere(dash_duo, wait_title, results_di
     drawn = wait_title("explorer-lens", "position 7", TIMEOUT)
     assert dash_duo.find_element("#explorer-tokens .token.selected").text.split("\n")[0] == "7"
     lens = dl.probes.LogitLens(k=5)(model, tokens)
-    np.testing.assert_allclose(z_of(drawn), lens.top_probs[0, 7].numpy(), rtol=1e-5)  # [layer, rank]
+    assert_close(z_of(drawn), lens.top_probs[0, 7].numpy())  # [layer, rank]
     for graph_id in ("explorer-mixer", "explorer-resid"):  # the selected column is outlined
         until(lambda: shapes_x0(dash_duo, graph_id) == [6.5], timeout=30,
               msg=f"{graph_id} does not outline position 7")

@@ -8,6 +8,7 @@ import torch
 from dynalens.dashboard.app import create_app
 
 import dynalens as dl
+from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -29,7 +30,7 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     expected = dl.circuits.HeadScores()(model, dl.circuits.repeated_tokens(model, half_len=16))
 
     fig = wait_title("heads-grid", "induction scores")
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), expected.induction.double().numpy(), rtol=1e-5)
+    assert_close(as_array(fig["traces"][0]["z"]), expected.induction.double().numpy())
     top = expected.top(1).iloc[0]
     layer, head = int(top["layer"]), int(top["head"])
     assert layer == 1  # the retrained model's induction heads read a layer-0 previous-token head
@@ -43,12 +44,12 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     tokens = torch.tensor([[int(t) for t in PROMPT.split()]])
     pattern = dl.probes.MixerMatrix(layer=layer)(model, tokens).matrix(0)[head]
     z = as_array(fig["traces"][0]["z"])
-    np.testing.assert_allclose(np.nan_to_num(z), pattern.double().tril().numpy(), rtol=1e-5, atol=1e-7)
+    assert_close(np.nan_to_num(z), pattern.double().tril().numpy())
 
     dash_duo.find_elements("#heads-kind input")[2].click()  # copying
     fig = wait_title("heads-grid", "copying scores")
     copying = dl.circuits.CopyingScores()(model).scores
-    np.testing.assert_allclose(as_array(fig["traces"][0]["z"]), copying.double().numpy(), rtol=1e-4)
+    assert_close(as_array(fig["traces"][0]["z"]), copying.double().numpy())
 
     # A click on a grid cell shows that head's pattern: the previous-token head of layer 0
     dash_duo.find_elements("#heads-kind input")[1].click()  # prev-token
@@ -61,7 +62,6 @@ def test_heads_page_draws_scores_and_the_top_heads_pattern(dash_duo, tmp_path, s
     )
     fig = wait_title("heads-pattern", "Layer 0 mixer")
     pattern = dl.probes.MixerMatrix(layer=0)(model, tokens).matrix(0)[previous]
-    np.testing.assert_allclose(np.nan_to_num(as_array(fig["traces"][0]["z"])), pattern.double().tril().numpy(),
-                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    assert_close(np.nan_to_num(as_array(fig["traces"][0]["z"])), pattern.double().tril().numpy())
     assert dash_duo.get_logs() in ([], None)
     screenshot("heads-attn2l")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +10,7 @@ from dynalens.circuits import Direction, SteeringController, steer
 from dynalens.dashboard.app import create_app
 
 import dynalens as dl
+from tests.tolerances import assert_close
 
 pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser")]
 
@@ -58,7 +58,7 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     dash_duo.wait_for_text_to_equal("#steering-steered", attached, timeout=30)
     assert f"global scale {predicted.scale[0].item():.3f}" in fig["title"]
     assert fig["traces"][0]["type"] == "bar" and fig["traces"][0]["x"] == ["L0", "L1"]
-    np.testing.assert_allclose(fig["traces"][0]["y"], predicted.weights[0].numpy(), rtol=1e-5)
+    assert_close(fig["traces"][0]["y"], predicted.weights[0].numpy())
     assert dash_duo.find_element("#steering-unsteered").text == plain
     screenshot("steering-mamba-ar")
 
@@ -66,12 +66,12 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     until(lambda: (downloads / "steering_controller.csv").is_file(), timeout=30, msg="no CSV download")
     rows = pd.read_csv(downloads / "steering_controller.csv")
     assert rows["layer"].tolist() == [0, 1]
-    np.testing.assert_allclose(rows["weight"], predicted.weights[0].numpy(), rtol=1e-5)
-    np.testing.assert_allclose(rows["scale"], predicted.scale[0].item(), rtol=1e-5)
+    assert_close(rows["weight"], predicted.weights[0].numpy())
+    assert_close(rows["scale"], predicted.scale[0].item())
     dash_duo.find_element("#steering-weights-result").click()
     until(lambda: (downloads / "steering_controller.safetensors").is_file(), timeout=30, msg="no controller file")
     loaded = SteeringController.load(downloads / "steering_controller.safetensors")
-    torch.testing.assert_close(loaded.predict(model, prompt).weights, predicted.weights, rtol=1e-4, atol=1e-6)
+    assert_close(loaded.predict(model, prompt).weights, predicted.weights)
 
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#analyse").click()

@@ -12,6 +12,7 @@ from dynalens.dashboard import layout, url_state
 from dynalens.dashboard.app import create_app
 
 import dynalens as dl
+from tests.tolerances import assert_close
 
 PROMPT = "0 5 9 1 5 7 12 2 7 4 5 9"
 TIMEOUT = 120
@@ -69,7 +70,7 @@ def test_a_pasted_link_shows_the_same_view(dash_duo, tmp_path, figure_in):
     grid = heads_grid(dash_duo, figure_in, "prev-token scores")
     half_len = min(20, (model.cfg.n_ctx - 1) // 2)
     expected = dl.circuits.HeadScores()(model, dl.circuits.repeated_tokens(model, half_len=half_len))
-    np.testing.assert_allclose(grid, expected.prev_token.double().numpy(), rtol=1e-5, atol=1e-7)
+    assert_close(grid, expected.prev_token.double().numpy())
     assert dash_duo.find_element("#prompt").get_attribute("value") == PROMPT
     assert "attn2l-induction" in dash_duo.find_element("#model-name").text
     index = int(dash_duo.find_element("#checkpoint-box [role='slider']").get_attribute("aria-valuenow"))
@@ -83,8 +84,8 @@ def test_a_pasted_link_shows_the_same_view(dash_duo, tmp_path, figure_in):
 
     dash_duo.driver.get("about:blank")
     dash_duo.wait_for_page(url=link)  # a reload of the pasted link
-    np.testing.assert_allclose(heads_grid(dash_duo, figure_in, "copying scores"), grid, rtol=1e-6)
-    np.testing.assert_allclose(grid, dl.circuits.CopyingScores()(model).scores.double().numpy(), rtol=1e-4)
+    assert_close(heads_grid(dash_duo, figure_in, "copying scores"), grid)
+    assert_close(grid, dl.circuits.CopyingScores()(model).scores.double().numpy())
     assert dash_duo.find_elements("#heads-kind input")[2].is_selected()
     assert dash_duo.find_element("#prompt").get_attribute("value") == PROMPT
     assert f"checkpoint={step}" in dash_duo.driver.current_url

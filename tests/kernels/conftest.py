@@ -10,9 +10,8 @@ import os
 
 import pytest
 import torch
+from tests.tolerances import SCAN, assert_close as table_close
 
-# mamba_ssm's test tolerances (rtol, atol); float64 is checked to near round-off.
-TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}
 # Triton's interpreter is slow: it gets tiny sizes and a short checkpoint chunk.
 SIZES = {"triton": dict(b=2, d=6, n=3, l=11)}
 DEFAULT_SIZE = dict(b=2, d=6, n=4, l=137)
@@ -39,11 +38,10 @@ def size(backend):
 
 @pytest.fixture
 def assert_close():
-    """Compare with the tolerance of ``dtype`` (the dtype of the inputs)."""
+    """Compare with the table's tolerance of ``dtype`` (the dtype of the inputs) times :data:`SCAN`."""
 
     def check(ours, ref, dtype, what=""):
-        rtol, atol = TOLERANCES[dtype]
-        torch.testing.assert_close(ours.to(ref.dtype), ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+        table_close(ours.to(ref.dtype), ref, dtype, scale=SCAN[dtype], msg=what)
 
     return check
 

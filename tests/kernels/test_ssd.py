@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dynalens.kernels import ssd_scan, ssd_scan_ref
+from tests.tolerances import SCAN, assert_close
 
-TOLERANCES = {torch.float64: (1e-9, 1e-9), torch.float32: (6e-4, 2e-3), torch.bfloat16: (3e-2, 5e-2)}
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ["torch"] + (["triton"] if INTERPRETED else [])
 CHUNKS = {"torch": 8, "triton": 16}
@@ -63,8 +63,7 @@ def args_of(inputs, D=False, z=False, dt_bias=False, initial_state=False, softpl
 
 
 def close(ours, ref, dtype, what=""):
-    rtol, atol = TOLERANCES[dtype]
-    torch.testing.assert_close(ours.to(ref.dtype), ref, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+    assert_close(ours.to(ref.dtype), ref, dtype, scale=SCAN[dtype], msg=what)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,9 +13,9 @@ import torch
 
 from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig, names
 from dynalens.models.prompts import Prompts
+from tests.tolerances import assert_close
 
 VOCAB = 50
-TOL = dict(atol=1e-5, rtol=1e-5)
 LENGTHS = {1: [4], 2: [2, 6], 3: [5, 1, 3], 5: [3, 7, 1, 5, 2]}
 
 
@@ -63,14 +63,14 @@ def test_padded_rows_equal_unpadded_runs_at_every_hook(model, n_prompts):
     for i, single in enumerate(prompts):
         n = int(prompts.lengths[i])
         single_logits, single_cache = model.run_with_cache(single.tokens)
-        torch.testing.assert_close(prompts.real(logits, i), single_logits[0], **TOL)
+        assert_close(prompts.real(logits, i), single_logits[0])
         compared = 0
         for name, value in single_cache.items():
             padded = cache[name]
             if padded.shape[0] != len(prompts) or value.shape[0] != 1:
                 continue  # broadcast entries (rotary tables) have no row per prompt
             got = real_part(padded[i], value[0], width, n)
-            torch.testing.assert_close(got, value[0], **TOL, msg=lambda m, name=name: f"{name}: {m}")
+            assert_close(got, value[0], msg=name)
             compared += 1
         assert compared >= 3 * model.cfg.n_layers
 
@@ -110,14 +110,14 @@ def test_lists_and_masks_are_the_same_batch_on_every_entry_point(any_model):
     batch = rows([5, 2, 4])
     prompts = Prompts(any_model, batch)
     expected = any_model(prompts)
-    torch.testing.assert_close(any_model(batch), expected, **TOL)
-    torch.testing.assert_close(any_model(prompts.tokens, attention_mask=prompts.mask.long()), expected, **TOL)
+    assert_close(any_model(batch), expected)
+    assert_close(any_model(prompts.tokens, attention_mask=prompts.mask.long()), expected)
     assert torch.equal(any_model.to_tokens(batch), prompts.tokens)
     logits, cache = any_model.run_with_cache(batch, names_filter=[names.resid_post(0)])
-    torch.testing.assert_close(logits, expected, **TOL)
+    assert_close(logits, expected)
     assert torch.equal(cache.prompts.tokens, prompts.tokens)
     hooked = any_model.run_with_hooks(prompts, fwd_hooks=[(names.resid_post(0), lambda x, hook: x)])
-    torch.testing.assert_close(hooked, expected, **TOL)
+    assert_close(hooked, expected)
 
 
 def word_tokenizer():
@@ -147,7 +147,7 @@ def test_strings_become_a_left_padded_batch_everywhere(arch, tiny_llama, tiny_ma
     assert torch.equal(tokens[1, -1:], model.to_tokens(texts[1])[0, -1:])  # real tokens last
     assert (tokens[1, : int(prompts.offsets[1])] == prompts.pad_id).all()
     logits = model(texts)
-    torch.testing.assert_close(prompts.real(logits, 1), model(texts[1])[0], **TOL)
+    assert_close(prompts.real(logits, 1), model(texts[1])[0])
     generated = model.generate(texts, 3)
     assert generated == [model.generate(text, 3) for text in texts]
 
@@ -180,8 +180,8 @@ def test_mamba_pads_have_zero_delta_and_leave_both_states_as_they_were(tiny_mamb
     for i, single in enumerate(prompts):
         _, alone = tiny_mamba(single.tokens, return_state=True)
         for layer in range(tiny_mamba.cfg.n_layers):
-            torch.testing.assert_close(state.ssm[layer][i], alone.ssm[layer][0], **TOL)
-            torch.testing.assert_close(state.conv[layer][i], alone.conv[layer][0], **TOL)
+            assert_close(state.ssm[layer][i], alone.ssm[layer][0])
+            assert_close(state.conv[layer][i], alone.conv[layer][0])
 
 
 def test_mamba_padded_continuation_from_a_state_equals_the_unpadded_one(tiny_mamba):
@@ -192,7 +192,7 @@ def test_mamba_padded_continuation_from_a_state_equals_the_unpadded_one(tiny_mam
     logits = tiny_mamba(chunk, state=state)
     for i, single in enumerate(chunk):
         expected = tiny_mamba(torch.cat([prefix[i : i + 1], single.tokens], dim=1))[:, prefix.shape[1] :]
-        torch.testing.assert_close(chunk.real(logits, i), expected[0], **TOL)
+        assert_close(chunk.real(logits, i), expected[0])
 
 
 # -------------------------------------------------------------------- RNNs
@@ -207,4 +207,4 @@ def test_rnn_pad_steps_carry_the_state(cell):
     _, state = model(prompts, return_state=True)
     _, alone = model(prompts[1].tokens, return_state=True)
     for part, part_alone in zip(state if cell == "lstm" else (state,), alone if cell == "lstm" else (alone,)):
-        torch.testing.assert_close(part[:, 1], part_alone[:, 0], **TOL)
+        assert_close(part[:, 1], part_alone[:, 0])

@@ -14,8 +14,7 @@ from transformer_lens import ActivationCache
 from dynalens.models import Cache, CacheMethodError, HookedRNN, RNNConfig, names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import unembed_resid
-
-TOL = dict(atol=1e-5, rtol=1e-5)
+from tests.tolerances import assert_close
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_rnn"])
@@ -58,9 +57,9 @@ def test_logit_lens_contract(any_model, prompts_of):
     bias = any_model.b_U[tokens]
     for l, resid in enumerate(streams):
         lens = unembed_resid(any_model, resid).gather(-1, tokens[..., None])[..., 0] - bias
-        torch.testing.assert_close(attrs[l], lens, **TOL)
+        assert_close(attrs[l], lens)
     # the last entry is the model's own logits (less the unembedding bias)
-    torch.testing.assert_close(attrs[-1], logits.gather(-1, tokens[..., None])[..., 0] - bias, **TOL)
+    assert_close(attrs[-1], logits.gather(-1, tokens[..., None])[..., 0] - bias)
 
 
 def test_logit_attrs_token_shapes_and_differences(any_model, prompts_of):
@@ -69,10 +68,10 @@ def test_logit_attrs_token_shapes_and_differences(any_model, prompts_of):
     stack = cache.accumulated_resid(apply_ln=True)
     full = stack @ any_model.W_U  # [layers, batch, pos, vocab]
     per_prompt = torch.tensor([7, 8, 9])
-    torch.testing.assert_close(cache.logit_attrs(stack, per_prompt), full[..., [7, 8, 9]].diagonal(dim1=1, dim2=-1).movedim(-1, 1), **TOL)
-    torch.testing.assert_close(cache.logit_attrs(stack, 11), full[..., 11], **TOL)
+    assert_close(cache.logit_attrs(stack, per_prompt), full[..., [7, 8, 9]].diagonal(dim1=1, dim2=-1).movedim(-1, 1))
+    assert_close(cache.logit_attrs(stack, 11), full[..., 11])
     diff = cache.logit_attrs(stack, 11, incorrect_tokens=12)
-    torch.testing.assert_close(diff, full[..., 11] - full[..., 12], **TOL)
+    assert_close(diff, full[..., 11] - full[..., 12])
     with pytest.raises(ValueError, match="same shape"):
         cache.logit_attrs(stack, per_prompt, incorrect_tokens=12)
 
@@ -83,13 +82,13 @@ def test_decompose_resid_sums_to_the_final_stream(any_model, prompts_of):
     stack, labels = cache.decompose_resid(return_labels=True)
     per_layer = ["attn_out", "mlp_out"] if any_model.cfg.architecture == "transformer" else ["mixer_out"]
     assert labels == ["embed"] + [f"{l}_{part}" for l in range(n) for part in per_layer]
-    torch.testing.assert_close(stack.sum(0), cache["resid_post", -1], **TOL)
-    torch.testing.assert_close(cache.decompose_resid(layer=1).sum(0), cache["resid_pre", 1], **TOL)
+    assert_close(stack.sum(0), cache["resid_post", -1])
+    assert_close(cache.decompose_resid(layer=1).sum(0), cache["resid_pre", 1])
     # apply_ln: each part as the unembedding sees it; they sum to the normalised stream less the norm's bias
     normed = cache.decompose_resid(apply_ln=True)
     final = cache["resid_post", -1]
     bias = any_model.ln_final(torch.zeros_like(final))
-    torch.testing.assert_close(normed.sum(0) + bias, any_model.ln_final(final), **TOL)
+    assert_close(normed.sum(0) + bias, any_model.ln_final(final))
     mixers = cache.decompose_resid(mode="mixer", incl_embeds=False)
     assert mixers.shape[0] == n
 
@@ -142,7 +141,7 @@ def test_the_bridges_other_cache_behaviour_is_kept(tiny_llama, prompts_of):
     heads, labels = cache.stack_head_results(return_labels=True)
     assert labels[:2] == ["L0H0", "L0H1"] and heads.shape[0] == 2 * tiny_llama.cfg.n_heads
     # the heads' results sum to each layer's attention output (less the output bias, zero in Llama)
-    torch.testing.assert_close(heads[: tiny_llama.cfg.n_heads].sum(0), cache["attn_out", 0], **TOL)
+    assert_close(heads[: tiny_llama.cfg.n_heads].sum(0), cache["attn_out", 0])
     one = cache.apply_slice_to_batch_dim(1)
     assert type(one) is Cache and one["resid_post", 0].shape == cache["resid_post", 0].shape[1:]
 
@@ -153,12 +152,12 @@ def test_learned_positions_and_layernorm_decompose_too(tiny_gpt2, prompts_of):
     stack, labels = cache.decompose_resid(return_labels=True)
     assert labels[:3] == ["embed", "pos_embed", "0_attn_out"]
     final = cache["resid_post", -1]
-    torch.testing.assert_close(stack.sum(0), final, **TOL)
+    assert_close(stack.sum(0), final)
     normed = cache.decompose_resid(apply_ln=True).sum(0)
-    torch.testing.assert_close(normed + tiny_gpt2.ln_final(torch.zeros_like(final)), tiny_gpt2.ln_final(final), **TOL)
+    assert_close(normed + tiny_gpt2.ln_final(torch.zeros_like(final)), tiny_gpt2.ln_final(final))
     tokens = cache.prompts.tokens
     lens = cache.logit_attrs(cache.accumulated_resid(apply_ln=True), tokens)
-    torch.testing.assert_close(lens[-1], logits.gather(-1, tokens[..., None])[..., 0] - tiny_gpt2.b_U[tokens], **TOL)
+    assert_close(lens[-1], logits.gather(-1, tokens[..., None])[..., 0] - tiny_gpt2.b_U[tokens])
 
 
 def test_hooks_for_names_exactly_what_the_methods_read(any_model, prompts_of):
@@ -169,4 +168,4 @@ def test_hooks_for_names_exactly_what_the_methods_read(any_model, prompts_of):
     for method, options in (("accumulated_resid", {"apply_ln": True}), ("decompose_resid", {"apply_ln": True})):
         _, cache = any_model.run_with_cache(prompts, names_filter=hooks_for(any_model, method, **options))
         # (caching every hook may take another path, e.g. materialised SSM states: equal within rounding)
-        torch.testing.assert_close(getattr(cache, method)(**options), getattr(full, method)(**options), **TOL)
+        assert_close(getattr(cache, method)(**options), getattr(full, method)(**options))

@@ -10,6 +10,11 @@ from transformers import FalconMambaConfig, FalconMambaForCausalLM
 from dynalens.models import HookedMamba, names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
+from tests.tolerances import assert_close
+
+# Ours and HuggingFace's model run other scan kernels (chunked, fused) over every layer:
+# their logits agree to 10x the float32 table.
+HF_PATH = 10
 
 VOCAB = 64
 BASE = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
@@ -46,7 +51,7 @@ def test_logits_and_greedy_generation_match_hf(overrides, tokens):
     ours = HookedMamba.from_hf(hf)
     assert ours.cfg.bcdt_norm and ours.cfg.bcdt_eps == hf.config.mixer_rms_eps
     with torch.no_grad():
-        assert (ours(tokens) - hf_logits(hf, tokens)).abs().max().item() <= 1e-4
+        assert_close(ours(tokens), hf_logits(hf, tokens), scale=HF_PATH)
         hf_out = hf.generate(tokens, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(tokens))
     assert torch.equal(ours.generate(tokens, max_new_tokens=10), hf_out)
 
@@ -72,13 +77,13 @@ def test_norm_hooks_hold_what_the_scan_reads(pair, tokens):
     cfg, mixer = ours.cfg, ours.blocks[layer].mixer
     dt, B, C = cache[hooks[0]].split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
     rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.bcdt_eps)  # noqa: E731
-    assert (cache[hooks[1]] - rms(B)).abs().max().item() <= 1e-5
-    assert (cache[hooks[4]] - rms(B)).abs().max().item() <= 1e-5
-    assert (cache[hooks[2]] - rms(C)).abs().max().item() <= 1e-5
-    assert (cache[hooks[5]] - C.pow(2).mean(-1, keepdim=True).add(cfg.bcdt_eps).sqrt()).abs().max().item() <= 1e-5
-    assert (cache[hooks[6]] - rms(dt)).abs().max().item() <= 1e-5
+    assert_close(cache[hooks[1]], rms(B))
+    assert_close(cache[hooks[4]], rms(B))
+    assert_close(cache[hooks[2]], rms(C))
+    assert_close(cache[hooks[5]], C.pow(2).mean(-1, keepdim=True).add(cfg.bcdt_eps).sqrt())
+    assert_close(cache[hooks[6]], rms(dt))
     delta = torch.nn.functional.softplus(mixer.dt_proj(rms(dt)))
-    assert (cache[hooks[3]] - delta).abs().max().item() <= 1e-5
+    assert_close(cache[hooks[3]], delta)
 
 
 def test_editing_the_b_norm_changes_the_output(pair, tokens):
@@ -98,7 +103,7 @@ def test_padded_batch_equals_its_unpadded_runs(pair):
     with torch.no_grad():
         logits = ours(prompts)
         for i, row in enumerate(rows):
-            assert (prompts.real(logits, i) - ours(torch.tensor([row]))[0]).abs().max().item() <= 1e-5
+            assert_close(prompts.real(logits, i), ours(torch.tensor([row]))[0])
 
 
 def test_dl_load_and_save_round_trip(pair, tokens, tmp_path):
@@ -107,8 +112,8 @@ def test_dl_load_and_save_round_trip(pair, tokens, tmp_path):
     loaded = dl.load(tmp_path / "hf")
     assert isinstance(loaded, HookedMamba) and architecture_of(loaded) == "mamba" and loaded.cfg.bcdt_norm
     with torch.no_grad():
-        assert (loaded(tokens) - hf_logits(hf, tokens)).abs().max().item() <= 1e-4
+        assert_close(loaded(tokens), hf_logits(hf, tokens), scale=HF_PATH)
     ours.save_pretrained(tmp_path / "ours")
     again = FalconMambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     assert type(again.config) is FalconMambaConfig
-    assert (hf_logits(again, tokens) - hf_logits(hf, tokens)).abs().max().item() <= 1e-6
+    assert_close(hf_logits(again, tokens), hf_logits(hf, tokens))

@@ -38,8 +38,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from dynalens.models.mamba import HookedMamba
 from dynalens.models.transformer import HookedTransformerBridge
-
-ATOL = RTOL = 1e-4  # float32
+from tests.tolerances import assert_close
 
 # A byte-level BPE vocabulary: the 256 byte symbols, a few merges, one control token.
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at"]
@@ -196,5 +195,5 @@ def test_gguf_loads_with_the_logits_of_transformers_from_the_same_file(
     tokens = torch.tensor([ids])
     with torch.no_grad():
         logits = model(tokens)
-        torch.testing.assert_close(logits, reference(tokens).logits, atol=ATOL, rtol=RTOL)
-        torch.testing.assert_close(logits, source(tokens).logits, atol=ATOL, rtol=RTOL)
+        assert_close(logits, reference(tokens).logits)
+        assert_close(logits, source(tokens).logits)

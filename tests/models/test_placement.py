@@ -8,7 +8,7 @@ import torch
 from dynalens.models import HookedMamba, HookedMamba2, HookedRNN, Mamba2Config, MambaConfig, RNNConfig
 from dynalens.models.hybrid import HookedHybrid
 from dynalens.models.placement import auto_device_map, place
-
+from tests.tolerances import assert_close
 
 
 def _hybrid() -> HookedHybrid:
@@ -54,10 +54,10 @@ def test_disk_offload_equals_in_memory(kind, tmp_path):
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=keep)
         ref_logits, ref_cache = reference.run_with_cache(tokens, names_filter=keep)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-6, rtol=1e-6)
+    assert_close(logits, ref_logits)
     assert sorted(cache.keys()) == sorted(ref_cache.keys())
     for name in ref_cache.keys():
-        torch.testing.assert_close(cache[name], ref_cache[name], atol=1e-6, rtol=1e-6)
+        assert_close(cache[name], ref_cache[name])
     assert torch.equal(model.generate(tokens, 4), reference.generate(tokens, 4))
 
 
@@ -77,7 +77,7 @@ def test_everything_on_disk(kind, tmp_path):
     assert set(model.hf_device_map.values()) == {"disk"}
     tokens = torch.randint(0, 50, (1, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), reference(tokens), atol=1e-6, rtol=1e-6)
+        assert_close(model(tokens), reference(tokens))
 
 
 def test_bad_device_maps_are_clear(tmp_path):
@@ -103,10 +103,10 @@ def test_smollm2_half_on_disk_equals_in_memory(smollm2, tmp_path):
     with torch.no_grad():
         logits, cache = offloaded.run_with_cache(tokens, names_filter=keep)
         ref_logits, ref_cache = smollm2.run_with_cache(tokens, names_filter=keep)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert_close(logits, ref_logits)
     assert sorted(cache.keys()) == sorted(ref_cache.keys())
     for name in ref_cache.keys():
-        torch.testing.assert_close(cache[name], ref_cache[name], atol=1e-5, rtol=1e-5)
+        assert_close(cache[name], ref_cache[name])
 
 
 def test_load_places_our_models(tmp_path):
@@ -118,4 +118,4 @@ def test_load_places_our_models(tmp_path):
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     tokens = torch.randint(0, reference.cfg.d_vocab, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(model(tokens), reference(tokens), atol=1e-5, rtol=1e-5)
+        assert_close(model(tokens), reference(tokens))

@@ -8,6 +8,7 @@ from torch import nn
 
 from dynalens.models.rnn import CELLS, HookedRNN, RNNConfig
 from dynalens.models.validation import HookNameError
+from tests.tolerances import assert_close
 
 VOCAB, D_IN, D_HIDDEN = 13, 5, 8
 TORCH_CLASSES = {
@@ -72,11 +73,11 @@ def test_matches_torch_modules(cell, n_layers, batch_first):
             )
             prefix_state = tuple(s[: layer + 1] for s in as_tuple(state))
             out, _ = run_torch(prefix, x, prefix_state if cell == "lstm" else prefix_state[0])
-            torch.testing.assert_close(cache[f"blocks.{layer}.cell.hook_hidden"], out, atol=1e-5, rtol=0)
+            assert_close(cache[f"blocks.{layer}.cell.hook_hidden"], out)
         ref_out, ref_final = run_torch(rnn, x, state)
-    torch.testing.assert_close(logits, unembed(ref_out), atol=1e-5, rtol=0)
+    assert_close(logits, unembed(ref_out))
     for ours, ref in zip(as_tuple(final), as_tuple(ref_final), strict=True):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        assert_close(ours, ref)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -91,9 +92,9 @@ def test_matches_torch_without_bias_and_zero_state(cell):
     with torch.no_grad():
         out, ref_final = rnn(embedding(toks))
     _, cache = model.run_with_cache(toks, names_filter="blocks.1.cell.hook_hidden")
-    torch.testing.assert_close(cache["blocks.1.cell.hook_hidden"], out, atol=1e-5, rtol=0)
+    assert_close(cache["blocks.1.cell.hook_hidden"], out)
     for ours, ref in zip(as_tuple(final), as_tuple(ref_final), strict=True):
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+        assert_close(ours, ref)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -110,7 +111,7 @@ def test_step_matches_torch_cell(cell):
     with torch.no_grad():
         expected = ref(x, state)
     for a, b in zip(as_tuple(ours), as_tuple(expected), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -134,8 +135,8 @@ def test_step_iterated_equals_forward():
     for t in range(5):
         state = cell.step(cache["hook_embed"][:, t], state)
         # the step projects one position, the forward all at once: equal up to float rounding
-        torch.testing.assert_close(state[0], cache["blocks.0.cell.hook_hidden"][:, t], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(state[1], cache["blocks.0.cell.hook_cell"][:, t], atol=1e-6, rtol=1e-5)
+        assert_close(state[0], cache["blocks.0.cell.hook_hidden"][:, t])
+        assert_close(state[1], cache["blocks.0.cell.hook_cell"][:, t])
 
 
 def test_from_torch_copies_weights():
@@ -275,9 +276,9 @@ def test_final_norm_and_unembedding_read_the_last_resid_post():
     logits, cache = model.run_with_cache(tokens())
     resid = cache["blocks.1.hook_resid_post"]
     normalized = torch.nn.functional.layer_norm(resid, (D_HIDDEN,), *model.ln_final.norm.parameters())
-    torch.testing.assert_close(cache["ln_final.hook_normalized"], normalized, atol=1e-6, rtol=0)
-    torch.testing.assert_close(normalized @ model.W_U + model.b_U, logits, atol=1e-5, rtol=0)
-    torch.testing.assert_close(model.unembed(model.ln_final(resid)), logits, atol=1e-6, rtol=1e-6)
+    assert_close(cache["ln_final.hook_normalized"], normalized)
+    assert_close(normalized @ model.W_U + model.b_U, logits)
+    assert_close(model.unembed(model.ln_final(resid)), logits)
 
 
 @pytest.mark.parametrize("name", ["blocks.1.hook_resid_post", "blocks.1.hook_mixer_out"])
@@ -286,7 +287,7 @@ def test_editing_stream_hooks_changes_logits(name):
     clean = model(tokens())
     zeroed = model.run_with_hooks(tokens(), fwd_hooks=[(name, lambda x, hook: torch.zeros_like(x))])
     # With the last layer's output zeroed and no final norm, the logits are the unembedding bias.
-    torch.testing.assert_close(zeroed, model.b_U.expand_as(zeroed), atol=1e-7, rtol=0)
+    assert_close(zeroed, model.b_U.expand_as(zeroed))
     assert not torch.allclose(zeroed, clean)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig, names
 from dynalens.models.store import ActivationStore, build_store
+from tests.tolerances import assert_close
 
 SEQ, PER_SHARD = 16, 4
 
@@ -50,7 +51,7 @@ def test_stored_activations_equal_recomputed(fixture, request, corpus, tmp_path)
         assert torch.equal(shard["tokens"], sequences[rows].reshape(-1))
         for name in hooks:
             expected = cache[name][rows].flatten(0, 1)
-            torch.testing.assert_close(shard[name], expected, atol=1e-5, rtol=1e-5)
+            assert_close(shard[name], expected)
 
 
 def test_transformer_store_from_text(tiny_llama, tmp_path):
@@ -61,7 +62,7 @@ def test_transformer_store_from_text(tiny_llama, tmp_path):
     store = build_store(tiny_llama, [hook], text, tmp_path, seq_len=32, shard_sequences=8, progress=False)
     shard = store.shard(0)
     _, cache = tiny_llama.run_with_cache(shard["tokens"][:32][None], names_filter=[hook])
-    torch.testing.assert_close(shard[hook][:32], cache[hook][0], atol=1e-4, rtol=1e-4)
+    assert_close(shard[hook][:32], cache[hook][0])
 
 
 def test_resume_skips_finished_shards_and_rejects_another_corpus(tiny_mamba, corpus, tmp_path):

@@ -16,6 +16,7 @@ from dynalens.models.tasks import (
     NeedleTask,
     make_task,
 )
+from tests.tolerances import assert_close
 
 SMALL = {
     "induction": {"d_vocab": 20, "half_len": 6},
@@ -64,7 +65,7 @@ def test_accuracy_perfect_and_random(name):
     assert random_acc < 0.3
     assert task.loss(one_hot_logits(b.targets, task.d_vocab), b).item() < 1e-6
     uniform = task.loss(torch.zeros(64, task.seq_len, task.d_vocab), b).item()
-    assert uniform == pytest.approx(math.log(task.d_vocab), rel=1e-5)
+    assert_close(uniform, math.log(task.d_vocab))
 
 
 def test_induction_second_half_repeats_distinct_first_half():

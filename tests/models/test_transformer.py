@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from dynalens.models import smollm2 as smollm2_builtin
 from dynalens.models.transformer import HookedTransformerBridge
 from dynalens.models.validation import HookNameError
+from tests.tolerances import assert_close
 
 PROMPT = "The capital of France is"
 SHARED = ("hook_embed", "blocks.{l}.hook_resid_pre", "blocks.{l}.hook_resid_post",
@@ -260,7 +261,7 @@ def test_gpt2_folder_with_learned_positions(tmp_path):
     names = ["hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_mixer_out"]
     logits, cache = model.run_with_cache(tokens, names_filter=names)
     with torch.no_grad():
-        torch.testing.assert_close(logits, hf(tokens).logits, rtol=1e-5, atol=1e-5)
+        assert_close(logits, hf(tokens).logits)
     torch.testing.assert_close(cache["hook_embed"], hf.transformer.wte(tokens))
     torch.testing.assert_close(
         cache["blocks.0.hook_resid_pre"], cache["hook_embed"] + cache["hook_pos_embed"]

@@ -29,6 +29,7 @@ from dynalens.probes.emergence import (
 from dynalens.probes.massive import MassiveActivations
 from dynalens.probes.residual import ResidualNorms
 from dynalens.probes.results import Result
+from tests.tolerances import assert_close
 
 STEPS = np.concatenate([[0.0], np.geomspace(1, 3000, 39)])
 
@@ -44,8 +45,8 @@ def relative_errors(fitted: dict[str, float], true: tuple[float, ...]) -> np.nda
 def test_fit_recovers_known_parameters(true):
     fit = EmergenceFit().fit(STEPS, emergence_function(STEPS, *true))
     assert relative_errors(fit.params_, true).max() <= 0.05
-    assert fit.r2_ == pytest.approx(1.0, abs=1e-9)
-    np.testing.assert_allclose(fit.predict(STEPS), emergence_function(STEPS, **_five(fit.params_)), rtol=1e-9)
+    assert_close(fit.r2_, 1.0, dtype=torch.float64)
+    assert_close(fit.predict(STEPS), emergence_function(STEPS, **_five(fit.params_)), dtype=torch.float64)
 
 
 def _five(params: dict[str, float]) -> dict[str, float]:
@@ -168,8 +169,8 @@ def test_massive_emergence_of_a_ragged_batch_equals_each_prompt_alone(run_dir):
     assert batched.prompts.is_padded
     for i, row in enumerate(ragged):
         alone = MassiveEmergence(run_dir)(model, [row])
-        torch.testing.assert_close(batched.maxima[:, i], alone.maxima[:, 0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(batched.medians[:, i], alone.medians[:, 0], rtol=1e-5, atol=1e-6)
+        assert_close(batched.maxima[:, i], alone.maxima[:, 0])
+        assert_close(batched.medians[:, i], alone.medians[:, 0])
     torch.testing.assert_close(batched.ratios, batched.maxima.mean(1) / batched.medians.mean(1))
 
 

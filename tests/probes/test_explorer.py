@@ -16,6 +16,7 @@ from dynalens.models import names
 from dynalens.models.rnn import HookedRNN
 from dynalens.models.transformer import HookedTransformerBridge
 from dynalens.probes import LogitLens, ResidualNorms
+from tests.tolerances import assert_close
 
 D_VOCAB = 50  # the vocabulary of the conftest models
 
@@ -36,7 +37,7 @@ def test_residual_norms_equal_norms_of_the_cached_stream(any_model, tokens):
         cache[f"blocks.{layer}.hook_resid_post"][0].norm(dim=-1) for layer in range(n_layers)
     ]
     assert result.norms.shape == (1, tokens.shape[1], n_layers + 1)
-    torch.testing.assert_close(result.norms[0].T, torch.stack(expected), rtol=1e-6, atol=1e-6)
+    assert_close(result.norms[0].T, torch.stack(expected))
     assert result.architecture == any_model.cfg.architecture
     assert result.prompts.tokens.tolist() == tokens.tolist()
     assert result.str_tokens() == decoded(any_model, tokens[0])
@@ -59,10 +60,10 @@ def test_logit_lens_last_layer_is_the_models_own_top_k(any_model, tokens):
     top = probs.topk(4, dim=-1)
     assert lens.top_ids.shape == (1, tokens.shape[1], any_model.cfg.n_layers + 1, 4)
     assert torch.equal(lens.top_ids[0, :, -1], top.indices)
-    torch.testing.assert_close(lens.top_probs[0, :, -1], top.values, rtol=1e-5, atol=1e-6)
+    assert_close(lens.top_probs[0, :, -1], top.values)
     assert (lens.top_probs[..., :-1] >= lens.top_probs[..., 1:]).all()
     assert lens.top_tokens[0][0][-1] == decoded(any_model, top.indices[0])
-    assert lens.metrics()["top1_prob"] == pytest.approx(top.values[:, 0].mean().item(), rel=1e-5)
+    assert_close(lens.metrics()["top1_prob"], top.values[:, 0].mean().item())
 
 
 def test_logit_lens_of_a_batch_is_each_rows_own_prediction(tiny_llama):

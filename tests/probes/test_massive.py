@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from dynalens.probes.massive import (
     site_hook_names,
 )
 from dynalens.probes.results import Result
+from tests.tolerances import SCAN, assert_close
 
 VOCAB, HUGE_TOKEN, HUGE_CHANNEL, HUGE = 32, 5, 7, 5000.0
 BIG_TOKEN, BIG_CHANNEL, BIG = 9, 3, 50.0
@@ -95,9 +95,9 @@ def test_magnitudes_and_medians_match_huggingface_hidden_states(planted, planted
     # HF's last hidden state is after the final norm; the others are embed, then each layer's output.
     for row in range(planted.cfg.n_layers):
         mags = hidden[row][0].abs()
-        torch.testing.assert_close(found.top_values[0, row], mags.flatten().topk(3).values, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(found.medians[0, row], mags.median(), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(found.channel_max[0, row], mags.max(0).values, rtol=1e-4, atol=1e-4)
+        assert_close(found.top_values[0, row], mags.flatten().topk(3).values)
+        assert_close(found.medians[0, row], mags.median())
+        assert_close(found.channel_max[0, row], mags.max(0).values)
 
 
 def test_ratio_is_mean_max_over_mean_median(planted, planted_hf):
@@ -108,8 +108,8 @@ def test_ratio_is_mean_max_over_mean_median(planted, planted_hf):
     for row in range(planted.cfg.n_layers):
         mags = hidden[row].abs().flatten(1)
         expected = mags.max(1).values.mean() / mags.median(1).values.mean()
-        torch.testing.assert_close(found.ratio[row], expected, rtol=1e-4, atol=0)
-    np.testing.assert_allclose(found.layers()["ratio"].to_numpy(), found.ratio.numpy(), rtol=1e-6)
+        assert_close(found.ratio[row], expected)
+    assert_close(found.layers()["ratio"].to_numpy(), found.ratio.numpy())
     # One massive sequence out of two: the ratio is still far above that of the plain ones alone.
     assert found.ratio[0] > 100 * MassiveActivations(k=1)(planted, prompts[1:]).ratio[0]
 
@@ -139,9 +139,9 @@ def test_zeroing_matches_the_same_edit_done_in_huggingface(planted, planted_hf):
     assert result.channels == [HUGE_CHANNEL]
     assert result.metrics()["ablated"] == result.loss_ablated.item()
     expected = _hf_loss_with_zeroed(planted_hf, PROMPT, HUGE_POS)
-    torch.testing.assert_close(result.loss_ablated, expected, rtol=1e-4, atol=0)
+    assert_close(result.loss_ablated, expected)
     clean = _hf_loss_with_zeroed(planted_hf, PROMPT, None)
-    torch.testing.assert_close(result.loss_clean, clean, rtol=1e-4, atol=0)
+    assert_close(result.loss_clean, clean)
     assert abs(result.loss_ablated.item() - clean.item()) > 1e-3  # the edit did something
     assert result.loss_random.item() != result.loss_ablated.item()
 
@@ -150,17 +150,16 @@ def test_zeroing_a_batch_edits_only_the_prompts_that_carry_them(planted, planted
     batch = torch.cat([PROMPT, torch.tensor([[1, 2, 3, 4, 6, 11, 12]])])
     result = MassiveAblation(mode="zero")(planted, batch)
     assert result.n_entries.tolist() == [planted.cfg.n_layers + 1, 0]
-    torch.testing.assert_close(result.loss_ablated[:1], _hf_loss_with_zeroed(planted_hf, PROMPT, HUGE_POS),
-                               rtol=1e-4, atol=0)  # fmt: skip
+    assert_close(result.loss_ablated[:1], _hf_loss_with_zeroed(planted_hf, PROMPT, HUGE_POS))
     torch.testing.assert_close(result.loss_ablated[1], result.loss_clean[1])  # nothing to replace
-    torch.testing.assert_close(result.loss_clean, _hf_loss_with_zeroed(planted_hf, batch, None), rtol=1e-4, atol=0)
+    assert_close(result.loss_clean, _hf_loss_with_zeroed(planted_hf, batch, None))
     assert result.to_frame()["n_entries"].tolist() == [planted.cfg.n_layers + 1, 0]
 
 
 def test_mean_of_one_prompt_is_its_own_value(planted):
     # With one prompt each massive entry's mean is its own value: the loss is unchanged.
     result = MassiveAblation(mode="mean")(planted, PROMPT)
-    assert result.loss_ablated.item() == pytest.approx(result.loss_clean.item(), rel=1e-5)
+    assert_close(result.loss_ablated.item(), result.loss_clean.item())
     with pytest.raises(ValueError, match="mode"):
         MassiveAblation(mode="one")(planted, PROMPT)
     with pytest.raises(ValueError, match="at least two tokens"):
@@ -207,8 +206,9 @@ def test_a_planted_ssd_state_value_is_found_where_the_reference_scan_puts_it(fix
                              return_states=True)  # fmt: skip
     magnitude = states[0].abs().flatten(1)  # [pos, h * p * n]
     row = rows.index(layer)
-    torch.testing.assert_close(found.top_values[0, row], magnitude.flatten().topk(4).values, rtol=1e-4, atol=0)
-    torch.testing.assert_close(found.medians[0, row], magnitude.median(), rtol=1e-3, atol=1e-6)
+    # states of the reference scan against the model's chunked scan
+    assert_close(found.top_values[0, row], magnitude.flatten().topk(4).values, scale=SCAN[torch.float32])
+    assert_close(found.medians[0, row], magnitude.median(), scale=SCAN[torch.float32])
     p, n = mixer.cfg.d_head, mixer.cfg.d_state
     channels = found.top_channels[0, row]
     assert (channels // (p * n) == PLANT_HEAD).all() and (channels // n % p == PLANT_P).all()
@@ -227,8 +227,8 @@ def test_ssd_state_site_of_a_ragged_batch_equals_each_prompt_alone(fixture, requ
         alone = analysis(model, [row]).to_frame()
         mine = together[together["prompt"] == i].reset_index(drop=True)
         assert mine[["layer", "rank", "position", "channel"]].equals(alone[["layer", "rank", "position", "channel"]])
-        np.testing.assert_allclose(mine["magnitude"], alone["magnitude"], rtol=1e-5)
-        np.testing.assert_allclose(mine["median"], alone["median"], rtol=1e-5, atol=1e-9)
+        assert_close(mine["magnitude"], alone["magnitude"])
+        assert_close(mine["median"], alone["median"])
 
 
 def test_resid_site_on_every_architecture(any_model, tokens):

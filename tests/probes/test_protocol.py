@@ -29,6 +29,7 @@ from dynalens.probes import (
     SinkScores,
 )
 from dynalens.probes.analysis import AnalysisError, Run
+from tests.tolerances import assert_close
 
 ATTENTION_ONLY = (SinkScores, ExtremeTokens, HeadActivity)
 
@@ -85,26 +86,26 @@ def per_prompt(result: Result, i: int) -> dict[str, object]:
     return views[type(result).__name__](result)
 
 
-def assert_close(a: object, b: object, where: str, atol: float = 1e-5) -> None:
+def assert_field_close(a: object, b: object, where: str, exact: bool = False) -> None:
     if isinstance(a, Tensor):
         assert isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
-        if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, equal_nan=True, msg=where)
+        if a.is_floating_point() and not exact:
+            assert_close(a, b, equal_nan=True, msg=where)
         else:
-            assert torch.equal(a, b), where
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()), where
     else:
         assert a == b, where
 
 
-def assert_same_result(a: Result, b: Result, atol: float = 1e-5) -> None:
-    """Two Results of one analysis on the same prompts agree field by field."""
+def assert_same_result(a: Result, b: Result, exact: bool = False) -> None:
+    """Two Results of one analysis on the same prompts agree field by field (``exact``: a round trip)."""
     assert type(a) is type(b)
     for field in dataclasses.fields(a):
         x, y = getattr(a, field.name), getattr(b, field.name)
         if field.name == "prompts":
             assert x.key() == y.key() and x.str_tokens == y.str_tokens and x.texts == y.texts
         else:
-            assert_close(x, y, field.name, atol)
+            assert_field_close(x, y, field.name, exact)
 
 
 def assert_frames_close(a: pd.DataFrame, b: pd.DataFrame) -> None:
@@ -112,7 +113,7 @@ def assert_frames_close(a: pd.DataFrame, b: pd.DataFrame) -> None:
     for column in a.columns:
         x, y = a[column].to_numpy(), b[column].to_numpy()
         if np.issubdtype(x.dtype, np.floating):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=column)
+            assert_close(x, y, msg=column)
         else:
             assert x.tolist() == y.tolist(), column
 
@@ -179,7 +180,7 @@ def test_transformer_lens_style_cache_code_gives_the_logit_lens(any_model):
     ], 2) + bias[ids]  # [batch, pos, row, k]
     mask = prompts.mask
     expected = lens.top_probs.log() - lens.top_probs[..., :1].log()
-    torch.testing.assert_close((logits - logits[..., :1])[mask], expected[mask], rtol=1e-4, atol=1e-4)
+    assert_close((logits - logits[..., :1])[mask], expected[mask])
 
 
 # --------------------------------------------------------- (b) a run saved whole
@@ -189,7 +190,7 @@ def test_run_save_load_round_trip(tiny_llama, tmp_path):
     back = Run.load(tmp_path / "run")
     assert sorted(back) == sorted(run)
     for name in run:
-        assert_same_result(back[name], run[name], atol=0)
+        assert_same_result(back[name], run[name], exact=True)
         assert back[name].to_frame().equals(run[name].to_frame())
     assert back["logit_lens"].params == {"k": 2} and back["logit_lens"].version == dl.__version__
 
@@ -216,7 +217,7 @@ def test_non_finite_values_at_pad_positions_are_not_read(any_model):
     cache.cache_dict[hook] = cache[hook].clone()
     cache.cache_dict[hook][0, :4] = float("nan")
     dirty = analysis.compute(cache, prompts)
-    assert_same_result(dirty, clean, atol=0)
+    assert_same_result(dirty, clean)
     assert dirty.norms[0, :4].isnan().all() and not dirty.to_frame()["norm"].isna().any()
 
 
@@ -236,7 +237,7 @@ def test_garbage_at_every_pad_position_leaves_the_result_unchanged(any_model, an
         else:  # [batch, pos, ...]
             x[pad] = float("nan")
         cache.cache_dict[name] = x
-    assert_same_result(analysis.compute(cache, prompts), clean, atol=0)
+    assert_same_result(analysis.compute(cache, prompts), clean)
 
 
 # ------------------------------------------ (d) compute on your cache == call
@@ -264,7 +265,7 @@ def test_batched_result_equals_each_prompt_alone(any_model, analysis, batch):
         alone = analysis(any_model, prompt)
         mine, theirs = per_prompt(batched, i), per_prompt(alone, 0)
         for key in mine:
-            assert_close(mine[key], theirs[key], f"{type(batched).__name__}.{key} of prompt {i}")
+            assert_field_close(mine[key], theirs[key], f"{type(batched).__name__}.{key} of prompt {i}")
         own = alone.to_frame().assign(prompt=i)
         assert_frames_close(frame[frame["prompt"] == i].reset_index(drop=True), own)
 
@@ -285,7 +286,7 @@ def test_results_save_and_load_exactly(any_model, analysis, tmp_path):
     result = analysis(any_model, BATCH)
     result.save(tmp_path / "r.safetensors")
     back = Result.load(tmp_path / "r.safetensors")
-    assert_same_result(back, result, atol=0)
+    assert_same_result(back, result, exact=True)
     assert back.params == {k: v for k, v in analysis.get_params().items()}
     assert back.model_name == result.model_name and back.architecture == any_model.cfg.architecture
 

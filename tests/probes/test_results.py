@@ -16,6 +16,7 @@ from torch import Tensor
 import dynalens as dl
 from dynalens.probes import LogitLens, LogitLensResult, ResidualNorms, ResidualNormsResult, Result
 from dynalens.probes.figures import token_label, token_labels
+from tests.tolerances import assert_close
 
 
 @dataclass(kw_only=True, eq=False)
@@ -157,7 +158,7 @@ def test_figures_are_labelled_heatmaps(results, tokens):
     assert list(norms.figure().layout.xaxis.ticktext) == token_labels(norms.str_tokens())
     assert list(norms.figure().layout.yaxis.ticktext) == ["embed", "L0", "L1"]
     assert list(lens.figure(position=2).layout.xaxis.ticktext) == ["#1", "#2", "#3"]
-    np.testing.assert_allclose(np.array(lens.figure(position=2).data[0].z), lens.top_probs[0, 2].numpy(), rtol=1e-6)
+    assert_close(np.array(lens.figure(position=2).data[0].z), lens.top_probs[0, 2].numpy())
 
 
 def test_figures_draw_one_prompt_of_a_padded_batch():
@@ -168,7 +169,7 @@ def test_figures_draw_one_prompt_of_a_padded_batch():
         "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
     )  # fmt: skip
     z = np.array(norms.figure(prompt=1).data[0].z, dtype=float)
-    np.testing.assert_allclose(z, norms.norms[1, 3:].T.numpy())  # the real columns 3 and 4 only
+    assert_close(z, norms.norms[1, 3:].T.numpy())  # the real columns 3 and 4 only
     (shape,) = norms.figure(prompt=1, position=-1).layout.shapes
     assert (shape.x0, shape.x1) == (0.5, 1.5)
     frame = norms.to_frame()
@@ -179,7 +180,7 @@ def test_figures_draw_one_prompt_of_a_padded_batch():
 def test_figure_options(results):
     norms, _ = results
     z = np.array(norms.figure(log=True).data[0].z, dtype=float)
-    np.testing.assert_allclose(z, np.log10(norms.norms[0].T.double().numpy()), rtol=1e-6)
+    assert_close(z, np.log10(norms.norms[0].T.double().numpy()))
     (shape,) = norms.figure(position=-1).layout.shapes
     n = len(norms.str_tokens())
     assert (shape.x0, shape.x1) == (n - 1.5, n - 0.5)

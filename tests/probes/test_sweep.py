@@ -17,6 +17,7 @@ import torch
 import dynalens as dl
 from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig
 from dynalens.probes.sweep import STATUS_FAILED, STATUS_OK, Sweep, read_sweep_file, sweep
+from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.xdist_group("ray")  # one local Ray at a time
 
@@ -65,7 +66,7 @@ def test_ray_sweep_stores_each_cell_as_run_alone(local_ray, model_dirs, tmp_path
                 assert list(pd_alone.columns) == list(pd_stored.columns)
                 for column in pd_alone.columns:
                     if pd_alone[column].dtype.kind == "f":
-                        assert (pd_alone[column] - pd_stored[column]).abs().max() <= 1e-5
+                        assert_close(pd_alone[column], pd_stored[column])
                     else:
                         assert pd_alone[column].tolist() == pd_stored[column].tolist()
 
@@ -77,7 +78,7 @@ def test_in_process_sweep_equals_ray_and_resume_skips(local_ray, model_dirs, tmp
     for label in model_dirs:
         a = here.results(label, "long").to_frame()
         b = on_ray.results(label, "long").to_frame()
-        assert (a["prob"] - b["prob"]).abs().max() <= 1e-5
+        assert_close(a["prob"], b["prob"])
     rows = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "cells").iterdir()}
     sweep(analyses, models=model_dirs, prompts=PROMPTS, store=tmp_path / "a", ray=False, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "cells").iterdir()} == rows
@@ -93,7 +94,7 @@ def test_a_new_ray_after_shutdown_gets_new_workers(local_ray, model_dirs, tmp_pa
     second = sweep(analyses, models=one, prompts=PROMPTS, store=tmp_path / "b", progress=False)
     assert (second.frame()["status"] == STATUS_OK).all() and len(second.frame()) == 2
     a, b = first.results("rnn", "long").to_frame(), second.results("rnn", "long").to_frame()
-    assert (a["prob"] - b["prob"]).abs().max() <= 1e-5
+    assert_close(a["prob"], b["prob"])
 
 
 DRIVER = textwrap.dedent(

@@ -31,6 +31,7 @@ from dynalens.probes.token_dynamics import (
     simulate_tokens,
     soft_sort,
 )
+from tests.tolerances import assert_close
 
 
 def random_systems(n_systems: int, dim: int, n: int, seed: int) -> SelectiveSystem:
@@ -102,7 +103,7 @@ def test_velocity_is_the_materialised_mixer_applied_to_the_tokens():
         delta = F.softplus(xs @ system.S_delta[s].T + system.delta_bias[s]).T[None]  # [1, dim, pos]
         B, C = ((xs @ S.T).T[None] for S in (system.S_B[s], system.S_C[s]))
         M = mixer_matrix(delta, system.A[s], B, C)[0]  # [dim, pos, pos]
-        torch.testing.assert_close(velocity[s], torch.einsum("dts,sd->td", M, xs), rtol=1e-10, atol=1e-12)
+        assert_close(velocity[s], torch.einsum("dts,sd->td", M, xs))
 
 
 def test_mamba_layer_system_reproduces_the_models_scan(tiny_mamba, tokens):
@@ -111,7 +112,7 @@ def test_mamba_layer_system_reproduces_the_models_scan(tiny_mamba, tokens):
     u, y = (cache[name].double() for name in hooks)
     system = SelectiveSystem.from_mamba(tiny_mamba, 1)
     skip = tiny_mamba.blocks[1].mixer.D.double() * u
-    torch.testing.assert_close(system.velocity(u) + skip, y, rtol=1e-4, atol=1e-5)
+    assert_close(system.velocity(u) + skip, y, dtype=torch.float32)  # y: the model's float32 scan
 
 
 def test_psd_reparametrisation_excludes_the_convergent_regime():
@@ -135,11 +136,11 @@ def test_mamba_regimes_from_weights(tiny_mamba, tmp_path):
         system = SelectiveSystem.from_mamba(tiny_mamba, layer)
         sym = torch.linalg.eigvalsh((system.mu[0] + system.mu[0].T) / 2)
         assert regime == ("divergent" if sym.max() > 0 else "convergent")
-        assert float(result.sym_max[layer]) == pytest.approx(float(sym.max()), rel=1e-5)
+        assert_close(float(result.sym_max[layer]), float(sym.max()))
         # The non-zero spectrum of S_C^T S_B is that of S_B S_C^T.
         full = torch.linalg.eigvals(system.mu[0])
         nonzero = full[full.abs() > 1e-8].real.sort().values
-        assert torch.allclose(result.eig_real[layer].double().sort().values, nonzero, atol=1e-5)
+        assert_close(result.eig_real[layer].double().sort().values, nonzero, dtype=torch.float32)
     result.save(tmp_path / "regimes.safetensors")
     loaded = Result.load(tmp_path / "regimes.safetensors")
     assert isinstance(loaded, MambaRegimesResult) and loaded.regimes == result.regimes
@@ -175,7 +176,7 @@ def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tmp_path):
         readout = torch.zeros(tiny_mamba.cfg.d_inner)
         readout[channel] = 1.0
         result = TokenImportance(0, readout=readout)(tiny_mamba, ids)
-        torch.testing.assert_close(F.softplus(result.scores), delta[..., channel], rtol=1e-5, atol=1e-6)
+        assert_close(F.softplus(result.scores), delta[..., channel])
     mean = TokenImportance(0)(tiny_mamba, RAGGED)
     highest = max(float(mean.scores[p, -len(row):].max()) for p, row in enumerate(RAGGED))  # real tokens only
     assert mean.top(1)["score"].iloc[0] == pytest.approx(highest)
@@ -183,8 +184,8 @@ def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tmp_path):
         n = len(row)
         torch.testing.assert_close(mean.permutation[prompt, -n:, -n:], soft_sort(mean.scores[prompt, -n:].double()).float())
         alone = TokenImportance(0)(tiny_mamba, [row])
-        torch.testing.assert_close(mean.scores[prompt, -n:], alone.scores[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(mean.permutation[prompt, -n:, -n:], alone.permutation[0], rtol=1e-5, atol=1e-6)
+        assert_close(mean.scores[prompt, -n:], alone.scores[0])
+        assert_close(mean.permutation[prompt, -n:, -n:], alone.permutation[0])
         assert not mean.scores[prompt, : 6 - n].any() and not mean.permutation[prompt, : 6 - n].any()
     frame = mean.to_frame()
     assert list(frame.columns) == ["prompt", "position", "token", "score", "rank"]
@@ -216,11 +217,11 @@ def test_trajectories_are_the_stream_norms_and_their_log_slope(any_model, tmp_pa
     hooks = names.resid_stream(any_model.cfg.n_layers)
     _, cache = any_model.run_with_cache(ids, names_filter=hooks)
     expected = torch.stack([cache[name].norm(dim=-1) for name in hooks], dim=-1)
-    torch.testing.assert_close(result.norms, expected, rtol=1e-5, atol=1e-5)
+    assert_close(result.norms, expected)
     depth = np.arange(len(hooks))
     for b, p in ((0, 0), (2, 3)):
         slope = np.polyfit(depth, np.log(result.norms[b, p].double().numpy()), 1)[0]
-        assert float(result.growth[b, p]) == pytest.approx(slope, rel=1e-4, abs=1e-6)
+        assert_close(float(result.growth[b, p]), slope)
     prompts = Prompts(any_model, ids)
     torch.testing.assert_close(TokenTrajectories().compute(cache, prompts).norms, result.norms)
     with pytest.raises(AnalysisError, match="cache does not hold"):
@@ -232,8 +233,8 @@ def test_trajectories_of_a_ragged_batch_are_each_prompts_own(any_model, tmp_path
     result = TokenTrajectories()(any_model, RAGGED)
     for i, row in enumerate(RAGGED):
         n, alone = len(row), TokenTrajectories()(any_model, [row])
-        torch.testing.assert_close(result.norms[i, -n:], alone.norms[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(result.growth[i, -n:], alone.growth[0], rtol=1e-5, atol=1e-5)
+        assert_close(result.norms[i, -n:], alone.norms[0])
+        assert_close(result.growth[i, -n:], alone.growth[0])
         assert not result.norms[i, : 6 - n].any() and not result.growth[i, : 6 - n].any()
     hooks = names.resid_stream(any_model.cfg.n_layers)
     frame = result.to_frame()
@@ -313,7 +314,7 @@ def test_values_at_pad_positions_never_reach_a_result(model_name, make, request)
     for field in dataclasses.fields(clean):
         value = getattr(clean, field.name)
         if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(getattr(dirty, field.name), value, rtol=1e-6, atol=1e-6, msg=field.name)
+            assert_close(getattr(dirty, field.name), value, msg=field.name)
     assert clean.to_frame().equals(dirty.to_frame())
 
 
@@ -358,10 +359,10 @@ def test_mamba_regimes_of_mamba2_and_hybrid_ssm_layers(model_name, layers, reque
         mu = system.mu[0]  # [group, d_inner, d_inner]
         sym = torch.linalg.eigvalsh((mu + mu.transpose(1, 2)) / 2)
         assert result.group_regimes[row] == ["divergent" if lam.max() > 0 else "convergent" for lam in sym]
-        assert float(result.sym_max[row]) == pytest.approx(float(sym.max()), rel=1e-5)
+        assert_close(float(result.sym_max[row]), float(sym.max()))
         full = torch.linalg.eigvals(mu).reshape(-1)  # the non-zero spectrum of each group's mu
         nonzero = full[full.abs() > 1e-8].real.sort().values
-        assert torch.allclose(result.eig_real[row].double().sort().values, nonzero, atol=1e-4)
+        assert_close(result.eig_real[row].double().sort().values, nonzero, dtype=torch.float32)
         torch.testing.assert_close(result.delta0[row], F.softplus(mixer.dt_bias.detach()))
     frame = result.to_frame()
     assert list(frame["layer"]) == layers and set(frame["layer_type"]) == {"mamba2"}
@@ -424,11 +425,11 @@ def test_a_hybrids_mamba_layers_are_read_as_mamba_layers():
     assert regimes.layers == [0, 2] and regimes.layer_types == ["mamba", "mamba"]
     system = SelectiveSystem.from_mixer(model.blocks[2].mixer)
     sym = torch.linalg.eigvalsh((system.mu[0] + system.mu[0].T) / 2)
-    assert float(regimes.sym_max[1]) == pytest.approx(float(sym.max()), rel=1e-5)
+    assert_close(float(regimes.sym_max[1]), float(sym.max()))
     ids = batch(2, 5)
     result = LyapunovExponents(2, k=3)(model, ids)
     _, cache = model.run_with_cache(ids, names_filter=[names.mixer(2, "delta")])
     log_decay = cache[names.mixer(2, "delta")].double()[..., None] * model.blocks[2].mixer.A.double()
     expected = log_decay.mean(1).flatten(1).sort(dim=1, descending=True).values[:, :3]
-    torch.testing.assert_close(result.exponents.double(), expected, rtol=1e-5, atol=1e-7)
+    assert_close(result.exponents.double(), expected, dtype=torch.float32)
     assert result.layer_type == "mamba" and TokenImportance(0)(model, ids).layer_type == "mamba"
