@@ -179,9 +179,9 @@ def emergence_panel(request, series, progress_key):
     if sweep_view.is_store(source):  # a dl.sweep store: its stored metrics, nothing recomputed
         stored = sweep_view.metric_frame(source)
         if stored.empty:
-            return _EMPTY, hint(f"The sweep store {source!r} has no finished cell with summary metrics yet.")
+            return _EMPTY, None, hint(f"The sweep store {source!r} has no finished cell with summary metrics yet.")
         text = f"{stored['model'].nunique()} checkpoints from the sweep store, {stored['metric'].nunique()} metrics."
-        return sweep_view.figure(stored), hint(text)
+        return sweep_view.figure(stored), None, hint(text)
     try:
         series = checkpoint_series(source)
     except (FileNotFoundError, KeyError):
