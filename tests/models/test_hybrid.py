@@ -253,8 +253,9 @@ def test_continuing_from_the_state_equals_one_call(arch, tokens):
 
 # ------------------------------------------------------------ names, loading
 def test_attention_hooks_equal_the_bridge_s_on_bamba(tokens):
-    hf, ours = pair("bamba")
-    bridge = TransformerBridge.boot_transformers("bamba", hf_model=hf, tokenizer=word_tokenizer())
+    _, ours = pair("bamba")
+    # the Bridge takes over the HF model it boots on: its own copy (same seed, same weights), not the shared pair's
+    bridge = TransformerBridge.boot_transformers("bamba", hf_model=build_hf("bamba", seed=1), tokenizer=word_tokenizer())
     parts = ["q", "k", "v", "rot_q", "rot_k", "pattern", "z"]
     hooks = [names.attn(1, part) for part in parts] + [names.attn_out(1), names.resid_post(1)]
     _, theirs = bridge.run_with_cache(tokens, names_filter=hooks)
