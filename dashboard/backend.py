@@ -72,8 +72,8 @@ S = TypeVar("S", bound=Saved)
 T = TypeVar("T")
 
 
-JOB_POLL_MS = 150
-"""How often the page asks whether a background job has finished."""
+JOB_POLL_MS = 100
+"""How often the page asks whether a background job has finished (a cached job answers in about this)."""
 
 
 class DashboardError(Exception):
