@@ -2,7 +2,7 @@
 
 Run from the repository root (the install already done, Chromium present)::
 
-    nice -n -10 .venv/bin/python -P benchmarks/dashboard.py [--port 8061] [--repeats 3]
+    nice -n -10 .venv/bin/python -P benchmarks/dashboard.py [--port 8061] [--repeats 3] [--parts make,pages,overhead]
 
 It starts ``make dashboard`` itself (``-o`` keeps make from re-running the
 install step), drives headless Chromium, and prints:
@@ -23,7 +23,9 @@ that a hook on SmolLM2's embedding counts the forwards the server runs) and prin
 - four tabs at once (``dashboard.client.Tab``, HTTP as the renderer speaks
   it): two on SmolLM2, two on ``mamba-ar``, each with its own new prompt,
   each running the Explorer's analyses and the Heads grid's background job;
-  median and worst callback time (a job's time includes its polls).
+  median and worst callback time (a job's time includes its polls);
+- a trivial callback answered directly vs as a background job (the job's
+  cost over a plain callback: its poll interval).
 
 Every browser latency is wall time from the action to the figures drawn; the
 slowest callback request (browser Performance API) is printed too.
@@ -259,6 +261,34 @@ def pages_and_tabs(driver, repeats: int) -> None:
     server.close()
 
 
+def job_overhead(repeats: int = 15) -> None:
+    """A trivial callback answered directly vs as a background job (its cost: the poll), over HTTP."""
+    import waitress
+    from dash import Input, Output
+
+    from dynalens.dashboard import backend
+    from dynalens.dashboard.app import create_app
+    from dynalens.dashboard.client import Tab
+    from dynalens.dashboard.components import ProgressBar
+
+    app = create_app(cache_dir=tempfile.mkdtemp(prefix="dl-bench-cache-"))
+    bar = ProgressBar("bench-job")
+    app.callback(Output("bench-plain-out", "data"), Input("bench-plain-in", "data"))(lambda x: x)
+    app.callback(Output("bench-job-out", "data"), Input("bench-job-in", "data"), bar.key,
+                 **backend.background(bar))(lambda x, key: x)  # fmt: skip
+    server = waitress.create_server(app.server, host="127.0.0.1", port=0, threads=4)
+    threading.Thread(target=server.run, daemon=True).start()
+    tab = Tab(f"http://127.0.0.1:{server.effective_port}/")
+    for name, ask in (("plain callback", ("bench-plain-out.data", {("bench-plain-in", "data"): 1}, {})),
+                      ("background job", ("bench-job-out.data", {("bench-job-in", "data"): 1},
+                                          {("bench-job-progress-key", "data"): "k"}))):  # fmt: skip
+        tab.call(*ask)
+        times = [tab.call(*ask).seconds for _ in range(repeats)]
+        print(f"trivial {name:<15} median {statistics.median(times) * 1000:6.1f} ms  "
+              f"(poll every {backend.JOB_POLL_MS} ms)")
+    server.close()
+
+
 def served_by_make(driver, port: int, repeats: int) -> None:
     """``make dashboard`` to first paint, then new, cached and layer-change latencies on the Explorer."""
     prompts = [prompt_of(N_TOKENS, seed=time.time_ns() + i) for i in range(repeats)]
@@ -328,7 +358,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=8061)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-make", action="store_true", help="only the in-process part (pages, tabs)")
+    parser.add_argument("--parts", default="make,pages,overhead",
+                        help="comma-separated: make (make dashboard, Explorer), pages (pages, four tabs), "
+                             "overhead (a background job vs a plain callback)")
     args = parser.parse_args()
 
     options = Options()
@@ -336,9 +368,13 @@ def main() -> None:
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options)  # started before the clock: not the server's cost
     try:
-        if not args.skip_make:
+        parts = args.parts.split(",")
+        if "make" in parts:
             served_by_make(driver, args.port, args.repeats)
-        pages_and_tabs(driver, args.repeats)
+        if "pages" in parts:
+            pages_and_tabs(driver, args.repeats)
+        if "overhead" in parts:
+            job_overhead()
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         print(f"(load average {load})")
     finally:
