@@ -1,4 +1,4 @@
-"""Dynamics: token norms across depth, Mamba regimes, mixers across architectures, the RNN phase portrait.
+"""Dynamics: token norms across depth, SSM regimes, mixers across architectures, the RNN phase portrait.
 
 Every figure is the ``.figure()`` of a Result: the analyses of the prompt
 (:func:`analyses`: ``TokenTrajectories``, ``MixerComparison`` of the chosen
@@ -125,11 +125,12 @@ def regimes_panel(request):
     if not request:
         raise PreventUpdate
     model = backend.load_model(request["model"])
-    if architecture_of(model) != "mamba":
-        return _EMPTY, hint("The regime criterion reads a selective SSM's x_proj: pick a Mamba model.")
+    if architecture_of(model) not in dl.probes.MambaRegimes.architectures:
+        return _EMPTY, hint("The regime criterion reads a selective SSM's B, C and step-size projections: "
+                            "pick a Mamba, Mamba-2 or hybrid model.")  # fmt: skip
     found = backend.page_results(request["model"], model, None, [dl.probes.MambaRegimes()])["mamba_regimes"]
     frame = found.to_frame()
-    columns = ["layer", "regime", "sym_max", "sym_min", "convergent_channels", "mean_delta0"]
+    columns = ["layer", "regime", "layer_type", "sym_max", "sym_min", "convergent_channels", "mean_delta0"]
     table = html.Table(
         [html.Tr([html.Th(c) for c in columns])]
         + [html.Tr([html.Td(_cell(row[c])) for c in columns]) for _, row in frame.iterrows()],
