@@ -62,7 +62,7 @@ class ThreadJobs(DiskcacheManager):
 
     def __init__(self, folder: str | Path) -> None:
         super().__init__(diskcache.Cache(str(folder), size_limit=RESULTS_BYTES))
-        self._jobs: dict[int, tuple[threading.Thread, threading.Event]] = {}
+        self._jobs: dict[int, tuple[threading.Thread, threading.Event, str]] = {}  # thread, stop flag, result key
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -82,12 +82,17 @@ class ThreadJobs(DiskcacheManager):
         with self._lock:
             job = next(self._ids)
             thread = threading.Thread(target=target, name=f"dashboard-job-{job}", daemon=True)
-            self._jobs = {j: t for j, t in self._jobs.items() if t[0].is_alive()}
-            self._jobs[job] = (thread, stop)
+            self._jobs = {j: found for j, found in self._jobs.items() if self._pending(found)}
+            self._jobs[job] = (thread, stop, key)
         thread.start()
         return job
 
-    def _job(self, job: Any) -> tuple[threading.Thread, threading.Event] | None:
+    def _pending(self, found: tuple[threading.Thread, threading.Event, str]) -> bool:
+        """Whether the job still runs, or its result waits to be read."""
+        thread, _, key = found
+        return thread.is_alive() or key in self.handle
+
+    def _job(self, job: Any) -> tuple[threading.Thread, threading.Event, str] | None:
         try:
             number = int(job)
         except (TypeError, ValueError):
@@ -96,16 +101,21 @@ class ThreadJobs(DiskcacheManager):
             return self._jobs.get(number)
 
     def job_running(self, job: Any) -> bool:
-        """Whether the job's thread still runs."""
+        """Whether the job runs or its result is not read yet.
+
+        Dash reads the result first and then asks whether the job runs; a job
+        that stored its result and ended between the two would otherwise
+        count as cancelled, and its tab would never get the result.
+        """
         found = self._job(job)
-        return found is not None and found[0].is_alive()
+        return found is not None and self._pending(found)
 
     def terminate_job(self, job: Any) -> None:
         """Ask the job to stop and wait up to ``STOP_WAIT_S`` for it (it stores its cancelled outputs first)."""
         found = self._job(job)
         if found is None:
             return
-        thread, stop = found
+        thread, stop, _ = found
         stop.set()
         if thread is not threading.current_thread():
             thread.join(STOP_WAIT_S)
@@ -117,4 +127,4 @@ class ThreadJobs(DiskcacheManager):
     def running(self) -> int:
         """How many jobs run now."""
         with self._lock:
-            return sum(thread.is_alive() for thread, _ in self._jobs.values())
+            return sum(thread.is_alive() for thread, _, _ in self._jobs.values())

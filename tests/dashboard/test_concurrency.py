@@ -1,23 +1,27 @@
-"""Four tabs analysing at once on two models, against a real waitress server on a free port."""
+"""Four tabs analysing at once on two models, against a real waitress server on a free port; the job manager."""
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import dash
+import flask
 import torch
 import waitress
 from dash import Input, Output
+from dash.testing.wait import until
 
 import dynalens as dl
 from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app
 from dynalens.dashboard.client import Tab
 from dynalens.dashboard.components import ProgressBar
+from dynalens.dashboard.jobs import ThreadJobs
 
 MODELS = ("attn2l-induction", "mamba-ar")  # token-id prompts: vocabularies of 64 and 32
 TABS = 4
@@ -79,3 +83,47 @@ def test_four_tabs_on_two_models_get_their_own_results_at_once(server):
         # the model a job loaded stays loaded in the server: the next request (any tab) finds it
         assert got["model"] == cached["model"] == id(backend.load_model(ask["model"]))
     assert app._background_manager.running() == 0
+
+
+def test_a_finished_job_counts_as_running_until_its_result_is_read(tmp_path):
+    """Dash reads the result, then asks whether the job runs: a job ending in between must not look cancelled."""
+    jobs = ThreadJobs(tmp_path / "jobs")
+    release = threading.Event()
+
+    def job_fn(key, progress_key, args, context):
+        release.wait(10)
+        jobs.handle.set(key, {"answer": args[0]})
+
+    with flask.Flask("jobs-test").app_context():
+        job = jobs.call_job_fn("result-key", job_fn, [42], {})
+    assert jobs.get_result("result-key", None) is jobs.UNDEFINED and jobs.job_running(str(job))
+    release.set()
+    until(lambda: jobs.running() == 0, timeout=10)  # the thread ended, its result is not read yet
+    assert jobs.job_running(str(job))
+    assert jobs.get_result("result-key", str(job)) == {"answer": 42}
+    assert not jobs.job_running(str(job)) and not jobs.job_running("no-such-job")
+    jobs.terminate_job(str(job))  # a finished job: nothing to stop
+
+
+def test_a_cancelled_job_stops_at_its_next_report_and_keys_never_repeat(tmp_path):
+    jobs = ThreadJobs(tmp_path / "jobs")
+    started, reports = threading.Event(), []
+
+    def job_fn(key, progress_key, args, context):
+        with backend.reporting("job") as report:
+            report.step("Long", size=1000)
+            started.set()
+            try:
+                while True:
+                    report.advance(1)
+                    reports.append(1)
+                    time.sleep(0.01)
+            except backend.Cancelled as exc:
+                jobs.handle.set(key, str(exc))
+
+    with flask.Flask("jobs-test").app_context():
+        job = jobs.call_job_fn("cancel-key", job_fn, [], {})
+    started.wait(10)
+    jobs.terminate_job(str(job))  # returns once the job stopped
+    assert jobs.running() == 0 and "stopped before it finished" in jobs.get_result("cancel-key", str(job))
+    assert len({jobs.build_cache_key(job_fn, [1], [], None) for _ in range(3)}) == 3
