@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -68,6 +69,10 @@ def create_app(
         suppress_callback_exceptions=True,  # page components appear after the first render
         background_callback_manager=ThreadJobs(jobs_dir),
     )
+    # Dash signs each page load's job handles with the server's secret; without one it stores a secret in the
+    # job store on the first requests, or makes a random one when that store fails. Jobs live in this process,
+    # so one secret per process, set before any request, is enough.
+    app.server.secret_key = secrets.token_bytes(32)
     app.server.config[backend.CACHE_CONFIG_KEY] = ResultsCache(cache_dir, max_bytes=cache_bytes)
     app.layout = layout.shell(default_model)
 

@@ -84,7 +84,7 @@ class ThreadJobs(DiskcacheManager):
             thread = threading.Thread(target=target, name=f"dashboard-job-{job}", daemon=True)
             self._jobs = {j: found for j, found in self._jobs.items() if self._pending(found)}
             self._jobs[job] = (thread, stop, key)
-        thread.start()
+            thread.start()  # before another call's clean-up sees it: a thread not started is not alive
         return job
 
     def _pending(self, found: tuple[threading.Thread, threading.Event, str]) -> bool:

@@ -66,6 +66,7 @@ def test_four_tabs_on_two_models_get_their_own_results_at_once(server):
         answer = Tab(url, timeout=120).call(f"{OUT}.data", {(REQUEST, "data"): ask},
                                             {("concurrency-progress-key", "data"): f"tab-{i}"})  # fmt: skip
         assert answer.polls >= 1  # a background job, polled like the page polls it
+        assert OUT in answer.outputs, answer
         return answer.outputs[OUT]["data"]
 
     with ThreadPoolExecutor(TABS) as pool:  # no deadlock: each tab answers within the Tab's timeout
