@@ -245,6 +245,8 @@ def pages_and_tabs(driver, repeats: int) -> None:
         prepared = page.call(f"{explorer.PROMPT_STORE}.data", {(REQUEST, "data"): request}, {(explorer.LAYER, "value"): None})
         grid = page.call(f"{heads.GRID}.figure", {(REQUEST, "data"): request, (heads.KIND, "value"): "induction"},
                          {(heads.SCORES_PROGRESS.key_id, "data"): f"bench-{i}"})
+        if explorer.PROMPT_STORE not in prepared.outputs or heads.GRID not in grid.outputs:
+            raise RuntimeError(f"tab {i} got no answer: {prepared.outputs.keys()}, {grid.outputs.keys()}")
         return [prepared.seconds, grid.seconds]
 
     t = time.perf_counter()
