@@ -171,8 +171,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_here(port: int):
-    """The dashboard served by waitress in this process; the server, SmolLM2 and its forward counter."""
+def serve_here(port: int) -> list[int]:
+    """Serve the dashboard with waitress in this process until it ends; SmolLM2's forward counter (batch sizes)."""
     import waitress
 
     from dynalens.dashboard import backend
@@ -185,7 +185,7 @@ def serve_here(port: int):
     model.hook_dict[names.EMBED].register_forward_hook(lambda mod, args, out: forwards.append(out.shape[0]))
     server = waitress.create_server(app.server, host="127.0.0.1", port=port, threads=16)
     threading.Thread(target=server.run, daemon=True).start()
-    return server, forwards
+    return forwards
 
 
 def pages_and_tabs(driver, repeats: int) -> None:
@@ -193,7 +193,7 @@ def pages_and_tabs(driver, repeats: int) -> None:
     from dynalens.dashboard.client import Tab
 
     port = free_port()
-    server, forwards = serve_here(port)
+    forwards = serve_here(port)
     url = f"http://127.0.0.1:{port}"
     driver.get(url + "/")
     settle(driver, "explorer", None)  # the default prompt
@@ -260,7 +260,6 @@ def pages_and_tabs(driver, repeats: int) -> None:
     again = [tab(0) for _ in range(5)]
     print(f"cached, one tab: Explorer analyses (callback) {med(a for a, _ in again) * 1000:.0f} ms, "
           f"Heads grid (background job, polled every {backend.JOB_POLL_MS} ms) {med(g for _, g in again) * 1000:.0f} ms")
-    server.close()
 
 
 def job_overhead(repeats: int = 15) -> None:
@@ -288,7 +287,6 @@ def job_overhead(repeats: int = 15) -> None:
         times = [tab.call(*ask).seconds for _ in range(repeats)]
         print(f"trivial {name:<15} median {statistics.median(times) * 1000:6.1f} ms  "
               f"(poll every {backend.JOB_POLL_MS} ms)")
-    server.close()
 
 
 def served_by_make(driver, port: int, repeats: int) -> None:
