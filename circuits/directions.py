@@ -17,6 +17,12 @@ lists; one left-padded batch with its mask, pads never read) and
 :meth:`Direction.from_activations` fits activations you already hold.
 :func:`resid_activations` is the reader both use.
 
+``site="state"`` reads an SSM layer's recurrent state instead
+(``names.mixer(layer, "ssm_state")``, flattened: Mamba's ``d_inner × d_state``,
+Mamba-2's ``n_heads × d_head × d_state``; a hybrid's SSM layers), so a
+direction can be read, and steered (:func:`~dynalens.circuits.steer`), in
+the state as well as in the residual stream.
+
 Vectors are stored raw; :meth:`Direction.unit` gives unit vectors. A direction
 saves as one record file (:class:`~dynalens.probes.results.Saved`).
 
@@ -43,11 +49,43 @@ from dynalens.models import names
 from dynalens.models.prompts import PromptInput, Prompts
 from dynalens.models.surface import architecture_of, model_name_of
 from dynalens.models.validation import check_finite, check_index
+from dynalens.probes.layers import ssm_layers
 from dynalens.probes.results import Saved
 
 Layers = Literal["all"] | Sequence[int]
 Position = int | Literal["mean"]
 Method = Literal["diff_in_means", "pca", "probe"]
+Site = Literal["resid", "state"]
+
+SITES = ("resid", "state")
+
+
+def site_hook(model: Any, layer: int, site: Site) -> str:
+    """The hook a direction of ``site`` lives at in ``layer``: ``resid_post``, or the SSM state.
+
+    Raises ``ValueError`` for an unknown site, or ``site="state"`` on a layer
+    without an SSM state (naming the layers that have one).
+    """
+    if site == "resid":
+        return names.resid_post(layer)
+    if site != "state":
+        raise ValueError(f"site must be one of {SITES}, got {site!r}")
+    with_state = sorted(ssm_layers(model))
+    if layer not in with_state:
+        raise ValueError(
+            f"site='state' reads an SSM layer's recurrent state, and layer {layer} of this "
+            f"{architecture_of(model)} has none; layers with one: {with_state}"
+        )
+    return names.mixer(layer, "ssm_state")
+
+
+def site_width(model: Any, layer: int, site: Site) -> int:
+    """How many numbers a direction of ``site`` has at ``layer``: ``d_model``, or the flattened state."""
+    site_hook(model, layer, site)
+    if site == "resid":
+        return model.cfg.d_model
+    cfg = model.blocks[layer].mixer.cfg
+    return cfg.d_inner * cfg.d_state  # Mamba-2: n_heads * d_head = d_inner
 
 
 def resolve_layers(model: Any, layers: Layers) -> list[int]:
@@ -95,8 +133,9 @@ def resid_activations(
     layers: Sequence[int],
     position: Position = -1,
     batch_size: int = 32,
+    site: Site = "resid",
 ) -> Float[Tensor, "prompt layer d_model"]:
-    """The residual stream after each of ``layers`` at ``position`` of every prompt (float32, CPU).
+    """The residual stream (or SSM state) after each of ``layers`` at ``position`` of every prompt (float32, CPU).
 
     Parameters
     ----------
@@ -113,18 +152,21 @@ def resid_activations(
         ``"mean"`` to average over its real tokens.
     batch_size
         Prompts per forward pass.
+    site
+        ``"resid"`` (``names.resid_post(layer)``) or ``"state"``: the layers'
+        SSM states, flattened (see :func:`site_hook`).
     """
     prompts = Prompts(model, prompts)
     check_position(position, prompts)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    hooks = [names.resid_post(check_index("layer", layer, model.cfg.n_layers)) for layer in layers]
+    hooks = [site_hook(model, check_index("layer", layer, model.cfg.n_layers), site) for layer in layers]
     out = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             batch = prompts if len(prompts) <= batch_size else prompts[start : start + batch_size]
             _, cache = model.run_with_cache(batch, names_filter=hooks)
-            resid = torch.stack([cache[name] for name in hooks], dim=2)  # [batch, pos, layer, d]
+            resid = torch.stack([cache[name].flatten(2) for name in hooks], dim=2)  # [batch, pos, layer, d]
             out.append(pool(resid, batch, position).float().cpu())
     return torch.cat(out)
 
@@ -136,7 +178,8 @@ class Direction(Saved):
     Attributes
     ----------
     vectors
-        Raw vectors ``[layer, d_model]``, one per entry of ``layers``.
+        Raw vectors ``[layer, d_model]``, one per entry of ``layers`` (``d_model``
+        is the flattened state size for ``site="state"``).
     layers
         The block indices covered, ascending.
     method
@@ -147,6 +190,8 @@ class Direction(Saved):
         How many prompts of each set it was read from.
     model_name, architecture
         The model it was read from.
+    site
+        Where the vectors live: ``"resid"`` (``resid_post``) or ``"state"`` (the SSM state).
     version
         The dynalens version that made it.
     """
@@ -159,6 +204,7 @@ class Direction(Saved):
     n_negative: int = 0
     model_name: str = ""
     architecture: str = ""
+    site: Site = "resid"
     version: str = field(default=__version__)
 
     def __post_init__(self) -> None:
@@ -170,11 +216,13 @@ class Direction(Saved):
         if list(self.layers) != sorted(set(self.layers)):
             raise ValueError(f"layers must be distinct and ascending, got {self.layers}")
         check_finite("direction vectors", self.vectors)
+        if self.site not in SITES:
+            raise ValueError(f"site must be one of {SITES}, got {self.site!r}")
         self.layers = [int(layer) for layer in self.layers]
 
     def __repr__(self) -> str:
         return (
-            f"Direction(layers={self.layers}, d_model={self.d_model}, method={self.method!r}, "
+            f"Direction(layers={self.layers}, d_model={self.d_model}, site={self.site!r}, method={self.method!r}, "
             f"position={self.position!r}, model_name={self.model_name!r})"
         )
 
@@ -190,6 +238,7 @@ class Direction(Saved):
         position: Position = -1,
         C: float = 1.0,
         batch_size: int = 32,
+        site: Site = "resid",
     ) -> Direction:
         """Read both prompt sets at ``layers`` and turn them into one vector per layer.
 
@@ -210,14 +259,19 @@ class Direction(Saved):
             The probe's inverse regularisation strength (``"probe"`` only).
         batch_size
             Prompts per forward pass.
+        site
+            ``"resid"``, or ``"state"``: the SSM state of each layer (``layers="all"``
+            takes the layers that have one).
         """
         _check_method(method)
         chosen = resolve_layers(model, layers)
-        pos = resid_activations(model, positive, chosen, position, batch_size)
-        neg = resid_activations(model, negative, chosen, position, batch_size)
+        if site == "state" and layers == "all":  # the layers that have a state (an error names them if none)
+            chosen = [layer for layer in chosen if layer in ssm_layers(model)] or chosen
+        pos = resid_activations(model, positive, chosen, position, batch_size, site)
+        neg = resid_activations(model, negative, chosen, position, batch_size, site)
         return cls.from_activations(
             pos, neg, chosen, method, C=C, position=position,
-            model_name=model_name_of(model), architecture=architecture_of(model),
+            model_name=model_name_of(model), architecture=architecture_of(model), site=site,
         )  # fmt: skip
 
     @classmethod
@@ -232,12 +286,13 @@ class Direction(Saved):
         position: Position = -1,
         model_name: str = "",
         architecture: str = "",
+        site: Site = "resid",
     ) -> Direction:
         """The direction of ``method`` from activations already read (:func:`resid_activations`).
 
         ``positive``/``negative`` hold one row per prompt and one column per
-        entry of ``layers``; ``position``, ``model_name`` and ``architecture``
-        are recorded as given.
+        entry of ``layers``; ``position``, ``model_name``, ``architecture`` and
+        ``site`` are recorded as given.
         """
         _check_method(method)
         if positive.ndim != 3 or negative.ndim != 3 or positive.shape[1:] != negative.shape[1:]:
@@ -259,6 +314,7 @@ class Direction(Saved):
             n_negative=int(negative.shape[0]),
             model_name=model_name,
             architecture=architecture,
+            site=site,
         )
 
     # --------------------------------------------------------------- reading
@@ -301,6 +357,7 @@ class Direction(Saved):
             "n_negative": self.n_negative,
             "model_name": self.model_name,
             "architecture": self.architecture,
+            "site": self.site,
             "version": self.version,
         }
 

@@ -28,6 +28,15 @@ normalised to sum to one (:func:`channel_patterns`). The three scores are
 computed per channel exactly as for attention and aggregated into channel
 groups (the mean over a group's channels), the model's "heads".
 
+Mamba-2 has heads: each SSD head's matrix ``M = L ∘ (C Bᵀ)``
+(:func:`dynalens.kernels.ssd_mixer_matrix`, from the cached ``dt``, ``B``,
+``C``), shared by the head's ``d_head`` channels, is read the same way
+(:func:`ssd_patterns`) and scored as one head. A hybrid scores each layer by
+its own mixer (``model.layer_types``): attention layers from their patterns,
+SSM layers from their mixer matrices; the result says which mixer each head
+belongs to (:attr:`HeadScoresResult.mixers`), and a layer with fewer heads
+than the widest has ``nan`` in the missing columns of the grids.
+
 The standard induction workload is :func:`repeated_tokens`
 (``BOS, x_1..x_L, x_1..x_L``, :class:`~dynalens.models.tasks.InductionTask`).
 
@@ -49,13 +58,15 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from dynalens.kernels import mixer_matrix
+from dynalens.kernels import mixer_matrix, ssd_mixer_matrix
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.models.tasks import BOS, InductionTask
 from dynalens.probes.analysis import Analysis, Experiment
 from dynalens.probes.figures import heatmap
+from dynalens.probes.layers import ssm_layers
+from dynalens.probes.mixer import layer_mixers
 from dynalens.probes.results import Result
 
 SCORES = ("induction", "prev_token", "sink")
@@ -65,8 +76,12 @@ DEFAULT_CHANNEL_GROUPS = 8
 """Channel groups of a Mamba layer when none are asked for (``gcd(8, d_inner)``)."""
 
 
-def grid_frame(grids: dict[str, Tensor]) -> pd.DataFrame:
-    """One row per ``(layer, head)`` with a column per ``[layer, head]`` grid."""
+def grid_frame(grids: dict[str, Tensor], mixers: list[list[str]] | None = None) -> pd.DataFrame:
+    """One row per ``(layer, head)`` with a column per ``[layer, head]`` grid.
+
+    With ``mixers`` (each layer's heads' mixers, see :attr:`HeadScoresResult.mixers`)
+    a ``mixer`` column follows ``head`` and only the heads a layer has are listed.
+    """
     layers, heads = next(iter(grids.values())).shape
     frame = pd.DataFrame({
         "layer": torch.arange(layers).repeat_interleave(heads).numpy(),
@@ -74,7 +89,11 @@ def grid_frame(grids: dict[str, Tensor]) -> pd.DataFrame:
     })  # fmt: skip
     for name, grid in grids.items():
         frame[name] = grid.flatten().double().numpy()
-    return frame
+    if mixers is None:
+        return frame
+    padded = [layer[h] if h < len(layer) else None for layer in mixers for h in range(heads)]
+    frame.insert(2, "mixer", padded)
+    return frame[frame["mixer"].notna()].reset_index(drop=True)
 
 
 def grid_figure(values: Tensor, value_name: str, title: str, signed: bool = False) -> go.Figure:
@@ -99,10 +118,15 @@ class HeadScoresResult(Result):
         in :data:`SCORES` order; ``nan`` where a prompt has no query for a kind.
     queries
         ``[kind, prompt]``: how many queries each prompt's score averages (its weight in the pooled grid).
+    mixers
+        ``mixers[layer][head]``: the mixer each head of each layer belongs to
+        (``attention``, ``mamba``: a channel group, ``mamba2``: an SSD head);
+        a layer's list is as long as its heads (a hybrid's layers differ).
     """
 
     scores: Float[Tensor, "kind prompt layer head"]
     queries: Int[Tensor, "kind prompt"]
+    mixers: list[list[str]]
 
     def score(self, kind: str, prompt: int | None = None) -> Float[Tensor, "layer head"]:
         """The grid called ``kind`` (one of :data:`SCORES`): pooled over prompts, or of one ``prompt``."""
@@ -117,7 +141,9 @@ class HeadScoresResult(Result):
         if total == 0:
             return torch.full(per_prompt.shape[1:], float("nan"))
         summed = (torch.nan_to_num(per_prompt) * weights[:, None, None]).sum(0)
-        return summed / total
+        width = per_prompt.shape[-1]
+        missing = torch.tensor([[h >= len(heads) for h in range(width)] for heads in self.mixers])
+        return (summed / total).masked_fill(missing, float("nan"))
 
     @property
     def induction(self) -> Float[Tensor, "layer head"]:
@@ -134,19 +160,27 @@ class HeadScoresResult(Result):
         """Pooled sink scores."""
         return self.score("sink")
 
+    def metrics(self) -> dict[str, float]:
+        """``max_{kind}`` for each score of :data:`SCORES`: the best head's pooled score (what a sweep stores)."""
+        grids = {kind: self.score(kind) for kind in SCORES}
+        return {
+            f"max_{kind}": float(grid[~grid.isnan()].max()) if (~grid.isnan()).any() else float("nan")
+            for kind, grid in grids.items()
+        }
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per prompt and head: ``prompt, layer, head`` and every score."""
+        """One row per prompt and head: ``prompt, layer, head, mixer`` and every score."""
         frames = []
         for prompt in range(self.scores.shape[1]):
-            frame = grid_frame({kind: self.score(kind, prompt) for kind in SCORES})
+            frame = grid_frame({kind: self.score(kind, prompt) for kind in SCORES}, self.mixers)
             frame.insert(0, "prompt", prompt)
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 10, by: str = "induction") -> pd.DataFrame:
-        """The ``k`` heads with the highest pooled ``by`` score: ``layer, head`` and every pooled score."""
+        """The ``k`` heads with the highest pooled ``by`` score: ``layer, head, mixer`` and every pooled score."""
         self.score(by)
-        frame = grid_frame({kind: self.score(kind) for kind in SCORES})
+        frame = grid_frame({kind: self.score(kind) for kind in SCORES}, self.mixers)
         return frame.nlargest(k, by).reset_index(drop=True)
 
     def heads(self, by: str = "induction", threshold: float = 0.5) -> list[tuple[int, int]]:
@@ -164,12 +198,14 @@ class HeadScoresResult(Result):
 
 
 class HeadScores(Analysis):
-    """Induction, previous-token and sink scores of every head (Mamba: channel group), from one forward.
+    """Induction, previous-token and sink scores of every head, from one forward.
+
+    A Mamba layer's "heads" are channel groups, a Mamba-2 layer's its SSD heads.
 
     Parameters
     ----------
     channel_groups
-        Mamba only: how many channel groups make its "heads" (default
+        Mamba layers only: how many channel groups make its "heads" (default
         ``gcd(8, d_inner)``); they must divide ``d_inner``.
 
     Examples
@@ -178,52 +214,45 @@ class HeadScores(Analysis):
     >>> scores.heads("induction", 0.5)                        # doctest: +SKIP
     """
 
-    architectures: ClassVar[tuple[str, ...]] = ("transformer", "mamba")
-    requirement: ClassVar[str] = "attention patterns (or a Mamba's SSM mixer matrices)"
+    architectures: ClassVar[tuple[str, ...]] = ("transformer", "mamba", "mamba2", "hybrid")
+    requirement: ClassVar[str] = "attention patterns or SSM mixer matrices"
 
     def __init__(self, channel_groups: int | None = None):
         self.channel_groups = channel_groups
 
     def check(self, model: Any) -> None:
         super().check(model)
-        if architecture_of(model) == "mamba":
-            channel_group_count(model, self.channel_groups)
-        elif self.channel_groups is not None:
-            raise ValueError(
-                f"channel_groups is for Mamba models; this model is a {architecture_of(model)}: "
-                "leave channel_groups=None"
-            )
+        check_channel_groups(model, self.channel_groups)
 
     def hooks(self, model: Any) -> list[str]:
-        layers = range(model.cfg.n_layers)
-        if architecture_of(model) == "mamba":
-            return [names.mixer(layer, part) for layer in layers for part in ("delta", "B", "C")]
-        return [names.pattern(layer) for layer in layers]
+        return mixer_pattern_hooks(model)
 
     def _compute(self, cache: Any, prompts: Prompts) -> HeadScoresResult:
         model = cache.model
-        mamba = architecture_of(model) == "mamba"
-        groups = channel_group_count(model, self.channel_groups) if mamba else None
-        scores, queries = [], []
+        scores, queries, mixers = [], [], []
         for prompt in range(len(prompts)):
             tokens = prompts.real(prompts.tokens, prompt, dim=1).cpu()
-            if mamba:
-                patterns = [group_patterns(channel_patterns(model, cache, layer, prompts, prompt), groups)
-                            for layer in range(model.cfg.n_layers)]  # fmt: skip
-            else:
-                patterns = [_real_pattern(cache[names.pattern(layer)], prompts, prompt)
-                            for layer in range(model.cfg.n_layers)]  # fmt: skip
+            layers = [head_patterns(model, cache, layer, prompts, prompt, self.channel_groups)
+                      for layer in range(model.cfg.n_layers)]  # fmt: skip
+            mixers, patterns = [kinds for kinds, _ in layers], [heads for _, heads in layers]
             per_kind, counts = [], []
             for target in score_targets(tokens):
                 counts.append(int(target.any(-1).sum()))
-                per_kind.append(torch.stack([attention_scores(p, target) for p in patterns]))
+                per_kind.append(pad_heads([attention_scores(p, target) for p in patterns]))
             scores.append(torch.stack(per_kind))
             queries.append(counts)
         return HeadScoresResult(
             **self.provenance(model, prompts),
             scores=torch.stack(scores, 1).float(),
             queries=torch.tensor(queries, dtype=torch.long).T.contiguous(),
+            mixers=mixers,
         )
+
+
+def pad_heads(per_layer: list[Float[Tensor, " head"]]) -> Float[Tensor, "layer head"]:
+    """Per-layer head vectors as one ``[layer, head]`` grid, ``nan`` past a layer's heads."""
+    width = max(len(v) for v in per_layer)
+    return torch.stack([torch.cat([v.float(), v.new_full((width - len(v),), float("nan"))]) for v in per_layer])
 
 
 def _real_pattern(pattern: Tensor, prompts: Prompts, prompt: int) -> Float[Tensor, "head q k"]:
@@ -288,14 +317,84 @@ def attention_scores(pattern: Float[Tensor, "head q k"], target: Bool[Tensor, "q
     return (mass * has).sum(-1) / has.sum()
 
 
-# ----------------------------------------------------------------- Mamba channels
-def channel_group_count(model: Any, channel_groups: int | None) -> int:
-    """``channel_groups`` checked against ``d_inner`` (default ``gcd(8, d_inner)``)."""
-    d_inner = model.cfg.d_inner
+# ----------------------------------------------------------------- every layer's heads
+#: The hooks each kind of mixer's patterns read, by layer.
+_MIXER_HOOKS = {
+    "attention": lambda layer: [names.pattern(layer)],
+    "mamba": lambda layer: [names.mixer(layer, part) for part in ("delta", "B", "C")],
+    "mamba2": lambda layer: [names.mixer(layer, part) for part in ("dt", "B", "C")],
+}
+
+
+def mixer_pattern_hooks(model: Any) -> list[str]:
+    """The hooks :func:`layer_patterns` reads on every layer of ``model``."""
+    return [
+        name
+        for layer in range(model.cfg.n_layers)
+        for mixer in layer_mixers(model, layer)
+        for name in _MIXER_HOOKS[mixer](layer)
+    ]
+
+
+def layer_patterns(
+    model: Any, cache: Any, layer: int, prompts: Prompts, prompt: int
+) -> list[tuple[str, Float[Tensor, "unit q k"]]]:
+    """Each mixer of ``layer`` with its patterns over one prompt's real tokens, rows summing to one.
+
+    ``(mixer, patterns)`` per mixer of the layer (:func:`~dynalens.probes.mixer.layer_mixers`):
+    ``attention`` one per head, ``mamba`` one per channel (:func:`channel_patterns`),
+    ``mamba2`` one per SSD head (:func:`ssd_patterns`); none on an MLP-only layer.
+    """
+    read = {
+        "attention": lambda: _real_pattern(cache[names.pattern(layer)], prompts, prompt),
+        "mamba": lambda: channel_patterns(model, cache, layer, prompts, prompt),
+        "mamba2": lambda: ssd_patterns(model, cache, layer, prompts, prompt),
+    }
+    return [(mixer, read[mixer]()) for mixer in layer_mixers(model, layer)]
+
+
+def head_patterns(
+    model: Any, cache: Any, layer: int, prompts: Prompts, prompt: int, channel_groups: int | None = None
+) -> tuple[list[str], Float[Tensor, "head q k"]]:
+    """The mixer of each of ``layer``'s heads and their patterns over one prompt's real tokens.
+
+    :func:`layer_patterns` with a Mamba layer's channels averaged into
+    ``channel_groups`` groups (:func:`group_patterns`); no heads on an MLP-only layer.
+    """
+    mixers, patterns = [], []
+    for mixer, pattern in layer_patterns(model, cache, layer, prompts, prompt):
+        if mixer == "mamba":
+            pattern = group_patterns(pattern, channel_group_count(model, channel_groups, layer))
+        mixers += [mixer] * len(pattern)
+        patterns.append(pattern)
+    n = int(prompts.lengths[prompt])
+    return mixers, torch.cat(patterns) if patterns else torch.zeros(0, n, n)
+
+
+def check_channel_groups(model: Any, channel_groups: int | None) -> None:
+    """Raise if ``channel_groups`` does not divide every Mamba layer's ``d_inner``, or the model has none."""
+    layers = [layer for layer, kind in ssm_layers(model).items() if kind == "mamba"]
+    if channel_groups is not None and not layers:
+        raise ValueError(
+            f"channel_groups is for Mamba layers; this {architecture_of(model)} has none: leave channel_groups=None"
+        )
+    for layer in layers:
+        channel_group_count(model, channel_groups, layer)
+
+
+def channel_group_count(model: Any, channel_groups: int | None, layer: int = 0) -> int:
+    """``channel_groups`` checked against a Mamba layer's ``d_inner`` (default ``gcd(8, d_inner)``)."""
+    d_inner = model.blocks[layer].mixer.cfg.d_inner
     n = math.gcd(DEFAULT_CHANNEL_GROUPS, d_inner) if channel_groups is None else channel_groups
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= d_inner or d_inner % n:
         raise ValueError(f"channel_groups must divide d_inner = {d_inner} into equal groups, got {n!r}")
     return n
+
+
+def _normalised_rows(m: Float[Tensor, "unit q k"]) -> Float[Tensor, "unit q k"]:
+    """``|m|`` with every row scaled to sum to one (float32, CPU)."""
+    m = m.abs().float().cpu()
+    return m / m.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def channel_patterns(
@@ -310,8 +409,19 @@ def channel_patterns(
         prompts.real(cache[names.mixer(layer, part)], prompt)[None].transpose(1, 2)
         for part in ("delta", "B", "C")
     )  # [1, d_inner | d_state, pos]
-    m = mixer_matrix(delta, model.blocks[layer].mixer.A, B, C)[0].abs().float().cpu()
-    return m / m.sum(-1, keepdim=True).clamp_min(1e-12)
+    return _normalised_rows(mixer_matrix(delta, model.blocks[layer].mixer.A, B, C)[0])
+
+
+def ssd_patterns(model: Any, cache: Any, layer: int, prompts: Prompts, prompt: int) -> Float[Tensor, "head q k"]:
+    """Every SSD head's ``|M|`` over one prompt's real tokens, rows normalised to sum to one (Mamba-2).
+
+    ``M = L ∘ (C Bᵀ)`` with ``Δ`` (:func:`~dynalens.kernels.ssd_mixer_matrix`)
+    from the cache's ``mixer.hook_dt``, ``hook_B`` and ``hook_C`` of ``layer``
+    at the prompt's real positions; the ``D`` skip is left out.
+    """
+    dt, B, C = (prompts.real(cache[names.mixer(layer, part)], prompt)[None] for part in ("dt", "B", "C"))
+    A = model.blocks[layer].mixer.A.to(dt.device)
+    return _normalised_rows(ssd_mixer_matrix(dt, A, B, C)[0])
 
 
 def group_patterns(patterns: Float[Tensor, "channel q k"], groups: int) -> Float[Tensor, "group q k"]:

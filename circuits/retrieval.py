@@ -48,7 +48,8 @@ answer, and the random control draws heads outside the top 100.
 Mamba has no attention: :class:`MixerRetrievalScores` applies the same
 copy-paste rule, from a cache, to each channel's materialised SSM matrix (the
 key with the largest ``|M[q, k]|``) and averages the channels of each channel
-group.
+group; on Mamba-2 to each SSD head's matrix, on a hybrid to each layer's own
+mixer (attention heads by their pattern's top key).
 
 >>> ret = dl.circuits.RetrievalScores(30, context_tokens=(1000, 2000))(model)   # doctest: +SKIP
 >>> ret.top(10); ret.figure()                                                   # doctest: +SKIP
@@ -73,7 +74,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dynalens.circuits.heads import channel_group_count, channel_patterns, grid_figure, grid_frame
+from dynalens.circuits.heads import (
+    channel_group_count,
+    check_channel_groups,
+    grid_figure,
+    grid_frame,
+    layer_patterns,
+    mixer_pattern_hooks,
+    pad_heads,
+)
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import unembed_resid
@@ -491,22 +500,26 @@ class RetrievalScores(Experiment):
         )
 
 
-# ----------------------------------------------------------------- Mamba
+# ----------------------------------------------------------------- SSM mixers
 @dataclass(kw_only=True, eq=False)
 class MixerRetrievalScoresResult(Result):
-    """Retrieval scores of a Mamba model's channel groups, per prompt.
+    """Retrieval scores of every head (Mamba: channel group; Mamba-2: SSD head), per prompt.
 
     Attributes
     ----------
     prompt_scores
         ``[prompt, layer, group]`` in ``[0, 1]``: each prompt's copy-paste share
-        of its scored steps (``nan`` for a prompt with none).
+        of its scored steps (``nan`` for a prompt with none, and past a layer's heads).
     steps
         ``[prompt]``: the scored steps of each prompt.
+    mixers
+        ``mixers[layer][group]``: the mixer each group belongs to (``attention``,
+        ``mamba``, ``mamba2``; see :attr:`~dynalens.circuits.HeadScoresResult.mixers`).
     """
 
     prompt_scores: Float[Tensor, "prompt layer group"]
     steps: Int[Tensor, " prompt"]
+    mixers: list[list[str]]
 
     @property
     def scores(self) -> Float[Tensor, "layer group"]:
@@ -514,33 +527,36 @@ class MixerRetrievalScoresResult(Result):
         return self.prompt_scores[self.steps > 0].mean(0)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per prompt, layer and channel group: ``prompt, layer, group, score``."""
+        """One row per prompt, layer and group: ``prompt, layer, group, mixer, score``."""
         frames = []
         for prompt, scores in enumerate(self.prompt_scores):
-            frame = grid_frame({"score": scores}).rename(columns={"head": "group"})
+            frame = grid_frame({"score": scores}, self.mixers).rename(columns={"head": "group"})
             frame.insert(0, "prompt", prompt)
             frames.append(frame)
         return pd.concat(frames, ignore_index=True)
 
     def top(self, k: int = 10) -> pd.DataFrame:
-        """The ``k`` channel groups with the highest mean scores."""
-        frame = grid_frame({"score": self.scores}).rename(columns={"head": "group"})
+        """The ``k`` groups with the highest mean scores."""
+        frame = grid_frame({"score": self.scores}, self.mixers).rename(columns={"head": "group"})
         return frame.nlargest(k, "score", keep="first").reset_index(drop=True)
 
     def figure(self) -> go.Figure:
-        """The layer × channel-group grid of mean retrieval scores."""
-        return grid_figure(self.scores, "retrieval score", f"Channel-group retrieval scores · {self.model_name}")
+        """The layer × group grid of mean retrieval scores."""
+        return grid_figure(self.scores, "retrieval score", f"Mixer retrieval scores · {self.model_name}")
 
 
 class MixerRetrievalScores(Analysis):
-    """Retrieval scores of a Mamba model's channel groups, from the materialised SSM matrices.
+    """Retrieval scores of a Mamba model's channel groups (Mamba-2: SSD heads), from the materialised mixer matrices.
 
     At every scored step (query ``q`` of a prompt, predicting its real token
     ``q + 1``) where the model's top-1 token is that next token, a channel
     copy-pastes when the key with the largest ``|M[q, k]|`` lies in the
     source positions and holds that same token. A channel's score is its
     copy-paste share of the scored steps of a prompt; a group's score is the
-    mean over its channels; the batch's, the mean over prompts.
+    mean over its channels; the batch's, the mean over prompts. A Mamba-2
+    head is scored as one channel, from its SSD matrix; a hybrid's attention
+    heads (and Mamba-2 heads) as such, by the top key of their pattern
+    (matrix), its Mamba-1 layers by channel groups.
 
     Parameters
     ----------
@@ -551,10 +567,10 @@ class MixerRetrievalScores(Analysis):
         ``[batch, pos]``: where the copied tokens may be read from (the needle,
         the key-value context); default every real position.
     channel_groups
-        How many channel groups to report (default ``gcd(8, d_inner)``).
+        Mamba layers only: how many channel groups to report (default ``gcd(8, d_inner)``).
     """
 
-    architectures: ClassVar[tuple[str, ...]] = ("mamba",)
+    architectures: ClassVar[tuple[str, ...]] = ("mamba", "mamba2", "hybrid")
     requirement: ClassVar[str] = "SSM mixer matrices"
 
     def __init__(
@@ -569,12 +585,10 @@ class MixerRetrievalScores(Analysis):
 
     def check(self, model: Any) -> None:
         super().check(model)
-        channel_group_count(model, self.channel_groups)
+        check_channel_groups(model, self.channel_groups)
 
     def hooks(self, model: Any) -> list[str]:
-        n_layers = model.cfg.n_layers
-        mixers = [names.mixer(layer, part) for layer in range(n_layers) for part in ("delta", "B", "C")]
-        return [*mixers, names.resid_post(n_layers - 1)]
+        return [*mixer_pattern_hooks(model), names.resid_post(model.cfg.n_layers - 1)]
 
     def provenance(self, model: Any, prompts: Prompts | None) -> dict[str, Any]:
         fields = super().provenance(model, prompts)
@@ -597,11 +611,10 @@ class MixerRetrievalScores(Analysis):
 
     def _compute(self, cache: Any, prompts: Prompts) -> MixerRetrievalScoresResult:
         model = cache.model
-        groups = channel_group_count(model, self.channel_groups)
         score_mask = self._mask(self.score_mask, prompts, "score_mask")
         source_mask = self._mask(self.source_mask, prompts, "source_mask")
         predicted = unembed_resid(model, cache[names.resid_post(model.cfg.n_layers - 1)]).argmax(-1).cpu()
-        scores, steps = [], []
+        scores, steps, mixers = [], [], []
         for prompt in range(len(prompts)):
             tokens, guess, score, source = (
                 prompts.real(x, prompt).cpu() for x in (prompts.tokens, predicted, score_mask, source_mask)
@@ -611,17 +624,25 @@ class MixerRetrievalScores(Analysis):
             score[-1] = False  # the last position has no next token to copy
             n_steps = int(score.sum())
             copied = (guess == target) & score  # [q]
-            per_layer = []
+            per_layer, mixers = [], []
             for layer in range(model.cfg.n_layers):
-                top = channel_patterns(model, cache, layer, prompts, prompt).argmax(-1)  # [channel, q]
-                hit = (tokens[top] == target) & source[top] & copied
-                per_layer.append((hit.sum(-1) / n_steps).view(groups, -1).mean(-1))
-            scores.append(torch.stack(per_layer))
+                groups, kinds = [], []
+                for mixer, patterns in layer_patterns(model, cache, layer, prompts, prompt):
+                    top = patterns.argmax(-1)  # [unit, q]
+                    hit = ((tokens[top] == target) & source[top] & copied).sum(-1) / n_steps
+                    if mixer == "mamba":
+                        hit = hit.view(channel_group_count(model, self.channel_groups, layer), -1).mean(-1)
+                    groups.append(hit)
+                    kinds += [mixer] * len(hit)
+                per_layer.append(torch.cat(groups) if groups else torch.zeros(0))
+                mixers.append(kinds)
+            scores.append(pad_heads(per_layer))
             steps.append(n_steps)
         return MixerRetrievalScoresResult(
             **self.provenance(model, prompts),
             prompt_scores=torch.stack(scores).float(),
             steps=torch.tensor(steps, dtype=torch.long),
+            mixers=mixers,
         )
 
 

@@ -1,8 +1,11 @@
-"""Steering: move the residual stream along a :class:`Direction` while the model runs.
+"""Steering: move the residual stream (or an SSM state) along a :class:`Direction` while the model runs.
 
 :func:`steer` is a context manager: inside it every forward pass of the model,
 ``model.generate`` included, has the chosen layers' ``names.resid_post(layer)``
-changed. Three modes, with ``u`` the unit vector of the layer:
+changed, or, for a direction of ``site="state"``, their SSM states
+``names.mixer(layer, "ssm_state")`` (Mamba, Mamba-2, a hybrid's SSM layers;
+flattened to one vector per position). Three modes, with ``u`` the unit
+vector of the layer:
 
 - ``"add"``: ``x + alpha * u``;
 - ``"ablate"``: ``x - (x . u) u`` (the projection on ``u`` is removed);
@@ -17,6 +20,11 @@ on, the one-position tensors of later steps are never mistaken for the prompt
 (the bug of steering-vectors #60), and a prompt of one token is still a
 prompt. In a left-padded batch (:class:`~dynalens.models.prompts.Prompts`, or
 token ids with an ``attention_mask``) pad positions are never steered.
+
+A steered state ``h_t`` is the one read out into ``y_t`` and carried on to
+the next call (the models' ``hook_ssm_state`` contract): within one pass the
+recurrence is not re-run from it, while in ``generate`` every new token starts
+from the steered state of the token before.
 
 Hooks and the wrapped ``forward``/``generate`` are removed on exit, exceptions
 included; weights are never touched.
@@ -54,6 +62,8 @@ from dynalens.circuits.directions import (
     Position,
     resid_activations,
     resolve_layers,
+    site_hook,
+    site_width,
 )
 from dynalens.models import names
 from dynalens.models.base import as_batch
@@ -264,7 +274,8 @@ def steer(
     model
         A dynalens model (``dl.load``): transformer, HookedMamba or HookedRNN.
     direction
-        Its vectors are used as unit vectors, so ``alpha`` is in residual-stream units.
+        Its vectors are used as unit vectors, so ``alpha`` is in residual-stream
+        units (state units for a direction of ``site="state"``).
     layers
         Blocks to steer; ``None`` steers every layer the direction covers.
     alpha
@@ -280,7 +291,9 @@ def steer(
     Raises
     ------
     ValueError
-        For an unknown mode or positions, a ``d_model`` that is not the model's,
+        For an unknown mode or positions, a ``d_model`` that is not the model's
+        (the layer's flattened state size for ``site="state"``), a state
+        direction on a layer without an SSM state,
         or an ``alpha`` with the wrong number of layers.
     KeyError
         For a layer the direction does not cover.
@@ -289,9 +302,12 @@ def steer(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
-    if direction.d_model != model.cfg.d_model:
-        raise ValueError(f"direction has d_model {direction.d_model} but the model has {model.cfg.d_model}")
     chosen = direction.layers if layers is None else resolve_layers(model, layers)
+    for layer in chosen:
+        width = site_width(model, layer, direction.site)
+        if direction.d_model != width:
+            where = "d_model" if direction.site == "resid" else f"a state of layer {layer} flattened to"
+            raise ValueError(f"direction has d_model {direction.d_model} but the model has {where} {width}")
     per_layer = _per_layer_alpha(alpha, len(chosen))
     with steering_hooks(model, direction, chosen, lambda: per_layer, mode, positions):
         yield
@@ -319,11 +335,14 @@ def steering_hooks(
         def hook(resid: Tensor, hook: Any) -> Tensor:
             if not phase.steers(positions):
                 return resid
-            return steered(resid, vector, alphas()[i], mode, phase.mask_for(resid, hook.name))
+            flat = resid.flatten(2)  # a state [batch, pos, ...] as one vector per position
+            return steered(flat, vector, alphas()[i], mode, phase.mask_for(resid, hook.name)).view_as(resid)
 
         return hook
 
-    fwd_hooks = [(names.resid_post(layer), hook_for(i, unit.vector(layer))) for i, layer in enumerate(layers)]
+    fwd_hooks = [
+        (site_hook(model, layer, direction.site), hook_for(i, unit.vector(layer))) for i, layer in enumerate(layers)
+    ]
     model.check_hook_names([name for name, _ in fwd_hooks])
     with ExitStack() as stack:
         stack.enter_context(watch_forward(model, phase))

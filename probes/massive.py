@@ -12,10 +12,11 @@ to their mean leaves it intact.
 magnitudes with their (token, channel), the median and the criterion; its
 Result also holds the ratio ``r = mean_x max|h| / mean_x median|h|`` that
 tracks them over training (``.ratio``). :class:`MassiveAblation` is the
-intervention. Both read the residual stream of any architecture, or the
-recurrent state of Mamba (``mixer.hook_ssm_state``) and RNNs
-(``cell.hook_hidden``, the LSTM's ``cell.hook_cell``), so architectures
-compare side by side.
+intervention. :class:`MassiveActivations` reads the residual stream of any
+architecture, or the recurrent state of Mamba, Mamba-2 and a hybrid's SSM
+layers (``mixer.hook_ssm_state``) and RNNs (``cell.hook_hidden``, the LSTM's
+``cell.hook_cell``), so architectures compare side by side;
+:class:`MassiveAblation` edits the residual stream.
 
 Examples
 --------
@@ -44,6 +45,7 @@ from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, heatmap
+from dynalens.probes.layers import ssm_layers
 from dynalens.probes.residual import stream_rows
 from dynalens.probes.results import Result
 
@@ -69,15 +71,20 @@ def site_hook_names(model: Any, site: str | Sequence[str] = "resid") -> list[str
         ``"resid"``: ``names.resid_stream(n_layers)``, the stream entering
         layer 0 (the embeddings), then after every layer.
         ``"state"``: every layer's recurrent state, Mamba's
-        ``names.mixer(l, "ssm_state")`` (channels ``d_inner × d_state``), an
-        LSTM's ``names.cell(l, "cell")``, other RNNs' ``names.cell(l, "hidden")``.
+        ``names.mixer(l, "ssm_state")`` (channels ``d_inner × d_state``),
+        Mamba-2's (channels ``n_heads × d_head × d_state``, row-major: channel
+        ``(h * d_head + p) * d_state + n``), a hybrid's on its SSM layers only,
+        an LSTM's ``names.cell(l, "cell")``, other RNNs' ``names.cell(l, "hidden")``.
+        The state is cached at every position of every layer read: a Mamba-2
+        layer holds ``pos × n_heads × d_head × d_state`` floats per prompt.
         Or an explicit list of hook names whose tensors are ``[batch, pos, ...]``
         (trailing dimensions become channels).
 
     Raises
     ------
     AnalysisError
-        ``site="state"`` on a transformer, which has no recurrent state.
+        ``site="state"`` on a transformer (or a hybrid without SSM layers),
+        which has no recurrent state.
     """
     if not isinstance(site, str):
         hooks = list(site)
@@ -90,11 +97,12 @@ def site_hook_names(model: Any, site: str | Sequence[str] = "resid") -> list[str
     if site == "resid":
         return names.resid_stream(n_layers)
     arch = architecture_of(model)
-    if arch == "mamba":
-        return [names.mixer(layer, "ssm_state") for layer in range(n_layers)]
     if arch == "rnn":
         part = "cell" if getattr(model.cfg, "cell", None) == "lstm" else "hidden"
         return [names.cell(layer, part) for layer in range(n_layers)]
+    layers = ssm_layers(model)
+    if layers:
+        return [names.mixer(layer, "ssm_state") for layer in sorted(layers)]
     raise AnalysisError(
         f"site='state' reads a recurrent state, which a {arch} model does not have: "
         "use site='resid' or name hooks explicitly"
@@ -316,8 +324,8 @@ class MassiveActivations(Analysis):
     Parameters
     ----------
     site
-        What to read: ``"resid"`` (every architecture), ``"state"`` (Mamba, RNN)
-        or hook names; see :func:`site_hook_names`.
+        What to read: ``"resid"`` (every architecture), ``"state"`` (Mamba,
+        Mamba-2, a hybrid's SSM layers, RNN) or hook names; see :func:`site_hook_names`.
     k
         How many of the largest magnitudes to keep per prompt and layer.
     min_magnitude, min_ratio

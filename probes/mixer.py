@@ -10,12 +10,19 @@ matrices, whatever the architecture:
   channels or signed for chosen channels; without the ``D`` skip by default
   (it only adds to the diagonal and would drown the mixing), with it
   ``y = M u`` exactly;
+- Mamba-2: each head's SSD matrix ``M = L ∘ (C Bᵀ)`` with ``Δ`` folded in
+  (:func:`dynalens.kernels.ssd_mixer_matrix`, from the cached ``dt``, ``B``,
+  ``C``), signed, one per head (shared by its ``d_head`` channels); with the
+  ``D`` skip, ``y = M x`` exactly;
+- hybrid: the mixer of the layer's type (``model.layer_types``): attention
+  patterns, SSD matrices, or both side by side;
 - RNN: the linearised recurrence, Frobenius norms ``‖∂h_t/∂x_s‖`` of the
   Jacobian of the layer's hidden sequence with respect to its input sequence
   (the cached ``hook_resid_pre``), by autograd through the cell's ``step``.
 
-Each architecture is one entry of :data:`MIXERS` (the hooks it reads, the
-matrices from them): a new architecture adds an entry.
+Each kind of mixer is one entry of :data:`MIXERS` (the hooks it reads, the
+matrices from them) and :func:`layer_mixers` says which a layer has: a new
+mixer adds an entry.
 
 Examples
 --------
@@ -37,13 +44,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dynalens.kernels import mixer_matrix
+from dynalens.kernels import mixer_matrix, ssd_mixer_matrix
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_index
 from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import heatmap, token_labels
+from dynalens.probes.layers import layer_types
 from dynalens.probes.results import Result
 
 DEFAULT_CHANNEL_GROUPS = 8
@@ -166,33 +174,55 @@ class MixerMatrixResult(Result):
         )
 
 
-# --------------------------------------------------------------------------- one entry per architecture
+# --------------------------------------------------------------------------- one entry per mixer
 class Mixed(NamedTuple):
-    """What an architecture's mixer gives: ``[batch, group, pos, pos]`` matrices and how to read them."""
+    """What one mixer gives: ``[batch, group, pos, pos]`` matrices and how to read them.
+
+    ``bound``: the state size that bounds each matrix's off-diagonal rank
+    (``d_state`` for an SSM), ``None`` for softmax attention.
+    """
 
     matrices: Tensor
     labels: list[str]
     value_name: str
     signed: bool
+    bound: int | None = None
 
 
 @dataclass(frozen=True)
 class MixerKind:
-    """One architecture's mixer: the hooks it reads and the matrices it rebuilds from them.
+    """One kind of sequence mixer: the hooks it reads and the matrices it rebuilds from them.
 
-    ``hooks(analysis, model)`` names the hooks (checking the analysis'
-    options against the model, before any forward); ``matrices(analysis, model,
-    cache, prompts)`` returns :class:`Mixed` (entries between real tokens;
-    :class:`MixerMatrix` zeroes the rest). ``channel_options``: whether the
-    Mamba options (``channel_groups``, ``channels``, ``include_skip``) apply.
+    ``hooks(analysis, model)`` names the hooks of ``analysis.layer`` (checking
+    the analysis' options against the layer, before any forward);
+    ``matrices(analysis, model, cache, prompts)`` returns :class:`Mixed`
+    (entries between real tokens; :class:`MixerMatrix` zeroes the rest).
+    ``options``: the :class:`MixerMatrix` options that apply to it.
     """
 
     hooks: Callable[[MixerMatrix, Any], list[str]]
     matrices: Callable[[MixerMatrix, Any, Any, Prompts], Mixed]
-    channel_options: bool = False
+    options: tuple[str, ...] = ()
 
 
-# --------------------------------------------------------------------------- transformer
+def layer_mixers(model: Any, layer: int) -> tuple[str, ...]:
+    """The sequence mixers of block ``layer``, as keys of :data:`MIXERS`.
+
+    One per block (``"attention"`` for a transformer, ``"mamba"``, ``"mamba2"``,
+    ``"rnn"``), except on a hybrid, where its layer type decides
+    (:func:`~dynalens.probes.layers.layer_types`): ``"attention+mamba2"`` has
+    both, an MLP-only layer (``"mlp"``, ``"moe"``) none.
+    """
+    return tuple(part for part in layer_types(model)[layer].split("+") if part in MIXERS)
+
+
+def real_positions(value: Tensor, prompts: Prompts) -> Tensor:
+    """``value [batch, pos, ...]`` with every pad position zeroed (the model reads pads as zero steps)."""
+    mask = prompts.mask.to(value.device)
+    return torch.where(mask.reshape(*mask.shape, *([1] * (value.ndim - 2))), value, 0.0)
+
+
+# --------------------------------------------------------------------------- attention
 def _attention(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
     pattern = cache[names.pattern(analysis.layer)]
     return Mixed(pattern, [f"head {h}" for h in range(pattern.shape[1])], "attention", False)
@@ -223,25 +253,53 @@ def _ssm_selection(analysis: MixerMatrix, d_inner: int) -> tuple[list[list[int]]
 
 
 def _ssm_hooks(analysis: MixerMatrix, model: Any) -> list[str]:
-    _ssm_selection(analysis, model.cfg.d_inner)
+    _ssm_selection(analysis, model.blocks[analysis.layer].mixer.cfg.d_inner)
     return [names.mixer(analysis.layer, part) for part in _SSM_PARTS]
 
 
 def _ssm_matrix(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
     layer = analysis.layer
     # Pads read as the model treats them (Δ = 0: the state passes unchanged), whatever the cache holds there.
-    real = prompts.mask.to(cache[names.mixer(layer, "delta")].device)[:, None]
-    delta, B, C = (
-        torch.where(real, cache[names.mixer(layer, part)].transpose(1, 2), 0.0) for part in _SSM_PARTS
-    )  # [b, d | n, pos]
+    delta, B, C = (real_positions(cache[names.mixer(layer, part)], prompts).transpose(1, 2) for part in _SSM_PARTS)
     mixer = model.blocks[layer].mixer
     groups, labels, signed = _ssm_selection(analysis, delta.shape[1])
     D = mixer.D if analysis.include_skip else None
+    bound = mixer.cfg.d_state
     if signed:
         channels = [group[0] for group in groups]
-        return Mixed(mixer_matrix(delta, mixer.A, B, C, D=D, channels=channels), labels, "M", True)
+        return Mixed(mixer_matrix(delta, mixer.A, B, C, D=D, channels=channels), labels, "M", True, bound)
     matrices = [mixer_matrix(delta, mixer.A, B, C, D=D, channels=group).abs().mean(1) for group in groups]
-    return Mixed(torch.stack(matrices, dim=1), labels, "mean |M|", False)
+    return Mixed(torch.stack(matrices, dim=1), labels, "mean |M|", False, bound)
+
+
+# --------------------------------------------------------------------------- Mamba-2 (SSD)
+_SSD_PARTS = ("dt", "B", "C")
+
+
+def _ssd_heads(analysis: MixerMatrix, n_heads: int) -> list[int]:
+    """The heads shown: ``analysis.heads``, checked, or every head."""
+    if analysis.heads is None:
+        return list(range(n_heads))
+    chosen = [check_index("head", h, n_heads) for h in analysis.heads]
+    if not chosen:
+        raise ValueError("heads is empty: pass at least one head index")
+    return chosen
+
+
+def _ssd_hooks(analysis: MixerMatrix, model: Any) -> list[str]:
+    _ssd_heads(analysis, model.blocks[analysis.layer].mixer.cfg.n_heads)
+    return [names.mixer(analysis.layer, part) for part in _SSD_PARTS]
+
+
+def _ssd_matrix(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
+    """Each head's ``M = L ∘ (C Bᵀ)`` with ``Δ`` (:func:`~dynalens.kernels.ssd_mixer_matrix`), from the cache."""
+    layer = analysis.layer
+    dt, B, C = (real_positions(cache[names.mixer(layer, part)], prompts) for part in _SSD_PARTS)
+    mixer = model.blocks[layer].mixer
+    heads = _ssd_heads(analysis, mixer.cfg.n_heads)
+    D = mixer.D.to(dt.device) if analysis.include_skip else None
+    matrices = ssd_mixer_matrix(dt, mixer.A.to(dt.device), B, C, D=D, heads=heads)
+    return Mixed(matrices, [f"head {h}" for h in heads], "M", True, mixer.cfg.d_state)
 
 
 # --------------------------------------------------------------------------- RNN
@@ -290,16 +348,24 @@ def _recurrence_norms(analysis: MixerMatrix, model: Any, cache: Any, prompts: Pr
 
 
 MIXERS: dict[str, MixerKind] = {
-    "transformer": MixerKind(lambda analysis, model: [names.pattern(analysis.layer)], _attention),
-    "mamba": MixerKind(_ssm_hooks, _ssm_matrix, channel_options=True),
+    "attention": MixerKind(lambda analysis, model: [names.pattern(analysis.layer)], _attention),
+    "mamba": MixerKind(_ssm_hooks, _ssm_matrix, options=("channel_groups", "channels", "include_skip")),
+    "mamba2": MixerKind(_ssd_hooks, _ssd_matrix, options=("heads", "include_skip")),
     "rnn": MixerKind(lambda analysis, model: [names.resid_pre(analysis.layer)], _recurrence_norms),
 }
-"""The mixer of each architecture :class:`MixerMatrix` applies to, by ``architecture_of(model)``."""
+"""Each sequence mixer :class:`MixerMatrix` materialises, by the names :func:`layer_mixers` gives."""
+
+#: Where each option of :class:`MixerMatrix` applies, for its error.
+_OPTION_MIXERS = {"channel_groups": "Mamba", "channels": "Mamba", "heads": "Mamba-2", "include_skip": "SSM"}
 
 
 # --------------------------------------------------------------------------- analysis
 class MixerMatrix(Analysis):
     """The sequence-mixing matrices of one layer (attention, SSM matrix, RNN Jacobian norms).
+
+    On a hybrid the layer's own mixer is shown (``model.layer_types``): the
+    attention pattern of an attention layer, the SSD matrices of a Mamba-2
+    layer, both (attention heads first) on a layer that has both.
 
     Parameters
     ----------
@@ -311,9 +377,12 @@ class MixerMatrix(Analysis):
         ``gcd(8, d_inner)`` when 8 does not divide ``d_inner``).
     channels
         Mamba only: show the signed ``M`` of these channels instead.
+    heads
+        Mamba-2 only: show these heads' signed ``M`` (default every head).
     include_skip
-        Mamba only: add the ``D`` skip on the diagonal, so that ``y = M u``
-        (``mixer.hook_y``, before gating).
+        SSM layers only: add the ``D`` skip on the diagonal, so that ``y = M u``
+        (``mixer.hook_y``, before gating; Mamba-2: ``y[..., h, :] = M_h x[..., h, :]``
+        for every column of the head).
 
     Returns
     -------
@@ -321,7 +390,7 @@ class MixerMatrix(Analysis):
         ``[batch, group, pos, pos]``: heads, channel groups / channels, or one RNN group.
     """
 
-    architectures: ClassVar[tuple[str, ...]] = tuple(MIXERS)
+    architectures: ClassVar[tuple[str, ...]] = ("transformer", "mamba", "mamba2", "hybrid", "rnn")
     requirement: ClassVar[str] = "a sequence mixer it can materialise"
 
     def __init__(
@@ -330,40 +399,63 @@ class MixerMatrix(Analysis):
         *,
         channel_groups: int | None = None,
         channels: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
         include_skip: bool = False,
     ):
         self.layer = layer
         self.channel_groups = channel_groups
         self.channels = channels
+        self.heads = heads
         self.include_skip = include_skip
 
-    def _kind(self, model: Any) -> MixerKind:
+    def _kinds(self, model: Any) -> list[MixerKind]:
+        """The mixers of the layer, after checking the options against them."""
         self.check(model)
-        arch = architecture_of(model)
-        kind = MIXERS[arch]
-        options = self.channel_groups is not None or self.channels is not None or self.include_skip
-        if options and not kind.channel_options:
+        check_index("layer", self.layer, model.cfg.n_layers)
+        mixers = layer_mixers(model, self.layer)
+        if not mixers:
+            kind = model.layer_types[self.layer]
+            mixing = [i for i in range(model.cfg.n_layers) if layer_mixers(model, i)]
             raise ValueError(
-                f"channel_groups, channels and include_skip are for Mamba; this model is a {arch}"
+                f"layer {self.layer} of this hybrid is an {kind!r} layer, which mixes no positions; "
+                f"its mixing layers are {mixing}"
             )
         if self.channel_groups is not None and self.channels is not None:
             raise ValueError("pass channel_groups or channels, not both")
-        check_index("layer", self.layer, model.cfg.n_layers)
-        return kind
+        kinds = [MIXERS[mixer] for mixer in mixers]
+        for option, where in _OPTION_MIXERS.items():
+            value = getattr(self, option)
+            if value is not None and value is not False and not any(option in kind.options for kind in kinds):
+                raise ValueError(
+                    f"{option} is for {where} layers; layer {self.layer} of this {architecture_of(model)} "
+                    f"mixes with {' and '.join(mixers)}"
+                )
+        return kinds
 
     def hooks(self, model: Any) -> list[str]:
-        return self._kind(model).hooks(self, model)
+        return [name for kind in self._kinds(model) for name in kind.hooks(self, model)]
+
+    def parts(self, cache: Any, prompts: Prompts) -> list[Mixed]:
+        """The layer's mixers, one :class:`Mixed` each, from a cache holding :meth:`hooks`."""
+        model = cache.model
+        return [kind.matrices(self, model, cache, prompts) for kind in self._kinds(model)]
 
     def _compute(self, cache: Any, prompts: Prompts) -> MixerMatrixResult:
-        model = cache.model
-        mixed = self._kind(model).matrices(self, model, cache, prompts)
-        matrices = torch.where(pair_mask(prompts).to(mixed.matrices.device), mixed.matrices.float(), 0.0)
+        return self.result(cache.model, prompts, self.parts(cache, prompts))
+
+    def result(self, model: Any, prompts: Prompts, parts: Sequence[Mixed]) -> MixerMatrixResult:
+        """The Result of :meth:`parts`: their groups in order, zero wherever query or key is a pad."""
+        labels = [label for part in parts for label in part.labels]
+        if len(parts) > 1:  # a hybrid layer with attention and an SSM side by side
+            mixers = layer_mixers(model, self.layer)
+            labels = [f"{mixer} {label}" for mixer, part in zip(mixers, parts) for label in part.labels]
+        matrices = torch.cat([part.matrices.float() for part in parts], dim=1)
+        matrices = torch.where(pair_mask(prompts).to(matrices.device), matrices, 0.0)
         return MixerMatrixResult(
             **self.provenance(model, prompts),
             layer=int(self.layer),
             matrices=matrices.cpu(),
-            group_labels=mixed.labels,
-            value_name=mixed.value_name,
-            signed=mixed.signed,
+            group_labels=labels,
+            value_name=" | ".join(dict.fromkeys(part.value_name for part in parts)),
+            signed=any(part.signed for part in parts),
         )
-

@@ -11,7 +11,7 @@ Delta_s B_s``, :func:`dynalens.kernels.mixer_matrix`) and, linearised, an RNN
 - the *off-diagonal block rank*, ``max_t rank M[t:, :t]``: a recurrence with
   an ``N``-dimensional state passes everything from before ``t`` to after it
   through that state, so the rank is at most ``N`` (``d_state`` for one Mamba
-  channel, ``d_k`` for linear attention, the state size for an RNN), while
+  channel or one Mamba-2 head, ``d_k`` for linear attention, the state size for an RNN), while
   softmax attention has no such bound.
 
 Linear attention is the selective SSM with ``A_t = I`` (``A = 0``, ``Delta = 1``),
@@ -44,7 +44,7 @@ from dynalens.models.surface import architecture_of, model_name_of
 from dynalens.models.validation import check_index
 from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import SEQUENTIAL, TEMPLATE, heatmap, token_labels
-from dynalens.probes.mixer import MIXERS, MixerMatrix, recurrence_jacobian, to_padded
+from dynalens.probes.mixer import MixerMatrix, layer_mixers, recurrence_jacobian, to_padded
 from dynalens.probes.results import Result
 
 
@@ -361,7 +361,9 @@ class MixerComparison(Analysis):
     layer
         The layer compared.
     channels
-        Mamba: the first ``channels`` channels enter the statistics (signed ``M`` each).
+        SSM layers: the first ``channels`` channels (Mamba) or heads (Mamba-2)
+        enter the statistics (signed ``M`` each; its off-diagonal rank is
+        bounded by ``d_state``).
     rtol
         Rank tolerance, relative to the largest singular value.
     """
@@ -380,11 +382,15 @@ class MixerComparison(Analysis):
             raise ValueError(f"channels must be a positive integer, got {self.channels!r}")
         if not self.rtol > 0:
             raise ValueError(f"rtol must be positive, got {self.rtol!r}")
-        arch = architecture_of(model)
-        if arch == "rnn":
+        self.check(model)
+        check_index("layer", self.layer, model.cfg.n_layers)
+        if architecture_of(model) == "rnn":
             return None
-        chosen = list(range(min(self.channels, model.cfg.d_inner))) if MIXERS[arch].channel_options else None
-        return MixerMatrix(self.layer, channels=chosen)
+        mixers = layer_mixers(model, self.layer)
+        ssm = model.blocks[self.layer].mixer.cfg if {"mamba", "mamba2"} & set(mixers) else None
+        channels = list(range(min(self.channels, ssm.d_inner))) if "mamba" in mixers else None
+        heads = list(range(min(self.channels, ssm.n_heads))) if "mamba2" in mixers else None
+        return MixerMatrix(self.layer, channels=channels, heads=heads)
 
     def hooks(self, model: Any) -> list[str]:
         mixer = self._mixer(model)
@@ -402,9 +408,12 @@ class MixerComparison(Analysis):
             groups_of = lambda p: [("hidden", jacobian.blocks(p), tuple(jacobian.of(p).shape[1::2]), bound)]
             shown = jacobian.norms
         else:
-            result = mixer._compute(cache, prompts)
-            bound = model.cfg.d_state if MIXERS[arch].channel_options else None
-            groups_of = lambda p: [(g, m, (1, 1), bound) for g, m in zip(result.group_labels, result.matrix(p))]
+            parts = mixer.parts(cache, prompts)
+            result = mixer.result(model, prompts, parts)
+            bounds = [part.bound for part in parts for _ in part.labels]
+            groups_of = lambda p: [
+                (g, m, (1, 1), b) for g, m, b in zip(result.group_labels, result.matrix(p), bounds)
+            ]
             shown = result.matrices.abs().mean(1)
         for prompt in range(len(prompts)):
             for label, M, block, bound in groups_of(prompt):

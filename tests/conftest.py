@@ -8,6 +8,8 @@
   HookedMamba2 (d_model 16) and residual GRU (d_model 8) over 50 token ids; ``any_model``: each of the three
   architectures in turn; ``tiny_gpt2``: a 2-layer GPT-2 (learned absolute
   positions, LayerNorm, biases) without a tokenizer, through the Bridge.
+- ``tiny_hybrid_hf``: a random 3-layer HF Bamba (Mamba-2 with 8 heads,
+  attention with 4, Mamba-2) over 50 token ids; ``tiny_hybrid``: it as a HookedHybrid.
 
 Session-scoped models are shared: tests must leave no hooks behind (use the
 context managers) and never change weights.
@@ -111,18 +113,24 @@ def tiny_mamba2():
 
 
 @pytest.fixture(scope="session")
-def tiny_hybrid():
-    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid (eager attention)."""
+def tiny_hybrid_hf():
+    """A random 3-layer HF Bamba over 50 token ids: Mamba-2 (8 heads of 8), attention (4 heads), Mamba-2; eager."""
     from transformers import BambaConfig, BambaForCausalLM
-
-    from dynalens.models.hybrid import HookedHybrid
 
     config = BambaConfig(
         vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
+        intermediate_size=48, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=2,
         mamba_chunk_size=8, attn_layer_indices=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     torch.manual_seed(0)
     hf = BambaForCausalLM(config).eval()
     hf.set_attn_implementation("eager")
-    return HookedHybrid.from_hf(hf)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid(tiny_hybrid_hf):
+    """``tiny_hybrid_hf`` opened up as a HookedHybrid (``layer_types`` mamba2, attention, mamba2)."""
+    from dynalens.models.hybrid import HookedHybrid
+
+    return HookedHybrid.from_hf(tiny_hybrid_hf).eval()

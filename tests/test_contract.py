@@ -84,6 +84,14 @@ CHECK_ONLY: dict[str, Callable[[Any], Analysis]] = {
 }
 
 
+#: Analyses that apply to Mamba-2 and to hybrids (SSM layers by their mixer matrices and states,
+#: attention layers by their patterns): ``check`` must pass there, and the contract runs them.
+SSD_AND_HYBRID = (
+    "ActivationPatching", "HeadScores", "LogitLens", "MassiveAblation", "MassiveActivations", "MixerComparison",
+    "MixerMatrix", "MixerRetrievalScores", "PrecisionDrift", "ResidualNorms",
+)  # fmt: skip
+
+
 def _public_analyses() -> set[str]:
     return {
         name
@@ -156,6 +164,18 @@ def test_analysis_contract(name, arch, models):
                                  dl.circuits.EdgePatching)):  # fmt: skip
             analysis.set_params(corrupt=[_corrupt(model)[i]])
         _frames_equal(frame, analysis(model, [row]).to_frame(), i)
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "hybrid"])
+@pytest.mark.parametrize("name", SSD_AND_HYBRID)
+def test_analysis_applies_to_mamba2_and_hybrids(name, arch, models):
+    model = models[arch]
+    ANALYSES[name](model).check(model)
+    if name == "MassiveActivations":  # the SSM state too: Mamba-2's [b, pos, h, p, n], a hybrid's SSM layers only
+        state = dl.probes.MassiveActivations(site="state", k=3)
+        assert state.hooks(model) == [dl.names.mixer(layer, "ssm_state") for layer in range(model.cfg.n_layers)
+                                      if model.cfg.architecture == "mamba2" or model.layer_types[layer] != "attention"]
+        _frames_equal(state(model, RAGGED).to_frame(), state(model, [RAGGED[1]]).to_frame(), 1)
 
 
 #: Analyses of an SSM's state or weights: they apply to every architecture with one.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from dynalens.models.zoo import get_entry
 
 import dynalens as dl
@@ -22,9 +23,10 @@ def induction_task():
 
 @pytest.fixture(scope="session")
 def tiny_mamba_model():
-    """A random 1-layer HookedMamba."""
+    """A random 1-layer HookedMamba (seeded: the same weights whichever test builds it first)."""
     from dynalens.models.mamba import HookedMamba, MambaConfig
 
+    torch.manual_seed(0)
     return HookedMamba(MambaConfig(d_model=8, n_layers=1, d_vocab=16, d_state=2)).eval()
 
 

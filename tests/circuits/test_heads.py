@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from dynalens.circuits import CopyingScores, CopyingScoresResult, HeadScores, HeadScoresResult
 from dynalens.circuits.heads import attention_scores, induction_targets, repeated_tokens
-from dynalens.kernels import mixer_matrix
+from dynalens.kernels import mixer_matrix, ssd_mixer_matrix
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.probes.analysis import AnalysisError, run
@@ -122,7 +123,8 @@ def test_attn2l_induction_heads(attn2l, induction_task):
 def test_head_scores_result_round_trip(attn2l, tmp_path):
     scores = HeadScores()(attn2l, repeated_tokens(attn2l, half_len=8, n_sequences=2))
     frame = scores.to_frame()
-    assert list(frame.columns) == ["prompt", "layer", "head", "induction", "prev_token", "sink"]
+    assert list(frame.columns) == ["prompt", "layer", "head", "mixer", "induction", "prev_token", "sink"]
+    assert set(frame["mixer"]) == {"attention"}
     assert len(frame) == 2 * attn2l.cfg.n_layers * attn2l.cfg.n_heads
     assert scores.top(3, by="prev_token")["prev_token"].is_monotonic_decreasing
     path = tmp_path / "heads.safetensors"
@@ -185,7 +187,7 @@ def test_head_scores_reject_rnns_and_bad_arguments(tiny_rnn_model, attn2l, tiny_
         CopyingScores()(tiny_mamba_model)
 
 
-@pytest.fixture(params=["tiny_llama", "tiny_mamba_model"])
+@pytest.fixture(params=["tiny_llama", "tiny_mamba_model", "tiny_mamba2", "tiny_hybrid"])
 def model(request):
     return request.getfixturevalue(request.param)
 
@@ -200,16 +202,17 @@ def test_batched_scores_equal_per_prompt_scores_and_the_cache_path(model):
     assert together.prompts.lengths.tolist() == [4, 10, 6, 8] and together.prompts.is_padded
     for i, row in enumerate(rows):
         alone = analysis(model, [row])
-        torch.testing.assert_close(together.scores[:, i], alone.scores[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.scores[:, i], alone.scores[:, 0], atol=1e-5, rtol=0, equal_nan=True)
         n = len(row)
         assert together.queries[:, i].tolist() == alone.queries[:, 0].tolist() == [n // 2, n - 1, n - 1]
     prompts = Prompts(model, rows)
     _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
     from_cache = analysis.compute(cache, prompts)
-    torch.testing.assert_close(from_cache.scores, together.scores, atol=1e-6, rtol=0)
-    assert math.isfinite(together.induction.sum().item())
+    torch.testing.assert_close(from_cache.scores, together.scores, atol=1e-6, rtol=0, equal_nan=True)
+    assert math.isfinite(together.induction.nansum().item())
+    assert int(together.induction.isnan().sum()) == together.induction.numel() - sum(map(len, together.mixers))
     frame = together.to_frame()
-    assert frame.groupby("prompt").size().tolist() == [together.scores[0, 0].numel()] * 4
+    assert frame.groupby("prompt").size().tolist() == [sum(map(len, together.mixers))] * 4
 
 
 def test_pad_positions_of_the_cache_are_never_read(model):
@@ -228,4 +231,101 @@ def test_pad_positions_of_the_cache_are_never_read(model):
         else:  # [batch, pos, ...]
             value[pad] = 1e4
         cache.cache_dict[name] = value
-    torch.testing.assert_close(analysis.compute(cache, prompts).scores, clean.scores, atol=0, rtol=0)
+    torch.testing.assert_close(analysis.compute(cache, prompts).scores, clean.scores, atol=0, rtol=0, equal_nan=True)
+
+
+# ----------------------------------------------------------------- Mamba-2 heads and hybrids
+def _constructed_ssd_cache(model, prompts, layer):
+    """The cache of ``prompts`` with ``layer``'s ``dt``, ``B``, ``C`` replaced by a constructed SSD layer.
+
+    ``B``/``C`` are one-hot in ``d_state``. Group 0 reads positions (``C_t = e_{t-1}``, ``B_s = e_s``):
+    its heads' ``M`` is zero except ``M[t, t - 1]``, previous-token heads. Group 1 reads tokens
+    (``C_t = e_{x_t}``, ``B_s = e_{x_{s-1}}``): ``M[t, s] != 0`` only where ``x_{s-1} = x_t``, induction heads.
+    """
+    _, cache = model.run_with_cache(prompts, names_filter=HeadScores().hooks(model))
+    b, width = prompts.tokens.shape
+    B, C = torch.zeros(b, width, 2, model.cfg.d_state), torch.zeros(b, width, 2, model.cfg.d_state)
+    for i in range(b):
+        offset, tokens = int(prompts.offsets[i]), prompts.real(prompts.tokens, i).tolist()
+        for t, token in enumerate(tokens):
+            B[i, offset + t, 0, t] = 1.0
+            C[i, offset + t, 1, token] = 1.0
+            if t > 0:
+                C[i, offset + t, 0, t - 1] = 1.0
+                B[i, offset + t, 1, tokens[t - 1]] = 1.0
+    dt = torch.full((b, width, model.cfg.n_heads), 0.05) * prompts.mask[..., None]
+    for part, value in (("dt", dt), ("B", B), ("C", C)):
+        cache.cache_dict[names.mixer(layer, part)] = value
+    return cache
+
+
+def test_constructed_ssd_layer_has_known_previous_token_and_induction_heads():
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    cfg = Mamba2Config(d_model=16, n_layers=2, d_vocab=16, n_heads=4, d_head=8, d_state=16, n_groups=2)
+    model = HookedMamba2(cfg).eval()
+    rows = [row[: 1 + 2 * n].tolist() for row, n in zip(repeated_tokens(model, half_len=5, n_sequences=3), (5, 3, 4))]
+    prompts = Prompts(model, rows)  # ragged: BOS + two repeats of 5, 3, 4 distinct tokens
+    scores = HeadScores().compute(_constructed_ssd_cache(model, prompts, 0), prompts)
+    assert scores.mixers == [["mamba2"] * 4] * 2
+    torch.testing.assert_close(scores.prev_token[0], torch.tensor([1.0, 1.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores.induction[0], torch.tensor([0.0, 0.0, 1.0, 1.0]), atol=1e-6, rtol=0)
+    # sink: only query 1 reads position 0 in a previous-token head; an induction head never does
+    expected_sink = torch.tensor([1 / (len(r) - 1) for r in rows])
+    torch.testing.assert_close(scores.scores[2, :, 0, 0], expected_sink)
+    assert scores.heads("induction", 0.9) == [(0, 2), (0, 3)] and scores.heads("prev_token", 0.9) == [(0, 0), (0, 1)]
+
+
+def _scores_by_hand(pattern, tokens):
+    """Induction, previous-token and sink of ``[head, q, k]`` patterns of one prompt, query by query."""
+    n = len(tokens)
+    induction = [[pattern[h, q, k] for k in range(1, q + 1) if tokens[k - 1] == tokens[q]] for h in range(len(pattern))
+                 for q in range(n)]  # fmt: skip
+    per_head = lambda rows: torch.stack([torch.stack([sum(r) for r in rows[h * n:(h + 1) * n] if r]).mean()
+                                         for h in range(len(pattern))])  # fmt: skip
+    previous = torch.stack([pattern[:, q, q - 1] for q in range(1, n)], -1).mean(-1)
+    sink = pattern[:, 1:, 0].mean(-1)
+    return per_head(induction), previous, sink
+
+
+def test_hybrid_scores_attention_from_hf_patterns_and_ssd_layers_from_their_matrices(tiny_hybrid, tiny_hybrid_hf):
+    tokens = repeated_tokens(tiny_hybrid, half_len=4, n_sequences=2)
+    scores = HeadScores()(tiny_hybrid, tokens)
+    assert scores.architecture == "hybrid" and scores.mixers == [["mamba2"] * 8, ["attention"] * 4, ["mamba2"] * 8]
+    with torch.no_grad():
+        (attention,) = tiny_hybrid_hf(tokens, output_attentions=True).attentions  # layer 1, [batch, head, q, k]
+    hooks = [names.mixer(layer, part) for layer in (0, 2) for part in ("dt", "B", "C")]
+    _, cache = tiny_hybrid.run_with_cache(tokens, names_filter=hooks)
+    for b, seq in enumerate(tokens.tolist()):
+        for layer in range(3):
+            if layer == 1:
+                pattern = attention[b].double()
+            else:
+                dt, B, C = (cache[names.mixer(layer, part)][b : b + 1] for part in ("dt", "B", "C"))
+                m = ssd_mixer_matrix(dt, tiny_hybrid.blocks[layer].mixer.A, B, C)[0].abs().double()
+                pattern = m / m.sum(-1, keepdim=True)
+            for kind, expected in zip(("induction", "prev_token", "sink"), _scores_by_hand(pattern, seq)):
+                n_heads = len(scores.mixers[layer])
+                got = scores.score(kind, b)[layer, :n_heads]
+                torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-6)
+    frame = scores.to_frame()
+    assert frame.groupby("mixer").size().to_dict() == {"attention": 2 * 4, "mamba2": 2 * 16}
+    with pytest.raises(ValueError, match="channel_groups is for Mamba layers; this hybrid has none"):
+        HeadScores(channel_groups=2)(tiny_hybrid, tokens)
+
+
+def test_hybrid_grid_marks_missing_heads_and_round_trips(tiny_hybrid, tmp_path):
+    """The attention layer has 4 heads beside 8 SSD heads: nan in its other columns, pooled too, no rows for them."""
+    scores = HeadScores()(tiny_hybrid, repeated_tokens(tiny_hybrid, half_len=3, n_sequences=2))
+    assert scores.scores.shape == (3, 2, 3, 8)
+    assert torch.isnan(scores.scores[:, :, 1, 4:]).all() and not torch.isnan(scores.scores[:, :, :, :4]).any()
+    assert torch.isnan(scores.induction[1, 4:]).all() and not torch.isnan(scores.induction[1, :4]).any()
+    frame = scores.to_frame()
+    assert len(frame) == 2 * (8 + 4 + 8) and not frame[["induction", "prev_token", "sink"]].isna().any().any()
+    assert scores.top(40)["head"].max() == 7 and len(scores.top(40)) == 20
+    z = np.array(scores.figure(kind="sink").data[0].z, dtype=float)
+    assert np.isnan(z[1, 4:]).all() and np.isfinite(z[[0, 2]]).all()
+    scores.save(tmp_path / "heads.safetensors")
+    loaded = HeadScoresResult.load(tmp_path / "heads.safetensors")
+    assert loaded.mixers == scores.mixers and loaded.to_frame().equals(frame)

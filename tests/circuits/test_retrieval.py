@@ -312,35 +312,85 @@ def test_mamba_scores_on_the_zoo_associative_recall_model(tiny_llama):
 
 
 @torch.no_grad()
-def test_mixer_retrieval_batch_equals_per_prompt_and_round_trips(tiny_mamba_model, tiny_rnn_model, tmp_path):
+@pytest.mark.parametrize("fixture", ["tiny_mamba_model", "tiny_mamba2", "tiny_hybrid"])
+def test_mixer_retrieval_batch_equals_per_prompt_and_round_trips(fixture, tiny_rnn_model, tmp_path, request):
     """Each prompt's scores in a ragged batch equal its own run (its rows of the masks); the cache path and
     save/load give the same result."""
+    model = request.getfixturevalue(fixture)
+    groups = {"channel_groups": 4} if model.cfg.architecture == "mamba" else {}
     gen = torch.Generator().manual_seed(3)
     starts = [torch.randint(3, 16, (n,), generator=gen).tolist() for n in (6, 3, 5)]
-    out = tiny_mamba_model.generate(starts, 8, return_type="tokens")  # greedy: each row from its own end
+    out = model.generate(starts, 8, return_type="tokens")  # greedy: each row from its own end
     rows = [start + out[i, -8:].tolist() for i, start in enumerate(starts)]
-    prompts = Prompts(tiny_mamba_model, rows)
+    prompts = Prompts(model, rows)
     score_mask = torch.zeros_like(prompts.mask)
     score_mask[:, -9:-1] = True  # the greedy steps (a padded layout, like the prompts): the top-1 is the next token
     source_mask = prompts.mask.clone()  # anywhere in the prompt (the greedy run repeats tokens)
     source_mask[:, -1] = False
-    analysis = MixerRetrievalScores(score_mask, source_mask, channel_groups=4)
-    together = analysis(tiny_mamba_model, rows)
+    analysis = MixerRetrievalScores(score_mask, source_mask, **groups)
+    together = analysis(model, rows)
     assert isinstance(together, MixerRetrievalScoresResult) and together.steps.tolist() == [8, 8, 8]
-    assert together.scores.max() > 0  # some channel copies an earlier token
+    assert together.scores.nan_to_num().max() > 0  # some channel copies an earlier token
     for i, row in enumerate(rows):
         real = prompts.real(score_mask, i)[None], prompts.real(source_mask, i)[None]
-        alone = MixerRetrievalScores(*real, channel_groups=4)(tiny_mamba_model, [row])
-        torch.testing.assert_close(together.prompt_scores[i], alone.prompt_scores[0])
-    _, cache = tiny_mamba_model.run_with_cache(prompts, names_filter=analysis.hooks(tiny_mamba_model))
-    torch.testing.assert_close(analysis.compute(cache, prompts).prompt_scores, together.prompt_scores)
+        alone = MixerRetrievalScores(*real, **groups)(model, [row])
+        torch.testing.assert_close(together.prompt_scores[i], alone.prompt_scores[0], equal_nan=True)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
+    torch.testing.assert_close(analysis.compute(cache, prompts).prompt_scores, together.prompt_scores, equal_nan=True)
     together.save(tmp_path / "mixer.safetensors")
     loaded = Result.load(tmp_path / "mixer.safetensors")
-    assert torch.equal(loaded.prompt_scores, together.prompt_scores) and loaded.params["score_mask"] == score_mask.int().tolist()
+    assert loaded.mixers == together.mixers and loaded.to_frame().equals(together.to_frame())
+    assert loaded.params["score_mask"] == score_mask.int().tolist()
     frame = together.to_frame()
-    assert list(frame.columns) == ["prompt", "layer", "group", "score"] and len(frame) == 3 * 4
+    assert list(frame.columns) == ["prompt", "layer", "group", "mixer", "score"]
+    assert len(frame) == 3 * sum(map(len, together.mixers)) and not frame["score"].isna().any()
     with pytest.raises(AnalysisError, match="MixerRetrievalScores needs SSM mixer matrices.*rnn"):
         MixerRetrievalScores()(tiny_rnn_model, rows)
+
+
+def _ssd_matrices_by_loop(model, seq, layer):
+    """``M[h, t, s] = C_t · B_s exp(sum_{r=s+1..t} dt_r[h] A[h]) dt_s[h]`` (head ``h``'s group), entry by entry."""
+    hooks = [names.mixer(layer, x) for x in ("dt", "B", "C")]
+    _, cache = model.run_with_cache(seq[None], names_filter=hooks)
+    dt, B, C = (cache[name][0].double() for name in hooks)  # [pos, h], [pos, g, n]
+    mixer = model.blocks[layer].mixer
+    A, per_group = mixer.A.double(), mixer.cfg.n_heads // mixer.cfg.n_groups
+    pos, n_heads = dt.shape
+    M = torch.zeros(n_heads, pos, pos, dtype=torch.float64)
+    for h in range(n_heads):
+        g = h // per_group
+        for t in range(pos):
+            for s in range(t + 1):
+                M[h, t, s] = (C[t, g] @ B[s, g]) * torch.exp(dt[s + 1 : t + 1, h].sum() * A[h]) * dt[s, h]
+    return M
+
+
+@torch.no_grad()
+def test_mixer_retrieval_scores_of_ssd_heads_match_a_loop(tiny_mamba2, tiny_hybrid):
+    """Mamba-2: each head copy-pastes when its ``|M|`` row's top key holds the next token; a hybrid scores its
+    attention heads from their patterns the same way."""
+    gen = torch.Generator().manual_seed(0)
+    for model in (tiny_mamba2, tiny_hybrid):
+        prompt = torch.randint(3, 50, (2, 5), generator=gen)
+        tokens = model.generate(prompt, max_new_tokens=8)  # greedy: the model's top-1 is the next token
+        score_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        score_mask[:, 4:-1] = True
+        result = MixerRetrievalScores(score_mask)(model, tokens)
+        for layer, mixers in enumerate(result.mixers):
+            expected = torch.zeros(len(mixers))
+            for b, seq in enumerate(tokens):
+                if mixers[0] == "attention":
+                    _, cache = model.run_with_cache(seq[None], names_filter=[names.pattern(layer)])
+                    M = cache[names.pattern(layer)][0]
+                else:
+                    M = _ssd_matrices_by_loop(model, seq, layer).abs()
+                for q in range(4, len(seq) - 1):
+                    hit = [seq[int(M[h, q].argmax())] == seq[q + 1] for h in range(len(mixers))]
+                    expected += torch.tensor(hit, dtype=torch.float) / (len(seq) - 5) / len(tokens)
+            torch.testing.assert_close(result.scores[layer, : len(mixers)], expected)
+        assert result.scores.nan_to_num().max() > 0  # some head copies an earlier token
+    assert result.mixers == [["mamba2"] * 8, ["attention"] * 4, ["mamba2"] * 8]
+    assert torch.isnan(result.scores[1, 4:]).all()
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dynalens.circuits.directions import Direction
+from dynalens.circuits.directions import Direction, site_width
 from dynalens.circuits.steering import SteeringController, pass_mask, steer
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
@@ -631,3 +631,103 @@ def test_controller_with_a_range_of_layers_saves(tiny_mamba, tmp_path):
     ctrl = SteeringController(d, read_layer=0, layers=range(2), max_epochs=5).fit(tiny_mamba, pos, neg)
     ctrl.save(tmp_path / "ctrl.safetensors")
     assert SteeringController.load(tmp_path / "ctrl.safetensors").layers == [0, 1]
+
+
+# ----------------------------------------------------------------- the SSM state
+@pytest.fixture(params=["tiny_mamba", "tiny_mamba2", "tiny_hybrid"])
+def ssm_model(request):
+    return request.getfixturevalue(request.param)
+
+
+def state_direction(model, layer: int = 0) -> Direction:
+    """A random direction in the flattened SSM state of ``layer``."""
+    g = torch.Generator().manual_seed(11)
+    return Direction(torch.randn(1, site_width(model, layer, "state"), generator=g), layers=[layer], site="state")
+
+
+def state_readout(states: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``y`` without the skip, ``C_t · h_t``: Mamba-2 ``[b, pos, h, p, n]`` with ``C [b, pos, g, n]``, Mamba
+    ``[b, pos, d, n]`` with ``C [b, pos, n]``."""
+    if states.ndim == 5:
+        C = C.repeat_interleave(states.shape[2] // C.shape[2], dim=2)
+        return torch.einsum("bthpn,bthn->bthp", states, C)
+    return torch.einsum("btdn,btn->btd", states, C)
+
+
+def test_state_steering_sets_the_projection_at_real_positions_and_the_output_reads_it(ssm_model):
+    model, layer = ssm_model, 0
+    d = state_direction(model, layer)
+    u = d.unit().vector(layer)
+    prompts = Prompts(model, [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8]])
+    hooks = [names.mixer(layer, part) for part in ("ssm_state", "y", "C")]
+    _, clean = model.run_with_cache(prompts, names_filter=hooks)
+    with steer(model, d, alpha=3.0, mode="ablate_add"):
+        _, edited = model.run_with_cache(prompts, names_filter=hooks)
+    before, after = clean[hooks[0]], edited[hooks[0]]
+    real = prompts.mask
+    torch.testing.assert_close(after.flatten(2)[real] @ u, torch.full((int(real.sum()),), 3.0), rtol=1e-4, atol=1e-4)
+    assert torch.equal(after[~real], before[~real])  # pads are never steered
+    change = state_readout(after - before, clean[hooks[2]])
+    torch.testing.assert_close((edited[hooks[1]] - clean[hooks[1]])[real], change[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_state_steering_in_generate_carries_the_steered_state_token_by_token(ssm_model, positions):
+    """``generate`` under state steering equals a loop of single-token calls, each editing the state it
+    hands on: the steered state is the one the next token starts from."""
+    model, layer, alpha = ssm_model, 0, 4.0
+    d = state_direction(model, layer)
+    u = d.unit().vector(layer)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+
+    def ablate_add(state, hook):
+        flat = state.flatten(2)
+        return (flat - (flat @ u)[..., None] * u + alpha * u).view_as(state)
+
+    edit = [(names.mixer(layer, "ssm_state"), ablate_add)]
+    with model.hooks(fwd_hooks=edit if positions == "all" else []):
+        logits, carried = model(prompt, return_state=True)
+    tokens = [prompt]
+    with model.hooks(fwd_hooks=edit):
+        for _ in range(5):
+            tokens.append(logits[:, -1:].argmax(-1))
+            logits, carried = model(tokens[-1], state=carried, return_state=True)
+    expected = torch.cat(tokens, dim=1)
+    with steer(model, d, alpha=alpha, mode="ablate_add", positions=positions):
+        generated = model.generate(prompt, 5, return_type="tokens")
+        steered_logits = model(expected)
+    assert torch.equal(generated, expected)
+    assert n_hooks(model) == 0
+    # a new sequence is a prompt pass: steered under "all" (the edit matters, and is gone after), not under "generated"
+    assert torch.allclose(model(expected), steered_logits) == (positions == "generated")
+
+
+def test_state_directions_read_the_state_and_steer_it_with_weights_untouched(ssm_model, tmp_path):
+    model = ssm_model
+    pos, neg = [[3, 1, 4, 1], [5, 9, 2, 6]], [[8, 8, 7, 7], [9, 9, 8, 1]]
+    layers = [0] if model.cfg.architecture != "mamba" else [0, 1]
+    d = Direction.from_prompts(model, pos, neg, layers=layers, site="state")
+    name = names.mixer(layers[-1], "ssm_state")
+    states = [model.run_with_cache(torch.tensor([p]), names_filter=[name])[1][name][0, -1].flatten() for p in pos + neg]
+    torch.testing.assert_close(d.vector(layers[-1]), torch.stack(states[:2]).mean(0) - torch.stack(states[2:]).mean(0),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    d.save(tmp_path / "d.safetensors")
+    assert Saved.load(tmp_path / "d.safetensors").site == "state"
+    before = snapshot(model)
+    with steer(model, d, alpha=2.0):
+        model.generate(torch.tensor([pos[0]]), 3)
+    assert all(torch.equal(before[k], v) for k, v in snapshot(model).items()) and n_hooks(model) == 0
+
+
+def test_state_steering_needs_an_ssm_layer_of_the_right_width(tiny_hybrid, tiny_lstm, tiny_mamba2):
+    with pytest.raises(ValueError, match="layer 1 of this hybrid has none; layers with one: \\[0, 2\\]"):
+        Direction.from_prompts(tiny_hybrid, [[1, 2]], [[3, 4]], layers=[1], site="state")
+    with pytest.raises(ValueError, match="layers with one: \\[\\]"):
+        Direction.from_prompts(tiny_lstm, [[1, 2]], [[3, 4]], site="state")
+    wrong = Direction(torch.ones(1, 5), layers=[0], site="state")
+    with pytest.raises(ValueError, match="d_model 5 but the model has a state of layer 0 flattened to 64"), \
+            steer(tiny_mamba2, wrong):  # fmt: skip
+        pass
+    with pytest.raises(ValueError, match="site must be one of"):
+        Direction(torch.ones(1, 5), layers=[0], site="cell")
+    assert n_hooks(tiny_mamba2) == 0

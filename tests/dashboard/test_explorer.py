@@ -154,6 +154,40 @@ def test_explorer_renders_for_a_mamba_model(dash_duo, wait_title, tiny_mamba_dir
     screenshot("explorer-mamba")
 
 
+@pytest.fixture(scope="module")
+def tiny_mamba2_dir(tmp_path_factory):
+    """A small random HookedMamba2 (8 heads, no tokenizer: prompts are token ids) saved as an HF Mamba-2 folder."""
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    model = HookedMamba2(Mamba2Config(d_model=32, n_layers=2, d_vocab=64, n_heads=8, d_head=8, d_state=8, n_groups=2))
+    folder = tmp_path_factory.mktemp("tiny-mamba2")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_explorer_draws_a_mamba2_mixer_heatmap_equal_to_the_librarys(dash_duo, wait_title, tiny_mamba2_dir, tmp_path,
+                                                                     screenshot):  # fmt: skip
+    dash_duo.start_server(create_app(cache_dir=tmp_path))
+    analyse(dash_duo, path=str(tiny_mamba2_dir), prompt=MAMBA_PROMPT)
+    dash_duo.wait_for_contains_text("#explorer-status", "mamba2", timeout=TIMEOUT)
+    model = dl.load(tiny_mamba2_dir)  # a fresh load of the folder: the page's numbers, not its objects
+    tokens = torch.tensor([[int(t) for t in MAMBA_PROMPT.split()]])
+    last = dl.probes.MixerMatrix(layer=model.cfg.n_layers - 1)(model, tokens)
+    assert last.group_labels == [f"head {h}" for h in range(8)] and last.signed
+    first = wait_title("explorer-mixer", f"Layer {model.cfg.n_layers - 1} mixer · head 0", TIMEOUT)
+    assert dash_duo.find_element("#explorer-group-label").text == "Head"
+    assert len(dash_duo.find_elements("#explorer-tokens .token")) == tokens.shape[1]
+    assert_lower_triangle(z_of(first), last.matrix(0)[0])
+
+    choose(dash_duo, "#explorer-layer", "layer 0")
+    choose(dash_duo, "#explorer-group", "head 5")
+    drawn = z_of(wait_title("explorer-mixer", "Layer 0 mixer · head 5", TIMEOUT))
+    assert_lower_triangle(drawn, dl.probes.MixerMatrix(layer=0)(model, tokens).matrix(0)[5])
+    assert dash_duo.get_logs() in ([], None)
+    screenshot("explorer-mamba2")
+
+
 def test_bad_model_path_and_too_long_prompt_show_readable_errors(
     dash_duo, tiny_mamba_dir, tmp_path, screenshot
 ):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dynalens.kernels import ssd_scan_ref
 from dynalens.models.transformer import HookedTransformerBridge
 from dynalens.probes.analysis import AnalysisError
 from dynalens.probes.massive import (
@@ -182,6 +183,54 @@ def test_state_sites_of_mamba_and_rnn(tiny_mamba, tiny_rnn, tokens):
     assert rnn.layers()["layer"].tolist() == ["L0 hidden", "L1 hidden"]
 
 
+PLANT_POS, PLANT_HEAD, PLANT_P, PLANT_X = 3, 2, 5, 1e7
+
+
+@pytest.mark.parametrize(("fixture", "layer", "rows"), [("tiny_mamba2", 1, [0, 1]), ("tiny_hybrid", 2, [0, 2])])
+def test_a_planted_ssd_state_value_is_found_where_the_reference_scan_puts_it(fixture, layer, rows, request, tokens):
+    """``hook_x`` of one head channel set to 1e7 at one position: the state of that (head, p) row
+    (``dt x Bᵀ`` added, then decaying) is massive, as the sequential reference scan computes it."""
+    model = request.getfixturevalue(fixture)
+    assert site_hook_names(model, "state") == [f"blocks.{r}.mixer.hook_ssm_state" for r in rows]
+
+    def plant(x, hook):
+        x = x.clone()
+        x[:, PLANT_POS, PLANT_HEAD, PLANT_P] = PLANT_X
+        return x
+
+    parts = [f"blocks.{layer}.mixer.hook_{part}" for part in ("x", "dt", "B", "C")]
+    with model.hooks(fwd_hooks=[(parts[0], plant)]):
+        found = MassiveActivations(site="state", k=4)(model, tokens)
+        _, cache = model.run_with_cache(tokens, names_filter=parts)
+    mixer = model.blocks[layer].mixer
+    _, states = ssd_scan_ref(*(cache[name] for name in parts[:2]), mixer.A, *(cache[name] for name in parts[2:]),
+                             return_states=True)  # fmt: skip
+    magnitude = states[0].abs().flatten(1)  # [pos, h * p * n]
+    row = rows.index(layer)
+    torch.testing.assert_close(found.top_values[0, row], magnitude.flatten().topk(4).values, rtol=1e-4, atol=0)
+    torch.testing.assert_close(found.medians[0, row], magnitude.median(), rtol=1e-3, atol=1e-6)
+    p, n = mixer.cfg.d_head, mixer.cfg.d_state
+    channels = found.top_channels[0, row]
+    assert (channels // (p * n) == PLANT_HEAD).all() and (channels // n % p == PLANT_P).all()
+    assert (found.top_positions[0, row] >= PLANT_POS).all() and bool(found.massive[0, row, 0])
+    assert not found.massive[0, 1 - row].any()  # the earlier SSM layer runs before the edit
+    assert found.layers()["layer"].tolist() == [f"L{r} ssm_state" for r in rows]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_mamba2", "tiny_hybrid"])
+def test_ssd_state_site_of_a_ragged_batch_equals_each_prompt_alone(fixture, request):
+    model = request.getfixturevalue(fixture)
+    ragged = [[3, 1, 4, 1, 5, 9], [2, 6], [5, 3, 5, 8]]
+    analysis = MassiveActivations(site="state", k=6)
+    together = analysis(model, ragged).to_frame()
+    for i, row in enumerate(ragged):
+        alone = analysis(model, [row]).to_frame()
+        mine = together[together["prompt"] == i].reset_index(drop=True)
+        assert mine[["layer", "rank", "position", "channel"]].equals(alone[["layer", "rank", "position", "channel"]])
+        np.testing.assert_allclose(mine["magnitude"], alone["magnitude"], rtol=1e-5)
+        np.testing.assert_allclose(mine["median"], alone["median"], rtol=1e-5, atol=1e-9)
+
+
 def test_resid_site_on_every_architecture(any_model, tokens):
     found = MassiveActivations(k=3)(any_model, tokens)
     assert len(found.hook_names) == any_model.cfg.n_layers + 1
@@ -198,7 +247,7 @@ def test_short_prompts_leave_their_missing_entries_empty(tiny_rnn):
 
 
 def test_bad_sites_are_named(tiny_llama, tiny_rnn, tokens):
-    with pytest.raises(AnalysisError, match="recurrent state"):
+    with pytest.raises(AnalysisError, match="recurrent state, which a transformer model does not have"):
         site_hook_names(tiny_llama, "state")
     with pytest.raises(ValueError, match="'resid', 'state'"):
         site_hook_names(tiny_rnn, "stat")

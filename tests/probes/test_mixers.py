@@ -13,7 +13,7 @@ from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN
 from dynalens.probes.analysis import AnalysisError, run
-from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult
+from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult, pair_mask
 from dynalens.probes.mixers import (
     MixerComparison,
     MixerComparisonResult,
@@ -163,25 +163,123 @@ def _single_layer(rnn: nn.RNNBase, layer: int) -> nn.RNNBase:
     return single
 
 
+# --------------------------------------------------------------------------- Mamba-2 and hybrids
+@pytest.mark.parametrize(("fixture", "layer"), [("tiny_mamba2", 1), ("tiny_hybrid", 2)])
+def test_ssd_matrix_times_x_is_the_layers_y_before_gating(fixture, layer, request):
+    """Each head's ``M`` (with ``D``) times the cached ``x`` is the scan's own ``y`` at every real position."""
+    model = request.getfixturevalue(fixture)
+    prompts = Prompts(model, RAGGED)
+    result = MixerMatrix(layer, include_skip=True)(model, prompts)
+    n_heads = model.blocks[layer].mixer.cfg.n_heads
+    assert result.group_labels == [f"head {h}" for h in range(n_heads)] and result.signed and result.value_name == "M"
+    _, cache = model.run_with_cache(prompts, names_filter=[names.mixer(layer, "x"), names.mixer(layer, "y")])
+    x, y = cache[names.mixer(layer, "x")], cache[names.mixer(layer, "y")]  # [b, pos, h, p]
+    mixed = torch.einsum("bhqk,bkhp->bqhp", result.matrices, x)
+    scale = float(y[prompts.mask].abs().max())
+    torch.testing.assert_close(mixed[prompts.mask], y[prompts.mask], rtol=6e-4, atol=2e-5 * scale)
+    # Without the skip the diagonal loses exactly D; other heads picked keep their matrices.
+    some = MixerMatrix(layer, heads=[2, 0])(model, prompts)
+    assert some.group_labels == ["head 2", "head 0"]
+    D = model.blocks[layer].mixer.D.detach()[[2, 0]]
+    diagonal = (result.matrices[:, [2, 0]] - some.matrices).diagonal(dim1=2, dim2=3)  # [b, head, pos]
+    torch.testing.assert_close(diagonal, D[None, :, None] * prompts.mask[:, None].float())
+    off = ~torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(some.matrices[..., off], result.matrices[:, [2, 0]][..., off], rtol=0, atol=0)
+
+
+def test_hybrid_attention_layer_shows_hf_attention_probabilities(tiny_hybrid, tiny_hybrid_hf):
+    ids = batch(2, 6)
+    result = MixerMatrix(layer=1)(tiny_hybrid, ids)
+    with torch.no_grad():
+        (expected,) = tiny_hybrid_hf(ids, output_attentions=True).attentions  # Bamba's one attention layer
+    assert result.group_labels == [f"head {h}" for h in range(4)] and result.value_name == "attention"
+    torch.testing.assert_close(result.matrices, expected, rtol=1e-5, atol=1e-6)
+    compare = MixerComparison(layer=1)(tiny_hybrid, ids).to_frame()
+    assert compare["bound"].isna().all() and len(compare) == 2 * 4  # softmax attention has no state bound
+
+
+def test_a_layer_with_attention_and_an_ssm_shows_both():
+    """Falcon-H1's parallel mixers: the attention heads' patterns first, then each SSD head's ``M`` (``M x = y``)."""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    from dynalens.models.hybrid import HookedHybrid
+
+    torch.manual_seed(0)
+    config = FalconH1Config(
+        vocab_size=D_VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, mamba_d_ssm=48, mamba_n_heads=4, mamba_d_head=12, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=8, ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.3], ssm_in_multiplier=0.7,
+    )  # fmt: skip
+    hf = FalconH1ForCausalLM(config).eval()
+    hf.set_attn_implementation("eager")
+    model = HookedHybrid.from_hf(hf)
+    assert model.layer_types == ["attention+mamba2"]
+    prompts = Prompts(model, RAGGED)
+    result = MixerMatrix(0, include_skip=True)(model, prompts)
+    assert result.group_labels == [f"attention head {h}" for h in range(4)] + [f"mamba2 head {h}" for h in range(4)]
+    assert result.value_name == "attention | M" and result.signed
+    hooks = [names.pattern(0), names.mixer(0, "x"), names.mixer(0, "y")]
+    _, cache = model.run_with_cache(prompts, names_filter=hooks)
+    torch.testing.assert_close(result.matrices[:, :4], cache[hooks[0]] * pair_mask(prompts))
+    mixed = torch.einsum("bhqk,bkhp->bqhp", result.matrices[:, 4:], cache[hooks[1]])
+    torch.testing.assert_close(mixed[prompts.mask], cache[hooks[2]][prompts.mask], rtol=6e-4, atol=1e-5)
+    bounds = MixerComparison(0)(model, prompts).to_frame().groupby("group")["bound"].first()
+    assert bounds.isna().sum() == 4 and (bounds.dropna() == 8).all()
+
+
+def test_mixer_comparison_of_ssd_heads_is_bounded_by_d_state(tiny_mamba2, tiny_hybrid):
+    ids = batch(2, 12)
+    for model, layer in ((tiny_mamba2, 0), (tiny_hybrid, 0)):
+        n = model.blocks[layer].mixer.cfg.d_state
+        compare = MixerComparison(layer, channels=3)
+        frame = compare(model, ids).to_frame()
+        assert frame["group"].tolist() == ["head 0", "head 1", "head 2"] * 2 and (frame["bound"] == n).all()
+        assert (frame["offdiagonal_rank"] <= n).all() and (frame["offdiagonal_rank"] >= 1).all()
+        heads = MixerMatrix(layer, heads=[0, 1, 2])(model, ids)
+        np.testing.assert_allclose(frame["effective_rank"][:3], [float(effective_rank(m)) for m in heads.matrix(0)],
+                                   rtol=1e-6)  # fmt: skip
+
+
+def test_mamba2_and_hybrid_options_say_where_they_apply(tiny_mamba2, tiny_hybrid, tiny_mamba):
+    with pytest.raises(ValueError, match="channels is for Mamba layers; layer 0 of this mamba2 mixes with mamba2"):
+        MixerMatrix(0, channels=[1]).hooks(tiny_mamba2)
+    with pytest.raises(ValueError, match="heads is for Mamba-2 layers; layer 0 of this mamba mixes with mamba"):
+        MixerMatrix(0, heads=[1]).hooks(tiny_mamba)
+    with pytest.raises(ValueError, match="include_skip is for SSM layers; layer 1 of this hybrid mixes with attention"):
+        MixerMatrix(1, include_skip=True).hooks(tiny_hybrid)
+    with pytest.raises(IndexError, match="valid heads are 0 to 3"):
+        MixerMatrix(0, heads=[4]).hooks(tiny_mamba2)
+    with pytest.raises(ValueError, match="heads is empty"):
+        MixerMatrix(2, heads=[]).hooks(tiny_hybrid)
+    assert MixerMatrix(1).hooks(tiny_hybrid) == [names.pattern(1)]
+    assert MixerMatrix(2).hooks(tiny_hybrid) == [names.mixer(2, part) for part in ("dt", "B", "C")]
+
+
 # --------------------------------------------------------------------------- protocol: batches, caches, files
-def test_mixer_matrix_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(any_model, tmp_path):
+@pytest.fixture(params=["tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_hybrid", "tiny_rnn"])
+def model(request: pytest.FixtureRequest):
+    """Each of the five architectures in turn."""
+    return request.getfixturevalue(request.param)
+
+
+def test_mixer_matrix_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model, tmp_path):
     analysis = MixerMatrix(layer=1)
-    result = analysis(any_model, RAGGED)
+    result = analysis(model, RAGGED)
     assert result.matrices.shape[:1] == (4,) and result.matrices.shape[2:] == (6, 6)
     for i, row in enumerate(RAGGED):
-        alone = analysis(any_model, [row])
+        alone = analysis(model, [row])
         torch.testing.assert_close(result.matrix(i), alone.matrix(0), rtol=1e-5, atol=1e-5)
         pad = 6 - len(row)
         assert not result.matrices[i, :, :pad].any() and not result.matrices[i, :, :, :pad].any()
-    prompts = Prompts(any_model, RAGGED)
-    _, cache = any_model.run_with_cache(prompts, names_filter=analysis.hooks(any_model))
+    prompts = Prompts(model, RAGGED)
+    _, cache = model.run_with_cache(prompts, names_filter=analysis.hooks(model))
     torch.testing.assert_close(analysis.compute(cache, prompts).matrices, result.matrices)
     frame = result.to_frame()
     assert frame.groupby("prompt")["query_position"].max().tolist() == [5, 1, 3, 0]
     assert len(frame) == len(result.group_labels) * sum(n * (n + 1) // 2 for n in (6, 2, 4, 1))  # causal entries
     row = frame.iloc[int(frame["value"].abs().idxmax())]
     assert result.top(1)["value"].iloc[0] == row["value"]
-    assert result.params["layer"] == 1 and result.architecture == any_model.cfg.architecture
+    assert result.params["layer"] == 1 and result.architecture == model.cfg.architecture
     result.save(tmp_path / "mixer.safetensors")
     loaded = Result.load(tmp_path / "mixer.safetensors")
     assert isinstance(loaded, MixerMatrixResult) and loaded.group_labels == result.group_labels
@@ -192,7 +290,7 @@ def test_mixer_matrix_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_
 def test_bad_arguments_say_what_is_accepted(any_model, tiny_llama, tiny_mamba):
     with pytest.raises(IndexError, match="valid layers are 0 to 1"):
         MixerMatrix(layer=2)(any_model, batch(1))
-    with pytest.raises(ValueError, match="are for Mamba; this model is a transformer"):
+    with pytest.raises(ValueError, match="channel_groups is for Mamba layers; layer 0 of this transformer mixes with attention"):
         MixerMatrix(0, channel_groups=2)(tiny_llama, batch(1))
     with pytest.raises(ValueError, match="divide d_inner = 32"):
         MixerMatrix(0, channel_groups=5).hooks(tiny_mamba)  # before any forward
@@ -269,12 +367,13 @@ def test_compare_mixers_across_architectures(tiny_mamba, tiny_rnn, tiny_llama, t
         MixerComparison(channels=0).hooks(tiny_mamba)
 
 
-def test_mixer_comparison_ragged_batch_equals_each_prompt_alone(any_model):
-    compare = MixerComparison(layer=1)
-    result = compare(any_model, RAGGED)
+@pytest.mark.parametrize("layer", [0, 1])
+def test_mixer_comparison_ragged_batch_equals_each_prompt_alone(model, layer):
+    compare = MixerComparison(layer=layer)
+    result = compare(model, RAGGED)
     frame = result.to_frame()
     for i, row in enumerate(RAGGED):
-        alone = compare(any_model, [row])
+        alone = compare(model, [row])
         torch.testing.assert_close(last(result.matrices[:, i], len(row), (1, 2)), alone.matrices[:, 0], rtol=1e-5, atol=1e-5)
         mine = frame[frame["prompt"] == i].drop(columns="prompt").reset_index(drop=True)
         theirs = alone.to_frame().drop(columns="prompt")
