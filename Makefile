@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.dynalens-installed
 PORT   ?= 8050
+DASHBOARD_ARGS ?=
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -40,8 +41,10 @@ test-slow: install
 test-gpu: install
 	$(PY) -m pytest -m gpu tests/kernels
 
+# Served by waitress on 127.0.0.1:$(PORT); more options through DASHBOARD_ARGS,
+# e.g. make dashboard DASHBOARD_ARGS="--model mamba-ar --threads 32".
 dashboard: install
-	$(VENV)/bin/dynalens dashboard --port $(PORT)
+	$(VENV)/bin/dynalens dashboard --port $(PORT) $(DASHBOARD_ARGS)
 
 bench: install
 	$(PY) benchmarks/scan.py

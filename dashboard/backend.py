@@ -18,11 +18,17 @@ direction, a fitted controller) go through :func:`cached`.
 Errors meant for the user are :class:`DashboardError`; :func:`user_message`
 turns any exception into one readable line, never a traceback.
 
-A long callback reports how far it is with :func:`reporting` (a
-:class:`ProgressReport` that it advances, by hand or per sequence the model
-reads with :func:`counting_sequences`); the page's progress bar polls
-:func:`read_progress` from another request thread while it runs. Reports are
-keyed by a random id the page's layout holds, so tabs never see each other's.
+A long callback runs as a Dash **background job**: its page passes
+``**background(bar)`` to ``dash.callback`` (``bar`` a page's
+``components.ProgressBar``), and the app's job manager (``dashboard/jobs.py``)
+runs it in a thread of the server process. While it runs, it reports how far
+it is with :func:`reporting` (a :class:`ProgressReport` that it advances, by
+hand or per sequence the model reads with :func:`counting_sequences`); the
+page's progress bar polls :func:`read_progress` from another request thread.
+Reports are keyed by a random id the page's layout holds, so tabs never see
+each other's. The bar's *Cancel* button stops the job: its next report (or its
+wait for the models, :func:`run_alone`) raises :class:`Cancelled`, which the
+page shows as a message; nothing half-computed is stored.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,8 +72,16 @@ S = TypeVar("S", bound=Saved)
 T = TypeVar("T")
 
 
+JOB_POLL_MS = 100
+"""How often the page asks whether a background job has finished (a cached job answers in about this)."""
+
+
 class DashboardError(Exception):
     """An error whose message is shown to the user as is."""
+
+
+class Cancelled(DashboardError):
+    """The user stopped the background job (its Cancel button, or new inputs superseded it)."""
 
 
 _models: OrderedDict[str, Any] = OrderedDict()
@@ -256,7 +271,7 @@ def page_results(
             keys[analysis.name] = analysis_key(identity, prompts, analysis)
     held: dict[str, Result] = {}
     if any(key not in cache for key in keys.values()):
-        with _run_lock:  # a callback that started first may have computed them meanwhile
+        with _models_turn():  # a callback that started first may have computed them meanwhile
             missing = [a for a in analyses if a.name in keys and keys[a.name] not in cache]
             if missing:
                 held = _run(model, prompts, missing, report)
@@ -317,8 +332,60 @@ def cached_key(name_or_path: str, prompts: Prompts | None, what: str, params: Ma
 
 def run_alone(compute: Callable[[], T]) -> T:
     """``compute()`` while no other analysis runs: hooks are model state, shared by every tab."""
-    with _run_lock:
+    with _models_turn():
         return compute()
+
+
+@contextmanager
+def _models_turn() -> Iterator[None]:
+    """Hold the lock on every model; a cancelled job stops waiting for it (:class:`Cancelled`)."""
+    while not _run_lock.acquire(timeout=0.1):
+        check_cancelled()
+    try:
+        check_cancelled()
+        yield
+    finally:
+        _run_lock.release()
+
+
+# ------------------------------------------------------------ background jobs
+_stop: ContextVar[threading.Event | None] = ContextVar("dynalens_dashboard_job_stop", default=None)
+
+
+def background(bar: Any) -> dict[str, Any]:
+    """The ``dash.callback`` keywords that run a long page callback as a background job.
+
+    ``bar`` is the page's ``components.ProgressBar``: it shows while the job
+    runs (``bar.running``) and its Cancel button (``bar.cancel``) stops the job.
+    Pass the bar's key as the callback's last ``State`` and report under it::
+
+        @callback(Output(...), Input(REQUEST, "data"), BAR.key, **backend.background(BAR))
+        def panel(request, key):
+            with backend.reporting(key) as report:
+                ...
+
+    The app's job manager (``dashboard/jobs.py``) runs it; the page polls for
+    the result every ``JOB_POLL_MS``.
+    """
+    return {"background": True, "running": bar.running, "cancel": [bar.cancel], "interval": JOB_POLL_MS}
+
+
+@contextmanager
+def stoppable(stop: threading.Event) -> Iterator[None]:
+    """Within the block, :func:`check_cancelled` (and every progress report) raises once ``stop`` is set."""
+    token = _stop.set(stop)
+    try:
+        yield
+    finally:
+        _stop.reset(token)
+
+
+def check_cancelled(stop: threading.Event | None = None) -> None:
+    """Raise :class:`Cancelled` when the running job (or ``stop``, when given) was asked to stop."""
+    stop = _stop.get() if stop is None else stop
+    if stop is not None and stop.is_set():
+        raise Cancelled("Cancelled: the analysis was stopped before it finished; nothing was stored. "
+                        "Run it again to see its result.")
 
 
 def user_message(exc: BaseException) -> str:
@@ -359,15 +426,24 @@ class ProgressReport:
         self.key, self.steps = key, steps
         self._step, self._size, self._done, self._label = 0, None, 0.0, ""
         self._lock = threading.Lock()  # hooks may tick from another thread than the one stepping
+        self._stop = _stop.get()  # the job this report belongs to: hooks in other threads see it too
 
     def step(self, label: str, size: float | None = None) -> None:
-        """Start the next step: ``label`` says what it does, ``size`` how many units it counts (None: unknown)."""
+        """Start the next step: ``label`` says what it does, ``size`` how many units it counts (None: unknown).
+
+        Raises
+        ------
+        Cancelled
+            When the job reporting was asked to stop (so is :meth:`advance`).
+        """
+        check_cancelled(self._stop)
         with self._lock:
             self._step, self._size, self._done, self._label = min(self._step + 1, self.steps), size, 0.0, label
         self._publish()
 
     def advance(self, units: float = 1.0, label: str | None = None) -> None:
         """Count ``units`` more of the current step done; ``label`` replaces its label."""
+        check_cancelled(self._stop)
         with self._lock:
             self._done += units
             self._label = self._label if label is None else label

@@ -16,6 +16,13 @@ written atomically, never pickled) named by the SHA-256 of
   so a stale result is never read back.
 
 ``Saved.load`` reads any entry back as the type it holds.
+
+The cache has a **size limit** in bytes: after each store, the least
+recently used entries are deleted until the entries fit (the one just stored
+is always kept, so a single entry larger than the limit lives until the next
+store). An entry's last use is its file's modification time, set when it is
+stored and again each time it is loaded, so the order survives a restart and
+is shared by every process that serves from the same folder.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import os
 import shutil
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -49,6 +57,9 @@ LIBRARY_PACKAGES = ("dynalens", "dynalens.models", "dynalens.probes", "dynalens.
 SOURCE_SUFFIXES = (".py", ".json", ".jsonl", ".safetensors")
 
 _SKIP_DIRS = {"__pycache__", "zoo", "dashboard"}  # zoo weights are identified by ``model_id``
+
+DEFAULT_MAX_BYTES = 2 * 1024**3
+"""The results cache's default size limit: 2 GiB."""
 
 
 def source_digest(folders: Iterable[str | os.PathLike]) -> str:
@@ -182,6 +193,15 @@ def analysis_key(model_id: str, prompts: Prompts | None, analysis: Any) -> str:
     )
 
 
+def _mark_used(path: Path) -> None:
+    """Set the file's times to now, at full precision (a file system stamps writes to the clock tick only)."""
+    now = time.time_ns()
+    try:
+        os.utime(path, ns=(now, now))
+    except FileNotFoundError:  # evicted meanwhile by another store; whoever read it has it whole
+        pass
+
+
 def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -193,6 +213,9 @@ class ResultsCache:
     ----------
     root : path, optional
         The cache folder; default ``<dynalens cache dir>/dashboard``.
+    max_bytes : int or None
+        Size limit of the entries in bytes; the least recently used go first
+        (see the module docstring). None: no limit.
 
     Examples
     --------
@@ -201,10 +224,14 @@ class ResultsCache:
     >>> lens = cache.get_or_compute(key, lambda: dl.probes.LogitLens(k=5)(model, prompts))  # doctest: +SKIP
     """
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES):
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+            raise ValueError(f"max_bytes must be a number of bytes (an int >= 0) or None, got {max_bytes!r}")
         self.root = Path(root) if root is not None else cache_dir() / "dashboard"
+        self.max_bytes = max_bytes
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._evicting = threading.Lock()
 
     def path(self, key: str) -> Path:
         """The record file of entry ``key``."""
@@ -218,11 +245,47 @@ class ResultsCache:
         path = self.path(key)
         if not path.is_file():
             raise KeyError(f"no cached result {key}")
-        return Saved.load(path)
+        value = Saved.load(path)
+        _mark_used(path)
+        return value
 
     def store(self, key: str, value: Saved) -> None:
-        """Save ``value`` under ``key`` (atomically: a reader never sees half a file)."""
+        """Save ``value`` under ``key`` (atomically: a reader never sees half a file), then keep to the size limit."""
         value.save(self.path(key))
+        _mark_used(self.path(key))
+        self.evict(keep=key)
+
+    def entries(self) -> list[tuple[Path, int, int]]:
+        """Every entry as ``(path, bytes, last use in ns)``, least recently used first."""
+        found = []
+        for path in self.root.glob("??/*.safetensors"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # evicted by another thread or process meanwhile
+                continue
+            found.append((path, stat.st_size, stat.st_mtime_ns))
+        return sorted(found, key=lambda entry: (entry[2], entry[0].name))
+
+    def size(self) -> int:
+        """The bytes the entries take."""
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self, keep: str | None = None) -> list[Path]:
+        """Delete the least recently used entries until they fit in ``max_bytes`` (never ``keep``); the deleted."""
+        if self.max_bytes is None:
+            return []
+        with self._evicting:
+            entries = self.entries()
+            total, deleted = sum(size for _, size, _ in entries), []
+            for path, size, _ in entries:
+                if total <= self.max_bytes:
+                    break
+                if keep is not None and path == self.path(keep):
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
+                deleted.append(path)
+            return deleted
 
     def get_or_compute(self, key: str, compute: Callable[[], S]) -> S:
         """The object stored under ``key``, or ``compute()`` stored there and returned.

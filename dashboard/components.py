@@ -296,15 +296,16 @@ class ProgressBar:
 
     Hidden until the callback runs; while it runs, the page polls
     :func:`~dynalens.dashboard.backend.read_progress` every ``POLL_MS`` and
-    draws what the callback reports; when it ends (result or error) the bar
-    is hidden again. Create it at a page module's top level (Dash runs page
-    modules for every app, so each app gets the poll callback), put
-    :meth:`layout` in the page, and give the callback :attr:`key` as its last
-    ``State`` and ``running=bar.running``::
+    draws what the callback reports, and its *Cancel* button stops the job;
+    when it ends (result, error or cancelled) the bar is hidden again. Create
+    it at a page module's top level (Dash runs page modules for every app, so
+    each app gets the poll callback), put :meth:`layout` in the page, and give
+    the callback :attr:`key` as its last ``State`` and
+    ``**backend.background(bar)`` (a background job, see ``dashboard/jobs.py``)::
 
         BAR = ProgressBar("heads-scores")
 
-        @callback(Output(...), Input(...), BAR.key, running=BAR.running)
+        @callback(Output(...), Input(...), BAR.key, **backend.background(BAR))
         def scores(request, key):
             with backend.reporting(key, steps=2) as report:
                 report.step("Reading prompts", size=n)
@@ -316,7 +317,9 @@ class ProgressBar:
 
     def __init__(self, job: str) -> None:
         self.id = f"{job}-progress"
-        self.body_id, self.poll_id, self.key_id = (f"{self.id}-{part}" for part in ("body", "poll", "key"))
+        self.body_id, self.poll_id, self.key_id, self.cancel_id = (
+            f"{self.id}-{part}" for part in ("body", "poll", "key", "cancel")
+        )
         dash.callback(
             Output(self.body_id, "children"),
             Input(self.poll_id, "n_intervals"),
@@ -329,7 +332,9 @@ class ProgressBar:
         return html.Div(
             id=self.id, className="progress", style=_HIDDEN,
             children=[
-                html.Div(progress_view(None), id=self.body_id, className="progress-body"),
+                html.Div([html.Div(progress_view(None), id=self.body_id, className="progress-body"),
+                          html.Button("Cancel", id=self.cancel_id, className="cancel-button", n_clicks=0)],
+                         className="progress-row"),
                 dcc.Interval(id=self.poll_id, interval=self.POLL_MS, disabled=True),
                 dcc.Store(id=self.key_id, data=uuid.uuid4().hex),
             ],
@@ -341,12 +346,18 @@ class ProgressBar:
         return State(self.key_id, "data")
 
     @property
+    def cancel(self) -> Input:
+        """The Cancel button's clicks (the callback's ``cancel=``)."""
+        return Input(self.cancel_id, "n_clicks")
+
+    @property
     def running(self) -> list[tuple[Output, Any, Any]]:
         """The callback's ``running=``: show the bar and poll while it runs; hide it, stop and reset it after."""
         return [
             (Output(self.id, "style"), _SHOWN, _HIDDEN),
             (Output(self.poll_id, "disabled"), False, True),
             (Output(self.body_id, "children"), progress_view(None), progress_view(None)),
+            (Output(self.cancel_id, "disabled"), False, True),
         ]
 
 

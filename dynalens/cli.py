@@ -50,10 +50,11 @@ def run_hooks(args: argparse.Namespace) -> int:
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    """Serve the dashboard."""
+    """Serve the dashboard with waitress."""
     from dynalens.dashboard.app import run
 
-    run(model=args.model, host=args.host, port=args.port)
+    limit = {} if args.cache_bytes is None else {"cache_bytes": args.cache_bytes or None}  # 0: no limit
+    run(model=args.model, host=args.host, port=args.port, threads=args.threads, **limit)
     return 0
 
 
@@ -96,11 +97,30 @@ def add_hooks(sub: argparse._SubParsersAction) -> None:
 
 
 def add_dashboard(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dashboard", help="serve the dashboard")
+    p = sub.add_parser("dashboard", help="serve the dashboard (waitress, this machine only by default)")
     p.add_argument("--model", default=None, metavar="NAME_OR_PATH", help="model to open first")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8050)
+    p.add_argument("--threads", type=_int_at_least(1), default=16, help="request threads (default 16)")
+    p.add_argument("--cache-bytes", type=_int_at_least(0), default=None, metavar="BYTES",
+                   help="size limit of the results cache, least recently used dropped first "
+                        "(default 2 GiB; 0: no limit)")  # fmt: skip
     p.set_defaults(func=run_dashboard)
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    return parse
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:

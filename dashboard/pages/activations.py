@@ -169,7 +169,7 @@ def sinks_panel(request, site):
     Input(REQUEST, "data"),
     Input(SERIES, "value"),
     EMERGENCE_PROGRESS.key,
-    running=EMERGENCE_PROGRESS.running,
+    **backend.background(EMERGENCE_PROGRESS),
 )
 @show_errors(_EMPTY, None)
 def emergence_panel(request, series, progress_key):

@@ -191,7 +191,7 @@ def defaults(request, defaults_for):
     State(CORRECT, "value"),
     State(WRONG, "value"),
     PROGRESS.key,
-    running=PROGRESS.running,
+    **backend.background(PROGRESS),
 )
 @show_errors(None, None, None)
 def build(_, defaults_for, request, clean, corrupt, correct, wrong, progress_key):

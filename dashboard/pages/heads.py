@@ -121,7 +121,7 @@ def _copying(request: dict, model: Any) -> backend.PageResults:
     Input(REQUEST, "data"),
     Input(KIND, "value"),
     SCORES_PROGRESS.key,
-    running=SCORES_PROGRESS.running,
+    **backend.background(SCORES_PROGRESS),
 )
 @show_errors(_EMPTY, None, None)
 def scores_panel(request, kind, progress_key):

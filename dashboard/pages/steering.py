@@ -238,7 +238,7 @@ def setup(request, layers, read_layer):
     Input(TOKEN_A, "value"),
     Input(TOKEN_B, "value"),
     PROGRESS.key,
-    running=PROGRESS.running,
+    **backend.background(PROGRESS),
 )  # fmt: skip
 @show_errors("", "", _EMPTY, None, None)
 def generations(setup, method, control, layers, alpha, read_layer, token_a, token_b, progress_key):

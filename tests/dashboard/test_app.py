@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dash
+import flask
 import pytest
 import torch
 
@@ -10,29 +11,51 @@ from dynalens.cli import build_parser
 from dynalens.dashboard import app as app_module
 from dynalens.dashboard import backend
 from dynalens.dashboard.app import create_app, run
+from dynalens.dashboard.cache import DEFAULT_MAX_BYTES
+from dynalens.dashboard.jobs import ThreadJobs
 
 
 @pytest.fixture
 def served(monkeypatch):
-    """Record what ``run`` asks Dash to serve instead of serving it."""
+    """Record what ``run`` asks waitress to serve instead of serving it."""
     calls = []
-    monkeypatch.setattr(dash.Dash, "run", lambda self, **kw: calls.append(kw))
+    monkeypatch.setattr(app_module.waitress, "serve", lambda wsgi, **kw: calls.append({"app": wsgi, **kw}))
     monkeypatch.setattr(app_module, "_preload", lambda model: None)
     return calls
 
 
-def test_run_binds_localhost_unless_told_otherwise(served, tmp_path, monkeypatch):
+def test_run_serves_with_waitress_on_localhost_unless_told_otherwise(served, tmp_path, monkeypatch):
     monkeypatch.setenv("DYNALENS_CACHE", str(tmp_path))
     run()
-    run(host="0.0.0.0", port=9000)
-    assert served[0]["host"] == "127.0.0.1" and served[0]["port"] == 8050
-    assert served[1]["host"] == "0.0.0.0" and served[1]["port"] == 9000
-    assert served[0]["debug"] is False
+    run(host="0.0.0.0", port=9000, threads=3, cache_bytes=1000)
+    assert served[0]["host"] == "127.0.0.1" and served[0]["port"] == 8050 and served[0]["threads"] == 16
+    assert served[1]["host"] == "0.0.0.0" and served[1]["port"] == 9000 and served[1]["threads"] == 3
+    assert isinstance(served[0]["app"], flask.Flask)
+    with served[1]["app"].app_context():
+        assert backend.results_cache().max_bytes == 1000
+    with served[0]["app"].app_context():
+        assert backend.results_cache().max_bytes == DEFAULT_MAX_BYTES
 
 
-def test_cli_dashboard_defaults_to_localhost_and_8050():
-    args = build_parser().parse_args(["dashboard"])
-    assert args.host == "127.0.0.1" and args.port == 8050
+def test_cli_dashboard_options(monkeypatch):
+    parser = build_parser()
+    args = parser.parse_args(["dashboard"])
+    assert (args.host, args.port, args.threads, args.cache_bytes) == ("127.0.0.1", 8050, 16, None)
+    asked = []
+    monkeypatch.setattr(app_module, "run", lambda **kw: asked.append(kw))
+    assert args.func(parser.parse_args(["dashboard", "--threads", "4", "--cache-bytes", "0"])) == 0
+    assert args.func(parser.parse_args(["dashboard", "--cache-bytes", "5000"])) == 0
+    assert args.func(args) == 0
+    assert asked[0]["threads"] == 4 and asked[0]["cache_bytes"] is None  # 0: no limit
+    assert asked[1]["cache_bytes"] == 5000 and "cache_bytes" not in asked[2]  # the app's default
+    for bad, why in ((["--threads", "0"], "at least 1"), (["--cache-bytes", "2GB"], "whole number")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["dashboard", *bad])
+
+
+def test_long_callbacks_run_on_the_thread_job_manager(tmp_path):
+    app = create_app(cache_dir=tmp_path)
+    assert isinstance(app._background_manager, ThreadJobs)
 
 
 def test_pages_register_themselves(tmp_path):

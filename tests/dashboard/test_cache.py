@@ -328,3 +328,57 @@ def test_results_loaded_back_equal_dl_run(app_cache, mamba):
     direct = run(mamba, prompts, [CacheTestNorms()])["cache_test_norms"]
     assert isinstance(loaded, CacheTestNormsResult) and Saved is not type(loaded)
     assert_close(loaded.norms, direct.norms)
+
+
+# ------------------------------------------------------------ the size limit
+def _entry(cache: ResultsCache, mamba, scale: float) -> tuple[str, int]:
+    """Store CacheTestNorms(scale) under its key; the key and the entry's bytes."""
+    prompts = Prompts(mamba, [TOKENS])
+    key = analysis_key("path:tiny", prompts, CacheTestNorms(scale=scale))
+    cache.store(key, CacheTestNorms(scale=scale)(mamba, prompts))
+    return key, cache.path(key).stat().st_size
+
+
+def test_the_least_recently_used_entries_go_first_when_the_cache_is_full(tmp_path, mamba):
+    unlimited = ResultsCache(tmp_path, max_bytes=None)
+    a, size = _entry(unlimited, mamba, 1.0)
+    b, _ = _entry(unlimited, mamba, 2.0)
+    c, _ = _entry(unlimited, mamba, 3.0)
+    assert unlimited.size() >= 3 * size - 64 and unlimited.evict() == []
+    cache = ResultsCache(tmp_path, max_bytes=3 * size + size // 2)  # room for three entries, not four
+    unlimited.load(a)  # a was stored first but read last: b is now the least recently used
+    d, _ = _entry(cache, mamba, 4.0)
+    assert b not in cache and all(key in cache for key in (a, c, d))
+    assert cache.size() <= cache.max_bytes
+    cache.load(c)
+    cache.load(d)
+    _entry(cache, mamba, 5.0)  # a is now the oldest use
+    assert a not in cache and c in cache and d in cache
+    with pytest.raises(KeyError):
+        cache.load(a)
+
+
+def test_an_entry_larger_than_the_limit_is_kept_until_the_next_store(tmp_path, mamba):
+    cache = ResultsCache(tmp_path, max_bytes=10)
+    first, size = _entry(cache, mamba, 1.0)
+    assert size > 10 and first in cache  # the one just stored stays: the page reads it next
+    second, _ = _entry(cache, mamba, 2.0)
+    assert first not in cache and second in cache
+    assert cache.get_or_compute(first, lambda: CacheTestNorms(scale=1.0)(mamba, Prompts(mamba, [TOKENS])))
+    assert first in cache and second not in cache
+
+
+def test_the_order_of_use_survives_a_new_cache_object(tmp_path, mamba):
+    """Last use is the file's time: another process (or a restart) evicts in the same order."""
+    writer = ResultsCache(tmp_path, max_bytes=None)
+    keys = [_entry(writer, mamba, float(s))[0] for s in (1, 2, 3)]
+    writer.load(keys[0])
+    order = [path.name.removesuffix(".safetensors") for path, _, _ in ResultsCache(tmp_path).entries()]
+    assert order == [keys[1], keys[2], keys[0]]
+
+
+def test_the_size_limit_is_checked():
+    with pytest.raises(ValueError, match="max_bytes must be a number of bytes"):
+        ResultsCache(max_bytes=-1)
+    with pytest.raises(ValueError, match="max_bytes must be a number of bytes"):
+        ResultsCache(max_bytes=1.5e9)

@@ -108,3 +108,68 @@ def test_head_scores_read_what_the_heads_page_counts(mamba, tiny_mamba_dir):
         report.step("Scores", size=1000)
         backend.counting_sequences(model, report, lambda: dl.circuits.HeadScores()(model, tokens))()
         assert backend.read_progress("tab-8").value * 1000 == pytest.approx(2)
+
+
+# ------------------------------------------------------------------ cancel
+def test_a_stopped_job_raises_cancelled_at_its_next_report_even_from_a_hook_thread():
+    stop = threading.Event()
+    with backend.stoppable(stop), backend.reporting("tab-9") as report:
+        report.step("Working", size=2)
+        report.advance(1)
+        stop.set()
+        with pytest.raises(backend.Cancelled, match="stopped before it finished"):
+            report.advance(1)
+        raised = []
+
+        def tick() -> None:  # a hook ticking from another thread sees the report's job
+            try:
+                report.advance(1)
+            except backend.Cancelled as exc:
+                raised.append(exc)
+
+        worker = threading.Thread(target=tick)
+        worker.start()
+        worker.join()
+        assert len(raised) == 1 and isinstance(raised[0], backend.DashboardError)
+    with backend.reporting("tab-9") as outside:  # outside the job nothing stops
+        outside.step("Working", size=1)
+        outside.advance(1)
+
+
+def test_a_cancelled_forward_stops_and_removes_its_hooks():
+    model = dl.load("attn2l-induction")
+    tokens = dl.circuits.repeated_tokens(model, half_len=8, n_sequences=2)
+    stop = threading.Event()
+    with backend.stoppable(stop), backend.reporting("tab-10") as report:
+        report.step("Reading", size=2)
+        stop.set()
+        with pytest.raises(backend.Cancelled):
+            backend.counting_sequences(model, report, lambda: model(tokens))()
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_a_job_waiting_for_the_models_stops_waiting_when_cancelled():
+    """Another tab's analysis holds the models; the cancelled job leaves the queue within a poll."""
+    holding, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: backend.run_alone(lambda: (holding.set(), release.wait(10))))
+    holder.start()
+    holding.wait(10)
+    stop, outcome = threading.Event(), []
+
+    def waiter() -> None:
+        with backend.stoppable(stop):
+            try:
+                outcome.append(backend.run_alone(lambda: "ran"))
+            except backend.Cancelled:
+                outcome.append("cancelled")
+
+    job = threading.Thread(target=waiter)
+    job.start()
+    job.join(0.3)
+    assert job.is_alive() and outcome == []  # waiting its turn
+    stop.set()
+    job.join(5)
+    release.set()
+    holder.join(5)
+    assert outcome == ["cancelled"]
+    assert backend.run_alone(lambda: "free") == "free"  # the lock was not left held
