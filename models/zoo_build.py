@@ -63,6 +63,11 @@ RECIPES: dict[str, Recipe] = {
         "mamba-2l", steps=4000, lr=3e-3, batch_size=64, warmup=100, n_checkpoints=8,
         sizes={"d_model": 128, "d_state": 16},
     ),  # fmt: skip
+    "mamba2-ar": Recipe(
+        "mamba2-2l", steps=4000, lr=3e-3, batch_size=64, warmup=100, n_checkpoints=8, sizes={"d_model": 64},
+    ),  # fmt: skip
+    # d_model 32 reached 0.996 by step 600 of 1500 (lr 3e-3).
+    "hybrid-ar": Recipe("hybrid-bamba", steps=1000, lr=3e-3, batch_size=64, warmup=100, n_checkpoints=8),
     "lstm-hmm": Recipe("lstm-1l", steps=1000, lr=3e-3, batch_size=64, warmup=50, sizes={"d_model": 32}),
     "gru-hmm": Recipe("gru-1l", steps=1000, lr=3e-3, batch_size=64, warmup=50, sizes={"d_model": 32}),
 }
