@@ -25,19 +25,23 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import dynalens  # noqa: F401  (before transformers: see tests/conftest.py)
 import torch
-from mamba_forward import median_seconds
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import Mamba2Config, Mamba2ForCausalLM
 
 from dynalens.models import names
 from dynalens.models.mamba2 import HookedMamba2
+
+sys.path.insert(0, str(Path(__file__).parent))  # median_seconds of benchmarks/mamba_forward.py, also under -P
+from mamba_forward import median_seconds  # noqa: E402
 
 MAMBA2_130M = dict(
     vocab_size=50288, hidden_size=768, num_hidden_layers=24, num_heads=24, head_dim=64, state_size=128, n_groups=1,
@@ -87,6 +91,20 @@ def state_norms(n_layers: int) -> tuple[list[tuple[str, Callable]], list[torch.T
     return [(names.mixer(layer, "ssm_state"), keep) for layer in range(n_layers)], kept
 
 
+def build_models(with_bridge: bool) -> tuple[Mamba2ForCausalLM, HookedMamba2, TransformerBridge | None]:
+    """HF's model with random weights, ours with the same weights, and the Bridge (eager scan on) over a copy."""
+    torch.manual_seed(0)
+    hf = Mamba2ForCausalLM(Mamba2Config(**MAMBA2_130M)).eval()
+    if not with_bridge:
+        return hf, HookedMamba2.from_hf(hf), None
+    with tempfile.TemporaryDirectory() as folder:
+        hf.config.save_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(folder, hf_model=copy.deepcopy(hf))
+    for block in bridge.blocks:
+        block.mixer.eager_scan = True
+    return hf, HookedMamba2.from_hf(hf), bridge
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
@@ -97,16 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    torch.manual_seed(0)
-    hf = Mamba2ForCausalLM(Mamba2Config(**MAMBA2_130M)).eval()
-    ours = HookedMamba2.from_hf(hf)
-    bridge = None
-    if not args.no_bridge:
-        with tempfile.TemporaryDirectory() as folder:
-            hf.config.save_pretrained(folder)
-            bridge = TransformerBridge.boot_transformers(folder, hf_model=copy.deepcopy(hf))
-        for block in bridge.blocks:
-            block.mixer.eager_scan = True
+    hf, ours, bridge = build_models(with_bridge=not args.no_bridge)
     n_layers = MAMBA2_130M["num_hidden_layers"]
     is_state = lambda name: name.endswith("hook_ssm_state")  # noqa: E731
 

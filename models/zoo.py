@@ -61,6 +61,9 @@ def _entry(
     return ZooEntry(name, architecture, task, description, ZOO_DIR / name, task_kwargs, accuracy_target)
 
 
+# The associative recall task of mamba-ar, mamba2-ar and hybrid-ar: 2 of 4 key-value pairs queried.
+_RECALL = dict(n_keys=16, n_values=16, n_pairs=4, n_queries=2)
+
 ZOO: dict[str, ZooEntry] = {
     e.name: e
     for e in (
@@ -96,10 +99,7 @@ ZOO: dict[str, ZooEntry] = {
             "2-layer HookedMamba (d_model 128) on multi-query associative recall: 2 of 4 "
             "key-value pairs queried, so no answer follows by elimination",
             0.9,
-            n_keys=16,
-            n_values=16,
-            n_pairs=4,
-            n_queries=2,
+            **_RECALL,
         ),
         _entry(
             "mamba2-ar",
@@ -108,10 +108,7 @@ ZOO: dict[str, ZooEntry] = {
             "2-layer HookedMamba2 on the associative recall task of mamba-ar (2 of 4 key-value "
             "pairs queried)",
             0.9,
-            n_keys=16,
-            n_values=16,
-            n_pairs=4,
-            n_queries=2,
+            **_RECALL,
         ),
         _entry(
             "hybrid-ar",
@@ -120,10 +117,7 @@ ZOO: dict[str, ZooEntry] = {
             "2-layer Bamba-style HookedHybrid (layer 0 Mamba-2, layer 1 attention with 2 heads, "
             "each followed by a SwiGLU MLP; d_model 32) on the associative recall task of mamba-ar",
             0.9,
-            n_keys=16,
-            n_values=16,
-            n_pairs=4,
-            n_queries=2,
+            **_RECALL,
         ),
         _entry(
             "lstm-hmm",
