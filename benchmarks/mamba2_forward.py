@@ -9,13 +9,14 @@ round-robin after a warm-up at 64 tokens:
 - ours: the plain forward;
 - ours, ``run_with_cache`` of every layer's ``hook_ssm_state`` at 16
   positions (``state_positions``), over our forward (target <= 1.3);
-- HF's torch path, over ours (target >= 2);
+- HF's torch path (``use_cache=False``), over ours (target >= 2);
 - every state of every layer: a hook on each layer's ``hook_ssm_state`` that
   reduces the ``[b, l, h, p, n]`` states to their norm per position and head
   (caching them all would take 24 x 1.6 GB at l = 2048), ours against
-  TransformerBridge with ``eager_scan=True`` on every mixer (its Python scan
-  over time; target >= 10x), with the peak resident memory each adds over
-  the process' memory before the call (sampled every millisecond).
+  TransformerBridge with ``eager_scan=True`` on every mixer and
+  ``use_cache=False`` (its Python scan over time; target >= 10x), with the
+  peak resident memory each adds over the process' memory before the call
+  (sampled every millisecond).
 
     HF_HUB_OFFLINE=1 nice -n -10 .venv/bin/python benchmarks/mamba2_forward.py --lengths 512 2048 --repeats 3
 """
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             f"ours run_with_cache(ssm_state at {N_POSITIONS} positions)": lambda t: ours.run_with_cache(
                 t, names_filter=is_state, state_positions=spread(t.shape[1])
             ),
-            "HF torch path": lambda t: hf(t),
+            "HF torch path": lambda t: hf(t, use_cache=False),
         }
         with torch.inference_mode():
             median_seconds({name: partial(fn, torch.randint(0, 100, (1, 64))) for name, fn in paths.items()}, 1)
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         hooks, kept = state_norms(n_layers)
         every = {
             "ours, every state (hooked)": lambda: ours.run_with_hooks(tokens, fwd_hooks=hooks),
-            "Bridge eager_scan, every state (hooked)": lambda: bridge.run_with_hooks(tokens, fwd_hooks=hooks),
+            "Bridge eager_scan, every state (hooked)": lambda: bridge.run_with_hooks(
+                tokens, fwd_hooks=hooks, use_cache=False  # its states are hooked only without a cache
+            ),
         }
         with torch.inference_mode():
             norms = {}
