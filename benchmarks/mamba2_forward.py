@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -111,17 +112,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)",
+    )  # fmt: skip
     parser.add_argument("--no-bridge", action="store_true", help="skip the all-states rows (the Bridge's eager scan)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     hf, ours, bridge = build_models(with_bridge=not args.no_bridge)
     n_layers = MAMBA2_130M["num_hidden_layers"]
     is_state = lambda name: name.endswith("hook_ssm_state")  # noqa: E731
 
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"HookedMamba2 vs HF Mamba2ForCausalLM (torch path), Mamba-2-130m shape, b=1, "
-          f"torch threads={torch.get_num_threads()}")  # fmt: skip
+          f"torch threads={torch.get_num_threads()}, {args.clock} clock, load average {load}")  # fmt: skip
     for length in args.lengths:
         tokens = torch.randint(0, MAMBA2_130M["vocab_size"], (1, length))
         paths = {
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         with torch.inference_mode():
             median_seconds({name: partial(fn, torch.randint(0, 100, (1, 64))) for name, fn in paths.items()}, 1)
-            rows = median_seconds({name: partial(fn, tokens) for name, fn in paths.items()}, args.repeats)
+            rows = median_seconds({name: partial(fn, tokens) for name, fn in paths.items()}, args.repeats, clock)
         ours_s = rows["ours forward"]
         print(f"\nl = {length}", flush=True)
         print(f"  {'path':48s} {'seconds':>8s} {'ms/token':>9s} {'x ours':>7s}")
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 kept.clear()
                 peaks[name] = peak_rss_added(fn)
                 norms[name] = torch.stack(kept)
-            times = median_seconds(every, max(1, args.repeats - 1))
+            times = median_seconds(every, max(1, args.repeats - 1), clock)
         (a, b) = norms.values()
         gap = ((a - b).abs().max() / b.abs().max()).item()
         for name, seconds in times.items():
