@@ -40,6 +40,7 @@ import time
 
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from mambapy.pscan import pscan
@@ -248,8 +249,12 @@ def main() -> None:
     parser.add_argument("--ref-backward-max-length", type=int, default=2048, help="longest l for ref fwd+bwd")
     parser.add_argument("--ssd-shape", choices=sorted(ssd.SHAPES), default="mamba2-130m", help="shape of the ssd_scan rows")
     parser.add_argument("--ssd-only", action="store_true", help="only the ssd_scan rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: their own)")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     if args.memory:
         print(json.dumps(measure_memory(args.memory, args.lengths[0])))
         return
