@@ -8,7 +8,7 @@ paid once per Ray session, before the timed sweep (a warm-up sweep of one
 cell); the script prints them apart. Targets: Ray with 1 worker within 10% of
 the loop, Ray with 2 workers ≥ 1.6× the loop.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sweep.py --sequences 64
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sweep.py --sequences 256
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def on_ray(workers: int, models, prompts) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sequences", type=int, default=64, help="sequences per prompt set")
+    parser.add_argument("--sequences", type=int, default=256, help="sequences per prompt set")
     args = parser.parse_args()
     models = checkpoints("attn2l-induction")
     prompts = prompt_sets(args.sequences)

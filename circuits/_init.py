@@ -9,6 +9,7 @@ from dynalens.circuits.ablation import (
     head_hooks,
 )
 from dynalens.circuits.directions import Direction
+from dynalens.circuits.graph_layout import GraphLayout, PlacedNode, graph_figure, layout_graph, split_embedding
 from dynalens.circuits.heads import (
     CopyingScores,
     CopyingScoresResult,
@@ -94,6 +95,11 @@ __all__ = [
     "logit_metric",
     "prune",
     "split_qkv_inputs",
+    "GraphLayout",
+    "PlacedNode",
+    "graph_figure",
+    "layout_graph",
+    "split_embedding",
     "MixerRetrievalScores",
     "MixerRetrievalScoresResult",
     "RetrievalScores",

@@ -134,6 +134,14 @@ class HeadScoresResult(Result):
         """Pooled sink scores."""
         return self.score("sink")
 
+    def metrics(self) -> dict[str, float]:
+        """``max_{kind}`` for each score of :data:`SCORES`: the best head's pooled score (what a sweep stores)."""
+        grids = {kind: self.score(kind) for kind in SCORES}
+        return {
+            f"max_{kind}": float(grid[~grid.isnan()].max()) if (~grid.isnan()).any() else float("nan")
+            for kind, grid in grids.items()
+        }
+
     def to_frame(self) -> pd.DataFrame:
         """One row per prompt and head: ``prompt, layer, head`` and every score."""
         frames = []

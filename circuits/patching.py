@@ -25,8 +25,11 @@ per prompt, and for the batch from the batch means of the metric.
   norm), so the edge weight is the sum of its Q, K and V parts. With grouped
   key/value heads the K and V parts belong to the shared key/value head and
   appear on the edges into each of its query heads. Every node also carries
-  the tokens its output promotes most at the prompts' last position (direct
-  logit attribution through the final norm with the clean run's scale frozen).
+  its effect per token position and the tokens its output promotes most at
+  the prompts' last position (direct logit attribution through the final norm
+  with the clean run's scale frozen); the edges out of the embedding carry
+  their weight per token position. :mod:`~dynalens.circuits.graph_layout`
+  draws the graph as layer × token position.
 - :class:`EdgePatching`: activation patching of single edges (the same
   intervention, run for real: the sender's clean-minus-corrupt output added
   to one receiver's input), to check the estimate.
@@ -449,10 +452,14 @@ class AttributionGraphResult(PatchingResult):
         ``networkx.DiGraph``: nodes ``embed``, ``L{l}H{h}``, ``L{l}.mlp``,
         ``logits`` with attributes ``kind``, ``layer``, ``head``, ``effect``
         (the attribution of the node's own output; for ``logits`` the batch-mean
-        metric's clean-minus-corrupt change) and ``top_tokens`` (``[token_id,
-        token, logit]`` rows); edges ``sender -> receiver`` with ``weight`` (and
-        its ``q``, ``k``, ``v`` parts into heads). ``graph.graph`` holds the
-        batch-mean clean and corrupt metric and the pruning threshold.
+        metric's clean-minus-corrupt change), ``positions`` (``effect`` split
+        over the columns of the left-padded batch, where the node writes; for
+        ``logits`` all of it at the last column) and ``top_tokens``
+        (``[token_id, token, logit]`` rows); edges ``sender -> receiver`` with
+        ``weight`` (and its ``q``, ``k``, ``v`` parts into heads; edges out of
+        ``embed`` also ``positions``, the weight split over the columns, one
+        sender per token). ``graph.graph`` holds the batch-mean clean and
+        corrupt metric and the pruning threshold.
     threshold
         Edges of ``|weight|`` at most this fraction of the largest were pruned.
     """
@@ -496,35 +503,22 @@ class AttributionGraphResult(PatchingResult):
         frame = self.to_frame()
         return frame.loc[frame["weight"].abs().nlargest(k).index].reset_index(drop=True)
 
-    def figure(self) -> go.Figure:
-        """Nodes by layer (up the page) and head (across), edges coloured by sign, width by ``|weight|``."""
-        place = {}
-        for name, data in self.graph.nodes(data=True):
-            x = {"head": data["head"], "embed": 0, "logits": 0}.get(data["kind"], -1)
-            y = data["layer"] + (0.5 if data["kind"] == "mlp" else 0.0)
-            place[name] = (x if x is not None else 0, y)
-        largest = max((abs(w) for _, _, w in self.graph.edges(data="weight")), default=0.0) or 1.0
-        fig = go.Figure()
-        for u, v, w in sorted(self.graph.edges(data="weight"), key=lambda e: abs(e[2])):
-            (x0, y0), (x1, y1) = place[u], place[v]
-            fig.add_trace(go.Scatter(
-                x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="text", text=f"{u} → {v}: {w:.3g}",
-                line={"width": 0.5 + 4 * abs(w) / largest, "color": "#4c78a8" if w > 0 else "#e45756"},
-                showlegend=False,
-            ))  # fmt: skip
-        nodes = list(self.graph.nodes(data=True))
-        fig.add_trace(go.Scatter(
-            x=[place[n][0] for n, _ in nodes], y=[place[n][1] for n, _ in nodes], mode="markers+text",
-            text=[n for n, _ in nodes], textposition="top center", hoverinfo="text", showlegend=False,
-            hovertext=[f"{n}: effect {d['effect']:.3g}" for n, d in nodes],
-            marker={"size": 12, "color": [d["effect"] for _, d in nodes], "colorscale": "RdBu", "cmid": 0},
+    def figure(self, *, max_edges: int | None = 60, prompt: int = 0) -> go.Figure:
+        """The graph as layer (up the page) × token position (across), labelled, pruned to its ``max_edges``
+        strongest edges (None: every edge); columns are labelled with prompt ``prompt``'s tokens
+        (:mod:`~dynalens.circuits.graph_layout`)."""
+        from dynalens.circuits.graph_layout import graph_figure, layout_graph  # it draws this module's graphs
+
+        placed = layout_graph(self.graph, self.column_tokens(prompt), max_edges=max_edges)
+        return graph_figure(placed, title=(
+            f"Attribution graph ({len(placed.edges)} of {placed.n_edges} edges, |weight| > "
+            f"{placed.threshold:.1%} of the largest) · {self.model_name}"
         ))  # fmt: skip
-        fig.update_layout(
-            template=TEMPLATE, xaxis_title="head", yaxis_title="layer",
-            title=f"Attribution graph ({self.graph.number_of_edges()} edges, threshold {self.threshold}) · "
-                  f"{self.model_name}",
-        )  # fmt: skip
-        return fig
+
+    def column_tokens(self, prompt: int = 0) -> list[str]:
+        """``[pos]``: prompt ``prompt``'s tokens in the left-padded layout of the batch (``""`` for its padding)."""
+        tokens = self.str_tokens(prompt)
+        return [""] * (self._prompts().tokens.shape[1] - len(tokens)) + tokens
 
     def _fields(self) -> dict[str, Any]:
         fields = super()._fields()
@@ -638,6 +632,7 @@ class AttributionGraph(Experiment):
         for node in nodes:
             if node.kind == "logits":
                 effect = clean_value - corrupt_value
+                positions = [0.0] * (clean.tokens.shape[1] - 1) + [effect]  # read at the last position
                 top = clean_logits[:, -1].float().mean(0)
             else:
                 hook = _sender_hook(node)
@@ -645,25 +640,33 @@ class AttributionGraph(Experiment):
                 delta = delta * real.reshape(*real.shape[:2], *([1] * (delta.ndim - 2))).to(delta)
                 deltas[node.name] = _output(node, delta, w_o)
                 own = delta * grads[hook]
-                effect = (own[:, :, node.head] if node.kind == "head" else own).sum().item()
+                own = own[:, :, node.head] if node.kind == "head" else own
+                effect, positions = own.sum().item(), own.sum((0, -1)).tolist()
                 output = _output(node, clean_cache[hook], w_o)[:, -1]  # [batch, d_model]
                 top = (final_norm(model, output, scale).mean(0) @ model.W_U).float()
             graph.add_node(node.name, kind=node.kind, layer=node.layer, head=node.head, effect=effect,
-                           top_tokens=_top_rows(model, top, self.k))  # fmt: skip
+                           positions=positions, top_tokens=_top_rows(model, top, self.k))  # fmt: skip
         # every sender's output difference dotted with every receiver part's gradient, as one product
         parts = [
             (receiver, hook.rsplit("hook_", 1)[-1].removesuffix("_input"), _receiver_grad(model, receiver, hook, grads))
             for receiver in nodes if receiver.kind != "embed" for hook in _receiver_hooks(receiver)
         ]  # fmt: skip
         outputs = torch.stack([deltas[n.name].flatten() for n in nodes if n.kind != "logits"])
-        weights = (outputs @ torch.stack([grad.flatten() for _, _, grad in parts]).T).tolist()
+        part_grads = torch.stack([grad for _, _, grad in parts])  # [part, batch, pos, d_model]
+        weights = (outputs @ part_grads.flatten(1).T).tolist()
+        # the embedding of each token is a sender of its own: the edges out of "embed" per position
+        embed_weights = torch.einsum("bpd,rbpd->rp", deltas["embed"], part_grads).tolist()
         for i, sender in enumerate(n for n in nodes if n.kind != "logits"):
-            for (receiver, part, _), weight in zip(parts, weights[i]):
+            for j, ((receiver, part, _), weight) in enumerate(zip(parts, weights[i])):
                 if _reads(sender, receiver):
                     if graph.has_edge(sender.name, receiver.name):
-                        graph.edges[sender.name, receiver.name]["weight"] += weight
+                        edge = graph.edges[sender.name, receiver.name]
+                        edge["weight"] += weight
+                        if sender.kind == "embed":
+                            edge["positions"] = [a + b for a, b in zip(edge["positions"], embed_weights[j])]
                     else:
-                        graph.add_edge(sender.name, receiver.name, weight=weight)
+                        extra = {"positions": embed_weights[j]} if sender.kind == "embed" else {}
+                        graph.add_edge(sender.name, receiver.name, weight=weight, **extra)
                     if receiver.kind == "head":
                         graph.edges[sender.name, receiver.name][part] = weight
         return graph

@@ -16,7 +16,6 @@ import sys
 import threading
 
 import dash
-from dash import Input, Output, State
 
 from dynalens.dashboard import backend, layout
 from dynalens.dashboard.cache import ResultsCache
@@ -55,23 +54,7 @@ def create_app(
     app.server.config[backend.CACHE_CONFIG_KEY] = ResultsCache(cache_dir)
     app.layout = layout.shell(default_model)
 
-    @app.callback(
-        Output(layout.REQUEST, "data"),
-        Input(layout.ANALYSE, "n_clicks"),
-        Input(layout.MODEL_PATH, "n_submit"),
-        State(layout.MODEL_NAME, "value"),
-        State(layout.MODEL_PATH, "value"),
-        State(layout.PROMPT, "value"),
-    )
-    def submit(n_clicks, n_submit, name, path, prompt):
-        """A typed path wins over the dropdown."""
-        model = (path or "").strip() or (name or "")
-        return {"model": model, "prompt": prompt or "", "run": (n_clicks or 0) + (n_submit or 0)}
-
-    @app.callback(Output(layout.NAV, "children"), Input("_pages_location", "pathname"))
-    def mark_current_page(pathname):
-        return layout.nav_links(pathname)
-
+    layout.register(app)
     return app
 
 

@@ -205,6 +205,10 @@ class PageResults(Mapping[str, Result]):
     def __len__(self) -> int:
         return len(self._keys) + len(self._unavailable)
 
+    def key(self, key: str | Analysis) -> str:
+        """The results-cache key of an analysis' Result (what a download reads back)."""
+        return self._keys[key.name if isinstance(key, Analysis) else key]
+
     def applies(self, key: str | Analysis) -> bool:
         """Whether the analysis applies to the model (else asking for it raises its message)."""
         return (key.name if isinstance(key, Analysis) else key) in self._keys
@@ -296,7 +300,7 @@ def cached(
     uses a model (hooks are model state).
     """
     cache = results_cache()
-    key = request_key(model_id(name_or_path), None if prompts is None else prompts.key(), what, params)
+    key = cached_key(name_or_path, prompts, what, params)
     try:
         return cache.get_or_compute(key, lambda: run_alone(compute))
     except DashboardError:
@@ -304,6 +308,11 @@ def cached(
     except Exception as exc:
         log.exception("%s failed", what)
         raise DashboardError(f"{what.replace('_', ' ')} failed: {user_message(exc)}") from exc
+
+
+def cached_key(name_or_path: str, prompts: Prompts | None, what: str, params: Mapping[str, Any]) -> str:
+    """The results-cache key under which :func:`cached` keeps ``what`` (what a download reads back)."""
+    return request_key(model_id(name_or_path), None if prompts is None else prompts.key(), what, params)
 
 
 def run_alone(compute: Callable[[], T]) -> T:

@@ -2,8 +2,11 @@
 
 A page is ``page(name, ...panels)``: a status line ``"{name}-status"`` (a
 spinner while its first callback runs) above the panels; a panel is a card
-with a message line above one graph, the line showing hints and errors. A
-long callback shows its progress in a :class:`ProgressBar`.
+with a message line above one :class:`Figure`, the line showing hints and
+errors. A figure with nothing to draw is hidden and a short text says what to
+do instead (never an empty plot frame); a drawn figure offers its data (CSV,
+the Result's ``to_frame()``) and its Result file (``Result.save``) for
+download. A long callback shows its progress in a :class:`ProgressBar`.
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dash
+import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
-from dynalens.dashboard.backend import DashboardError, Progress, model_and_prompts, read_progress, user_message
+from dynalens.dashboard.backend import (
+    DashboardError,
+    Progress,
+    model_and_prompts,
+    read_progress,
+    results_cache,
+    user_message,
+)
 from dynalens.models.prompts import Prompts
 
 log = logging.getLogger("dynalens.dashboard")
@@ -39,11 +50,16 @@ def status_id(page_name: str) -> str:
 
 
 def panel(
-    title: str, graph_id: str, height: int = 420, controls: Sequence[Any] = (), progress: ProgressBar | None = None
+    title: str, figure: Figure, height: int = 420, controls: Sequence[Any] = (), progress: ProgressBar | None = None
 ) -> html.Section:
-    """A card with a message line (id ``message_id(graph_id)``) and ``progress``'s bar above the graph ``graph_id``."""
+    """A card with a message line (id ``message_id(figure.id)``) and ``progress``'s bar above ``figure``."""
     bar = [] if progress is None else [progress.layout()]
-    return card(title, html.Div(id=message_id(graph_id)), *bar, graph(graph_id, height=height), controls=controls)
+    return card(title, message_line(figure.id), *bar, figure.layout(height=height), controls=controls)
+
+
+def message_line(graph_id: str) -> html.Div:
+    """The (empty) message line above the graph ``graph_id``."""
+    return html.Div(id=message_id(graph_id), className="panel-message")
 
 
 def message_id(graph_id: str) -> str:
@@ -87,15 +103,112 @@ def card(title: str, *children: Any, controls: Sequence[Any] = (), class_name: s
     )
 
 
-def graph(id: str, height: int = 420) -> dcc.Loading:
-    """A graph with a spinner (see ``SPINNER``)."""
+class Figure:
+    """One figure of a page: the graph, the text shown instead while it has nothing to draw, its downloads.
+
+    Create it at a page module's top level (Dash runs page modules for every
+    app, so each app gets its callbacks), put :meth:`layout` in the page (or
+    use :func:`panel`), and let the callback that draws the figure also
+    return :meth:`offer` of the Result behind it into :attr:`source`::
+
+        MAP = Figure("activations-map", "Press Analyse to map the prompt's activations.")
+
+        @callback(Output(MAP.id, "figure"), MAP.source, ..., Input(REQUEST, "data"))
+        def draw(request):
+            results = backend.page_results(...)
+            return results["massive_activations"].figure(), MAP.offer(results.key("massive_activations"), ...)
+
+    While the figure holds no trace, the graph is hidden (``visibility:
+    hidden``, so plotly still measures its width) and the box shows ``empty``
+    (unless the panel's message line says why); the buttons *CSV* and
+    *Result* send the offered Result's ``to_frame()`` and its saved file,
+    read back from the results cache.
+    """
+
+    def __init__(self, id: str, empty: str) -> None:
+        self.id, self.empty = id, empty
+        self.box_id, self.source_id, self.download_id = (f"{id}-{part}" for part in ("box", "source", "download"))
+        self.csv_id, self.result_id, self.note_id = (f"{id}-{part}" for part in ("csv", "result", "download-note"))
+        dash.clientside_callback(
+            "fig => (fig && fig.data && fig.data.length) ? 'figure-box' : 'figure-box empty'",
+            Output(self.box_id, "className"),
+            Input(self.id, "figure"),
+        )
+        dash.clientside_callback(
+            "source => [!source, !(source && source.csv)]",
+            [Output(self.result_id, "disabled"), Output(self.csv_id, "disabled")],
+            Input(self.source_id, "data"),
+        )
+        dash.callback(
+            Output(self.download_id, "data"),
+            Output(self.note_id, "children"),
+            Input(self.csv_id, "n_clicks"),
+            Input(self.result_id, "n_clicks"),
+            State(self.source_id, "data"),
+            prevent_initial_call=True,
+        )(self._download)
+
+    def layout(self, height: int | None = 420) -> html.Div:
+        """The graph (hidden while empty, ``empty`` shown instead), its download buttons and their store.
+
+        ``height`` in pixels; None: the figure's own.
+        """
+        buttons = html.Div(
+            className="downloads",
+            children=[
+                html.Button("CSV", id=self.csv_id, className="download-button", disabled=True, n_clicks=0,
+                            title="Download the figure's data (the Result's to_frame()) as CSV"),
+                html.Button("Result", id=self.result_id, className="download-button", disabled=True, n_clicks=0,
+                            title="Download the Result file (safetensors; dl.probes.Result.load reads it)"),
+                html.Span(id=self.note_id, className="hint"),
+                dcc.Download(id=self.download_id),
+                dcc.Store(id=self.source_id),
+            ],
+        )  # fmt: skip
+        return html.Div([
+            html.Div(
+                [html.Div(self.empty, className="empty-note"), graph(self.id, height=height)],
+                id=self.box_id, className="figure-box empty",
+            ),
+            buttons,
+        ])  # fmt: skip
+
+    @property
+    def source(self) -> Output:
+        """The ``Output`` a drawing callback fills with :meth:`offer` (None: nothing to download)."""
+        return Output(self.source_id, "data")
+
+    @staticmethod
+    def offer(key: str, name: str, csv: bool = True, frame: Sequence[Mapping[str, Any]] | None = None) -> dict:
+        """What :attr:`source` holds: the results-cache ``key`` of the object drawn, its file ``name``.
+
+        ``csv``: whether the object has a ``to_frame()``; ``frame``: the
+        figure's rows to send as CSV instead (an object without ``to_frame``).
+        """
+        return {"key": key, "name": name, "csv": csv or frame is not None, "frame": frame}
+
+    def _download(self, _csv: int, _result: int, source: dict | None) -> tuple[Any, Any]:
+        if not source:
+            raise PreventUpdate
+        cache = results_cache()
+        if source["key"] not in cache:
+            return dash.no_update, "No longer cached: analyse again to download."
+        if dash.ctx.triggered_id == self.csv_id:
+            frame = pd.DataFrame(source["frame"]) if source.get("frame") is not None else None
+            frame = cache.load(source["key"]).to_frame() if frame is None else frame
+            return dcc.send_data_frame(frame.to_csv, f"{source['name']}.csv", index=False), None
+        return dcc.send_file(str(cache.path(source["key"])), filename=f"{source['name']}.safetensors"), None
+
+
+def graph(id: str, height: int | None = 420) -> dcc.Loading:
+    """A graph with a spinner (see ``SPINNER``) ``height`` pixels high (None: the figure's); its modebar saves SVG."""
     return dcc.Loading(
         dcc.Graph(
             id=id,
             figure=placeholder_figure(),
             config={"displaylogo": False, "displayModeBar": "hover",
                     "toImageButtonOptions": {"format": "svg"}},
-            style={"height": f"{height}px"},
+            style={} if height is None else {"height": f"{height}px"},
         ),
         **SPINNER,
     )

@@ -93,8 +93,13 @@ def write_safetensors(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
 ) -> None:
-    """Write tensors as safetensors, atomically (tied tensors are copied apart)."""
-    flat = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    """Write tensors as safetensors, atomically (tensors that share memory are copied apart)."""
+    flat, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        flat[name] = tensor.clone() if storage in seen else tensor
+        seen.add(storage)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
 

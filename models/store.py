@@ -119,7 +119,7 @@ def build_store(
         "seq_len": seq_len,
         "shard_sequences": shard_sequences,
         "dtype": str(dtype).removeprefix("torch."),
-        "hooks": {name: _per_token_shape(loaded, name, seq_len) for name in hooks},
+        "hooks": _per_token_shapes(loaded, hooks, seq_len),
     }
     manifest = _resume(folder, spec)
     done = {s["index"] for s in manifest["shards"]}
@@ -240,20 +240,23 @@ class ActivationStore(torch.utils.data.IterableDataset):
                 yield {k: v[pick] for k, v in buffer.items()}
 
 
-def _per_token_shape(model: Any, name: str, seq_len: int) -> list[int]:
-    """The shape one token of hook ``name`` stores, checked on a two-token forward."""
+def _per_token_shapes(model: Any, hooks: list[str], seq_len: int) -> dict[str, list[int]]:
+    """The shape one token of each hook stores, checked on one two-token forward."""
     probe = torch.zeros((1, min(2, seq_len)), dtype=torch.long)
     with torch.no_grad():
-        _, cache = model.run_with_cache(probe, names_filter=[name])
-    if name not in cache.cache_dict:
-        raise ValueError(f"hook {name!r} did not fire on a forward pass; it cannot be stored")
-    shape = list(cache[name].shape)
-    if len(shape) < 2 or shape[:2] != list(probe.shape):
-        raise ValueError(
-            f"hook {name!r} has shape {shape}, not [batch, pos, ...]: the store keeps per-position "
-            "hooks (attention patterns are not per position)"
-        )
-    return shape[2:]
+        _, cache = model.run_with_cache(probe, names_filter=hooks)
+    shapes = {}
+    for name in hooks:
+        if name not in cache.cache_dict:
+            raise ValueError(f"hook {name!r} did not fire on a forward pass; it cannot be stored")
+        shape = list(cache[name].shape)
+        if len(shape) < 2 or shape[:2] != list(probe.shape):
+            raise ValueError(
+                f"hook {name!r} has shape {shape}, not [batch, pos, ...]: the store keeps per-position "
+                "hooks (attention patterns are not per position)"
+            )
+        shapes[name] = shape[2:]
+    return shapes
 
 
 def _resume(folder: Path, spec: dict[str, Any]) -> dict[str, Any]:

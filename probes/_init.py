@@ -52,6 +52,7 @@ from dynalens.probes.stability import (
     PrecisionDrift,
     PrecisionDriftResult,
 )
+from dynalens.probes.ssd_dynamics import SSDSystem
 from dynalens.probes.token_dynamics import (
     MambaRegimes,
     MambaRegimesResult,
@@ -108,6 +109,7 @@ __all__ = [
     "PrecisionDriftResult",
     "RecurrenceJacobian",
     "RecurrenceJacobianResult",
+    "SSDSystem",
     "SelectiveSystem",
     "TokenFlow",
     "TokenImportance",

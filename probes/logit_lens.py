@@ -30,8 +30,8 @@ from dynalens.probes.figures import heatmap, token_label, token_labels
 from dynalens.probes.residual import resid_labels, stream_rows
 from dynalens.probes.results import Result
 
-_CHUNK = 1024
-"""Residual vectors unembedded at once (SmolLM2: 1024 × 49152 float32 logits, 200 MB)."""
+_CHUNK = 256
+"""Residual vectors unembedded at once (SmolLM2: 256 × 49152 float32 logits, 50 MB)."""
 
 
 @dataclass(kw_only=True, eq=False)
@@ -175,7 +175,7 @@ class LogitLens(Analysis):
         for chunk in real.flatten(0, 1).split(_CHUNK):  # bounded memory: [chunk, d_vocab] logits at a time
             logits = unembed_resid(model, chunk).float()
             top = logits.topk(k, dim=-1)
-            probs.append((top.values - logits.logsumexp(dim=-1, keepdim=True)).exp().cpu())
+            probs.append(_softmax_of_top(logits, top.values).cpu())
             ids.append(top.indices.cpu())
         mask = prompts.mask.cpu()
         shape = (*mask.shape, len(hooks), k)
@@ -190,6 +190,17 @@ class LogitLens(Analysis):
             top_tokens=_decoded(model, top_ids, mask),
             hook_names=hooks,
         )
+
+
+def _softmax_of_top(logits: Float[Tensor, "n d_vocab"], top: Float[Tensor, "n k"]) -> Float[Tensor, "n k"]:
+    """The softmax probabilities of the ``top`` logits (most likely first), spending ``logits`` in place.
+
+    One pass over the vocabulary after the top-k, with no [n, d_vocab]
+    temporary: the largest logit is ``top[:, 0]``.
+    """
+    largest = top[:, :1]
+    total = logits.sub_(largest).exp_().sum(dim=-1, keepdim=True)
+    return (top - largest).exp() / total
 
 
 def _decoded(model: Any, ids: Int[Tensor, "batch pos row k"], mask: Tensor) -> list[list[list[list[str]]]]:

@@ -11,11 +11,16 @@ Lyapunov-stable learners": Mamba's recurrence contracts, so perturbations
   step, and average ``log |diag R|``. Units: per token. For Mamba
   ``J_t = diag(exp(Delta_t A))`` over the ``d_inner * d_state`` states:
   diagonal products, whose exponents the method converges to are the means of
-  ``Delta_t A <= 0``, taken in closed form from the cached ``Delta``; for an
-  RNN ``J_t`` is the autograd Jacobian of the cell's ``step`` (state ``h``, or
-  ``(h, c)`` for an LSTM, :func:`rnn_step_jacobians`) along the cached layer
-  input, and the QR method runs. Each architecture is one entry of
-  :data:`RECURRENCES`.
+  ``Delta_t A <= 0``, taken in closed form from the cached ``Delta``. For
+  Mamba-2 (SSD) the state of head ``h`` is ``[d_head, d_state]`` and
+  ``h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t B_tᵀ``, so ``J_t`` is
+  ``exp(dt_t A_h)`` times the identity on each head's block: every head gives
+  one exponent, ``mean_t dt_t A_h``, of multiplicity ``d_head * d_state``,
+  taken in closed form from the cached ``dt``. For an RNN ``J_t`` is the
+  autograd Jacobian of the cell's ``step`` (state ``h``, or ``(h, c)`` for an
+  LSTM, :func:`rnn_step_jacobians`) along the cached layer input, and the QR
+  method runs. Each kind of recurrent layer is one entry of
+  :data:`RECURRENCES`; on a hybrid, its SSM layers (Mamba-2, or Jamba's Mamba).
 - :class:`PrecisionDrift`: per layer and token, the relative distance between
   the residual stream of the model in float32 and of a copy in a lower dtype
   (an experiment: two forwards).
@@ -41,9 +46,10 @@ from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_index
 from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, heatmap, token_labels
+from dynalens.probes.layers import layer_types, ssm_layer
 from dynalens.probes.mixer import to_padded
 from dynalens.probes.results import Result
-from dynalens.probes.token_dynamics import stream_labels
+from dynalens.probes.token_dynamics import stream_frame, stream_labels
 
 StepJacobian = Callable[[int, Tensor], Tensor]
 """``(t, Q) -> J_t @ Q`` for a ``[dim, k]`` frame ``Q``."""
@@ -91,8 +97,8 @@ class LyapunovExponentsResult(Result):
 
     Attributes
     ----------
-    layer
-        The layer.
+    layer, layer_type
+        The layer and its kind (``"mamba"``, ``"mamba2"``, ``"rnn"``).
     exponents
         ``[batch, k]`` largest first, per token (< 0: perturbations of the state shrink).
     running
@@ -100,6 +106,7 @@ class LyapunovExponentsResult(Result):
     """
 
     layer: int
+    layer_type: str
     exponents: Float[Tensor, "batch k"]
     running: Float[Tensor, "batch pos k"]
 
@@ -133,7 +140,7 @@ class LyapunovExponentsResult(Result):
 
 @dataclass(frozen=True)
 class Recurrence:
-    """One architecture's state recurrence: the hooks it reads, the state size, the running exponents.
+    """One kind of layer's state recurrence: the hooks it reads, the state size, the running exponents.
 
     ``running(analysis, model, cache, prompts)`` returns ``[batch, pos, k]``
     (largest first at each step; anything at pads, :class:`LyapunovExponents`
@@ -150,11 +157,25 @@ def _mamba_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts:
     # states and the QR method converges to the mean log-decay of each, so
     # the spectrum is exact in closed form: mean_t Delta_t[d] A[d, n].
     delta = cache[names.mixer(analysis.layer, "delta")].double()
-    mask = prompts.mask.to(delta.device)
-    A = model.blocks[analysis.layer].mixer.A.double()
-    log_decay = torch.where(mask[..., None], (delta[..., None] * A).flatten(2), 0.0)  # [b, pos, d * n]
+    log_decay = (delta[..., None] * model.blocks[analysis.layer].mixer.A.double()).flatten(2)  # [b, pos, d * n]
+    return _running_mean(prompts, log_decay).topk(analysis.k, dim=2).values
+
+
+def _mamba2_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts: Prompts) -> Tensor:
+    # J_t = exp(dt_t A_h) I on each head's [d_head, d_state] block: one exponent per
+    # head, mean_t dt_t A_h, repeated d_head * d_state times.
+    dt = cache[names.mixer(analysis.layer, "dt")].double()
+    cfg = model.blocks[analysis.layer].mixer.cfg
+    per_head = _running_mean(prompts, dt * model.blocks[analysis.layer].mixer.A.double())  # [b, pos, h]
+    ordered = per_head.sort(dim=2, descending=True).values
+    return ordered.repeat_interleave(cfg.d_head * cfg.d_state, dim=2)[..., : analysis.k]
+
+
+def _running_mean(prompts: Prompts, log_decay: Float[Tensor, "batch pos state"]) -> Float[Tensor, "batch pos state"]:
+    """The mean of ``log_decay`` over each prompt's real tokens so far (anything at pads)."""
+    mask = prompts.mask.to(log_decay.device)
     steps = mask.cumsum(1).clamp_min(1)[..., None]
-    return (log_decay.cumsum(1) / steps).topk(analysis.k, dim=2).values
+    return torch.where(mask[..., None], log_decay, 0.0).cumsum(1) / steps
 
 
 def _rnn_running(analysis: LyapunovExponents, model: Any, cache: Any, prompts: Prompts) -> Tensor:
@@ -178,24 +199,30 @@ def _rnn_state_size(model: Any, layer: int) -> int:
 RECURRENCES: dict[str, Recurrence] = {
     "mamba": Recurrence(
         lambda model, layer: [names.mixer(layer, "delta")],
-        lambda model, layer: model.cfg.d_inner * model.cfg.d_state,
+        lambda model, layer: model.blocks[layer].mixer.A.numel(),
         _mamba_running,
+    ),
+    "mamba2": Recurrence(
+        lambda model, layer: [names.mixer(layer, "dt")],
+        lambda model, layer: (cfg := model.blocks[layer].mixer.cfg).n_heads * cfg.d_head * cfg.d_state,
+        _mamba2_running,
     ),
     "rnn": Recurrence(lambda model, layer: [names.resid_pre(layer)], _rnn_state_size, _rnn_running),
 }
-"""The state recurrence of each architecture :class:`LyapunovExponents` applies to."""
+"""The state recurrence of each kind of layer :class:`LyapunovExponents` applies to."""
 
 
 class LyapunovExponents(Analysis):
-    """Lyapunov exponents of a Mamba or RNN layer's state recurrence along each prompt.
+    """Lyapunov exponents of a Mamba, Mamba-2 or RNN layer's state recurrence along each prompt.
 
     Parameters
     ----------
     layer
-        The layer.
+        The layer; on a hybrid, one of its SSM layers.
     k
         How many exponents (largest first), ``1 <= k <=`` the state size
-        (``d_inner * d_state`` for Mamba, ``d_hidden`` or ``2 * d_hidden`` for an LSTM).
+        (``d_inner * d_state`` for Mamba, ``n_heads * d_head * d_state`` for
+        Mamba-2, ``d_hidden`` or ``2 * d_hidden`` for an LSTM).
     seed
         Seed of the QR method's initial frame (RNN).
 
@@ -204,7 +231,7 @@ class LyapunovExponents(Analysis):
     LyapunovExponentsResult
     """
 
-    architectures: ClassVar[tuple[str, ...]] = tuple(RECURRENCES)
+    architectures: ClassVar[tuple[str, ...]] = ("mamba", "mamba2", "hybrid", "rnn")
     requirement: ClassVar[str] = "a state recurrence"
 
     def __init__(self, layer: int = 0, *, k: int = 1, seed: int = 0):
@@ -212,24 +239,29 @@ class LyapunovExponents(Analysis):
         self.k = k
         self.seed = seed
 
-    def _recurrence(self, model: Any) -> Recurrence:
+    def _kind(self, model: Any) -> str:
+        """The kind of recurrent layer ``layer`` is, with ``k`` validated against its state size."""
         self.check(model)
-        recurrence = RECURRENCES[architecture_of(model)]
-        check_index("layer", self.layer, model.cfg.n_layers)
-        size = recurrence.state_size(model, self.layer)
+        if architecture_of(model) == "rnn":
+            kind = "rnn"
+            check_index("layer", self.layer, model.cfg.n_layers)
+        else:
+            kind = ssm_layer(model, self.layer, type(self).__name__)
+        size = RECURRENCES[kind].state_size(model, self.layer)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or not 1 <= self.k <= size:
             raise ValueError(f"k must lie in [1, state size = {size}], got {self.k!r}")
-        return recurrence
+        return kind
 
     def hooks(self, model: Any) -> list[str]:
-        return self._recurrence(model).hooks(model, self.layer)
+        return RECURRENCES[self._kind(model)].hooks(model, self.layer)
 
     def _compute(self, cache: Any, prompts: Prompts) -> LyapunovExponentsResult:
         model = cache.model
-        running = self._recurrence(model).running(self, model, cache, prompts).double().cpu()
+        kind = self._kind(model)
+        running = RECURRENCES[kind].running(self, model, cache, prompts).double().cpu()
         running = torch.where(prompts.mask.cpu()[..., None], running, 0.0)
         return LyapunovExponentsResult(
-            **self.provenance(model, prompts), layer=int(self.layer),
+            **self.provenance(model, prompts), layer=int(self.layer), layer_type=kind,
             exponents=running[:, -1].float(), running=running.float(),
         )
 
@@ -280,25 +312,22 @@ class PrecisionDriftResult(Result):
         entering layer 0, row ``l + 1`` after layer ``l``; zero at pads.
     hook_names
         The hook of each row.
+    layer_types
+        Each layer's sequence mixer (see :func:`~dynalens.probes.layers.layer_types`).
     """
 
     dtype: str
     drift: Float[Tensor, "batch pos row"]
     hook_names: list[str]
+    layer_types: list[str]
 
     def top(self, k: int = 10) -> pd.DataFrame:
         """The ``k`` largest drifts (prompt, token, layer)."""
         return self.to_frame().nlargest(k, "drift").reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``prompt, position, token, layer, drift``: one row per real token and layer."""
-        labels = stream_labels(self.hook_names)
-        frames = []
-        for row, label in enumerate(labels):
-            frame = self.position_frame(drift=self.drift[..., row])
-            frame.insert(3, "layer", label)
-            frames.append(frame)
-        return pd.concat(frames, ignore_index=True).sort_values(["prompt", "position"], kind="stable").reset_index(drop=True)
+        """Columns ``prompt, position, token, layer, layer_type, drift``: one row per real token and layer."""
+        return stream_frame(self, self.hook_names, self.layer_types, drift=self.drift)
 
     def per_layer(self) -> pd.Series:
         """Mean drift over the real tokens of every prompt, indexed by layer label."""
@@ -362,4 +391,5 @@ class PrecisionDrift(Experiment):
         return PrecisionDriftResult(
             **self.provenance(model, prompts), dtype=str(low_dtype).removeprefix("torch."),
             drift=torch.where(prompts.mask.cpu()[..., None], drift, 0.0).float(), hook_names=hooks,
+            layer_types=layer_types(model),
         )

@@ -296,13 +296,20 @@ def _run_on_ray(
             ray.shutdown()
 
 
-_POOL: dict[tuple[str, int], Any] = {}
-"""This driver's Ray workers by (Ray job, slot): kept alive across sweeps, so each starts once."""
+_POOL: dict[tuple[str, str, int], Any] = {}
+"""This driver's Ray workers by (Ray job, driver's node, slot): kept alive across sweeps, so each starts once.
+
+A job id alone repeats after ``ray.shutdown()`` and a new ``ray.init()``; the
+node id is new with every Ray start, so a pool never outlives its cluster."""
 
 
 def _worker(ray: Any, slot: int, fresh: bool = False) -> Any:
     """Worker ``slot`` of this driver's pool (a new one with ``fresh``, after a worker died)."""
-    key = (ray.get_runtime_context().get_job_id(), slot)
+    context = ray.get_runtime_context()
+    session = (context.get_job_id(), context.get_node_id())
+    for stale in [key for key in _POOL if key[:2] != session]:  # actors of a Ray that was shut down
+        del _POOL[stale]
+    key = (*session, slot)
     if fresh or key not in _POOL:
         actor = ray.remote(num_cpus=1, max_restarts=1, max_task_retries=1)(CellRunner)
         _POOL[key] = actor.remote()

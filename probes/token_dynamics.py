@@ -26,11 +26,20 @@ when ``S_Delta x(0) < 0``), never a mix; ``mu = 0`` leaves them in place. In
 ``d`` dimensions the first token obeys ``d|x|^2/dt = 2 (x^T mu x) sum_d
 Delta_d x_d^2``, so the eigenvalues of the symmetrised ``mu`` play the role of
 the scalar: all (non-zero) negative → convergent, a positive one → divergent
-(the paper's rule; it is a guarantee for every token only when the matrix is
+(the paper's rule; it is a guarantee for the first token when the matrix is
 semi-definite, which :attr:`MambaRegimesResult.definite` reports). The paper
 excludes the convergent case by making ``S_C^T S_B`` positive semi-definite
 (:func:`psd_bc_rows`), and reorders tokens by an importance score
 ``s_l = K^T (S_Delta x_l + b)`` with SoftSort (:func:`soft_sort`).
+
+Mamba-2 (SSD) layers decay by one scalar per head; their limit system
+(:class:`~dynalens.probes.ssd_dynamics.SSDSystem`) and criterion, derived in
+:mod:`dynalens.probes.ssd_dynamics`, put one ``mu_g`` per group of heads in
+the place of ``mu`` and hold for every token, in any dimension, for one
+head with a symmetric definite ``mu`` (one weight per past token for all of a
+head's channels and states makes ``x^T mu x`` a Lyapunov function).
+:class:`MambaRegimes` and :class:`TokenImportance` read Mamba, Mamba-2 and the
+SSM layers of hybrids; :class:`TokenTrajectories` reads any model.
 """
 
 from __future__ import annotations
@@ -51,15 +60,17 @@ from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.models.validation import check_finite, check_index
-from dynalens.probes.analysis import Analysis, Experiment
+from dynalens.probes.analysis import Analysis, AnalysisError, Experiment
 from dynalens.probes.figures import TEMPLATE, token_labels
+from dynalens.probes.layers import layer_types, ssm_layer, ssm_layers
 from dynalens.probes.mixer import to_padded
 from dynalens.probes.results import Result
+from dynalens.probes.ssd_dynamics import LimitSystem, SSDSystem, layer_regime, sign_regime
 
 
 # --------------------------------------------------------------------------- the limit system
 @dataclass(frozen=True)
-class SelectiveSystem:
+class SelectiveSystem(LimitSystem):
     """A batch of idealised S6 layers: the right-hand side of the paper's limit ODE.
 
     Attributes
@@ -84,27 +95,28 @@ class SelectiveSystem:
             "S_B": (s, n, dim), "S_C": (s, n, dim), "S_delta": (s, dim, dim),
             "delta_bias": (s, dim), "A": (s, dim, n),
         }
-        for name, shape in expected.items():
-            value = getattr(self, name)
-            if tuple(value.shape) != shape:
-                raise ValueError(f"SelectiveSystem.{name} must have shape {shape}, got {tuple(value.shape)}")
-            check_finite(f"SelectiveSystem.{name}", value)
-        if (self.A >= 0).any():
-            raise ValueError("SelectiveSystem.A must be negative (A = -exp(A_log)); got entries >= 0")
+        self._check(expected)
 
     @classmethod
     def from_mamba(cls, model: Any, layer: int) -> SelectiveSystem:
         """The S6 layer ``layer`` of a HookedMamba as a batch of one system (``dim = d_inner``), float64."""
         _require_mamba(model)
-        mixer = model.blocks[check_index("layer", layer, model.cfg.n_layers)].mixer
-        r, n = model.cfg.dt_rank, model.cfg.d_state
-        W = mixer.x_proj.weight.detach().double()
+        return cls.from_mixer(model.blocks[check_index("layer", layer, model.cfg.n_layers)].mixer)
+
+    @classmethod
+    def from_mixer(cls, mixer: Any) -> SelectiveSystem:
+        """One Mamba mixer (a HookedMamba's or a hybrid's ``blocks[l].mixer``) as a batch of one, float64.
+
+        The B, C and dt norms of Falcon-Mamba and Jamba mixers are left out, as the convolution is.
+        """
+        r, n = mixer.cfg.dt_rank, mixer.cfg.d_state
+        W = mixer.x_proj.weight.detach().double().cpu()
         return cls(
             S_B=W[r : r + n][None],
             S_C=W[r + n :][None],
-            S_delta=(mixer.dt_proj.weight.detach().double() @ W[:r])[None],
-            delta_bias=mixer.dt_proj.bias.detach().double()[None],
-            A=mixer.A.detach().double()[None],
+            S_delta=(mixer.dt_proj.weight.detach().double().cpu() @ W[:r])[None],
+            delta_bias=mixer.dt_proj.bias.detach().double().cpu()[None],
+            A=mixer.A.detach().double().cpu()[None],
         )
 
     @property
@@ -114,7 +126,7 @@ class SelectiveSystem:
 
     def regimes(self, rtol: float = 1e-9) -> list[str]:
         """The paper's regime of each system from the eigenvalues of ``sym(mu)`` (see the module notes)."""
-        return [_regime(lam, rtol) for lam in _sym_eigenvalues(self.mu)]
+        return [sign_regime(lam, rtol) for lam in _sym_eigenvalues(self.mu)]
 
     def divergence_speed(self, x0: Float[Tensor, "system pos 1"]) -> list[list[str]]:
         """1-D only: ``"fast"`` (blow-up in finite time) or ``"slow"`` (logarithmic) per divergent token.
@@ -190,7 +202,7 @@ class TokenFlow:
 
 @torch.no_grad()
 def simulate_tokens(
-    system: SelectiveSystem,
+    system: SelectiveSystem | SSDSystem,
     x0: Float[Tensor, "system pos dim"],
     *,
     growth: float = 10.0,
@@ -209,7 +221,8 @@ def simulate_tokens(
     Parameters
     ----------
     system
-        The layers to simulate (a batch of independent systems).
+        The layers to simulate (a batch of independent systems): S6
+        (:class:`SelectiveSystem`) or SSD (:class:`~dynalens.probes.ssd_dynamics.SSDSystem`).
     x0
         ``[system, pos, dim]`` initial tokens, non-zero.
     growth
@@ -228,9 +241,9 @@ def simulate_tokens(
     dtype = system.A.dtype
     x = check_finite("x0", x0).to(dtype).clone()
     s, length, _ = x.shape
-    if tuple(x.shape) != (system.S_B.shape[0], length, system.S_B.shape[2]):
+    if tuple(x.shape) != (system.n_systems, length, system.dim):
         raise ValueError(
-            f"x0 must have shape [system, pos, dim] = [{system.S_B.shape[0]}, pos, {system.S_B.shape[2]}], "
+            f"x0 must have shape [system, pos, dim] = [{system.n_systems}, pos, {system.dim}], "
             f"got {list(x.shape)}"
         )
     norm0 = x.norm(dim=-1)
@@ -290,31 +303,42 @@ def psd_bc_rows(
 # --------------------------------------------------------------------------- regimes of a model
 @dataclass(kw_only=True, eq=False)
 class MambaRegimesResult(Result):
-    """The regime of every layer of a Mamba, from its weights (no prompts).
+    """The regime of every SSM layer of a model, from its weights (no prompts).
+
+    One row per SSM layer: every layer of a Mamba or Mamba-2, the SSM layers of a hybrid.
 
     Attributes
     ----------
+    layers, layer_types
+        The model layer of each row and its kind, ``"mamba"`` (S6) or ``"mamba2"`` (SSD).
     regimes
-        One of ``convergent``, ``divergent``, ``stationary`` per layer.
+        One of ``convergent``, ``divergent``, ``stationary`` per row.
+    group_regimes
+        Per row, the regime of each group of heads sharing ``B``/``C`` (one for Mamba).
     sym_max, sym_min
-        ``[layer]`` largest and smallest eigenvalue of ``(mu + mu^T) / 2``.
+        ``[row]`` largest and smallest eigenvalue of ``(mu + mu^T) / 2`` over the groups.
     eig_real, eig_imag
-        ``[layer, d_state]`` the non-zero spectrum of ``mu = S_C^T S_B`` (that of ``S_B S_C^T``).
+        ``[row, n]`` the non-zero spectrum of ``mu = S_C^T S_B`` (that of
+        ``S_B S_C^T``), ``n = d_state`` for Mamba, ``n_groups * d_state`` for
+        Mamba-2 (group by group), each row sorted by real part.
     channel_mu
-        ``[layer, d_inner]`` the diagonal of ``mu``: the 1-D criterion of each channel alone.
+        ``[row, d_inner]`` the diagonal of ``mu`` (of the channel's group): the 1-D criterion of each channel alone.
     delta0
-        ``[layer, d_inner]`` ``softplus(b)``, the step size at ``x = 0``.
+        ``softplus(b)``, the step size at ``x = 0``: ``[row, d_inner]`` (Mamba), ``[row, n_heads]`` (Mamba-2).
     definite
-        Per layer, whether ``sym(mu)`` is semi-definite (the regime then holds for every first token).
+        Per row, whether ``sym(mu)`` of every group is semi-definite, all of one sign.
     """
 
+    layers: list[int]
+    layer_types: list[str]
     regimes: list[str]
-    sym_max: Float[Tensor, " layer"]
-    sym_min: Float[Tensor, " layer"]
-    eig_real: Float[Tensor, "layer n"]
-    eig_imag: Float[Tensor, "layer n"]
-    channel_mu: Float[Tensor, "layer d_inner"]
-    delta0: Float[Tensor, "layer d_inner"]
+    group_regimes: list[list[str]]
+    sym_max: Float[Tensor, " row"]
+    sym_min: Float[Tensor, " row"]
+    eig_real: Float[Tensor, "row n"]
+    eig_imag: Float[Tensor, "row n"]
+    channel_mu: Float[Tensor, "row d_inner"]
+    delta0: Float[Tensor, "row step"]
     definite: list[bool]
 
     def top(self, k: int = 10) -> pd.DataFrame:
@@ -322,15 +346,17 @@ class MambaRegimesResult(Result):
         return self.to_frame().sort_values("sym_max", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per layer: regime, spectrum extremes, share of 1-D-convergent channels, mean ``Delta(0)``."""
+        """One row per SSM layer: kind, regime, spectrum extremes, shares of convergent channels and groups, mean ``Delta(0)``."""
         return pd.DataFrame({
-            "layer": range(len(self.regimes)),
+            "layer": self.layers,
+            "layer_type": self.layer_types,
             "regime": self.regimes,
             "sym_max": self.sym_max.double().numpy(),
             "sym_min": self.sym_min.double().numpy(),
             "max_real_eig": self.eig_real.amax(dim=1).double().numpy(),
             "definite": self.definite,
             "convergent_channels": (self.channel_mu < 0).double().mean(dim=1).numpy(),
+            "convergent_groups": [groups.count("convergent") / len(groups) for groups in self.group_regimes],
             "mean_delta0": self.delta0.double().mean(dim=1).numpy(),
         })
 
@@ -338,29 +364,39 @@ class MambaRegimesResult(Result):
         """The non-zero eigenvalues of ``mu`` per layer (real part), coloured by regime."""
         fig = go.Figure()
         colours = {"convergent": "#2b6cb0", "divergent": "#c53030", "stationary": "#718096"}
-        for layer, regime in enumerate(self.regimes):
+        mixed = len(set(self.layer_types)) > 1 or self.architecture == "hybrid"
+        for row, (layer, regime) in enumerate(zip(self.layers, self.regimes)):
+            kind = f" · {self.layer_types[row]}" if mixed else ""
             fig.add_trace(go.Scatter(
-                x=[layer] * self.eig_real.shape[1], y=self.eig_real[layer].numpy(), mode="markers",
-                marker=dict(color=colours[regime], size=8), name=f"L{layer} · {regime}",
-                customdata=self.eig_imag[layer].numpy(),
+                x=[layer] * self.eig_real.shape[1], y=self.eig_real[row].numpy(), mode="markers",
+                marker=dict(color=colours[regime], size=8), name=f"L{layer}{kind} · {regime}",
+                customdata=self.eig_imag[row].numpy(),
                 hovertemplate="Re %{y:.4g}<br>Im %{customdata:.4g}<extra></extra>",
             ))
         fig.add_hline(y=0, line=dict(color="#1f2933", width=1, dash="dot"))
         fig.update_layout(
             template=TEMPLATE, title=dict(text=f"Token-dynamics regime per layer · {self.model_name}"),
-            xaxis=dict(title="layer", tickmode="array", tickvals=list(range(len(self.regimes)))),
+            xaxis=dict(title="layer", tickmode="array", tickvals=list(self.layers)),
             yaxis=dict(title="Re eig(S_C^T S_B)"),
         )
         return fig
 
 
 class MambaRegimes(Experiment):
-    """Classify every layer of a HookedMamba as convergent or divergent from its weights.
+    """Classify every SSM layer of a Mamba, Mamba-2 or hybrid as convergent or divergent from its weights.
 
     The criterion is the paper's idealisation (see the module notes): it
-    ignores the convolution, gate, norm and ``D`` skip, and a trained Mamba's
-    ``A`` differs across states (S4D-real), so for tokens after the first the
-    sign argument holds only approximately; the first token's is exact.
+    ignores the convolution, gate, norm and ``D`` skip. For Mamba (S6)
+    layers, a trained model's ``A`` differs across states (S4D-real), so for
+    tokens after the first the sign argument holds only approximately; the
+    first token's is exact. For Mamba-2 (SSD) layers the decay is one scalar
+    per head, which the criterion of :mod:`dynalens.probes.ssd_dynamics`
+    uses: ``mu_g = S_C^gT S_B^g`` per group of heads, with
+    ``S = W W_x^+`` from the rows of ``in_proj``; each group's regime is the
+    sign rule on ``sym(mu_g)``, a layer is divergent when one group is. With
+    one head and a symmetric definite ``mu`` (or one head per group, each
+    group's ``B``/``C`` reading only its head) it holds for every token:
+    ``x^T mu x`` is then a Lyapunov function.
     Weights only: prompts, if given, are not read.
 
     Parameters
@@ -373,8 +409,8 @@ class MambaRegimes(Experiment):
     MambaRegimesResult
     """
 
-    architectures: ClassVar[tuple[str, ...]] = ("mamba",)
-    requirement: ClassVar[str] = "a selective SSM's x_proj and dt_proj"
+    architectures: ClassVar[tuple[str, ...]] = ("mamba", "mamba2", "hybrid")
+    requirement: ClassVar[str] = "a selective SSM's B, C and step-size projections"
 
     def __init__(self, rtol: float = 1e-9):
         self.rtol = rtol
@@ -384,41 +420,73 @@ class MambaRegimes(Experiment):
         self.check(model)
         if not self.rtol >= 0:
             raise ValueError(f"rtol must be non-negative, got {self.rtol!r}")
-        rtol = self.rtol
-        systems = [SelectiveSystem.from_mamba(model, layer) for layer in range(model.cfg.n_layers)]
-        sym = torch.stack([_sym_eigenvalues(s.mu)[0] for s in systems])  # [layer, d_inner]
-        spectra = torch.stack([torch.linalg.eigvals(s.S_B[0] @ s.S_C[0].T) for s in systems])
-        spectra = spectra[torch.arange(len(systems))[:, None], spectra.real.argsort(dim=1, descending=True)]
-        scale = sym.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(sym.dtype).tiny)
-        nonzero = sym.abs() > rtol * scale
+        layers = ssm_layers(model)
+        if not layers:
+            raise AnalysisError(
+                f"MambaRegimes reads the weights of SSM layers, and this {architecture_of(model)}'s run inside "
+                "the Bridge, unopened (load it with dl.load to open them)"
+            )
+        rows = [_layer_criterion(model.blocks[layer].mixer, kind, self.rtol) for layer, kind in layers.items()]
+        stack = lambda key: torch.stack([row[key] for row in rows]).float()
         return MambaRegimesResult(
-            **self.provenance(model, None),
-            regimes=[_regime(lam, rtol) for lam in sym],
-            sym_max=sym.amax(dim=1).float(),
-            sym_min=sym.amin(dim=1).float(),
-            eig_real=spectra.real.float(),
-            eig_imag=spectra.imag.float(),
-            channel_mu=torch.stack([s.mu[0].diagonal() for s in systems]).float(),
-            delta0=torch.stack([F.softplus(s.delta_bias[0]) for s in systems]).float(),
-            definite=[bool(((lam >= 0) | ~nz).all() or ((lam <= 0) | ~nz).all()) for lam, nz in zip(sym, nonzero)],
-        )
+            **self.provenance(model, None), layers=list(layers), layer_types=list(layers.values()),
+            regimes=[layer_regime(row["groups"]) for row in rows], group_regimes=[row["groups"] for row in rows],
+            sym_max=stack("sym_max"), sym_min=stack("sym_min"), eig_real=stack("eig_real"),
+            eig_imag=stack("eig_imag"), channel_mu=stack("channel_mu"), delta0=stack("delta0"),
+            definite=[row["definite"] for row in rows],
+        )  # fmt: skip
+
+
+def _layer_criterion(mixer: Any, kind: str, rtol: float) -> dict[str, Any]:
+    """One SSM layer's criterion: group regimes, ``sym(mu)`` extremes, spectrum, diagonal, ``Delta(0)``, definiteness."""
+    if kind == "mamba2":
+        system = SSDSystem.from_mixer(mixer)
+        sym = system.sym_eigenvalues()[0]  # [group, d_inner]
+        spectra = torch.linalg.eigvals(system.S_B[0] @ system.S_C[0].transpose(1, 2))  # [group, n]
+        channels = torch.arange(system.dim)
+        group = channels // (system.dim // system.n_heads) // (system.n_heads // sym.shape[0])
+        channel_mu = system.mu[0][group, channels, channels]
+    else:
+        system = SelectiveSystem.from_mixer(mixer)
+        sym = _sym_eigenvalues(system.mu)  # [1, d_inner]
+        spectra = torch.linalg.eigvals(system.S_B[0] @ system.S_C[0].T)[None]
+        channel_mu = system.mu[0].diagonal()
+    spectra = spectra.reshape(-1)
+    spectra = spectra[spectra.real.argsort(descending=True)]
+    scale = sym.abs().max().clamp_min(torch.finfo(sym.dtype).tiny)
+    nonzero = sym[sym.abs() > rtol * scale]
+    return {
+        "groups": [sign_regime(lam, rtol) for lam in sym], "sym_max": sym.max(), "sym_min": sym.min(),
+        "eig_real": spectra.real, "eig_imag": spectra.imag, "channel_mu": channel_mu,
+        "delta0": F.softplus(system.delta_bias[0]), "definite": bool((nonzero >= 0).all() or (nonzero <= 0).all()),
+    }  # fmt: skip
 
 
 def _sym_eigenvalues(mu: Float[Tensor, "system dim dim"]) -> Float[Tensor, "system dim"]:
     return torch.linalg.eigvalsh((mu + mu.transpose(1, 2)).double() / 2)
 
 
-def _regime(eigenvalues: Float[Tensor, " dim"], rtol: float) -> str:
-    scale = eigenvalues.abs().max()
-    if scale == 0:
-        return "stationary"
-    return "divergent" if bool((eigenvalues > rtol * scale).any()) else "convergent"
-
-
 # --------------------------------------------------------------------------- trajectories across layers
 def stream_labels(hook_names: list[str]) -> list[str]:
     """Row labels of the residual stream ``names.resid_stream(n)``: ``embed``, then ``L{l}`` after layer ``l``."""
     return ["embed" if name == names.resid_pre(0) else f"L{names.layer_of(name)}" for name in hook_names]
+
+
+def stream_frame(result: Result, hook_names: list[str], layer_types: list[str], **values: Tensor) -> pd.DataFrame:
+    """One row per real token and stream row: ``prompt, position, token, layer, layer_type`` and ``values``.
+
+    ``values`` are ``[batch, pos, row]`` (one column per stream row) or
+    ``[batch, pos]`` (the same for every row); ``layer_type`` is ``embed`` on
+    the embedding row, else the layer's mixer (:func:`~dynalens.probes.layers.layer_types`).
+    """
+    frames = []
+    for row, (label, kind) in enumerate(zip(stream_labels(hook_names), ["embed", *layer_types])):
+        frame = result.position_frame(**{k: v[..., row] if v.dim() == 3 else v for k, v in values.items()})
+        frame.insert(3, "layer", label)
+        frame.insert(4, "layer_type", kind)
+        frames.append(frame)
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["prompt", "position"], kind="stable").reset_index(drop=True)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -432,6 +500,8 @@ class TokenTrajectoriesResult(Result):
         ``l + 1`` after layer ``l``; zero at pads.
     hook_names
         The hook each row was read from.
+    layer_types
+        Each layer's sequence mixer (``attention``, ``mamba``, ``mamba2``, ``rnn``, a hybrid's own types).
     growth
         ``[batch, pos]`` least-squares slope of ``log |x_l|`` against depth:
         > 0 growing, < 0 shrinking; zero at pads.
@@ -439,6 +509,7 @@ class TokenTrajectoriesResult(Result):
 
     norms: Float[Tensor, "batch pos row"]
     hook_names: list[str]
+    layer_types: list[str]
     growth: Float[Tensor, "batch pos"]
 
     def top(self, k: int = 10) -> pd.DataFrame:
@@ -447,24 +518,19 @@ class TokenTrajectoriesResult(Result):
         return frame.sort_values("growth", ascending=False, kind="stable").head(k).reset_index(drop=True)
 
     def to_frame(self) -> pd.DataFrame:
-        """Columns ``prompt, position, token, layer, norm, growth``: one row per real token and layer."""
-        frames = []
-        for row, label in enumerate(stream_labels(self.hook_names)):
-            frame = self.position_frame(norm=self.norms[..., row], growth=self.growth)
-            frame.insert(3, "layer", label)
-            frames.append(frame)
-        frame = pd.concat(frames, ignore_index=True)
-        return frame.sort_values(["prompt", "position"], kind="stable").reset_index(drop=True)
+        """Columns ``prompt, position, token, layer, layer_type, norm, growth``: one row per real token and layer."""
+        return stream_frame(self, self.hook_names, self.layer_types, norm=self.norms, growth=self.growth)
 
     def figure(self, *, prompt: int = 0, log: bool = True) -> go.Figure:
         """One line per token of one prompt: norm against layer (log scale by default)."""
         tokens = token_labels(self.str_tokens(prompt))
         labels, norms = stream_labels(self.hook_names), self.norms[prompt, -len(tokens):]
+        kinds = ["embed", *self.layer_types]
         fig = go.Figure()
         for p, token in enumerate(tokens):
             fig.add_trace(go.Scatter(
-                x=labels, y=norms[p].numpy(), mode="lines+markers", name=f"{p}: {token}",
-                hovertemplate=f"{token}<br>%{{x}}: %{{y:.4g}}<extra></extra>",
+                x=labels, y=norms[p].numpy(), mode="lines+markers", name=f"{p}: {token}", customdata=kinds,
+                hovertemplate=f"{token}<br>%{{x}} (%{{customdata}}): %{{y:.4g}}<extra></extra>",
             ))
         fig.update_layout(
             template=TEMPLATE, title=dict(text=f"Token norm trajectories · {self.model_name}"),
@@ -476,7 +542,9 @@ class TokenTrajectoriesResult(Result):
 class TokenTrajectories(Analysis):
     """Per-token residual-stream norms across layers and their log-slope, on any architecture.
 
-    Reads ``names.resid_stream(n_layers)``: the stream entering layer 0, then after each layer.
+    Reads ``names.resid_stream(n_layers)``: the stream entering layer 0, then
+    after each layer; the result names each layer's mixer (on a hybrid,
+    attention and SSM layers side by side).
 
     Returns
     -------
@@ -497,7 +565,7 @@ class TokenTrajectories(Analysis):
         mask = prompts.mask.cpu()
         return TokenTrajectoriesResult(
             **self.provenance(model, prompts), norms=torch.where(mask[..., None], norms, 0.0).float(), hook_names=hooks,
-            growth=torch.where(mask, growth, 0.0).float(),
+            layer_types=layer_types(model), growth=torch.where(mask, growth, 0.0).float(),
         )
 
 
@@ -508,8 +576,8 @@ class TokenImportanceResult(Result):
 
     Attributes
     ----------
-    layer
-        The Mamba layer read.
+    layer, layer_type
+        The SSM layer read and its kind (``"mamba"`` or ``"mamba2"``).
     scores
         ``[batch, pos]`` importance of each token (zero at pads).
     permutation
@@ -519,6 +587,7 @@ class TokenImportanceResult(Result):
     """
 
     layer: int
+    layer_type: str
     scores: Float[Tensor, "batch pos"]
     permutation: Float[Tensor, "batch pos pos"]
 
@@ -569,16 +638,20 @@ def reorder_tokens(
 
 
 class TokenImportance(Analysis):
-    """The importance score of every token at one Mamba layer and its SoftSort matrix.
+    """The importance score of every token at one SSM layer and its SoftSort matrix.
 
     Parameters
     ----------
     layer
-        The layer whose step-size pre-activation ``S_Delta u_l + b`` is read
-        (``u_l`` the scan input, its ``mixer.hook_conv``).
+        The SSM layer whose step-size pre-activation ``S_Delta u_l + b`` is
+        read: for Mamba ``u_l`` is the scan input (its ``mixer.hook_conv``),
+        one pre-activation per channel; for Mamba-2 it is the ``dt`` part of
+        ``mixer.hook_in_proj`` plus ``dt_bias``, one per head (on a hybrid, an
+        SSM layer of either kind).
     readout
-        The paper's learned vector ``K`` ``[d_inner]``; untrained models have
-        none, so the default is the mean over channels, ``K = 1 / d_inner``.
+        The paper's learned vector ``K``, ``[d_inner]`` (Mamba) or ``[n_heads]``
+        (Mamba-2); untrained models have none, so the default is the mean,
+        ``K = 1 / d_inner`` or ``1 / n_heads``.
     tau
         SoftSort temperature (the paper uses 1).
 
@@ -587,40 +660,48 @@ class TokenImportance(Analysis):
     TokenImportanceResult
     """
 
-    architectures: ClassVar[tuple[str, ...]] = ("mamba",)
-    requirement: ClassVar[str] = "a selective SSM's x_proj and dt_proj"
+    architectures: ClassVar[tuple[str, ...]] = ("mamba", "mamba2", "hybrid")
+    requirement: ClassVar[str] = "a selective SSM's B, C and step-size projections"
 
-    def __init__(self, layer: int = 0, *, readout: Float[Tensor, " d_inner"] | None = None, tau: float = 1.0):
+    def __init__(self, layer: int = 0, *, readout: Float[Tensor, " width"] | None = None, tau: float = 1.0):
         self.layer = layer
         self.readout = readout
         self.tau = tau
 
-    def _readout(self, model: Any) -> Float[Tensor, " d_inner"]:
-        check_index("layer", self.layer, model.cfg.n_layers)
+    def _readout(self, model: Any) -> tuple[str, Float[Tensor, " width"]]:
+        """The layer's kind and ``K``, validated."""
+        kind = ssm_layer(model, self.layer, type(self).__name__)
         if not self.tau > 0:
             raise ValueError(f"tau must be positive, got {self.tau!r}")
-        d_inner = model.cfg.d_inner
+        cfg = model.blocks[self.layer].mixer.cfg
+        axis, width = ("n_heads", cfg.n_heads) if kind == "mamba2" else ("d_inner", cfg.d_inner)
         if self.readout is None:
-            return torch.full((d_inner,), 1.0 / d_inner, dtype=torch.float64)
+            return kind, torch.full((width,), 1.0 / width, dtype=torch.float64)
         K = torch.as_tensor(self.readout)
-        if tuple(K.shape) != (d_inner,):
-            raise ValueError(f"readout must have shape [d_inner] = [{d_inner}], got {tuple(K.shape)}")
-        return check_finite("readout", K).double().cpu()
+        if tuple(K.shape) != (width,):
+            raise ValueError(f"readout must have shape [{axis}] = [{width}] at this {kind} layer, got {tuple(K.shape)}")
+        return kind, check_finite("readout", K).double().cpu()
 
     def hooks(self, model: Any) -> list[str]:
-        self._readout(model)
-        return [names.mixer(self.layer, "conv")]
+        kind = self._readout(model)[0]
+        return [names.mixer(self.layer, "in_proj" if kind == "mamba2" else "conv")]
 
     def _compute(self, cache: Any, prompts: Prompts) -> TokenImportanceResult:
         model = cache.model
-        K = self._readout(model)
-        system = SelectiveSystem.from_mamba(model, self.layer)
-        u = cache[names.mixer(self.layer, "conv")].double().cpu()
-        scores = (u @ system.S_delta[0].T.cpu() + system.delta_bias[0].cpu()) @ K  # [b, pos]
+        kind, K = self._readout(model)
+        mixer = model.blocks[self.layer].mixer
+        (name,) = self.hooks(model)
+        read = cache[name].double().cpu()
+        if kind == "mamba2":  # the dt columns of in_proj (the last n_heads): W_dt u_l, i.e. S_Delta x_l
+            pre = read[..., -mixer.cfg.n_heads :] + mixer.dt_bias.detach().double().cpu()
+        else:
+            system = SelectiveSystem.from_mixer(mixer)
+            pre = read @ system.S_delta[0].T + system.delta_bias[0]
+        scores = pre @ K  # [b, pos]
         mask = prompts.mask.cpu()
         sorts = [soft_sort(prompts.real(scores, i, dim=1), self.tau) for i in range(len(prompts))]
         return TokenImportanceResult(
-            **self.provenance(model, prompts), layer=int(self.layer),
+            **self.provenance(model, prompts), layer=int(self.layer), layer_type=kind,
             scores=torch.where(mask, scores, 0.0).float(), permutation=to_padded(prompts, sorts, dims=(0, 1)).float(),
         )
 

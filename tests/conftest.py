@@ -108,3 +108,21 @@ def tiny_mamba2():
     torch.manual_seed(0)
     cfg = Mamba2Config(d_model=16, n_layers=2, d_vocab=TINY_VOCAB, n_heads=4, d_head=8, d_state=4, chunk_size=4)
     return HookedMamba2(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid():
+    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid (eager attention)."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    from dynalens.models.hybrid import HookedHybrid
+
+    config = BambaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
+        mamba_chunk_size=8, attn_layer_indices=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = BambaForCausalLM(config).eval()
+    hf.set_attn_implementation("eager")
+    return HookedHybrid.from_hf(hf)

@@ -21,6 +21,7 @@ import torch
 import dynalens as dl
 from dynalens.circuits import patching
 from dynalens.probes.analysis import Analysis, AnalysisError
+from dynalens.probes.layers import ssm_layers
 
 D_VOCAB = 50
 RAGGED = [[3, 9, 4, 3, 9, 4, 7], [5, 6, 7, 5], [8, 2, 11, 8, 2]]
@@ -28,6 +29,11 @@ RAGGED = [[3, 9, 4, 3, 9, 4, 7], [5, 6, 7, 5], [8, 2, 11, 8, 2]]
 
 def _corrupt(model: Any) -> list[list[int]]:
     return [[(t + 1) % model.cfg.d_vocab for t in row] for row in RAGGED]
+
+
+def _recurrent_layer(model: Any) -> int:
+    """The first layer with a state recurrence: a hybrid's first SSM layer, else layer 0."""
+    return min(ssm_layers(model), default=0)
 
 
 METRIC = patching.logit_diff_metric(1, 2)
@@ -47,14 +53,14 @@ ANALYSES: dict[str, Callable[[Any], Analysis]] = {
     "MixerMatrix": lambda m: dl.probes.MixerMatrix(layer=0),
     "MixerComparison": lambda m: dl.probes.MixerComparison(layer=0),
     "RecurrenceJacobian": lambda m: dl.probes.RecurrenceJacobian(layer=0),
-    "LyapunovExponents": lambda m: dl.probes.LyapunovExponents(layer=0),
+    "LyapunovExponents": lambda m: dl.probes.LyapunovExponents(layer=_recurrent_layer(m)),
     "PrecisionDrift": lambda m: dl.probes.PrecisionDrift(),
     "FixedPoints": lambda m: dl.probes.FixedPoints(layer=0, n_starts=4, max_iter=20),
     "KickNeurons": lambda m: dl.probes.KickNeurons(layer=0),
     "TrajectoryPCA": lambda m: dl.probes.TrajectoryPCA(layer=0),
     "MambaRegimes": lambda m: dl.probes.MambaRegimes(),
     "TokenTrajectories": lambda m: dl.probes.TokenTrajectories(),
-    "TokenImportance": lambda m: dl.probes.TokenImportance(layer=0),
+    "TokenImportance": lambda m: dl.probes.TokenImportance(layer=_recurrent_layer(m)),
     "HeadScores": lambda m: dl.circuits.HeadScores(),
     "CopyingScores": lambda m: dl.circuits.CopyingScores(),
     "MixerRetrievalScores": lambda m: dl.circuits.MixerRetrievalScores(),
@@ -91,34 +97,17 @@ def test_every_public_analysis_is_listed():
     assert _public_analyses() == set(ANALYSES) | set(CHECK_ONLY)
 
 
-def _tiny_bamba() -> Any:
-    """A random 3-layer Bamba (Mamba-2, attention, Mamba-2) as a HookedHybrid."""
-    from transformers import BambaConfig, BambaForCausalLM
-
-    from dynalens.models.hybrid import HookedHybrid
-
-    config = BambaConfig(
-        vocab_size=D_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=48, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2,
-        mamba_chunk_size=8, attn_layer_indices=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = BambaForCausalLM(config).eval()
-    hf.set_attn_implementation("eager")
-    return HookedHybrid.from_hf(hf)
-
-
 ARCHITECTURES = ["transformer", "mamba", "mamba2", "hybrid", "rnn"]
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama) -> dict[str, Any]:
+def models(tiny_llama, tiny_hybrid) -> dict[str, Any]:
     torch.manual_seed(0)
     mamba = dl.models.HookedMamba(dl.models.MambaConfig(d_model=16, n_layers=2, d_vocab=D_VOCAB, d_state=4))
     mamba2 = dl.models.HookedMamba2(dl.models.Mamba2Config(
         d_model=16, n_layers=2, d_vocab=D_VOCAB, n_heads=4, d_head=8, d_state=4, chunk_size=4))  # fmt: skip
     rnn = dl.models.HookedRNN(dl.models.RNNConfig(d_model=8, n_layers=2, d_vocab=D_VOCAB, cell="gru"))
-    return {"transformer": tiny_llama, "mamba": mamba.eval(), "mamba2": mamba2.eval(), "hybrid": _tiny_bamba(),
+    return {"transformer": tiny_llama, "mamba": mamba.eval(), "mamba2": mamba2.eval(), "hybrid": tiny_hybrid,
             "rnn": rnn.eval()}  # fmt: skip
 
 
@@ -167,6 +156,16 @@ def test_analysis_contract(name, arch, models):
                                  dl.circuits.EdgePatching)):  # fmt: skip
             analysis.set_params(corrupt=[_corrupt(model)[i]])
         _frames_equal(frame, analysis(model, [row]).to_frame(), i)
+
+
+#: Analyses of an SSM's state or weights: they apply to every architecture with one.
+SSM_ANALYSES = ("LyapunovExponents", "MambaRegimes", "TokenImportance")
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2", "hybrid"])
+def test_ssm_analyses_apply_to_every_architecture_with_an_ssm(arch, models):
+    model = models[arch]
+    assert all(_applies(ANALYSES[name](model), model) for name in SSM_ANALYSES)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -4,33 +4,39 @@ The graph is the Result of the :class:`~dynalens.circuits.AttributionGraph`
 experiment (edge attribution patching, one backward pass) under the logit
 difference of two tokens at the last position
 (:func:`dynalens.circuits.logit_diff_metric`), through the results cache,
-drawn with dash-cytoscape: node size by the node's own attribution, edge width
-and colour by the edge's attribution (blue helps the clean answer, red hurts
-it), pruned by the slider. Clicking a node lists the tokens its output
-promotes, which the Result holds per node (no further pass). The defaults
-follow the model: an IOI pair for a model with a tokenizer, a repeated-sequence
-pair for the synthetic-task zoo models. While the graph is built, a progress
-bar counts its two forward passes (the backward pass is the last unit).
+drawn as layer (rows) × token position (columns) by
+:mod:`dynalens.circuits.graph_layout`: labelled nodes (``L12H3``, ``MLP 7``,
+``embed 'Mary'``, ``logits``) sized and coloured by their attribution, edges
+by theirs (red helps the clean answer, blue hurts it), only the strongest
+edges (the slider; the title names the threshold). Hovering a node shows its
+effect, where it writes and the tokens its output promotes; clicking it lists
+them. The drawn graph exports as node-link JSON and as PNG or SVG; the Result
+as CSV (its edges) or as its file. The defaults follow the model: an IOI pair
+for a model with a tokenizer, a repeated-sequence pair for the synthetic-task
+zoo models. While the graph is built, a progress bar counts its two forward
+passes (the backward pass is the last unit).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import dash
-import dash_cytoscape as cyto
 import networkx as nx
-from dash import Input, Output, State, callback, dcc, html
+from dash import Input, Output, State, callback, clientside_callback, dcc, html
 from dash.exceptions import PreventUpdate
+from dynalens.circuits.graph_layout import GraphLayout, graph_figure, layout_graph
 from dynalens.dashboard import backend
 from dynalens.dashboard.backend import DashboardError
 from dynalens.dashboard.components import (
-    SPINNER,
+    Figure,
     ProgressBar,
     card,
     hint,
     labelled,
     page,
+    placeholder_figure,
     show_errors,
     status_id,
     status_row,
@@ -47,14 +53,19 @@ CORRUPT = "circuit-corrupt"
 CORRECT = "circuit-correct"
 WRONG = "circuit-wrong"
 BUILD = "circuit-build"
-THRESHOLD = "circuit-threshold"
+EDGES = "circuit-edges"
 GRAPH = "circuit-graph"
 GRAPH_DATA = "circuit-graph-data"
 DEFAULTS_FOR = "circuit-defaults-for"
 MESSAGE = "circuit-message"
 NODE = "circuit-node"
+EXPORT_JSON, EXPORT_PNG, EXPORT_SVG = "circuit-export-json", "circuit-export-png", "circuit-export-svg"
+JSON_DOWNLOAD = "circuit-json-download"
 
 PROGRESS = ProgressBar("circuit")
+
+GRAPH_FIGURE = Figure(GRAPH, "The attribution graph appears here: give a clean and a corrupt prompt of the same "
+                             "length and the two answer tokens, then press Build graph (it needs a transformer).")
 
 HALF_LEN = 16
 """Repeat length of the default repeated-sequence pair (shorter when the model's context is)."""
@@ -63,7 +74,10 @@ KEEP = 0.01
 """Edges below this fraction of the largest |weight| are dropped before the graph reaches the browser."""
 
 TOP_TOKENS = 10
-"""Promoted tokens listed for a clicked node."""
+"""Promoted tokens kept per node (the hover shows five, a click lists them all)."""
+
+MAX_EDGES, DEFAULT_EDGES = 300, 60
+"""The most edges the slider draws, and how many it draws first (a 30-layer model's graph stays readable)."""
 
 IOI = (
     "When Mary and John went to the store, John gave a drink to",
@@ -72,6 +86,8 @@ IOI = (
     " John",
 )
 """The default pair for models with a tokenizer: indirect object identification."""
+
+_EMPTY = placeholder_figure()
 
 
 def layout(**_: Any) -> html.Div:
@@ -88,24 +104,26 @@ def layout(**_: Any) -> html.Div:
         ],
     )
     slider = labelled(
-        "Prune below", dcc.Slider(id=THRESHOLD, min=KEEP, max=0.5, step=0.01, value=0.1,
-                                  marks={KEEP: "1%", 0.1: "10%", 0.25: "25%", 0.5: "50%"}),
+        "Strongest edges", dcc.Slider(id=EDGES, min=10, max=MAX_EDGES, step=10, value=DEFAULT_EDGES,
+                                      marks={v: str(v) for v in (10, DEFAULT_EDGES, 150, MAX_EDGES)}),
     )  # fmt: skip
-    stylesheet = [
-        {"selector": "node", "style": {
-            "label": "data(label)", "width": "data(size)", "height": "data(size)", "background-color": "data(color)",
-            "font-size": 10, "text-valign": "center", "color": "#111827"}},
-        {"selector": "edge", "style": {
-            "width": "data(width)", "line-color": "data(color)", "target-arrow-color": "data(color)",
-            "target-arrow-shape": "triangle", "curve-style": "bezier", "opacity": 0.7}},
-        {"selector": ":selected", "style": {"border-width": 3, "border-color": "#111827"}},
-    ]  # fmt: skip
+    export = html.Div(
+        className="circuit-export",
+        children=[
+            html.Span("Export the drawn graph", className="control-label"),
+            html.Button("JSON", id=EXPORT_JSON, className="download-button", n_clicks=0,
+                        title="The drawn nodes (label, place, effect, promoted tokens) and edges, node-link JSON"),
+            html.Button("PNG", id=EXPORT_PNG, className="download-button", n_clicks=0),
+            html.Button("SVG", id=EXPORT_SVG, className="download-button", n_clicks=0),
+            dcc.Download(id=JSON_DOWNLOAD),
+        ],
+    )  # fmt: skip
     return page(
         "circuit",
         card(
-            "Attribution graph", controls, slider, html.Div(id=MESSAGE), PROGRESS.layout(),
-            dcc.Loading(cyto.Cytoscape(id=GRAPH, elements=[], layout={"name": "preset"}, stylesheet=stylesheet,
-                                       style={"height": "560px", "width": "100%"}), **SPINNER),
+            "Attribution graph (layer × token position)", controls, slider,
+            html.Div(id=MESSAGE, className="panel-message"), PROGRESS.layout(), GRAPH_FIGURE.layout(height=None),
+            controls=[export],
         ),  # fmt: skip
         card("Node", html.Div(hint("Click a node to see the tokens its output promotes."), id=NODE)),
         dcc.Store(id=GRAPH_DATA),
@@ -162,6 +180,7 @@ def defaults(request, defaults_for):
 
 @callback(
     Output(GRAPH_DATA, "data"),
+    GRAPH_FIGURE.source,
     Output(status_id("circuit"), "children"),
     Output(MESSAGE, "children"),
     Input(BUILD, "n_clicks"),
@@ -174,9 +193,9 @@ def defaults(request, defaults_for):
     PROGRESS.key,
     running=PROGRESS.running,
 )
-@show_errors(None, None)
+@show_errors(None, None, None)
 def build(_, defaults_for, request, clean, corrupt, correct, wrong, progress_key):
-    """The attribution graph of the pair, as node-link JSON (edges below ``KEEP`` dropped)."""
+    """The attribution graph of the pair (edges below ``KEEP`` dropped) with its column tokens; its Result's key."""
     model = _model(request)
     if model.cfg.architecture != "transformer":
         raise DashboardError("The attribution graph needs attention heads: pick a transformer.")
@@ -192,80 +211,94 @@ def build(_, defaults_for, request, clean, corrupt, correct, wrong, progress_key
     metric = dl.circuits.logit_diff_metric(correct_id, wrong_id)
     analysis = dl.circuits.AttributionGraph(corrupt_prompts, metric, threshold=KEEP, k=TOP_TOKENS)
     params = {**analysis.get_params(), "metric": ["logit_diff", correct_id, wrong_id, -1]}  # the metric by value
+    key = (request["model"], clean_prompts, "attribution_graph", params)
     with backend.reporting(progress_key) as report:
         report.step("Attribution graph: clean and corrupt forward passes, then one backward pass",
                     size=2 * len(clean_prompts) + 1)  # fmt: skip
-        found = backend.cached(
-            request["model"], clean_prompts, "attribution_graph", params,
-            backend.counting_sequences(model, report, lambda: analysis(model, clean_prompts)),
-        )  # fmt: skip
+        found = backend.cached(*key, backend.counting_sequences(model, report, lambda: analysis(model, clean_prompts)))
     status = status_row(request["model"], model.cfg.architecture, n_clean, model.cfg.n_layers)
     graph = found.graph
     text = (f"Logit difference {graph.graph['clean_metric']:.2f} (clean) vs {graph.graph['corrupt_metric']:.2f} "
-            f"(corrupt); {graph.number_of_nodes()} nodes, {graph.number_of_edges()} edges above {KEEP:.0%}.")  # fmt: skip
-    return nx.node_link_data(graph, edges="edges"), status, hint(text)
+            f"(corrupt); {graph.number_of_nodes()} nodes and {graph.number_of_edges()} edges above {KEEP:.0%} "
+            "of the largest.")  # fmt: skip
+    data = {"graph": nx.node_link_data(graph, edges="edges"), "tokens": found.column_tokens(),
+            "model": found.model_name}  # fmt: skip
+    return data, GRAPH_FIGURE.offer(backend.cached_key(*key), "attribution_graph"), status, hint(text)
 
 
-def elements(graph: nx.DiGraph, n_heads: int) -> list[dict[str, Any]]:
-    """Cytoscape elements: nodes placed by layer (rows) and head (columns), sized and coloured by effect."""
-    effects = [abs(e) for n, e in graph.nodes(data="effect") if graph.nodes[n]["kind"] != "logits"] or [1.0]
-    weights = [abs(w) for _, _, w in graph.edges(data="weight")] or [1.0]
-    top_effect, top_weight = max(max(effects), 1e-12), max(max(weights), 1e-12)
-    color = lambda v: "#2563eb" if v >= 0 else "#dc2626"
-    found = []
-    for name, data in graph.nodes(data=True):
-        kind, layer = data["kind"], data["layer"]
-        column = {"head": data.get("head") or 0, "mlp": n_heads, "embed": n_heads / 2, "logits": n_heads / 2}[kind]
-        row = {"mlp": layer + 0.5}.get(kind, layer)
-        size = 46 if kind == "logits" else 14 + 36 * abs(data["effect"]) / top_effect
-        found.append({
-            "data": {"id": name, "label": name, "size": size, "effect": data["effect"],
-                     "color": "#6b7280" if kind == "logits" else color(data["effect"])},
-            "position": {"x": 80 * column, "y": -110 * row},
-        })  # fmt: skip
-    for u, v, w in graph.edges(data="weight"):
-        found.append({"data": {"source": u, "target": v, "weight": w, "color": color(w),
-                               "width": 0.5 + 7.5 * abs(w) / top_weight}})  # fmt: skip
-    return found
+def placed_graph(data: dict, max_edges: int | None) -> GraphLayout:
+    """The stored graph laid out with its ``max_edges`` strongest edges."""
+    graph = nx.node_link_graph(data["graph"], directed=True, edges="edges")
+    edges = int(max_edges) if isinstance(max_edges, (int, float)) and max_edges >= 1 else DEFAULT_EDGES
+    return layout_graph(graph, data["tokens"], max_edges=edges)
 
 
 @callback(
-    Output(GRAPH, "elements"),
+    Output(GRAPH, "figure"),
     Input(GRAPH_DATA, "data"),
-    Input(THRESHOLD, "value"),
-    State(REQUEST, "data"),
+    Input(EDGES, "value"),
 )
-def draw(data, threshold, request):
-    """The stored graph pruned at the slider's threshold."""
+def draw(data, max_edges):
+    """The stored graph as layer × token position, pruned to the slider's strongest edges."""
     if not data:
-        return []
-    model = _model(request)
-    graph = dl.circuits.prune(_graph(data), float(threshold or 0.0))
-    return elements(graph, model.cfg.n_heads)
+        return _EMPTY
+    placed = placed_graph(data, max_edges)
+    shown = (f"{len(placed.edges)} strongest of {placed.n_edges} edges (|weight| > {placed.threshold:.1%} of the "
+             "largest)" if placed.threshold else f"all {placed.n_edges} edges")  # fmt: skip
+    title = f"{shown}, {len(placed.nodes)} nodes · {data['model']}"
+    return graph_figure(placed, title=title)
 
 
-def _graph(data: dict) -> nx.DiGraph:
-    """The attribution graph that :func:`build` stored as node-link JSON."""
-    return nx.node_link_graph(data, directed=True, edges="edges")
+@callback(
+    Output(JSON_DOWNLOAD, "data"),
+    Input(EXPORT_JSON, "n_clicks"),
+    State(GRAPH_DATA, "data"),
+    State(EDGES, "value"),
+    prevent_initial_call=True,
+)
+def export_json(_, data, max_edges):
+    """The drawn graph (nodes with label, place, effect and promoted tokens; edges) as node-link JSON."""
+    if not data:
+        raise PreventUpdate
+    placed = placed_graph(data, max_edges)
+    return dcc.send_string(json.dumps(placed.to_node_link(), indent=1), "attribution_graph.json")
+
+
+for _button, _format in ((EXPORT_PNG, "png"), (EXPORT_SVG, "svg")):
+    clientside_callback(
+        f"""(n) => {{
+            const plot = document.querySelector('#{GRAPH} .js-plotly-plot');
+            if (n && plot && window.Plotly) {{
+                window.Plotly.downloadImage(plot, {{format: '{_format}', filename: 'attribution_graph',
+                                                    width: plot.offsetWidth, height: plot.offsetHeight}});
+            }}
+            return window.dash_clientside.no_update;
+        }}""",
+        Output(_button, "title"),
+        Input(_button, "n_clicks"),
+        prevent_initial_call=True,
+    )
 
 
 @callback(
     Output(NODE, "children"),
-    Input(GRAPH, "tapNodeData"),
+    Input(GRAPH, "clickData"),
     State(GRAPH_DATA, "data"),
 )
 @show_errors()
-def node_tokens(node, data):
+def node_tokens(click, data):
     """The tokens the clicked node's output promotes at the last clean position (held by the graph)."""
-    if not node or not data:
+    points = [p for p in (click or {}).get("points", []) if isinstance(p.get("customdata"), str)]
+    if not points or not data:
         raise PreventUpdate
-    graph = _graph(data)
-    if node["id"] not in graph:
+    graph = nx.node_link_graph(data["graph"], directed=True, edges="edges")
+    name = points[0]["customdata"].split("@")[0]  # one token's embedding: the embedding's tokens
+    if name not in graph:
         raise PreventUpdate  # a node of a graph built before
-    top = graph.nodes[node["id"]]["top_tokens"]  # [token_id, token, logit] rows, largest first
-    rows = [html.Tr([html.Td(repr(token)), html.Td(f"{logit:.2f}")]) for _, token, logit in top]
+    node = graph.nodes[name]
+    rows = [html.Tr([html.Td(repr(token)), html.Td(f"{logit:.2f}")]) for _, token, logit in node["top_tokens"]]
     return html.Div([
-        hint(f"{node['id']} (attribution {node.get('effect', 0.0):+.3f}): top promoted tokens at the last position"),
+        hint(f"{name} (attribution {node['effect']:+.3f}): top promoted tokens at the last position"),
         html.Table([html.Thead(html.Tr([html.Th("token"), html.Th("logit")])), html.Tbody(rows)],
                    className="top-tokens", id="circuit-top-tokens"),
     ])  # fmt: skip

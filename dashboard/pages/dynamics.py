@@ -1,4 +1,4 @@
-"""Dynamics: token norms across depth, Mamba regimes, mixers across architectures, the RNN phase portrait.
+"""Dynamics: token norms across depth, SSM regimes, mixers across architectures, the RNN phase portrait.
 
 Every figure is the ``.figure()`` of a Result: the analyses of the prompt
 (:func:`analyses`: ``TokenTrajectories``, ``MixerComparison`` of the chosen
@@ -17,10 +17,12 @@ import dash
 from dash import Input, Output, State, callback, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
+    Figure,
     card,
-    graph,
     hint,
+    message_line,
     message_id,
     page,
     panel,
@@ -50,7 +52,24 @@ PHASE = "dynamics-phase"
 
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Token norm trajectories", selections={MIXER_LAYER: 0, COMPARE: ""},
+    analysis=lambda model, chosen: dl.probes.TokenTrajectories(),
+    figure=lambda found, chosen: found.figure(),
+)
 
+TRAJECTORIES_FIGURE = Figure(TRAJECTORIES, "Each token's residual norm across depth appears here once a prompt is "
+                                           "analysed.")
+REGIMES_FIGURE = Figure(REGIMES, "The token-dynamics regime of each SSM layer appears here for a Mamba, Mamba-2 "
+                                 "or hybrid model.")
+MIXERS_FIGURE = Figure(MIXERS, "The chosen layer's mixer matrices appear here once a prompt is analysed; name "
+                               "more models above to compare them on the same tokens.")
+PHASE_FIGURE = Figure(PHASE, "The phase portrait of an RNN's last layer appears here: pick an RNN model "
+                             "(lstm-hmm, gru-hmm) and a prompt of two or more tokens.")
+
+
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return page(
@@ -58,12 +77,13 @@ def layout(**_: Any) -> html.Div:
         html.Div(
             className="grid-2",
             children=[
-                panel("Token norm trajectories", TRAJECTORIES),
-                card("Token-dynamics regime per layer", html.Div(id=REGIME_TABLE), graph(REGIMES, height=360)),
+                panel("Token norm trajectories", TRAJECTORIES_FIGURE),
+                card("Token-dynamics regime per layer", message_line(REGIMES), html.Div(id=REGIME_TABLE),
+                     REGIMES_FIGURE.layout(height=360)),
             ],
         ),
         panel(
-            "Mixer matrices across architectures (same prompt)", MIXERS,
+            "Mixer matrices across architectures (same prompt)", MIXERS_FIGURE,
             controls=[
                 dcc.Input(id=COMPARE, type="text", debounce=True, style={"width": "320px"},
                           placeholder="also compare: model names or paths, comma-separated"),
@@ -71,7 +91,7 @@ def layout(**_: Any) -> html.Div:
                           style={"width": "70px"}),
             ],
         ),
-        panel("RNN phase portrait", PHASE, height=460),
+        panel("RNN phase portrait", PHASE_FIGURE, height=460),
     )
 
 
@@ -99,12 +119,13 @@ def _results(request: dict, layer: Any) -> tuple[Any, Prompts, backend.PageResul
 
 @callback(
     Output(TRAJECTORIES, "figure"),
+    TRAJECTORIES_FIGURE.source,
     Output(status_id("dynamics"), "children"),
     Output(message_id(TRAJECTORIES), "children"),
     Input(REQUEST, "data"),
     State(MIXER_LAYER, "value"),
 )
-@show_errors(_EMPTY, None)
+@show_errors(_EMPTY, None, None)
 def trajectories_panel(request, layer):
     model, prompts, results = _results(request, layer)
     found = results["token_trajectories"]
@@ -112,30 +133,35 @@ def trajectories_panel(request, layer):
     status = status_row(request["model"], architecture_of(model), n)
     growing = int((found.growth[0][-n:] > 0).sum())
     text = f"{growing} of {n} tokens grow across depth (slope of log-norm > 0)."
-    return found.figure(), status, hint(text)
+    offer = TRAJECTORIES_FIGURE.offer(results.key("token_trajectories"), "token_trajectories")
+    return found.figure(), offer, status, hint(text)
 
 
 @callback(
     Output(REGIMES, "figure"),
+    REGIMES_FIGURE.source,
     Output(REGIME_TABLE, "children"),
+    Output(message_id(REGIMES), "children"),
     Input(REQUEST, "data"),
 )
-@show_errors(_EMPTY)
+@show_errors(_EMPTY, None, None)
 def regimes_panel(request):
     if not request:
         raise PreventUpdate
     model = backend.load_model(request["model"])
-    if architecture_of(model) != "mamba":
-        return _EMPTY, hint("The regime criterion reads a selective SSM's x_proj: pick a Mamba model.")
-    found = backend.page_results(request["model"], model, None, [dl.probes.MambaRegimes()])["mamba_regimes"]
+    if architecture_of(model) not in dl.probes.MambaRegimes.architectures:
+        return _EMPTY, None, None, hint("The regime criterion reads a selective SSM's B, C and step-size projections: "
+                                        "pick a Mamba, Mamba-2 or hybrid model.")  # fmt: skip
+    results = backend.page_results(request["model"], model, None, [dl.probes.MambaRegimes()])
+    found = results["mamba_regimes"]
     frame = found.to_frame()
-    columns = ["layer", "regime", "sym_max", "sym_min", "convergent_channels", "mean_delta0"]
+    columns = ["layer", "regime", "layer_type", "sym_max", "sym_min", "convergent_channels", "mean_delta0"]
     table = html.Table(
         [html.Tr([html.Th(c) for c in columns])]
         + [html.Tr([html.Td(_cell(row[c])) for c in columns]) for _, row in frame.iterrows()],
         id=f"{REGIME_TABLE}-rows",
     )
-    return found.figure(), table
+    return found.figure(), REGIMES_FIGURE.offer(results.key("mamba_regimes"), "mamba_regimes"), table, None
 
 
 def _cell(value: Any) -> str:
@@ -144,12 +170,13 @@ def _cell(value: Any) -> str:
 
 @callback(
     Output(MIXERS, "figure"),
+    MIXERS_FIGURE.source,
     Output(message_id(MIXERS), "children"),
     Input(REQUEST, "data"),
     Input(COMPARE, "value"),
     Input(MIXER_LAYER, "value"),
 )
-@show_errors(_EMPTY)
+@show_errors(_EMPTY, None)
 def mixers_panel(request, compare, layer):
     if not request:
         raise PreventUpdate
@@ -159,7 +186,7 @@ def mixers_panel(request, compare, layer):
     layer = int(layer or 0)
     shallowest = min(m.cfg.n_layers for m in models.values())
     if not 0 <= layer < shallowest:
-        return _EMPTY, hint(f"Layer {layer} does not exist in every model: pick 0 to {shallowest - 1}.")
+        return _EMPTY, None, hint(f"Layer {layer} does not exist in every model: pick 0 to {shallowest - 1}.")
     ids, n = prompts.tokens.cpu(), int(prompts.lengths[0])  # every model reads the same token ids
     compare = dl.probes.MixerComparison(layer=layer)
     each = {  # the header's model: the page's run; each compared model: its own run of the comparison
@@ -167,7 +194,9 @@ def mixers_panel(request, compare, layer):
                                    analyses(model, layer, n) if name == names[0] else [compare])[compare]
         for name, model in models.items()
     }  # fmt: skip
-    found = dl.probes.MixerComparisonResult.join(each)
+    key = (request["model"], prompts, "mixer_comparison_join", {"models": [backend.model_id(n) for n in models],
+                                                               "layer": layer})  # fmt: skip
+    found = backend.cached(*key, lambda: dl.probes.MixerComparisonResult.join(each))
     frame = found.to_frame().groupby("model", sort=False).agg(
         effective_rank=("effective_rank", "mean"), offdiagonal_rank=("offdiagonal_rank", "max"), bound=("bound", "max")
     )
@@ -176,26 +205,28 @@ def mixers_panel(request, compare, layer):
         + ("" if row.bound != row.bound or row.bound is None else f" (state bound {int(row.bound)})")
         for name, row in frame.iterrows()
     )
-    return found.figure(), hint(text + ".")
+    return found.figure(), MIXERS_FIGURE.offer(backend.cached_key(*key), f"mixer_comparison_L{layer}"), hint(text + ".")
 
 
 @callback(
     Output(PHASE, "figure"),
+    PHASE_FIGURE.source,
     Output(message_id(PHASE), "children"),
     Input(REQUEST, "data"),
     State(MIXER_LAYER, "value"),
 )
-@show_errors(_EMPTY)
+@show_errors(_EMPTY, None)
 def phase_panel(request, mixer_layer):
     model, prompts = requested(request)
     if architecture_of(model) != "rnn":
-        return _EMPTY, hint("The phase portrait iterates an RNN cell: pick an RNN model (lstm-hmm, gru-hmm).")
+        return _EMPTY, None, hint("The phase portrait iterates an RNN cell: pick an RNN model (lstm-hmm, gru-hmm).")
     if int(prompts.lengths[0]) < 2:
-        return _EMPTY, hint("The phase portrait needs at least two tokens.")
+        return _EMPTY, None, hint("The phase portrait needs at least two tokens: type a longer prompt.")
     layer = model.cfg.n_layers - 1
     points = backend.page_results(request["model"], model, None, [fixed_points(model)])["fixed_points"]
-    found = _results(request, mixer_layer)[2]["trajectory_pca"]
+    results = _results(request, mixer_layer)[2]
+    found = results["trajectory_pca"]
     stable = int((points.spectral_radius < 1).sum())
     text = (f"Layer {layer}: {len(points.kinds)} fixed/slow point(s) under zero input, {stable} stable "
             f"(Jacobian eigenvalues inside the unit circle); PCs explain {float(found.explained.sum()):.0%}.")
-    return found.figure(), hint(text)
+    return found.figure(), PHASE_FIGURE.offer(results.key("trajectory_pca"), "trajectory_pca"), hint(text)

@@ -18,10 +18,11 @@ from dash.exceptions import PreventUpdate
 
 import dynalens as dl
 from dynalens.dashboard import backend
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
+    Figure,
     card,
     clicked_column,
-    graph,
     labelled,
     placeholder_figure,
     show_errors,
@@ -60,7 +61,21 @@ GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "rnn": "Group"}
 
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Logit lens (top 1 at every token)",
+    selections={LAYER: None, LENS_VIEW: "position", MIXER_LOG: [], RESID_LOG: ["log"]},
+    analysis=lambda model, chosen: dl.probes.LogitLens(k=TOP_K),
+    figure=lambda lens, chosen: lens.figure(position=None),
+)
 
+MIXER_FIGURE = Figure(MIXER, "The chosen layer's mixer matrix appears here once a prompt is analysed.")
+LENS_FIGURE = Figure(LENS, "The logit lens at the selected token appears here once a prompt is analysed.")
+RESID_FIGURE = Figure(RESID, "The residual-stream norm of every token and layer appears here once a prompt is "
+                             "analysed.")
+
+
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return html.Div(
@@ -84,8 +99,8 @@ def layout(**_: Any) -> html.Div:
                 children=[
                     card(
                         "Mixer matrix",
-                        html.Div(id=MIXER_MESSAGE),
-                        graph(MIXER, height=460),
+                        html.Div(id=MIXER_MESSAGE, className="panel-message"),
+                        MIXER_FIGURE.layout(height=460),
                         controls=[
                             labelled("Layer", dcc.Dropdown(id=LAYER, clearable=False,
                                                            className="small-dropdown")),
@@ -97,8 +112,8 @@ def layout(**_: Any) -> html.Div:
                     ),
                     card(
                         "Logit lens",
-                        html.Div(id=LENS_MESSAGE),
-                        graph(LENS, height=460),
+                        html.Div(id=LENS_MESSAGE, className="panel-message"),
+                        LENS_FIGURE.layout(height=460),
                         controls=[
                             dcc.RadioItems(
                                 id=LENS_VIEW,
@@ -116,8 +131,8 @@ def layout(**_: Any) -> html.Div:
             ),
             card(
                 "Residual-stream norm",
-                html.Div(id=RESID_MESSAGE),
-                graph(RESID, height=420),
+                html.Div(id=RESID_MESSAGE, className="panel-message"),
+                RESID_FIGURE.layout(height=420),
                 controls=[_log_toggle(RESID_LOG, on=True)],  # sink tokens dwarf the rest
             ),
         ],
@@ -218,38 +233,43 @@ def mark_selected_token(position, ids):
 
 @callback(
     Output(RESID, "figure"),
+    RESID_FIGURE.source,
     Output(RESID_MESSAGE, "children"),
     Input(PROMPT_STORE, "data"),
     Input(POSITION, "data"),
     Input(RESID_LOG, "value"),
     State(LAYER, "value"),
 )
-@show_errors(_EMPTY)
+@show_errors(_EMPTY, None)
 def residual_panel(prompt, position, log_colour, layer):
     if not prompt or layer is None:
-        return _EMPTY, None
-    norms = _results(prompt, layer)["residual_norms"]
-    return norms.figure(log="log" in (log_colour or []), position=position), None
+        return _EMPTY, None, None
+    results = _results(prompt, layer)
+    offer = RESID_FIGURE.offer(results.key("residual_norms"), "residual_norms")
+    return results["residual_norms"].figure(log="log" in (log_colour or []), position=position), offer, None
 
 
 @callback(
     Output(LENS, "figure"),
+    LENS_FIGURE.source,
     Output(LENS_MESSAGE, "children"),
     Input(PROMPT_STORE, "data"),
     Input(POSITION, "data"),
     Input(LENS_VIEW, "value"),
     State(LAYER, "value"),
 )
-@show_errors(_EMPTY)
+@show_errors(_EMPTY, None)
 def logit_lens_panel(prompt, position, view, layer):
     if not prompt or position is None or layer is None:
-        return _EMPTY, None
-    lens = _results(prompt, layer)["logit_lens"]
-    return lens.figure(position=position if view == "position" else None), None
+        return _EMPTY, None, None
+    results = _results(prompt, layer)
+    offer = LENS_FIGURE.offer(results.key("logit_lens"), "logit_lens")
+    return results["logit_lens"].figure(position=position if view == "position" else None), offer, None
 
 
 @callback(
     Output(MIXER, "figure"),
+    MIXER_FIGURE.source,
     Output(GROUP, "options"),
     Output(GROUP, "value"),
     Output(MIXER_MESSAGE, "children"),
@@ -259,13 +279,14 @@ def logit_lens_panel(prompt, position, view, layer):
     Input(POSITION, "data"),
     Input(MIXER_LOG, "value"),
 )
-@show_errors(_EMPTY, [], None)
+@show_errors(_EMPTY, None, [], None)
 def mixer_panel(prompt, layer, group, position, log_colour):
     if not prompt or layer is None:
-        return _EMPTY, [], None, None
-    mixer = _results(prompt, layer)["mixer_matrix"]
+        return _EMPTY, None, [], None, None
+    results = _results(prompt, layer)
+    mixer = results["mixer_matrix"]
     labels = mixer.group_labels
     group = group if isinstance(group, int) and 0 <= group < len(labels) else 0
     options = [{"label": label, "value": i} for i, label in enumerate(labels)]
     figure = mixer.figure(group=group, position=position, log="log" in (log_colour or []))
-    return figure, options, group, None
+    return figure, MIXER_FIGURE.offer(results.key("mixer_matrix"), f"mixer_matrix_L{layer}"), options, group, None

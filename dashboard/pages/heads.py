@@ -16,7 +16,9 @@ from typing import Any
 import dash
 from dash import Input, Output, callback, html
 from dynalens.dashboard import backend
+from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
+    Figure,
     ProgressBar,
     choice,
     hint,
@@ -33,7 +35,6 @@ from dynalens.dashboard.layout import REQUEST
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
-from dynalens.probes.results import Result
 
 import dynalens as dl
 
@@ -52,9 +53,22 @@ KINDS = ("induction", "prev_token", "copying", "sink")
 
 SCORES_PROGRESS = ProgressBar(GRID)
 
+GRID_FIGURE = Figure(GRID, "Every head's score (layer × head) appears here once a model with attention heads or "
+                           "a materialised mixer (Mamba) is analysed.")
+PATTERN_FIGURE = Figure(PATTERN, "A head's pattern on the prompt appears here: click a cell of the score grid.")
+
 _EMPTY = placeholder_figure()
 
+MAIN = MainPanel(
+    __name__, "Head scores", selections={KIND: "induction"},
+    analysis=lambda model, chosen: dl.circuits.CopyingScores() if chosen[KIND] == "copying"
+    else dl.circuits.HeadScores(),
+    prompts=lambda model, chosen: None if chosen[KIND] == "copying" else workload(model),
+    figure=lambda scores, chosen: scores.figure() if chosen[KIND] == "copying" else scores.figure(kind=chosen[KIND]),
+)  # fmt: skip
 
+
+@MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
     return page(
@@ -63,11 +77,11 @@ def layout(**_: Any) -> html.Div:
             className="grid-2",
             children=[
                 panel(
-                    "Head scores", GRID, height=520,
+                    "Head scores", GRID_FIGURE, height=520,
                     controls=[choice(KIND, {k: k.replace("_", "-") for k in KINDS}, "induction")],
                     progress=SCORES_PROGRESS,
                 ),
-                panel("Pattern on the prompt", PATTERN, height=520),
+                panel("Pattern on the prompt", PATTERN_FIGURE, height=520),
             ],
         ),
     )
@@ -84,23 +98,24 @@ def workload(model: Any) -> Prompts:
     return Prompts(model, dl.circuits.repeated_tokens(model, half_len=half_len))
 
 
-def _scores(request: dict, model: Any, report: backend.ProgressReport | None = None) -> Result:
-    """The head scores on the workload; ``report`` counts the sequences read while they are computed."""
+def _scores(request: dict, model: Any, report: backend.ProgressReport | None = None) -> backend.PageResults:
+    """The head scores on the workload (``["head_scores"]``); ``report`` counts the sequences read meanwhile."""
     prompts = workload(model)
     if report is not None:
         n = len(prompts)
         report.step(f"{'Mixer matrices' if architecture_of(model) == 'mamba' else 'Attention patterns'} "
                     f"of {n} repeated sequences", size=n)  # fmt: skip
-    return backend.page_results(request["model"], model, prompts, [dl.circuits.HeadScores()], report)["head_scores"]
+    return backend.page_results(request["model"], model, prompts, [dl.circuits.HeadScores()], report)
 
 
-def _copying(request: dict, model: Any) -> Result:
-    """The OV copying scores (weights only)."""
-    return backend.page_results(request["model"], model, None, [dl.circuits.CopyingScores()])["copying_scores"]
+def _copying(request: dict, model: Any) -> backend.PageResults:
+    """The OV copying scores (weights only; ``["copying_scores"]``)."""
+    return backend.page_results(request["model"], model, None, [dl.circuits.CopyingScores()])
 
 
 @callback(
     Output(GRID, "figure"),
+    GRID_FIGURE.source,
     Output(status_id("heads"), "children"),
     Output(message_id(GRID), "children"),
     Input(REQUEST, "data"),
@@ -108,41 +123,47 @@ def _copying(request: dict, model: Any) -> Result:
     SCORES_PROGRESS.key,
     running=SCORES_PROGRESS.running,
 )
-@show_errors(_EMPTY, None)
+@show_errors(_EMPTY, None, None)
 def scores_panel(request, kind, progress_key):
     model, prompts = requested(request)
     status = status_row(request["model"], architecture_of(model), int(prompts.lengths[0]), model.cfg.n_layers)
     if architecture_of(model) == "rnn":
-        return _EMPTY, status, hint("Head scores need attention heads or a materialised mixer (Mamba).")
+        return _EMPTY, None, status, hint("Head scores need attention heads or a materialised mixer (Mamba): "
+                                          "pick a transformer or a Mamba model.")  # fmt: skip
+    name = "copying_scores" if kind == "copying" else "head_scores"
     with backend.reporting(progress_key) as report:
         if kind == "copying":
             report.step("Copying scores from the OV circuits")
-            scores = _copying(request, model)
-            best = scores.top(1).iloc[0]
+            results = _copying(request, model)
+            best = results[name].top(1).iloc[0]
         else:
-            scores = _scores(request, model, report)
-            best = scores.top(1, by=kind).iloc[0]
-    figure = scores.figure() if kind == "copying" else scores.figure(kind=kind)
-    text = f"Top {kind.replace('_', '-')} head: L{int(best['layer'])}H{int(best['head'])} ({best[kind]:.2f}). Click a cell."
-    return figure, status, hint(text)
+            results = _scores(request, model, report)
+            best = results[name].top(1, by=kind).iloc[0]
+    figure = results[name].figure() if kind == "copying" else results[name].figure(kind=kind)
+    head = f"L{int(best['layer'])}H{int(best['head'])}"
+    text = f"Top {kind.replace('_', '-')} head: {head} ({best[kind]:.2f}). Click a cell."
+    return figure, GRID_FIGURE.offer(results.key(name), name), status, hint(text)
 
 
 @callback(
     Output(PATTERN, "figure"),
+    PATTERN_FIGURE.source,
     Output(message_id(PATTERN), "children"),
     Input(REQUEST, "data"),
     Input(GRID, "clickData"),
 )
-@show_errors(_EMPTY)
+@show_errors(_EMPTY, None)
 def pattern_panel(request, click):
     model, prompts = requested(request)
     if architecture_of(model) == "rnn":
-        return _EMPTY, hint("This model has no heads.")
+        return _EMPTY, None, hint("This model has no heads: its mixers show on the Dynamics page.")
     if click and click.get("points"):  # the grid's cells sit at integer x (head) and y (layer)
         layer, head = int(click["points"][0]["y"]), int(click["points"][0]["x"])
     else:  # the top induction head until a cell is clicked
-        best = _scores(request, model).top(1).iloc[0]
+        best = _scores(request, model)["head_scores"].top(1).iloc[0]
         layer, head = int(best["layer"]), int(best["head"])
-    mixer = backend.page_results(request["model"], model, prompts, analyses(layer))["mixer_matrix"]
+    results = backend.page_results(request["model"], model, prompts, analyses(layer))
+    mixer = results["mixer_matrix"]
     head = min(head, len(mixer.group_labels) - 1)
-    return mixer.figure(group=head), hint(f"L{layer} {mixer.group_labels[head]} on the prompt.")
+    offer = PATTERN_FIGURE.offer(results.key("mixer_matrix"), f"mixer_matrix_L{layer}")
+    return mixer.figure(group=head), offer, hint(f"L{layer} {mixer.group_labels[head]} on the prompt.")

@@ -32,6 +32,7 @@ from dash import Input, Output, State, callback, dcc, html
 from dynalens.circuits import Direction, ResponseContrast, SteeringController, refusal, steer
 from dynalens.dashboard import backend
 from dynalens.dashboard.components import (
+    Figure,
     ProgressBar,
     card,
     choice,
@@ -85,6 +86,9 @@ PROGRESS = ProgressBar("steering")
 """Counts the prompts the direction (and controller) read, then the generated tokens."""
 
 _EMPTY = placeholder_figure()
+
+WEIGHTS_FIGURE = Figure(WEIGHTS, "Steer with 'controller' above to see the fitted controller's global scale and "
+                                 "per-layer weights for the prompt.")
 _TEXT = {"whiteSpace": "pre-wrap", "fontFamily": "var(--mono)", "minHeight": "3em", "margin": 0}
 
 
@@ -126,7 +130,7 @@ def layout(**_: Any) -> html.Div:
                 card("Steered", html.Pre(id=STEERED, style=_TEXT)),
             ],
         ),
-        panel("Controller: global scale and per-layer weights for the prompt", WEIGHTS, height=320),
+        panel("Controller: global scale and per-layer weights for the prompt", WEIGHTS_FIGURE, height=320),
     )
 
 
@@ -222,6 +226,7 @@ def setup(request, layers, read_layer):
     Output(UNSTEERED, "children"),
     Output(STEERED, "children"),
     Output(WEIGHTS, "figure"),
+    WEIGHTS_FIGURE.source,
     Output(message_id(WEIGHTS), "children"),
     Output(message_id(GENERATIONS), "children"),
     Input(SETUP, "data"),
@@ -235,11 +240,11 @@ def setup(request, layers, read_layer):
     PROGRESS.key,
     running=PROGRESS.running,
 )  # fmt: skip
-@show_errors("", "", _EMPTY, None)
+@show_errors("", "", _EMPTY, None, None)
 def generations(setup, method, control, layers, alpha, read_layer, token_a, token_b, progress_key):
     """Unsteered and steered continuations; the controller's prediction when it steers."""
     if not setup:  # no request yet, or the setup failed and says why
-        return "", "", _EMPTY, None, None
+        return "", "", _EMPTY, None, None, None
     if not layers:
         raise backend.DashboardError("No layer chosen: pick at least one layer to steer.")
     if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
@@ -262,19 +267,20 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
                         size=_count(contrast.controller))  # fmt: skip
             unfitted = SteeringController(direction, read_layer=read_layer, layers=layers)
             fit = lambda: unfitted.fit(model, *contrast.controller)
-            controller = backend.cached(
-                name, None, "steering_controller",
-                {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer},
-                backend.counting_sequences(model, report, fit),
-            )  # fmt: skip
+            key = (name, None, "steering_controller",
+                   {"method": method, "sets": sets, "layers": sorted(layers), "read_layer": read_layer})
+            controller = backend.cached(*key, backend.counting_sequences(model, report, fit))
             controller.alpha = float(alpha)
             predicted = backend.run_alone(lambda: controller.predict(model, prompt))
-            figure = weights_figure(controller.layers_, predicted.scale[0].item(), predicted.weights[0].tolist())
+            scale, weights = predicted.scale[0].item(), predicted.weights[0].tolist()
+            figure = weights_figure(controller.layers_, scale, weights)
+            rows = [{"layer": layer, "weight": w, "scale": scale} for layer, w in zip(controller.layers_, weights)]
+            offer = WEIGHTS_FIGURE.offer(backend.cached_key(*key), "steering_controller", csv=False, frame=rows)
             line = hint(f"alpha × scale × weight is added at each layer. Fitted on {contrast.about}: stopped after "
                         f"{controller.n_epochs_} epochs, held-out loss {controller.validation_loss_:.3f}.")  # fmt: skip
             steering = lambda: controller.attach(model)
         else:
-            figure, line = _EMPTY, hint("Pick 'controller' to let a fitted controller set the strength per prompt.")
+            figure, offer, line = _EMPTY, None, None  # the panel's note says what to pick
             steering = lambda: steer(model, direction, layers=layers, alpha=float(alpha))
 
         def both() -> tuple[Tensor, Tensor]:
@@ -287,7 +293,7 @@ def generations(setup, method, control, layers, alpha, read_layer, token_a, toke
         plain, steered = backend.run_alone(backend.counting_sequences(model, report, both))
     message = hint(f"{METHODS[method]} direction from {contrast.about}; {new_tokens} greedy tokens per panel.")
     n_prompt = prompt.tokens.shape[1]
-    return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, line, message
+    return _continuation(model, plain, n_prompt), _continuation(model, steered, n_prompt), figure, offer, line, message
 
 
 def _count(sets: tuple[Prompts, Prompts]) -> int:

@@ -182,7 +182,8 @@ def test_attribution_graph_structure_pruning_and_round_trip(tiny_llama, tmp_path
     frame = result.to_frame()
     assert list(frame.columns) == ["sender", "receiver", "weight", "q", "k", "v"]
     assert len(frame) == graph.number_of_edges() and result.top(3)["weight"].abs().is_monotonic_decreasing
-    assert len(result.figure().data) == graph.number_of_edges() + 1
+    nodes = next(t for t in result.figure(max_edges=None).data if t.name == "nodes")  # every node, labelled
+    assert len(nodes.x) == graph.number_of_nodes() and "MLP 1" in nodes.text
 
 
 def test_patching_checks_inputs(attn2l, pair, tiny_rnn_model, tiny_mamba_model):

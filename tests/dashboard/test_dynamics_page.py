@@ -87,5 +87,5 @@ def test_dynamics_page_on_an_rnn_draws_the_phase_portrait(dash_duo, wait_title, 
     np.testing.assert_allclose(np.array(trajectory["x"]) * signs, expected[:, 0].numpy(), rtol=1e-4, atol=1e-6)
     assert fig["traces"][1]["name"] == "fixed points"
     dash_duo.wait_for_contains_text("#dynamics-phase-message", "stable", timeout=TIMEOUT)
-    dash_duo.wait_for_contains_text("#dynamics-regime-table", "pick a Mamba", timeout=TIMEOUT)
+    dash_duo.wait_for_contains_text("#dynamics-regimes-message", "pick a Mamba", timeout=TIMEOUT)
     screenshot("dynamics-lstm")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from dash.testing.wait import until
@@ -21,7 +22,9 @@ def new_ids(tokens: torch.Tensor, n_prompt: int) -> str:
 
 
 def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, screenshot, wait_title, record_progress):
-    dash_duo.start_server(create_app(default_model="mamba-ar", cache_dir=tmp_path))
+    downloads = tmp_path / "downloads"
+    dash_duo.driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    dash_duo.start_server(create_app(default_model="mamba-ar", cache_dir=tmp_path / "cache"))
     dash_duo.wait_for_page(url=f"{dash_duo.server_url}/steering")
     progress = record_progress("steering-progress")
     dash_duo.clear_input("#prompt")
@@ -58,6 +61,17 @@ def test_steering_page_matches_steer_and_the_controller(dash_duo, tmp_path, scre
     np.testing.assert_allclose(fig["traces"][0]["y"], predicted.weights[0].numpy(), rtol=1e-5)
     assert dash_duo.find_element("#steering-unsteered").text == plain
     screenshot("steering-mamba-ar")
+
+    dash_duo.find_element("#steering-weights-csv").click()  # the bars' data, and the fitted controller's file
+    until(lambda: (downloads / "steering_controller.csv").is_file(), timeout=30, msg="no CSV download")
+    rows = pd.read_csv(downloads / "steering_controller.csv")
+    assert rows["layer"].tolist() == [0, 1]
+    np.testing.assert_allclose(rows["weight"], predicted.weights[0].numpy(), rtol=1e-5)
+    np.testing.assert_allclose(rows["scale"], predicted.scale[0].item(), rtol=1e-5)
+    dash_duo.find_element("#steering-weights-result").click()
+    until(lambda: (downloads / "steering_controller.safetensors").is_file(), timeout=30, msg="no controller file")
+    loaded = SteeringController.load(downloads / "steering_controller.safetensors")
+    torch.testing.assert_close(loaded.predict(model, prompt).weights, predicted.weights, rtol=1e-4, atol=1e-6)
 
     dash_duo.clear_input("#prompt")
     dash_duo.find_element("#analyse").click()

@@ -5,11 +5,31 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig
+from dynalens.models import HookedMamba, HookedMamba2, HookedRNN, Mamba2Config, MambaConfig, RNNConfig
+from dynalens.models.hybrid import HookedHybrid
 from dynalens.models.placement import auto_device_map, place
+
+
+
+def _hybrid() -> HookedHybrid:
+    """A random 4-layer Bamba (Mamba-2, attention, Mamba-2, Mamba-2) as a HookedHybrid."""
+    from transformers import BambaConfig, BambaForCausalLM
+
+    config = BambaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=24, mamba_n_heads=2, mamba_d_head=16, mamba_d_state=4, mamba_n_groups=1,
+        mamba_chunk_size=4, attn_layer_indices=[1], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    hf = BambaForCausalLM(config).eval()
+    hf.set_attn_implementation("eager")
+    return HookedHybrid.from_hf(hf)
+
 
 BUILDERS = {
     "mamba": lambda: HookedMamba(MambaConfig(d_model=16, n_layers=4, d_vocab=50, d_state=4)),
+    "mamba2": lambda: HookedMamba2(Mamba2Config(
+        d_model=16, n_layers=4, d_vocab=50, n_heads=4, d_head=8, d_state=4, chunk_size=4)),  # fmt: skip
+    "hybrid": _hybrid,
     "rnn": lambda: HookedRNN(RNNConfig(d_model=8, n_layers=4, d_vocab=50, cell="lstm")),
 }
 

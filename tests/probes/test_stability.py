@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from dynalens.kernels import ssd_scan
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN, RNNConfig
@@ -99,9 +100,73 @@ def test_mamba_exponents_are_the_mean_log_decays_and_non_positive(tiny_mamba, tm
         LyapunovExponents(0, k=10_000).hooks(tiny_mamba)
 
 
-@pytest.mark.parametrize("model_name", ["tiny_mamba", "tiny_rnn"])
-def test_lyapunov_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model_name, request):
-    model, analysis = request.getfixturevalue(model_name), LyapunovExponents(1, k=2)
+def test_mamba2_exponents_are_each_heads_mean_log_decay_repeated_over_its_state(tiny_mamba2, tmp_path):
+    ids = batch()
+    cfg = tiny_mamba2.cfg
+    result = LyapunovExponents(1, k=cfg.d_head * cfg.d_state + 2)(tiny_mamba2, ids)
+    _, cache = tiny_mamba2.run_with_cache(ids, names_filter=[names.mixer(1, "dt")])
+    per_head = (cache[names.mixer(1, "dt")].double() * tiny_mamba2.blocks[1].mixer.A.double()).mean(1)  # [b, h]
+    ordered = per_head.sort(dim=1, descending=True).values
+    torch.testing.assert_close(result.exponents[:, 0].double(), ordered[:, 0], rtol=1e-5, atol=1e-7)
+    assert torch.equal(result.exponents[:, : cfg.d_head * cfg.d_state], result.exponents[:, :1].expand(3, 32))
+    torch.testing.assert_close(result.exponents[:, -1].double(), ordered[:, 1], rtol=1e-5, atol=1e-7)
+    assert result.layer_type == "mamba2" and (result.exponents <= 0).all()
+    with pytest.raises(ValueError, match="k must lie in \\[1, state size = 128\\]"):
+        LyapunovExponents(0, k=129).hooks(tiny_mamba2)
+
+
+def ssd_model():
+    """A 1-layer Mamba-2 (2 heads of 4, d_state 2) with step sizes near 1 and decays -0.2 and -1.5."""
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(0)
+    model = HookedMamba2(Mamba2Config(d_model=4, n_layers=1, d_vocab=50, n_heads=2, d_head=4, d_state=2)).eval()
+    with torch.no_grad():
+        model.blocks[0].mixer.dt_bias.copy_(torch.tensor([0.5, 1.5]))
+        model.blocks[0].mixer.A_log.copy_(torch.tensor([0.2, 1.5]).log())
+    return model
+
+
+def test_ssd_state_jacobian_is_a_scalar_per_head_and_its_qr_exponents_are_the_closed_form():
+    model = ssd_model()
+    mixer = model.blocks[0].mixer
+    h, p, n = 2, 4, 2
+    ids = torch.randint(0, 50, (1, 256), generator=torch.Generator().manual_seed(0))
+    hooks = [names.mixer(0, part) for part in ("x", "B", "C", "dt")]
+    _, cache = model.run_with_cache(ids, names_filter=hooks)
+    x, B, C, dt = (cache[name][0].double() for name in hooks)
+    A = mixer.A.detach().double()
+
+    def step(t: int, states: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """One step of the SSD recurrence from ``states`` [k, h, p, n] (the kernels' reference)."""
+        k = states.shape[0]
+        expand = lambda v: v[t : t + 1][None].expand(k, *v[t : t + 1].shape)
+        return ssd_scan(inputs.expand(k, 1, h, p), expand(dt), A, expand(B), expand(C), initial_state=states,
+                        return_final_state=True, backend="ref")[1]  # fmt: skip
+
+    dim, eps = h * p * n, 1e-4
+    closed = lambda t: torch.diag(torch.exp(dt[t] * A).repeat_interleave(p * n))
+    for t in (0, 100, 255):  # central differences on the state at a random point, the input as cached
+        base = torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+        around = base + eps * torch.cat([torch.eye(dim), -torch.eye(dim)]).double()
+        moved = step(t, around.reshape(-1, h, p, n), x[t : t + 1]).reshape(2 * dim, dim)
+        jacobian = ((moved[:dim] - moved[dim:]) / (2 * eps)).T
+        torch.testing.assert_close(jacobian, closed(t), rtol=0, atol=1e-9)
+
+    # The QR method through the recurrence itself (J_t Q: one step from Q's columns on a zero input).
+    apply = lambda t, Q: step(t, Q.T.reshape(-1, h, p, n), torch.zeros(1, h, p, dtype=torch.float64)).reshape(-1, dim).T
+    reference, _ = lyapunov_qr(apply, dim, 256, k=dim)
+    result = LyapunovExponents(0, k=dim)(model, ids)
+    assert float(result.exponents[0, 0] - result.exponents[0, -1]) > 1.0  # two well-separated heads
+    torch.testing.assert_close(result.exponents[0].double(), reference, rtol=0, atol=0.01)
+    assert float(result.exponents[0].double().sum()) == pytest.approx(float(reference.sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "model_name, layer", [("tiny_mamba", 1), ("tiny_mamba2", 1), ("tiny_hybrid", 2), ("tiny_rnn", 1)]
+)
+def test_lyapunov_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(model_name, layer, request):
+    model, analysis = request.getfixturevalue(model_name), LyapunovExponents(layer, k=2)
     result = analysis(model, RAGGED)
     assert result.running.shape == (4, 6, 2)
     for i, row in enumerate(RAGGED):
@@ -115,7 +180,7 @@ def test_lyapunov_ragged_batch_equals_each_prompt_alone_and_a_cache_of_your_own(
 
 
 def test_lyapunov_needs_a_state_recurrence(tiny_llama, tokens):
-    with pytest.raises(AnalysisError, match="needs a state recurrence: it applies to mamba, rnn models, and this model is a transformer"):
+    with pytest.raises(AnalysisError, match="needs a state recurrence: it applies to mamba, mamba2, hybrid, rnn models, and this model is a transformer"):
         LyapunovExponents(0)(tiny_llama, tokens)
 
 
@@ -131,7 +196,8 @@ def test_precision_drift_starts_at_the_rounding_of_the_embedding_and_leaves_the_
     assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in tiny_mamba.state_dict().items())
     assert list(result.per_layer().index) == ["embed", "L0", "L1"]
     frame = result.to_frame()
-    assert list(frame.columns) == ["prompt", "position", "token", "layer", "drift"] and len(frame) == 3 * 6 * 3
+    assert list(frame.columns) == ["prompt", "position", "token", "layer", "layer_type", "drift"]
+    assert len(frame) == 3 * 6 * 3 and list(frame["layer_type"].iloc[:3]) == ["embed", "mamba", "mamba"]
     row = frame.query("prompt == 2 and position == 4 and layer == 'L1'")["drift"]
     assert float(row.iloc[0]) == pytest.approx(float(result.drift[2, 4, 2]))
     result.save(tmp_path / "drift.safetensors")

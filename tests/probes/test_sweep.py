@@ -83,6 +83,19 @@ def test_in_process_sweep_equals_ray_and_resume_skips(local_ray, model_dirs, tmp
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "cells").iterdir()} == rows
 
 
+def test_a_new_ray_after_shutdown_gets_new_workers(local_ray, model_dirs, tmp_path):
+    """The driver's worker pool belongs to one Ray: after ``ray.shutdown()`` and ``ray.init()`` a sweep still runs."""
+    one = {"rnn": model_dirs["rnn"]}
+    analyses = {"lens": dl.probes.LogitLens(k=3)}
+    first = sweep(analyses, models=one, prompts=PROMPTS, store=tmp_path / "a", progress=False)
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    second = sweep(analyses, models=one, prompts=PROMPTS, store=tmp_path / "b", progress=False)
+    assert (second.frame()["status"] == STATUS_OK).all() and len(second.frame()) == 2
+    a, b = first.results("rnn", "long").to_frame(), second.results("rnn", "long").to_frame()
+    assert (a["prob"] - b["prob"]).abs().max() <= 1e-5
+
+
 DRIVER = textwrap.dedent(
     """
     import sys

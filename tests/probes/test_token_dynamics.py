@@ -16,6 +16,7 @@ from dynalens.probes.fixed_points import TrajectoryPCA
 from dynalens.probes.mixer import MixerMatrix
 from dynalens.probes.mixers import MixerComparison, RecurrenceJacobian
 from dynalens.probes.results import Result
+from dynalens.probes.ssd_dynamics import SSDSystem
 from dynalens.probes.stability import LyapunovExponents
 from dynalens.probes.token_dynamics import (
     MambaRegimes,
@@ -128,7 +129,8 @@ def test_mamba_regimes_from_weights(tiny_mamba, tmp_path):
     result = MambaRegimes()(tiny_mamba)
     assert result.prompts is None and result.params == {"rtol": 1e-9}
     frame = result.to_frame()
-    assert list(frame["layer"]) == [0, 1]
+    assert list(frame["layer"]) == [0, 1] and list(frame["layer_type"]) == ["mamba", "mamba"]
+    assert result.group_regimes == [[regime] for regime in result.regimes]
     for layer, regime in enumerate(result.regimes):
         system = SelectiveSystem.from_mamba(tiny_mamba, layer)
         sym = torch.linalg.eigvalsh((system.mu[0] + system.mu[0].T) / 2)
@@ -199,9 +201,10 @@ def test_importance_score_is_the_step_size_pre_activation(tiny_mamba, tmp_path):
 
 
 def test_mamba_analyses_reject_other_architectures(tiny_rnn, tiny_llama):
-    with pytest.raises(AnalysisError, match="needs a selective SSM's x_proj and dt_proj: it applies to mamba models, and this model is a rnn"):
+    with pytest.raises(AnalysisError, match="needs a selective SSM's B, C and step-size projections: it applies to "
+                                            "mamba, mamba2, hybrid models, and this model is a rnn"):  # fmt: skip
         MambaRegimes()(tiny_rnn)
-    with pytest.raises(AnalysisError, match="it applies to mamba models, and this model is a transformer"):
+    with pytest.raises(AnalysisError, match="it applies to mamba, mamba2, hybrid models, and this model is a transformer"):
         TokenImportance(0)(tiny_llama, batch(1))
     with pytest.raises(TypeError, match="takes a Mamba, got a rnn"):
         SelectiveSystem.from_mamba(tiny_rnn, 0)
@@ -234,8 +237,9 @@ def test_trajectories_of_a_ragged_batch_are_each_prompts_own(any_model, tmp_path
         assert not result.norms[i, : 6 - n].any() and not result.growth[i, : 6 - n].any()
     hooks = names.resid_stream(any_model.cfg.n_layers)
     frame = result.to_frame()
-    assert list(frame.columns) == ["prompt", "position", "token", "layer", "norm", "growth"]
+    assert list(frame.columns) == ["prompt", "position", "token", "layer", "layer_type", "norm", "growth"]
     assert len(frame) == (6 + 2 + 4 + 1) * len(hooks) and frame["layer"].iloc[0] == "embed"
+    assert frame["layer_type"].iloc[0] == "embed" and frame["layer_type"].iloc[1] == result.layer_types[0]
     assert frame.groupby("prompt")["position"].max().tolist() == [5, 1, 3, 0]
     assert result.top(1)["growth"].iloc[0] == pytest.approx(float(frame["growth"].max()))
     result.save(tmp_path / "traj.safetensors")
@@ -285,9 +289,11 @@ PAD_CASES = {
     "mixer-channels": (("tiny_mamba",), lambda: MixerMatrix(1, channels=[0, 7], include_skip=True)),
     "comparison": (("tiny_llama", "tiny_mamba", "tiny_rnn"), lambda: MixerComparison(1)),
     "jacobian": (("tiny_rnn",), lambda: RecurrenceJacobian(1)),
-    "lyapunov": (("tiny_mamba", "tiny_rnn"), lambda: LyapunovExponents(1, k=2)),
-    "trajectories": (("tiny_llama", "tiny_mamba", "tiny_rnn"), TokenTrajectories),
-    "importance": (("tiny_mamba",), lambda: TokenImportance(1)),
+    "lyapunov": (("tiny_mamba", "tiny_mamba2", "tiny_rnn"), lambda: LyapunovExponents(1, k=2)),
+    "lyapunov-hybrid": (("tiny_hybrid",), lambda: LyapunovExponents(2, k=2)),
+    "trajectories": (("tiny_llama", "tiny_mamba", "tiny_mamba2", "tiny_hybrid", "tiny_rnn"), TokenTrajectories),
+    "importance": (("tiny_mamba", "tiny_mamba2"), lambda: TokenImportance(1)),
+    "importance-hybrid": (("tiny_hybrid",), lambda: TokenImportance(2)),
     "pca": (("tiny_rnn",), lambda: TrajectoryPCA(1, n_components=1)),
 }
 
@@ -309,3 +315,120 @@ def test_values_at_pad_positions_never_reach_a_result(model_name, make, request)
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(getattr(dirty, field.name), value, rtol=1e-6, atol=1e-6, msg=field.name)
     assert clean.to_frame().equals(dirty.to_frame())
+
+
+# --------------------------------------------------------------------------- Mamba-2 and hybrids
+def constructed_mamba2(signs: tuple[float, ...]):
+    """A random HookedMamba2 with one group per sign whose ``in_proj`` C rows are ``sign`` times its B rows,
+    so that ``mu_g = sign_g S_B^gT S_B^g`` is semi-definite of that sign."""
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    torch.manual_seed(3)
+    cfg = Mamba2Config(d_model=8, n_layers=1, d_vocab=50, n_heads=2, d_head=8, d_state=4, n_groups=len(signs))
+    model = HookedMamba2(cfg).eval()
+    W = model.blocks[0].mixer.in_proj.weight
+    start, gn = 2 * cfg.d_inner, cfg.n_groups * cfg.d_state
+    with torch.no_grad():
+        for g, sign in enumerate(signs):
+            rows = slice(start + g * cfg.d_state, start + (g + 1) * cfg.d_state)
+            W[start + gn + g * cfg.d_state : start + gn + (g + 1) * cfg.d_state] = sign * W[rows]
+    return model
+
+
+@pytest.mark.parametrize(
+    "signs, regime, groups",
+    [((-1.0,), "convergent", ["convergent"]), ((1.0,), "divergent", ["divergent"]),
+     ((1.0, -1.0), "divergent", ["divergent", "convergent"])],
+)  # fmt: skip
+def test_mamba2_regime_follows_the_sign_of_each_groups_form(signs, regime, groups):
+    result = MambaRegimes()(constructed_mamba2(signs))
+    assert result.regimes == [regime] and result.group_regimes == [groups]
+    assert result.definite == [len(set(signs)) == 1]
+    assert result.layer_types == ["mamba2"] and result.delta0.shape == (1, 2)
+
+
+@pytest.mark.parametrize("model_name, layers", [("tiny_mamba2", [0, 1]), ("tiny_hybrid", [0, 2])])
+def test_mamba_regimes_of_mamba2_and_hybrid_ssm_layers(model_name, layers, request, tmp_path):
+    model = request.getfixturevalue(model_name)
+    result = MambaRegimes()(model)
+    assert result.layers == layers and result.layer_types == ["mamba2"] * len(layers)
+    for row, layer in enumerate(layers):
+        mixer = model.blocks[layer].mixer
+        system = SSDSystem.from_mixer(mixer)
+        mu = system.mu[0]  # [group, d_inner, d_inner]
+        sym = torch.linalg.eigvalsh((mu + mu.transpose(1, 2)) / 2)
+        assert result.group_regimes[row] == ["divergent" if lam.max() > 0 else "convergent" for lam in sym]
+        assert float(result.sym_max[row]) == pytest.approx(float(sym.max()), rel=1e-5)
+        full = torch.linalg.eigvals(mu).reshape(-1)  # the non-zero spectrum of each group's mu
+        nonzero = full[full.abs() > 1e-8].real.sort().values
+        assert torch.allclose(result.eig_real[row].double().sort().values, nonzero, atol=1e-4)
+        torch.testing.assert_close(result.delta0[row], F.softplus(mixer.dt_bias.detach()))
+    frame = result.to_frame()
+    assert list(frame["layer"]) == layers and set(frame["layer_type"]) == {"mamba2"}
+    result.save(tmp_path / "regimes.safetensors")
+    loaded = Result.load(tmp_path / "regimes.safetensors")
+    assert loaded.group_regimes == result.group_regimes and loaded.layers == layers
+    assert [trace.name.split(" · ")[0] for trace in result.figure().data] == [f"L{layer}" for layer in layers]
+
+
+def test_mamba2_importance_score_is_the_step_size_pre_activation(tiny_mamba2):
+    ids = batch()
+    _, cache = tiny_mamba2.run_with_cache(ids, names_filter=[names.mixer(1, "dt")])
+    for head in (0, 3):
+        readout = torch.zeros(tiny_mamba2.cfg.n_heads)
+        readout[head] = 1.0
+        result = TokenImportance(1, readout=readout)(tiny_mamba2, ids)
+        torch.testing.assert_close(F.softplus(result.scores), cache[names.mixer(1, "dt")][..., head])
+        assert result.layer_type == "mamba2"
+    with pytest.raises(ValueError, match="readout must have shape \\[n_heads\\] = \\[4\\] at this mamba2 layer"):
+        TokenImportance(0, readout=torch.ones(32)).hooks(tiny_mamba2)
+
+
+def test_hybrid_analyses_read_its_ssm_layers_and_name_each_layers_type(tiny_hybrid):
+    for analysis in (TokenImportance(1), LyapunovExponents(1)):
+        with pytest.raises(AnalysisError, match="layer 1 of this hybrid is 'attention': its SSM layers are \\[0, 2\\]"):
+            analysis(tiny_hybrid, RAGGED)
+    trajectories = TokenTrajectories()(tiny_hybrid, RAGGED)
+    assert trajectories.layer_types == ["mamba2", "attention", "mamba2"]
+    frame = trajectories.to_frame()
+    assert frame.loc[frame["layer"] == "L1", "layer_type"].unique().tolist() == ["attention"]
+    assert LyapunovExponents(2)(tiny_hybrid, RAGGED).layer_type == "mamba2"
+
+
+@pytest.mark.parametrize("model_name, layer", [("tiny_mamba2", 1), ("tiny_hybrid", 2)])
+def test_one_forward_runs_the_ssd_analyses_as_each_alone(model_name, layer, request):
+    model = request.getfixturevalue(model_name)
+    analyses = [TokenTrajectories(), TokenImportance(layer), LyapunovExponents(layer, k=3), MambaRegimes()]
+    together = run(model, RAGGED, analyses)
+    for analysis in analyses:
+        alone = analysis(model, RAGGED)
+        for field in ("norms", "scores", "running", "sym_max"):
+            if hasattr(alone, field):
+                torch.testing.assert_close(getattr(together[analysis], field), getattr(alone, field))
+
+
+def test_a_hybrids_mamba_layers_are_read_as_mamba_layers():
+    """Jamba interleaves Mamba-1 (S6) layers with attention: the S6 criterion and closed form apply to them."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    from dynalens.models.hybrid import HookedHybrid
+
+    torch.manual_seed(0)
+    config = JambaConfig(
+        vocab_size=50, hidden_size=32, pad_token_id=0, bos_token_id=None, eos_token_id=None, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+    )  # fmt: skip
+    model = HookedHybrid.from_hf(JambaForCausalLM(config).eval())
+    regimes = MambaRegimes()(model)
+    assert regimes.layers == [0, 2] and regimes.layer_types == ["mamba", "mamba"]
+    system = SelectiveSystem.from_mixer(model.blocks[2].mixer)
+    sym = torch.linalg.eigvalsh((system.mu[0] + system.mu[0].T) / 2)
+    assert float(regimes.sym_max[1]) == pytest.approx(float(sym.max()), rel=1e-5)
+    ids = batch(2, 5)
+    result = LyapunovExponents(2, k=3)(model, ids)
+    _, cache = model.run_with_cache(ids, names_filter=[names.mixer(2, "delta")])
+    log_decay = cache[names.mixer(2, "delta")].double()[..., None] * model.blocks[2].mixer.A.double()
+    expected = log_decay.mean(1).flatten(1).sort(dim=1, descending=True).values[:, :3]
+    torch.testing.assert_close(result.exponents.double(), expected, rtol=1e-5, atol=1e-7)
+    assert result.layer_type == "mamba" and TokenImportance(0)(model, ids).layer_type == "mamba"
