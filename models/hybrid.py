@@ -35,7 +35,7 @@ from transformer_lens.hook_points import HookPoint
 
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.hybrid_attention import AttentionContext, HookedAttention
-from dynalens.models.io import write_tokenizer
+from dynalens.models.io import write_pretrained, write_tokenizer
 from dynalens.models.mamba import MambaMixer, RMSNorm, _at_least_fp32, _own_copy
 from dynalens.models.mamba2 import Mamba2Mixer, _state_columns
 from dynalens.models.transformer import HookedTransformerBridge
@@ -399,7 +399,7 @@ class HookedHybrid(HookedSequenceModel):
         with torch.no_grad():
             for name, param in twin_params.items():
                 param.copy_(ours[name])
-        hf.save_pretrained(folder)
+        write_pretrained(hf, folder)
         if self.tokenizer is not None:
             write_tokenizer(self.tokenizer, folder)
 

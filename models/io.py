@@ -122,14 +122,19 @@ def read_tokenizer(folder: str | os.PathLike) -> Any | None:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def write_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
-    """Save a HuggingFace tokenizer's files into ``folder``, each renamed into place."""
+def write_pretrained(obj: Any, folder: str | os.PathLike) -> None:
+    """Save the files of a HuggingFace object's ``save_pretrained`` into ``folder``, each renamed into place."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
-        tokenizer.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pretrained.") as tmp:
+        obj.save_pretrained(tmp)
         for file in Path(tmp).iterdir():
             os.replace(file, folder / file.name)
+
+
+def write_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
+    """Save a HuggingFace tokenizer's files into ``folder``, each renamed into place."""
+    write_pretrained(tokenizer, folder)
 
 
 def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], Any | None]:
