@@ -32,14 +32,16 @@ from dynalens.models import HookedMamba
 MAMBA_130M = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, state_size=16, conv_kernel=4, expand=2)
 
 
-def median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median time of each function, timed round-robin."""
+def median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, float]:
+    """Median time of each function by ``clock`` (wall time by default), timed round-robin."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

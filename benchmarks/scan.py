@@ -1,4 +1,4 @@
-"""Selective-scan benchmark: ours vs the sequential reference, mambapy's pscan and a bandwidth floor.
+"""Scan benchmark: ours vs the sequential references, mambapy's pscan, transformers' SSD and a bandwidth floor.
 
 Mamba-130m-like sizes, ``b = 1, d = 1536, n = 16``, shared ``B``/``C``, float32,
 ``delta_softplus`` with a bias, ``D`` and ``z``. Everything timed here runs in
@@ -11,6 +11,16 @@ extrapolated linearly in ``l`` (it is a loop of identical steps) and marked
 ``~``. Peak memory at the longest length is measured in fresh subprocesses,
 one per method: peak RSS (``VmHWM``, reset just before the call) minus the RSS
 before the call, so inputs and imports are excluded.
+
+The ``ssd_scan`` rows (Mamba-2's SSD, ``--ssd-shape``, default the
+Mamba-2-130m mixer: ``h = 24`` heads of ``p = 64``, ``g = 1``, ``n = 128``;
+``dt`` through bias and softplus, ``D``, an initial state, the final state
+returned; inputs of ``benchmarks/ssd.py``) time our chunked path against the
+sequential ``ssd_scan_ref`` and transformers' chunked torch SSD
+(``mamba2_chunk_scan``, what ``Mamba2Mixer.torch_forward`` runs, at its
+default 256-step chunks), with a floor: one fused pass reading ``x, dt, B, C``
+and writing ``y``. The SSD does ``O(p n)`` arithmetic per input element, so
+its floor ratio measures how far it is from memory-bound, not a target.
 
 Run::
 
@@ -28,12 +38,18 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
+import numba
 import numpy as np
 import torch
 from mambapy.pscan import pscan
 from numba import njit, prange
 
 from dynalens.kernels import selective_scan, selective_scan_ref
+
+sys.path.insert(0, str(Path(__file__).parent))  # the SSD's inputs and peers (benchmarks/ssd.py), also under -P
+import ssd  # noqa: E402
 
 B_, D_, N_ = 1, 1536, 16
 
@@ -98,6 +114,19 @@ def _floor_backward(u, delta, z, dout, B, C, du, ddelta, dz):
             dz[bi, di, t] = g * z[bi, di, t]
 
 
+@njit(parallel=True, cache=True)
+def _floor_ssd(x, dt, B, C, y):
+    """One fused pass over the SSD forward's bytes: reads x, dt, B, C; writes y (``(b, l, ...)`` layouts)."""
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    for job in prange(b * L):
+        bi, t = job // L, job % L
+        for hi in range(h):
+            gi = hi // (h // g)
+            for q in range(p):
+                y[bi, t, hi, q] = x[bi, t, hi, q] * dt[bi, t, hi] + B[bi, t, gi, q % n] * C[bi, t, gi, q % n]
+
+
 def median_time(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs (after one warm-up run unless repeats is 1)."""
     if repeats > 1:
@@ -142,6 +171,34 @@ def time_length(length: int, repeats: int, slow_peers: bool) -> dict:
     backward = median_time(lambda: _floor_backward(a["u"], a["delta"], a["z"], out, a["B"], a["C"], *grads), repeats)
     t["floor fwd+bwd"] = t["floor fwd"] + backward
     return t
+
+
+def time_ssd(length: int, shape: str, repeats: int, slow_peers: bool) -> dict:
+    """Seconds of ``ssd_scan`` (forward) and its peers at one length; the reference only when ``slow_peers``."""
+    x = ssd.make_inputs(length, shape)
+    a = {k: x[k].numpy() for k in ("x", "dt", "B", "C")}
+    y = np.empty_like(a["x"])
+    t = {}
+    with torch.no_grad():
+        t["ours"] = median_time(lambda: ssd.ours(x), repeats)
+        t["hf"] = median_time(lambda: ssd.hf(x, 256), repeats)
+        if slow_peers:
+            t["ref"] = median_time(lambda: ssd.reference(x), 1)
+    t["floor"] = median_time(lambda: _floor_ssd(a["x"], a["dt"], a["B"], a["C"], y), repeats)
+    return t
+
+
+def print_ssd(lengths: list[int], shape: str, repeats: int, peer_max_length: int) -> None:
+    """The ``ssd_scan`` rows: ours, transformers' chunked SSD, the reference and the floor, per length."""
+    h, p, g, n = ssd.SHAPES[shape]
+    print(f"\nssd_scan ({shape}: b=1 h={h} p={p} g={g} n={n}), forward, float32; hf = mamba2_chunk_scan at 256-step chunks")
+    print(f"{'l':>5} {'ours ms':>9} {'hf ms':>9} {'x hf':>7} {'ref ms':>10} {'x ref':>7} {'floor ms':>9} {'/ floor':>8}")
+    for length in lengths:
+        t = time_ssd(length, shape, repeats, slow_peers=length <= peer_max_length)
+        o, f = t["ours"], t["floor"]
+        ref = f"{t['ref'] * 1e3:10.1f} {t['ref'] / o:6.1f}x" if "ref" in t else f"{'-':>10} {'-':>7}"
+        print(f"{length:5d} {o * 1e3:9.1f} {t['hf'] * 1e3:9.1f} {t['hf'] / o:6.1f}x {ref} {f * 1e3:9.2f} {o / f:7.1f}x")
+        sys.stdout.flush()
 
 
 def _rss_kib(field: str) -> int:
@@ -190,10 +247,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-max-length", type=int, default=2048, help="longest l for ref/pscan/torch path")
     parser.add_argument("--ref-backward-max-length", type=int, default=2048, help="longest l for ref fwd+bwd")
+    parser.add_argument("--ssd-shape", choices=sorted(ssd.SHAPES), default="mamba2-130m", help="shape of the ssd_scan rows")
+    parser.add_argument("--ssd-only", action="store_true", help="only the ssd_scan rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: their own)")
     parser.add_argument("--memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     if args.memory:
         print(json.dumps(measure_memory(args.memory, args.lengths[0])))
+        return
+    if args.ssd_only:
+        print_ssd(args.lengths, args.ssd_shape, args.repeats, args.peer_max_length)
         return
 
     print(f"selective scan, b={B_} d={D_} n={N_}, float32, torch threads={torch.get_num_threads()}")
@@ -233,6 +299,7 @@ def main() -> None:
     print(f"  ours fwd+bwd / ref forward graph (a lower bound on the reference's fwd+bwd): {ratio:.3f}")
     ratios[length, "memory"] = {"ours / ref": mem["ours fwd"]["peak_extra_mib"] / mem["ref fwd"]["peak_extra_mib"]}
     print_targets(ratios)
+    print_ssd(args.lengths, args.ssd_shape, args.repeats, args.peer_max_length)
 
 
 # The issue's CPU targets: (length, mode, ratio, at least?, bound); length None = the longest one run.

@@ -15,8 +15,7 @@ state-major, ``(n, r·p)`` per group (its ``r`` heads side by side), so that
 ``C H`` and ``Bᵀ x`` are one wide matmul per group and chunk rather than one
 small one per head. Every step is differentiable by autograd. States are formed only when asked: at
 chosen positions from their chunk's ``H`` (one ``(n, T) @ (T, r·p)`` product
-each), or at every position by a step-by-step pass inside the chunks, all
-chunks at once. Decays below ``exp(-80)`` are taken as exactly 0, so that
+each), or at every position by a step-by-step pass inside each chunk from its ``H``. Decays below ``exp(-80)`` are taken as exactly 0, so that
 large steps never drive the arithmetic into float32's (slow) subnormal range.
 """
 
@@ -147,36 +146,33 @@ def states_at(ch: dict[str, Tensor], H: dict[int, Tensor], idx: Tensor) -> Tenso
 def all_states(ch: dict[str, Tensor], h0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Every state ``(b, c·T, h, p, n)``, ``C H`` of every chunk and the final state.
 
-    Each chunk runs ``local <- exp(dt A) local + dt x Bᵀ`` from zero, all chunks
-    at once; the pass between chunks runs on the local end states, and the state
-    after step ``t`` is ``exp(S_t) H + local_t``: the same operation as that pass
-    (``addcmul`` on the same ``exp(S)`` values), so a step with ``dt = 0`` repeats
-    the state exactly. Without autograd the states are written in place into
-    the output, which is laid out ``(b, c, T, g, r, p, n)``, i.e. already
-    ``(b, c·T, h, p, n)``.
+    ``C H`` comes from the pass between chunks on the chunks' end states (as
+    for the plain forward); the states from stepping ``h <- exp(dt A) h + dt x Bᵀ``
+    through every position from ``h0``, so that the state being stepped stays
+    in cache, each state is written once, a step with ``dt = 0`` repeats the
+    state exactly and the final state is the last one. Without autograd the
+    states are written in place into the output, laid out ``(b, c, T, g, r, p, n)``,
+    i.e. already ``(b, c·T, h, p, n)``.
     """
-    x, B = ch["x"], ch["B"][:, :, :, None]  # (b, c, T, g, r, p), (b, c, g, 1, T, n)
-    b, nc, T, g, r, p = x.shape
+    x = ch["x"][..., None]  # (b, c, T, g, r, p, 1)
+    b, nc, T, g, r, p, _ = x.shape
+    B = ch["B"].transpose(2, 3)[:, :, :, :, None, None, :]  # (b, c, T, g, 1, 1, n)
     n = B.shape[-1]
-    step, decay = _decay(ch["a"])[..., None, None], ch["decay"][..., None, None]  # (b, c, T, g, r, 1, 1)
+    step = _decay(ch["a"])[..., None, None]  # (b, c, T, g, r, 1, 1)
+    read = chunk_pass(ch, chunk_end_states(ch), None if h0 is None else state_major(h0, g), keep=set())[0]
     in_place = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, B, step, h0)))
     out = x.new_empty(b, nc, T, g, r, p, n) if in_place else None
-    locals_: list[Tensor] = []
-    for t in range(T):
-        new = torch.mul(x[:, :, t, ..., None], B[..., t, None, :], out=None if out is None else out[:, :, t])
-        if t:
-            new = new.addcmul_(step[:, :, t], locals_[-1]) if in_place else torch.addcmul(new, step[:, :, t], locals_[-1])
-        locals_.append(new)
-    end = state_major(locals_[-1].flatten(2, 3), g)
-    read, H, final = chunk_pass(ch, end, None if h0 is None else state_major(h0, g))
-    H = head_major(torch.stack([H[c] for c in range(nc)], dim=1), p).view(b, nc, g, r, p, n)
-    if in_place:
-        for t, loc in enumerate(locals_):
-            loc.addcmul_(decay[:, :, t], H)
-        states = out
-    else:
-        states = torch.stack([torch.addcmul(loc, decay[:, :, t], H) for t, loc in enumerate(locals_)], dim=2)
-    return states.view(b, nc * T, g * r, p, n), read, head_major(final, p)
+    states: list[Tensor] = []
+    state = x.new_zeros(b, g, r, p, n) if h0 is None else h0.reshape(b, g, r, p, n)
+    for c in range(nc):
+        for t in range(T):
+            if in_place:
+                state = torch.mul(state, step[:, c, t], out=out[:, c, t]).addcmul_(x[:, c, t], B[:, c, t])
+            else:
+                state = torch.addcmul(state * step[:, c, t], x[:, c, t], B[:, c, t])
+                states.append(state)
+    all_ = out if in_place else torch.stack(states, dim=1)
+    return all_.view(b, nc * T, g * r, p, n), read, state.reshape(b, g * r, p, n)
 
 
 def ssd_scan_torch(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, idx, want_all, chunk, acc):

@@ -36,6 +36,7 @@ from transformer_lens.hook_points import HookPoint
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.compat_transformer_lens import alias_block_hooks
 from dynalens.models.hybrid_attention import AttentionContext, HookedAttention
+from dynalens.models.io import write_pretrained, write_tokenizer
 from dynalens.models.mamba import MambaMixer, RMSNorm, _at_least_fp32, _own_copy
 from dynalens.models.mamba2 import Mamba2Mixer, _state_columns
 from dynalens.models.transformer import HookedTransformerBridge
@@ -258,8 +259,10 @@ class HookedHybrid(HookedSequenceModel):
         unembed: nn.Linear,
         rotary: nn.Module | None = None,
         tokenizer: Any = None,
+        hf_config: Any = None,
     ):
         super().__init__(cfg, tokenizer)
+        self.hf_config = hf_config  # the HF config it was read from: save_pretrained writes that model type
         self.embed = embed
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(blocks)
@@ -361,7 +364,45 @@ class HookedHybrid(HookedSequenceModel):
         from dynalens.models.hybrid_archs import read_hybrid
 
         parts = read_hybrid(hf_model)
-        return cls(parts.cfg, parts.embed, parts.blocks, parts.ln_final, parts.unembed, parts.rotary, tokenizer).eval()
+        return cls(
+            parts.cfg, parts.embed, parts.blocks, parts.ln_final, parts.unembed, parts.rotary, tokenizer,
+            copy.deepcopy(hf_model.config),
+        ).eval()  # fmt: skip
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the HF folder this model was read from, with its current weights.
+
+        ``config.json`` is the HF config (same ``model_type``), the weights are
+        ``model.safetensors`` in HF's names, the tokenizer is written when there
+        is one: ``dl.load`` and HF's own ``*ForCausalLM`` read the folder back.
+        Raises ``ValueError`` when a weight of ours is not one of HF's as such
+        (Falcon-H1 folds its multipliers into the SSM's ``in_proj``).
+        """
+        if self.hf_config is None:
+            raise ValueError("this HookedHybrid was not read from an HF model (hf_config is None); it has no HF format")
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_config(self.hf_config, dtype=self.embed.weight.dtype)  # weights replaced below
+        twin = type(self)._own(hf, None)  # its parameters are views of hf's
+        hf_weights = {k: v.untyped_storage().data_ptr() for k, v in hf.state_dict().items()}
+        twin_params = twin.state_dict(keep_vars=True)
+        written = {v.untyped_storage().data_ptr() for v in twin_params.values()}
+        ours = self.state_dict()
+        unmapped = [  # an ungated mixer's norm weight is ours alone, and ones
+            k for k, v in twin_params.items() if v.untyped_storage().data_ptr() not in set(hf_weights.values())
+            and not (k.endswith("mixer.norm.weight") and bool((ours[k] == 1).all()))
+        ] + [k for k, ptr in hf_weights.items() if ptr not in written]  # fmt: skip
+        if unmapped:
+            raise ValueError(
+                f"{self.cfg.model_type}: {len(unmapped)} weights do not map one to one between this model and "
+                f"HF's ({', '.join(unmapped[:4])}); it cannot be written in HF's format"
+            )
+        with torch.no_grad():
+            for name, param in twin_params.items():
+                param.copy_(ours[name])
+        write_pretrained(hf, folder)
+        if self.tokenizer is not None:
+            write_tokenizer(self.tokenizer, folder)
 
 
 class HybridBridge(HookedTransformerBridge):

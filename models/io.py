@@ -126,14 +126,58 @@ def read_tokenizer(folder: str | os.PathLike) -> Any | None:
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def write_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
-    """Save a HuggingFace tokenizer's files into ``folder``, each renamed into place."""
+def write_pretrained(obj: Any, folder: str | os.PathLike) -> None:
+    """Save the files of a HuggingFace object's ``save_pretrained`` into ``folder``, each renamed into place."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
-        tokenizer.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".pretrained.") as tmp:
+        obj.save_pretrained(tmp)
         for file in Path(tmp).iterdir():
             os.replace(file, folder / file.name)
+
+
+def write_tokenizer(tokenizer: Any, folder: str | os.PathLike) -> None:
+    """Save a HuggingFace tokenizer's files into ``folder``, each renamed into place."""
+    write_pretrained(tokenizer, folder)
+
+
+def read_model_folder(folder: str | os.PathLike, kind: str) -> tuple[dict[str, torch.Tensor], Any | None]:
+    """The weights and the tokenizer (``None`` without one) of an HF-format model folder.
+
+    Weights come from ``model.safetensors`` or the shards its index lists,
+    never from pickled files. ``kind`` names the model in the error raised
+    when ``folder`` has no ``config.json`` (e.g. ``"Mamba-2"``).
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: pass an HF-format {kind} folder")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [folder / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        raise FileNotFoundError(
+            f"{folder} has no model.safetensors (or model.safetensors.index.json); "
+            "dynalens reads safetensors only, never pickled .bin weights"
+        )
+    weights = {k: v for f in files for k, v in read_safetensors(f).items()}
+    return weights, read_tokenizer(folder)
+
+
+def write_model_folder(
+    folder: str | os.PathLike, config: dict[str, Any], weights: dict[str, torch.Tensor], tokenizer: Any = None
+) -> None:
+    """Write an HF-format model folder: ``config.json``, ``model.safetensors`` and the tokenizer if any.
+
+    Each file is written atomically; ``config`` is the HF config's JSON dict.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "model.safetensors", weights, metadata={"format": "pt"})
+    write_json(folder / "config.json", config)
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, folder)
 
 
 def cache_dir() -> Path:

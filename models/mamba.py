@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +23,7 @@ from transformer_lens.hook_points import HookPoint
 
 from dynalens.kernels import selective_scan
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
-from dynalens.models.io import read_json, read_safetensors, write_json, write_safetensors
+from dynalens.models.io import read_json, read_model_folder, write_model_folder
 
 # Our parameter names ↔ HF ``MambaForCausalLM`` names: only the prefixes differ.
 _HF_PREFIXES = (
@@ -48,7 +47,6 @@ _HF_FIELDS = {
     "tie_embeddings": "tie_word_embeddings",
     "residual_in_fp32": "residual_in_fp32",
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -435,22 +433,14 @@ class HookedMamba(HookedSequenceModel):
         The tokenizer is loaded too when the folder has one. Weights are read
         from safetensors only (one file or an index of shards), never unpickled.
         """
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} has no config.json: pass an HF-format Mamba folder")
-        cfg = MambaConfig.from_hf(read_json(folder / "config.json"))
-        sd = {k: v for f in _safetensors_files(folder) for k, v in read_safetensors(f).items()}
-        tokenizer = None
-        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        sd, tokenizer = read_model_folder(folder, "Mamba")
+        cfg = MambaConfig.from_hf(read_json(Path(folder) / "config.json"))
         sd = {k: v.to(dtype) for k, v in sd.items()}
         return cls._from_hf_state_dict(cfg, sd, tokenizer).to(device)
 
     @classmethod
     def _from_hf_state_dict(cls, cfg: MambaConfig, sd: dict[str, Tensor], tokenizer: Any) -> HookedMamba:
-        sd = {_rename(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
+        sd = {hf_key(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
         if cfg.tie_embeddings:
             sd["unembed.weight"] = sd["embed.weight"]
         if cfg.bcdt_norm:  # Falcon-Mamba's B, C, dt norms have no weights: ones
@@ -466,9 +456,7 @@ class HookedMamba(HookedSequenceModel):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write an HF ``MambaForCausalLM`` (``FalconMambaForCausalLM``) folder: config, safetensors, tokenizer."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        sd = {_rename(k, to_hf=True): v for k, v in self.state_dict().items()}
+        sd = {hf_key(k, to_hf=True): v for k, v in self.state_dict().items()}
         if self.cfg.tie_embeddings:
             del sd["lm_head.weight"]
         if self.cfg.bcdt_norm:  # weightless in Falcon-Mamba
@@ -477,13 +465,7 @@ class HookedMamba(HookedSequenceModel):
         hf_config = self.cfg.to_hf()
         hf_config.architectures = ["FalconMambaForCausalLM" if self.cfg.bcdt_norm else "MambaForCausalLM"]
         hf_config.dtype = str(self.embed.weight.dtype).removeprefix("torch.")
-        write_safetensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
-        write_json(folder / "config.json", hf_config.to_dict())
-        if self.tokenizer is not None:
-            with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
-                self.tokenizer.save_pretrained(tmp)
-                for f in Path(tmp).iterdir():
-                    os.replace(f, folder / f.name)
+        write_model_folder(folder, hf_config.to_dict(), sd, self.tokenizer)
 
 
 def _bcdt_norms(cfg: MambaConfig) -> tuple[tuple[str, int], ...]:
@@ -530,22 +512,10 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _rename(key: str, to_hf: bool) -> str:
+def hf_key(key: str, to_hf: bool) -> str:
+    """A parameter name of HookedMamba / HookedMamba2 as HF's ``Mamba*ForCausalLM`` spells it, or back."""
     for ours, hf in _HF_PREFIXES:
         src, dst = (ours, hf) if to_hf else (hf, ours)
         if key.startswith(src):
             return dst + key[len(src) :]
     raise KeyError(f"unexpected Mamba parameter {key!r}; expected names under {[p[not to_hf] for p in _HF_PREFIXES]}")
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / f for f in sorted(set(read_json(index)["weight_map"].values()))]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(
-        f"{folder} has no model.safetensors (or model.safetensors.index.json); "
-        "dynalens reads safetensors only, never pickled .bin weights"
-    )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +25,8 @@ from transformer_lens.hook_points import HookPoint
 
 from dynalens.kernels import ssd_scan
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
-from dynalens.models.io import read_json, read_safetensors, write_json, write_safetensors
-from dynalens.models.mamba import (
-    _TOKENIZER_FILES,
-    RMSNorm,
-    _at_least_fp32,
-    _causal_conv1d,
-    _own_copy,
-    _rename,
-    _safetensors_files,
-    _skip_pads,
-)
+from dynalens.models.io import read_json, read_model_folder, write_model_folder
+from dynalens.models.mamba import RMSNorm, _at_least_fp32, _causal_conv1d, _own_copy, _skip_pads, hf_key
 
 # Mamba2Config fields ↔ HF ``Mamba2Config`` fields.
 _HF_FIELDS = {
@@ -445,21 +435,13 @@ class HookedMamba2(HookedSequenceModel):
         The tokenizer is loaded too when the folder has one; weights are read
         from safetensors only, never unpickled.
         """
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} has no config.json: pass an HF-format Mamba-2 folder")
-        cfg = Mamba2Config.from_hf(_read_hf_config(folder / "config.json"))
-        sd = {k: v for f in _safetensors_files(folder) for k, v in read_safetensors(f).items()}
-        tokenizer = None
-        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        sd, tokenizer = read_model_folder(folder, "Mamba-2")
+        cfg = Mamba2Config.from_hf(_read_hf_config(Path(folder) / "config.json"))
         return cls._from_hf_state_dict(cfg, {k: v.to(dtype) for k, v in sd.items()}, tokenizer).to(device)
 
     @classmethod
     def _from_hf_state_dict(cls, cfg: Mamba2Config, sd: dict[str, Tensor], tokenizer: Any) -> HookedMamba2:
-        sd = {_rename(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
+        sd = {hf_key(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
         if cfg.tie_embeddings:
             sd["unembed.weight"] = sd["embed.weight"]
         with torch.device("meta"):  # no initialisation: every parameter comes from sd
@@ -474,18 +456,10 @@ class HookedMamba2(HookedSequenceModel):
         hf_config = self.cfg.to_hf()
         hf_config.architectures = ["Mamba2ForCausalLM"]
         hf_config.dtype = str(self.embed.weight.dtype).removeprefix("torch.")
-        sd = {_rename(k, to_hf=True): v for k, v in self.state_dict().items()}
+        sd = {hf_key(k, to_hf=True): v for k, v in self.state_dict().items()}
         if self.cfg.tie_embeddings:
             del sd["lm_head.weight"]
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_safetensors(folder / "model.safetensors", sd, metadata={"format": "pt"})
-        write_json(folder / "config.json", json.loads(hf_config.to_json_string()))  # HF's encoding of inf
-        if self.tokenizer is not None:
-            with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
-                self.tokenizer.save_pretrained(tmp)
-                for f in Path(tmp).iterdir():
-                    os.replace(f, folder / f.name)
+        write_model_folder(folder, json.loads(hf_config.to_json_string()), sd, self.tokenizer)  # HF's encoding of inf
 
 
 def _dt_bias_init(h: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> Tensor:

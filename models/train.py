@@ -492,6 +492,57 @@ def _mamba(
     return model
 
 
+def _mamba2(
+    task: Task, *, d_model: int = 32, n_layers: int = 2, d_head: int = 16, d_state: int = 16, expand: int = 2
+) -> nn.Module:
+    """A HookedMamba2 with tied embeddings (drawn with std 0.02, as mamba_ssm initialises them)."""
+    from dynalens.models.mamba2 import HookedMamba2, Mamba2Config
+
+    cfg = Mamba2Config(
+        d_model=d_model, n_layers=n_layers, d_vocab=task.d_vocab, n_heads=expand * d_model // d_head, d_head=d_head,
+        d_state=d_state, expand=expand, chunk_size=task.seq_len, tie_embeddings=True,
+    )  # fmt: skip
+    model = HookedMamba2(cfg)
+    nn.init.normal_(model.embed.weight, std=0.02)
+    return model
+
+
+def _bamba(
+    task: Task,
+    *,
+    d_model: int = 32,
+    layer_types: Sequence[str] = ("mamba2", "attention"),
+    n_heads: int = 2,
+    d_mlp: int = 32,
+    d_head: int = 16,
+    d_state: int = 16,
+) -> nn.Module:
+    """A HookedHybrid over a Bamba (Mamba-2 and attention layers, each followed by a SwiGLU MLP), tied embeddings.
+
+    ``layer_types`` lists each layer's mixer (``"mamba2"`` or ``"attention"``);
+    attention has ``n_heads`` heads and rotary positions, the Mamba-2 mixers
+    ``2 d_model / d_head`` heads of ``d_head`` with ``d_state``.
+    """
+    from transformers import BambaConfig, BambaForCausalLM
+
+    from dynalens.models.hybrid import HookedHybrid
+
+    unknown = sorted(set(layer_types) - {"mamba2", "attention"})
+    if unknown:
+        raise ValueError(f"layer_types may hold 'mamba2' and 'attention', got {unknown}")
+    cfg = BambaConfig(
+        vocab_size=task.d_vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=len(layer_types),
+        num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=task.seq_len,
+        attn_layer_indices=[i for i, kind in enumerate(layer_types) if kind == "attention"],
+        mamba_n_heads=2 * d_model // d_head, mamba_d_head=d_head, mamba_d_state=d_state, mamba_n_groups=1,
+        mamba_chunk_size=task.seq_len, tie_word_embeddings=True, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None,
+    )  # fmt: skip
+    hf = BambaForCausalLM(cfg)
+    nn.init.normal_(hf.model.embed_tokens.weight, std=0.02)
+    return HookedHybrid.from_hf(hf)
+
+
 class TorchRNNLM(nn.Module):
     """``Embedding → torch.nn.LSTM/GRU → Linear``, saved as the equivalent :class:`HookedRNN`.
 
@@ -536,6 +587,8 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "attn-only-2l-rope": _llama_attn_only,
     "attn-3l": _llama,
     "mamba-2l": _mamba,
+    "mamba2-2l": _mamba2,
+    "hybrid-bamba": _bamba,
     "lstm-1l": _rnn("lstm"),
     "gru-1l": _rnn("gru"),
 }

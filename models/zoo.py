@@ -9,7 +9,9 @@ dynalens.models.zoo_build``)::
     <name>/checkpoints/step_000123/           the same model folder at ~20 log-spaced steps
 
 Transformers are HuggingFace folders (booted through TransformerBridge by
-``dl.load``); Mamba and RNN entries are ``HookedMamba`` / ``HookedRNN`` folders.
+``dl.load``); Mamba, Mamba-2 and RNN entries are ``HookedMamba`` /
+``HookedMamba2`` / ``HookedRNN`` folders; the hybrid is an HF Bamba folder
+that ``dl.load`` opens as a ``HookedHybrid``.
 
 >>> from dynalens.models.zoo import ZOO, checkpoints
 >>> ZOO["attn2l-induction"].task
@@ -43,7 +45,7 @@ class ZooEntry:
     """
 
     name: str
-    architecture: str  # "transformer" | "mamba" | "rnn"
+    architecture: str  # "transformer" | "mamba" | "mamba2" | "hybrid" | "rnn"
     task: str  # a key of dynalens.models.tasks.TASKS
     description: str
     path: Path
@@ -62,6 +64,9 @@ def _entry(
 ) -> ZooEntry:
     return ZooEntry(name, architecture, task, description, ZOO_DIR / name, task_kwargs, accuracy_target)
 
+
+# The associative recall task of mamba-ar, mamba2-ar and hybrid-ar: 2 of 4 key-value pairs queried.
+_RECALL = dict(n_keys=16, n_values=16, n_pairs=4, n_queries=2)
 
 ZOO: dict[str, ZooEntry] = {
     e.name: e
@@ -98,10 +103,25 @@ ZOO: dict[str, ZooEntry] = {
             "2-layer HookedMamba (d_model 128) on multi-query associative recall: 2 of 4 "
             "key-value pairs queried, so no answer follows by elimination",
             0.9,
-            n_keys=16,
-            n_values=16,
-            n_pairs=4,
-            n_queries=2,
+            **_RECALL,
+        ),
+        _entry(
+            "mamba2-ar",
+            "mamba2",
+            "assoc-recall",
+            "2-layer HookedMamba2 on the associative recall task of mamba-ar (2 of 4 key-value "
+            "pairs queried)",
+            0.9,
+            **_RECALL,
+        ),
+        _entry(
+            "hybrid-ar",
+            "hybrid",
+            "assoc-recall",
+            "2-layer Bamba-style HookedHybrid (layer 0 Mamba-2, layer 1 attention with 2 heads, "
+            "each followed by a SwiGLU MLP; d_model 32) on the associative recall task of mamba-ar",
+            0.9,
+            **_RECALL,
         ),
         _entry(
             "lstm-hmm",

@@ -299,3 +299,28 @@ def test_decompose_resid_sums_to_the_stream(arch, tokens):
     final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
     assert_close(stack.sum(0), final)
     assert labels[0] == "embed" and all(f"{l}_mixer_out" in labels for l in range(model.cfg.n_layers))
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - {"falcon_h1"}))
+def test_save_pretrained_writes_a_folder_dl_load_and_hf_read_back(arch, tokens, tmp_path):
+    hf = build_hf(arch, seed=1)  # not pair()'s: the Bridge test wraps that HF model's modules
+    ours, edited = HookedHybrid.from_hf(hf), HookedHybrid.from_hf(hf)
+    with torch.no_grad():  # weights that differ from HF's: the folder must hold ours
+        for p in edited.parameters():
+            p.add_(0.01)
+    edited.save_pretrained(tmp_path)
+    back = dl.load(tmp_path)
+    theirs = getattr(T, type(hf).__name__).from_pretrained(tmp_path).eval()
+    assert isinstance(back, HookedHybrid) and back.layer_types == ours.layer_types
+    with torch.no_grad():
+        expected = edited(tokens)
+        assert (expected - ours(tokens)).abs().max().item() > 1e-3
+        assert (back(tokens) - expected).abs().max().item() <= 1e-5
+        assert (hf_run(theirs, tokens).logits - expected).abs().max().item() <= 1e-4
+
+
+def test_save_pretrained_refuses_weights_hf_does_not_hold_as_such(tmp_path):
+    _, ours = pair("falcon_h1")  # its multipliers are folded into the SSM's in_proj
+    with pytest.raises(ValueError, match=r"falcon_h1: .*in_proj.* cannot be written in HF's format"):
+        ours.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()

@@ -78,7 +78,7 @@ def test_list_models_starts_with_smollm2_and_lists_the_zoo():
         "smollm2-135m", "transformer", 134_515_008,
     )
     assert [r.name for r in rows[1:]] == list(zoo.ZOO)
-    assert {r.architecture for r in rows} <= {"transformer", "mamba", "rnn"}
+    assert {r.architecture for r in rows} <= {"transformer", "mamba", "mamba2", "hybrid", "rnn"}
 
 
 def test_missing_zoo_module_is_skipped(monkeypatch):
