@@ -22,6 +22,7 @@ from dynalens.models.hybrid import HYBRID_MODEL_TYPES, HybridBlock, HybridConfig
 from dynalens.models.hybrid_attention import HookedAttention
 from dynalens.models.mamba import MambaConfig, MambaMixer, RMSNorm
 from dynalens.models.mamba2 import Mamba2Config, Mamba2Mixer
+from dynalens.models.building import on_meta
 
 
 @dataclass
@@ -86,7 +87,7 @@ def ssd_mixer(hf: nn.Module, layer: int, input_scale: float = 1.0, proj_scale: T
     )  # fmt: skip
     if cfg.n_heads * cfg.d_head + cfg.conv_dim + cfg.n_heads != hf.in_proj.out_features:
         raise OpaqueLayersError(f"layer {layer}'s Mamba-2 in_proj has an unexpected width", [layer])
-    with torch.device("meta"):
+    with on_meta():
         ours = Mamba2Mixer(cfg)
         if (hf.out_proj.bias is not None) != cfg.use_bias:
             ours.out_proj = nn.Linear(cfg.d_inner, d_model, bias=hf.out_proj.bias is not None)
@@ -121,7 +122,7 @@ def selective_mixer(hf: nn.Module, layer: int) -> MambaMixer:
         use_conv_bias=hf.conv1d.bias is not None, bcdt_norm=has_norms,
         bcdt_eps=float(hf.b_layernorm.variance_epsilon) if has_norms else 1e-6,
     )  # fmt: skip
-    with torch.device("meta"):
+    with on_meta():
         ours = MambaMixer(cfg)
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)
     return ours

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dynalens.models import smollm2
+from dynalens.models.building import building
 from dynalens.models.io import read_json
 
 if TYPE_CHECKING:  # torch loads with the first model: `dynalens models` needs none
@@ -93,6 +94,20 @@ def load(
         A model with ``run_with_cache``, ``run_with_hooks``, ``generate`` and the
         shared hook names.
     """
+    with building():  # transformers and torch's meta device are process-wide: one load at a time
+        return _load(name_or_path, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                     offload_folder=offload_folder)  # fmt: skip
+
+
+def _load(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    device_map: str | dict[str, Any] | None,
+    max_memory: dict[Any, Any] | None,
+    offload_folder: str | Path | None,
+) -> Any:
     from dynalens.models.transformer import HookedTransformerBridge
 
     key = str(name_or_path)
@@ -104,7 +119,7 @@ def load(
         return _named(model, key)
     zoo = _zoo()
     if key in zoo and not Path(key).exists():
-        return _named(load(zoo[key].path, device=device, dtype=dtype, **placement), key)
+        return _named(_load(zoo[key].path, device=device, dtype=dtype, **placement), key)
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         if device_map is not None:

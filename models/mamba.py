@@ -24,6 +24,7 @@ from transformer_lens.hook_points import HookPoint
 from dynalens.kernels import selective_scan
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_model_folder, write_model_folder
+from dynalens.models.building import on_meta
 
 # Our parameter names ↔ HF ``MambaForCausalLM`` names: only the prefixes differ.
 _HF_PREFIXES = (
@@ -447,7 +448,7 @@ class HookedMamba(HookedSequenceModel):
             for i in range(cfg.n_layers):
                 for name, size in _bcdt_norms(cfg):
                     sd.setdefault(f"blocks.{i}.mixer.{name}.weight", torch.ones(size, dtype=sd["embed.weight"].dtype))
-        with torch.device("meta"):  # no initialisation: every parameter comes from sd
+        with on_meta():  # no initialisation: every parameter comes from sd
             model = cls(cfg, tokenizer)
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_embeddings:

@@ -27,6 +27,7 @@ from dynalens.kernels import ssd_scan
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_model_folder, write_model_folder
 from dynalens.models.mamba import RMSNorm, _at_least_fp32, _causal_conv1d, _own_copy, _skip_pads, hf_key
+from dynalens.models.building import on_meta
 
 # Mamba2Config fields ↔ HF ``Mamba2Config`` fields.
 _HF_FIELDS = {
@@ -444,7 +445,7 @@ class HookedMamba2(HookedSequenceModel):
         sd = {hf_key(k.replace("backbone.embedding.", "backbone.embeddings."), to_hf=False): v for k, v in sd.items()}
         if cfg.tie_embeddings:
             sd["unembed.weight"] = sd["embed.weight"]
-        with torch.device("meta"):  # no initialisation: every parameter comes from sd
+        with on_meta():  # no initialisation: every parameter comes from sd
             model = cls(cfg, tokenizer)
         model.load_state_dict(sd, strict=True, assign=True)
         if cfg.tie_embeddings:

@@ -43,6 +43,7 @@ from dynalens.models.compat_transformer_lens import adopt, alias_block_hooks, br
 from dynalens.models.io import atomic_dir, read_tokenizer, write_safetensors
 from dynalens.models.prompts import Prompts
 from dynalens.models.validation import check_prompt, check_tokens
+from dynalens.models.building import on_meta
 
 #: The shared-vocabulary name of each block's sequence mixer output, and the
 #: Bridge hook it stands for.
@@ -209,7 +210,7 @@ class HookedTransformerBridge(CheckedHooks, Generates, TransformerBridge):
         """
         hf_model = self.original_model
         config = copy.deepcopy(hf_model.config)
-        with torch.device("meta"):
+        with on_meta():
             names = type(hf_model)(copy.deepcopy(config)).state_dict().keys()
         state = hf_state_dict(hf_model)
         missing = [n for n in names if n not in state]

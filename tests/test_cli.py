@@ -46,7 +46,11 @@ def test_dashboard_dispatches_lazily(monkeypatch):
     calls = []
     _fake_module(monkeypatch, "dynalens.dashboard.app", run=lambda **kw: calls.append(kw))
     assert main(["dashboard", "--model", "smollm2-135m", "--port", "8123"]) == 0
-    assert calls == [{"model": "smollm2-135m", "host": "127.0.0.1", "port": 8123}]
+    assert main(["dashboard", "--threads", "4", "--cache-bytes", "0"]) == 0
+    assert calls == [
+        {"model": "smollm2-135m", "host": "127.0.0.1", "port": 8123, "threads": 16},
+        {"model": None, "host": "127.0.0.1", "port": 8050, "threads": 4, "cache_bytes": None},  # 0: no limit
+    ]
 
 
 def test_train_passes_its_arguments_through(monkeypatch):

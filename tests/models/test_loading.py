@@ -130,3 +130,30 @@ def test_cache_folder_keeps_the_first_writer(tmp_path):
         (second / "who").write_text("second")
     assert (target / "who").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_a_load_waits_for_a_build_on_the_meta_device_in_another_thread(tiny_llama_dir):
+    """torch's default device is one global: a load during another thread's meta build would land on meta."""
+    import threading
+
+    from dynalens.models.building import on_meta
+
+    holding, release, loaded = threading.Event(), threading.Event(), {}
+
+    def build_on_meta() -> None:
+        with on_meta():
+            holding.set()
+            release.wait(timeout=60)
+
+    builder = threading.Thread(target=build_on_meta)
+    builder.start()
+    holding.wait(timeout=60)
+    loader = threading.Thread(target=lambda: loaded.setdefault("model", dl.load(tiny_llama_dir)))
+    loader.start()
+    loader.join(timeout=1.0)
+    assert loader.is_alive()  # it waits for the build
+    release.set()
+    builder.join()
+    loader.join(timeout=120)
+    assert torch.get_default_device() == torch.device("cpu")
+    assert all(p.device.type == "cpu" for p in loaded["model"].parameters())
