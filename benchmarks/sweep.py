@@ -1,7 +1,9 @@
 """Sweeps: head scores over the 20 checkpoints of ``attn2l-induction`` × 3 prompt sets.
 
 Four ways, in this process, on the same cells: a plain loop (load each
-checkpoint, run ``HeadScores`` on each prompt set, keep the Results), ``dl.sweep``
+checkpoint, run ``HeadScores`` on each prompt set, keep the Results) on one
+torch thread, as each Ray worker runs (Ray gives a one-CPU actor one thread;
+the loop on all threads is printed for reference), ``dl.sweep``
 in-process (the loop plus the store's files), and ``dl.sweep`` on a local Ray
 with 1 and with 2 workers. Ray's start and its workers' first imports are
 paid once per Ray session, before the timed sweep (a warm-up sweep of one
@@ -19,6 +21,7 @@ import tempfile
 import time
 
 import ray
+import torch
 
 import dynalens as dl
 from dynalens.models.zoo import checkpoints
@@ -76,11 +79,15 @@ def main() -> None:
     prompts = prompt_sets(args.sequences)
     print(f"{len(models)} checkpoints x {len(prompts)} prompt sets of {args.sequences} sequences")
     plain_loop(models[:2], prompts)  # warm-up: imports, first loads
+    all_threads = torch.get_num_threads()
+    loop_all = plain_loop(models, prompts)
+    torch.set_num_threads(1)  # as each Ray worker runs (one CPU per actor): the loop is one such worker, alone
     loop = plain_loop(models, prompts)
     here = timed_sweep(models, prompts, ray=False)
     warm1, ray1 = on_ray(1, models, prompts)
     warm2, ray2 = on_ray(2, models, prompts)
-    print(f"plain loop            {loop:7.2f} s")
+    print(f"plain loop, {all_threads} threads  {loop_all:7.2f} s   (for reference: torch's own threads on the same cores)")
+    print(f"plain loop, 1 thread  {loop:7.2f} s   (the baseline below)")
     print(f"sweep, in-process     {here:7.2f} s   {here / loop:5.2f}x the loop's time")
     print(f"sweep, Ray 1 worker   {ray1:7.2f} s   {ray1 / loop:5.2f}x the loop's time  (target <= 1.10)"
           f"   [Ray start + warm-up {warm1:.1f} s]")

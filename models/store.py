@@ -30,6 +30,7 @@ import hashlib
 import os
 import random
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +136,17 @@ def build_store(
             _build_on_ray(source, hooks, jobs, folder, manifest, batch_size, dtype, bar, workers)
         else:
             writer = ShardWriter(loaded, hooks, str(folder), batch_size, dtype)
-            for index, shard in jobs:
-                _record(folder, manifest, writer.write(index, shard))
-                bar.update()
+            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written while shard i+1 runs
+                writing: Future | None = None
+                for index, shard in jobs:
+                    tensors = writer.activations(shard)
+                    if writing is not None:
+                        _record(folder, manifest, writing.result())
+                        bar.update()
+                    writing = files.submit(writer.save, index, tensors)
+                if writing is not None:
+                    _record(folder, manifest, writing.result())
+                    bar.update()
     finally:
         bar.close()
     return ActivationStore(folder)
@@ -154,9 +163,13 @@ class ShardWriter:
         self.model, self.hooks, self.folder = model, hooks, Path(folder)
         self.batch_size, self.dtype = batch_size, dtype
 
-    @torch.no_grad()
     def write(self, index: int, sequences: Int[Tensor, "seq pos"]) -> dict[str, Any]:
         """Write shard ``index`` (its sequences' activations per token); return its manifest entry."""
+        return self.save(index, self.activations(sequences))
+
+    @torch.no_grad()
+    def activations(self, sequences: Int[Tensor, "seq pos"]) -> dict[str, Tensor]:
+        """The shard's tensors: each hook's activations ``[seq * pos, ...]`` and the tokens."""
         n_tokens = sequences.numel()
         out: dict[str, Tensor] = {TOKENS: sequences.reshape(-1).clone()}
         start = 0
@@ -168,9 +181,13 @@ class ShardWriter:
                     out[name] = torch.empty((n_tokens, *acts.shape[1:]), dtype=self.dtype)
                 out[name][start : start + len(acts)] = acts.to(self.dtype)
             start += batch.numel()
+        return out
+
+    def save(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Any]:
+        """Write shard ``index``'s file atomically; return its manifest entry."""
         file = f"shard_{index:05d}.safetensors"
-        write_safetensors(self.folder / file, out)
-        return {"index": index, "file": file, "n_tokens": n_tokens}
+        write_safetensors(self.folder / file, tensors)
+        return {"index": index, "file": file, "n_tokens": len(tensors[TOKENS])}
 
 
 class ActivationStore(torch.utils.data.IterableDataset):

@@ -17,6 +17,7 @@ context managers) and never change weights.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import dynalens as dl
@@ -26,6 +27,12 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig
 from dynalens.models import smollm2 as smollm2_builtin
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs two workers on two cores: one thread each, and one for what they start (notebook
+    # kernels, CLI subprocesses), so that no core runs two spinning torch thread pools at once.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 TINY_N_CTX = 64
 TINY_VOCAB = 50
