@@ -162,7 +162,10 @@ def settle(driver, page: str, n_tokens: int | None) -> float:
 
 def go_to(driver, path: str) -> None:
     """Follow the top bar's link to ``path`` (a client-side page switch, as a click does)."""
-    driver.execute_script("document.querySelector(`a.nav-link[href='${arguments[0]}']`).click();", path)
+    driver.execute_script(  # a link's query string carries the request
+        "document.querySelector(`a.nav-link[href='${arguments[0]}'], a.nav-link[href^='${arguments[0]}?']`).click();",
+        path,
+    )
 
 
 def free_port() -> int:
