@@ -158,7 +158,7 @@ def test_from_prompts_dispatches_by_method_and_names_bad_ones(recurrent_models):
         by_name = Direction.from_prompts(model, pos, neg, method=method, layers=[1])
         fitted = Direction.from_activations(*acts, [1], method)
         assert by_name.method == fitted.method == method
-        torch.testing.assert_close(by_name.vectors, fitted.vectors, rtol=0, atol=0)
+        assert_close(by_name.vectors, fitted.vectors)
     with pytest.raises(ValueError, match="method must be one of"):
         Direction.from_prompts(model, pos, neg, method="mean")
 

