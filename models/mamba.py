@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -359,14 +360,7 @@ class HookedMamba(HookedSequenceModel):
 
     def __init__(self, cfg: MambaConfig, tokenizer: Any = None):
         super().__init__(cfg, tokenizer)
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList([MambaBlock(cfg) for _ in range(cfg.n_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
-        if cfg.tie_embeddings:
-            self.unembed.weight = self.embed.weight
-        self.setup()
+        add_ssm_stack(self, cfg, MambaBlock)
 
     def forward(
         self,
@@ -390,11 +384,7 @@ class HookedMamba(HookedSequenceModel):
             Also return the :class:`MambaState` after the last position.
         """
         tokens, mask = as_batch(self, input, attention_mask)
-        if state is not None and state.ssm[0].shape[0] != tokens.shape[0]:
-            raise ValueError(
-                f"state holds a batch of {state.ssm[0].shape[0]} sequences but the input has "
-                f"{tokens.shape[0]}; pass the state returned for the same batch"
-            )
+        check_state_batch(state, tokens)
         resid = self.hook_embed(self.embed(tokens))
         conv_states, ssm_states = [], []
         for i, block in enumerate(self.blocks):
@@ -406,8 +396,7 @@ class HookedMamba(HookedSequenceModel):
             )
             conv_states.append(conv)
             ssm_states.append(ssm)
-        normed = self.ln_final(resid.to(self.ln_final.weight.dtype))
-        logits = _at_least_fp32(self.unembed(normed.to(self.unembed.weight.dtype)))
+        logits = final_logits(self, resid)
         if not return_state:
             return logits
         pos = tokens.shape[1] + (0 if state is None else state.pos)
@@ -506,6 +495,34 @@ def _own_copy(x: Tensor, hook_point: HookPoint) -> Tensor:
     """``x``, copied when ``hook_point`` has hooks: ``x`` is also the value of the hook before it,
     and an in-place edit at ``hook_point`` must not reach what that hook saw."""
     return x.clone() if hook_point.has_hooks() else x
+
+
+def add_ssm_stack(model: nn.Module, cfg: Any, block: Callable[[Any], nn.Module]) -> None:
+    """Give a Mamba-style LM its modules: ``embed``, ``hook_embed``, ``blocks`` of ``block(cfg)``,
+    ``ln_final`` (RMSNorm), ``unembed`` (tied to ``embed`` with ``cfg.tie_embeddings``); then ``setup()``."""
+    model.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+    model.hook_embed = HookPoint()  # [batch, pos, d_model]
+    model.blocks = nn.ModuleList([block(cfg) for _ in range(cfg.n_layers)])
+    model.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+    model.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+    if cfg.tie_embeddings:
+        model.unembed.weight = model.embed.weight
+    model.setup()
+
+
+def check_state_batch(state: Any, tokens: Tensor) -> None:
+    """A recurrent state continues only the batch it was returned for."""
+    if state is not None and state.ssm[0].shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"state holds a batch of {state.ssm[0].shape[0]} sequences but the input has "
+            f"{tokens.shape[0]}; pass the state returned for the same batch"
+        )
+
+
+def final_logits(model: nn.Module, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    """The final norm and the unembedding, in the weights' dtypes; logits at least float32."""
+    normed = model.ln_final(resid.to(model.ln_final.weight.dtype))
+    return _at_least_fp32(model.unembed(normed.to(model.unembed.weight.dtype)))
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:

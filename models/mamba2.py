@@ -26,7 +26,17 @@ from transformer_lens.hook_points import HookPoint
 from dynalens.kernels import ssd_scan
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_model_folder, write_model_folder
-from dynalens.models.mamba import RMSNorm, _at_least_fp32, _causal_conv1d, _own_copy, _skip_pads, hf_key
+from dynalens.models.mamba import (
+    RMSNorm,
+    _at_least_fp32,
+    _causal_conv1d,
+    _own_copy,
+    _skip_pads,
+    add_ssm_stack,
+    check_state_batch,
+    final_logits,
+    hf_key,
+)
 from dynalens.models.building import on_meta
 
 # Mamba2Config fields ↔ HF ``Mamba2Config`` fields.
@@ -363,14 +373,7 @@ class HookedMamba2(HookedSequenceModel):
 
     def __init__(self, cfg: Mamba2Config, tokenizer: Any = None):
         super().__init__(cfg, tokenizer)
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.hook_embed = HookPoint()  # [batch, pos, d_model]
-        self.blocks = nn.ModuleList([Mamba2Block(cfg) for _ in range(cfg.n_layers)])
-        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
-        if cfg.tie_embeddings:
-            self.unembed.weight = self.embed.weight
-        self.setup()
+        add_ssm_stack(self, cfg, Mamba2Block)
 
     def forward(
         self,
@@ -397,11 +400,7 @@ class HookedMamba2(HookedSequenceModel):
             Form ``hook_ssm_state`` only after these positions of each prompt.
         """
         tokens, mask = as_batch(self, input, attention_mask)
-        if state is not None and state.ssm[0].shape[0] != tokens.shape[0]:
-            raise ValueError(
-                f"state holds a batch of {state.ssm[0].shape[0]} sequences but the input has "
-                f"{tokens.shape[0]}; pass the state returned for the same batch"
-            )
+        check_state_batch(state, tokens)
         positions = None
         if state_positions is not None:
             positions = _state_columns(state_positions, mask, tokens.shape).to(tokens.device)
@@ -412,8 +411,7 @@ class HookedMamba2(HookedSequenceModel):
             resid, conv, ssm = block(resid, mask, conv, ssm, positions)
             conv_states.append(conv)
             ssm_states.append(ssm)
-        normed = self.ln_final(resid.to(self.ln_final.weight.dtype))
-        logits = _at_least_fp32(self.unembed(normed.to(self.unembed.weight.dtype)))
+        logits = final_logits(self, resid)
         if not return_state:
             return logits
         pos = tokens.shape[1] + (0 if state is None else state.pos)
