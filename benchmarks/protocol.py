@@ -55,9 +55,10 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import dynalens as dl  # before torch, as in the dashboard's process: torch's huge pages on (dynalens/__init__.py)
+
 import torch
 
-import dynalens as dl
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.probes.analysis import Analysis, run

@@ -6,14 +6,23 @@
 
 The names below load on first use (``dynalens/_lazy.py``): ``import dynalens``
 imports neither torch nor TransformerLens, ``dl.load`` does.
+
+Importing dynalens before torch turns on PyTorch's transparent huge pages for
+CPU tensors of 2 MB and more (``THP_MEM_ALLOC_ENABLE=1``, unless the variable
+is already set): caches, states and logits are fresh allocations on every
+forward, and 2 MB pages cut their first-touch cost about threefold (a fresh
+390 MB tensor: 0.11 s → 0.04 s on a 2-core VM). ``THP_MEM_ALLOC_ENABLE=0``
+turns it off; torch reads it once, at its first allocation.
 """
 
+import os
 from typing import TYPE_CHECKING
 
 from dynalens import _layout
 from dynalens._lazy import attach
 from dynalens._version import __version__
 
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 _layout.install()  # a checkout: dynalens.<name> from the top-level folder <name>/
 
 if TYPE_CHECKING:

@@ -30,8 +30,11 @@ from dynalens.probes.figures import heatmap, token_label, token_labels
 from dynalens.probes.residual import resid_labels, stream_rows
 from dynalens.probes.results import Result
 
-_CHUNK = 256
-"""Residual vectors unembedded at once (SmolLM2: 256 × 49152 float32 logits, 50 MB)."""
+_CHUNK = 512
+"""Residual vectors unembedded at once (SmolLM2: 512 × 49152 float32 logits, 100 MB)."""
+
+_BLOCK = 1024
+"""Vocabulary entries per block of :func:`_top_k` (a block's maximum stands for the block)."""
 
 
 @dataclass(kw_only=True, eq=False)
@@ -174,9 +177,9 @@ class LogitLens(Analysis):
         probs, ids = [], []
         for chunk in real.flatten(0, 1).split(_CHUNK):  # bounded memory: [chunk, d_vocab] logits at a time
             logits = unembed_resid(model, chunk).float()
-            top = logits.topk(k, dim=-1)
-            probs.append(_softmax_of_top(logits, top.values).cpu())
-            ids.append(top.indices.cpu())
+            values, indices = _top_k(logits, k)
+            probs.append(_softmax_of_top(logits, values).cpu())
+            ids.append(indices.cpu())
         mask = prompts.mask.cpu()
         shape = (*mask.shape, len(hooks), k)
         top_ids = torch.full(shape, -1, dtype=torch.long)
@@ -190,6 +193,30 @@ class LogitLens(Analysis):
             top_tokens=_decoded(model, top_ids, mask),
             hook_names=hooks,
         )
+
+
+def _top_k(x: Float[Tensor, "n v"], k: int) -> tuple[Float[Tensor, "n k"], Int[Tensor, "n k"]]:
+    """``x.topk(k, dim=-1)`` (values, indices; most likely first), in two stages over a long last axis.
+
+    The ``k`` largest entries of a row lie in the ``k`` blocks of ``_BLOCK``
+    entries with the largest maxima (a block outside them has ``k`` blocks
+    whose maxima are at least its own), so one vectorised max per block and a
+    top-k over ``k`` blocks replace a top-k over the whole row: 49,152 logits
+    per row in about half the time. Entries past the last whole block are
+    always candidates. Rows with few blocks take ``topk`` directly.
+    """
+    n, v = x.shape
+    n_blocks = v // _BLOCK
+    if n_blocks < 2 * k:
+        return x.topk(k, dim=-1)
+    blocks = x[:, : n_blocks * _BLOCK].unflatten(1, (n_blocks, _BLOCK))  # a view: [n, blocks, _BLOCK]
+    best = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [n, k]
+    candidates = blocks.gather(1, best[..., None].expand(n, k, _BLOCK)).flatten(1)  # [n, k * _BLOCK]
+    candidates = torch.cat([candidates, x[:, n_blocks * _BLOCK :]], dim=1)  # the partial block at the end, if any
+    values, at = candidates.topk(k, dim=-1)
+    block = best.gather(1, (at // _BLOCK).clamp(max=k - 1))
+    in_blocks = at < k * _BLOCK
+    return values, torch.where(in_blocks, block * _BLOCK + at % _BLOCK, at + (n_blocks - k) * _BLOCK)
 
 
 def _softmax_of_top(logits: Float[Tensor, "n d_vocab"], top: Float[Tensor, "n k"]) -> Float[Tensor, "n k"]:

@@ -96,3 +96,14 @@ def test_a_saved_result_loads_in_a_process_that_imported_only_dynalens(tmp_path:
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0 and done.stdout.split() == ["ResidualNormsResult"], done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")], ids=["default", "user_off"])
+def test_import_turns_on_torch_huge_pages_unless_the_user_chose(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, dynalens\nprint(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [expected]

@@ -16,6 +16,7 @@ from dynalens.models import names
 from dynalens.models.rnn import HookedRNN
 from dynalens.models.transformer import HookedTransformerBridge
 from dynalens.probes import LogitLens, ResidualNorms
+from dynalens.probes.logit_lens import _top_k
 from tests.tolerances import assert_close
 
 D_VOCAB = 50  # the vocabulary of the conftest models
@@ -84,6 +85,18 @@ def test_logit_lens_skips_an_embedding_narrower_than_the_stream():
     assert torch.equal(lens.top_ids[0, :, 0], model(tokens)[0].topk(2, dim=-1).indices)
     assert list(lens.figure().layout.yaxis.ticktext) == ["L0"]
     assert ResidualNorms()(model, tokens).norms.shape == (1, 4, 2)  # norms keep the narrower embedding row
+
+
+@pytest.mark.parametrize("vocab, k", [(49152, 5), (50257, 5), (12000, 6), (300, 5)],
+                         ids=["whole_blocks", "partial_block", "few_blocks", "topk_direct"])
+def test_two_stage_top_k_equals_torch_topk(vocab, k):
+    torch.manual_seed(vocab)
+    x = torch.randn(9, vocab)
+    x[0, -1] = 10.0  # the largest entry in the partial block (or the last block)
+    x[1, :k] = torch.arange(20.0, 20.0 + k)  # all of a row's top-k in one block
+    values, ids = _top_k(x, k)
+    top = x.topk(k, dim=-1)
+    assert torch.equal(ids, top.indices) and torch.equal(values, top.values)
 
 
 def test_logit_lens_k_is_positive_and_at_most_the_vocabulary(tiny_rnn, tokens):
