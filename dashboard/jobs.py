@@ -120,6 +120,13 @@ class ThreadJobs(DiskcacheManager):
         if thread is not threading.current_thread():
             thread.join(STOP_WAIT_S)
 
+    def stop_all(self) -> None:
+        """Ask every running job to stop and wait up to ``STOP_WAIT_S`` for each (a server shutting down)."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            self.terminate_job(job)
+
     def terminate_unhealthy_job(self, job: Any) -> bool:
         """Threads cannot be left half-dead: no job is ever unhealthy."""
         return False

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import tqdm
+
+tqdm.tqdm.monitor_interval = 0  # no monitor thread: the runner stops its server with SystemExit in every new thread
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
@@ -32,6 +35,32 @@ def pytest_setup_options():
     if Path("/usr/bin/chromium").exists():
         options.binary_location = "/usr/bin/chromium"
     return options
+
+
+@pytest.fixture(autouse=True)
+def jobs_stopped_before_the_server(request):
+    """Stop the app's background jobs before ``dash_duo`` stops its server.
+
+    The test runner stops its server by raising ``SystemExit`` in every thread
+    started since, which would kill a job mid-analysis; stopped first, a job
+    ends through its stop flag as a cancelled job does.
+    """
+    if "dash_duo" not in request.fixturenames:
+        yield
+        return
+    request.getfixturevalue("dash_duo")  # set up first, so torn down after this fixture
+    yield
+    import dash
+    from dash.exceptions import AppNotFoundError
+
+    from dynalens.dashboard.jobs import ThreadJobs
+
+    try:
+        manager = dash.get_app()._background_manager
+    except AppNotFoundError:  # the test started no app
+        return
+    if isinstance(manager, ThreadJobs):
+        manager.stop_all()
 
 
 @pytest.fixture
