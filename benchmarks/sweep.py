@@ -115,7 +115,7 @@ def on_ray(workers: int, models, prompts, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=256, help="sequences per prompt set")
-    parser.add_argument("--repeats", type=int, default=3, help="loop/sweep pairs per Ray session")
+    parser.add_argument("--repeats", type=int, default=5, help="loop/sweep pairs per Ray session")
     args = parser.parse_args()
     models = checkpoints("attn2l-induction")
     prompts = prompt_sets(args.sequences)
