@@ -193,6 +193,7 @@ def cache_dir() -> Path:
 # ------------------------------------------------------------------ records
 #: The safetensors metadata key that holds a record's JSON.
 RECORD_KEY = "dynalens.record"
+_PLAIN_JSON = frozenset({str, int, float, bool, type(None)})
 
 
 def write_record(path: str | os.PathLike, kind: str, fields: dict[str, Any]) -> None:
@@ -216,6 +217,8 @@ def write_record(path: str | os.PathLike, kind: str, fields: dict[str, Any]) -> 
                 raise TypeError(f"{kind}.{where}: dict keys must be strings to be saved")
             return {"__dict__": {k: encode(v, f"{where}.{k}") for k, v in value.items()}}
         if isinstance(value, (list, tuple)):
+            if all(type(v) in _PLAIN_JSON for v in value):  # token ids, strings: as they are
+                return list(value)
             return [encode(v, f"{where}.{i}") for i, v in enumerate(value)]
         if value is None or isinstance(value, (str, bool, int, float)):
             return value

@@ -33,6 +33,7 @@ import os
 import re
 import time
 import traceback
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +250,11 @@ def _run_on_ray(
     address: str | None,
     workers: int | None,
 ) -> None:
-    """Run the cells on a pool of Ray actors; all cells of a model go to one actor, which loads it once."""
+    """Run the cells on a pool of Ray actors; all cells of a model go to one actor, which loads it once.
+
+    Each actor is given its next model while the last cell of its current one
+    runs, so it always has a cell queued and never waits on the driver.
+    """
     import ray
 
     started_here = not ray.is_initialized()
@@ -262,22 +267,28 @@ def _run_on_ray(
     try:
         size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         pool = [_worker(ray, i) for i in range(min(size, len(todo)))]
-        queue = list(todo.items())
-        pending: dict[Any, tuple[int, Cell]] = {}
-        left = [0] * len(pool)
+        queue = deque(todo.items())
+        pending: dict[Any, tuple[int, Cell, Any]] = {}
+        queued = [0] * len(pool)
 
-        def assign(slot: int) -> None:
-            model, cells = queue.pop(0)
-            left[slot] = len(cells)
+        def give(slot: int) -> None:
+            model, cells = queue.popleft()
             for cell, set_prompts, analysis in cells:
                 ref = pool[slot].run.remote(str(out.store), cell, set_prompts, analysis, models[model])
-                pending[ref] = (slot, cell)
+                pending[ref] = (slot, cell, pool[slot])
+            queued[slot] += len(cells)
 
+        def feed(slot: int) -> None:
+            while queue and queued[slot] <= 1:
+                give(slot)
+
+        for slot in range(len(pool)):  # one model each first, so that every worker starts at once
+            give(slot)
         for slot in range(len(pool)):
-            assign(slot)
+            feed(slot)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            slot, cell = pending.pop(ready[0])
+            slot, cell, actor = pending.pop(ready[0])
             try:
                 ray.get(ready[0])
             except Exception as err:  # noqa: BLE001 - the worker died past Ray's retries: record the cell
@@ -285,11 +296,11 @@ def _run_on_ray(
                     "model": cell.model, "prompts": cell.prompts, "analysis": cell.analysis,
                     "status": STATUS_FAILED, "error": _error_text(err), "seconds": float("nan"),
                 })  # fmt: skip
-                pool[slot] = _worker(ray, slot, fresh=True)
+                if pool[slot] is actor:  # the first of its cells to fail: later models go to a new worker
+                    pool[slot] = _worker(ray, slot, fresh=True)
             bar.update()
-            left[slot] -= 1
-            if left[slot] == 0 and queue:  # this worker is free: give it the next model
-                assign(slot)
+            queued[slot] -= 1
+            feed(slot)
     finally:
         if started_here:
             _POOL.clear()
