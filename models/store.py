@@ -40,7 +40,8 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dynalens.models.io import read_json, write_json, write_safetensors
+from dynalens.models.io import read_json, write_json
+from dynalens.models.safetensors_image import SafetensorsImage
 from dynalens.models.surface import model_name_of
 
 MANIFEST = "manifest.json"
@@ -133,17 +134,17 @@ def build_store(
         if ray:
             if source is None:
                 raise ValueError("ray=True needs the model as a name or path, so each worker can load it")
-            _build_on_ray(source, hooks, jobs, folder, manifest, batch_size, dtype, bar, workers)
+            _build_on_ray(source, spec["hooks"], jobs, folder, manifest, batch_size, dtype, bar, workers)
         else:
-            writer = ShardWriter(loaded, hooks, str(folder), batch_size, dtype)
+            writer = ShardWriter(loaded, spec["hooks"], str(folder), batch_size, dtype, buffers=2)
             with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written while shard i+1 runs
                 writing: Future | None = None
                 for index, shard in jobs:
-                    tensors = writer.activations(shard)
+                    image = writer.activations(shard)
                     if writing is not None:
                         _record(folder, manifest, writing.result())
                         bar.update()
-                    writing = files.submit(writer.save, index, tensors)
+                    writing = files.submit(writer.save, index, image)
                 if writing is not None:
                     _record(folder, manifest, writing.result())
                     bar.update()
@@ -153,41 +154,61 @@ def build_store(
 
 
 class ShardWriter:
-    """Runs one model over shards of sequences and writes each shard's file."""
+    """Runs one model over shards of sequences and writes each shard's file.
 
-    def __init__(self, model: Any, hooks: list[str], folder: str, batch_size: int, dtype: torch.dtype):
+    Each shard is computed into a :class:`SafetensorsImage`, the file's bytes:
+    the hooks' activations are copied once, straight from the cache into the
+    file, and the file is written from that buffer. ``buffers`` images are
+    reused in turn, so the one :meth:`activations` returns stays valid until
+    ``buffers`` more shards have been computed (two let one shard's file be
+    written while the next shard runs).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        hooks: dict[str, list[int]],
+        folder: str,
+        batch_size: int,
+        dtype: torch.dtype,
+        buffers: int = 1,
+    ):
         if isinstance(model, (str, os.PathLike)):
             from dynalens.models.loading import load
 
             model = load(model)
         self.model, self.hooks, self.folder = model, hooks, Path(folder)
         self.batch_size, self.dtype = batch_size, dtype
+        self.images = [SafetensorsImage() for _ in range(buffers)]
+        self._turn = 0
 
     def write(self, index: int, sequences: Int[Tensor, "seq pos"]) -> dict[str, Any]:
         """Write shard ``index`` (its sequences' activations per token); return its manifest entry."""
         return self.save(index, self.activations(sequences))
 
     @torch.no_grad()
-    def activations(self, sequences: Int[Tensor, "seq pos"]) -> dict[str, Tensor]:
-        """The shard's tensors: each hook's activations ``[seq * pos, ...]`` and the tokens."""
+    def activations(self, sequences: Int[Tensor, "seq pos"]) -> SafetensorsImage:
+        """The shard's file image, filled: each hook's activations ``[seq * pos, ...]`` and the tokens."""
+        image = self.images[self._turn % len(self.images)]
+        self._turn += 1
         n_tokens = sequences.numel()
-        out: dict[str, Tensor] = {TOKENS: sequences.reshape(-1).clone()}
+        out = image.layout(
+            {TOKENS: (torch.int64, [n_tokens]), **{name: (self.dtype, [n_tokens, *shape]) for name, shape in self.hooks.items()}}
+        )
+        out[TOKENS].copy_(sequences.reshape(-1))
         start = 0
         for batch in sequences.split(self.batch_size):
-            _, cache = self.model.run_with_cache(batch, names_filter=self.hooks)
-            for name in self.hooks:
-                acts = cache[name].flatten(0, 1)  # [batch * pos, ...]
-                if name not in out:
-                    out[name] = torch.empty((n_tokens, *acts.shape[1:]), dtype=self.dtype)
-                out[name][start : start + len(acts)] = acts.to(self.dtype)
+            _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
+            for name, shape in self.hooks.items():
+                out[name][start : start + batch.numel()].view(*batch.shape, *shape).copy_(cache[name])
             start += batch.numel()
-        return out
+        return image
 
-    def save(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Any]:
+    def save(self, index: int, image: SafetensorsImage) -> dict[str, Any]:
         """Write shard ``index``'s file atomically; return its manifest entry."""
         file = f"shard_{index:05d}.safetensors"
-        write_safetensors(self.folder / file, tensors)
-        return {"index": index, "file": file, "n_tokens": len(tensors[TOKENS])}
+        image.write(self.folder / file)
+        return {"index": index, "file": file, "n_tokens": image.tensors[TOKENS].numel()}
 
 
 class ActivationStore(torch.utils.data.IterableDataset):
@@ -301,7 +322,7 @@ def _record(folder: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> No
 
 def _build_on_ray(
     source: Any,
-    hooks: list[str],
+    hooks: dict[str, list[int]],
     jobs: list[tuple[int, Tensor]],
     folder: Path,
     manifest: dict[str, Any],
