@@ -27,7 +27,7 @@ import errno
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -67,6 +67,7 @@ class SafetensorsImage:
         self._storage = torch.empty(0, dtype=torch.uint8)
         self._image = self._storage
         self.tensors: dict[str, Tensor] = {}
+        self._data_start, self._starts, self._row_bytes = 0, {}, {}
 
     @property
     def nbytes(self) -> int:
@@ -120,13 +121,59 @@ class SafetensorsImage:
         image = self._reserve(len(prefix) + offset)
         image[: len(prefix)] = torch.frombuffer(bytearray(prefix), dtype=torch.uint8)
         data = image[len(prefix) :]
+        self._data_start = len(prefix)
+        self._starts = {name: len(prefix) + a for name, (a, _) in spans.items()}
+        # the bytes of one row along dim 0 (a 0-d tensor is one row)
+        self._row_bytes = {name: (b - a) // max(1, (shapes[name] or [1])[0]) for name, (a, b) in spans.items()}
         self.tensors = {name: data[a:b].view(specs[name][0]).view(shapes[name]) for name, (a, b) in spans.items()}
         return dict(self.tensors)
 
-    def write(self, path: str | os.PathLike) -> None:
-        """Write the file to ``path``: fsynced, then renamed into place."""
+    def write(self, path: str | os.PathLike, progress: Iterable[Mapping[str, int]] = ()) -> None:
+        """Write the file to ``path``: fsynced, then renamed into place.
+
+        Parameters
+        ----------
+        path
+            The file to write.
+        progress
+            While another thread fills the tensors: each item says how many
+            leading rows (along dim 0) of which tensors are final so far (a
+            0-d tensor counts 1 row), and the whole pages those rows complete
+            are written at once; the rest is written when ``progress`` ends.
+            An exception raised by ``progress`` leaves no file.
+        """
+        data = memoryview(self._image.numpy())
         with atomic_path(path) as tmp:
-            _write_synced(tmp, memoryview(self._image.numpy()))
+            fd, direct = _open(tmp)
+            try:
+                written = torch.zeros(len(data) // PAGE, dtype=torch.bool)
+                for filled in progress:
+                    if direct:
+                        direct = _write_pages(fd, data, self._final_pages(filled) & ~written, written)
+                if direct:
+                    direct = _write_pages(fd, data, ~written, written)
+                if _O_DIRECT:
+                    import fcntl  # POSIX only, as O_DIRECT is
+
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+                start = len(written) * PAGE if direct else 0  # the tail; everything where O_DIRECT is refused
+                _pwrite_all(fd, data[start:], start)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _final_pages(self, filled: Mapping[str, int]) -> Tensor:
+        """Which whole pages of the file hold only final bytes: the header and ``filled`` rows."""
+        spans = sorted([(0, self._data_start)] + [(start, start + rows * self._row_bytes[name])
+                       for name, rows in filled.items() for start in [self._starts[name]]])  # fmt: skip
+        pages = torch.zeros(self.nbytes // PAGE, dtype=torch.bool)
+        begin, end = spans[0]
+        for a, b in [*spans[1:], (self.nbytes + 1, 0)]:
+            if a > end:  # a gap: [begin, end) is one run of final bytes
+                pages[-(-begin // PAGE) : end // PAGE] = True
+                begin = a
+            end = max(end, b)
+        return pages
 
     def _reserve(self, nbytes: int) -> Tensor:
         """The first ``nbytes`` of the page-aligned buffer, grown when it is too small."""
@@ -137,43 +184,36 @@ class SafetensorsImage:
         return self._image
 
 
-def _write_synced(path: str | os.PathLike, data: memoryview) -> None:
-    """Write ``data`` (page-aligned) over the file ``path`` and fsync it.
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
-    Its whole pages go with ``O_DIRECT`` where the OS and filesystem accept
-    it, the tail (and everything, where they do not) through the page cache.
-    """
-    direct = getattr(os, "O_DIRECT", 0)
-    whole = len(data) // PAGE * PAGE if direct else 0
-    fd = -1
-    if whole:
+
+def _open(path: str | os.PathLike) -> tuple[int, bool]:
+    """Open ``path`` for writing, with ``O_DIRECT`` where the OS and filesystem accept it (tmpfs does not)."""
+    if _O_DIRECT:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_TRUNC | direct)
-        except OSError as err:  # e.g. tmpfs refuses O_DIRECT
+            return os.open(path, os.O_WRONLY | os.O_TRUNC | _O_DIRECT), True
+        except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-    if fd < 0:
-        fd, whole = os.open(path, os.O_WRONLY | os.O_TRUNC), 0
-    try:
-        done = 0
-        if whole:
-            try:
-                done = _write_all(fd, data[:whole])
-            except OSError as err:  # a filesystem that opens with O_DIRECT but refuses the write
-                if err.errno != errno.EINVAL:
-                    raise
-                os.lseek(fd, 0, os.SEEK_SET)
-            import fcntl  # POSIX only, as O_DIRECT is
-
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
-        _write_all(fd, data[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return os.open(path, os.O_WRONLY | os.O_TRUNC), False
 
 
-def _write_all(fd: int, data: memoryview) -> int:
-    written = 0
-    while written < len(data):
-        written += os.write(fd, data[written:])
-    return written
+def _write_pages(fd: int, data: memoryview, pages: Tensor, written: Tensor) -> bool:
+    """Write the runs of ``pages`` (a page mask) with O_DIRECT and mark them ``written``; False if refused."""
+    edge = torch.zeros(1, dtype=torch.int8)
+    bounds = torch.diff(pages.to(torch.int8), prepend=edge, append=edge).nonzero().flatten().tolist()
+    for a, b in zip(bounds[::2], bounds[1::2]):
+        try:
+            _pwrite_all(fd, data[a * PAGE : b * PAGE], a * PAGE)
+        except OSError as err:  # a filesystem that opens with O_DIRECT but refuses the write
+            if err.errno != errno.EINVAL:
+                raise
+            return False
+        written[a:b] = True
+    return True
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)

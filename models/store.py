@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -137,14 +138,21 @@ def build_store(
             _build_on_ray(source, spec["hooks"], jobs, folder, manifest, batch_size, dtype, bar, workers)
         else:
             writer = ShardWriter(loaded, spec["hooks"], str(folder), batch_size, dtype, buffers=2)
-            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written while shard i+1 runs
+            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written as shard i runs, and after
                 writing: Future | None = None
                 for index, shard in jobs:
-                    image = writer.activations(shard)
+                    image, filled = writer.image_for(shard), queue.SimpleQueue()
+                    written = files.submit(writer.save, index, image, _until_none(filled))
+                    try:
+                        writer.fill(image, shard, filled.put)
+                    except BaseException as err:
+                        filled.put(err)  # the thread drops the half-written file
+                        raise
+                    filled.put(None)
                     if writing is not None:
                         _record(folder, manifest, writing.result())
                         bar.update()
-                    writing = files.submit(writer.save, index, image)
+                    writing = written
                 if writing is not None:
                     _record(folder, manifest, writing.result())
                     bar.update()
@@ -159,9 +167,9 @@ class ShardWriter:
     Each shard is computed into a :class:`SafetensorsImage`, the file's bytes:
     the hooks' activations are copied once, straight from the cache into the
     file, and the file is written from that buffer. ``buffers`` images are
-    reused in turn, so the one :meth:`activations` returns stays valid until
-    ``buffers`` more shards have been computed (two let one shard's file be
-    written while the next shard runs).
+    reused in turn, so the one :meth:`image_for` returns stays valid until
+    ``buffers`` more shards have been laid out (two let one shard's file be
+    finished while the next shard runs).
     """
 
     def __init__(
@@ -184,31 +192,56 @@ class ShardWriter:
 
     def write(self, index: int, sequences: Int[Tensor, "seq pos"]) -> dict[str, Any]:
         """Write shard ``index`` (its sequences' activations per token); return its manifest entry."""
-        return self.save(index, self.activations(sequences))
+        image = self.image_for(sequences)
+        self.fill(image, sequences)
+        return self.save(index, image)
 
-    @torch.no_grad()
-    def activations(self, sequences: Int[Tensor, "seq pos"]) -> SafetensorsImage:
-        """The shard's file image, filled: each hook's activations ``[seq * pos, ...]`` and the tokens."""
+    def image_for(self, sequences: Int[Tensor, "seq pos"]) -> SafetensorsImage:
+        """The next of the images, laid out for the shard's tensors (the tokens, each hook ``[seq * pos, ...]``)."""
         image = self.images[self._turn % len(self.images)]
         self._turn += 1
         n_tokens = sequences.numel()
-        out = image.layout(
-            {TOKENS: (torch.int64, [n_tokens]), **{name: (self.dtype, [n_tokens, *shape]) for name, shape in self.hooks.items()}}
-        )
+        hooks = {name: (self.dtype, [n_tokens, *shape]) for name, shape in self.hooks.items()}
+        image.layout({TOKENS: (torch.int64, [n_tokens]), **hooks})
+        return image
+
+    @torch.no_grad()
+    def fill(
+        self,
+        image: SafetensorsImage,
+        sequences: Int[Tensor, "seq pos"],
+        progress: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
+        """Run the shard's sequences a batch at a time and copy the hooks' activations into ``image``.
+
+        ``progress`` is called after each batch with the tokens of each tensor that are final so far.
+        """
+        out = image.tensors
         out[TOKENS].copy_(sequences.reshape(-1))
-        start = 0
+        done = 0
         for batch in sequences.split(self.batch_size):
             _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
             for name, shape in self.hooks.items():
-                out[name][start : start + batch.numel()].view(*batch.shape, *shape).copy_(cache[name])
-            start += batch.numel()
-        return image
+                out[name][done : done + batch.numel()].view(*batch.shape, *shape).copy_(cache[name])
+            done += batch.numel()
+            if progress is not None:
+                progress({TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, done)})
 
-    def save(self, index: int, image: SafetensorsImage) -> dict[str, Any]:
-        """Write shard ``index``'s file atomically; return its manifest entry."""
+    def save(
+        self, index: int, image: SafetensorsImage, progress: Iterable[dict[str, int]] = ()
+    ) -> dict[str, Any]:
+        """Write shard ``index``'s file atomically (pages as ``progress`` says they are final); return its entry."""
         file = f"shard_{index:05d}.safetensors"
-        image.write(self.folder / file)
+        image.write(self.folder / file, progress)
         return {"index": index, "file": file, "n_tokens": image.tensors[TOKENS].numel()}
+
+
+def _until_none(items: queue.SimpleQueue) -> Iterator[Any]:
+    """The items put on ``items`` until ``None``; an exception put on it is raised."""
+    while (item := items.get()) is not None:
+        if isinstance(item, BaseException):
+            raise RuntimeError("the shard's activations were not computed") from item
+        yield item
 
 
 class ActivationStore(torch.utils.data.IterableDataset):

@@ -81,8 +81,46 @@ def test_a_smaller_layout_reuses_the_buffer_and_earlier_files_stay(tmp_path):
         assert all(torch.equal(read[k], v) for k, v in tensors.items())
 
 
+def test_pages_written_while_rows_are_filled_hold_the_final_bytes(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    tensors = {"a": torch.randn(700, 33, generator=g), "b": torch.randint(0, 9, (700, 5), generator=g),
+               "c": torch.randn(700, generator=g).half(), "s": torch.tensor(1.5)}  # fmt: skip
+    image = SafetensorsImage()
+    views = image.layout({name: (t.dtype, t.shape) for name, t in tensors.items()})
+    for view in views.values():
+        view.fill_(-1)  # what a page written too early would keep
+
+    def progress():  # fills 100 rows of each tensor, then says so; the write runs between
+        views["s"].copy_(tensors["s"])
+        for end in range(100, 701, 100):
+            for name in "abc":
+                views[name][end - 100 : end] = tensors[name][end - 100 : end]
+            yield {"a": end, "b": end, "c": end, "s": 1}
+
+    real, calls = os.pwrite, []
+    monkeypatch.setattr(safetensors_image.os, "pwrite", lambda *a: calls.append(len(a[1])) or real(*a))
+    image.write(tmp_path / "x.safetensors", progress())
+    monkeypatch.undo()
+    assert len(calls) > 7  # pages went out as the rows came, not all at the end
+    read, _ = _read(tmp_path / "x.safetensors")
+    assert all(torch.equal(read[k], v) for k, v in tensors.items())
+
+
+def test_progress_that_raises_leaves_no_file(tmp_path):
+    image = SafetensorsImage()
+    image.layout({"x": (torch.float32, (5000,))})
+
+    def progress():
+        yield {"x": 2000}
+        raise RuntimeError("the forward failed")
+
+    with pytest.raises(RuntimeError, match="the forward failed"):
+        image.write(tmp_path / "x.safetensors", progress())
+    assert list(tmp_path.iterdir()) == []
+
+
 def _refuse_direct(monkeypatch, call: str) -> list[int]:
-    """Make ``os.open`` or ``os.write`` fail with EINVAL under O_DIRECT, as tmpfs and some filesystems do."""
+    """Make ``os.open`` or ``os.pwrite`` fail with EINVAL under O_DIRECT, as tmpfs and some filesystems do."""
     real, refused = getattr(os, call), []
 
     def refusing(*args, **kwargs):
@@ -96,7 +134,7 @@ def _refuse_direct(monkeypatch, call: str) -> list[int]:
     return refused
 
 
-@pytest.mark.parametrize("call", ["open", "write"])
+@pytest.mark.parametrize("call", ["open", "pwrite"])
 def test_a_filesystem_without_direct_io_gets_the_same_file(tmp_path, monkeypatch, call):
     tensors = _tensors()
     refused = _refuse_direct(monkeypatch, call)
