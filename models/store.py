@@ -4,10 +4,13 @@
 the model on them a batch at a time with only the chosen hooks cached, and
 writes each hook's activations per token (``[tokens, ...]``) into shards of
 ``shard_sequences`` sequences, each shard a safetensors file renamed into
-place. ``manifest.json`` (rewritten atomically after every shard) names the
-model, the hooks with dtype and per-token shape, each shard's token range,
-and the corpus hash; a re-run with the same corpus skips the shards it
-lists, so an interrupted build resumes. With ``ray=True`` the shards are
+place. A shard is computed straight into its file's bytes
+(:class:`~dynalens.models.safetensors_image.SafetensorsImage`), written page
+by page on a thread as its batches finish. ``manifest.json`` (rewritten
+atomically after every shard) names the model, the hooks with dtype and
+per-token shape, each shard's token range, and the corpus hash; a re-run
+with the same corpus skips the shards it lists, so an interrupted build
+resumes. With ``ray=True`` the shards are
 built in parallel, one actor per worker, each loading the model once.
 
 :class:`ActivationStore` reads a store back: ``store.shard(i)``, or iterate it
