@@ -4,10 +4,13 @@
 the model on them a batch at a time with only the chosen hooks cached, and
 writes each hook's activations per token (``[tokens, ...]``) into shards of
 ``shard_sequences`` sequences, each shard a safetensors file renamed into
-place. ``manifest.json`` (rewritten atomically after every shard) names the
-model, the hooks with dtype and per-token shape, each shard's token range,
-and the corpus hash; a re-run with the same corpus skips the shards it
-lists, so an interrupted build resumes. With ``ray=True`` the shards are
+place. A shard is computed straight into its file's bytes
+(:class:`~dynalens.models.safetensors_image.SafetensorsImage`), written page
+by page on a thread as its batches finish. ``manifest.json`` (rewritten
+atomically after every shard) names the model, the hooks with dtype and
+per-token shape, each shard's token range, and the corpus hash; a re-run
+with the same corpus skips the shards it lists, so an interrupted build
+resumes. With ``ray=True`` the shards are
 built in parallel, one actor per worker, each loading the model once.
 
 :class:`ActivationStore` reads a store back: ``store.shard(i)``, or iterate it
@@ -28,8 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,7 +44,8 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dynalens.models.io import read_json, write_json, write_safetensors
+from dynalens.models.io import read_json, write_json
+from dynalens.models.safetensors_image import SafetensorsImage
 from dynalens.models.surface import model_name_of
 
 MANIFEST = "manifest.json"
@@ -133,17 +138,24 @@ def build_store(
         if ray:
             if source is None:
                 raise ValueError("ray=True needs the model as a name or path, so each worker can load it")
-            _build_on_ray(source, hooks, jobs, folder, manifest, batch_size, dtype, bar, workers)
+            _build_on_ray(source, spec["hooks"], jobs, folder, manifest, batch_size, dtype, bar, workers)
         else:
-            writer = ShardWriter(loaded, hooks, str(folder), batch_size, dtype)
-            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written while shard i+1 runs
+            writer = ShardWriter(loaded, spec["hooks"], str(folder), batch_size, dtype, buffers=2)
+            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written as shard i runs, and after
                 writing: Future | None = None
                 for index, shard in jobs:
-                    tensors = writer.activations(shard)
+                    image, filled = writer.image_for(shard), queue.SimpleQueue()
+                    written = files.submit(writer.save, index, image, _until_none(filled))
+                    try:
+                        writer.fill(image, shard, filled.put)
+                    except BaseException as err:
+                        filled.put(err)  # the thread drops the half-written file
+                        raise
+                    filled.put(None)
                     if writing is not None:
                         _record(folder, manifest, writing.result())
                         bar.update()
-                    writing = files.submit(writer.save, index, tensors)
+                    writing = written
                 if writing is not None:
                     _record(folder, manifest, writing.result())
                     bar.update()
@@ -153,41 +165,86 @@ def build_store(
 
 
 class ShardWriter:
-    """Runs one model over shards of sequences and writes each shard's file."""
+    """Runs one model over shards of sequences and writes each shard's file.
 
-    def __init__(self, model: Any, hooks: list[str], folder: str, batch_size: int, dtype: torch.dtype):
+    Each shard is computed into a :class:`SafetensorsImage`, the file's bytes:
+    the hooks' activations are copied once, straight from the cache into the
+    file, and the file is written from that buffer. ``buffers`` images are
+    reused in turn, so the one :meth:`image_for` returns stays valid until
+    ``buffers`` more shards have been laid out (two let one shard's file be
+    finished while the next shard runs).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        hooks: dict[str, list[int]],
+        folder: str,
+        batch_size: int,
+        dtype: torch.dtype,
+        buffers: int = 1,
+    ):
         if isinstance(model, (str, os.PathLike)):
             from dynalens.models.loading import load
 
             model = load(model)
         self.model, self.hooks, self.folder = model, hooks, Path(folder)
         self.batch_size, self.dtype = batch_size, dtype
+        self.images = [SafetensorsImage() for _ in range(buffers)]
+        self._turn = 0
 
     def write(self, index: int, sequences: Int[Tensor, "seq pos"]) -> dict[str, Any]:
         """Write shard ``index`` (its sequences' activations per token); return its manifest entry."""
-        return self.save(index, self.activations(sequences))
+        image = self.image_for(sequences)
+        self.fill(image, sequences)
+        return self.save(index, image)
+
+    def image_for(self, sequences: Int[Tensor, "seq pos"]) -> SafetensorsImage:
+        """The next of the images, laid out for the shard's tensors (the tokens, each hook ``[seq * pos, ...]``)."""
+        image = self.images[self._turn % len(self.images)]
+        self._turn += 1
+        n_tokens = sequences.numel()
+        hooks = {name: (self.dtype, [n_tokens, *shape]) for name, shape in self.hooks.items()}
+        image.layout({TOKENS: (torch.int64, [n_tokens]), **hooks})
+        return image
 
     @torch.no_grad()
-    def activations(self, sequences: Int[Tensor, "seq pos"]) -> dict[str, Tensor]:
-        """The shard's tensors: each hook's activations ``[seq * pos, ...]`` and the tokens."""
-        n_tokens = sequences.numel()
-        out: dict[str, Tensor] = {TOKENS: sequences.reshape(-1).clone()}
-        start = 0
-        for batch in sequences.split(self.batch_size):
-            _, cache = self.model.run_with_cache(batch, names_filter=self.hooks)
-            for name in self.hooks:
-                acts = cache[name].flatten(0, 1)  # [batch * pos, ...]
-                if name not in out:
-                    out[name] = torch.empty((n_tokens, *acts.shape[1:]), dtype=self.dtype)
-                out[name][start : start + len(acts)] = acts.to(self.dtype)
-            start += batch.numel()
-        return out
+    def fill(
+        self,
+        image: SafetensorsImage,
+        sequences: Int[Tensor, "seq pos"],
+        progress: Callable[[dict[str, int]], None] | None = None,
+    ) -> None:
+        """Run the shard's sequences a batch at a time and copy the hooks' activations into ``image``.
 
-    def save(self, index: int, tensors: dict[str, Tensor]) -> dict[str, Any]:
-        """Write shard ``index``'s file atomically; return its manifest entry."""
+        ``progress`` is called after each batch with the tokens of each tensor that are final so far.
+        """
+        out = image.tensors
+        out[TOKENS].copy_(sequences.reshape(-1))
+        done = 0
+        for batch in sequences.split(self.batch_size):
+            _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
+            for name, shape in self.hooks.items():
+                out[name][done : done + batch.numel()].view(*batch.shape, *shape).copy_(cache[name])
+            done += batch.numel()
+            if progress is not None:
+                progress({TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, done)})
+
+    def save(
+        self, index: int, image: SafetensorsImage, progress: Iterable[dict[str, int]] = ()
+    ) -> dict[str, Any]:
+        """Write shard ``index``'s file atomically (pages as ``progress`` says they are final); return its entry."""
         file = f"shard_{index:05d}.safetensors"
-        write_safetensors(self.folder / file, tensors)
-        return {"index": index, "file": file, "n_tokens": len(tensors[TOKENS])}
+        image.write(self.folder / file, progress)
+        return {"index": index, "file": file, "n_tokens": image.tensors[TOKENS].numel()}
+
+
+def _until_none(items: queue.SimpleQueue) -> Iterator[Any]:
+    """The items put on ``items`` until ``None``; an exception put on it is raised."""
+    while (item := items.get()) is not None:
+        if isinstance(item, BaseException):
+            raise RuntimeError("the shard's activations were not computed") from item
+        yield item
 
 
 class ActivationStore(torch.utils.data.IterableDataset):
@@ -301,7 +358,7 @@ def _record(folder: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> No
 
 def _build_on_ray(
     source: Any,
-    hooks: list[str],
+    hooks: dict[str, list[int]],
     jobs: list[tuple[int, Tensor]],
     folder: Path,
     manifest: dict[str, Any],

@@ -54,6 +54,19 @@ def test_stored_activations_equal_recomputed(fixture, request, corpus, tmp_path)
             assert_close(shard[name], expected)
 
 
+def test_a_shorter_last_shard_and_a_narrower_dtype(tiny_mamba, corpus, tmp_path):
+    hooks = _hooks(tiny_mamba)
+    store = build_store(tiny_mamba, hooks, corpus, tmp_path, seq_len=SEQ, shard_sequences=5, batch_size=2,
+                        dtype=torch.bfloat16, progress=False)  # fmt: skip
+    assert [s["n_tokens"] for s in store.manifest["shards"]] == [5 * SEQ, 5 * SEQ, 2 * SEQ]
+    sequences = corpus[: store.n_tokens].reshape(-1, SEQ)
+    _, cache = tiny_mamba.run_with_cache(sequences, names_filter=hooks)
+    for name in hooks:
+        stored = torch.cat([store.shard(i)[name] for i in range(3)])
+        assert stored.dtype == torch.bfloat16
+        assert_close(stored, cache[name].flatten(0, 1))
+
+
 def test_transformer_store_from_text(tiny_llama, tmp_path):
     from dynalens.models.corpus import python_reference
 
