@@ -61,8 +61,9 @@ def ssd_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: in
         a=a,
         S=S,
         decay=_decay(S),
-        B=B.view(b, nc, chunk, g, n).transpose(2, 3),
-        C=C.view(b, nc, chunk, g, n).transpose(2, 3),
+        # contiguous: B and C may be strided views (a model's conv output), slow to step through along n
+        B=B.contiguous().view(b, nc, chunk, g, n).transpose(2, 3),
+        C=C.contiguous().view(b, nc, chunk, g, n).transpose(2, 3),
     )
 
 
