@@ -374,7 +374,11 @@ class HookedMamba2(HookedSequenceModel):
     of ``hook_ssm_state`` changes ``y`` at its positions and, at the last
     position, the state carried to the next call (it does not re-run the
     recurrence at later positions of the same call: edit ``hook_x``,
-    ``hook_B``, ``hook_dt`` for that).
+    ``hook_B``, ``hook_dt`` for that). An edit is a returned tensor or an
+    in-place change through torch (seen by the version counter; one through
+    ``.data`` or ``.numpy()`` is not). Without autograd, the layers of a
+    forward share one buffer for every state, reused only when nothing a hook
+    kept reaches it: states a hook or the cache holds are never overwritten.
 
     ``forward(input, attention_mask=None, state=None, return_state=False)``
     continues from a :class:`Mamba2State`; one new token costs O(1) in the
