@@ -18,6 +18,7 @@ from dynalens.kernels.ssd_checks import (
     Positions,
     SSDBackend,
     check_chunk_size,
+    check_states_out,
     check_ssd_args,
     check_ssd_backend,
     state_index,
@@ -45,6 +46,7 @@ def ssd_scan(
     *,
     chunk_size: int | None = None,
     backend: SSDBackend = "auto",
+    states_out: Tensor | None = None,
 ):
     """Mamba-2's SSD scan, differentiable in every input.
 
@@ -85,6 +87,11 @@ def ssd_scan(
     backend : {"auto", "ref", "torch", "triton"}
         ``"auto"`` takes Triton for CUDA tensors and the chunked PyTorch path
         otherwise; ``"ref"`` is the sequential reference.
+    states_out : Tensor, shape (b, l, h, p, n), optional
+        With ``return_states``: the tensor the states are written into and
+        returned as (the accumulation dtype, on ``x``'s device). The PyTorch
+        path without autograd writes each state there directly, so that a
+        caller can reuse one buffer and spare the memory's first touch.
 
     Returns
     -------
@@ -108,19 +115,25 @@ def ssd_scan(
     if return_states and state_positions is not None:
         raise ValueError(f"{OP}: pass state_positions or return_states=True, not both")
     idx = None if state_positions is None else state_index(OP, state_positions, b, length, x.device)
+    if states_out is not None:
+        shape = (b, length, *x.shape[2:], B.shape[3])
+        check_states_out(OP, states_out, return_states, shape, accumulation_dtype(x), x.device)
     if backend == "auto":
         backend = "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
     if backend == "ref" or (backend == "torch" and length == 1):  # one step is the recurrence itself
-        return ssd_scan_ref(
+        out = ssd_scan_ref(
             x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, return_final_state, idx, return_states
         )
+        return out if states_out is None else (*out[:-1], states_out.copy_(out[-1]))
     args = (x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_state, idx, return_states)
     if backend == "torch":
         acc = accumulation_dtype(x)
-        y, final, states = ssd_scan_torch(*args, chunk_size or CHUNK, acc)
+        y, final, states = ssd_scan_torch(*args, chunk_size or CHUNK, acc, states_out)
         y = y.to(x.dtype)
     else:
         y, final, states = _triton(*args, chunk_size)
+    if states_out is not None and states is not states_out:
+        states = states_out.copy_(states)
     keep = return_states or idx is not None
     return pack(y, final if return_final_state else None, states if keep else None)
 

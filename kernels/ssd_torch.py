@@ -61,8 +61,9 @@ def ssd_chunks(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk: in
         a=a,
         S=S,
         decay=_decay(S),
-        B=B.view(b, nc, chunk, g, n).transpose(2, 3),
-        C=C.view(b, nc, chunk, g, n).transpose(2, 3),
+        # contiguous: B and C may be strided views (a model's conv output), slow to step through along n
+        B=B.contiguous().view(b, nc, chunk, g, n).transpose(2, 3),
+        C=C.contiguous().view(b, nc, chunk, g, n).transpose(2, 3),
     )
 
 
@@ -143,40 +144,49 @@ def states_at(ch: dict[str, Tensor], H: dict[int, Tensor], idx: Tensor) -> Tenso
     return head_major(states.addcmul_(start, entering.view(states.shape)), p)
 
 
-def all_states(ch: dict[str, Tensor], h0: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Every state ``(b, c·T, h, p, n)``, ``C H`` of every chunk and the final state.
+def all_states(
+    ch: dict[str, Tensor], h0: Tensor | None, length: int, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The states after the first ``length`` steps ``(b, length, h, p, n)``, ``C H`` of every chunk and the final state.
 
     ``C H`` comes from the pass between chunks on the chunks' end states (as
     for the plain forward); the states from stepping ``h <- exp(dt A) h + dt x Bᵀ``
     through every position from ``h0``, so that the state being stepped stays
     in cache, each state is written once, a step with ``dt = 0`` repeats the
-    state exactly and the final state is the last one. Without autograd the
-    states are written in place into the output, laid out ``(b, c, T, g, r, p, n)``,
-    i.e. already ``(b, c·T, h, p, n)``.
+    state exactly and the final state is the last one (the padding that fills
+    the last chunk is such steps, so it is not stepped through). Without
+    autograd the state is stepped in place and copied into ``out`` (a new
+    tensor when None) at each step, laid out ``(b, length, g, r, p, n)``,
+    i.e. already ``(b, length, h, p, n)``: one pass over the output memory.
     """
-    x = ch["x"][..., None]  # (b, c, T, g, r, p, 1)
-    b, nc, T, g, r, p, _ = x.shape
-    B = ch["B"].transpose(2, 3)[:, :, :, :, None, None, :]  # (b, c, T, g, 1, 1, n)
+    x = ch["x"][..., None].flatten(1, 2)  # (b, c·T, g, r, p, 1)
+    b, _, g, r, p, _ = x.shape
+    B = ch["B"].transpose(2, 3).flatten(1, 2)[:, :, :, None, None, :]  # (b, c·T, g, 1, 1, n)
     n = B.shape[-1]
-    step = _decay(ch["a"])[..., None, None]  # (b, c, T, g, r, 1, 1)
+    step = _decay(ch["a"]).flatten(1, 2)[..., None, None]  # (b, c·T, g, r, 1, 1)
     read = chunk_pass(ch, chunk_end_states(ch), None if h0 is None else state_major(h0, g), keep=set())[0]
     in_place = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, B, step, h0)))
-    out = x.new_empty(b, nc, T, g, r, p, n) if in_place else None
-    states: list[Tensor] = []
     state = x.new_zeros(b, g, r, p, n) if h0 is None else h0.reshape(b, g, r, p, n)
-    for c in range(nc):
-        for t in range(T):
-            if in_place:
-                state = torch.mul(state, step[:, c, t], out=out[:, c, t]).addcmul_(x[:, c, t], B[:, c, t])
-            else:
-                state = torch.addcmul(state * step[:, c, t], x[:, c, t], B[:, c, t])
-                states.append(state)
-    all_ = out if in_place else torch.stack(states, dim=1)
-    return all_.view(b, nc * T, g * r, p, n), read, state.reshape(b, g * r, p, n)
+    steps = zip(x.unbind(1)[:length], B.unbind(1), step.unbind(1))
+    if in_place:
+        out = x.new_empty(b, length, g * r, p, n) if out is None else out
+        state = state.clone()
+        for (xt, Bt, st), ot in zip(steps, out.view(b, length, g, r, p, n).unbind(1)):
+            ot.copy_(state.mul_(st).addcmul_(xt, Bt))
+        return out, read, state.view(b, g * r, p, n)
+    states = []
+    for xt, Bt, st in steps:
+        state = torch.addcmul(state * st, xt, Bt)
+        states.append(state)
+    return torch.stack(states, dim=1).view(b, length, g * r, p, n), read, state.reshape(b, g * r, p, n)
 
 
-def ssd_scan_torch(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, idx, want_all, chunk, acc):
-    """The chunked scan; returns ``(y, final_state, states or None)`` (``y`` in ``acc``)."""
+def ssd_scan_torch(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, idx, want_all, chunk, acc, states_out=None):
+    """The chunked scan; returns ``(y, final_state, states or None)`` (``y`` in ``acc``).
+
+    With ``want_all`` and no autograd, every state is written into ``states_out``
+    ``(b, l, h, p, n)`` when given.
+    """
     b, length, h, p = x.shape
     g = B.shape[2]
     x_, A_ = x.to(acc), A.to(acc)
@@ -186,8 +196,7 @@ def ssd_scan_torch(x, dt, A, B, C, D, z, dt_bias, dt_softplus, h0, idx, want_all
     ch = ssd_chunks(x_, dt_, A_, B.to(acc), C.to(acc), T)
     kept = None
     if want_all:
-        kept, read, final = all_states(ch, h0_)
-        kept = kept[:, :length]
+        kept, read, final = all_states(ch, h0_, length, states_out)
     else:
         keep = set() if idx is None else set((idx // T).unique().tolist())
         read, H, final = chunk_pass(ch, chunk_end_states(ch), None if h0_ is None else state_major(h0_, g), keep)

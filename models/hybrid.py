@@ -39,6 +39,7 @@ from dynalens.models.hybrid_attention import AttentionContext, HookedAttention
 from dynalens.models.io import write_pretrained, write_tokenizer
 from dynalens.models.mamba import MambaMixer, RMSNorm, _at_least_fp32, _own_copy
 from dynalens.models.mamba2 import Mamba2Mixer, _state_columns
+from dynalens.models.state_buffer import sharing_states
 from dynalens.models.transformer import HookedTransformerBridge
 
 #: HF ``model_type`` values HookedHybrid opens.
@@ -312,11 +313,12 @@ class HookedHybrid(HookedSequenceModel):
             positions = (past.sum(-1, keepdim=True) + real.cumsum(-1) - 1).clamp(min=0)
             ctx.cos, ctx.sin = self.rotary(resid, positions)
         layers = []
-        for i, block in enumerate(self.blocks):
-            resid, layer_state = block(
-                resid, mask, ctx, LayerState() if state is None else state.layers[i], columns, embeddings
-            )
-            layers.append(layer_state)
+        with sharing_states():
+            for i, block in enumerate(self.blocks):
+                resid, layer_state = block(
+                    resid, mask, ctx, LayerState() if state is None else state.layers[i], columns, embeddings
+                )
+                layers.append(layer_state)
         logits = self.unembed_resid(resid)
         if not return_state:
             return logits

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from dynalens.kernels import ssd_scan
+from dynalens.kernels.autograd import accumulation_dtype
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_model_folder, write_model_folder
 from dynalens.models.mamba import (
@@ -38,6 +39,7 @@ from dynalens.models.mamba import (
     hf_key,
 )
 from dynalens.models.building import on_meta
+from dynalens.models.state_buffer import holders, offer, sharing_states, states_buffer
 
 # Mamba2Config fields ↔ HF ``Mamba2Config`` fields.
 _HF_FIELDS = {
@@ -262,20 +264,43 @@ class Mamba2Mixer(nn.Module):
     def _scan(self, xs, dt, B, C, ssm_state, positions):
         """``(y, final state)``; with ``hook_ssm_state`` hooked, the hooked states are read out.
 
-        All states (or those at ``positions``) pass the hook; ``y_t = C_t h_t + D x_t``
-        is then taken from them where they exist, and the final state is the
-        hooked one at the last position when it is among them.
+        All states (or those at ``positions``) pass the hook. If it edited them
+        (returned another tensor, or changed them in place: their version
+        counter moved), ``y_t = C_t h_t + D x_t`` is taken from them where they
+        exist, and the final state is the hooked one at the last position when
+        it is among them; otherwise the scan's own ``y`` and final state stand
+        (states at chosen positions made in inference mode have no version
+        counter, so they are always read out: there are few of them).
+        Without autograd, all states are written into the forward's shared
+        buffer (``models/state_buffer.py``) and handed back to it when the
+        hook kept nothing that reaches them.
         """
         D = _at_least_fp32(self.D)
         want = self.hook_ssm_state.has_hooks()
+        every = want and positions is None
+        out = None
+        if every and not torch.is_grad_enabled():
+            out = states_buffer((*xs.shape, self.cfg.d_state), accumulation_dtype(xs), xs.device)
         scan = ssd_scan(
             xs, dt, self.A, B, C, D, initial_state=ssm_state, return_final_state=True,
-            state_positions=positions if want else None, return_states=want and positions is None,
+            state_positions=positions if want else None, return_states=every, states_out=out,
         )  # fmt: skip
         if not want:
             return scan
         y, final, states = scan
-        states = self.hook_ssm_state(states)
+        del out, scan
+        version = None if states.is_inference() else states._version
+        before = holders(states) if every else None
+        hooked = self.hook_ssm_state(states)
+        if hooked is not states or version is None or hooked._version != version:
+            y, final = self._read_out(y, final, hooked, xs, C, D, positions)
+        del hooked
+        if before is not None and holders(states) == before:
+            offer(states)
+        return y, final
+
+    def _read_out(self, y, final, states, xs, C, D, positions):
+        """``y`` at the states' positions from ``y_t = C_t h_t + D x_t``, and the last position's state as final."""
         r = self.cfg.n_heads // self.cfg.n_groups
         b, length = xs.shape[:2]
         rows = torch.arange(b, device=xs.device)[:, None]
@@ -349,7 +374,11 @@ class HookedMamba2(HookedSequenceModel):
     of ``hook_ssm_state`` changes ``y`` at its positions and, at the last
     position, the state carried to the next call (it does not re-run the
     recurrence at later positions of the same call: edit ``hook_x``,
-    ``hook_B``, ``hook_dt`` for that).
+    ``hook_B``, ``hook_dt`` for that). An edit is a returned tensor or an
+    in-place change through torch (seen by the version counter; one through
+    ``.data`` or ``.numpy()`` is not). Without autograd, the layers of a
+    forward share one buffer for every state, reused only when nothing a hook
+    kept reaches it: states a hook or the cache holds are never overwritten.
 
     ``forward(input, attention_mask=None, state=None, return_state=False)``
     continues from a :class:`Mamba2State`; one new token costs O(1) in the
@@ -406,11 +435,12 @@ class HookedMamba2(HookedSequenceModel):
             positions = _state_columns(state_positions, mask, tokens.shape).to(tokens.device)
         resid = self.hook_embed(self.embed(tokens))
         conv_states, ssm_states = [], []
-        for i, block in enumerate(self.blocks):
-            conv, ssm = (None, None) if state is None else (state.conv[i], state.ssm[i])
-            resid, conv, ssm = block(resid, mask, conv, ssm, positions)
-            conv_states.append(conv)
-            ssm_states.append(ssm)
+        with sharing_states():
+            for i, block in enumerate(self.blocks):
+                conv, ssm = (None, None) if state is None else (state.conv[i], state.ssm[i])
+                resid, conv, ssm = block(resid, mask, conv, ssm, positions)
+                conv_states.append(conv)
+                ssm_states.append(ssm)
         logits = final_logits(self, resid)
         if not return_state:
             return logits

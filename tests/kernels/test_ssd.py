@@ -203,6 +203,29 @@ def test_zero_dt_repeats_the_state_exactly(path, grad):
     assert torch.equal(final[0], states[0, -1]) and torch.equal(states[0, -1], states[0, -2])
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("path", ["ref", *BACKENDS])
+def test_states_out_receives_every_state(path, grad):
+    """The states land in ``states_out`` (returned as it) on every path; under autograd they still carry gradients."""
+    inputs = {k: v.requires_grad_(grad) for k, v in make(**SIZE, dtype=torch.float64).items()}
+    args = args_of(inputs, **ALL)
+    out = torch.full((2, SIZE["l"], 4, 3, 5), torch.nan, dtype=torch.float64)
+    chunk = {} if path == "ref" else dict(chunk_size=CHUNKS[path])
+    flags = dict(return_final_state=True, return_states=True)
+    y, final, states = ssd_scan(**args, **flags, states_out=out, backend=path, **chunk)
+    y_ref, final_ref, states_ref = ssd_scan_ref(**args, **flags)
+    assert states is out
+    close(states, states_ref, torch.float64, "states")
+    close(y, y_ref, torch.float64, "y")
+    close(final, final_ref, torch.float64, "final state")
+    if grad:
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        targets = [inputs["x"], inputs["B"], inputs["initial_state"]]
+        ours, ref = (torch.autograd.grad((s * w).sum(), targets) for s in (states, states_ref))
+        for g, r in zip(ours, ref):
+            close(g, r, torch.float64, "gradient through the states")
+
+
 def test_leading_zero_dt_keeps_the_initial_state_and_matches_the_unpadded_run(backend):
     """Left padding: dt = 0 and arbitrary x, B, C at the first k steps."""
     x = make(**SIZE, dtype=torch.float32)
@@ -259,6 +282,13 @@ def test_auto_dispatch_takes_the_chunked_path_on_cpu(monkeypatch):
         (dict(state_positions=torch.zeros(3, 2, dtype=torch.long)), r"state_positions must be .*got shape \(3, 2\)"),
         (dict(state_positions=[1], return_states=True), r"pass state_positions or return_states=True, not both"),
         (dict(chunk_size=0), r"chunk_size must be a positive int"),
+        (dict(states_out=torch.empty(2, 10, 6, 3, 5)), r"states_out is written only with return_states=True"),
+        (dict(states_out=torch.empty(2, 10, 6, 3, 4), return_states=True),
+         r"states_out must have shape \(b, l, h, p, n\) = \(2, 10, 6, 3, 5\), got \(2, 10, 6, 3, 4\)"),
+        (dict(states_out=torch.empty(2, 10, 6, 3, 5, dtype=torch.float64), return_states=True),
+         r"states_out must be a contiguous tensor of the states' dtype torch.float32, got torch.float64"),
+        (dict(states_out=torch.empty(2, 10, 6, 5, 3).transpose(-1, -2), return_states=True),
+         r"states_out must be .* torch.float32, got torch.float32, not contiguous"),
         (dict(backend="numba"), r"backend must be one of \('auto', 'ref', 'torch', 'triton'\)"),
     ],
 )

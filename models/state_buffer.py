@@ -1,0 +1,75 @@
+"""One buffer for every SSM layer's ``hook_ssm_state`` within a forward, reused when nothing else holds it.
+
+Forming every state of a layer writes ``b·l·h·p·n`` floats (0.4 GB for the
+Mamba-2-130m shape at l = 512); on CPU, the first touch of a fresh buffer of
+that size costs more in page faults than computing the states. Inside
+:func:`sharing_states` (each model's forward), a layer whose states nothing
+but the layer holds once its hooks have run hands their memory to the next
+layer. Holders are counted, not assumed: the tensor's Python references and
+its storage's use count, so that whatever a hook kept (the tensor, a view, a
+``detach()`` as the cache keeps, a NumPy array over it) keeps the buffer
+from reuse, and what a user holds is never overwritten.
+
+The buffer is made outside inference mode, so that its version counter
+tells whether a hook edited the states in place (inference tensors have
+none).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from torch import Tensor
+
+_SPARE: ContextVar[list[Tensor] | None] = ContextVar("dynalens_spare_states", default=None)
+_storage_uses = getattr(torch._C, "_storage_Use_Count", None)  # absent: never reuse
+
+
+@contextmanager
+def sharing_states() -> Iterator[None]:
+    """Let the layers run inside share one states buffer; it is freed on exit."""
+    token = _SPARE.set([])
+    try:
+        yield
+    finally:
+        _SPARE.reset(token)
+
+
+def states_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised tensor of ``shape`` to write states into: the spare memory when it fits, else new.
+
+    Either way a normal tensor (with a version counter), in inference mode too.
+    """
+    spare = _SPARE.get()
+    numel = torch.Size(shape).numel()
+    if spare and spare[0].numel() >= numel and spare[0].dtype == dtype and spare[0].device == device:
+        return spare.pop()[:numel].view(shape)
+    if spare:
+        spare.clear()  # a spare that does not fit is freed before the new buffer is made
+    with torch.inference_mode(False):
+        return torch.empty(shape, dtype=dtype, device=device)
+
+
+def holders(states: Tensor) -> tuple[int, int] | None:
+    """Python references to ``states`` and uses of its storage (None where they cannot be counted).
+
+    Equal counts before and after a hook, taken with the caller's own
+    references unchanged, mean the hook kept nothing that reaches the memory.
+    """
+    if _storage_uses is None or states.is_inference():
+        return None
+    return sys.getrefcount(states), _storage_uses(states.untyped_storage()._cdata)
+
+
+def offer(states: Tensor) -> None:
+    """Keep the memory of ``states``, which nothing else holds, for the next layer's :func:`states_buffer`.
+
+    Outside :func:`sharing_states`, or with a spare already kept, nothing is kept.
+    """
+    spare = _SPARE.get()
+    if spare is not None and not spare:
+        spare.append(states.view(-1))
