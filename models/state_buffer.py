@@ -25,8 +25,9 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
+from dynalens.models.compat_torch import storage_use_count
+
 _SPARE: ContextVar[list[Tensor] | None] = ContextVar("dynalens_spare_states", default=None)
-_storage_uses = getattr(torch._C, "_storage_Use_Count", None)  # absent: never reuse
 
 
 @contextmanager
@@ -55,14 +56,14 @@ def states_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 
 
 def holders(states: Tensor) -> tuple[int, int] | None:
-    """Python references to ``states`` and uses of its storage (None where they cannot be counted).
+    """Python references to ``states`` and uses of its storage (None for an inference tensor).
 
     Equal counts before and after a hook, taken with the caller's own
     references unchanged, mean the hook kept nothing that reaches the memory.
     """
-    if _storage_uses is None or states.is_inference():
+    if states.is_inference():
         return None
-    return sys.getrefcount(states), _storage_uses(states.untyped_storage()._cdata)
+    return sys.getrefcount(states), storage_use_count(states)
 
 
 def offer(states: Tensor) -> None:

@@ -50,7 +50,9 @@ def test_the_installed_libraries_have_every_internal(module) -> None:
     (compat_numba, cgutils, "get_item_pointer2",
      "dynalens relies on numba.core.cgutils.get_item_pointer2; pinned numba==0.68.1 and llvmlite==0.50.0"),
     (compat_torch, torch, "_standard_gamma", "dynalens relies on torch._standard_gamma; pinned torch==2.13.0"),
-], ids=["transformer_lens", "numba", "torch"])  # fmt: skip
+    (compat_torch, torch._C, "_storage_Use_Count",
+     "dynalens relies on torch._C._storage_Use_Count; pinned torch==2.13.0"),
+], ids=["transformer_lens", "numba", "torch", "torch_storage"])  # fmt: skip
 def test_a_missing_internal_names_itself_and_the_pin(monkeypatch, module, owner, name, expected) -> None:
     monkeypatch.delattr(owner, name)
     with pytest.raises(PinnedInternalsError) as error:
