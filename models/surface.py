@@ -39,7 +39,7 @@ def decode_tokens(model: Any, ids: Tensor) -> list[str]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return [str(i) for i in flat]
-    return [tokenizer.decode([i]) for i in flat]
+    return tokenizer.batch_decode([[i] for i in flat])
 
 
 def unembed_resid(model: Any, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
