@@ -162,14 +162,12 @@ def sinks_panel(request, site):
     return found.figure(kind="sinks"), offer, hint(text)
 
 
-@callback(
+@EMERGENCE_PROGRESS.callback(
     Output(EMERGENCE, "figure"),
     EMERGENCE_FIGURE.source,
     Output(message_id(EMERGENCE), "children"),
     Input(REQUEST, "data"),
     Input(SERIES, "value"),
-    EMERGENCE_PROGRESS.key,
-    **backend.background(EMERGENCE_PROGRESS),
 )
 @show_errors(_EMPTY, None)
 def emergence_panel(request, series, progress_key):

@@ -113,15 +113,13 @@ def _copying(request: dict, model: Any) -> backend.PageResults:
     return backend.page_results(request["model"], model, None, [dl.circuits.CopyingScores()])
 
 
-@callback(
+@SCORES_PROGRESS.callback(
     Output(GRID, "figure"),
     GRID_FIGURE.source,
     Output(status_id("heads"), "children"),
     Output(message_id(GRID), "children"),
     Input(REQUEST, "data"),
     Input(KIND, "value"),
-    SCORES_PROGRESS.key,
-    **backend.background(SCORES_PROGRESS),
 )
 @show_errors(_EMPTY, None, None)
 def scores_panel(request, kind, progress_key):
