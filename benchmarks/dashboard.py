@@ -232,7 +232,6 @@ def pages_and_tabs(driver, repeats: int) -> None:
           f"worst {max(switch):.3f} s  slowest callback median {med(switch_cb):.3f} s  (target < 0.3 s)")
 
     from dynalens.dashboard import backend
-    from dynalens.dashboard.layout import REQUEST
     from dynalens.dashboard.pages import explorer, heads  # registered by the server's app
 
     asks = [{"model": "smollm2-135m", "prompt": prompt_of(N_TOKENS, seed=time.time_ns() + 7)},
@@ -245,8 +244,10 @@ def pages_and_tabs(driver, repeats: int) -> None:
         page = Tab(url + "/")
         request = {**asks[i], "run": 1}
         start.wait()  # all four tabs ask at once
-        prepared = page.call(f"{explorer.PROMPT_STORE}.data", {(REQUEST, "data"): request}, {(explorer.LAYER, "value"): None})
-        grid = page.call(f"{heads.GRID}.figure", {(REQUEST, "data"): request, (heads.KIND, "value"): "induction"},
+        prepared = page.call(f"{explorer.PROMPT_STORE}.data", {(explorer.PAGE.request_id, "data"): request},
+                             {(explorer.LAYER, "value"): None})
+        grid = page.call(f"{heads.GRID}.figure",
+                         {(heads.PAGE.request_id, "data"): request, (heads.KIND, "value"): "induction"},
                          {(heads.SCORES_PROGRESS.key_id, "data"): f"bench-{i}"})
         if explorer.PROMPT_STORE not in prepared.outputs or heads.GRID not in grid.outputs:
             raise RuntimeError(f"tab {i} got no answer: {prepared.outputs.keys()}, {grid.outputs.keys()}")

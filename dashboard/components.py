@@ -344,13 +344,16 @@ class ProgressBar:
             ],
         )  # fmt: skip
 
-    def callback(self, *dependencies: Output | Input | State) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def callback(
+        self, *dependencies: Output | Input | State, prevent_initial_call: bool = False
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Register a long callback: answered at once from what is at hand, else as a background job with this bar.
 
         ``dependencies`` are the callback's ``Output``, ``Input`` and ``State``
-        objects, in that order, as for ``dash.callback``; the decorated
-        function gets the bar's key after them (report under it with
-        ``backend.reporting``). It is registered twice:
+        objects, in that order, as for ``dash.callback`` (and its
+        ``prevent_initial_call``); the decorated function gets the bar's key
+        after them (report under it with ``backend.reporting``). It is
+        registered twice:
 
         - a plain callback runs it under ``backend.cached_only()``: when the
           model is loaded and the results cache holds every Result it draws
@@ -375,7 +378,8 @@ class ProgressBar:
                 except NotCached:
                     return [*[dash.no_update] * len(outputs), uuid.uuid4().hex]  # the job runs it
 
-            dash.callback(*outputs, Output(self.start_id, "data"), *inputs, *states, self.key)(at_once)
+            dash.callback(*outputs, Output(self.start_id, "data"), *inputs, *states, self.key,
+                          prevent_initial_call=prevent_initial_call)(at_once)  # fmt: skip
             dash.callback(
                 *[Output(o.component_id, o.component_property, allow_duplicate=True) for o in outputs],
                 Input(self.start_id, "data"),

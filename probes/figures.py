@@ -115,7 +115,8 @@ def heatmap(
         if finite.size:
             ticks = np.arange(np.floor(finite.min()), np.ceil(finite.max()) + 1)
             colorbar.update(tickvals=ticks.tolist(), ticktext=[f"1e{int(t)}" for t in ticks])
-    trace = go.Heatmap(
+    trace = dict(
+        type="heatmap",
         z=z,
         x=list(range(cols)),
         y=list(range(rows)),
@@ -132,10 +133,8 @@ def heatmap(
         ygap=1,
     )
     if text is not None:
-        trace.update(
-            text=np.asarray(text, dtype=object), texttemplate="%{text}", textfont=dict(size=10)
-        )
-    fig = go.Figure(trace)
+        trace.update(text=np.asarray(text, dtype=object), texttemplate="%{text}", textfont=dict(size=10))
+    fig = go.Figure(data=[trace])  # from a dict: a go.Heatmap would be deep-copied, hover strings and all
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=title),

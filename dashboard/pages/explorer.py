@@ -34,7 +34,7 @@ from dynalens.dashboard.components import (
     status_row,
     token_strip,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
 
@@ -66,8 +66,10 @@ GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "mamba2": "Head", "hy
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
+
 MAIN = MainPanel(
-    __name__, "Logit lens (top 1 at every token)",
+    PAGE, "Logit lens (top 1 at every token)",
     selections={LAYER: None, LENS_VIEW: "position", MIXER_LOG: [], RESID_LOG: ["log"]},
     analysis=lambda model, chosen: dl.probes.LogitLens(k=TOP_K),
     figure=lambda lens, chosen: lens.figure(position=None),
@@ -80,6 +82,7 @@ RESID_FIGURE = Figure(RESID, "The residual-stream norm of every token and layer 
 
 
 
+@PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
@@ -188,12 +191,12 @@ def _panel_inputs(request: dict | None, layer: Any) -> tuple[Any, Any, int, back
 # ----------------------------------------------------------------- callbacks
 # Every panel reads the request itself (no chain through a prompt store), so a
 # page visit asks for all of them at once; the first to run pays the forward.
-@callback(
+@PAGE.callback(
     Output(PROMPT_STORE, "data"),
     Output(TOKENS, "children"),
     Output(GROUP_LABEL, "children"),
     Output(STATUS, "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(LAYER, "value"),
 )
 @show_errors(None, [], "Head")
@@ -227,7 +230,7 @@ def prepare(request: dict | None, layer: int | None):
     Input(RESID, "clickData"),
     Input(MIXER, "clickData"),
     Input(LENS, "clickData"),
-    State(REQUEST, "data"),
+    State(PAGE.request_id, "data"),
     State(PROMPT_STORE, "data"),
     State(LENS_VIEW, "value"),
     prevent_initial_call=True,
@@ -261,11 +264,11 @@ def mark_selected_token(position, ids):
     return ["token selected" if i["index"] == index else "token" for i in ids]
 
 
-@callback(
+@PAGE.callback(
     Output(RESID, "figure"),
     RESID_FIGURE.source,
     Output(RESID_MESSAGE, "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(POSITION, "data"),
     Input(RESID_LOG, "value"),
     State(LAYER, "value"),
@@ -281,11 +284,11 @@ def residual_panel(request, position, log_colour, layer):
     return results["residual_norms"].figure(log="log" in (log_colour or []), position=selected), offer, None
 
 
-@callback(
+@PAGE.callback(
     Output(LENS, "figure"),
     LENS_FIGURE.source,
     Output(LENS_MESSAGE, "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(POSITION, "data"),
     Input(LENS_VIEW, "value"),
     State(LAYER, "value"),
@@ -301,7 +304,7 @@ def logit_lens_panel(request, position, view, layer):
     return results["logit_lens"].figure(position=selected if view == "position" else None), offer, None
 
 
-@callback(
+@PAGE.callback(
     Output(MIXER, "figure"),
     MIXER_FIGURE.source,
     Output(LAYER, "options"),
@@ -309,7 +312,7 @@ def logit_lens_panel(request, position, view, layer):
     Output(GROUP, "options"),
     Output(GROUP, "value"),
     Output(MIXER_MESSAGE, "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(LAYER, "value"),
     Input(GROUP, "value"),
     Input(POSITION, "data"),
