@@ -107,9 +107,10 @@ class MainPanel:
             page.request,
             *[Input(id, "value") for id in ids],
         )(lambda request, *values: self.draw(request, dict(zip(ids, values))))
-        if ids:
+        if ids:  # on a change only: a page shows the selections its URL names
             dash.clientside_callback(
-                url_state.write_selections(ids), Output(self.url_id, "data"), *[Input(id, "value") for id in ids]
+                url_state.write_selections(ids), Output(self.url_id, "data"), *[Input(id, "value") for id in ids],
+                prevent_initial_call=True,
             )
 
     def page_layout(self, layout: Callable[..., Any]) -> Callable[..., html.Div]:

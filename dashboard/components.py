@@ -23,6 +23,7 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
+from dynalens.dashboard.prefill import clientside_twin
 from dynalens.dashboard.backend import (
     DashboardError,
     NotCached,
@@ -131,16 +132,16 @@ class Figure:
         self.id, self.empty = id, empty
         self.box_id, self.source_id, self.download_id = (f"{id}-{part}" for part in ("box", "source", "download"))
         self.csv_id, self.result_id, self.note_id = (f"{id}-{part}" for part in ("csv", "result", "download-note"))
-        dash.clientside_callback(
+        clientside_twin(
             "fig => (fig && fig.data && fig.data.length) ? 'figure-box' : 'figure-box empty'",
-            Output(self.box_id, "className"),
-            Input(self.id, "figure"),
-        )
-        dash.clientside_callback(
+            lambda fig: "figure-box" if _traces(fig) else "figure-box empty",
+            [Output(self.box_id, "className")], Input(self.id, "figure"),
+        )  # fmt: skip
+        clientside_twin(
             "source => [!source, !(source && source.csv)]",
-            [Output(self.result_id, "disabled"), Output(self.csv_id, "disabled")],
-            Input(self.source_id, "data"),
-        )
+            lambda source: (not source, not (source and source.get("csv"))),
+            [Output(self.result_id, "disabled"), Output(self.csv_id, "disabled")], Input(self.source_id, "data"),
+        )  # fmt: skip
         dash.callback(
             Output(self.download_id, "data"),
             Output(self.note_id, "children"),
@@ -200,6 +201,12 @@ class Figure:
             frame = cache.load(source["key"]).to_frame() if frame is None else frame
             return dcc.send_data_frame(frame.to_csv, f"{source['name']}.csv", index=False), None
         return dcc.send_file(str(cache.path(source["key"])), filename=f"{source['name']}.safetensors"), None
+
+
+def _traces(figure: Any) -> int:
+    """How many traces a figure (a ``go.Figure`` or its dict) holds."""
+    data = figure.get("data") if isinstance(figure, dict) else getattr(figure, "data", None)
+    return len(data or [])
 
 
 def graph(id: str, height: int | None = 420) -> dcc.Loading:

@@ -134,10 +134,33 @@ class PageCallbacks:
                     answer = fn(*values)
                 except (backend.NotCached, PreventUpdate):
                     return False
-                for output, value in zip(outputs, answer if len(outputs) > 1 else [answer]):
-                    if value is not dash.no_update:
-                        setattr(components[output.component_id], output.component_property, value)
+                _set(components, outputs, answer)
         return True
+
+
+def _set(components: Mapping[str, Any], outputs: list[Output], answer: Any) -> None:
+    """Set ``outputs`` (one value, or one per output) in ``components``, and what their client-side twins derive."""
+    for output, value in zip(outputs, answer if len(outputs) > 1 else [answer]):
+        if value is dash.no_update:
+            continue
+        setattr(components[output.component_id], output.component_property, value)
+        for python, derived in _twins.get((output.component_id, output.component_property), []):
+            _set(components, derived, python(value))
+
+
+_twins: dict[tuple[str, str], list[tuple[Callable[[Any], Any], list[Output]]]] = {}
+
+
+def clientside_twin(source: str, python: Callable[[Any], Any], outputs: list[Output], source_input: Input) -> None:
+    """A client-side callback of one input that does not run when a page appears, and its Python twin.
+
+    Whenever :meth:`PageCallbacks.fill` sets ``source_input`` in a layout it
+    sets ``outputs`` to ``python(value)`` (a tuple for several outputs), so a
+    layout that arrives drawn is complete without the browser running
+    ``source``; an empty layout holds the outputs' values for its empty inputs.
+    """
+    dash.clientside_callback(source, *outputs, source_input, prevent_initial_call=True)
+    _twins.setdefault((source_input.component_id, source_input.component_property), []).append((python, outputs))
 
 
 def request_of(query: Mapping[str, Any]) -> dict[str, Any] | None:
