@@ -19,11 +19,13 @@ layout arrives drawn when nothing needs computing::
     def layout(**query): ...
 
 Each callback's first input is :attr:`PageCallbacks.request`, the page's copy
-of the header's request: a client-side callback copies it there whenever it
-names another view than the copy holds. A layout drawn for the request holds
-it already, so nothing runs when the page appears; a layout that was not
-(a model to load, a Result not cached, a plain URL) starts with an empty copy,
-and its callbacks run as soon as the header's request is copied (one round of
+of the header's request, which a client-side callback refreshes whenever the
+header's request changes (Analyse runs again even on the same prompt). A
+layout drawn for a request holds it already, with a marker saying so: the
+first refresh that finds the same view (``layout.same_view``) only clears the
+marker, so nothing runs when the page appears. A layout that was not drawn
+(a model to load, a Result not cached, a plain URL) starts with an empty
+copy, and its callbacks run as soon as the request is copied (one round of
 requests). One callback that cannot answer from what is at hand leaves the
 whole layout to the callbacks.
 """
@@ -45,13 +47,16 @@ from dynalens.dashboard.layout import REQUEST, make_request
 Dependency = Output | Input | State
 
 HAND_OVER = """
-function(request, held) {
+function(request, drawn) {
+    const skip = window.dash_clientside.no_update;
+    if (!request) { return [skip, skip]; }
     const view = r => JSON.stringify([r.model, r.name, r.checkpoint, r.compare, r.prompt]);
-    return !request || (held && view(held) === view(request)) ? window.dash_clientside.no_update : request;
+    if (drawn && view(drawn) === view(request)) { return [skip, null]; }
+    return [request, drawn ? null : skip];
 }
 """
-"""Client-side: the header's request into the page's copy, unless the copy names the same view
-(``layout.same_view``: the run counter aside)."""
+"""Client-side: the header's request into the page's copy, except once when the layout was drawn for the same
+view (the marker is cleared then)."""
 
 
 class PageCallbacks:
@@ -66,16 +71,20 @@ class PageCallbacks:
     ----------
     page : str
         The page's short name (the module's last part).
-    request_id : str
-        Id of the page's copy of the request (what its callbacks read).
+    request_id, drawn_id : str
+        Ids of the page's copy of the request (what its callbacks read) and of
+        the marker naming the request its layout was drawn for.
     """
 
     def __init__(self, module: str) -> None:
         self.module, self.page = module, module.rsplit(".", 1)[-1]
-        self.request_id = f"{self.page}-request"
+        self.request_id, self.drawn_id = f"{self.page}-request", f"{self.page}-drawn"
         self._callbacks: list[tuple[Callable[..., Any], list[Dependency]]] = []
-        dash.clientside_callback(HAND_OVER, Output(self.request_id, "data"), Input(REQUEST, "data"),
-                                 State(self.request_id, "data"))  # fmt: skip
+        dash.clientside_callback(
+            HAND_OVER,
+            Output(self.request_id, "data"), Output(self.drawn_id, "data"),
+            Input(REQUEST, "data"), State(self.drawn_id, "data"),
+        )  # fmt: skip
 
     @property
     def request(self) -> Input:
@@ -112,7 +121,8 @@ class PageCallbacks:
             body = layout(**query)
             request = request_of(query)
             drawn = request is not None and self.fill(body, request)
-            return html.Div([dcc.Store(id=self.request_id, data=request if drawn else None), body])
+            held = request if drawn else None
+            return html.Div([dcc.Store(id=self.request_id, data=held), dcc.Store(id=self.drawn_id, data=held), body])
 
         return wrapped
 
