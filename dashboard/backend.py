@@ -18,10 +18,12 @@ direction, a fitted controller) go through :func:`cached`.
 Errors meant for the user are :class:`DashboardError`; :func:`user_message`
 turns any exception into one readable line, never a traceback.
 
-A long callback runs as a Dash **background job**: its page passes
-``**background(bar)`` to ``dash.callback`` (``bar`` a page's
-``components.ProgressBar``), and the app's job manager (``dashboard/jobs.py``)
-runs it in a thread of the server process. While it runs, it reports how far
+A long callback runs as a Dash **background job**: its page registers it
+with ``bar.callback`` (``bar`` a page's ``components.ProgressBar``), which
+first tries it as a plain callback under :func:`cached_only` (a revisit
+answers at once from the results cache) and otherwise hands it to the app's
+job manager (``dashboard/jobs.py``), which runs it in a thread of the server
+process. While it runs, it reports how far
 it is with :func:`reporting` (a :class:`ProgressReport` that it advances, by
 hand or per sequence the model reads with :func:`counting_sequences`); the
 page's progress bar polls :func:`read_progress` from another request thread.
@@ -84,6 +86,25 @@ class Cancelled(DashboardError):
     """The user stopped the background job (its Cancel button, or new inputs superseded it)."""
 
 
+class NotCached(Exception):
+    """Under :func:`cached_only`: the answer needs a model loaded or an analysis run (see ``ProgressBar.callback``)."""
+
+
+_cached_only: ContextVar[bool] = ContextVar("dynalens_dashboard_cached_only", default=False)
+
+
+@contextmanager
+def cached_only() -> Iterator[None]:
+    """Within the block, answer only from what is at hand: loading a model or running an analysis raises
+    :class:`NotCached` instead (:func:`load_model` of a model not loaded, :func:`page_results` and
+    :func:`cached` of anything the results cache does not hold)."""
+    token = _cached_only.set(True)
+    try:
+        yield
+    finally:
+        _cached_only.reset(token)
+
+
 _models: OrderedDict[str, Any] = OrderedDict()
 _models_lock = threading.Lock()
 # One analysis at a time in the whole server: hooks are model state, not per call,
@@ -107,6 +128,8 @@ def load_model(name_or_path: str) -> Any:
         if key in _models:
             _models.move_to_end(key)
             return _models[key]
+        if _cached_only.get():
+            raise NotCached(f"model {key!r} is not loaded")
         try:
             model = dynalens.load(key)
         except Exception as exc:
@@ -318,7 +341,7 @@ def cached(
     key = cached_key(name_or_path, prompts, what, params)
     try:
         return cache.get_or_compute(key, lambda: run_alone(compute))
-    except DashboardError:
+    except (DashboardError, NotCached):
         raise
     except Exception as exc:
         log.exception("%s failed", what)
@@ -338,7 +361,12 @@ def run_alone(compute: Callable[[], T]) -> T:
 
 @contextmanager
 def _models_turn() -> Iterator[None]:
-    """Hold the lock on every model; a cancelled job stops waiting for it (:class:`Cancelled`)."""
+    """Hold the lock on every model; a cancelled job stops waiting for it (:class:`Cancelled`).
+
+    Every computation goes through here: under :func:`cached_only` it raises :class:`NotCached`.
+    """
+    if _cached_only.get():
+        raise NotCached("the answer needs an analysis run")
     while not _run_lock.acquire(timeout=0.1):
         check_cancelled()
     try:

@@ -69,7 +69,13 @@ class Tab:
         inputs: Mapping[tuple[str, str], Any],
         state: Mapping[tuple[str, str], Any] | None = None,
     ) -> Answer:
-        """Run the callback that writes ``output`` (``"id.prop"``, any one of its outputs).
+        """Run the callback that writes ``output`` (``"id.prop"``, any one of its outputs), and the one it starts.
+
+        When the answer writes the first input of another server callback whose
+        other inputs and states are all known (a long callback that did not
+        answer at once starts its background job that way, see
+        ``ProgressBar.callback``), that callback runs next, as the renderer
+        would; its outputs join the answer.
 
         Parameters
         ----------
@@ -89,16 +95,40 @@ class Tab:
         key = next((k for k in self.callbacks if output in _outputs(k)), None)
         if key is None:
             raise KeyError(f"no callback writes {output!r}")
+        known = {**dict(state or {}), **inputs}
+        start = time.perf_counter()
+        outputs, polls = self._post(key, known, next(iter(inputs), None))
+        written = {(i, p): v for i, props in outputs.items() for p, v in props.items()}
+        follow = self._follow_up(key, written, known)
+        if follow is not None:  # the answer started a callback that listens to it (a long callback's job)
+            more, polls = self._post(follow, {**known, **written}, None)
+            outputs = {**outputs, **more}
+        return Answer(outputs, time.perf_counter() - start, polls)
+
+    def _follow_up(self, key: str, written: Mapping[tuple[str, str], Any],
+                   known: Mapping[tuple[str, str], Any]) -> str | None:  # fmt: skip
+        """The server callback the renderer runs next: its first input is one ``key``'s answer wrote, and
+        every other input and state is known."""
+        for other, spec in self.callbacks.items():
+            if other == key or spec.get("clientside_function") or _first_input(spec) not in written:
+                continue
+            if all((d["id"], d["property"]) in {**known, **written} for d in [*spec["inputs"], *spec["state"]]):
+                return other
+        return None
+
+    def _post(self, key: str, values: Mapping[tuple[str, str], Any],
+              changed: tuple[str, str] | None) -> tuple[dict, int]:  # fmt: skip
+        """Post callback ``key`` (``changed``: the input that changed, else its first) with ``values`` for its
+        inputs and states, poll its job if it starts one; its outputs by component id, the polls made."""
         spec = self.callbacks[key]
         outs = [{"id": i, "property": p} for i, p in (o.rsplit(".", 1) for o in _outputs(key))]
-        state = dict(state or {})
         body = {
             "output": key,
             "outputs": outs if key.startswith("..") else outs[0],
-            "inputs": [{"id": i["id"], "property": i["property"], "value": inputs[(i["id"], i["property"])]}
+            "inputs": [{"id": i["id"], "property": i["property"], "value": values[(i["id"], i["property"])]}
                        for i in spec["inputs"]],
-            "changedPropIds": [f"{spec['inputs'][0]['id']}.{spec['inputs'][0]['property']}"],
-            "state": [{"id": s["id"], "property": s["property"], "value": state[(s["id"], s["property"])]}
+            "changedPropIds": [".".join(changed or _first_input(spec))],
+            "state": [{"id": s["id"], "property": s["property"], "value": values[(s["id"], s["property"])]}
                       for s in spec["state"]],
         }  # fmt: skip
         start, params, polls = time.perf_counter(), {"endId": self.end_id}, 0
@@ -106,17 +136,22 @@ class Tab:
             answer = self.session.post(self.url + "_dash-update-component", params=params, json=body,
                                        timeout=self.timeout)  # fmt: skip
             if answer.status_code == 204:  # PreventUpdate
-                return Answer({}, time.perf_counter() - start, polls)
+                return {}, polls
             answer.raise_for_status()
             data = answer.json()
             if "response" in data:
-                return Answer(data["response"], time.perf_counter() - start, polls)
+                return data["response"], polls
             if "cacheKey" in data:  # a background job started: poll it with its handles, as the renderer does
                 params = {"endId": self.end_id, "cacheKey": data["cacheKey"], "job": data["job"]}
             if time.perf_counter() - start > self.timeout:
-                raise TimeoutError(f"{output} gave no answer in {self.timeout} s")
+                raise TimeoutError(f"{key} gave no answer in {self.timeout} s")
             polls += 1
             time.sleep(JOB_POLL_MS / 1000)
+
+
+def _first_input(spec: Mapping[str, Any]) -> tuple[str, str]:
+    """``(id, property)`` of a callback's first input."""
+    return spec["inputs"][0]["id"], spec["inputs"][0]["property"]
 
 
 def _outputs(key: str) -> list[str]:

@@ -2,9 +2,11 @@
 
 A page declares its main panel once, at its top level, and wraps its layout::
 
-    MAIN = MainPanel(__name__, "Head scores", selections={KIND: "induction"},
+    PAGE = PageCallbacks(__name__)
+    MAIN = MainPanel(PAGE, "Head scores", selections={KIND: "induction"},
                      analysis=scores_of, prompts=workload_of, figure=draw_scores)
 
+    @PAGE.page_layout
     @MAIN.page_layout
     def layout(**_): ...
 
@@ -38,7 +40,8 @@ from dash import Input, Output, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend, url_state
 from dynalens.dashboard.components import card
-from dynalens.dashboard.layout import REQUEST, model_label
+from dynalens.dashboard.layout import model_label
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
@@ -58,8 +61,9 @@ class MainPanel:
 
     Parameters
     ----------
-    module : str
-        The page module's ``__name__`` (it has called ``dash.register_page``).
+    page : PageCallbacks
+        The page's callbacks (its module has called ``dash.register_page``);
+        the panel's is one of them.
     title : str
         What the panel shows, e.g. ``"Head scores"``.
     analysis : callable
@@ -82,7 +86,7 @@ class MainPanel:
 
     def __init__(
         self,
-        module: str,
+        page: PageCallbacks,
         title: str,
         *,
         analysis: Callable[[Any, Chosen], Analysis],
@@ -90,22 +94,23 @@ class MainPanel:
         prompts: Callable[[Any, Chosen], Prompts | None] | None = None,
         selections: Mapping[str, Any] | None = None,
     ) -> None:
-        self.page = module.rsplit(".", 1)[-1]
+        self.page = page.page
         self.title, self.analysis, self.prompts, self.figure = title, analysis, prompts, figure
         self.selections = dict(selections or {})
         parts = ("", "-body", "-url")
         self.section_id, self.body_id, self.url_id = (f"{self.page}-side-by-side{part}" for part in parts)
-        dash.page_registry[module]["main_panel"] = title  # the shell's compare note reads it
+        dash.page_registry[page.module]["main_panel"] = title  # the shell's compare note reads it
         ids = list(self.selections)
-        dash.callback(
+        page.callback(
             Output(self.section_id, "style"),
             Output(self.body_id, "children"),
-            Input(REQUEST, "data"),
+            page.request,
             *[Input(id, "value") for id in ids],
         )(lambda request, *values: self.draw(request, dict(zip(ids, values))))
-        if ids:
+        if ids:  # on a change only: a page shows the selections its URL names
             dash.clientside_callback(
-                url_state.write_selections(ids), Output(self.url_id, "data"), *[Input(id, "value") for id in ids]
+                url_state.write_selections(ids), Output(self.url_id, "data"), *[Input(id, "value") for id in ids],
+                prevent_initial_call=True,
             )
 
     def page_layout(self, layout: Callable[..., Any]) -> Callable[..., html.Div]:
@@ -154,6 +159,8 @@ class MainPanel:
                 id=graph_id(self.page, index), figure=self.figure(result, chosen),
                 config={"displaylogo": False, "displayModeBar": "hover"}, style={"height": f"{HEIGHT}px"},
             )  # fmt: skip
+        except backend.NotCached:
+            raise
         except Exception as exc:  # the column says why; the other columns still draw
             if not isinstance(exc, backend.DashboardError):
                 log.exception("side-by-side %s of %s failed", self.title, name_or_path)

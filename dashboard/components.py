@@ -22,8 +22,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
+from dynalens.dashboard import backend
+from dynalens.dashboard.prefill import clientside_twin
 from dynalens.dashboard.backend import (
     DashboardError,
+    NotCached,
     Progress,
     model_and_prompts,
     read_progress,
@@ -129,16 +132,16 @@ class Figure:
         self.id, self.empty = id, empty
         self.box_id, self.source_id, self.download_id = (f"{id}-{part}" for part in ("box", "source", "download"))
         self.csv_id, self.result_id, self.note_id = (f"{id}-{part}" for part in ("csv", "result", "download-note"))
-        dash.clientside_callback(
+        clientside_twin(
             "fig => (fig && fig.data && fig.data.length) ? 'figure-box' : 'figure-box empty'",
-            Output(self.box_id, "className"),
-            Input(self.id, "figure"),
-        )
-        dash.clientside_callback(
+            lambda fig: "figure-box" if _traces(fig) else "figure-box empty",
+            [Output(self.box_id, "className")], Input(self.id, "figure"),
+        )  # fmt: skip
+        clientside_twin(
             "source => [!source, !(source && source.csv)]",
-            [Output(self.result_id, "disabled"), Output(self.csv_id, "disabled")],
-            Input(self.source_id, "data"),
-        )
+            lambda source: (not source, not (source and source.get("csv"))),
+            [Output(self.result_id, "disabled"), Output(self.csv_id, "disabled")], Input(self.source_id, "data"),
+        )  # fmt: skip
         dash.callback(
             Output(self.download_id, "data"),
             Output(self.note_id, "children"),
@@ -198,6 +201,12 @@ class Figure:
             frame = cache.load(source["key"]).to_frame() if frame is None else frame
             return dcc.send_data_frame(frame.to_csv, f"{source['name']}.csv", index=False), None
         return dcc.send_file(str(cache.path(source["key"])), filename=f"{source['name']}.safetensors"), None
+
+
+def _traces(figure: Any) -> int:
+    """How many traces a figure (a ``go.Figure`` or its dict) holds."""
+    data = figure.get("data") if isinstance(figure, dict) else getattr(figure, "data", None)
+    return len(data or [])
 
 
 def graph(id: str, height: int | None = 420) -> dcc.Loading:
@@ -279,7 +288,7 @@ def show_errors(*fallback: Any) -> Callable[[Callable[..., tuple]], Callable[...
         def wrapper(*args: Any) -> tuple:
             try:
                 return fn(*args)
-            except PreventUpdate:
+            except (PreventUpdate, NotCached):
                 raise
             except Exception as exc:
                 if not isinstance(exc, DashboardError):
@@ -299,13 +308,14 @@ class ProgressBar:
     draws what the callback reports, and its *Cancel* button stops the job;
     when it ends (result, error or cancelled) the bar is hidden again. Create
     it at a page module's top level (Dash runs page modules for every app, so
-    each app gets the poll callback), put :meth:`layout` in the page, and give
-    the callback :attr:`key` as its last ``State`` and
-    ``**backend.background(bar)`` (a background job, see ``dashboard/jobs.py``)::
+    each app gets the poll callback), put :meth:`layout` in the page, and
+    register the callback with :meth:`callback` (it gets :attr:`key` as its
+    last argument; a callback that always runs as a job instead takes
+    :attr:`key` as its last ``State`` and ``**backend.background(bar)``)::
 
         BAR = ProgressBar("heads-scores")
 
-        @callback(Output(...), Input(...), BAR.key, **backend.background(BAR))
+        @BAR.callback(Output(...), Input(...))
         def scores(request, key):
             with backend.reporting(key, steps=2) as report:
                 report.step("Reading prompts", size=n)
@@ -317,8 +327,8 @@ class ProgressBar:
 
     def __init__(self, job: str) -> None:
         self.id = f"{job}-progress"
-        self.body_id, self.poll_id, self.key_id, self.cancel_id = (
-            f"{self.id}-{part}" for part in ("body", "poll", "key", "cancel")
+        self.body_id, self.poll_id, self.key_id, self.cancel_id, self.start_id = (
+            f"{self.id}-{part}" for part in ("body", "poll", "key", "cancel", "start")
         )
         dash.callback(
             Output(self.body_id, "children"),
@@ -337,8 +347,55 @@ class ProgressBar:
                          className="progress-row"),
                 dcc.Interval(id=self.poll_id, interval=self.POLL_MS, disabled=True),
                 dcc.Store(id=self.key_id, data=uuid.uuid4().hex),
+                dcc.Store(id=self.start_id),
             ],
         )  # fmt: skip
+
+    def callback(
+        self, *dependencies: Output | Input | State, prevent_initial_call: bool = False
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Register a long callback: answered at once from what is at hand, else as a background job with this bar.
+
+        ``dependencies`` are the callback's ``Output``, ``Input`` and ``State``
+        objects, in that order, as for ``dash.callback`` (and its
+        ``prevent_initial_call``); the decorated function gets the bar's key
+        after them (report under it with ``backend.reporting``). It is
+        registered twice:
+
+        - a plain callback runs it under ``backend.cached_only()``: when the
+          model is loaded and the results cache holds every Result it draws
+          (a page revisited, a cached prompt), it answers in one request;
+        - otherwise (``backend.NotCached``) that callback only writes the
+          bar's start store, and the background job listening to it runs the
+          function with the same values, showing the bar and its Cancel button.
+
+        A background job always costs a poll (``backend.JOB_POLL_MS``) after
+        its first request; the plain callback spares it whenever nothing is
+        computed.
+        """
+        outputs = [d for d in dependencies if isinstance(d, Output)]
+        inputs = [d for d in dependencies if isinstance(d, Input)]
+        states = [d for d in dependencies if isinstance(d, State)]
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def at_once(*args: Any) -> list[Any]:
+                try:
+                    with backend.cached_only():
+                        return [*fn(*args), dash.no_update]
+                except NotCached:
+                    return [*[dash.no_update] * len(outputs), uuid.uuid4().hex]  # the job runs it
+
+            dash.callback(*outputs, Output(self.start_id, "data"), *inputs, *states, self.key,
+                          prevent_initial_call=prevent_initial_call)(at_once)  # fmt: skip
+            dash.callback(
+                *[Output(o.component_id, o.component_property, allow_duplicate=True) for o in outputs],
+                Input(self.start_id, "data"),
+                *[State(i.component_id, i.component_property) for i in inputs], *states, self.key,
+                prevent_initial_call=True, **backend.background(self),
+            )(lambda _start, *args: fn(*args))  # fmt: skip
+            return fn
+
+        return decorate
 
     @property
     def key(self) -> State:

@@ -18,7 +18,7 @@ layout is built (Dash passes the query string to ``layout(**query)``).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
@@ -92,19 +92,19 @@ def restore(layout: Any, query: Mapping[str, Any], selections: Mapping[str, Any]
         if text is not None:
             chosen[id] = decode(text[-1] if isinstance(text, list) else text, default)
     if chosen:
-        for component in _walk(layout):
+        for component in walk(layout):
             if getattr(component, "id", None) in chosen:
                 component.value = chosen[component.id]
     return layout
 
 
-def _walk(component: Any):
+def walk(component: Any) -> Iterator[Any]:
     """``component`` and every component below it."""
     yield component
     children = getattr(component, "children", None)
     for child in children if isinstance(children, (list, tuple)) else [children]:
         if hasattr(child, "to_plotly_json"):
-            yield from _walk(child)
+            yield from walk(child)
 
 
 WRITE_REQUEST = """

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import dash
-from dash import Input, Output, State, callback, dcc, html
+from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend, sweep_view
 from dynalens.dashboard.compare import MainPanel
@@ -35,7 +35,7 @@ from dynalens.dashboard.components import (
     status_id,
     status_row,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
@@ -63,13 +63,16 @@ EMERGENCE_FIGURE = Figure(EMERGENCE, "The massive-activation ratio over training
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
+
 MAIN = MainPanel(
-    __name__, "Massive activations", selections={MAP_VIEW: "map", SITE: "resid", SERIES: ""},
+    PAGE, "Massive activations", selections={MAP_VIEW: "map", SITE: "resid", SERIES: ""},
     analysis=lambda model, chosen: dl.probes.MassiveActivations(site=chosen[SITE]),
     figure=lambda found, chosen: found.figure(kind=chosen[MAP_VIEW]),
 )
 
 
+@PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
@@ -111,12 +114,12 @@ def _results(request: dict, site: str | None) -> tuple[Any, Prompts, backend.Pag
     return model, prompts, backend.page_results(request["model"], model, prompts, found)
 
 
-@callback(
+@PAGE.callback(
     Output(MAP, "figure"),
     MAP_FIGURE.source,
     Output(status_id("activations"), "children"),
     Output(message_id(MAP), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(MAP_VIEW, "value"),
     Input(SITE, "value"),
 )
@@ -140,11 +143,11 @@ def massive_panel(request, view, site):
     return found.figure(kind=view), offer, status, hint(text)
 
 
-@callback(
+@PAGE.callback(
     Output(SINKS, "figure"),
     SINKS_FIGURE.source,
     Output(message_id(SINKS), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(SITE, "value"),
 )
 @show_errors(_EMPTY, None)
@@ -162,14 +165,13 @@ def sinks_panel(request, site):
     return found.figure(kind="sinks"), offer, hint(text)
 
 
-@callback(
+@PAGE.callback(
     Output(EMERGENCE, "figure"),
     EMERGENCE_FIGURE.source,
     Output(message_id(EMERGENCE), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(SERIES, "value"),
-    EMERGENCE_PROGRESS.key,
-    **backend.background(EMERGENCE_PROGRESS),
+    progress=EMERGENCE_PROGRESS,
 )
 @show_errors(_EMPTY, None)
 def emergence_panel(request, series, progress_key):

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import Input, Output, State, callback, dcc, html
+from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 from dynalens.dashboard import backend
 from dynalens.dashboard.compare import MainPanel
@@ -32,7 +32,7 @@ from dynalens.dashboard.components import (
     status_id,
     status_row,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
@@ -52,8 +52,10 @@ PHASE = "dynamics-phase"
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
+
 MAIN = MainPanel(
-    __name__, "Token norm trajectories", selections={MIXER_LAYER: 0, COMPARE: ""},
+    PAGE, "Token norm trajectories", selections={MIXER_LAYER: 0, COMPARE: ""},
     analysis=lambda model, chosen: dl.probes.TokenTrajectories(),
     figure=lambda found, chosen: found.figure(),
 )
@@ -69,6 +71,7 @@ PHASE_FIGURE = Figure(PHASE, "The phase portrait of an RNN's last layer appears 
 
 
 
+@PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
@@ -117,12 +120,12 @@ def _results(request: dict, layer: Any) -> tuple[Any, Prompts, backend.PageResul
     return model, prompts, backend.page_results(request["model"], model, prompts, found)
 
 
-@callback(
+@PAGE.callback(
     Output(TRAJECTORIES, "figure"),
     TRAJECTORIES_FIGURE.source,
     Output(status_id("dynamics"), "children"),
     Output(message_id(TRAJECTORIES), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(MIXER_LAYER, "value"),
 )
 @show_errors(_EMPTY, None, None)
@@ -137,12 +140,12 @@ def trajectories_panel(request, layer):
     return found.figure(), offer, status, hint(text)
 
 
-@callback(
+@PAGE.callback(
     Output(REGIMES, "figure"),
     REGIMES_FIGURE.source,
     Output(REGIME_TABLE, "children"),
     Output(message_id(REGIMES), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
 )
 @show_errors(_EMPTY, None, None)
 def regimes_panel(request):
@@ -168,11 +171,11 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-@callback(
+@PAGE.callback(
     Output(MIXERS, "figure"),
     MIXERS_FIGURE.source,
     Output(message_id(MIXERS), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(COMPARE, "value"),
     Input(MIXER_LAYER, "value"),
 )
@@ -208,11 +211,11 @@ def mixers_panel(request, compare, layer):
     return found.figure(), MIXERS_FIGURE.offer(backend.cached_key(*key), f"mixer_comparison_L{layer}"), hint(text + ".")
 
 
-@callback(
+@PAGE.callback(
     Output(PHASE, "figure"),
     PHASE_FIGURE.source,
     Output(message_id(PHASE), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(MIXER_LAYER, "value"),
 )
 @show_errors(_EMPTY, None)

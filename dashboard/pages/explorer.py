@@ -6,6 +6,11 @@ panels are the Results of :func:`analyses` (``ResidualNorms``, ``LogitLens``,
 ``MixerMatrix``), computed with one ``dl.run`` per new prompt (one forward)
 through ``backend.page_results``; this page only draws them. A layer change
 computes the new layer's mixer matrix alone.
+
+Each panel reads the header's request itself, so a visit asks for the status,
+the token strip and the three panels at once (one round of requests); the
+selected token is kept with the prompt it belongs to and is the last token
+until one is clicked.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import dash
-from dash import ALL, Input, Output, State, callback, ctx, dcc, html
+from dash import ALL, Input, Output, State, callback, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 import dynalens as dl
@@ -29,7 +34,7 @@ from dynalens.dashboard.components import (
     status_row,
     token_strip,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
 
@@ -61,8 +66,10 @@ GROUP_NAMES = {"transformer": "Head", "mamba": "Channels", "mamba2": "Head", "hy
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
+
 MAIN = MainPanel(
-    __name__, "Logit lens (top 1 at every token)",
+    PAGE, "Logit lens (top 1 at every token)",
     selections={LAYER: None, LENS_VIEW: "position", MIXER_LOG: [], RESID_LOG: ["log"]},
     analysis=lambda model, chosen: dl.probes.LogitLens(k=TOP_K),
     figure=lambda lens, chosen: lens.figure(position=None),
@@ -75,6 +82,7 @@ RESID_FIGURE = Figure(RESID, "The residual-stream norm of every token and layer 
 
 
 
+@PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
@@ -149,33 +157,57 @@ def analyses(layer: int) -> list[Analysis]:
     return [dl.probes.ResidualNorms(), dl.probes.LogitLens(k=TOP_K), dl.probes.MixerMatrix(layer=layer)]
 
 
-def _results(prompt: dict, layer: int) -> backend.PageResults:
-    """The Results of :func:`analyses` on the stored prompt (one forward for those not cached yet)."""
-    model = backend.load_model(prompt["model"])
-    return backend.page_results(prompt["model"], model, backend.prompts_of(model, prompt["tokens"]), analyses(layer))
+def _layer(model: Any, layer: Any) -> int:
+    """The chosen layer when it exists in ``model``, else its last one."""
+    n_layers = model.cfg.n_layers
+    return layer if isinstance(layer, int) and 0 <= layer < n_layers else n_layers - 1
+
+
+def _selected(request: dict, position: dict | None, n_tokens: int) -> int:
+    """The selected token: the one last clicked on this request's prompt, else the last token."""
+    if position and position.get("prompt") == _prompt_of(request) and 0 <= position["index"] < n_tokens:
+        return position["index"]
+    return n_tokens - 1
+
+
+def _prompt_of(request: dict) -> dict:
+    """What a selected position belongs to: the request's model and prompt."""
+    return {"model": request["model"], "prompt": request["prompt"]}
+
+
+def _panel_inputs(request: dict | None, layer: Any) -> tuple[Any, Any, int, backend.PageResults] | None:
+    """The model, prompt, layer and the Results of :func:`analyses` for a panel; None before a request or when
+    the model or the prompt cannot be read (the status line shows why)."""
+    if not request:
+        raise PreventUpdate
+    try:
+        model, prompts = backend.model_and_prompts(request)
+    except backend.DashboardError:
+        return None
+    layer = _layer(model, layer)
+    return model, prompts, layer, backend.page_results(request["model"], model, prompts, analyses(layer))
 
 
 # ----------------------------------------------------------------- callbacks
-@callback(
+# Every panel reads the request itself (no chain through a prompt store), so a
+# page visit asks for all of them at once; the first to run pays the forward.
+@PAGE.callback(
     Output(PROMPT_STORE, "data"),
     Output(TOKENS, "children"),
-    Output(LAYER, "options"),
-    Output(LAYER, "value"),
     Output(GROUP_LABEL, "children"),
     Output(STATUS, "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(LAYER, "value"),
 )
-@show_errors(None, [], [], None, "Head")
+@show_errors(None, [], "Head")
 def prepare(request: dict | None, layer: int | None):
-    """Load the model, tokenise the prompt and run the page's analyses; the panels listen to the store."""
+    """Load the model, tokenise the prompt and run the page's analyses: the token strip and the status."""
     if not request:
         raise PreventUpdate
     model, prompts = backend.model_and_prompts(request)
     n_layers = model.cfg.n_layers
-    layer = layer if isinstance(layer, int) and 0 <= layer < n_layers else n_layers - 1
     try:  # the one forward of this prompt; the panels read its Results
-        backend.page_results(request["model"], model, prompts, analyses(layer))
+        backend.page_results(request["model"], model, prompts, analyses(_layer(model, layer)))
     except backend.DashboardError:
         pass  # each panel shows the error where its figure would be
     ids, str_tokens, architecture = prompts.tokens[0].tolist(), prompts.str_tokens[0], architecture_of(model)
@@ -188,9 +220,8 @@ def prepare(request: dict | None, layer: int | None):
         "run": request.get("run"),
     }
     status = status_row(request["model"], architecture, len(ids), n_layers)
-    options = [{"label": f"layer {i}", "value": i} for i in range(n_layers)]
     strip = token_strip(str_tokens, len(ids) - 1, TOKEN)
-    return prompt, strip, options, layer, GROUP_NAMES[architecture], status
+    return prompt, strip, GROUP_NAMES[architecture], status
 
 
 @callback(
@@ -199,94 +230,106 @@ def prepare(request: dict | None, layer: int | None):
     Input(RESID, "clickData"),
     Input(MIXER, "clickData"),
     Input(LENS, "clickData"),
-    Input(PROMPT_STORE, "data"),
+    State(PAGE.request_id, "data"),
+    State(PROMPT_STORE, "data"),
     State(LENS_VIEW, "value"),
+    prevent_initial_call=True,
 )
-def select_position(_clicks, resid_click, mixer_click, lens_click, prompt, lens_view):
-    """The selected token: the last one for a new prompt, else the one last clicked."""
-    if not prompt:
-        return None
-    n = len(prompt["tokens"])
+def select_position(_clicks, resid_click, mixer_click, lens_click, request, prompt, lens_view):
+    """The token last clicked (a token button or a heatmap column), with the prompt it belongs to."""
+    if not request or not prompt:
+        raise PreventUpdate
     trigger = ctx.triggered_id
-    if f"{PROMPT_STORE}.data" in ctx.triggered_prop_ids or trigger is None:
-        return n - 1
     if isinstance(trigger, dict):  # a token button; n_clicks 0 means it was just drawn
         if not ctx.triggered[0]["value"]:
             raise PreventUpdate
-        return trigger["index"]
-    if trigger == LENS and lens_view != "all":
+        column = trigger["index"]
+    elif trigger == LENS and lens_view != "all":
         raise PreventUpdate  # the per-position view's columns are ranks, not tokens
-    column = clicked_column({RESID: resid_click, MIXER: mixer_click, LENS: lens_click}[trigger])
-    if column is None or not 0 <= column < n:
+    else:
+        column = clicked_column({RESID: resid_click, MIXER: mixer_click, LENS: lens_click}.get(trigger))
+    if column is None or not 0 <= column < len(prompt["tokens"]):
         raise PreventUpdate
-    return column
+    return {"prompt": _prompt_of(request), "index": column}
 
 
 @callback(
     Output({"type": TOKEN, "index": ALL}, "className"),
     Input(POSITION, "data"),
     State({"type": TOKEN, "index": ALL}, "id"),
+    prevent_initial_call=True,
 )
 def mark_selected_token(position, ids):
-    return ["token selected" if i["index"] == position else "token" for i in ids]
+    index = (position or {}).get("index")
+    return ["token selected" if i["index"] == index else "token" for i in ids]
 
 
-@callback(
+@PAGE.callback(
     Output(RESID, "figure"),
     RESID_FIGURE.source,
     Output(RESID_MESSAGE, "children"),
-    Input(PROMPT_STORE, "data"),
+    PAGE.request,
     Input(POSITION, "data"),
     Input(RESID_LOG, "value"),
     State(LAYER, "value"),
 )
 @show_errors(_EMPTY, None)
-def residual_panel(prompt, position, log_colour, layer):
-    if not prompt or layer is None:
+def residual_panel(request, position, log_colour, layer):
+    found = _panel_inputs(request, layer)
+    if found is None:
         return _EMPTY, None, None
-    results = _results(prompt, layer)
+    _, prompts, _, results = found
     offer = RESID_FIGURE.offer(results.key("residual_norms"), "residual_norms")
-    return results["residual_norms"].figure(log="log" in (log_colour or []), position=position), offer, None
+    selected = _selected(request, position, int(prompts.lengths[0]))
+    return results["residual_norms"].figure(log="log" in (log_colour or []), position=selected), offer, None
 
 
-@callback(
+@PAGE.callback(
     Output(LENS, "figure"),
     LENS_FIGURE.source,
     Output(LENS_MESSAGE, "children"),
-    Input(PROMPT_STORE, "data"),
+    PAGE.request,
     Input(POSITION, "data"),
     Input(LENS_VIEW, "value"),
     State(LAYER, "value"),
 )
 @show_errors(_EMPTY, None)
-def logit_lens_panel(prompt, position, view, layer):
-    if not prompt or position is None or layer is None:
+def logit_lens_panel(request, position, view, layer):
+    found = _panel_inputs(request, layer)
+    if found is None:
         return _EMPTY, None, None
-    results = _results(prompt, layer)
+    _, prompts, _, results = found
     offer = LENS_FIGURE.offer(results.key("logit_lens"), "logit_lens")
-    return results["logit_lens"].figure(position=position if view == "position" else None), offer, None
+    selected = _selected(request, position, int(prompts.lengths[0]))
+    return results["logit_lens"].figure(position=selected if view == "position" else None), offer, None
 
 
-@callback(
+@PAGE.callback(
     Output(MIXER, "figure"),
     MIXER_FIGURE.source,
+    Output(LAYER, "options"),
+    Output(LAYER, "value"),
     Output(GROUP, "options"),
     Output(GROUP, "value"),
     Output(MIXER_MESSAGE, "children"),
-    Input(PROMPT_STORE, "data"),
+    PAGE.request,
     Input(LAYER, "value"),
     Input(GROUP, "value"),
     Input(POSITION, "data"),
     Input(MIXER_LOG, "value"),
 )
-@show_errors(_EMPTY, None, [], None)
-def mixer_panel(prompt, layer, group, position, log_colour):
-    if not prompt or layer is None:
-        return _EMPTY, None, [], None, None
-    results = _results(prompt, layer)
+@show_errors(_EMPTY, None, no_update, no_update, [], None)
+def mixer_panel(request, layer, group, position, log_colour):
+    found = _panel_inputs(request, layer)
+    if found is None:
+        return _EMPTY, None, no_update, no_update, [], None, None
+    model, prompts, layer, results = found
+    layers = [{"label": f"layer {i}", "value": i} for i in range(model.cfg.n_layers)]
     mixer = results["mixer_matrix"]
     labels = mixer.group_labels
     group = group if isinstance(group, int) and 0 <= group < len(labels) else 0
     options = [{"label": label, "value": i} for i, label in enumerate(labels)]
-    figure = mixer.figure(group=group, position=position, log="log" in (log_colour or []))
-    return figure, MIXER_FIGURE.offer(results.key("mixer_matrix"), f"mixer_matrix_L{layer}"), options, group, None
+    selected = _selected(request, position, int(prompts.lengths[0]))
+    figure = mixer.figure(group=group, position=selected, log="log" in (log_colour or []))
+    offer = MIXER_FIGURE.offer(results.key("mixer_matrix"), f"mixer_matrix_L{layer}")
+    return figure, offer, layers, layer, options, group, None

@@ -11,10 +11,11 @@ scores are computed, a progress bar counts the sequences read.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import dash
-from dash import Input, Output, callback, html
+from dash import Input, Output, html
 from dynalens.dashboard import backend
 from dynalens.dashboard.compare import MainPanel
 from dynalens.dashboard.components import (
@@ -31,7 +32,7 @@ from dynalens.dashboard.components import (
     status_id,
     status_row,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.prompts import Prompts
 from dynalens.models.surface import architecture_of
 from dynalens.probes.analysis import Analysis
@@ -59,8 +60,10 @@ PATTERN_FIGURE = Figure(PATTERN, "A head's pattern on the prompt appears here: c
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
+
 MAIN = MainPanel(
-    __name__, "Head scores", selections={KIND: "induction"},
+    PAGE, "Head scores", selections={KIND: "induction"},
     analysis=lambda model, chosen: dl.circuits.CopyingScores() if chosen[KIND] == "copying"
     else dl.circuits.HeadScores(),
     prompts=lambda model, chosen: None if chosen[KIND] == "copying" else workload(model),
@@ -68,6 +71,7 @@ MAIN = MainPanel(
 )  # fmt: skip
 
 
+@PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
     """The page (Dash calls it on every visit)."""
@@ -93,9 +97,18 @@ def analyses(layer: int) -> list[Analysis]:
 
 
 def workload(model: Any) -> Prompts:
-    """The head-score workload: repeated random tokens (``HALF_LEN`` per repeat, fewer for a short context)."""
-    half_len = min(HALF_LEN, ((model.cfg.n_ctx or 2 * HALF_LEN + 1) - 1) // 2)
-    return Prompts(model, dl.circuits.repeated_tokens(model, half_len=half_len))
+    """The head-score workload: repeated random tokens (``HALF_LEN`` per repeat, fewer for a short context).
+
+    Drawn once per loaded model (sampling them sorts the vocabulary: tens of ms on SmolLM2) and kept while the
+    model is.
+    """
+    if model not in _workloads:
+        half_len = min(HALF_LEN, ((model.cfg.n_ctx or 2 * HALF_LEN + 1) - 1) // 2)
+        _workloads[model] = Prompts(model, dl.circuits.repeated_tokens(model, half_len=half_len))
+    return _workloads[model]
+
+
+_workloads: weakref.WeakKeyDictionary[Any, Prompts] = weakref.WeakKeyDictionary()
 
 
 def _scores(request: dict, model: Any, report: backend.ProgressReport | None = None) -> backend.PageResults:
@@ -113,15 +126,14 @@ def _copying(request: dict, model: Any) -> backend.PageResults:
     return backend.page_results(request["model"], model, None, [dl.circuits.CopyingScores()])
 
 
-@callback(
+@PAGE.callback(
     Output(GRID, "figure"),
     GRID_FIGURE.source,
     Output(status_id("heads"), "children"),
     Output(message_id(GRID), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(KIND, "value"),
-    SCORES_PROGRESS.key,
-    **backend.background(SCORES_PROGRESS),
+    progress=SCORES_PROGRESS,
 )
 @show_errors(_EMPTY, None, None)
 def scores_panel(request, kind, progress_key):
@@ -145,11 +157,11 @@ def scores_panel(request, kind, progress_key):
     return figure, GRID_FIGURE.offer(results.key(name), name), status, hint(text)
 
 
-@callback(
+@PAGE.callback(
     Output(PATTERN, "figure"),
     PATTERN_FIGURE.source,
     Output(message_id(PATTERN), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     Input(GRID, "clickData"),
 )
 @show_errors(_EMPTY, None)

@@ -18,7 +18,6 @@ import dynalens as dl
 from tests.tolerances import assert_close
 from dynalens.dashboard.app import create_app
 from dynalens.dashboard.client import Tab
-from dynalens.dashboard.layout import REQUEST
 
 MODEL = "attn2l-induction"
 
@@ -60,7 +59,7 @@ def test_the_command_serves_the_dashboard_with_waitress_and_runs_its_jobs(tmp_pa
         assert page.status_code == 200 and page.headers["Server"] == "dynalens"  # waitress, named
         request = {"model": MODEL, "prompt": "1 2 3", "run": 1}
         answer = Tab(url, timeout=120).call(
-            f"{heads.GRID}.figure", {(REQUEST, "data"): request, (heads.KIND, "value"): "induction"},
+            f"{heads.GRID}.figure", {(heads.PAGE.request_id, "data"): request, (heads.KIND, "value"): "induction"},
             {(heads.SCORES_PROGRESS.key_id, "data"): "tab"},
         )  # fmt: skip
         assert answer.polls >= 1  # the scores ran as a background job
