@@ -194,6 +194,18 @@ class RNNCell(nn.Module):
         """
         return self.recur(self.project_input(x_t), state)[0]
 
+    @property
+    def state_size(self) -> int:
+        """The flat state size: ``d_hidden``, or ``2 * d_hidden`` for an LSTM (``[h, c]``)."""
+        return 2 * self.d_hidden if self.cell == "lstm" else self.d_hidden
+
+    def flat_step(self, x_t: Float[Tensor, "batch d_in"], state: Float[Tensor, "batch state"]) -> Float[Tensor, "batch state"]:
+        """:meth:`step` on flat states ``[batch, state_size]``: ``h``, or ``[h, c]`` for an LSTM."""
+        if self.cell == "lstm":
+            h, c = self.step(x_t, (state[:, : self.d_hidden], state[:, self.d_hidden :]))
+            return torch.cat([h, c], dim=1)
+        return self.step(x_t, state)
+
     def forward(
         self,
         x: Float[Tensor, "batch pos d_in"],

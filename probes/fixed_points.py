@@ -25,6 +25,9 @@ The numerical routines (:func:`cell_map`, :func:`iterate_cell`,
 from __future__ import annotations
 
 import copy
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -61,22 +64,13 @@ def cell_map(cell: RNNCell, input_vector: Float[Tensor, " d_in"] | None = None) 
         raise ValueError(f"input_vector must have shape [d_in] = [{d_in}], got {tuple(x.shape)}")
     check_finite("input_vector", x)
     cell = copy.deepcopy(cell).double().cpu()
-    d = cell.d_hidden
-
-    def step(s: Tensor) -> Tensor:
-        xs = x.expand(s.shape[0], d_in)
-        if cell.cell == "lstm":
-            h, c = cell.step(xs, (s[:, :d], s[:, d:]))
-            return torch.cat([h, c], dim=1)
-        return cell.step(xs, s)
-
-    return step
+    return lambda s: cell.flat_step(x.expand(s.shape[0], d_in), s)
 
 
 def state_size(cell: RNNCell) -> int:
     """The flat state size of a cell: ``d_hidden``, or ``2 * d_hidden`` for an LSTM."""
     _check_cell(cell)
-    return 2 * cell.d_hidden if cell.cell == "lstm" else cell.d_hidden
+    return cell.state_size
 
 
 @torch.no_grad()
@@ -145,7 +139,54 @@ def find_fixed_points(
     Returns
     -------
     FixedPointSet
+        The same search on the same weights is done once: later calls (a page's
+        next prompt, another analysis) read it back from a small in-process
+        memo keyed by the cell's parameter values and these arguments.
     """
+    _check_cell(cell)
+    key = _search_key(cell, input_vector, starts, n_starts, max_iter, slow_tol, merge_tol, seed)
+    with _FOUND_LOCK:
+        found = _FOUND.get(key)
+        if found is not None:
+            _FOUND.move_to_end(key)
+    if found is None:
+        found = _search(cell, input_vector, starts, n_starts, max_iter, slow_tol, merge_tol, seed)
+        with _FOUND_LOCK:
+            _FOUND[key] = found
+            while len(_FOUND) > _FOUND_SIZE:
+                _FOUND.popitem(last=False)
+    return FixedPointSet(*(t.clone() for t in found))
+
+
+_FOUND: OrderedDict[str, FixedPointSet] = OrderedDict()
+_FOUND_LOCK = threading.Lock()
+_FOUND_SIZE = 32
+
+
+def _search_key(cell: RNNCell, *arguments: Any) -> str:
+    """A SHA-256 of the cell's kind and parameter values and of the search's arguments (tensors by value)."""
+    digest = hashlib.sha256(f"{cell.cell}:{cell.d_hidden}".encode())
+    for name, tensor in [*cell.named_parameters(), *((f"arg{i}", a) for i, a in enumerate(arguments))]:
+        if isinstance(tensor, Tensor):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            digest.update(f"{name}:{tensor!r}".encode())
+    return digest.hexdigest()
+
+
+def _search(
+    cell: RNNCell,
+    input_vector: Tensor | None,
+    starts: Tensor | None,
+    n_starts: int,
+    max_iter: int,
+    slow_tol: float,
+    merge_tol: float,
+    seed: int,
+) -> FixedPointSet:
+    """:func:`find_fixed_points` without the memo."""
     F = cell_map(cell, input_vector)
     if starts is None:
         g = torch.Generator().manual_seed(seed)

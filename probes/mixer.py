@@ -18,7 +18,8 @@ matrices, whatever the architecture:
   patterns, SSD matrices, or both side by side;
 - RNN: the linearised recurrence, Frobenius norms ``‖∂h_t/∂x_s‖`` of the
   Jacobian of the layer's hidden sequence with respect to its input sequence
-  (the cached ``hook_resid_pre``), by autograd through the cell's ``step``.
+  (the cached ``hook_resid_pre``), chained from the per-step Jacobians of the
+  cell's ``step`` (:func:`linearise`).
 
 Each kind of mixer is one entry of :data:`MIXERS` (the hooks it reads, the
 matrices from them) and :func:`layer_mixers` says which a layer has: a new
@@ -33,8 +34,9 @@ torch.Size([4, 3, 3])
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -303,29 +305,23 @@ def _ssd_matrix(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts)
 
 
 # --------------------------------------------------------------------------- RNN
-def _hidden_sequence(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor, "pos d_hidden"]:
-    """The cell's hidden sequence from its zero state, by its pure ``step``."""
-    state = cell.initial_state(1, x)
-    out = []
-    for t in range(x.shape[0]):
-        state = cell.step(x[t][None], state)
-        out.append(state[0] if isinstance(state, tuple) else state)
-    return torch.cat(out)
+class Linearisation(NamedTuple):
+    """One RNN layer linearised along one sequence, run from its zero state (float64, CPU).
+
+    ``state_t = F(x_t, state_{t-1})`` (``state = h``, or ``[h, c]`` for an
+    LSTM) has the per-step Jacobians ``A[t] = ∂state_t/∂state_{t-1}``
+    ``[pos, state, state]`` and ``B[t] = ∂state_t/∂x_t`` ``[pos, state, d_in]``;
+    ``h_t`` is the first ``d_hidden`` entries of ``state_t``, so
+    ``∂h_t/∂x_s = (A[t] ... A[s+1] B[s])[:d_hidden]``.
+    """
+
+    A: Float[Tensor, "pos state state"]
+    B: Float[Tensor, "pos state d_in"]
+    d_hidden: int
 
 
-def _jacobian_rows(cell: Any, x: Float[Tensor, "pos d_in"]) -> Iterator[Float[Tensor, "d_hidden pos d_in"]]:
-    """``∂h_t/∂x`` for ``t = 0, 1, ...``: one batched backward per query position."""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        hidden = _hidden_sequence(cell, x)
-        eye = torch.eye(hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-        for t in range(hidden.shape[0]):
-            (row,) = torch.autograd.grad(hidden[t], x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
-            yield row
-
-
-def recurrence_jacobian(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor, "pos d_hidden pos d_in"]:
-    """The linearised RNN layer along one sequence: ``J[t, :, s, :] = ∂h_t/∂x_s`` (zero for ``s > t``).
+def linearise(cell: Any, x: Float[Tensor, "pos d_in"]) -> Linearisation:
+    """The per-step Jacobians of an RNN cell along ``x``, all positions in one batched ``jacrev``.
 
     Parameters
     ----------
@@ -334,16 +330,49 @@ def recurrence_jacobian(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor
     x
         ``[pos, d_in]`` the layer's inputs (its ``hook_resid_pre`` at one prompt's real positions).
     """
-    return torch.stack(list(_jacobian_rows(cell, x)))
+    cell = copy.deepcopy(cell).double().cpu()
+    x = x.detach().double().cpu()
+    with torch.no_grad():
+        states = [x.new_zeros(1, cell.state_size)]
+        for t in range(x.shape[0] - 1):
+            states.append(cell.flat_step(x[t : t + 1], states[-1]))
+    one = lambda state, x_t: cell.flat_step(x_t[None], state[None])[0]
+    A, B = torch.func.vmap(torch.func.jacrev(one, argnums=(0, 1)))(torch.cat(states), x)
+    return Linearisation(A, B, cell.d_hidden)
+
+
+def linearised_jacobian(lin: Linearisation) -> Float[Tensor, "pos d_hidden pos d_in"]:
+    """``J[t, :, s, :] = ∂h_t/∂x_s`` from the per-step Jacobians: one ``[state, state] @ [state, t * d_in]`` per step."""
+    n, size, d_in = lin.B.shape
+    J = lin.B.new_zeros(n, lin.d_hidden, n, d_in)
+    reach = lin.B.new_zeros(size, n, d_in)  # ∂state_t/∂x_s for s <= t, updated in place
+    for t in range(n):
+        reach[:, :t] = (lin.A[t] @ reach[:, :t].reshape(size, -1)).reshape(size, t, d_in)
+        reach[:, t] = lin.B[t]
+        J[t, :, : t + 1] = reach[: lin.d_hidden, : t + 1]
+    return J
+
+
+def recurrence_jacobian(cell: Any, x: Float[Tensor, "pos d_in"]) -> Float[Tensor, "pos d_hidden pos d_in"]:
+    """The linearised RNN layer along one sequence: ``J[t, :, s, :] = ∂h_t/∂x_s`` (zero for ``s > t``).
+
+    Computed in float64 from the cell's per-step Jacobians (:func:`linearise`)
+    and returned in ``x``'s dtype and device.
+
+    Parameters
+    ----------
+    cell
+        An RNN layer's cell (``model.blocks[layer].cell``), run from its zero state.
+    x
+        ``[pos, d_in]`` the layer's inputs (its ``hook_resid_pre`` at one prompt's real positions).
+    """
+    return linearised_jacobian(linearise(cell, x)).to(x)
 
 
 def _recurrence_norms(analysis: MixerMatrix, model: Any, cache: Any, prompts: Prompts) -> Mixed:
     x = cache[names.resid_pre(analysis.layer)]
     cell = model.blocks[analysis.layer].cell
-    rows = [
-        torch.stack([row.pow(2).sum(dim=(0, 2)).sqrt() for row in _jacobian_rows(cell, prompts.real(x, i))])
-        for i in range(len(prompts))
-    ]
+    rows = [recurrence_jacobian(cell, prompts.real(x, i)).pow(2).sum(dim=(1, 3)).sqrt() for i in range(len(prompts))]
     return Mixed(to_padded(prompts, rows, dims=(0, 1))[:, None], ["hidden"], "‖∂h_t/∂x_s‖", False)
 
 

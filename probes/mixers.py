@@ -44,7 +44,15 @@ from dynalens.models.surface import architecture_of, model_name_of
 from dynalens.models.validation import check_index
 from dynalens.probes.analysis import Analysis
 from dynalens.probes.figures import SEQUENTIAL, TEMPLATE, heatmap, token_labels
-from dynalens.probes.mixer import MixerMatrix, layer_mixers, recurrence_jacobian, to_padded
+from dynalens.probes.mixer import (
+    Linearisation,
+    MixerMatrix,
+    layer_mixers,
+    linearise,
+    linearised_jacobian,
+    recurrence_jacobian,
+    to_padded,
+)
 from dynalens.probes.results import Result
 
 
@@ -116,15 +124,38 @@ def effective_rank(M: Float[Tensor, "... rows cols"]) -> Float[Tensor, ...]:
 
     Between 1 (one singular value) and ``min(rows, cols)`` (all equal); 0 for a zero matrix.
     """
-    sigma = torch.linalg.svdvals(M.double())
+    return _entropy_rank(torch.linalg.svdvals(M.double()))
+
+
+def _entropy_rank(sigma: Float[Tensor, "... k"]) -> Float[Tensor, ...]:
+    """:func:`effective_rank` from the singular values ``sigma`` (float64)."""
     total = sigma.sum(-1, keepdim=True)
     p = sigma / total.clamp_min(torch.finfo(torch.float64).tiny)
     entropy = -(p * p.clamp_min(torch.finfo(torch.float64).tiny).log()).sum(-1)
     return torch.where(total[..., 0] > 0, entropy.exp(), 0.0)
 
 
+def gram_singular_values(M: Float[Tensor, "rows cols"]) -> Float[Tensor, " k"]:
+    """The singular values of ``M`` (float64, descending) as square roots of its smaller Gram matrix's eigenvalues.
+
+    About three times faster than ``torch.linalg.svdvals`` on a large square
+    matrix. The Gram matrix holds ``sigma**2``, so each value is off by about
+    ``1e-16 * sigma_max**2 / sigma``: ``1e-12 * sigma_max`` at ``sigma = 1e-4 * sigma_max``,
+    while values below ``1e-8 * sigma_max`` come back as noise of that
+    size (each adds at most about ``2e-7`` to the entropy behind
+    :func:`effective_rank`, far less when the spectrum is spread).
+    """
+    M = M.double()
+    gram = M @ M.mT if M.shape[0] <= M.shape[1] else M.mT @ M
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+
+
 def offdiagonal_rank(
-    M: Float[Tensor, "rows cols"], *, block: tuple[int, int] = (1, 1), rtol: float = 1e-6
+    M: Float[Tensor, "rows cols"],
+    *,
+    block: tuple[int, int] = (1, 1),
+    rtol: float = 1e-6,
+    sigma_max: float | None = None,
 ) -> int:
     """``max_t rank M[t:, :t]`` over the block boundaries of a lower-triangular mixer.
 
@@ -138,16 +169,46 @@ def offdiagonal_rank(
         Rows and columns per position.
     rtol
         Singular values below ``rtol * sigma_max(M)`` count as zero.
+    sigma_max
+        ``M``'s largest singular value when the caller has it already (saves an SVD of ``M``).
     """
     if M.dim() != 2 or M.shape[0] % block[0] or M.shape[1] % block[1] or M.shape[0] // block[0] != M.shape[1] // block[1]:
         raise ValueError(f"M {tuple(M.shape)} is not a square grid of {block} blocks over positions")
     pos = M.shape[0] // block[0]
     M = M.double()
-    cutoff = rtol * float(torch.linalg.matrix_norm(M, ord=2))
+    cutoff = rtol * (float(torch.linalg.matrix_norm(M, ord=2)) if sigma_max is None else sigma_max)
     ranks = [
         int((torch.linalg.svdvals(M[t * block[0] :, : t * block[1]]) > cutoff).sum()) for t in range(1, pos)
     ]
     return max(ranks, default=0)
+
+
+def recurrence_offdiagonal_singular_values(lin: Linearisation) -> list[Float[Tensor, " k"]]:
+    """Singular values of each off-diagonal block ``J[t:, :t]`` (``t = 1 ... pos - 1``) of a linearised RNN.
+
+    Each block factors through the state before step ``t``:
+    ``J[t:, :t] = O_t R_t`` with ``O_t = ∂h_{>=t}/∂state_{t-1}`` and
+    ``R_t = ∂state_{t-1}/∂x_{<t}``. Square-root recursions carry the
+    triangular factors of both (``R_{t+1} = [A_t R_t, B_t]`` forward,
+    ``O_t = [C; O_{t+1}] A_t`` backward, ``C`` the ``h`` rows of the state),
+    one small QR per step, so block ``t``'s singular values are those of a
+    ``[state, state]`` product: no SVD of the ``[pos * d_hidden, pos * d_in]``
+    Jacobian's blocks. Equal to :func:`offdiagonal_rank`'s singular values
+    of :func:`~dynalens.probes.mixer.linearised_jacobian` in exact arithmetic.
+    """
+    A, B = lin.A, lin.B
+    n, size, _ = B.shape
+    reach = [B.new_zeros(size, 0)]  # reach[t] R_t^T = R_t R_t^T: the inputs before t seen in state_{t-1}
+    for t in range(1, n):
+        stacked = torch.cat([A[t - 1] @ reach[-1], B[t - 1]], dim=1)
+        reach.append(torch.linalg.qr(stacked.mT, mode="r").R.mT)
+    C = torch.eye(size, dtype=B.dtype)[: lin.d_hidden]
+    observe = B.new_zeros(0, size)  # observe^T observe = O_t^T O_t
+    found = []
+    for t in range(n - 1, 0, -1):
+        observe = torch.linalg.qr(torch.cat([C, observe]) @ A[t], mode="r").R
+        found.append(torch.linalg.svdvals(observe @ reach[t]))
+    return found[::-1]
 
 
 # --------------------------------------------------------------------------- the linearised RNN
@@ -400,30 +461,51 @@ class MixerComparison(Analysis):
         model = cache.model
         arch, name = architecture_of(model), model_name_of(model)
         mixer = self._mixer(model)
-        stats, shown = [], []
         if mixer is None:
-            jacobian = RecurrenceJacobian(self.layer)._compute(cache, prompts)
-            cell = model.blocks[self.layer].cell
-            bound = 2 * cell.d_hidden if cell.cell == "lstm" else cell.d_hidden
-            groups_of = lambda p: [("hidden", jacobian.blocks(p), tuple(jacobian.of(p).shape[1::2]), bound)]
-            shown = jacobian.norms
+            shown, groups = self._recurrence(model, cache, prompts)
         else:
             parts = mixer.parts(cache, prompts)
             result = mixer.result(model, prompts, parts)
             bounds = [part.bound for part in parts for _ in part.labels]
-            groups_of = lambda p: [
-                (g, m, (1, 1), b) for g, m, b in zip(result.group_labels, result.matrix(p), bounds)
+            groups = [
+                [(g, *self._structure(m), b) for g, m, b in zip(result.group_labels, result.matrix(p), bounds)]
+                for p in range(len(prompts))
             ]
             shown = result.matrices.abs().mean(1)
-        for prompt in range(len(prompts)):
-            for label, M, block, bound in groups_of(prompt):
-                stats.append({
-                    "model": name, "architecture": arch, "prompt": prompt, "group": label,
-                    "effective_rank": float(effective_rank(M)),
-                    "offdiagonal_rank": offdiagonal_rank(M, block=block, rtol=self.rtol),
-                    "bound": bound,
-                })
+        stats = [
+            {"model": name, "architecture": arch, "prompt": prompt, "group": label,
+             "effective_rank": rank, "offdiagonal_rank": offdiagonal, "bound": bound}
+            for prompt, rows in enumerate(groups) for label, rank, offdiagonal, bound in rows
+        ]  # fmt: skip
         return MixerComparisonResult(
             **self.provenance(model, prompts), names=[name], architectures=[arch], layer=int(self.layer),
             matrices=shown.float()[None].cpu(), stats=stats,
         )
+
+    def _structure(self, M: Float[Tensor, "q k"]) -> tuple[float, int]:
+        """Effective and off-diagonal rank of a scalar mixer, from one SVD of ``M`` and one per block."""
+        sigma = torch.linalg.svdvals(M.double())
+        return float(_entropy_rank(sigma)), offdiagonal_rank(M, rtol=self.rtol, sigma_max=float(sigma[0]))
+
+    def _recurrence(self, model: Any, cache: Any, prompts: Prompts) -> tuple[Tensor, list[list[tuple]]]:
+        """An RNN layer's ``‖∂h_t/∂x_s‖`` ``[batch, pos, pos]`` and its one group per prompt.
+
+        The effective rank reads the singular values of the whole Jacobian
+        ``[pos * d_hidden, pos * d_in]`` (:func:`gram_singular_values`); the
+        off-diagonal ranks those of its blocks through the state
+        (:func:`recurrence_offdiagonal_singular_values`), with the same cutoff
+        ``rtol * sigma_max`` as :func:`offdiagonal_rank`.
+        """
+        cell = model.blocks[self.layer].cell
+        x = cache[names.resid_pre(self.layer)]
+        norms, groups = [], []
+        for prompt in range(len(prompts)):
+            lin = linearise(cell, prompts.real(x, prompt))
+            J = linearised_jacobian(lin)
+            n, d_h, _, d_in = J.shape
+            sigma = gram_singular_values(J.reshape(n * d_h, n * d_in))
+            cutoff = self.rtol * float(sigma[0])
+            ranks = [int((s > cutoff).sum()) for s in recurrence_offdiagonal_singular_values(lin)]
+            groups.append([("hidden", float(_entropy_rank(sigma)), max(ranks, default=0), cell.state_size)])
+            norms.append(J.pow(2).sum(dim=(1, 3)).sqrt())
+        return to_padded(prompts, norms, dims=(0, 1)), groups

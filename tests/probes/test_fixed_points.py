@@ -8,6 +8,7 @@ import torch
 from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN, RNNConfig
+from dynalens.probes import fixed_points
 from dynalens.probes.analysis import AnalysisError
 from dynalens.probes.fixed_points import (
     FixedPoints,
@@ -183,3 +184,21 @@ def test_lstm_hmm_zero_input_trajectories_reach_the_attractor_the_finder_finds(z
     distance = float((stable - ends.mean(0)).norm(dim=1).min())
     print(f"lstm-hmm zero-input attractor: finder distance {distance:.2e}, {len(result.kinds)} point(s)")
     assert distance <= 1e-3
+
+
+def test_a_search_on_the_same_weights_and_arguments_runs_once(monkeypatch):
+    cell = elman(2 * torch.eye(2)).blocks[0].cell
+    calls = []
+    search = fixed_points._search
+    monkeypatch.setattr(fixed_points, "_search", lambda *args: calls.append(args) or search(*args))
+    first = find_fixed_points(cell, n_starts=8, seed=5)
+    again = find_fixed_points(cell, n_starts=8, seed=5)
+    assert len(calls) == 1 and torch.equal(again.points, first.points) and torch.equal(again.q, first.q)
+    again.points.zero_()  # each caller gets its own tensors
+    assert torch.equal(find_fixed_points(cell, n_starts=8, seed=5).points, first.points)
+    find_fixed_points(cell, n_starts=8, seed=6)
+    assert len(calls) == 2
+    with torch.no_grad():
+        cell.weight_hh.mul_(0.25)  # W = I/2: a contraction, the origin is the only fixed point
+    moved = find_fixed_points(cell, n_starts=8, seed=5)
+    assert len(calls) == 3 and len(moved.points) == 1 and float(moved.points.norm()) < 1e-6

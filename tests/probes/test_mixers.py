@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,17 +15,19 @@ from dynalens.models import names
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import HookedRNN
 from dynalens.probes.analysis import AnalysisError, run
-from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult, pair_mask
+from dynalens.probes.mixer import MixerMatrix, MixerMatrixResult, linearise, pair_mask
 from dynalens.probes.mixers import (
     MixerComparison,
     MixerComparisonResult,
     RecurrenceJacobian,
     RecurrenceJacobianResult,
     effective_rank,
+    gram_singular_values,
     linear_attention,
     linear_attention_matrix,
     linear_attention_ssm_gap,
     offdiagonal_rank,
+    recurrence_offdiagonal_singular_values,
 )
 from dynalens.probes.results import Result
 from tests.tolerances import SCAN, assert_close
@@ -328,6 +332,45 @@ def test_rnn_linearisation_agrees_with_the_mixer_norms_and_its_state_bound(tiny_
     loaded = Result.load(tmp_path / "jac.safetensors")
     assert isinstance(loaded, RecurrenceJacobianResult)
     torch.testing.assert_close(loaded.jacobian, result.jacobian, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", ["tanh", "gru", "lstm"])
+def test_rnn_mixer_structure_equals_dense_svds_of_the_torch_nn_jacobian(cell):
+    torch.manual_seed(1)
+    d_in, d_hidden, pos = 4, 3, 9
+    rnn = {"tanh": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[cell](d_in, d_hidden, batch_first=True)
+    model = HookedRNN.from_torch(rnn, nn.Embedding(D_VOCAB, d_in), nn.Linear(d_hidden, D_VOCAB))
+    ids = torch.randint(0, D_VOCAB, (2, pos))
+    frame = MixerComparison(0)(model, ids).to_frame()
+    reference = copy.deepcopy(rnn).double()
+    size = 2 * d_hidden if cell == "lstm" else d_hidden
+    for b in range(2):
+        x = model.embed(ids[b : b + 1]).detach().double()
+        jac = torch.autograd.functional.jacobian(lambda v: reference(v)[0], x)[0, :, :, 0]  # [pos, h, pos, d_in]
+        M = jac.reshape(pos * d_hidden, pos * d_in)
+        row = frame[frame["prompt"] == b].iloc[0]
+        assert row["effective_rank"] == pytest.approx(float(effective_rank(M)), rel=1e-9)
+        assert row["offdiagonal_rank"] == offdiagonal_rank(M, block=(d_hidden, d_in)) and row["bound"] == size
+        blocks = recurrence_offdiagonal_singular_values(linearise(model.blocks[0].cell, x[0]))
+        assert len(blocks) == pos - 1
+        for t, sigma in enumerate(blocks, start=1):
+            dense = torch.linalg.svdvals(M[t * d_hidden :, : t * d_in])[: len(sigma)]
+            torch.testing.assert_close(sigma, dense, rtol=0, atol=1e-12)
+            assert len(sigma) == min(size, t * d_in, (pos - t) * d_hidden)
+
+
+def test_gram_singular_values_are_the_svd_above_the_gram_resolution():
+    g = torch.Generator().manual_seed(4)
+    sigma = torch.logspace(0, -4, 25, dtype=torch.float64)  # four decades
+    for rows, cols in ((40, 25), (25, 40), (30, 60)):
+        U = torch.linalg.qr(torch.randn(rows, 25, generator=g, dtype=torch.float64)).Q
+        V = torch.linalg.qr(torch.randn(cols, 25, generator=g, dtype=torch.float64)).Q
+        M = (U * sigma) @ V.T
+        found = gram_singular_values(M)
+        assert found.shape == (min(rows, cols),)
+        torch.testing.assert_close(found[:25], sigma, rtol=1e-7, atol=0)
+        assert (found[25:] < 1e-7).all()
+    torch.testing.assert_close(gram_singular_values(torch.eye(6)), torch.ones(6, dtype=torch.float64))
 
 
 def test_recurrence_jacobian_needs_an_rnn(tiny_llama, tiny_mamba):
