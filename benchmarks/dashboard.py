@@ -99,12 +99,17 @@ def wait(driver, script: str, *args, timeout: float = 600.0) -> float:
 
 def slowest_callback(driver) -> float:
     """The longest ``_dash-update-component`` request since the last call, in seconds."""
-    durations = driver.execute_script(
+    return max((seconds for seconds, _ in requests(driver)), default=0.0)
+
+
+def requests(driver) -> list[tuple[float, int]]:
+    """Seconds and response bytes of each ``_dash-update-component`` request since the last call."""
+    entries = driver.execute_script(
         "const e = performance.getEntriesByType('resource')"
-        ".filter(r => r.name.includes('_dash-update-component')).map(r => r.duration);"
+        ".filter(r => r.name.includes('_dash-update-component')).map(r => [r.duration, r.decodedBodySize]);"
         "performance.clearResourceTimings(); return e;"
     )
-    return max(durations, default=0.0) / 1000
+    return [(duration / 1000, int(size)) for duration, size in entries]
 
 
 def prompt_of(n_tokens: int, seed: int) -> str:
@@ -205,6 +210,7 @@ def pages_and_tabs(driver, repeats: int) -> None:
     new = {page: [] for page in PAGES}
     new_forwards = {page: [] for page in PAGES}
     switch, switch_cb = [], []
+    layout_bytes = {page: [] for page in PAGES}
     for repeat in range(repeats):
         text = prompt_of(N_TOKENS, seed=time.time_ns() + repeat)
         go_to(driver, "/")
@@ -226,12 +232,16 @@ def pages_and_tabs(driver, repeats: int) -> None:
             go_to(driver, path)
             settle(driver, page, N_TOKENS)
             switch.append(time.perf_counter() - t)
-            switch_cb.append(slowest_callback(driver))
+            answered = requests(driver)
+            switch_cb.append(max((seconds for seconds, _ in answered), default=0.0))
+            layout_bytes[page].append(max((size for _, size in answered), default=0))
     med = statistics.median
     for page in PAGES:
         print(f"new 64-token prompt, {page:<11} {med(new[page]):7.3f} s  forwards {med(new_forwards[page]):.0f}")
     print(f"page switch, cached prompt ({len(switch)} switches)  median {med(switch):.3f} s, "
           f"worst {max(switch):.3f} s  slowest callback median {med(switch_cb):.3f} s  (target < 0.3 s)")
+    print("page switch, largest response (the page's layout): "
+          + ", ".join(f"{page} {med(layout_bytes[page]) / 1024:.0f} KiB" for page in PAGES))
 
     from dynalens.dashboard.pages import explorer, heads  # registered by the server's app
 

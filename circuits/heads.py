@@ -102,7 +102,7 @@ def grid_figure(values: Tensor, value_name: str, title: str, signed: bool = Fals
         values.double().numpy(), x_labels=[f"H{h}" for h in range(heads)],
         y_labels=[f"L{layer}" for layer in range(layers)], x_title="head", y_title="layer",
         value_name=value_name, title=title, signed=signed, y_reversed=True,
-        text=[[f"{v:.2f}" for v in row] for row in values.tolist()] if values.numel() <= 400 else None,
+        cell_format=".2f" if values.numel() <= 400 else None,
     )  # fmt: skip
 
 

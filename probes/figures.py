@@ -65,6 +65,7 @@ def heatmap(
     log: bool = False,
     signed: bool = False,
     text: np.ndarray | None = None,
+    cell_format: str | None = None,
     highlight_x: int | None = None,
     y_reversed: bool = False,
 ) -> go.Figure:
@@ -76,7 +77,9 @@ def heatmap(
         ``[rows, cols]`` array; NaN cells are left blank.
     x_labels, y_labels
         One label per column / row, shown as ticks and in the hover text
-        (already display-safe; see :func:`token_labels`).
+        (already display-safe; see :func:`token_labels`). They are sent once,
+        as the axes' tick text, which the hover shows: nothing is sent per cell
+        but the values.
     x_title, y_title, value_name, title
         Axis titles, the name of the value in hover and colour bar, the title.
     log
@@ -86,6 +89,9 @@ def heatmap(
         Use the diverging colour scale centred on zero.
     text
         Optional ``[rows, cols]`` strings written inside the cells.
+    cell_format
+        A d3 format (``".2f"``) to write each cell's value inside it, formatted
+        by plotly (when ``text`` is None; not with ``log``).
     highlight_x
         A column to outline (the selected token).
     y_reversed
@@ -102,39 +108,39 @@ def heatmap(
             f"labels do not fit values of shape {values.shape}: "
             f"{len(y_labels)} row labels and {len(x_labels)} column labels"
         )
-    hover = np.empty((rows, cols, 3), dtype=object)
-    hover[..., 0] = np.asarray(list(x_labels), dtype=object)[None, :]
-    hover[..., 1] = np.asarray(list(y_labels), dtype=object)[:, None]
-    hover[..., 2] = [[_fmt(v) for v in row] for row in values]
-    z = values
+    z = values.astype(np.float32)  # a colour and a 4-digit hover: float32 halves what is sent
     colorbar = dict(title=dict(text=value_name, side="right"), thickness=14)
+    shown = "%{z:.4~g}"
+    extra = {}
     if log:
         with np.errstate(divide="ignore", invalid="ignore"):
-            z = np.where(values > 0, np.log10(values), np.nan)
+            z = np.where(values > 0, np.log10(values), np.nan).astype(np.float32)
         finite = z[np.isfinite(z)]
         if finite.size:
             ticks = np.arange(np.floor(finite.min()), np.ceil(finite.max()) + 1)
             colorbar.update(tickvals=ticks.tolist(), ticktext=[f"1e{int(t)}" for t in ticks])
+        extra["customdata"] = values.astype(np.float32)  # the value itself, for the hover
+        shown = "%{customdata:.4~g}"
     trace = dict(
         type="heatmap",
         z=z,
         x=list(range(cols)),
         y=list(range(rows)),
-        customdata=hover,
-        hovertemplate=(
-            f"{y_title}: %{{customdata[1]}}<br>{x_title}: %{{customdata[0]}}"
-            f"<br>{value_name}: %{{customdata[2]}}<extra></extra>"
-        ),
+        # %{x} and %{y} show the axes' tick text of the cell's column and row
+        hovertemplate=f"{y_title}: %{{y}}<br>{x_title}: %{{x}}<br>{value_name}: {shown}<extra></extra>",
         colorscale=DIVERGING if signed else SEQUENTIAL,
         zmid=0 if signed and not log else None,
         colorbar=colorbar,
         hoverongaps=False,
         xgap=1,
         ygap=1,
+        **extra,
     )
     if text is not None:
         trace.update(text=np.asarray(text, dtype=object), texttemplate="%{text}", textfont=dict(size=10))
-    fig = go.Figure(data=[trace])  # from a dict: a go.Heatmap would be deep-copied, hover strings and all
+    elif cell_format is not None:
+        trace.update(texttemplate=f"%{{z:{cell_format}}}", textfont=dict(size=10))
+    fig = go.Figure(data=[trace])  # from a dict: a go.Heatmap would be deep-copied
     fig.update_layout(
         template=TEMPLATE,
         title=dict(text=title),
@@ -155,7 +161,3 @@ def heatmap(
             line=dict(color="#f5a623", width=2), fillcolor="rgba(0,0,0,0)",
         )
     return fig
-
-
-def _fmt(value: float) -> str:
-    return "—" if np.isnan(value) else f"{value:.4g}"

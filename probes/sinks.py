@@ -178,7 +178,7 @@ def _sink_heatmap(scores: Float[Tensor, "layer head"], title: str) -> go.Figure:
     return heatmap(
         scores.numpy(), x_labels=[f"H{h}" for h in range(heads)], y_labels=[f"L{layer}" for layer in range(layers)],
         x_title="head", y_title="layer", value_name="sink score", title=title,
-        text=[[f"{v:.2f}" for v in row] for row in scores.tolist()], y_reversed=True,
+        cell_format=".2f", y_reversed=True,
     )  # fmt: skip
 
 

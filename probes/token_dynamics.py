@@ -526,20 +526,22 @@ class TokenTrajectoriesResult(Result):
 
         Lines without markers: a marker per token and layer (2,000 for 64
         tokens on 30 layers) triples the figure's drawing time; hover still
-        reads every layer's point.
+        reads every layer's point. The layers are sent once, as the x axis'
+        tick text over layer indices, which the hover shows.
         """
         tokens = token_labels(self.str_tokens(prompt))
         labels, norms = stream_labels(self.hook_names), self.norms[prompt, -len(tokens):]
-        kinds = ["embed", *self.layer_types]
+        kinds, layers = ["embed", *self.layer_types], list(range(len(labels)))
         fig = go.Figure()
         for p, token in enumerate(tokens):
             fig.add_trace(go.Scatter(
-                x=labels, y=norms[p].numpy(), mode="lines", name=f"{p}: {token}", customdata=kinds,
+                x=layers, y=norms[p].numpy(), mode="lines", name=f"{p}: {token}", customdata=kinds,
                 hovertemplate=f"{token}<br>%{{x}} (%{{customdata}}): %{{y:.4g}}<extra></extra>",
             ))
         fig.update_layout(
             template=TEMPLATE, title=dict(text=f"Token norm trajectories · {self.model_name}"),
-            xaxis=dict(title="layer", tickangle=0), yaxis=dict(title="‖x‖", type="log" if log else "linear"),
+            xaxis=dict(title="layer", tickangle=0, tickmode="array", tickvals=layers, ticktext=labels),
+            yaxis=dict(title="‖x‖", type="log" if log else "linear"),
         )
         return fig
 

@@ -154,7 +154,8 @@ def test_figures_are_labelled_heatmaps(results, tokens):
         assert isinstance(fig, go.Figure), name
         (trace,) = fig.data
         assert trace.type == "heatmap" and np.shape(trace.z) == shape, name
-        assert "%{customdata[2]}" in trace.hovertemplate, name
+        assert "%{x}" in trace.hovertemplate and "%{y}" in trace.hovertemplate, name  # the axes' tick text
+        assert "%{z:.4~g}" in trace.hovertemplate and trace.customdata is None, name  # nothing per cell but z
     assert list(norms.figure().layout.xaxis.ticktext) == token_labels(norms.str_tokens())
     assert list(norms.figure().layout.yaxis.ticktext) == ["embed", "L0", "L1"]
     assert list(lens.figure(position=2).layout.xaxis.ticktext) == ["#1", "#2", "#3"]

@@ -226,7 +226,10 @@ def test_trajectories_are_the_stream_norms_and_their_log_slope(any_model, tmp_pa
     torch.testing.assert_close(TokenTrajectories().compute(cache, prompts).norms, result.norms)
     with pytest.raises(AnalysisError, match="cache does not hold"):
         TokenTrajectories().compute(any_model.run_with_cache(ids, names_filter=hooks[:1])[1], prompts)
-    assert len(result.figure(prompt=2).data) == ids.shape[1]
+    figure = result.figure(prompt=2)
+    assert len(figure.data) == ids.shape[1]
+    assert list(figure.data[0].x) == list(range(len(hooks)))  # layer indices; their names once, as tick text
+    assert len(figure.layout.xaxis.ticktext) == len(hooks) and figure.layout.xaxis.ticktext[0] == "embed"
 
 
 def test_trajectories_of_a_ragged_batch_are_each_prompts_own(any_model, tmp_path):
