@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import torch
 
 from dynalens._version import __version__
-from dynalens.models.io import cache_dir
+from dynalens.models.io import cache_dir, digest_tensor, tensor_bytes
 from dynalens.models.prompts import Prompts
 from dynalens.probes.results import Saved
 
@@ -116,9 +116,7 @@ def plain_params(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): plain_params(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, torch.Tensor):
-        t = value.detach().cpu().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        return {"tensor": f"{t.dtype}{list(t.shape)}", "sha256": hashlib.sha256(data).hexdigest()}
+        return {"tensor": f"{value.dtype}{list(value.shape)}", "sha256": hashlib.sha256(tensor_bytes(value)).hexdigest()}
     if isinstance(value, Prompts):
         return {"prompts": value.key()}
     if isinstance(value, torch.nn.Module):
@@ -144,9 +142,7 @@ def weights_digest(module: torch.nn.Module) -> str:
     if module not in _weights_digests:
         digest = hashlib.sha256()
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest_tensor(digest, name, tensor)
         _weights_digests[module] = digest.hexdigest()
     return _weights_digests[module]
 

@@ -196,6 +196,20 @@ RECORD_KEY = "dynalens.record"
 _PLAIN_JSON = frozenset({str, int, float, bool, type(None)})
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's values, on CPU in row-major order (what a digest of it reads)."""
+    import torch
+
+    t = tensor.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def digest_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed ``name``, the dtype, the shape and the values of ``tensor`` to a ``hashlib`` digest."""
+    digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+    digest.update(tensor_bytes(tensor))
+
+
 def write_record(path: str | os.PathLike, kind: str, fields: dict[str, Any]) -> None:
     """Write ``fields`` as one safetensors file, atomically: tensors as tensors, the rest as JSON.
 

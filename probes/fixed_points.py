@@ -40,6 +40,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.models import names
+from dynalens.models.io import digest_tensor
 from dynalens.models.prompts import Prompts
 from dynalens.models.rnn import RNNCell
 from dynalens.models.validation import check_finite, check_index
@@ -168,9 +169,7 @@ def _search_key(cell: RNNCell, *arguments: Any) -> str:
     digest = hashlib.sha256(f"{cell.cell}:{cell.d_hidden}".encode())
     for name, tensor in [*cell.named_parameters(), *((f"arg{i}", a) for i, a in enumerate(arguments))]:
         if isinstance(tensor, Tensor):
-            t = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{t.dtype}:{list(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            digest_tensor(digest, name, tensor)
         else:
             digest.update(f"{name}:{tensor!r}".encode())
     return digest.hexdigest()
