@@ -19,9 +19,13 @@ that a hook on SmolLM2's embedding counts the forwards the server runs) and prin
 - a new prompt per page (Explorer, Activations, Dynamics, Heads): seconds from
   the action to the page settled (its status drawn, no callback pending; the
   Heads grid is a background job, polled) and the forward passes it took;
-- a page switch with a cached prompt (target < 300 ms): the page's layout
-  arrives drawn from the results cache (``dashboard/prefill.py``), so the
-  slowest request printed is the layout's;
+- a page switch with a cached prompt (target < 300 ms), two ways: back to a
+  page that still shows the prompt (``dashboard/router.py``: its box is
+  shown, nothing is requested or drawn again), and to a page that shows
+  another prompt (the previous repeat's prompt analysed again on the
+  Explorer): the page shows and its callbacks redraw its figures in place
+  from the results cache; the slowest request and the largest response are
+  printed;
 - four tabs at once (``dashboard.client.Tab``, HTTP as the renderer speaks
   it): two on SmolLM2, two on ``mamba-ar``, each with its own new prompt,
   each running the Explorer's analyses and the Heads grid's background job;
@@ -152,13 +156,15 @@ PAGES = {"explorer": "/", "activations": "/activations", "dynamics": "/dynamics"
 
 SETTLED = """
 const s = document.getElementById(arguments[0]);
-return !!s && s.innerText.includes(arguments[1] === null ? ' tokens' : arguments[1] + ' tokens')
+return !!s && getComputedStyle(s).visibility === 'visible'
+  && s.innerText.includes(arguments[1] === null ? ' tokens' : arguments[1] + ' tokens')
   && !document.querySelector('._dash-loading-callback');
 """
 
 
 def settle(driver, page: str, n_tokens: int | None) -> float:
-    """Seconds until ``page``'s status shows the prompt (any, for None) and no callback is pending (twice, 20 ms apart)."""
+    """Seconds until ``page``'s status is visible (its page shown), shows the prompt (any, for None), and no callback
+    is pending (twice, 20 ms apart)."""
     start = time.perf_counter()
     while True:
         wait(driver, SETTLED, f"{page}-status", n_tokens)
@@ -173,6 +179,38 @@ def go_to(driver, path: str) -> None:
         "document.querySelector(`a.nav-link[href='${arguments[0]}'], a.nav-link[href^='${arguments[0]}?']`).click();",
         path,
     )
+
+
+SWITCH = """
+const [path, id, n, done] = arguments;
+const settled = () => { const s = document.getElementById(id);
+  return !!s && getComputedStyle(s).visibility === 'visible' && s.innerText.includes(n + ' tokens')
+    && !document.querySelector('._dash-loading-callback'); };
+const start = performance.now();
+let first = null, drawn = null;
+const tick = now => {
+  if (!settled()) { first = drawn = null; }
+  else if (first === null) { first = now; }
+  else if (drawn === null) { drawn = now; }  /* the frame after: the settled page has been painted */
+  if (drawn !== null && now - first >= 20) { done((drawn - start) / 1000); } else { requestAnimationFrame(tick); }
+};
+document.querySelector(`a.nav-link[href='${path}'], a.nav-link[href^='${path}?']`).click();
+requestAnimationFrame(tick);
+"""
+
+
+def switch(driver, page: str, path: str, n_tokens: int) -> tuple[float, float]:
+    """Follow the link to ``path`` and wait for ``page`` settled; seconds in the browser and on the wall.
+
+    In the browser: from the click to the start of the frame after the one that
+    found the page's status visible, showing the prompt, with no callback
+    pending (so that frame was painted), the state held for 20 ms. On the wall:
+    the same from here, with the driver's round trips.
+    """
+    driver.set_script_timeout(600)
+    t = time.perf_counter()
+    browser = driver.execute_async_script(SWITCH, path, f"{page}-status", n_tokens)
+    return browser, time.perf_counter() - t
 
 
 def free_port() -> int:
@@ -209,8 +247,9 @@ def pages_and_tabs(driver, repeats: int) -> None:
     settle(driver, "explorer", None)  # the default prompt
     new = {page: [] for page in PAGES}
     new_forwards = {page: [] for page in PAGES}
-    switch, switch_cb = [], []
-    layout_bytes = {page: [] for page in PAGES}
+    kept, redrawn, redrawn_cb = [], [], []
+    answer_bytes = {page: [] for page in PAGES}
+    previous = None
     for repeat in range(repeats):
         text = prompt_of(N_TOKENS, seed=time.time_ns() + repeat)
         go_to(driver, "/")
@@ -226,22 +265,34 @@ def pages_and_tabs(driver, repeats: int) -> None:
             settle(driver, page, N_TOKENS)
             new[page].append(time.perf_counter() - t)
             new_forwards[page].append(len(forwards))
-        for page, path in PAGES.items():  # every page again: all from the results cache
-            slowest_callback(driver)
-            t = time.perf_counter()
-            go_to(driver, path)
-            settle(driver, page, N_TOKENS)
-            switch.append(time.perf_counter() - t)
-            answered = requests(driver)
-            switch_cb.append(max((seconds for seconds, _ in answered), default=0.0))
-            layout_bytes[page].append(max((size for _, size in answered), default=0))
+        for page, path in PAGES.items():  # every page again: each box still shows this prompt
+            kept.append(switch(driver, page, path, N_TOKENS))
+        if previous is not None:  # the previous prompt again: every other page redrawn from the results cache
+            go_to(driver, "/")
+            settle(driver, "explorer", N_TOKENS)
+            set_prompt(driver, previous)
+            driver.find_element(By.ID, "analyse").click()
+            time.sleep(0.5)  # the status reads 64 tokens before and after: let its callbacks start
+            settle(driver, "explorer", N_TOKENS)
+            for page, path in list(PAGES.items())[1:]:
+                slowest_callback(driver)
+                redrawn.append(switch(driver, page, path, N_TOKENS))
+                answered = requests(driver)
+                redrawn_cb.append(max((seconds for seconds, _ in answered), default=0.0))
+                answer_bytes[page].append(max((size for _, size in answered), default=0))
+        previous = text
     med = statistics.median
     for page in PAGES:
         print(f"new 64-token prompt, {page:<11} {med(new[page]):7.3f} s  forwards {med(new_forwards[page]):.0f}")
-    print(f"page switch, cached prompt ({len(switch)} switches)  median {med(switch):.3f} s, "
-          f"worst {max(switch):.3f} s  slowest callback median {med(switch_cb):.3f} s  (target < 0.3 s)")
-    print("page switch, largest response (the page's layout): "
-          + ", ".join(f"{page} {med(layout_bytes[page]) / 1024:.0f} KiB" for page in PAGES))
+    for how, times in (("shows it", kept), ("redrawn", redrawn)):
+        if times:
+            browser, wall = zip(*times)
+            print(f"page switch, cached prompt, page {how:<8} ({len(times)} switches)  browser median "
+                  f"{med(browser):.3f} s, worst {max(browser):.3f} s;  wall median {med(wall):.3f} s, "
+                  f"worst {max(wall):.3f} s  (target < 0.3 s)")
+    if redrawn:
+        print(f"page redrawn, slowest callback median {med(redrawn_cb):.3f} s, largest response: "
+              + ", ".join(f"{page} {med(answer_bytes[page]) / 1024:.0f} KiB" for page in list(PAGES)[1:]))
 
     from dynalens.dashboard.pages import explorer, heads  # registered by the server's app
 

@@ -38,7 +38,7 @@ import dash
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 from dash.exceptions import PreventUpdate
-from dynalens.dashboard import backend, url_state
+from dynalens.dashboard import backend, router, url_state
 from dynalens.dashboard.components import card
 from dynalens.dashboard.layout import model_label
 from dynalens.dashboard.prefill import PageCallbacks
@@ -107,10 +107,10 @@ class MainPanel:
             page.request,
             *[Input(id, "value") for id in ids],
         )(lambda request, *values: self.draw(request, dict(zip(ids, values))))
-        if ids:  # on a change only: a page shows the selections its URL names
+        if ids:  # on a change, or when the page shows again: a page shows the selections its URL names
             dash.clientside_callback(
                 url_state.write_selections(ids), Output(self.url_id, "data"), *[Input(id, "value") for id in ids],
-                prevent_initial_call=True,
+                Input(router.box_id(page.module), "className"), prevent_initial_call=True,
             )
 
     def page_layout(self, layout: Callable[..., Any]) -> Callable[..., html.Div]:

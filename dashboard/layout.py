@@ -24,7 +24,8 @@ from dash import Input, Output, State, ctx, dcc, html, no_update
 from dash.exceptions import PreventUpdate
 
 import dynalens
-from dynalens.dashboard import url_state
+from dynalens.dashboard import router, url_state
+from dynalens.dashboard.router import LOCATION
 from dynalens.probes.emergence import checkpoint_series
 
 # Component ids the pages may read.
@@ -39,8 +40,6 @@ CHECKPOINT = "checkpoint"
 CHECKPOINT_BOX = "checkpoint-box"
 COMPARE_NOTE = "compare-note"
 URL_WRITTEN = "url-written"
-LOCATION = "_pages_location"
-"""Dash's own ``dcc.Location`` of the pages (``dash.page_container``)."""
 
 MAX_COMPARED = 2
 """Models shown beside the header's one: three columns at most."""
@@ -167,7 +166,7 @@ def shell(default_model: str) -> html.Div:
         className="app",
         children=[
             header(default_model),
-            html.Main([html.Div(id=COMPARE_NOTE), dash.page_container], className="page"),
+            html.Main([html.Div(id=COMPARE_NOTE), router.boxes()], className="page"),
             dcc.Store(id=REQUEST, storage_type="memory"),
             dcc.Store(id=URL_WRITTEN),
         ],
@@ -229,7 +228,9 @@ def same_view(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
 
 
 def register(app: dash.Dash) -> None:
-    """The shell's callbacks: the request (from the controls or the URL), the URL writer, nav links, compare note."""
+    """The shell's callbacks: the request (from the controls or the URL), the URL writer, the router, nav links,
+    compare note."""
+    router.register(app)
 
     @app.callback(
         Output(REQUEST, "data"),

@@ -1,14 +1,16 @@
-"""A page's callbacks on the header's request, also run when its layout is built: a revisit draws in one request.
+"""A page's callbacks on the header's request, also run when its layout is built: a page built for an analysed
+prompt arrives drawn, in one request.
 
-A page switch asks the server for the page's layout (Dash pages) and then,
-once the browser has drawn it, runs every callback of the page. With the
-prompt already analysed, the second round trip and the drawing of placeholder
-figures in between are the bulk of the wait. :class:`PageCallbacks` spares
-both: the callbacks that read the header's request are registered through
-:meth:`PageCallbacks.callback`, and the page's layout, built for the request
-that its URL names (the navigation links carry it, ``url_state``), is filled
-with their outputs by running them under ``backend.cached_only()``, so the
-layout arrives drawn when nothing needs computing::
+The router (``router.py``) builds a page on its first visit: a request for
+the layout and then, once the browser has drawn it, every callback of the
+page. With the prompt already analysed, the second
+round trip and the drawing of placeholder figures in between are the bulk of
+the wait. :class:`PageCallbacks` spares both: the callbacks that read the
+header's request are registered through :meth:`PageCallbacks.callback`, and
+the page's layout, built for the request that its URL names (the navigation
+links carry it, ``url_state``), is filled with their outputs by running them
+under ``backend.cached_only()``, so the layout arrives drawn when nothing
+needs computing::
 
     PAGE = PageCallbacks(__name__)
 
@@ -20,7 +22,9 @@ layout arrives drawn when nothing needs computing::
 
 Each callback's first input is :attr:`PageCallbacks.request`, the page's copy
 of the header's request, which a client-side callback refreshes whenever the
-header's request changes (Analyse runs again even on the same prompt). A
+header's request changes while the page is shown (Analyse runs again even on
+the same prompt) and when the page shows again while the request names
+another view than its copy (a hidden page computes nothing). A
 layout drawn for a request holds it already, with a marker saying so: the
 first refresh that finds the same view (``layout.same_view``) only clears the
 marker, so nothing runs when the page appears. A layout that was not drawn
@@ -41,22 +45,27 @@ import dash
 from dash import Input, Output, State, dcc, html
 from dash.exceptions import PreventUpdate
 
-from dynalens.dashboard import backend, url_state
+from dynalens.dashboard import backend, router, url_state
 from dynalens.dashboard.layout import REQUEST, make_request
+from dynalens.dashboard.router import LOCATION
 
 Dependency = Output | Input | State
 
 HAND_OVER = """
-function(request, drawn) {
+function(request, pathname, drawn, held) {
     const skip = window.dash_clientside.no_update;
-    if (!request) { return [skip, skip]; }
+    if (!request || !SHOWN) { return [skip, skip]; }
     const view = r => JSON.stringify([r.model, r.name, r.checkpoint, r.compare, r.prompt]);
     if (drawn && view(drawn) === view(request)) { return [skip, null]; }
+    const triggered = (window.dash_clientside.callback_context.triggered || []).map(t => t.prop_id);
+    const shownAgain = triggered.length > 0 && triggered.every(id => id.endsWith('.pathname'));
+    if (shownAgain && held && view(held) === view(request)) { return [skip, skip]; }
     return [request, drawn ? null : skip];
 }
 """
-"""Client-side: the header's request into the page's copy, except once when the layout was drawn for the same
-view (the marker is cleared then)."""
+"""Client-side: the header's request into the page's copy while the page is shown (``SHOWN``: ``router.is_shown``):
+whenever it changes, and when the page shows again holding another view; except once when the layout was drawn
+for the same view (the marker is cleared then)."""
 
 
 class PageCallbacks:
@@ -80,10 +89,13 @@ class PageCallbacks:
         self.module, self.page = module, module.rsplit(".", 1)[-1]
         self.request_id, self.drawn_id = f"{self.page}-request", f"{self.page}-drawn"
         self._callbacks: list[tuple[Callable[..., Any], list[Dependency]]] = []
+        if module not in dash.page_registry:
+            raise ValueError(f"{module} makes its PageCallbacks before calling dash.register_page")
         dash.clientside_callback(
-            HAND_OVER,
+            HAND_OVER.replace("SHOWN", router.is_shown(module)),
             Output(self.request_id, "data"), Output(self.drawn_id, "data"),
-            Input(REQUEST, "data"), State(self.drawn_id, "data"),
+            Input(REQUEST, "data"), Input(LOCATION, "pathname"),
+            State(self.drawn_id, "data"), State(self.request_id, "data"),
         )  # fmt: skip
 
     @property

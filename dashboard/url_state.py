@@ -24,6 +24,8 @@ from urllib.parse import parse_qs, urlencode
 
 MODEL, CHECKPOINT, COMPARE, PROMPT = "model", "checkpoint", "compare", "prompt"
 """The query keys of the shell's request; every other key is a page control's id."""
+HIDDEN_CLASS = "page-hidden"
+"""The class of a page's box while another page shows (``router``)."""
 
 
 def search_of(request: Mapping[str, Any] | None) -> str:
@@ -122,10 +124,17 @@ function(request) {
 
 
 def write_selections(ids: list[str]) -> str:
-    """Client-side callback source: the values of the controls ``ids`` (its inputs, in order) into the URL."""
+    """Client-side callback source: the values of the controls ``ids`` (its first inputs, in order) into the URL.
+
+    Its last input is the class of the box holding the page (``router.box_id``):
+    the page writes its selections when it shows again, and not while hidden.
+    """
     return (
         "function(...values) {"
-        f" const ids = {json.dumps(ids)}; const entries = {{}};"
+        f" const ids = {json.dumps(ids)};"
+        f" if (String(values[ids.length] || '').split(' ').includes({json.dumps(HIDDEN_CLASS)})) {{"
+        " return window.dash_clientside.no_update; }"
+        " const entries = {};"
         " ids.forEach((id, i) => { entries[id] = window.dynalensUrl.encode(values[i]); });"
         " return window.dynalensUrl.write(entries); }"
     )

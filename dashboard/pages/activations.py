@@ -75,7 +75,7 @@ MAIN = MainPanel(
 @PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
-    """The page (Dash calls it on every visit)."""
+    """The page for a URL's query (``router`` builds it on the page's first visit)."""
     return page(
         "activations",
         panel(

@@ -41,7 +41,7 @@ from dynalens.dashboard.components import (
     status_id,
     status_row,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 
 import dynalens as dl
 
@@ -89,9 +89,12 @@ IOI = (
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
 
+
+@PAGE.page_layout
 def layout(**_: Any) -> html.Div:
-    """The page (Dash calls it on every visit)."""
+    """The page for a URL's query (``router`` builds it on the page's first visit)."""
     text = {"type": "text", "debounce": True, "className": "text-input"}
     controls = html.Div(
         className="circuit-controls",
@@ -161,13 +164,13 @@ def _one_token(model: Any, text: str, what: str) -> int:
     return ids[0]
 
 
-@callback(
+@PAGE.callback(
     Output(CLEAN, "value"),
     Output(CORRUPT, "value"),
     Output(CORRECT, "value"),
     Output(WRONG, "value"),
     Output(DEFAULTS_FOR, "data"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(DEFAULTS_FOR, "data"),
 )
 def defaults(request, defaults_for):
@@ -185,7 +188,7 @@ def defaults(request, defaults_for):
     Output(MESSAGE, "children"),
     Input(BUILD, "n_clicks"),
     Input(DEFAULTS_FOR, "data"),
-    State(REQUEST, "data"),
+    State(PAGE.request_id, "data"),
     State(CLEAN, "value"),
     State(CORRUPT, "value"),
     State(CORRECT, "value"),

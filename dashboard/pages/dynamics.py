@@ -74,7 +74,7 @@ PHASE_FIGURE = Figure(PHASE, "The phase portrait of an RNN's last layer appears 
 @PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
-    """The page (Dash calls it on every visit)."""
+    """The page for a URL's query (``router`` builds it on the page's first visit)."""
     return page(
         "dynamics",
         html.Div(

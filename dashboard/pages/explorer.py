@@ -85,7 +85,7 @@ RESID_FIGURE = Figure(RESID, "The residual-stream norm of every token and layer 
 @PAGE.page_layout
 @MAIN.page_layout
 def layout(**_: Any) -> html.Div:
-    """The page (Dash calls it on every visit)."""
+    """The page for a URL's query (``router`` builds it on the page's first visit)."""
     return html.Div(
         className="explorer",
         children=[

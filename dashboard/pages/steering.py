@@ -47,7 +47,7 @@ from dynalens.dashboard.components import (
     status_id,
     status_row,
 )
-from dynalens.dashboard.layout import REQUEST
+from dynalens.dashboard.prefill import PageCallbacks
 from dynalens.models.prompts import Prompts
 from dynalens.models.zoo import ZOO
 from jaxtyping import Int
@@ -87,13 +87,16 @@ PROGRESS = ProgressBar("steering")
 
 _EMPTY = placeholder_figure()
 
+PAGE = PageCallbacks(__name__)
+
 WEIGHTS_FIGURE = Figure(WEIGHTS, "Steer with 'controller' above to see the fitted controller's global scale and "
                                  "per-layer weights for the prompt.")
 _TEXT = {"whiteSpace": "pre-wrap", "fontFamily": "var(--mono)", "minHeight": "3em", "margin": 0}
 
 
+@PAGE.page_layout
 def layout(**_: Any) -> html.Div:
-    """The page (Dash calls it on every visit)."""
+    """The page for a URL's query (``router`` builds it on the page's first visit)."""
     return page(
         "steering",
         dcc.Store(id=SETUP),
@@ -190,7 +193,7 @@ def _sets_id(*sets: Prompts) -> str:
 
 
 # ----------------------------------------------------------------- callbacks
-@callback(
+@PAGE.callback(
     Output(SETUP, "data"),
     Output(LAYERS, "options"),
     Output(LAYERS, "value"),
@@ -198,7 +201,7 @@ def _sets_id(*sets: Prompts) -> str:
     Output(READ_LAYER, "value"),
     Output(CONTRAST, "style"),
     Output(status_id("steering"), "children"),
-    Input(REQUEST, "data"),
+    PAGE.request,
     State(LAYERS, "value"),
     State(READ_LAYER, "value"),
 )

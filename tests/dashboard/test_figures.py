@@ -27,18 +27,21 @@ TIMEOUT = 120
 PAGES = {"Explorer": "/", "Activations": "/activations", "Dynamics": "/dynamics", "Heads": "/heads",
          "Circuit": "/circuit", "Steering": "/steering"}  # fmt: skip
 
-GRAPHS = """
-return Array.from(document.querySelectorAll('.dash-graph')).map(g => {
+SHOWN = ".page-box:not(.page-hidden)"
+"""The box of the page shown (visited pages stay mounted, hidden)."""
+
+GRAPHS = f"""
+return Array.from(document.querySelectorAll('{SHOWN} .dash-graph')).map(g => {{
   const plot = g.querySelector('.js-plotly-plot');
   const box = g.closest('.figure-box');
   const card = g.closest('.card');
   const message = card && card.querySelector('.panel-message');
   const note = box && box.querySelector('.empty-note');
-  return {id: g.id, traces: plot && plot._fullData ? plot._fullData.length : 0,
-          visible: g.checkVisibility({visibilityProperty: true}) && g.getBoundingClientRect().height > 0,
+  return {{id: g.id, traces: plot && plot._fullData ? plot._fullData.length : 0,
+          visible: g.checkVisibility({{visibilityProperty: true}}) && g.getBoundingClientRect().height > 0,
           note: note && note.checkVisibility() ? note.innerText : '',
-          message: message ? message.innerText : ''};
-});
+          message: message ? message.innerText : ''}};
+}});
 """
 
 
@@ -91,7 +94,7 @@ def test_no_page_shows_an_empty_plot_frame(dash_duo, tmp_path, screenshot):
     seen = {}
     for name, path in PAGES.items():
         click_nav(dash_duo, path)
-        dash_duo.wait_for_contains_text(".status", MODEL, timeout=TIMEOUT)
+        dash_duo.wait_for_contains_text(f"{SHOWN} .status", MODEL, timeout=TIMEOUT)
         settle(dash_duo)
         graphs = dash_duo.driver.execute_script(GRAPHS)
         assert graphs, f"{name} has no graph"
