@@ -15,6 +15,7 @@ in the URL, so a reload or a pasted link shows the same view.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ def header(default_model: str) -> html.Header:
                          html.Span(f"v{dynalens.__version__}", className="brand-version")],
                         className="brand-box",
                     ),
-                    html.Nav(id=NAV, className="nav", children=nav_links("/")),
+                    html.Nav(id=NAV, className="nav", children=nav_links()),
                 ],
             ),
             html.Div(
@@ -147,17 +148,26 @@ def header(default_model: str) -> html.Header:
     )
 
 
-def nav_links(pathname: str | None, request: Mapping[str, Any] | None = None) -> list[dcc.Link]:
-    """One link per page in ``dash.page_registry``, the current one marked active; each keeps ``request`` in its URL."""
+def nav_links(request: Mapping[str, Any] | None = None) -> list[dcc.Link]:
+    """One link per page in ``dash.page_registry`` (id ``nav_id(module)``); each keeps ``request`` in its URL."""
     search = url_state.search_of(request)
-    return [
-        dcc.Link(
-            page["name"],
-            href=page["relative_path"] + search,
-            className="nav-link active" if page["path"] == (pathname or "/") else "nav-link",
-        )
-        for page in dash.page_registry.values()
-    ]
+    return [dcc.Link(page["name"], id=nav_id(module), href=page["relative_path"] + search, className="nav-link")
+            for module, page in dash.page_registry.items()]  # fmt: skip
+
+
+def nav_id(module: str) -> str:
+    """The id of the top bar's link to the page of ``module``."""
+    return f"nav-{module.rsplit('.', 1)[-1]}"
+
+
+def compare_notes() -> dict[str, str]:
+    """What each page without a side-by-side view says while models are compared, by its path."""
+    panels = ", ".join(p["name"] for p in dash.page_registry.values() if p.get("main_panel"))
+    return {
+        page["relative_path"]: f"The {page['name']} page has no side-by-side view (its panels are not one analysis "
+                               f"figure); the compared models are shown side by side on {panels}."
+        for page in dash.page_registry.values() if not page.get("main_panel")
+    }  # fmt: skip
 
 
 def shell(default_model: str) -> html.Div:
@@ -166,7 +176,7 @@ def shell(default_model: str) -> html.Div:
         className="app",
         children=[
             header(default_model),
-            html.Main([html.Div(id=COMPARE_NOTE), router.boxes()], className="page"),
+            html.Main([html.Div(id=COMPARE_NOTE, className="hint", style=_HIDDEN), router.boxes()], className="page"),
             dcc.Store(id=REQUEST, storage_type="memory"),
             dcc.Store(id=URL_WRITTEN),
         ],
@@ -286,21 +296,36 @@ def register(app: dash.Dash) -> None:
 
     app.clientside_callback(url_state.WRITE_REQUEST, Output(URL_WRITTEN, "data"), Input(REQUEST, "data"))
 
-    @app.callback(Output(NAV, "children"), Input(LOCATION, "pathname"), Input(REQUEST, "data"))
-    def mark_current_page(pathname, request):
-        return nav_links(pathname, request)
+    modules = list(dash.page_registry)
 
-    @app.callback(Output(COMPARE_NOTE, "children"), Input(LOCATION, "pathname"), Input(REQUEST, "data"))
-    def compare_note(pathname, request):
-        """A page that has no side-by-side view says so while models are compared."""
-        if not request or not request.get("compare"):
-            return None
-        page = next((p for p in dash.page_registry.values() if p["path"] == (pathname or "/")), None)
-        if page is None or page.get("main_panel"):
-            return None
-        pages = ", ".join(p["name"] for p in dash.page_registry.values() if p.get("main_panel"))
-        return html.Div(
-            f"The {page['name']} page has no side-by-side view (its panels are not one analysis figure); "
-            f"the compared models are shown side by side on {pages}.",
-            className="hint",
-        )
+    @app.callback(*[Output(nav_id(m), "href") for m in modules], Input(REQUEST, "data"))
+    def keep_request_in_links(request):
+        return [link.href for link in nav_links(request)]
+
+    app.clientside_callback(
+        _MARK_CURRENT.replace("PATHS", json.dumps([dash.page_registry[m]["relative_path"] for m in modules])),
+        *[Output(nav_id(m), "className") for m in modules], Input(LOCATION, "pathname"),
+    )  # fmt: skip
+    app.clientside_callback(
+        _COMPARE_NOTE.replace("NOTES", json.dumps(compare_notes())),
+        Output(COMPARE_NOTE, "children"), Output(COMPARE_NOTE, "style"),
+        Input(LOCATION, "pathname"), Input(REQUEST, "data"),
+    )  # fmt: skip
+
+
+_MARK_CURRENT = """
+function(pathname) {
+  const here = (pathname || '/').replace(/(.)\\/+$/, '$1');
+  return PATHS.map(path => path === here ? 'nav-link active' : 'nav-link');
+}
+"""
+"""Client-side: the current page's link marked active."""
+
+_COMPARE_NOTE = """
+function(pathname, request) {
+  const note = (NOTES)[(pathname || '/').replace(/(.)\\/+$/, '$1')];
+  const shown = !!(note && request && request.compare && request.compare.length);
+  return [shown ? note : null, {display: shown ? 'block' : 'none'}];
+}
+"""
+"""Client-side: a page that has no side-by-side view says so while models are compared."""

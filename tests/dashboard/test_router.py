@@ -15,7 +15,7 @@ from dynalens.dashboard.app import create_app
 MODEL, TIMEOUT = "attn2l-induction", 120
 FIRST, SECOND = "0 5 9 1 5 7 12 2 7 4 5 9", "3 1 4 1 5 9 2 6"  # 12 and 8 tokens
 
-BOX = "return document.getElementById(arguments[0]).className;"
+BOX = "const box = document.getElementById(arguments[0]); return box && box.className;"
 STATUS = "const s = document.getElementById(arguments[0]); return s ? s.textContent : null;"
 MARK = """
 const plot = document.querySelector(`#${arguments[0]} .js-plotly-plot`);
