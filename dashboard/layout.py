@@ -303,11 +303,12 @@ def register(app: dash.Dash) -> None:
         return [link.href for link in nav_links(request)]
 
     app.clientside_callback(
-        _MARK_CURRENT.replace("PATHS", json.dumps([dash.page_registry[m]["relative_path"] for m in modules])),
+        _MARK_CURRENT.replace("PATHS", json.dumps([dash.page_registry[m]["relative_path"] for m in modules]))
+        .replace("CURRENT_PATH", router.CURRENT_PATH),
         *[Output(nav_id(m), "className") for m in modules], Input(LOCATION, "pathname"),
     )  # fmt: skip
     app.clientside_callback(
-        _COMPARE_NOTE.replace("NOTES", json.dumps(compare_notes())),
+        _COMPARE_NOTE.replace("NOTES", json.dumps(compare_notes())).replace("CURRENT_PATH", router.CURRENT_PATH),
         Output(COMPARE_NOTE, "children"), Output(COMPARE_NOTE, "style"),
         Input(LOCATION, "pathname"), Input(REQUEST, "data"),
     )  # fmt: skip
@@ -315,15 +316,14 @@ def register(app: dash.Dash) -> None:
 
 _MARK_CURRENT = """
 function(pathname) {
-  const here = (pathname || '/').replace(/(.)\\/+$/, '$1');
-  return PATHS.map(path => path === here ? 'nav-link active' : 'nav-link');
+  return PATHS.map(path => path === CURRENT_PATH ? 'nav-link active' : 'nav-link');
 }
 """
 """Client-side: the current page's link marked active."""
 
 _COMPARE_NOTE = """
 function(pathname, request) {
-  const note = (NOTES)[(pathname || '/').replace(/(.)\\/+$/, '$1')];
+  const note = (NOTES)[CURRENT_PATH];
   const shown = !!(note && request && request.compare && request.compare.length);
   return [shown ? note : null, {display: shown ? 'block' : 'none'}];
 }

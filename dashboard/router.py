@@ -43,10 +43,13 @@ def box_id(module: str) -> str:
     return f"page-{module.rsplit('.', 1)[-1]}"
 
 
+CURRENT_PATH = "((pathname || '/').replace(/(.)\\/+$/, '$1'))"
+"""A JavaScript expression: ``pathname`` (a variable in scope) as a registry's ``relative_path``."""
+
+
 def is_shown(module: str) -> str:
     """A JavaScript expression: whether ``pathname`` (a variable in scope) is the page of ``module``."""
-    return f"(({json.dumps(dash.page_registry[module]['relative_path'])}) === " \
-           "((pathname || '/').replace(/(.)\\/+$/, '$1')))"  # fmt: skip
+    return f"({json.dumps(dash.page_registry[module]['relative_path'])} === {CURRENT_PATH})"
 
 
 def boxes() -> html.Div:
@@ -66,7 +69,7 @@ def register(app: dash.Dash) -> None:
     pages = [{"module": m, "path": dash.page_registry[m]["relative_path"], "title": dash.page_registry[m]["title"]}
              for m in modules]  # fmt: skip
     app.clientside_callback(
-        _fill(_SHOW, PAGES=pages, SHOWN_CLASS=SHOWN, HIDDEN_CLASS=HIDDEN),
+        _fill(_SHOW, PAGES=pages, SHOWN_CLASS=SHOWN, HIDDEN_CLASS=HIDDEN).replace("CURRENT_PATH", CURRENT_PATH),
         *[Output(box_id(m), "className") for m in modules], Output(NOT_FOUND, "className"), Output(BUILD, "data"),
         Input(LOCATION, "pathname"), State(LOCATION, "search"), State(BUILT, "data"),
     )  # fmt: skip
@@ -106,7 +109,7 @@ _SHOW = """
 function(pathname, search, built) {
   const pages = PAGES, skip = window.dash_clientside.no_update, none = pages.map(() => skip);
   if (pathname === null || pathname === undefined) { return [...none, skip, skip]; }
-  const page = pages.find(p => p.path === pathname.replace(/(.)\\/+$/, '$1'));
+  const page = pages.find(p => p.path === CURRENT_PATH);
   if (page) { document.title = page.title; }
   if (page && (built || []).includes(page.module)) {
     return [...pages.map(p => p === page ? SHOWN_CLASS : HIDDEN_CLASS), HIDDEN_CLASS, skip];
