@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from dynalens.models.io import read_json, write_json
 from dynalens.models.safetensors_image import SafetensorsImage
+from dynalens.models.state_buffer import states_into
 from dynalens.models.surface import model_name_of
 
 MANIFEST = "manifest.json"
@@ -141,11 +142,16 @@ def build_store(
             _build_on_ray(source, spec["hooks"], jobs, folder, manifest, batch_size, dtype, bar, workers)
         else:
             writer = ShardWriter(loaded, spec["hooks"], str(folder), batch_size, dtype, buffers=2)
-            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written as shard i runs, and after
+
+            def save(index: int, image: SafetensorsImage, filled: queue.SimpleQueue) -> None:
+                _record(folder, manifest, writer.save(index, image, _until_none(filled)))
+
+            # Shard i's file is written and recorded on the thread as shard i runs, and after.
+            with ThreadPoolExecutor(max_workers=1) as files:
                 writing: Future | None = None
                 for index, shard in jobs:
                     image, filled = writer.image_for(shard), queue.SimpleQueue()
-                    written = files.submit(writer.save, index, image, _until_none(filled))
+                    written = files.submit(save, index, image, filled)
                     try:
                         writer.fill(image, shard, filled.put)
                     except BaseException as err:
@@ -153,11 +159,11 @@ def build_store(
                         raise
                     filled.put(None)
                     if writing is not None:
-                        _record(folder, manifest, writing.result())
+                        writing.result()
                         bar.update()
                     writing = written
                 if writing is not None:
-                    _record(folder, manifest, writing.result())
+                    writing.result()
                     bar.update()
     finally:
         bar.close()
@@ -168,8 +174,10 @@ class ShardWriter:
     """Runs one model over shards of sequences and writes each shard's file.
 
     Each shard is computed into a :class:`SafetensorsImage`, the file's bytes:
-    the hooks' activations are copied once, straight from the cache into the
-    file, and the file is written from that buffer. ``buffers`` images are
+    the SSM states of Mamba layers are formed there by the scan
+    (:func:`~dynalens.models.state_buffer.states_into`), the other hooks'
+    activations are copied once, straight from the cache into the file, and
+    the file is written from that buffer. ``buffers`` images are
     reused in turn, so the one :meth:`image_for` returns stays valid until
     ``buffers`` more shards have been laid out (two let one shard's file be
     finished while the next shard runs).
@@ -223,9 +231,13 @@ class ShardWriter:
         out[TOKENS].copy_(sequences.reshape(-1))
         done = 0
         for batch in sequences.split(self.batch_size):
-            _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
-            for name, shape in self.hooks.items():
-                out[name][done : done + batch.numel()].view(*batch.shape, *shape).copy_(cache[name])
+            views = {name: out[name][done : done + batch.numel()].view(*batch.shape, *shape)
+                     for name, shape in self.hooks.items()}  # fmt: skip
+            with states_into(views):  # the SSM states are formed in the file's bytes
+                _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
+            for name, view in views.items():
+                if not _same_memory(cache[name], view):
+                    view.copy_(cache[name])
             done += batch.numel()
             if progress is not None:
                 progress({TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, done)})
@@ -237,6 +249,11 @@ class ShardWriter:
         file = f"shard_{index:05d}.safetensors"
         image.write(self.folder / file, progress)
         return {"index": index, "file": file, "n_tokens": image.tensors[TOKENS].numel()}
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _until_none(items: queue.SimpleQueue) -> Iterator[Any]:
