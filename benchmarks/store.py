@@ -20,9 +20,8 @@ import statistics
 import tempfile
 import time
 
+import dynalens as dl  # isort: skip  (before torch, as a user script does: torch's huge pages on, see the README)
 import torch
-
-import dynalens as dl
 from dynalens.models import names
 from dynalens.models.corpus import python_reference
 from dynalens.models.store import build_store, corpus_tokens

@@ -1,12 +1,13 @@
 """An activation store: chosen hooks over a token corpus, in sharded safetensors files.
 
 :func:`build_store` cuts a corpus into sequences of ``seq_len`` tokens, runs
-the model on them a batch at a time with only the chosen hooks cached, and
-writes each hook's activations per token (``[tokens, ...]``) into shards of
-``shard_sequences`` sequences, each shard a safetensors file renamed into
+the model on them a batch at a time with hooks on the chosen hook points only,
+and writes each hook's activations per token (``[tokens, ...]``) into shards
+of ``shard_sequences`` sequences, each shard a safetensors file renamed into
 place. A shard is computed straight into its file's bytes
-(:class:`~dynalens.models.safetensors_image.SafetensorsImage`), written page
-by page on a thread as its batches finish. ``manifest.json`` (rewritten
+(:class:`~dynalens.models.safetensors_image.SafetensorsImage`; the Mamba
+states are formed there by the scan), written page by page on a thread as
+its hooks fire. ``manifest.json`` (rewritten
 atomically after every shard) names the model, the hooks with dtype and
 per-token shape, each shard's token range, and the corpus hash; a re-run
 with the same corpus skips the shards it lists, so an interrupted build
@@ -29,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
@@ -176,8 +178,8 @@ class ShardWriter:
     Each shard is computed into a :class:`SafetensorsImage`, the file's bytes:
     the SSM states of Mamba layers are formed there by the scan
     (:func:`~dynalens.models.state_buffer.states_into`), the other hooks'
-    activations are copied once, straight from the cache into the file, and
-    the file is written from that buffer. ``buffers`` images are
+    activations are copied there once, as their hook fires, and the file is
+    written from that buffer. ``buffers`` images are
     reused in turn, so the one :meth:`image_for` returns stays valid until
     ``buffers`` more shards have been laid out (two let one shard's file be
     finished while the next shard runs).
@@ -223,24 +225,35 @@ class ShardWriter:
         sequences: Int[Tensor, "seq pos"],
         progress: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
-        """Run the shard's sequences a batch at a time and copy the hooks' activations into ``image``.
+        """Run the shard's sequences a batch at a time and put the hooks' activations into ``image``.
 
-        ``progress`` is called after each batch with the tokens of each tensor that are final so far.
+        Each hook's activations are copied into the image as the hook fires
+        (the SSM states are formed there), and ``progress``, when given, is
+        called then with the tokens of each tensor that are final so far:
+        the file's pages can be written while the rest of the forward runs.
         """
         out = image.tensors
         out[TOKENS].copy_(sequences.reshape(-1))
+        final = {TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, 0)}
         done = 0
         for batch in sequences.split(self.batch_size):
-            views = {name: out[name][done : done + batch.numel()].view(*batch.shape, *shape)
-                     for name, shape in self.hooks.items()}  # fmt: skip
-            with states_into(views):  # the SSM states are formed in the file's bytes
-                _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
-            for name, view in views.items():
-                if not _same_memory(cache[name], view):
-                    view.copy_(cache[name])
-            done += batch.numel()
-            if progress is not None:
-                progress({TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, done)})
+            end = done + batch.numel()
+            views = {name: out[name][done:end].view(*batch.shape, *shape) for name, shape in self.hooks.items()}
+
+            def keep(activation: Tensor, hook: Any, name: str) -> None:
+                if not _same_memory(activation, views[name]):
+                    views[name].copy_(activation)
+                final[name] = end
+                if progress is not None:
+                    progress(dict(final))
+
+            keeps = [(name, functools.partial(keep, name=name)) for name in self.hooks]
+            with states_into(views), self.model.hooks(fwd_hooks=keeps):  # the SSM states are formed in the image
+                self.model(batch)
+            missed = [name for name, rows in final.items() if rows < end]
+            if missed:
+                raise RuntimeError(f"hooks {missed} did not fire on a batch of the shard; they cannot be stored")
+            done = end
 
     def save(
         self, index: int, image: SafetensorsImage, progress: Iterable[dict[str, int]] = ()
