@@ -40,12 +40,15 @@ class SelectiveScanFn(torch.autograd.Function):
     """Selective scan on a compiled path; outputs ``(out, last_state[, states])``."""
 
     @staticmethod
-    def forward(ctx, path: ModuleType, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_states):
+    def forward(
+        ctx, path: ModuleType, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, return_states, into=None
+    ):
         acc = accumulation_dtype(u)
         d = u.shape[1]
         prepped = [_prep(x, acc) for x in (u, delta, A, bc_4d(B, d), bc_4d(C, d), D, z, delta_bias, initial_state)]
         keep_ckpt = any(ctx.needs_input_grad[1:10])
-        out, last, states, ckpt = path.selective_forward(*prepped, softplus, return_states, keep_ckpt)
+        where = {} if into is None else {"states": into}  # given only to the numba path, which writes there
+        out, last, states, ckpt = path.selective_forward(*prepped, softplus, return_states, keep_ckpt, **where)
         ctx.set_materialize_grads(False)
         ctx.path, ctx.softplus = path, softplus
         ctx.save_for_backward(*prepped[:8], ckpt, u, delta, A, B, C, D, z, delta_bias, initial_state)
@@ -62,7 +65,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, h0 = inputs
         return (
             None, _grad(du, u), _grad(ddelta, delta), _grad(dA, A), _grad(dB, B), _grad(dC, C),
-            _grad(dD, D), _grad(dz, z), _grad(dbias, delta_bias), _grad(dh0, h0), None, None,
+            _grad(dD, D), _grad(dz, z), _grad(dbias, delta_bias), _grad(dh0, h0), None, None, None,
         )  # fmt: skip
 
 

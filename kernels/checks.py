@@ -79,6 +79,26 @@ def check_ssm_params(op, A, B, C, D, delta_bias, b: int, d: int, length: int, de
     return n
 
 
+def check_states_out(
+    op: str,
+    out: object,
+    return_states: bool,
+    shape: tuple[int, ...],
+    shape_doc: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    contiguous: bool,
+) -> None:
+    """``states_out`` is only for ``return_states``: a tensor of ``shape`` and the states' dtype (contiguous if asked)."""
+    if not return_states:
+        raise ValueError(f"{op}: states_out is written only with return_states=True")
+    check_tensor(op, "states_out", out, shape, shape_doc, device)
+    if out.dtype != dtype or (contiguous and not out.is_contiguous()):
+        what = "a contiguous tensor" if contiguous else "a tensor"
+        layout = ", not contiguous" if contiguous and not out.is_contiguous() else ""
+        raise ValueError(f"{op}: states_out must be {what} of the states' dtype {dtype}, got {out.dtype}{layout}")
+
+
 def check_backend(op: str, backend: str) -> None:
     """Reject an unknown backend name."""
     if backend not in BACKENDS:

@@ -140,10 +140,10 @@ def _scan_chunk(dts, dtus, ys, a2, h, B, C, bB, bC, gB, gC, B_lanes, C_lanes, t0
                     for c in range(LANES):
                         trail[i, r, c] = held[r, c]
         if keep_states:
-            for c in range(lanes):
-                for i in range(m):
+            for i in range(m):
+                for c in range(lanes):
                     for r in range(min(ROWS, n - k0)):
-                        states[bi, c0 + c, t0 + i, k0 + r] = trail[i, r, c]
+                        states[bi, t0 + i, c0 + c, k0 + r] = trail[i, r, c]
         for r in range(ROWS):
             for c in range(LANES):
                 h[k0 + r, c] = held[r, c]
@@ -458,12 +458,20 @@ def _reduce(part: Tensor, X4: Tensor, bounds: np.ndarray, d: int) -> Tensor:
     return grad.sum(0, keepdim=True) if X4.shape[0] == 1 else grad
 
 
-def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states, keep_ckpt):
-    """Run :func:`selective_fwd` on contiguous CPU tensors of one dtype."""
+def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states, keep_ckpt, states=None):
+    """Run :func:`selective_fwd` on contiguous CPU tensors of one dtype.
+
+    The states are written time-major, into ``states`` (a contiguous ``(b, l, d, n)`` tensor) when
+    given, and returned as ``(b, d, l, n)`` with that memory (a tensor of its own, not a view, when
+    not given: autograd lets a hook edit it in place).
+    """
     b, d, L = u.shape
     n = A.shape[1]
     out, last = torch.empty_like(u), u.new_empty(b, d, n)
-    states = u.new_empty(b, d, L, n) if keep_states else None
+    result = None if states is None else states.transpose(1, 2)
+    if keep_states and states is None:
+        result = torch.empty_strided((b, d, L, n), (L * d * n, n, d * n, 1), dtype=u.dtype)
+        states = result.transpose(1, 2)
     ckpt = u.new_empty(b, d, (L + CHUNK - 1) // CHUNK, n) if keep_ckpt else None
     flags = (softplus, D is not None, z is not None, bias is not None, h0 is not None, keep_states, keep_ckpt)
     n_pad = -(-n // ROWS) * ROWS
@@ -471,7 +479,7 @@ def selective_forward(u, delta, A, B4, C4, D, z, bias, h0, softplus, keep_states
         u.numpy(), delta.numpy(), A.numpy(), _time_major(B4, n_pad), _time_major(C4, n_pad), _np(D, u, 1), _np(z, u, 3),
         _np(bias, u, 1), _np(h0, u, 3), flags, out.numpy(), last.numpy(), _np(states, u, 4), _np(ckpt, u, 4),
     )  # fmt: skip
-    return out, last, states, ckpt
+    return out, last, result, ckpt
 
 
 def selective_backward(u, delta, A, B4, C4, D, z, bias, softplus, ckpt, dout, dlast, dstates):

@@ -11,7 +11,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.kernels.autograd import SelectiveScanFn, accumulation_dtype
-from dynalens.kernels.checks import Backend, check_backend, check_input, check_ssm_params, check_tensor
+from dynalens.kernels.checks import (
+    Backend,
+    check_backend,
+    check_input,
+    check_ssm_params,
+    check_states_out,
+    check_tensor,
+)
 from dynalens.kernels.paths import auto_backend, compiled_path
 from dynalens.kernels.reference import selective_scan_ref
 from dynalens.kernels.scan_torch import selective_scan_torch
@@ -34,6 +41,7 @@ def selective_scan(
     return_states: bool = False,
     *,
     backend: Backend = "auto",
+    states_out: Float[Tensor, "b d l n"] | None = None,
 ):
     """Selective scan with mamba_ssm's signature, differentiable in every input.
 
@@ -63,12 +71,22 @@ def selective_scan(
     backend : {"auto", "ref", "torch", "numba", "triton"}
         ``"auto"`` takes Triton for CUDA tensors and numba otherwise (the
         pure-PyTorch path when numba is missing).
+    states_out : Tensor, shape (b, d, l, n), optional
+        With ``return_states``: the tensor the states are written into and
+        returned as (the states' dtype, on ``u``'s device, any strides). The
+        numba path without autograd writes each state there directly when
+        its memory is time-major (``states_out.transpose(1, 2)`` contiguous,
+        the layout that path writes): a caller can hand it a ``(b, l, d, n)``
+        buffer it reuses, or the place the states are kept, and spare the
+        memory's first touch and a copy. Other paths copy into it.
 
     Returns
     -------
     out : Tensor, shape (b, d, l), dtype of ``u``
         Followed, when asked, by ``last_state`` and then ``states`` (float32,
         or float64 for float64 inputs); a tuple whenever more than ``out``.
+        The numba path's states are time-major in memory (a ``(b, d, l, n)``
+        view of a contiguous ``(b, l, d, n)`` tensor).
 
     Examples
     --------
@@ -79,24 +97,40 @@ def selective_scan(
     >>> out.shape, last.shape
     (torch.Size([1, 4, 5]), torch.Size([1, 4, 3]))
     """
-    _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    b, d, length = _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state)
     check_backend(OP, backend)
+    if states_out is not None:
+        shape = (b, d, length, A.shape[1])
+        check_states_out(OP, states_out, return_states, shape, "(b, d, l, n)", accumulation_dtype(u), u.device, False)
     if backend == "auto":
         backend = auto_backend(u)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if backend == "ref":
-        return selective_scan_ref(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state, return_states
-        )
-    if backend == "torch":
+        y, last, *rest = selective_scan_ref(*inputs[:8], delta_softplus, True, initial_state, return_states)
+        states = rest[0] if rest else None
+    elif backend == "torch":
         acc = accumulation_dtype(u)
-        y, last, states = selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, acc)
+        y, last, states = selective_scan_torch(*inputs[:8], delta_softplus, initial_state, acc)
         y = y.to(u.dtype)
     else:
         path = compiled_path(OP, backend, u)
-        args = (u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, return_states)
-        y, last, *rest = SelectiveScanFn.apply(path, *args)
+        into = _time_major_target(states_out, backend, inputs)
+        y, last, *rest = SelectiveScanFn.apply(path, *inputs, delta_softplus, return_states, into)
         states = rest[0] if rest else None
+        if into is not None:
+            states = states_out
+    if states_out is not None and states is not states_out:
+        states = states_out.copy_(states)
     return _pack(y, last if return_last_state else None, states if return_states else None)
+
+
+def _time_major_target(states_out: Tensor | None, backend: str, inputs: tuple) -> Tensor | None:
+    """``states_out`` as the contiguous ``(b, l, d, n)`` tensor the numba path writes into, when it can."""
+    if states_out is None or backend != "numba" or not states_out.transpose(1, 2).is_contiguous():
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return None  # under autograd the states are the Function's own output
+    return states_out.transpose(1, 2)
 
 
 def _pack(out: Tensor, last: Tensor | None, states: Tensor | None):
@@ -104,7 +138,7 @@ def _pack(out: Tensor, last: Tensor | None, states: Tensor | None):
     return (out, *extra) if extra else out
 
 
-def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
+def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> tuple[int, int, int]:
     b, d, length = check_input(OP, "u", u)
     check_tensor(OP, "delta", delta, (b, d, length), "(b, d, l)", u.device)
     n = check_ssm_params(OP, A, B, C, D, delta_bias, b, d, length, u.device)
@@ -112,3 +146,4 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state) -> None:
         check_tensor(OP, "z", z, (b, d, length), "(b, d, l)", u.device)
     if initial_state is not None:
         check_tensor(OP, "initial_state", initial_state, (b, d, n), "(b, d, n)", u.device)
+    return b, d, length

@@ -14,11 +14,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dynalens.kernels.autograd import accumulation_dtype
+from dynalens.kernels.checks import check_states_out
 from dynalens.kernels.ssd_checks import (
     Positions,
     SSDBackend,
     check_chunk_size,
-    check_states_out,
     check_ssd_args,
     check_ssd_backend,
     state_index,
@@ -117,7 +117,7 @@ def ssd_scan(
     idx = None if state_positions is None else state_index(OP, state_positions, b, length, x.device)
     if states_out is not None:
         shape = (b, length, *x.shape[2:], B.shape[3])
-        check_states_out(OP, states_out, return_states, shape, accumulation_dtype(x), x.device)
+        check_states_out(OP, states_out, return_states, shape, "(b, l, h, p, n)", accumulation_dtype(x), x.device, True)
     if backend == "auto":
         backend = "triton" if x.is_cuda and importlib.util.find_spec("triton") is not None else "torch"
     if backend == "ref" or (backend == "torch" and length == 1):  # one step is the recurrence itself

@@ -57,18 +57,6 @@ def _check_groups(op: str, B: object, b: int, length: int, h: int) -> tuple[int,
     return g, n
 
 
-def check_states_out(
-    op: str, out: object, return_states: bool, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> None:
-    """``states_out`` is only for ``return_states``, a contiguous ``(b, l, h, p, n)`` tensor of the states' dtype."""
-    if not return_states:
-        raise ValueError(f"{op}: states_out is written only with return_states=True")
-    check_tensor(op, "states_out", out, shape, "(b, l, h, p, n)", device)
-    if out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"{op}: states_out must be a contiguous tensor of the states' dtype {dtype}, got "
-                         f"{out.dtype}{'' if out.is_contiguous() else ', not contiguous'}")  # fmt: skip
-
-
 def check_ssd_backend(op: str, backend: str) -> None:
     """Reject an unknown backend name."""
     if backend not in SSD_BACKENDS:

@@ -4,7 +4,10 @@ The forward pass follows HuggingFace's ``MambaForCausalLM`` step for step and
 reads and writes its checkpoint format, so any ``state-spaces/mamba-*-hf``
 folder loads here and anything saved here loads in HF. The selective scan is
 ``dynalens.kernels.selective_scan``; the per-step states ``h_t`` are only
-materialised when something hooks or caches ``mixer.hook_ssm_state``.
+materialised when something hooks or caches ``mixer.hook_ssm_state``, and
+then the scan writes them time-major (``[batch, pos, d_inner, d_state]``,
+contiguous), into the caller's tensor under
+``models/state_buffer.py::states_into``.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from dynalens.kernels import selective_scan
+from dynalens.kernels.autograd import accumulation_dtype
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_model_folder, write_model_folder
 from dynalens.models.building import on_meta
+from dynalens.models.state_buffer import states_buffer
 
 # Our parameter names ↔ HF ``MambaForCausalLM`` names: only the prefixes differ.
 _HF_PREFIXES = (
@@ -236,6 +241,10 @@ class MambaMixer(nn.Module):
         B, C = self.hook_B(B.contiguous()), self.hook_C(C.contiguous())  # copies: never views of x_proj
 
         want_states = self.hook_ssm_state.has_hooks()
+        into = None
+        if want_states and not torch.is_grad_enabled():  # time-major, where the scan writes them directly
+            shape = (*u.shape[:2], cfg.d_inner, cfg.d_state)
+            into = states_buffer(shape, accumulation_dtype(u), u.device, self.hook_ssm_state.name)
         scan = selective_scan(
             u.transpose(1, 2),
             delta.transpose(1, 2),
@@ -246,16 +255,18 @@ class MambaMixer(nn.Module):
             initial_state=ssm_state,
             return_last_state=True,
             return_states=want_states,
+            states_out=None if into is None else into.transpose(1, 2),
         )
+        y, new_ssm_state = scan[0].transpose(1, 2), scan[1]
         if want_states:
-            # The hooked states are the ones read out (y = C h + D u) and carried on.
-            _, _, states = scan
-            states = self.hook_ssm_state(states.transpose(1, 2))
-            y = torch.einsum("bldn,bln->bld", states, C.to(states.dtype)) + u * self.D
-            y, new_ssm_state = y.to(u.dtype), states[:, -1]
-        else:
-            y, new_ssm_state = scan
-            y = y.transpose(1, 2)
+            states = scan[2].transpose(1, 2)
+            # An edit (another tensor returned, or the states changed in place: their version counter
+            # moved) is read out (y = C h + D u) and carried on; otherwise the scan's y and last state stand.
+            version = None if states.is_inference() else states._version
+            hooked = self.hook_ssm_state(states)
+            if hooked is not states or version is None or hooked._version != version:
+                y = torch.einsum("bldn,bln->bld", hooked, C.to(hooked.dtype)) + u * self.D
+                y, new_ssm_state = y.to(u.dtype), hooked[:, -1]
         y = self.hook_y(y)
         gate = self.hook_gate(F.silu(z))
         return self.hook_ssm_out(self.out_proj(y * gate)), new_conv_state, new_ssm_state

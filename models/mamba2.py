@@ -273,14 +273,16 @@ class Mamba2Mixer(nn.Module):
         counter, so they are always read out: there are few of them).
         Without autograd, all states are written into the forward's shared
         buffer (``models/state_buffer.py``) and handed back to it when the
-        hook kept nothing that reaches them.
+        hook kept nothing that reaches them, or into the caller's tensor
+        for this hook under ``states_into``.
         """
         D = _at_least_fp32(self.D)
         want = self.hook_ssm_state.has_hooks()
         every = want and positions is None
         out = None
         if every and not torch.is_grad_enabled():
-            out = states_buffer((*xs.shape, self.cfg.d_state), accumulation_dtype(xs), xs.device)
+            shape = (*xs.shape, self.cfg.d_state)
+            out = states_buffer(shape, accumulation_dtype(xs), xs.device, self.hook_ssm_state.name)
         scan = ssd_scan(
             xs, dt, self.A, B, C, D, initial_state=ssm_state, return_final_state=True,
             state_positions=positions if want else None, return_states=every, states_out=out,

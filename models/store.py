@@ -1,12 +1,13 @@
 """An activation store: chosen hooks over a token corpus, in sharded safetensors files.
 
 :func:`build_store` cuts a corpus into sequences of ``seq_len`` tokens, runs
-the model on them a batch at a time with only the chosen hooks cached, and
-writes each hook's activations per token (``[tokens, ...]``) into shards of
-``shard_sequences`` sequences, each shard a safetensors file renamed into
+the model on them a batch at a time with hooks on the chosen hook points only,
+and writes each hook's activations per token (``[tokens, ...]``) into shards
+of ``shard_sequences`` sequences, each shard a safetensors file renamed into
 place. A shard is computed straight into its file's bytes
-(:class:`~dynalens.models.safetensors_image.SafetensorsImage`), written page
-by page on a thread as its batches finish. ``manifest.json`` (rewritten
+(:class:`~dynalens.models.safetensors_image.SafetensorsImage`; the Mamba
+states are formed there by the scan), written page by page on a thread as
+its hooks fire. ``manifest.json`` (rewritten
 atomically after every shard) names the model, the hooks with dtype and
 per-token shape, each shard's token range, and the corpus hash; a re-run
 with the same corpus skips the shards it lists, so an interrupted build
@@ -29,6 +30,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
@@ -46,6 +48,7 @@ from tqdm.auto import tqdm
 
 from dynalens.models.io import read_json, write_json
 from dynalens.models.safetensors_image import SafetensorsImage
+from dynalens.models.state_buffer import states_into
 from dynalens.models.surface import model_name_of
 
 MANIFEST = "manifest.json"
@@ -141,11 +144,16 @@ def build_store(
             _build_on_ray(source, spec["hooks"], jobs, folder, manifest, batch_size, dtype, bar, workers)
         else:
             writer = ShardWriter(loaded, spec["hooks"], str(folder), batch_size, dtype, buffers=2)
-            with ThreadPoolExecutor(max_workers=1) as files:  # shard i's file is written as shard i runs, and after
+
+            def save(index: int, image: SafetensorsImage, filled: queue.SimpleQueue) -> None:
+                _record(folder, manifest, writer.save(index, image, _until_none(filled)))
+
+            # Shard i's file is written and recorded on the thread as shard i runs, and after.
+            with ThreadPoolExecutor(max_workers=1) as files:
                 writing: Future | None = None
                 for index, shard in jobs:
                     image, filled = writer.image_for(shard), queue.SimpleQueue()
-                    written = files.submit(writer.save, index, image, _until_none(filled))
+                    written = files.submit(save, index, image, filled)
                     try:
                         writer.fill(image, shard, filled.put)
                     except BaseException as err:
@@ -153,11 +161,11 @@ def build_store(
                         raise
                     filled.put(None)
                     if writing is not None:
-                        _record(folder, manifest, writing.result())
+                        writing.result()
                         bar.update()
                     writing = written
                 if writing is not None:
-                    _record(folder, manifest, writing.result())
+                    writing.result()
                     bar.update()
     finally:
         bar.close()
@@ -168,8 +176,10 @@ class ShardWriter:
     """Runs one model over shards of sequences and writes each shard's file.
 
     Each shard is computed into a :class:`SafetensorsImage`, the file's bytes:
-    the hooks' activations are copied once, straight from the cache into the
-    file, and the file is written from that buffer. ``buffers`` images are
+    the SSM states of Mamba layers are formed there by the scan
+    (:func:`~dynalens.models.state_buffer.states_into`), the other hooks'
+    activations are copied there once, as their hook fires, and the file is
+    written from that buffer. ``buffers`` images are
     reused in turn, so the one :meth:`image_for` returns stays valid until
     ``buffers`` more shards have been laid out (two let one shard's file be
     finished while the next shard runs).
@@ -215,20 +225,35 @@ class ShardWriter:
         sequences: Int[Tensor, "seq pos"],
         progress: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
-        """Run the shard's sequences a batch at a time and copy the hooks' activations into ``image``.
+        """Run the shard's sequences a batch at a time and put the hooks' activations into ``image``.
 
-        ``progress`` is called after each batch with the tokens of each tensor that are final so far.
+        Each hook's activations are copied into the image as the hook fires
+        (the SSM states are formed there), and ``progress``, when given, is
+        called then with the tokens of each tensor that are final so far:
+        the file's pages can be written while the rest of the forward runs.
         """
         out = image.tensors
         out[TOKENS].copy_(sequences.reshape(-1))
+        final = {TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, 0)}
         done = 0
         for batch in sequences.split(self.batch_size):
-            _, cache = self.model.run_with_cache(batch, names_filter=list(self.hooks))
-            for name, shape in self.hooks.items():
-                out[name][done : done + batch.numel()].view(*batch.shape, *shape).copy_(cache[name])
-            done += batch.numel()
-            if progress is not None:
-                progress({TOKENS: sequences.numel(), **dict.fromkeys(self.hooks, done)})
+            end = done + batch.numel()
+            views = {name: out[name][done:end].view(*batch.shape, *shape) for name, shape in self.hooks.items()}
+
+            def keep(activation: Tensor, hook: Any, name: str) -> None:
+                if not _same_memory(activation, views[name]):
+                    views[name].copy_(activation)
+                final[name] = end
+                if progress is not None:
+                    progress(dict(final))
+
+            keeps = [(name, functools.partial(keep, name=name)) for name in self.hooks]
+            with states_into(views), self.model.hooks(fwd_hooks=keeps):  # the SSM states are formed in the image
+                self.model(batch)
+            missed = [name for name, rows in final.items() if rows < end]
+            if missed:
+                raise RuntimeError(f"hooks {missed} did not fire on a batch of the shard; they cannot be stored")
+            done = end
 
     def save(
         self, index: int, image: SafetensorsImage, progress: Iterable[dict[str, int]] = ()
@@ -237,6 +262,11 @@ class ShardWriter:
         file = f"shard_{index:05d}.safetensors"
         image.write(self.folder / file, progress)
         return {"index": index, "file": file, "n_tokens": image.tensors[TOKENS].numel()}
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same elements of the same memory."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
 def _until_none(items: queue.SimpleQueue) -> Iterator[Any]:

@@ -85,3 +85,14 @@ def assert_close(
     rtol, atol = tolerance(dtype or torch.float32, scale)
     np.testing.assert_allclose(np.asarray(actual, dtype=float), np.asarray(expected, dtype=float), rtol=rtol,
                                atol=atol, equal_nan=equal_nan, err_msg=msg or "")
+
+
+def assert_gradients_close(
+    ours: torch.Tensor, reference: torch.Tensor, inputs: list[torch.Tensor], dtype: torch.dtype, msg: str
+) -> None:
+    """The gradients of one random weighting of ``ours`` and of ``reference`` with respect to ``inputs`` agree
+    within the tolerance of ``dtype`` (the two are computed differently from the same inputs)."""
+    w = torch.randn(reference.shape, generator=torch.Generator().manual_seed(2), dtype=reference.dtype)
+    got, expected = (torch.autograd.grad((t.to(w.dtype) * w).sum(), inputs) for t in (ours, reference))
+    for g, e in zip(got, expected):
+        assert_close(g, e, dtype, msg=msg)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dynalens.kernels import selective_scan, selective_scan_ref
+from tests.tolerances import assert_gradients_close
 
 LAYOUTS = [("shared", "shared"), ("grouped", "grouped"), ("fixed", "fixed"), ("grouped", "shared"), ("fixed", "shared")]
 ALL = dict(D=True, z=True, delta_bias=True, initial_state=True)
@@ -170,3 +171,52 @@ def test_numba_takes_positive_A(scan_inputs, assert_close, dtype):
     flags = dict(return_last_state=True, return_states=True)
     for name, o, r in zip(("out", "last_state", "states"), selective_scan(**args, **flags, backend="numba"), selective_scan_ref(**args, **flags)):
         assert_close(o, r, dtype, name)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+@pytest.mark.parametrize("time_major", [True, False], ids=["time-major", "channel-major"])
+@pytest.mark.parametrize("path", ["ref", "torch", "numba"])
+def test_states_out_receives_every_state(scan_inputs, assert_close, monkeypatch, path, time_major, grad):
+    """The states land in ``states_out`` (returned as it) on every path and in either memory layout; the numba
+    path without autograd writes a time-major one in place; under autograd the states still carry gradients."""
+    from dynalens.kernels import scan_numba
+
+    inputs = {k: v.requires_grad_(grad) for k, v in scan_inputs(b=2, d=20, n=5, l=70, dtype=torch.float64).items()}
+    args = _args(inputs, **OPTIONS["all"])
+    buffer = torch.full((2, 70, 20, 5) if time_major else (2, 20, 70, 5), torch.nan, dtype=torch.float64)
+    out = buffer.transpose(1, 2) if time_major else buffer
+    given = []
+    forward = scan_numba.selective_forward
+    monkeypatch.setattr(scan_numba, "selective_forward", lambda *a, **kw: given.append(kw) or forward(*a, **kw))
+    flags = dict(return_last_state=True, return_states=True)
+    ours = selective_scan(**args, **flags, states_out=out, backend=path)
+    ref = selective_scan_ref(**args, **flags)
+    assert ours[2] is out
+    in_place = path == "numba" and time_major and not grad
+    assert [kw["states"].data_ptr() for kw in given if "states" in kw] == ([buffer.data_ptr()] if in_place else [])
+    assert_close(buffer.transpose(1, 2) if time_major else buffer, ref[2], torch.float64, "states in the buffer")
+    for name, o, r in zip(("out", "last_state", "states"), ours, ref):
+        assert_close(o, r, torch.float64, name)
+    if grad:
+        targets = [inputs["u"], inputs["B"], inputs["initial_state"]]
+        assert_gradients_close(ours[2], ref[2], targets, torch.float64, "gradient through the states")
+
+
+def test_numba_states_are_time_major(scan_inputs):
+    _, states = selective_scan(**_args(scan_inputs(b=2, d=20, n=5, l=30)), return_states=True, backend="numba")
+    assert states.shape == (2, 20, 30, 5) and states.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(states_out=torch.empty(2, 6, 10, 4)), r"states_out is written only with return_states=True"),
+        (dict(states_out=torch.empty(2, 6, 10, 3), return_states=True),
+         r"states_out must have shape \(b, d, l, n\) = \(2, 6, 10, 4\), got \(2, 6, 10, 3\)"),
+        (dict(states_out=torch.empty(2, 6, 10, 4, dtype=torch.float64), return_states=True),
+         r"states_out must be a tensor of the states' dtype torch.float32, got torch.float64"),
+    ],
+)  # fmt: skip
+def test_states_out_errors_name_what_is_accepted(scan_inputs, change, match):
+    with pytest.raises(ValueError, match=match):
+        selective_scan(**_args(scan_inputs(b=2, d=6, n=4, l=10)), **change)

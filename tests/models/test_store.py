@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dynalens.models import HookedMamba, HookedRNN, MambaConfig, RNNConfig, names
-from dynalens.models.store import ActivationStore, build_store
+from dynalens.models.store import TOKENS, ActivationStore, ShardWriter, _per_token_shapes, build_store
 from tests.tolerances import assert_close
 
 SEQ, PER_SHARD = 16, 4
@@ -65,6 +65,27 @@ def test_a_shorter_last_shard_and_a_narrower_dtype(tiny_mamba, corpus, tmp_path)
         stored = torch.cat([store.shard(i)[name] for i in range(3)])
         assert stored.dtype == torch.bfloat16
         assert_close(stored, cache[name].flatten(0, 1))
+
+
+def test_the_mamba_state_is_formed_in_the_shard_bytes_and_each_hook_reports_as_it_fires(tiny_mamba, corpus, tmp_path):
+    """The scan writes the states straight into the shard's image (the hook sees memory inside it), and the
+    rows of each tensor are reported final as its hook fires, the state (layer 0) before resid_post (layer 1)."""
+    resid, state = _hooks(tiny_mamba)
+    writer = ShardWriter(tiny_mamba, _per_token_shapes(tiny_mamba, [resid, state], SEQ), str(tmp_path), 3,
+                         torch.float32)  # fmt: skip
+    sequences = corpus[: 4 * SEQ].reshape(4, SEQ)
+    image = writer.image_for(sequences)
+    start = image.tensors[TOKENS].untyped_storage().data_ptr()
+    seen, reports = [], []
+    with tiny_mamba.hooks(fwd_hooks=[(state, lambda s, hook: seen.append(s.data_ptr()))]):
+        writer.fill(image, sequences, reports.append)
+    assert len(seen) == 2 and all(start <= ptr < start + image.tensors[TOKENS].untyped_storage().nbytes() for ptr in seen)
+    n = 4 * SEQ
+    assert reports == [{TOKENS: n, resid: 0, state: 3 * SEQ}, {TOKENS: n, resid: 3 * SEQ, state: 3 * SEQ},
+                       {TOKENS: n, resid: 3 * SEQ, state: n}, {TOKENS: n, resid: n, state: n}]  # fmt: skip
+    _, cache = tiny_mamba.run_with_cache(sequences, names_filter=[resid, state])
+    for name in (resid, state):
+        assert_close(image.tensors[name], cache[name].flatten(0, 1))
 
 
 def test_transformer_store_from_text(tiny_llama, tmp_path):
