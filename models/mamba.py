@@ -30,7 +30,7 @@ from dynalens.kernels.autograd import accumulation_dtype
 from dynalens.models.base import HookedSequenceModel, SequenceConfig, TextOrTokens, as_batch
 from dynalens.models.io import read_json, read_model_folder, write_model_folder
 from dynalens.models.building import on_meta
-from dynalens.models.state_buffer import states_buffer
+from dynalens.models.state_buffer import run_state_hook, states_buffer
 
 # Our parameter names ↔ HF ``MambaForCausalLM`` names: only the prefixes differ.
 _HF_PREFIXES = (
@@ -260,11 +260,9 @@ class MambaMixer(nn.Module):
         y, new_ssm_state = scan[0].transpose(1, 2), scan[1]
         if want_states:
             states = scan[2].transpose(1, 2)
-            # An edit (another tensor returned, or the states changed in place: their version counter
-            # moved) is read out (y = C h + D u) and carried on; otherwise the scan's y and last state stand.
-            version = None if states.is_inference() else states._version
-            hooked = self.hook_ssm_state(states)
-            if hooked is not states or version is None or hooked._version != version:
+            # edited states are read out (y = C h + D u) and carried on; otherwise the scan's y and last state stand
+            hooked, edited = run_state_hook(self.hook_ssm_state, states)
+            if edited:
                 y = torch.einsum("bldn,bln->bld", hooked, C.to(hooked.dtype)) + u * self.D
                 y, new_ssm_state = y.to(u.dtype), hooked[:, -1]
         y = self.hook_y(y)

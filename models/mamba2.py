@@ -39,7 +39,7 @@ from dynalens.models.mamba import (
     hf_key,
 )
 from dynalens.models.building import on_meta
-from dynalens.models.state_buffer import holders, offer, sharing_states, states_buffer
+from dynalens.models.state_buffer import holders, offer, run_state_hook, sharing_states, states_buffer
 
 # Mamba2Config fields ↔ HF ``Mamba2Config`` fields.
 _HF_FIELDS = {
@@ -291,10 +291,9 @@ class Mamba2Mixer(nn.Module):
             return scan
         y, final, states = scan
         del out, scan
-        version = None if states.is_inference() else states._version
         before = holders(states) if every else None
-        hooked = self.hook_ssm_state(states)
-        if hooked is not states or version is None or hooked._version != version:
+        hooked, edited = run_state_hook(self.hook_ssm_state, states)
+        if edited:
             y, final = self._read_out(y, final, hooked, xs, C, D, positions)
         del hooked
         if before is not None and holders(states) == before:

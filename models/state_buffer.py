@@ -24,7 +24,7 @@ buffer. Such a tensor is never handed on to another layer.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
@@ -92,6 +92,18 @@ def states_buffer(
         spare.clear()  # a spare that does not fit is freed before the new buffer is made
     with torch.inference_mode(False):
         return torch.empty(shape, dtype=dtype, device=device)
+
+
+def run_state_hook(hook: Callable[[Tensor], Tensor], states: Tensor) -> tuple[Tensor, bool]:
+    """``hook(states)`` and whether the hook edited the states.
+
+    An edit is another tensor returned, or the states changed in place (their
+    version counter moved); an inference tensor has no counter, so the states
+    count as edited.
+    """
+    version = None if states.is_inference() else states._version
+    hooked = hook(states)
+    return hooked, hooked is not states or version is None or hooked._version != version
 
 
 def holders(states: Tensor) -> tuple[int, int] | None:
