@@ -154,12 +154,15 @@ def choose_layer(driver, layer: int) -> None:
 
 PAGES = {"explorer": "/", "activations": "/activations", "dynamics": "/dynamics", "heads": "/heads"}
 
-SETTLED = """
-const s = document.getElementById(arguments[0]);
-return !!s && getComputedStyle(s).visibility === 'visible'
-  && s.innerText.includes(arguments[1] === null ? ' tokens' : arguments[1] + ' tokens')
-  && !document.querySelector('._dash-loading-callback');
+IS_SETTLED = """
+const isSettled = (id, n) => { const s = document.getElementById(id);
+  return !!s && getComputedStyle(s).visibility === 'visible'
+    && s.innerText.includes(n === null ? ' tokens' : n + ' tokens')
+    && !document.querySelector('._dash-loading-callback'); };
 """
+"""A page's status ``id`` visible, showing ``n`` tokens (any, for null), and no callback pending."""
+
+SETTLED = IS_SETTLED + "return isSettled(arguments[0], arguments[1]);"
 
 
 def settle(driver, page: str, n_tokens: int | None) -> float:
@@ -181,11 +184,9 @@ def go_to(driver, path: str) -> None:
     )
 
 
-SWITCH = """
+SWITCH = IS_SETTLED + """
 const [path, id, n, done] = arguments;
-const settled = () => { const s = document.getElementById(id);
-  return !!s && getComputedStyle(s).visibility === 'visible' && s.innerText.includes(n + ' tokens')
-    && !document.querySelector('._dash-loading-callback'); };
+const settled = () => isSettled(id, n);
 const start = performance.now();
 let first = null, drawn = null;
 const tick = now => {
